@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::activation for the math. (Being written.)

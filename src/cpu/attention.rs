@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::attention for the math. (Being written.)

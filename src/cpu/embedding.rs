@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::embedding for the math. (Being written.)

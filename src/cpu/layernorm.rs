@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::layernorm for the math. (Being written.)

@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::linear for the math. (Being written.)

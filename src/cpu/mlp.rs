@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::mlp for the math. (Being written.)

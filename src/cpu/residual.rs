@@ -1,0 +1,1 @@
+//! CPU reference: see crate::ops::residual for the math. (Being written.)

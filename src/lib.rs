@@ -1,0 +1,17 @@
+//! flashjvp: forward-mode autodiff (Jacobian-vector products) for transformers.
+//!
+//! Dual tensors carry a primal and its tangent; every op returns both in one call (`*_jvp`), next
+//! to its plain `*_forward` and the `*_backward` a training loop needs. The CPU reference (`cpu`) is
+//! the specification every kernel is checked against. See DESIGN.md for the math.
+
+pub mod cpu;
+pub mod device;
+pub mod dual;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+
+pub use device::{Device, DeviceRequest};
+pub use dual::Dual;
+pub use error::{Error, Result};
+pub use tensor::{DType, Element, Tensor};

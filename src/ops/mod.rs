@@ -1,0 +1,157 @@
+//! The public ops: shape checks once, at this boundary (each error names the tensor), then dispatch
+//! to the backend. Each op has `forward`, `jvp` (primal and tangent in one call) and `backward`
+//! (the gradient of the primal, for training).
+
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod layernorm;
+pub mod linear;
+pub mod mlp;
+pub mod residual;
+
+pub use activation::{
+    gelu_backward, gelu_forward, gelu_jvp, silu_backward, silu_forward, silu_jvp,
+};
+pub use attention::{
+    attention_backward, attention_forward, attention_jvp, AttentionGrads, AttentionJvp,
+    AttentionOutput,
+};
+pub use embedding::{
+    timestep_embedding_backward, timestep_embedding_forward, timestep_embedding_jvp,
+    DEFAULT_MAX_PERIOD,
+};
+pub use layernorm::{
+    layernorm_mod_backward, layernorm_mod_forward, layernorm_mod_jvp, LayerNormModGrads,
+    DEFAULT_EPS,
+};
+pub use linear::{linear_backward, linear_forward, linear_jvp, LinearGrads};
+pub use mlp::{mlp_backward, mlp_forward, mlp_jvp, Mlp, MlpGrads};
+pub use residual::{
+    gated_residual_backward, gated_residual_forward, gated_residual_jvp, GatedResidualGrads,
+};
+
+use crate::dual::Dual;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Element, Tensor};
+
+/// Run `$body` with `$T` bound to the CPU compute type of `$dtype` (f32 or f64), else a dtype error
+/// naming `$name`.
+macro_rules! with_real {
+    ($op:expr, $name:expr, $dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::tensor::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::error::Error::DType {
+                op: $op,
+                tensor: ($name).to_string(),
+                expected: "f32 or f64 (the CPU reference computes in these; convert with to_dtype)"
+                    .into(),
+                actual: other,
+            }),
+        }
+    };
+}
+pub(crate) use with_real;
+
+pub(crate) fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
+    if t.rank() != rank {
+        return Err(Error::Rank {
+            op,
+            tensor: name.to_string(),
+            expected: rank,
+            actual: t.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_shape(
+    op: &'static str,
+    name: &str,
+    t: &Tensor,
+    expected: &[usize],
+) -> Result<()> {
+    if t.rank() != expected.len() {
+        return Err(Error::Rank {
+            op,
+            tensor: name.to_string(),
+            expected: expected.len(),
+            actual: t.shape().to_vec(),
+        });
+    }
+    if t.shape() != expected {
+        return Err(Error::Shape {
+            op,
+            tensor: name.to_string(),
+            expected: format!("{expected:?}"),
+            actual: t.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_dtype(op: &'static str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DType {
+            op,
+            tensor: name.to_string(),
+            expected: format!("{dtype} (the dtype of the op's first input)"),
+            actual: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a dual input: tangent consistent with the primal, dtype equal to the op's dtype.
+pub(crate) fn expect_dual(op: &'static str, name: &str, d: &Dual, dtype: DType) -> Result<()> {
+    expect_dtype(op, name, &d.primal, dtype)?;
+    d.check(op, name)
+}
+
+/// A per-row modulation tensor (adaLN scale/shift, residual gate) for `rows × c` activations:
+/// shape [c] (one vector for all rows) or [g, c] with g dividing `rows`, row r using vector
+/// r / (rows / g) — so [B, C] modulates B samples of N tokens each, and [T, C] every row.
+/// Returns g.
+pub(crate) fn expect_groups(
+    op: &'static str,
+    name: &str,
+    t: &Tensor,
+    rows: usize,
+    c: usize,
+) -> Result<usize> {
+    let bad = || Error::Shape {
+        op,
+        tensor: name.to_string(),
+        expected: format!("[{c}] or [G, {c}] with G dividing the {rows} rows"),
+        actual: t.shape().to_vec(),
+    };
+    match t.shape() {
+        [cc] if *cc == c => Ok(1),
+        [g, cc] if *cc == c && *g > 0 && rows % *g == 0 => Ok(*g),
+        [_] | [_, _] => Err(bad()),
+        _ => Err(Error::Rank {
+            op,
+            tensor: name.to_string(),
+            expected: 2,
+            actual: t.shape().to_vec(),
+        }),
+    }
+}
+
+/// The elements of a tensor already checked to hold `T`.
+pub(crate) fn data<T: Element>(t: &Tensor) -> &[T] {
+    t.as_slice::<T>()
+        .expect("dtype was checked at the op boundary")
+}
+
+/// The tangent's elements, if there is a tangent.
+pub(crate) fn tangent_data<T: Element>(d: &Dual) -> Option<&[T]> {
+    d.tangent.as_ref().map(|t| data::<T>(t))
+}
