@@ -5,7 +5,9 @@
 //! the specification every kernel is checked against. See DESIGN.md for the math.
 
 pub mod cpu;
+pub mod data;
 pub mod device;
+pub mod dit;
 pub mod dual;
 pub mod error;
 pub mod ops;

@@ -1,0 +1,1 @@
+//! The glyph mixture of DESIGN.md section 6 (being written).

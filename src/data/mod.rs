@@ -1,0 +1,3 @@
+//! Data with an exactly known distribution, for measuring generators.
+
+pub mod glyph;
