@@ -10,6 +10,7 @@ pub mod device;
 pub mod dit;
 pub mod dual;
 pub mod error;
+pub mod io;
 pub mod ops;
 pub mod tensor;
 

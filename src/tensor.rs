@@ -131,6 +131,27 @@ impl Tensor {
         })
     }
 
+    /// A tensor over existing storage; its length must equal the product of `shape`.
+    pub fn from_storage(storage: Storage, shape: &[usize]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        let len = match &storage {
+            Storage::F32(v) => v.len(),
+            Storage::F64(v) => v.len(),
+            Storage::BF16(v) => v.len(),
+            Storage::F16(v) => v.len(),
+        };
+        if numel != len {
+            return Err(Error::invalid(
+                "tensor",
+                format!("shape {shape:?} holds {numel} elements but the data has {len}"),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
+    }
+
     pub fn from_f64_vec(data: Vec<f64>, shape: &[usize], dtype: DType) -> Result<Self> {
         Tensor::from_vec(data, shape).map(|t| t.to_dtype(dtype))
     }
