@@ -73,7 +73,7 @@ fn first_loadable(names: &[&'static str]) -> Option<&'static str> {
     names.iter().copied().find(|name| {
         // SAFETY: loading runs the library's initialisers; the CUDA driver and NVRTC are
         // well-behaved system libraries, and the handle is closed again at once.
-        unsafe { libloading::Library::new(name) }.is_ok()
+        unsafe { libloading::Library::new(*name) }.is_ok()
     })
 }
 

@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dit;

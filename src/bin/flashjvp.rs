@@ -169,7 +169,13 @@ fn info() {
     };
     println!("CUDA driver: {}", found(probe.driver, CUDA_DRIVER_NAMES));
     println!("NVRTC: {}", found(probe.nvrtc, NVRTC_NAMES));
-    println!("CUDA backend: not part of this build yet (ops run on the CPU)");
+    let feature = if cfg!(feature = "cuda") {
+        "compiled in (NVRTC kernel compilation)"
+    } else {
+        "not compiled in"
+    };
+    println!("cuda feature: {feature}");
+    println!("CUDA ops: not part of this build yet (ops run on the CPU)");
 }
 
 /// clap's own errors, squeezed to one line (help and version still print in full, exit 0).
