@@ -627,3 +627,33 @@ fn help_documents_the_tensor_contract() {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
 }
+
+#[test]
+fn empty_dimension_is_named() {
+    // x [2^40, 0] holds no data, yet an MLP over it would allocate 2^40 hidden rows.
+    let x = Tensor::zeros(&[1 << 40, 0], DType::F32);
+    let (w1, b1) = (Tensor::zeros(&[4, 0], DType::F32), randn(&[4], 50));
+    let (w2, b2) = (
+        Tensor::zeros(&[0, 4], DType::F32),
+        Tensor::zeros(&[0], DType::F32),
+    );
+    let inputs = [
+        ("x", &x),
+        ("w1", &w1),
+        ("b1", &b1),
+        ("w2", &w2),
+        ("b2", &b2),
+    ];
+    run_err("jvp", "mlp", &inputs, &[], &["`x`", "at least 1"]);
+    let t = ln();
+    let empty = Tensor::zeros(&[6, 0], DType::F64);
+    let mut inputs = named(&t);
+    inputs[1] = ("scale", &empty);
+    run_err(
+        "vjp",
+        "layernorm_mod",
+        &inputs,
+        &[],
+        &["`scale`", "at least 1"],
+    );
+}

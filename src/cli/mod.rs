@@ -218,8 +218,19 @@ struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
+    /// A tensor the op uses, converted. An empty dimension is refused here: an empty input can
+    /// still ask for a huge output ([2^40, 0] rows through an MLP), which no file should be able to.
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        lookup(self.op, self.map, name).map(|t| t.to_dtype(self.dtype))
+        let t = lookup(self.op, self.map, name)?;
+        if t.shape().contains(&0) {
+            return Err(Error::Shape {
+                op: self.op,
+                tensor: name.to_string(),
+                expected: format!("{} with every dimension at least 1", expected_shape(name)),
+                actual: t.shape().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype))
     }
 
     /// A primal with its optional tangent; a tangent of another shape is an error naming it.
