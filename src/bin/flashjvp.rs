@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use flashjvp::cli::{self, Mode, OpKind};
 use flashjvp::device::{probe_cuda_libraries, CUDA_DRIVER_NAMES, NVRTC_NAMES};
-use flashjvp::{io, DType, DeviceRequest};
+use flashjvp::{io, DType, Device, DeviceRequest};
 
 const TENSORS_HELP: &str = "\
 Tensors (safetensors in, safetensors out; contiguous, row-major; inputs F32, F64, BF16 or F16):
@@ -149,8 +149,13 @@ fn run_op(mode: Mode, args: OpArgs) -> flashjvp::Result<()> {
         .next()
         .map(|t| t.dtype().name())
         .unwrap_or("");
+    let device = match (device, request) {
+        (Device::Cpu, DeviceRequest::Auto) => "cpu (auto: no CUDA ops in this build)",
+        (Device::Cpu, _) => "cpu",
+        (Device::Cuda, _) => "cuda",
+    };
     println!(
-        "{} {} on {device:?} ({dtype}): wrote {} to {}",
+        "{} {} on {device} ({dtype}): wrote {} to {}",
         mode.name(),
         args.op.name(),
         summary.join(", "),
