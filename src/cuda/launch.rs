@@ -164,6 +164,58 @@ pub fn int_arg(what: &str, name: &str, v: usize) -> Result<Arg> {
     })
 }
 
+/// One embedded kernel file compiled to PTX for a virtual architecture (e.g. "compute_80"), the
+/// header inlined: what [`ptx_signatures`] reads to check launch plans without a GPU. Needs NVRTC.
+pub fn kernel_ptx(file: &str, arch: &'static str) -> Result<String> {
+    use super::sources::SOURCES;
+    if !super::nvrtc_present() {
+        return Err(Error::Unsupported("NVRTC not found".into()));
+    }
+    let (_, source) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    let mut text = source.to_string();
+    for (name, body) in SOURCES.iter().filter(|(n, _)| n.ends_with(".cuh")) {
+        text = text.replace(&format!("#include \"{name}\""), body);
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["-default-device".into(), "--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(text, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| Error::Cuda(format!("NVRTC (PTX) failed for {file}: {e:?}")))
+}
+
+/// The threads-per-block bound (`.maxntid`) of each kernel entry of a PTX text, where declared.
+pub fn ptx_max_threads(ptx: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in ptx.lines() {
+        if let Some(rest) = line.split(".entry ").nth(1) {
+            current = rest
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .map(str::to_string);
+        } else if let (Some(name), Some(rest)) = (&current, line.split(".maxntid").nth(1)) {
+            let n: u32 = rest
+                .split(',')
+                .map(|v| {
+                    v.trim()
+                        .trim_end_matches(';')
+                        .trim()
+                        .parse::<u32>()
+                        .unwrap_or(1)
+                })
+                .product();
+            out.push((name.clone(), n));
+        }
+    }
+    out
+}
+
 /// The kernel entries of a PTX text and the ABI class of each parameter, in order.
 pub fn ptx_signatures(ptx: &str) -> Vec<(String, Vec<ArgKind>)> {
     let mut out = Vec::new();

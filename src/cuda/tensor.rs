@@ -302,22 +302,27 @@ impl DeviceTensor {
 
 /// The plan of a dtype conversion from `x` into `y` (same number of elements).
 pub fn cast_plan(x: &DeviceTensor, y: &DeviceTensor) -> Result<Vec<Step>> {
-    let n = x.numel();
-    if y.numel() != n {
+    if y.numel() != x.numel() {
         return Err(Error::invalid(
             "cast",
             format!("{:?} into {:?}", x.shape(), y.shape()),
         ));
     }
+    plan_cast(x.dtype(), y.dtype(), x.numel(), x.ptr(), y.ptr())
+}
+
+/// Converts `n` elements at `x` (dtype `from`) into `y` (dtype `to`): f32 <-> bf16/f16 by the cast
+/// kernels (round to nearest even), a plain copy when the dtypes agree.
+pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec<Step>> {
     if n == 0 {
         return Ok(vec![]);
     }
-    let kernel = match (x.dtype(), y.dtype()) {
+    let kernel = match (from, to) {
         (a, b) if a == b => {
             return Ok(vec![Step::Copy {
-                src: x.ptr(),
-                dst: y.ptr(),
-                bytes: x.bytes(),
+                src: x,
+                dst: y,
+                bytes: n * a.size_in_bytes(),
             }]);
         }
         (DType::F32, DType::BF16) => "cast_f32_bf16",
@@ -337,6 +342,6 @@ pub fn cast_plan(x: &DeviceTensor, y: &DeviceTensor) -> Result<Vec<Step>> {
         pointwise_grid(n),
         (256, 1, 1),
         0,
-        vec![x.arg(), y.arg(), Arg::I64(n as i64)],
+        vec![Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
     )?)])
 }
