@@ -661,6 +661,7 @@ fn cuda_dtype_f64_is_refused() {
 
 /// `flashjvp kernels --json` compiles every kernel with NVRTC (no GPU needed) and lists each with
 /// its resources. Without NVRTC: "skipped: no NVRTC" (a failure with FLASHJVP_REQUIRE_NVRTC=1).
+#[cfg(feature = "cuda")]
 #[test]
 fn kernels_json_lists_every_kernel_with_its_resources() {
     if !flashjvp::cuda::nvrtc_present() {
@@ -699,6 +700,7 @@ fn kernels_json_lists_every_kernel_with_its_resources() {
     assert_eq!(jvp["spill_bytes"], 0, "{jvp}");
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn kernels_without_gpu_or_arch_is_an_error() {
     if flashjvp::device::cuda_usable().is_ok() {
@@ -709,6 +711,7 @@ fn kernels_without_gpu_or_arch_is_an_error() {
     assert_error(&run(&["kernels", "--arch", "bogus"]), 1, &["bogus"]);
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn bench_without_gpu_is_a_one_line_error() {
     if flashjvp::device::cuda_usable().is_ok() {

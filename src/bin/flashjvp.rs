@@ -256,6 +256,7 @@ fn info() {
     #[cfg(not(feature = "cuda"))]
     {
         println!("cuda feature: not compiled in");
+        println!("GPU: not used (built without the cuda feature)");
         println!("CUDA ops: not part of this build (ops run on the CPU)");
     }
 }
