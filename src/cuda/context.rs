@@ -420,9 +420,18 @@ pub fn gpu_available() -> bool {
 /// For GPU tests: the GPU, or `None` after printing "skipped: no CUDA device" — unless the
 /// environment sets FLASHJVP_REQUIRE_GPU=1 (the GPU machine's run.sh does), where a missing GPU
 /// fails the test.
+///
+/// The first call also compiles (or loads from the caches) every kernel file, in parallel; a
+/// kernel that fails to compile or load on a present GPU fails the test.
 pub fn require_gpu_or_skip() -> Option<Gpu> {
+    static PRELOAD: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     match Gpu::get() {
-        Ok(g) => Some(g),
+        Ok(g) => {
+            if let Err(e) = PRELOAD.get_or_init(|| g.preload().map_err(|e| e.to_string())) {
+                panic!("the GPU is there but the kernels did not load: {e}");
+            }
+            Some(g)
+        }
         Err(e) => {
             let required = std::env::var("FLASHJVP_REQUIRE_GPU")
                 .map(|v| !v.is_empty() && v != "0")
