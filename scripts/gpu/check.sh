@@ -102,7 +102,11 @@ for _, line in sorted(rows, reverse=True)[:15]:
 PY
   echo
   echo "=== test results"
-  grep -hE '^test result:|FAILED|panicked' "$OUT"/gpu_*.log 2>/dev/null | head -40
+  for f in "$OUT"/gpu_*.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -h '^test result:' "$f" | tail -1)"
+  done
+  echo "failed tests (first 30):"
+  grep -h ' \.\.\. FAILED$' "$OUT"/gpu_*.log 2>/dev/null | head -30
   echo
   echo "=== sanitizer verdicts"
   grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|Error: ' "$OUT/sanitize.log" 2>/dev/null | head -20

@@ -449,7 +449,7 @@ fn check_mlp(x: &Tensor, p: &Mlp, dtype: DType) -> Result<mlp::MlpDims> {
 }
 
 fn upload_params(gpu: &Gpu, p: &Mlp, dtype: DType) -> Result<Vec<super::DeviceTensor>> {
-    gpu.upload_stacked(&[p.w1, p.b1, p.w2, p.b2], dtype)
+    gpu.upload_packed(&[p.w1, p.b1, p.w2, p.b2], dtype, 256)
 }
 
 /// The MLP on the GPU.

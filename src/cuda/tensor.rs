@@ -139,10 +139,22 @@ impl Gpu {
     /// Several tensors converted to `dtype` and copied back to back into one allocation, in
     /// order (each starts where the previous ends). Returns one view per tensor.
     pub fn upload_stacked(&self, ts: &[&Tensor], dtype: DType) -> Result<Vec<DeviceTensor>> {
+        self.upload_packed(ts, dtype, 1)
+    }
+
+    /// Several tensors in one allocation, each starting at a multiple of `align` bytes (256
+    /// gives every tensor the alignment of a separate allocation).
+    pub fn upload_packed(
+        &self,
+        ts: &[&Tensor],
+        dtype: DType,
+        align: usize,
+    ) -> Result<Vec<DeviceTensor>> {
         dtype_suffix(dtype)?;
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(ts.len());
         for t in ts {
+            bytes.resize(bytes.len().next_multiple_of(align.max(1)), 0);
             offsets.push(bytes.len());
             let converted;
             let t = if t.dtype() == dtype {
@@ -177,13 +189,14 @@ impl Gpu {
             .collect())
     }
 
-    /// Tensors of the given shapes back to back in one allocation, uninitialised (NaN-poisoned
+    /// Tensors of the given shapes in one allocation, each 256-byte aligned, uninitialised (NaN-poisoned
     /// like [`Gpu::alloc_out`] when poisoning is on).
     pub fn alloc_stacked(&self, shapes: &[&[usize]], dtype: DType) -> Result<Vec<DeviceTensor>> {
         dtype_suffix(dtype)?;
+        // Each slot starts 256-byte aligned, like a separate allocation (cuBLASLt, vector loads).
         let sizes: Vec<usize> = shapes
             .iter()
-            .map(|s| s.iter().product::<usize>() * dtype.size_in_bytes())
+            .map(|s| (s.iter().product::<usize>() * dtype.size_in_bytes()).next_multiple_of(256))
             .collect();
         let buf = Arc::new(self.alloc_bytes(sizes.iter().sum())?);
         let mut offset = 0;
