@@ -490,6 +490,8 @@ fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
         h = fnv(h, text.as_bytes());
     }
     h = fnv(h, format!("{arch} nvrtc {major}.{minor}").as_bytes());
+    // The compile options live in nvrtc.rs: a change there must not reuse old binaries.
+    h = fnv(h, include_str!("nvrtc.rs").as_bytes());
     let stem = file.trim_end_matches(".cu");
     let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{h:016x}.cubin")));
     if let Some(p) = &path {
