@@ -211,3 +211,52 @@ pub(super) fn pos_embed(c: &DitConfig) -> Vec<f64> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DitConfig {
+        DitConfig {
+            image_size: 8,
+            in_channels: 1,
+            patch: 2,
+            hidden: 16,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 4,
+            num_classes: 10,
+            freq_dim: 32,
+            time_scale: 1.0,
+        }
+    }
+
+    #[test]
+    fn position_embedding_encodes_column_then_row() {
+        let c = config();
+        let pe = pos_embed(&c);
+        let (h, q, g) = (16, 4, 4);
+        assert_eq!(pe.len(), g * g * h);
+        // Token (gy 0, gx 0): sin 0 = 0, cos 0 = 1 in both halves.
+        let t0 = &pe[..h];
+        assert!(t0[..q].iter().chain(&t0[2 * q..3 * q]).all(|&v| v == 0.0));
+        assert!(t0[q..2 * q].iter().chain(&t0[3 * q..]).all(|&v| v == 1.0));
+        // Token (gy 2, gx 3): first half from the column 3, second from the row 2, ω_1 = 10^-1.
+        let t = &pe[(2 * g + 3) * h..][..h];
+        assert!((t[1] - (3.0 * 0.1f64).sin()).abs() < 1e-15);
+        assert!((t[2 * q + 1] - (2.0 * 0.1f64).sin()).abs() < 1e-15);
+        assert!((t[3 * q + 1] - (2.0 * 0.1f64).cos()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn layout_counts_and_indices_agree() {
+        let c = config();
+        let l = layout(&c);
+        assert_eq!(l.len(), param_count(c.depth));
+        assert_eq!(l[Y_TABLE].0, "y_embedder.embedding_table.weight");
+        assert_eq!(l[block_base(1) + FC2_B].0, "blocks.1.mlp.fc2.bias");
+        assert_eq!(l[final_base(c.depth) + F_LIN_W].1, vec![4, 16]);
+        let names: std::collections::BTreeSet<_> = l.iter().map(|e| &e.0).collect();
+        assert_eq!(names.len(), l.len(), "names are unique");
+    }
+}

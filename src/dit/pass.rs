@@ -253,11 +253,7 @@ impl Dit {
         let (q, k, v) = (heads(0)?, heads(hd)?, heads(2 * hd)?);
         drop(qkv);
         let (o, lse) = attention(&q, &k, &v)?;
-        let o_rows = dual_map(&o, |t| {
-            let mut rows = Tensor::zeros(&[b * n, hd], t.dtype());
-            shuffle::scatter_heads(t, &mut rows, b, n, c.heads, dh, hd, 0)?;
-            Ok(rows)
-        })?;
+        let o_rows = dual_map(&o, |t| shuffle::merge_heads(&[t], b, n, c.heads, dh))?;
         let attn_out = lin(&o_rows, &w[PROJ_W], &w[PROJ_B])?;
         let x1 = gated_residual(&x, &gate1, &attn_out)?;
 
@@ -420,10 +416,7 @@ impl Dit {
         let go = shuffle::gather_heads(&do_rows, b, n, c.heads, dh, hd, 0)?;
         drop(do_rows);
         let ag = ops::attention_backward(&bc.q, &bc.k, &bc.v, &bc.o, &bc.lse, &go, None)?;
-        let mut dqkv = Tensor::zeros(&[b * n, 3 * hd], self.dtype);
-        for (t, off) in [(&ag.dq, 0), (&ag.dk, hd), (&ag.dv, 2 * hd)] {
-            shuffle::scatter_heads(t, &mut dqkv, b, n, c.heads, dh, 3 * hd, off)?;
-        }
+        let dqkv = shuffle::merge_heads(&[&ag.dq, &ag.dk, &ag.dv], b, n, c.heads, dh)?;
         drop(ag);
         let dh1 = grads.linear(
             base + QKV_W,

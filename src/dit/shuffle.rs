@@ -41,23 +41,21 @@ pub(super) fn patchify(x: &Tensor, c: usize, s: usize, p: usize) -> Result<Tenso
     })
 }
 
-/// The inverse of `patchify`: patches [B·g·g, C·p·p] → [B, C, S, S].
+/// The inverse of `patchify`: patches [B·g·g, C·p·p] → [B, C, S, S], built in destination order.
 pub(super) fn unpatchify(y: &Tensor, c: usize, s: usize, p: usize) -> Result<Tensor> {
     with_real!(OP, "patches", y.dtype(), T => {
         let src = y.as_slice::<T>()?;
         let b = y.numel() / (c * s * s);
         let g = s / p;
-        let mut dst = vec![T::from_f64(0.0); src.len()];
-        let mut k = 0;
+        let pd = c * p * p;
+        let mut dst = Vec::<T>::with_capacity(src.len());
         for bi in 0..b {
-            for gy in 0..g {
-                for gx in 0..g {
-                    for ci in 0..c {
-                        let plane = &mut dst[(bi * c + ci) * s * s..][..s * s];
-                        for py in 0..p {
-                            plane[(gy * p + py) * s + gx * p..][..p].copy_from_slice(&src[k..k + p]);
-                            k += p;
-                        }
+            for ci in 0..c {
+                for row in 0..s {
+                    let (gy, py) = (row / p, row % p);
+                    for gx in 0..g {
+                        let token = (bi * g + gy) * g + gx;
+                        dst.extend_from_slice(&src[token * pd + (ci * p + py) * p..][..p]);
                     }
                 }
             }
@@ -92,32 +90,33 @@ pub(super) fn gather_heads(
     })
 }
 
-/// The inverse of `gather_heads`: writes [B, heads, N, dh] into token rows of `dst`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn scatter_heads(
-    src: &Tensor,
-    dst: &mut Tensor,
+/// The inverse of `gather_heads` for whole rows: parts, each [B, heads, N, dh], → token rows
+/// [B·N, parts·heads·dh], row (b, n) = [part 0 heads 0..H, part 1 heads 0..H, ...]. Built in
+/// destination order, so nothing is zero-filled first.
+pub(super) fn merge_heads(
+    parts: &[&Tensor],
     b: usize,
     n: usize,
     heads: usize,
     dh: usize,
-    stride: usize,
-    offset: usize,
-) -> Result<()> {
-    with_real!(OP, "heads", src.dtype(), T => {
-        let s = src.as_slice::<T>()?;
-        let d = dst.as_mut_slice::<T>()?;
-        let mut k = 0;
+) -> Result<Tensor> {
+    with_real!(OP, "heads", parts[0].dtype(), T => {
+        let srcs = parts
+            .iter()
+            .map(|p| p.as_slice::<T>())
+            .collect::<Result<Vec<_>>>()?;
+        let width = parts.len() * heads * dh;
+        let mut dst = Vec::<T>::with_capacity(b * n * width);
         for bi in 0..b {
-            for h in 0..heads {
-                for ni in 0..n {
-                    d[(bi * n + ni) * stride + offset + h * dh..][..dh]
-                        .copy_from_slice(&s[k..k + dh]);
-                    k += dh;
+            for ni in 0..n {
+                for s in &srcs {
+                    for h in 0..heads {
+                        dst.extend_from_slice(&s[((bi * heads + h) * n + ni) * dh..][..dh]);
+                    }
                 }
             }
         }
-        Ok(())
+        Tensor::from_vec(dst, &[b * n, width])
     })
 }
 
@@ -204,4 +203,75 @@ pub(super) fn scaled(x: &Tensor, s: f64) -> Result<Tensor> {
         let d: Vec<T> = x.as_slice::<T>()?.iter().map(|&v| v * sc).collect();
         Tensor::from_vec(d, x.shape())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arange(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|i| i as f64).collect(), shape).unwrap()
+    }
+
+    #[test]
+    fn patchify_places_pixels_and_unpatchify_inverts_it() {
+        // x [2, 3, 6, 6], patch 2 → 9 tokens of 12 values.
+        let x = arange(&[2, 3, 6, 6]);
+        let p = patchify(&x, 3, 6, 2).unwrap();
+        assert_eq!(p.shape(), &[18, 12]);
+        let pv = p.as_slice::<f64>().unwrap();
+        let xv = x.as_slice::<f64>().unwrap();
+        let px = |b: usize, c: usize, y: usize, x: usize| xv[((b * 3 + c) * 6 + y) * 6 + x];
+        // Image 1, token (gy 2, gx 1), channel 2, (py 1, px 0) ↔ pixel (5, 2).
+        assert_eq!(pv[(9 + 2 * 3 + 1) * 12 + (2 * 2 + 1) * 2], px(1, 2, 5, 2));
+        // Image 0, token (0, 2), channel 0, (0, 1) ↔ pixel (0, 5).
+        assert_eq!(pv[2 * 12 + 1], px(0, 0, 0, 5));
+        assert_eq!(unpatchify(&p, 3, 6, 2).unwrap(), x);
+    }
+
+    #[test]
+    fn merge_heads_inverts_gather_heads() {
+        // qkv rows [B·N, 3·heads·dh] with B 2, N 5, heads 3, dh 4.
+        let qkv = arange(&[10, 36]);
+        let parts: Vec<Tensor> = (0..3)
+            .map(|s| gather_heads(&qkv, 2, 5, 3, 4, 36, s * 12).unwrap())
+            .collect();
+        // k of image 1, head 2, token 3 = row 8, columns 12 + 8 .. 12 + 12.
+        let k = parts[1].as_slice::<f64>().unwrap();
+        assert_eq!(
+            &k[((3 + 2) * 5 + 3) * 4..][..4],
+            &[308.0, 309.0, 310.0, 311.0]
+        );
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        assert_eq!(merge_heads(&refs, 2, 5, 3, 4).unwrap(), qkv);
+    }
+
+    #[test]
+    fn split_and_concat_columns_invert_each_other() {
+        let m = arange(&[3, 12]);
+        let parts = split_cols(&m, 4).unwrap();
+        assert_eq!(
+            parts[2].as_slice::<f64>().unwrap()[3..6],
+            [18.0, 19.0, 20.0]
+        );
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        assert_eq!(concat_cols(&refs).unwrap(), m);
+    }
+
+    #[test]
+    fn scatter_add_rows_is_the_adjoint_of_gather_rows() {
+        let table = arange(&[4, 3]);
+        let idx = [3, 0, 3];
+        let g = gather_rows(&table, &idx).unwrap();
+        assert_eq!(
+            g.as_slice::<f64>().unwrap(),
+            &[9., 10., 11., 0., 1., 2., 9., 10., 11.]
+        );
+        let back = scatter_add_rows(&g, &idx, 4).unwrap();
+        assert_eq!(
+            back.as_slice::<f64>().unwrap(),
+            &[0., 1., 2., 0., 0., 0., 0., 0., 0., 18., 20., 22.]
+        );
+    }
 }
