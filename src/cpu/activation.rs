@@ -11,9 +11,10 @@ const BLOCK: usize = 1 << 14;
 /// The cubic coefficient of the tanh form of GELU.
 const GELU_CUBIC: f64 = 0.044715;
 
-/// σ(v) = 1/(1 + e^(−v)): accurate in both tails (it never subtracts from 1).
+/// σ(v), accurate in both tails (it never subtracts from 1). The same arithmetic as
+/// `sigmoid_pair`, so that a JVP's primal equals the forward to the bit.
 fn sigmoid<T: Real>(v: T) -> T {
-    T::one() / (T::one() + (-v).exp())
+    sigmoid_pair(v).0
 }
 
 /// z = a(u + 0.044715u³), a = √(2/π): the argument of the tanh in GELU.
@@ -38,6 +39,33 @@ pub fn gelu_grad<T: Real>(u: T) -> T {
     s + T::c(2.0) * u * s * s_neg * dz
 }
 
+/// (g(u), g'(u)) from one exponential, for the JVP, which needs both (three exponentials if
+/// `gelu` and `gelu_grad` were called apart).
+pub fn gelu_with_grad<T: Real>(u: T) -> (T, T) {
+    let a = (T::c(2.0) / T::PI()).sqrt();
+    let (s, s_neg) = sigmoid_pair(T::c(2.0) * gelu_arg(u));
+    let dz = a * (T::one() + T::c(3.0 * GELU_CUBIC) * u * u);
+    (u * s, s + T::c(2.0) * u * s * s_neg * dz)
+}
+
+/// (σ(v), σ(−v)) from one exponential of −|v|, so that neither overflows nor cancels.
+fn sigmoid_pair<T: Real>(v: T) -> (T, T) {
+    let e = (-v.abs()).exp();
+    let big = T::one() / (T::one() + e);
+    let small = e * big;
+    if v >= T::zero() {
+        (big, small)
+    } else {
+        (small, big)
+    }
+}
+
+/// (s(u), s'(u)) from one exponential.
+pub fn silu_with_grad<T: Real>(u: T) -> (T, T) {
+    let (s, s_neg) = sigmoid_pair(u);
+    (u * s, s * (T::one() + u * s_neg))
+}
+
 /// SiLU u·σ(u).
 pub fn silu<T: Real>(u: T) -> T {
     u * sigmoid(u)
@@ -60,7 +88,7 @@ pub fn forward<T: Real>(f: impl Fn(T) -> T + Sync, x: &[T]) -> Vec<T> {
 /// (f(x), f'(x)·ẋ) in one pass; the tangent only when ẋ is present.
 pub fn jvp<T: Real>(
     f: impl Fn(T) -> T + Sync,
-    df: impl Fn(T) -> T + Sync,
+    f_and_df: impl Fn(T) -> (T, T) + Sync,
     x: &[T],
     x_dot: Option<&[T]>,
 ) -> (Vec<T>, Option<Vec<T>>) {
@@ -74,8 +102,9 @@ pub fn jvp<T: Real>(
         .zip(x.par_chunks(BLOCK).zip(x_dot.par_chunks(BLOCK)))
         .for_each(|((y, y_dot), (x, x_dot))| {
             for i in 0..x.len() {
-                y[i] = f(x[i]);
-                y_dot[i] = df(x[i]) * x_dot[i];
+                let (v, d) = f_and_df(x[i]);
+                y[i] = v;
+                y_dot[i] = d * x_dot[i];
             }
         });
     (y, Some(y_dot))
@@ -92,4 +121,35 @@ pub fn backward<T: Real>(df: impl Fn(T) -> T + Sync, x: &[T], gy: &[T]) -> Vec<T
             }
         });
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Derivatives are compared on the scale of their O(1) terms: both forms cancel near zeros.
+    #[test]
+    fn fused_value_and_derivative_match_the_separate_ones() {
+        let tails = [-1e6, -3000.0, -400.0, -60.0, 60.0, 400.0, 3000.0, 1e6];
+        for u in (-400..=400).map(|i| i as f64 * 0.05).chain(tails) {
+            let (g, dg) = gelu_with_grad(u);
+            assert!(
+                (g - gelu(u)).abs() <= 1e-15 * gelu(u).abs().max(1e-300),
+                "gelu({u})"
+            );
+            assert!(
+                (dg - gelu_grad(u)).abs() <= 1e-14 * gelu_grad(u).abs().max(1.0),
+                "gelu'({u})"
+            );
+            let (s, ds) = silu_with_grad(u);
+            assert!(
+                (s - silu(u)).abs() <= 1e-15 * silu(u).abs().max(1e-300),
+                "silu({u})"
+            );
+            assert!(
+                (ds - silu_grad(u)).abs() <= 1e-14 * silu_grad(u).abs().max(1.0),
+                "silu'({u})"
+            );
+        }
+    }
 }

@@ -60,19 +60,26 @@ pub fn jvp<T: Real>(
             (m1 / c as f64, m2 / c as f64)
         });
         let (sdr, hdr) = (scale_dot.map(|d| d.row(r)), shift_dot.map(|d| d.row(r)));
-        for j in 0..c {
-            let xh = xhat(j);
-            let mut t = 0.0;
-            if let Some(xdr) = xdr {
-                t += rstd * (wide(xdr[j]) - m1 - xh * m2) * (1.0 + wide(s[j]));
+        let row = TangentRow {
+            xr,
+            s,
+            mean,
+            rstd,
+            m1,
+            m2,
+        };
+        // One loop per combination of present tangents, so that no test runs per element.
+        match (xdr, sdr, hdr) {
+            (Some(a), Some(b), Some(h)) => row.write::<true, true, true>(ydr, a, b, h),
+            (Some(a), Some(b), None) => row.write::<true, true, false>(ydr, a, b, b),
+            (Some(a), None, Some(h)) => row.write::<true, false, true>(ydr, a, a, h),
+            (Some(a), None, None) => row.write::<true, false, false>(ydr, a, a, a),
+            (None, Some(b), Some(h)) => row.write::<false, true, true>(ydr, b, b, h),
+            (None, Some(b), None) => row.write::<false, true, false>(ydr, b, b, b),
+            (None, None, Some(h)) => row.write::<false, false, true>(ydr, h, h, h),
+            (None, None, None) => {
+                unreachable!("a tangent row is written only when a tangent exists")
             }
-            if let Some(sdr) = sdr {
-                t += xh * wide(sdr[j]);
-            }
-            if let Some(hdr) = hdr {
-                t += wide(hdr[j]);
-            }
-            ydr[j] = T::c(t);
         }
     };
     if c > 0 && has_tangent {
@@ -88,6 +95,43 @@ pub fn jvp<T: Real>(
             .for_each(|(r, yr)| row(r, yr, None));
     }
     (y, has_tangent.then_some(y_dot))
+}
+
+/// What one row's tangent needs: its input, the scale, the statistics and the two projections.
+struct TangentRow<'a, T> {
+    xr: &'a [T],
+    s: &'a [T],
+    mean: f64,
+    rstd: f64,
+    m1: f64,
+    m2: f64,
+}
+
+impl<T: Real> TangentRow<'_, T> {
+    /// ẏ = x̂̇(1+s) + x̂ṡ + ḣ with each term present when its flag is; the slices of absent
+    /// tangents are placeholders that are never read.
+    fn write<const X: bool, const S: bool, const H: bool>(
+        &self,
+        ydr: &mut [T],
+        xdr: &[T],
+        sdr: &[T],
+        hdr: &[T],
+    ) {
+        for j in 0..ydr.len() {
+            let xh = (wide(self.xr[j]) - self.mean) * self.rstd;
+            let mut t = 0.0;
+            if X {
+                t += self.rstd * (wide(xdr[j]) - self.m1 - xh * self.m2) * (1.0 + wide(self.s[j]));
+            }
+            if S {
+                t += xh * wide(sdr[j]);
+            }
+            if H {
+                t += wide(hdr[j]);
+            }
+            ydr[j] = T::c(t);
+        }
+    }
 }
 
 /// Gradients of layernorm_mod; dscale and dshift have the shapes of scale and shift.

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::activation::{self, gelu, gelu_grad};
+use super::activation::{self, gelu, gelu_grad, gelu_with_grad};
 use super::gemm::Mat;
 use super::linear::{self, affine, stack};
 use super::Real;
@@ -79,8 +79,9 @@ pub fn jvp<T: Real>(
         .zip(h_dot.par_chunks_mut(BLOCK))
         .for_each(|(h, h_dot)| {
             for (u, u_dot) in h.iter_mut().zip(h_dot) {
-                *u_dot *= gelu_grad(*u);
-                *u = gelu(*u);
+                let (g, dg) = gelu_with_grad(*u);
+                *u_dot *= dg;
+                *u = g;
             }
         });
     let mut ys = output(&hs, p, 2 * rows, rows);

@@ -1,7 +1,7 @@
 //! Elementwise activations, any shape. GELU in its tanh form
 //! g(u) = ½u(1 + tanh(a(u + 0.044715u³))), a = √(2/π); SiLU s(u) = u·σ(u). ġ = g'(u)·u̇.
 
-use crate::cpu::activation::{gelu, gelu_grad, silu, silu_grad};
+use crate::cpu::activation::{gelu, gelu_grad, gelu_with_grad, silu, silu_grad, silu_with_grad};
 use crate::cpu::{self, Real};
 use crate::dual::Dual;
 use crate::error::Result;
@@ -14,6 +14,7 @@ const OP: &str = "activation";
 trait Activation {
     fn f<T: Real>(u: T) -> T;
     fn df<T: Real>(u: T) -> T;
+    fn f_and_df<T: Real>(u: T) -> (T, T);
 }
 
 struct Gelu;
@@ -26,6 +27,9 @@ impl Activation for Gelu {
     fn df<T: Real>(u: T) -> T {
         gelu_grad(u)
     }
+    fn f_and_df<T: Real>(u: T) -> (T, T) {
+        gelu_with_grad(u)
+    }
 }
 
 impl Activation for Silu {
@@ -34,6 +38,9 @@ impl Activation for Silu {
     }
     fn df<T: Real>(u: T) -> T {
         silu_grad(u)
+    }
+    fn f_and_df<T: Real>(u: T) -> (T, T) {
+        silu_with_grad(u)
     }
 }
 
@@ -47,7 +54,7 @@ fn jvp<A: Activation>(x: &Dual) -> Result<Dual> {
     expect_dual(OP, "x", x, x.dtype())?;
     with_real!(OP, "x", x.dtype(), T => {
         let (y, y_dot) =
-            cpu::activation::jvp(A::f::<T>, A::df::<T>, data::<T>(&x.primal), tangent_data(x));
+            cpu::activation::jvp(A::f::<T>, A::f_and_df::<T>, data::<T>(&x.primal), tangent_data(x));
         Ok(Dual {
             primal: Tensor::from_vec(y, x.shape())?,
             tangent: y_dot.map(|t| Tensor::from_vec(t, x.shape())).transpose()?,
