@@ -46,7 +46,11 @@ pub fn central_difference(f: impl Fn(f64) -> Vec<Tensor>, h: f64) -> Vec<Vec<f64
 
 pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape(), "dot of tensors with different shapes");
-    a.to_f64_vec().iter().zip(b.to_f64_vec()).map(|(x, y)| x * y).sum()
+    a.to_f64_vec()
+        .iter()
+        .zip(b.to_f64_vec())
+        .map(|(x, y)| x * y)
+        .sum()
 }
 
 pub fn norm(a: &[f64]) -> f64 {
