@@ -5,6 +5,8 @@
 //! the specification every kernel is checked against. See DESIGN.md for the math.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dit;

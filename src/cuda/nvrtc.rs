@@ -1,0 +1,279 @@
+//! Run-time compilation of the embedded kernels with NVRTC, down to machine code (CUBIN) for one
+//! architecture, with the assembler's resource report parsed per kernel. Compiled modules are
+//! cached in memory per (source hash, arch); `flashjvp kernels` uses `compile` for every file.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::nvrtc::sys;
+
+use super::sources::SOURCES;
+use crate::error::{Error, Result};
+
+/// What the assembler reported for one kernel on one architecture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub arch: String,
+    pub registers: u32,
+    /// Spill stores plus spill loads, in bytes.
+    pub spill_bytes: u64,
+    pub stack_bytes: u64,
+    /// Static shared memory; dynamic shared memory is set per launch (see each kernel's header).
+    pub shared_bytes: u64,
+}
+
+/// One source file compiled for one architecture.
+#[derive(Clone, Debug)]
+pub struct CompiledFile {
+    pub file: String,
+    pub arch: String,
+    pub cubin: Vec<u8>,
+    pub log: String,
+    pub kernels: Vec<KernelResources>,
+}
+
+/// The kernel files (.cu) embedded in this build.
+pub fn kernel_files() -> Vec<&'static str> {
+    SOURCES
+        .iter()
+        .filter(|(name, _)| name.ends_with(".cu"))
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+fn headers() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    SOURCES.iter().filter(|(name, _)| name.ends_with(".cuh"))
+}
+
+/// The architecture name NVRTC wants for a device of compute capability `major.minor`:
+/// sm_90a on Hopper (wgmma and setmaxnreg need the `a` target), sm_XY elsewhere.
+pub fn arch_for_capability(major: u32, minor: u32) -> String {
+    if major == 9 && minor == 0 {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// FNV-1a over the source and every header: the cache key of a compiled module.
+fn source_hash(source: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for (_, text) in headers() {
+        for b in text.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    for b in source.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+type Cache = Mutex<HashMap<(u64, String), Arc<CompiledFile>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn nvrtc_err(what: &str, file: &str, r: sys::nvrtcResult) -> Error {
+    Error::Cuda(format!("NVRTC {what} failed for {file}: {r:?}"))
+}
+
+/// Compiles one embedded kernel file for `arch` (e.g. "sm_80", "sm_90a"), cached per (source hash,
+/// arch). A compile error comes back as an error carrying NVRTC's log.
+pub fn compile(file: &str, arch: &str) -> Result<Arc<CompiledFile>> {
+    let (_, source) = SOURCES
+        .iter()
+        .find(|(name, _)| *name == file)
+        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    if !arch.starts_with("sm_") || arch.len() < 5 {
+        return Err(Error::Unsupported(format!(
+            "architecture `{arch}`: expected a name like sm_80 or sm_90a"
+        )));
+    }
+    if !super::nvrtc_present() {
+        return Err(Error::Unsupported(
+            "NVRTC (libnvrtc.so.13) not found: install it (see README) or put it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let key = (source_hash(source), arch.to_string());
+    if let Some(hit) = cache().lock().expect("kernel cache lock").get(&key) {
+        return Ok(hit.clone());
+    }
+    let compiled = Arc::new(compile_uncached(file, source, arch)?);
+    cache()
+        .lock()
+        .expect("kernel cache lock")
+        .insert(key, compiled.clone());
+    Ok(compiled)
+}
+
+fn compile_uncached(file: &str, source: &str, arch: &str) -> Result<CompiledFile> {
+    let cstr =
+        |s: &str| CString::new(s).map_err(|_| Error::Cuda(format!("{file}: NUL byte in source")));
+    let src = cstr(source)?;
+    let name = cstr(file)?;
+    let header_bodies: Vec<CString> = headers().map(|(_, b)| cstr(b)).collect::<Result<_>>()?;
+    let header_names: Vec<CString> = headers().map(|(n, _)| cstr(n)).collect::<Result<_>>()?;
+    let body_ptrs: Vec<*const c_char> = header_bodies.iter().map(|c| c.as_ptr()).collect();
+    let name_ptrs: Vec<*const c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "-default-device".into(),
+        "--std=c++17".into(),
+        "-lineinfo".into(),
+        "--ptxas-options=-v".into(),
+    ];
+    let options: Vec<CString> = options.iter().map(|o| cstr(o)).collect::<Result<_>>()?;
+    let option_ptrs: Vec<*const c_char> = options.iter().map(|c| c.as_ptr()).collect();
+
+    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: every pointer refers to a NUL-terminated string alive for the whole block; the
+    // program is destroyed on every path after creation.
+    unsafe {
+        let r = sys::nvrtcCreateProgram(
+            &mut prog,
+            src.as_ptr(),
+            name.as_ptr(),
+            body_ptrs.len() as i32,
+            body_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        );
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(nvrtc_err("nvrtcCreateProgram", file, r));
+        }
+        let compiled =
+            sys::nvrtcCompileProgram(prog, option_ptrs.len() as i32, option_ptrs.as_ptr());
+        let log = program_log(prog);
+        let cubin = if compiled == sys::nvrtcResult::NVRTC_SUCCESS {
+            program_cubin(prog)
+        } else {
+            Err(nvrtc_err("nvrtcCompileProgram", file, compiled))
+        };
+        sys::nvrtcDestroyProgram(&mut prog);
+        let cubin = cubin.map_err(|e| Error::Cuda(format!("{e}\n{log}")))?;
+        let kernels = parse_ptxas_report(&log, arch);
+        Ok(CompiledFile {
+            file: file.to_string(),
+            arch: arch.to_string(),
+            cubin,
+            log,
+            kernels,
+        })
+    }
+}
+
+unsafe fn program_log(prog: sys::nvrtcProgram) -> String {
+    let mut size = 0usize;
+    if sys::nvrtcGetProgramLogSize(prog, &mut size) != sys::nvrtcResult::NVRTC_SUCCESS || size == 0
+    {
+        return String::new();
+    }
+    let mut buf = vec![0u8; size];
+    if sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut c_char)
+        != sys::nvrtcResult::NVRTC_SUCCESS
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf)
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+unsafe fn program_cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcGetCUBINSize", "program", r));
+    }
+    let mut buf = vec![0u8; size];
+    let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char);
+    if r != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+        return Err(nvrtc_err("nvrtcGetCUBIN", "program", r));
+    }
+    Ok(buf)
+}
+
+/// Per-kernel resources from the `--ptxas-options=-v` lines of an NVRTC log:
+/// `Compiling entry function 'K' for 'sm_80'`, then `N bytes stack frame, S bytes spill stores,
+/// L bytes spill loads` and `Used R registers, ... B bytes smem ...`.
+pub fn parse_ptxas_report(log: &str, arch: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                kernel,
+                arch: arch.to_string(),
+                registers: 0,
+                spill_bytes: 0,
+                stack_bytes: 0,
+                shared_bytes: 0,
+            });
+            continue;
+        }
+        let Some(cur) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            cur.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+            cur.spill_bytes = number_before(line, "bytes spill stores").unwrap_or(0)
+                + number_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used") && line.contains("registers") {
+            cur.registers = number_before(line, "registers").unwrap_or(0) as u32;
+            cur.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// The integer that stands right before `marker` in `line`.
+fn number_before(line: &str, marker: &str) -> Option<u64> {
+    let head = &line[..line.find(marker)?];
+    head.split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_ptxas_report() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'attention_jvp_bf16_d64' for 'sm_80'\n\
+ptxas info    : Function properties for attention_jvp_bf16_d64\n\
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 168 registers, used 1 barriers, 16384 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'k2' for 'sm_80'\n\
+ptxas info    : Function properties for k2\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 32 registers, 380 bytes cmem[0]\n";
+        let r = parse_ptxas_report(log, "sm_80");
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].kernel, "attention_jvp_bf16_d64");
+        assert_eq!(
+            (
+                r[0].registers,
+                r[0].spill_bytes,
+                r[0].stack_bytes,
+                r[0].shared_bytes
+            ),
+            (168, 16, 8, 16384)
+        );
+        assert_eq!(
+            (r[1].registers, r[1].spill_bytes, r[1].shared_bytes),
+            (32, 0, 0)
+        );
+    }
+
+    #[test]
+    fn hopper_gets_the_a_target() {
+        assert_eq!(arch_for_capability(9, 0), "sm_90a");
+        assert_eq!(arch_for_capability(8, 6), "sm_86");
+    }
+}

@@ -1,0 +1,51 @@
+//! Every embedded kernel compiles with NVRTC for sm_80 and sm_90a, and no attention kernel spills.
+//! Needs NVRTC only (no GPU). Without it the test says "skipped: no NVRTC"; with
+//! FLASHJVP_REQUIRE_NVRTC=1 (set by .ci/run) it fails instead.
+#![cfg(feature = "cuda")]
+
+use flashjvp::cuda::{nvrtc, nvrtc_present};
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90a() {
+    if !nvrtc_present() {
+        assert!(
+            std::env::var("FLASHJVP_REQUIRE_NVRTC").is_err(),
+            "FLASHJVP_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+        );
+        println!("skipped: no NVRTC");
+        return;
+    }
+    let files = nvrtc::kernel_files();
+    assert!(!files.is_empty(), "no kernel sources embedded");
+    let mut failures = Vec::new();
+    for file in &files {
+        for arch in ["sm_80", "sm_90a"] {
+            match nvrtc::compile(file, arch) {
+                Ok(c) => {
+                    assert!(
+                        !c.kernels.is_empty(),
+                        "{file} [{arch}]: no kernels in the ptxas report"
+                    );
+                    for k in &c.kernels {
+                        println!(
+                            "{arch} {:44} regs {:3} spill {:5} stack {:5} smem {:6}",
+                            k.kernel, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes
+                        );
+                        if k.kernel.starts_with("attention") && k.spill_bytes > 0 {
+                            failures.push(format!(
+                                "{} [{arch}] spills {} bytes",
+                                k.kernel, k.spill_bytes
+                            ));
+                        }
+                    }
+                }
+                Err(e) => failures.push(format!("{file} [{arch}]: {e}")),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "kernel failures:\n{}",
+        failures.join("\n")
+    );
+}
