@@ -163,3 +163,57 @@ fn class_conditional_sampling_draws_the_requested_class() {
     assert_eq!(m.class_accuracy, 1.0, "{m:?}");
     assert!(m.precision >= 0.98, "{m:?}");
 }
+
+#[test]
+fn posterior_mean_is_the_ideal_denoiser() {
+    let b = glyph::sample(64, &mut common::rng(10));
+    let mut rng = common::rng(11);
+    // Almost no noise: the posterior mean is the noisy image itself.
+    let t = 1e-4f64;
+    for (img, &class) in b.images.chunks_exact(PIXELS).zip(&b.classes) {
+        let z = common::randn(&[PIXELS], &mut rng).to_f64_vec();
+        let x: Vec<f64> = img
+            .iter()
+            .zip(&z)
+            .map(|(a, e)| t.cos() * a + t.sin() * e)
+            .collect();
+        let pm = glyph::posterior_mean(&x, t, Some(class));
+        let err = pm
+            .iter()
+            .zip(img)
+            .map(|(p, a)| (p - a).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-3, "{err}");
+    }
+    // Pure noise: the class-conditional mean is the average of the class's four centres; the
+    // unconditional one the average of all forty.
+    let x = common::randn(&[PIXELS], &mut rng).to_f64_vec();
+    let t = std::f64::consts::FRAC_PI_2;
+    let pm = glyph::posterior_mean(&x, t, Some(3));
+    let mean3: Vec<f64> = (0..PIXELS)
+        .map(|k| (0..4).map(|p| glyph::centre(3, p)[k]).sum::<f64>() / 4.0)
+        .collect();
+    assert!(pm.iter().zip(&mean3).all(|(a, b)| (a - b).abs() < 1e-9));
+    let pm = glyph::posterior_mean(&x, t, None);
+    let all: Vec<f64> = (0..PIXELS)
+        .map(|k| glyph::centres().iter().map(|c| c[k]).sum::<f64>() / 40.0)
+        .collect();
+    assert!(pm.iter().zip(&all).all(|(a, b)| (a - b).abs() < 1e-9));
+    // Mid noise: it beats the rescaled noisy image as an estimate of x₀ by far.
+    let t = 0.5f64;
+    let (mut e_pm, mut e_naive) = (0.0, 0.0);
+    for (img, &class) in b.images.chunks_exact(PIXELS).zip(&b.classes) {
+        let z = common::randn(&[PIXELS], &mut rng).to_f64_vec();
+        let x: Vec<f64> = img
+            .iter()
+            .zip(&z)
+            .map(|(a, e)| t.cos() * a + t.sin() * e)
+            .collect();
+        let pm = glyph::posterior_mean(&x, t, Some(class));
+        for k in 0..PIXELS {
+            e_pm += (pm[k] - img[k]).powi(2);
+            e_naive += (x[k] / t.cos() - img[k]).powi(2);
+        }
+    }
+    assert!(e_pm < 0.1 * e_naive, "{e_pm} vs {e_naive}");
+}

@@ -242,3 +242,43 @@ fn median(v: &mut [f64]) -> f64 {
         0.5 * (v[n / 2 - 1] + v[n / 2])
     }
 }
+
+/// The exact posterior mean E[x₀ | x_t] of the mixture under x_t = cos t·x₀ + sin t·z, given the
+/// class (`Some`) or not: the ideal denoiser, to measure a trained one against and to check
+/// samplers with. Every mode is Gaussian N(c, σ²I), so x_t given a mode is N(cos t·c, s²I) with
+/// s² = cos²t·σ² + sin²t, and E[x₀ | x_t, mode] = c + (σ² cos t/s²)(x_t − cos t·c).
+pub fn posterior_mean(x: &[f64], t: f64, class: Option<usize>) -> Vec<f64> {
+    assert_eq!(x.len(), PIXELS);
+    let (c, s) = (t.cos(), t.sin());
+    let var = c * c * SIGMA * SIGMA + s * s;
+    let modes: Vec<usize> = match class {
+        Some(k) => (0..NUM_POSITIONS).map(|p| mode_index(k, p)).collect(),
+        None => (0..NUM_MODES).collect(),
+    };
+    let centres: Vec<Vec<f64>> = modes
+        .iter()
+        .map(|&m| centre(mode_class(m), m % NUM_POSITIONS))
+        .collect();
+    let logw: Vec<f64> = centres
+        .iter()
+        .map(|cm| {
+            -x.iter()
+                .zip(cm)
+                .map(|(a, b)| (a - c * b) * (a - c * b))
+                .sum::<f64>()
+                / (2.0 * var)
+        })
+        .collect();
+    let max = logw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logw.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let gain = SIGMA * SIGMA * c / var;
+    let mut out = vec![0.0; PIXELS];
+    for (cm, wm) in centres.iter().zip(&w) {
+        let p = wm / total;
+        for k in 0..PIXELS {
+            out[k] += p * (cm[k] + gain * (x[k] - c * cm[k]));
+        }
+    }
+    out
+}

@@ -190,13 +190,15 @@ pub struct RcmConfig {
 
 impl RcmConfig {
     pub fn preset(preset: Preset) -> Self {
-        let adam = |lr: f64, beta1: f64, warmup: usize| AdamWConfig {
+        let adam = |lr: f64, beta1: f64, warmup: usize, decay_steps: usize| AdamWConfig {
             lr,
             beta1,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
             warmup,
+            decay_steps,
+            final_lr_ratio: 0.05,
         };
         let dit = |patch: usize, hidden: usize, depth: usize, heads: usize| DitConfig {
             image_size: SIZE,
@@ -229,15 +231,15 @@ impl RcmConfig {
                 teacher: TeacherConfig {
                     steps: 1500,
                     batch: 64,
-                    adam: adam(2e-3, 0.9, 100),
+                    adam: adam(2e-3, 0.9, 100, 1500),
                     ema: 0.995,
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
                     steps: 300,
                     batch: 32,
-                    adam: adam(2e-4, 0.0, 0),
-                    fake_adam: adam(2e-4, 0.0, 0),
+                    adam: adam(2e-4, 0.0, 0, 0),
+                    fake_adam: adam(2e-4, 0.0, 0, 0),
                     ema: 0.99,
                     tangent_warmup: 100,
                     scm_scale: 100.0,
@@ -258,15 +260,15 @@ impl RcmConfig {
                 teacher: TeacherConfig {
                     steps: 20_000,
                     batch: 256,
-                    adam: adam(5e-4, 0.9, 500),
+                    adam: adam(5e-4, 0.9, 500, 20_000),
                     ema: 0.9995,
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
                     steps: 4000,
                     batch: 128,
-                    adam: adam(1e-4, 0.0, 0),
-                    fake_adam: adam(1e-4, 0.0, 0),
+                    adam: adam(1e-4, 0.0, 0, 0),
+                    fake_adam: adam(1e-4, 0.0, 0, 0),
                     ema: 0.999,
                     tangent_warmup: 1000,
                     scm_scale: 100.0,
@@ -291,15 +293,15 @@ impl RcmConfig {
                 teacher: TeacherConfig {
                     steps: 8,
                     batch: 8,
-                    adam: adam(1e-3, 0.9, 0),
+                    adam: adam(1e-3, 0.9, 0, 0),
                     ema: 0.9,
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
                     steps: 4,
                     batch: 4,
-                    adam: adam(1e-4, 0.0, 0),
-                    fake_adam: adam(1e-4, 0.0, 0),
+                    adam: adam(1e-4, 0.0, 0, 0),
+                    fake_adam: adam(1e-4, 0.0, 0, 0),
                     ema: 0.9,
                     tangent_warmup: 2,
                     scm_scale: 100.0,
@@ -350,6 +352,10 @@ pub struct RcmOptions {
     pub resume: bool,
     /// Progress bars and phase summaries on stderr.
     pub progress: bool,
+    /// Stop after this many training steps (teacher steps and student updates together) as if
+    /// the process were killed there: the phase checkpoints and `run` returns an incomplete
+    /// report. For testing that a resumed run continues exactly where it stopped.
+    pub stop_after: Option<usize>,
 }
 
 /// What a phase did.
@@ -391,6 +397,8 @@ pub struct Row {
 
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// False when `stop_after` ended the run before evaluation (nothing else is filled then).
+    pub complete: bool,
     pub rows: Vec<Row>,
     pub device: String,
     pub seconds: f64,
@@ -409,10 +417,11 @@ pub fn mix_seed(seed: u64, tag: u64, index: u64) -> u64 {
 /// Trains (or reuses) the teacher and the students, evaluates them, writes results.json,
 /// results.md and samples.png into `opts.out`, and returns the report.
 pub fn run(opts: &RcmOptions) -> Result<Report> {
-    let device = opts.device.resolve()?;
-    if device != Device::Cpu {
+    // The DiT runs on the CPU reference only so far: `auto` means the CPU here, and an explicit
+    // `cuda` is an error (from the device layer, or ours once it resolves to a GPU).
+    if opts.device != DeviceRequest::Auto && opts.device.resolve()? != Device::Cpu {
         return Err(Error::Unsupported(
-            "rcm: only the CPU backend runs the DiT in this build".into(),
+            "--device cuda: the DiT has no CUDA path in this build yet; use --device cpu".into(),
         ));
     }
     opts.config.check()?;
@@ -428,14 +437,26 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
         seed: opts.seed,
         resume: opts.resume,
         progress: opts.progress,
+        budget: std::cell::Cell::new(opts.stop_after),
+    };
+    let stopped = |phases: Vec<PhaseInfo>| Report {
+        complete: false,
+        rows: Vec::new(),
+        device: "cpu".into(),
+        seconds: start.elapsed().as_secs_f64(),
+        phases,
     };
     let mut phases = Vec::new();
-    let (teacher, info) = train::teacher(&ctx)?;
+    let Some((teacher, info)) = train::teacher(&ctx)? else {
+        return Ok(stopped(phases));
+    };
     phases.push(info);
     let teacher_fp = train::teacher_fingerprint(cfg, opts.seed);
     let mut students: Vec<(Method, Dit)> = Vec::new();
     for &m in &opts.methods {
-        let (s, info) = train::student(&ctx, m, &teacher, &teacher_fp)?;
+        let Some((s, info)) = train::student(&ctx, m, &teacher, &teacher_fp)? else {
+            return Ok(stopped(phases));
+        };
         phases.push(info);
         students.push((m, s));
     }
@@ -498,6 +519,7 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
         }
     }
     let report = Report {
+        complete: true,
         rows,
         device: "cpu".into(),
         seconds: start.elapsed().as_secs_f64(),

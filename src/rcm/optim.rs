@@ -14,6 +14,28 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Linear learning-rate warmup over this many steps (0: none).
     pub warmup: usize,
+    /// Cosine decay of the learning rate to `final_lr_ratio`·lr over this many steps (0: constant).
+    pub decay_steps: usize,
+    pub final_lr_ratio: f64,
+}
+
+impl AdamWConfig {
+    /// The learning rate of step `step` (counted from 1).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let warm = if self.warmup > 0 {
+            (step as f64 / self.warmup as f64).min(1.0)
+        } else {
+            1.0
+        };
+        let decay = if self.decay_steps > 0 {
+            let p = (step as f64 / self.decay_steps as f64).min(1.0);
+            let cos = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+            self.final_lr_ratio + (1.0 - self.final_lr_ratio) * cos
+        } else {
+            1.0
+        };
+        self.lr * warm * decay
+    }
 }
 
 pub struct AdamW {
@@ -55,13 +77,8 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
-        let warm = if c.warmup > 0 {
-            (self.step as f64 / c.warmup as f64).min(1.0)
-        } else {
-            1.0
-        };
         let k = Coeffs {
-            lr: c.lr * warm,
+            lr: c.lr_at(self.step),
             b1: c.beta1,
             b2: c.beta2,
             eps: c.eps,
@@ -185,6 +202,8 @@ mod tests {
                 eps: 1e-8,
                 weight_decay: 0.0,
                 warmup: 0,
+                decay_steps: 0,
+                final_lr_ratio: 1.0,
             },
             &p,
         );

@@ -37,10 +37,28 @@ impl Sampler {
     }
 }
 
+/// A denoiser x̂₀(x_t, t, class) over a batch.
+pub type Denoiser<'a> = dyn Fn(&[f64], &[f64], &[usize]) -> Result<Vec<f64>> + Sync + 'a;
+
 /// Samples of `classes` from `model` guided with `w`, starting from noise drawn from `rng`.
 pub fn sample(
     model: &Dit,
     w: f64,
+    sampler: &Sampler,
+    classes: &[usize],
+    rng: &mut StdRng,
+) -> Result<Vec<f64>> {
+    sample_with(
+        &|x, t, c| net::denoised(model, x, t, c, w),
+        sampler,
+        classes,
+        rng,
+    )
+}
+
+/// Samples from any denoiser (a network, or the mixture's exact posterior mean).
+pub fn sample_with(
+    denoise: &Denoiser,
     sampler: &Sampler,
     classes: &[usize],
     rng: &mut StdRng,
@@ -51,7 +69,7 @@ pub fn sample(
             let mut x = trigflow::randn(n * PIXELS, rng);
             for (i, &ti) in times.iter().enumerate() {
                 let t = vec![ti; n];
-                let x0 = net::denoised(model, &x, &t, classes, w)?;
+                let x0 = denoise(&x, &t, classes)?;
                 match times.get(i + 1) {
                     Some(&tn) => {
                         let eps = trigflow::randn(n * PIXELS, rng);
@@ -78,7 +96,7 @@ pub fn sample(
             let d_of = |x: &[f64], sigma: f64| -> Result<Vec<f64>> {
                 let t = sigma.atan();
                 let xt: Vec<f64> = x.iter().map(|v| v * t.cos()).collect();
-                net::denoised(model, &xt, &vec![t; n], classes, w)
+                denoise(&xt, &vec![t; n], classes)
             };
             for i in 0..*steps {
                 let (s, sn) = (sigmas[i], sigmas[i + 1]);
@@ -117,6 +135,21 @@ pub struct Evaluation {
 /// `n` samples with requested classes i mod 10 (so every panel of the sample grid reads 0–9),
 /// drawn in chunks on all cores, each chunk seeded from `seed` and its index, then measured.
 pub fn evaluate(model: &Dit, w: f64, sampler: &Sampler, n: usize, seed: u64) -> Result<Evaluation> {
+    evaluate_with(
+        &|x, t, c| net::denoised(model, x, t, c, w),
+        sampler,
+        n,
+        seed,
+    )
+}
+
+/// `evaluate` for any denoiser.
+pub fn evaluate_with(
+    denoise: &Denoiser,
+    sampler: &Sampler,
+    n: usize,
+    seed: u64,
+) -> Result<Evaluation> {
     const CHUNK: usize = 128;
     let classes: Vec<usize> = (0..n).map(|i| i % glyph::NUM_CLASSES).collect();
     let start = std::time::Instant::now();
@@ -125,7 +158,7 @@ pub fn evaluate(model: &Dit, w: f64, sampler: &Sampler, n: usize, seed: u64) -> 
         .enumerate()
         .map(|(i, c)| {
             let mut rng = StdRng::seed_from_u64(super::mix_seed(seed, 0xE7A1, i as u64));
-            sample(model, w, sampler, c, &mut rng)
+            sample_with(denoise, sampler, c, &mut rng)
         })
         .collect();
     let mut images = Vec::with_capacity(n * PIXELS);

@@ -25,9 +25,22 @@ pub struct Ctx<'a> {
     pub seed: u64,
     pub resume: bool,
     pub progress: bool,
+    /// Training steps this run may still take before it stops as if killed (None: no limit).
+    pub budget: std::cell::Cell<Option<usize>>,
 }
 
 impl Ctx<'_> {
+    /// Counts one training step against the budget; true when the run must stop now.
+    fn spend(&self) -> bool {
+        match self.budget.get() {
+            None => false,
+            Some(n) => {
+                self.budget.set(Some(n.saturating_sub(1)));
+                n <= 1
+            }
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.out.join(name)
     }
@@ -131,7 +144,8 @@ fn teacher_grads(net: &Dit, cfg: &RcmConfig, rng: &mut StdRng) -> Result<(f64, V
 
 /// Trains the teacher, or reuses a finished one in `out` trained with the same settings.
 /// Returns its EMA weights.
-pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
+/// `None` when the step budget ran out first (the checkpoint holds the state).
+pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
     let cfg = ctx.cfg;
     let fp = teacher_fingerprint(cfg, ctx.seed);
     let (final_path, final_json) = (ctx.path("teacher.safetensors"), ctx.path("teacher.json"));
@@ -139,7 +153,7 @@ pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
     if final_path.exists() && checkpoint::read_fingerprint(&final_json).as_deref() == Some(&fp) {
         ctx.say(&format!("teacher: reusing {}", final_path.display()));
         let net = Dit::load(cfg.dit.clone(), &final_path)?;
-        return Ok((net, PhaseInfo::reused("teacher", cfg.teacher.steps)));
+        return Ok(Some((net, PhaseInfo::reused("teacher", cfg.teacher.steps))));
     }
     let names = checkpoint::param_names(&cfg.dit);
     let (ckpt_path, run_json) = (
@@ -181,7 +195,8 @@ pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
         let l = smooth.push(loss);
         pb.set_message(format!("loss {l:.4}"));
         pb.inc(1);
-        if step % cfg.checkpoint_every == 0 || step == total {
+        let stop = ctx.spend();
+        if step % cfg.checkpoint_every == 0 || step == total || stop {
             checkpoint::save(
                 &ckpt_path,
                 &names,
@@ -193,6 +208,10 @@ pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
                 ],
                 &[step as f64, opt.step as f64, ema.updates as f64],
             )?;
+        }
+        if stop && step < total {
+            pb.abandon();
+            return Ok(None);
         }
     }
     pb.finish();
@@ -209,7 +228,7 @@ pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
         total - resumed_from,
         smooth.0.unwrap_or(f64::NAN)
     ));
-    Ok((
+    Ok(Some((
         teacher,
         PhaseInfo {
             name: "teacher".into(),
@@ -218,7 +237,7 @@ pub fn teacher(ctx: &Ctx) -> Result<(Dit, PhaseInfo)> {
             seconds,
             reused: false,
         },
-    ))
+    )))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,12 +411,13 @@ fn fake_grads(
 /// Distils the teacher into a few-step student with `method`: sCM alone, DMD alone, or rCM
 /// (sCM + DMD after the tangent warmup, the DMD loss at scale 1 against sCM's 100). Returns the
 /// student's EMA weights.
+/// `None` when the step budget ran out first.
 pub fn student(
     ctx: &Ctx,
     method: Method,
     teacher: &Dit,
     teacher_fp: &str,
-) -> Result<(Dit, PhaseInfo)> {
+) -> Result<Option<(Dit, PhaseInfo)>> {
     let cfg = ctx.cfg;
     let sc = &cfg.student;
     let name = method.name();
@@ -414,7 +434,7 @@ pub fn student(
     {
         ctx.say(&format!("{name}: reusing {}", final_path.display()));
         let net = Dit::load(cfg.dit.clone(), &final_path)?;
-        return Ok((net, PhaseInfo::reused(name, sc.steps)));
+        return Ok(Some((net, PhaseInfo::reused(name, sc.steps))));
     }
     let names = checkpoint::param_names(&cfg.dit);
     let ckpt_path = ctx.path(&format!("{name}.ckpt.safetensors"));
@@ -512,7 +532,8 @@ pub fn student(
             s_fake.0.unwrap_or(f64::NAN)
         ));
         pb.inc(1);
-        if step % cfg.checkpoint_every == 0 || step == total {
+        let stop = ctx.spend();
+        if step % cfg.checkpoint_every == 0 || step == total || stop {
             let empty: Vec<Tensor> = Vec::new();
             let (fp_, fm, fv, fs) = match &fake {
                 Some((f, o)) => (f.params(), &o.m[..], &o.v[..], o.step),
@@ -540,6 +561,10 @@ pub fn student(
                 ],
             )?;
         }
+        if stop && step < total {
+            pb.abandon();
+            return Ok(None);
+        }
     }
     pb.finish();
     let model = net::dit_with_params(cfg.dit.clone(), ema.params, &mut init_rng)?;
@@ -554,7 +579,7 @@ pub fn student(
         "{name}: {} student steps ({fake_step} fake-score updates in all) in {seconds:.1} s",
         total - resumed_from
     ));
-    Ok((
+    Ok(Some((
         model,
         PhaseInfo {
             name: name.into(),
@@ -563,7 +588,7 @@ pub fn student(
             seconds,
             reused: false,
         },
-    ))
+    )))
 }
 
 /// The teacher's fingerprint, which a student's includes (a new teacher means new students).
