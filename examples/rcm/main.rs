@@ -16,7 +16,10 @@ use flashjvp::rcm::{self, Method, Preset, RcmConfig, RcmOptions};
 use flashjvp::DeviceRequest;
 
 #[derive(Parser, Debug)]
-#[command(about = "Distil a glyph-mixture diffusion teacher into a 1-4 step generator with rCM")]
+#[command(
+    about = "Distil a glyph-mixture diffusion teacher into a 1-4 step generator with rCM",
+    allow_negative_numbers = true
+)]
 struct Args {
     /// Output folder: results.json, results.md, samples.png, checkpoints.
     #[arg(long, default_value = "out/rcm")]
@@ -92,6 +95,11 @@ struct Args {
     p_mean: Option<f64>,
     #[arg(long)]
     p_std: Option<f64>,
+    /// sCM times of the student: log tan t ~ N(student_p_mean, student_p_std²).
+    #[arg(long)]
+    student_p_mean: Option<f64>,
+    #[arg(long)]
+    student_p_std: Option<f64>,
     /// Samples per evaluated model and step count.
     #[arg(long)]
     eval_n: Option<usize>,
@@ -141,6 +149,8 @@ fn config(a: &Args) -> flashjvp::Result<RcmConfig> {
     set!(c.guidance, a.guidance);
     set!(c.p_mean, a.p_mean);
     set!(c.p_std, a.p_std);
+    set!(c.student.p_mean, a.student_p_mean);
+    set!(c.student.p_std, a.student_p_std);
     set!(c.eval.n, a.eval_n);
     set!(c.eval.teacher_steps, a.ode_steps);
     if let Some(m) = a.mid2 {

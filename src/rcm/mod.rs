@@ -124,6 +124,10 @@ pub struct TeacherConfig {
 pub struct StudentConfig {
     /// Student updates.
     pub steps: usize,
+    /// sCM times: log tan t ~ N(p_mean, p_std²). The few-step sampler starts at arctan σ_max, so
+    /// the student's consistency map must be trained out there too.
+    pub p_mean: f64,
+    pub p_std: f64,
     pub batch: usize,
     pub adam: AdamWConfig,
     pub fake_adam: AdamWConfig,
@@ -236,6 +240,8 @@ impl RcmConfig {
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
+                    p_mean: -0.4,
+                    p_std: 1.4,
                     steps: 300,
                     batch: 32,
                     adam: adam(2e-4, 0.0, 0, 0),
@@ -265,6 +271,8 @@ impl RcmConfig {
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
+                    p_mean: -0.4,
+                    p_std: 1.4,
                     steps: 4000,
                     batch: 128,
                     adam: adam(1e-4, 0.0, 0, 0),
@@ -298,6 +306,8 @@ impl RcmConfig {
                     label_dropout: 0.1,
                 },
                 student: StudentConfig {
+                    p_mean: -0.4,
+                    p_std: 1.4,
                     steps: 4,
                     batch: 4,
                     adam: adam(1e-4, 0.0, 0, 0),

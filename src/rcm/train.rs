@@ -273,7 +273,7 @@ fn scm_grads(
     let b = classes.len();
     let x0 = glyph::sample_classes(classes, rng);
     let z = trigflow::randn(b * PIXELS, rng);
-    let t = trigflow::sample_t_lognormal(b, cfg.p_mean, cfg.p_std, rng);
+    let t = trigflow::sample_t_lognormal(b, cfg.student.p_mean, cfg.student.p_std, rng);
     let xt = trigflow::noisy(&x0, &z, &t, PIXELS);
     let f_teacher = net::velocity_guided(teacher, &xt, &t, classes, cfg.guidance)?;
     let (cos, sin) = trigflow::cos_sin(&t);
