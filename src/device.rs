@@ -33,10 +33,64 @@ impl DeviceRequest {
     pub fn resolve(self) -> Result<Device> {
         match self {
             DeviceRequest::Cpu | DeviceRequest::Auto => Ok(Device::Cpu),
-            DeviceRequest::Cuda => Err(Error::Unsupported(
-                "--device cuda: the CUDA backend is not part of this build yet; use --device cpu"
-                    .into(),
-            )),
+            DeviceRequest::Cuda => Err(cuda_not_built()),
         }
+    }
+}
+
+/// The one answer to any request for the GPU until the CUDA backend lands; the CLI and the
+/// library both return it, so the backend replaces a single place.
+pub fn cuda_not_built() -> Error {
+    Error::Unsupported(
+        "--device cuda: the CUDA backend is not part of this build yet; use --device cpu".into(),
+    )
+}
+
+/// Which CUDA libraries the dynamic loader can find on this machine (the driver for running
+/// kernels, NVRTC for compiling them). `None` means not found under any of the names tried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaProbe {
+    /// The soname that opened, e.g. `libcuda.so.1`.
+    pub driver: Option<&'static str>,
+    pub nvrtc: Option<&'static str>,
+}
+
+/// Sonames tried in order: the versioned name a driver or wheel installs first, the bare
+/// development symlink second.
+pub const CUDA_DRIVER_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+pub const NVRTC_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so"];
+
+/// Looks for the CUDA driver and NVRTC with dlopen. Never panics: a missing library is `None`.
+/// cudarc panics when libcuda is missing, so the CUDA backend asks this first.
+pub fn probe_cuda_libraries() -> CudaProbe {
+    CudaProbe {
+        driver: first_loadable(CUDA_DRIVER_NAMES),
+        nvrtc: first_loadable(NVRTC_NAMES),
+    }
+}
+
+fn first_loadable(names: &[&'static str]) -> Option<&'static str> {
+    names.iter().copied().find(|name| {
+        // SAFETY: loading runs the library's initialisers; the CUDA driver and NVRTC are
+        // well-behaved system libraries, and the handle is closed again at once.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_never_panics_and_finds_only_listed_names() {
+        let p = probe_cuda_libraries();
+        assert!(p.driver.is_none_or(|n| CUDA_DRIVER_NAMES.contains(&n)));
+        assert!(p.nvrtc.is_none_or(|n| NVRTC_NAMES.contains(&n)));
+        // A library that exists on every glibc system opens through the same path.
+        assert_eq!(
+            first_loadable(&["libnot-a-library.so.9", "libc.so.6"]),
+            Some("libc.so.6")
+        );
+        assert_eq!(first_loadable(&["libnot-a-library.so.9"]), None);
     }
 }

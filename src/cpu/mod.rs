@@ -10,6 +10,7 @@ pub mod layernorm;
 pub mod linear;
 pub mod mlp;
 pub mod residual;
+pub mod rows;
 
 use std::fmt::Debug;
 use std::iter::Sum;

@@ -8,9 +8,21 @@
 //! attention, gated residual, layernorm+modulation, GELU MLP, gated residual, the six modulation
 //! vectors from Linear(SiLU(c))); a final modulated layernorm + linear; unpatchify.
 
+mod layout;
+mod pass;
+mod shuffle;
+
+pub use pass::DitCache;
+
+use std::collections::BTreeSet;
+
+use rand_distr::{Distribution, StandardNormal};
+
 use crate::dual::Dual;
 use crate::error::{Error, Result};
+use crate::io::{load_safetensors, save_safetensors};
 use crate::tensor::{DType, Tensor};
+use layout::Init;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DitConfig {
@@ -33,43 +45,150 @@ pub struct DitConfig {
     pub time_scale: f64,
 }
 
-/// Everything the backward needs from a forward (or the primal of a dual forward).
-pub struct DitCache {
-    _private: (),
-}
-
 /// The network and its parameters, in the canonical order of `Dit::param_layout`.
+#[derive(Clone, Debug)]
 pub struct Dit {
     pub config: DitConfig,
     params: Vec<Tensor>,
+    /// The network dtype (f32 or f64): every parameter and input holds it.
+    dtype: DType,
+    /// The fixed 2-D sin-cos position embedding [N, hidden], not a parameter.
+    pos: Tensor,
 }
 
-fn not_yet() -> Error {
-    Error::Unsupported("the DiT is not implemented yet".into())
+fn expect_real(what: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 => Ok(()),
+        other => Err(Error::DType {
+            op: "dit",
+            tensor: what.to_string(),
+            expected: "f32 or f64 (the CPU reference computes in these)".into(),
+            actual: other,
+        }),
+    }
 }
 
 impl Dit {
     /// Names and shapes of every parameter, in canonical order: the one place that knows the layout.
     pub fn param_layout(config: &DitConfig) -> Vec<(String, Vec<usize>)> {
-        let _ = config;
-        Vec::new()
+        layout::layout(config)
+            .into_iter()
+            .map(|(name, shape, _)| (name, shape))
+            .collect()
     }
 
-    /// Fresh parameters (adaLN-zero: modulation and final layers start at zero).
+    /// Errors unless the config describes a network this module can build (positive sizes, image
+    /// divisible by patch, hidden divisible by heads and by 4, even freq_dim, finite time_scale).
+    pub fn validate_config(config: &DitConfig) -> Result<()> {
+        layout::validate(config)
+    }
+
+    /// Fresh parameters (adaLN-zero: modulation and final layers start at zero; other weights
+    /// xavier-uniform, biases zero, time-MLP weights and the class table N(0, 0.02²)).
     pub fn new(config: DitConfig, dtype: DType, rng: &mut impl rand::Rng) -> Result<Self> {
-        let _ = (dtype, rng);
-        Ok(Dit {
+        layout::validate(&config)?;
+        expect_real("parameters", dtype)?;
+        let params = layout::layout(&config)
+            .into_iter()
+            .map(|(_, shape, init)| {
+                let n: usize = shape.iter().product();
+                let data: Vec<f64> = match init {
+                    Init::Zero => vec![0.0; n],
+                    Init::Normal(std) => (0..n)
+                        .map(|_| {
+                            std * <StandardNormal as Distribution<f64>>::sample(
+                                &StandardNormal,
+                                rng,
+                            )
+                        })
+                        .collect(),
+                    Init::XavierUniform => {
+                        let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+                        (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                    }
+                };
+                Tensor::from_f64_vec(data, &shape, dtype)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_params(config, params)
+    }
+
+    /// A network over given parameters (canonical order); every shape and dtype must match the
+    /// layout, all in one dtype, f32 or f64.
+    pub fn from_params(config: DitConfig, params: Vec<Tensor>) -> Result<Self> {
+        layout::validate(&config)?;
+        let dtype = params.first().map_or(DType::F32, |p| p.dtype());
+        expect_real("parameters", dtype)?;
+        let pos = Tensor::from_f64_vec(
+            layout::pos_embed(&config),
+            &[(config.image_size / config.patch).pow(2), config.hidden],
+            dtype,
+        )?;
+        let dit = Dit {
             config,
-            params: Vec::new(),
-        })
+            params,
+            dtype,
+            pos,
+        };
+        dit.check_params()?;
+        Ok(dit)
+    }
+
+    /// Errors naming the first parameter whose shape or dtype differs from the layout.
+    fn check_params(&self) -> Result<()> {
+        let layout = Self::param_layout(&self.config);
+        if layout.len() != self.params.len() {
+            return Err(Error::invalid(
+                "dit",
+                format!(
+                    "{} parameter tensors given, the layout has {}",
+                    self.params.len(),
+                    layout.len()
+                ),
+            ));
+        }
+        for ((name, shape), p) in layout.iter().zip(&self.params) {
+            crate::ops::expect_shape("dit", name, p, shape)?;
+            crate::ops::expect_dtype("dit", name, p, self.dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every parameter, zero-initialised ones included, with random values:
+    /// matrices N(0, std²/fan_in), vectors N(0, (std/2)²). adaLN-zero makes a fresh network's
+    /// output independent of most paths; tests call this so every path is exercised.
+    pub fn randomize_for_tests(&mut self, rng: &mut impl rand::Rng, std: f64) -> Result<()> {
+        for p in &mut self.params {
+            let s = match p.shape() {
+                [_, fan_in] => std / (*fan_in as f64).sqrt(),
+                _ => std / 2.0,
+            };
+            let shape = p.shape().to_vec();
+            let data: Vec<f64> = (0..p.numel())
+                .map(|_| s * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng))
+                .collect();
+            *p = Tensor::from_f64_vec(data, &shape, self.dtype)?;
+        }
+        Ok(())
     }
 
     pub fn params(&self) -> &[Tensor] {
         &self.params
     }
 
+    /// The parameters to update in place; keep their shapes and dtype (every pass checks them).
     pub fn params_mut(&mut self) -> &mut [Tensor] {
         &mut self.params
+    }
+
+    /// The network dtype (of every parameter, input and output).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(Tensor::numel).sum()
     }
 
     /// The velocity F(x, t, class): x [B, C, H, W], t [B], class indices (≤ num_classes) → [B, C, H, W].
@@ -84,32 +203,83 @@ impl Dit {
         t: &Tensor,
         class: &[usize],
     ) -> Result<(Tensor, DitCache)> {
-        let _ = (x, t, class);
-        Err(not_yet())
+        // Dual::constant moves; the clones are O(B·C·H·W + B), tiny beside the network.
+        let (y, cache) = self.run(
+            &Dual::constant(x.clone()),
+            &Dual::constant(t.clone()),
+            class,
+        )?;
+        Ok((y.primal, cache))
     }
 
     /// The dual forward: tangents on x and t (either may be absent). Its primal is the forward's
     /// output, and its cache serves `backward` exactly as `forward_train`'s does.
     pub fn forward_dual(&self, x: &Dual, t: &Dual, class: &[usize]) -> Result<(Dual, DitCache)> {
-        let _ = (x, t, class);
-        Err(not_yet())
+        self.run(x, t, class)
     }
 
     /// Parameter gradients (canonical order) given the output cotangent.
     pub fn backward(&self, cache: &DitCache, gout: &Tensor) -> Result<Vec<Tensor>> {
-        let _ = (cache, gout);
-        Err(not_yet())
+        self.backward_impl(cache, gout)
     }
 
     /// Writes the parameters as safetensors (a temporary file, then a rename).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let _ = path;
-        Err(not_yet())
+        let layout = Self::param_layout(&self.config);
+        save_safetensors(
+            path,
+            layout
+                .iter()
+                .zip(&self.params)
+                .map(|((name, _), t)| (name.as_str(), t)),
+        )
     }
 
     /// Loads parameters saved by `save`; names, shapes and the config must match.
     pub fn load(config: DitConfig, path: &std::path::Path) -> Result<Self> {
-        let _ = (config, path);
-        Err(not_yet())
+        layout::validate(&config)?;
+        let mut tensors = load_safetensors(path)?;
+        let file = path.display().to_string();
+        let layout = Self::param_layout(&config);
+        let known: BTreeSet<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(extra) = tensors.keys().find(|k| !known.contains(k.as_str())) {
+            return Err(Error::Format {
+                path: file,
+                message: format!(
+                    "tensor `{extra}` is not a parameter of this DiT config (depth {})",
+                    config.depth
+                ),
+            });
+        }
+        let mut params = Vec::with_capacity(layout.len());
+        let mut dtype = None;
+        for (name, shape) in &layout {
+            let t = tensors.remove(name).ok_or_else(|| Error::Format {
+                path: file.clone(),
+                message: format!("missing tensor `{name}` (shape {shape:?})"),
+            })?;
+            if t.shape() != shape.as_slice() {
+                return Err(Error::Format {
+                    path: file,
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, this config expects {shape:?}",
+                        t.shape()
+                    ),
+                });
+            }
+            let want = *dtype.get_or_insert(t.dtype());
+            if t.dtype() != want || expect_real(name, want).is_err() {
+                return Err(Error::Format {
+                    path: file,
+                    message: format!(
+                        "tensor `{name}` has dtype {}, expected {} (f32 or f64, one dtype for all)",
+                        t.dtype(),
+                        want
+                    ),
+                });
+            }
+            params.push(t);
+        }
+        Self::from_params(config, params)
     }
 }

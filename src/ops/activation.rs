@@ -1,51 +1,89 @@
 //! Elementwise activations, any shape. GELU in its tanh form
 //! g(u) = ½u(1 + tanh(a(u + 0.044715u³))), a = √(2/π); SiLU s(u) = u·σ(u). ġ = g'(u)·u̇.
 
+use crate::cpu::activation::{gelu, gelu_grad, silu, silu_grad};
+use crate::cpu::{self, Real};
 use crate::dual::Dual;
 use crate::error::Result;
+use crate::ops::{data, expect_dtype, expect_dual, expect_shape, tangent_data, with_real};
 use crate::tensor::Tensor;
 
 const OP: &str = "activation";
 
+/// An activation and its derivative, as types so that each op compiles to its own inlined loop.
+trait Activation {
+    fn f<T: Real>(u: T) -> T;
+    fn df<T: Real>(u: T) -> T;
+}
+
+struct Gelu;
+struct Silu;
+
+impl Activation for Gelu {
+    fn f<T: Real>(u: T) -> T {
+        gelu(u)
+    }
+    fn df<T: Real>(u: T) -> T {
+        gelu_grad(u)
+    }
+}
+
+impl Activation for Silu {
+    fn f<T: Real>(u: T) -> T {
+        silu(u)
+    }
+    fn df<T: Real>(u: T) -> T {
+        silu_grad(u)
+    }
+}
+
+fn forward<A: Activation>(x: &Tensor) -> Result<Tensor> {
+    with_real!(OP, "x", x.dtype(), T => {
+        Tensor::from_vec(cpu::activation::forward(A::f::<T>, data::<T>(x)), x.shape())
+    })
+}
+
+fn jvp<A: Activation>(x: &Dual) -> Result<Dual> {
+    expect_dual(OP, "x", x, x.dtype())?;
+    with_real!(OP, "x", x.dtype(), T => {
+        let (y, y_dot) =
+            cpu::activation::jvp(A::f::<T>, A::df::<T>, data::<T>(&x.primal), tangent_data(x));
+        Ok(Dual {
+            primal: Tensor::from_vec(y, x.shape())?,
+            tangent: y_dot.map(|t| Tensor::from_vec(t, x.shape())).transpose()?,
+        })
+    })
+}
+
+fn backward<A: Activation>(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
+    expect_dtype(OP, "gy", gy, x.dtype())?;
+    expect_shape(OP, "gy", gy, x.shape())?;
+    with_real!(OP, "x", x.dtype(), T => {
+        Tensor::from_vec(cpu::activation::backward(A::df::<T>, data::<T>(x), data(gy)), x.shape())
+    })
+}
+
 pub fn gelu_forward(x: &Tensor) -> Result<Tensor> {
-    let _ = x;
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    forward::<Gelu>(x)
 }
 
 pub fn gelu_jvp(x: &Dual) -> Result<Dual> {
-    let _ = x;
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    jvp::<Gelu>(x)
 }
 
 /// dx = g'(x)·gy.
 pub fn gelu_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
-    let _ = (x, gy);
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    backward::<Gelu>(x, gy)
 }
 
 pub fn silu_forward(x: &Tensor) -> Result<Tensor> {
-    let _ = x;
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    forward::<Silu>(x)
 }
 
 pub fn silu_jvp(x: &Dual) -> Result<Dual> {
-    let _ = x;
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    jvp::<Silu>(x)
 }
 
 pub fn silu_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
-    let _ = (x, gy);
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    backward::<Silu>(x, gy)
 }

@@ -3,9 +3,13 @@
 //! The JVP streams over key blocks with the online softmax of DESIGN.md section 3 (memory O(N·d),
 //! never an Nq×Nk buffer) and returns o, lse and their tangents. The backward recomputes P from lse.
 
+use super::{data, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data, with_real};
+use crate::cpu::attention::{self as cpu, Dims, Tangents};
+use crate::cpu::Real;
 use crate::dual::Dual;
-use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use num_traits::Zero;
 
 const OP: &str = "attention";
 
@@ -32,23 +36,75 @@ pub struct AttentionGrads {
     pub dv: Tensor,
 }
 
+/// o [B,H,Nq,dv] and lse [B,H,Nq] in the inputs' dtype (f32 or f64).
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: Option<f64>,
 ) -> Result<AttentionOutput> {
-    let _ = (q, k, v, scale);
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    let (b, h, dims) = check_qkv(q, k, v)?;
+    with_real!(OP, "q", q.dtype(), T => {
+        let c = resolve_scale::<T>(scale, dims.d)?;
+        let mut o = vec![T::zero(); dims.bh * dims.nq * dims.dv];
+        let mut lse = vec![T::zero(); dims.bh * dims.nq];
+        cpu::forward(dims, data(q), data(k), data(v), c, &mut o, &mut lse);
+        Ok(AttentionOutput {
+            o: Tensor::from_vec(o, &[b, h, dims.nq, dims.dv])?,
+            lse: Tensor::from_vec(lse, &[b, h, dims.nq])?,
+        })
+    })
 }
 
+/// o, lse and their tangents in one streaming pass (memory O(N·d)). Absent tangents are zero and
+/// their work is skipped: with only q̇ (cross-attention to a constant context) four of the six tile
+/// products remain. When no input has a tangent the outputs' tangents are `None`, otherwise both
+/// are present.
 pub fn attention_jvp(q: &Dual, k: &Dual, v: &Dual, scale: Option<f64>) -> Result<AttentionJvp> {
-    let _ = (q, k, v, scale);
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    let (b, h, dims) = check_qkv(&q.primal, &k.primal, &v.primal)?;
+    let dtype = q.dtype();
+    expect_dual(OP, "q", q, dtype)?;
+    expect_dual(OP, "k", k, dtype)?;
+    expect_dual(OP, "v", v, dtype)?;
+    if !(q.has_tangent() || k.has_tangent() || v.has_tangent()) {
+        let out = attention_forward(&q.primal, &k.primal, &v.primal, scale)?;
+        return Ok(AttentionJvp {
+            o: Dual::constant(out.o),
+            lse: Dual::constant(out.lse),
+        });
+    }
+    with_real!(OP, "q", dtype, T => {
+        let c = resolve_scale::<T>(scale, dims.d)?;
+        let tangents = Tangents {
+            q: tangent_data::<T>(q),
+            k: tangent_data::<T>(k),
+            v: tangent_data::<T>(v),
+        };
+        let (no, nl) = (dims.bh * dims.nq * dims.dv, dims.bh * dims.nq);
+        let (mut o, mut lse) = (vec![T::zero(); no], vec![T::zero(); nl]);
+        let (mut to, mut tlse) = (vec![T::zero(); no], vec![T::zero(); nl]);
+        cpu::jvp(
+            dims,
+            data(&q.primal),
+            data(&k.primal),
+            data(&v.primal),
+            tangents,
+            c,
+            &mut o,
+            &mut lse,
+            &mut to,
+            &mut tlse,
+        );
+        let o_shape = [b, h, dims.nq, dims.dv];
+        let lse_shape = [b, h, dims.nq];
+        Ok(AttentionJvp {
+            o: Dual::new(Tensor::from_vec(o, &o_shape)?, Tensor::from_vec(to, &o_shape)?)?,
+            lse: Dual::new(
+                Tensor::from_vec(lse, &lse_shape)?,
+                Tensor::from_vec(tlse, &lse_shape)?,
+            )?,
+        })
+    })
 }
 
 /// dq, dk, dv given the forward's o and lse and the output cotangent go [B,H,Nq,dv].
@@ -61,8 +117,98 @@ pub fn attention_backward(
     go: &Tensor,
     scale: Option<f64>,
 ) -> Result<AttentionGrads> {
-    let _ = (q, k, v, o, lse, go, scale);
-    Err(crate::error::Error::Unsupported(format!(
-        "{OP}: not implemented yet"
-    )))
+    let (b, h, dims) = check_qkv(q, k, v)?;
+    let o_shape = [b, h, dims.nq, dims.dv];
+    let dtype = q.dtype();
+    for (name, t, shape) in [
+        ("o", o, &o_shape[..]),
+        ("lse", lse, &o_shape[..3]),
+        ("go", go, &o_shape[..]),
+    ] {
+        expect_shape(OP, name, t, shape)?;
+        expect_dtype(OP, name, t, dtype)?;
+    }
+    with_real!(OP, "q", dtype, T => {
+        let c = resolve_scale::<T>(scale, dims.d)?;
+        let mut dq = vec![T::zero(); q.numel()];
+        let mut dk = vec![T::zero(); k.numel()];
+        let mut dv = vec![T::zero(); v.numel()];
+        cpu::backward(
+            dims,
+            data(q),
+            data(k),
+            data(v),
+            data(o),
+            data(lse),
+            data(go),
+            c,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        Ok(AttentionGrads {
+            dq: Tensor::from_vec(dq, q.shape())?,
+            dk: Tensor::from_vec(dk, k.shape())?,
+            dv: Tensor::from_vec(dv, v.shape())?,
+        })
+    })
+}
+
+/// Ranks, dtypes and shapes of q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv]; no dimension may be 0.
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, Dims)> {
+    expect_rank(OP, "q", q, 4)?;
+    expect_rank(OP, "k", k, 4)?;
+    expect_rank(OP, "v", v, 4)?;
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        return Err(Error::DType {
+            op: OP,
+            tensor: "q".into(),
+            expected: "f32 or f64 (the CPU reference computes in these; convert with to_dtype)"
+                .into(),
+            actual: dtype,
+        });
+    }
+    expect_dtype(OP, "k", k, dtype)?;
+    expect_dtype(OP, "v", v, dtype)?;
+    let (b, h, nq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let nk = k.shape()[2];
+    let dv = v.shape()[3];
+    expect_shape(OP, "k", k, &[b, h, nk, d])?;
+    expect_shape(OP, "v", v, &[b, h, nk, dv])?;
+    if [b, h, nq, d, nk, dv].contains(&0) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "empty dimension: q {:?}, k {:?}, v {:?} (B, H, Nq, Nk, d and dv must all be at least 1)",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    Ok((
+        b,
+        h,
+        Dims {
+            bh: b * h,
+            nq,
+            nk,
+            d,
+            dv,
+        },
+    ))
+}
+
+/// The score scale c (default 1/√d), finite in the compute type.
+fn resolve_scale<T: Real>(scale: Option<f64>, d: usize) -> Result<T> {
+    let c = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let ct = T::c(c);
+    if !c.is_finite() || !ct.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!("scale {c} is not finite in {}", T::DTYPE),
+        ));
+    }
+    Ok(ct)
 }

@@ -60,6 +60,9 @@ macro_rules! with_real {
 }
 pub(crate) use with_real;
 
+/// Checks the rank, and that no dimension is empty: an op refuses empty tensors rather than
+/// allocate outputs sized by the other dimensions (x [2^40, 0] through a linear layer would ask
+/// for a [2^40, Cout] result).
 pub(crate) fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.rank() != rank {
         return Err(Error::Rank {
@@ -68,6 +71,15 @@ pub(crate) fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize)
             expected: rank,
             actual: t.shape().to_vec(),
         });
+    }
+    if t.shape().contains(&0) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "tensor `{name}` has an empty dimension (shape {:?}); every dimension must be at least 1",
+                t.shape()
+            ),
+        ));
     }
     Ok(())
 }

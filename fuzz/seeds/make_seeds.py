@@ -1,0 +1,42 @@
+"""Writes small valid safetensors inputs for each op of the CLI contract, the seed corpus of the
+safetensors_input fuzz target (run: python3 make_seeds.py; the outputs are committed)."""
+import json
+import random
+import struct
+
+DTYPES = {"F32": ("<f", 4), "F64": ("<d", 8), "BF16": (None, 2)}
+
+
+def encode(values, dtype):
+    fmt, _ = DTYPES[dtype]
+    if dtype == "BF16":
+        return b"".join(struct.pack("<f", v)[2:] for v in values)
+    return b"".join(struct.pack(fmt, v) for v in values)
+
+
+def write(path, tensors, dtype):
+    header, data = {}, b""
+    for name, shape in tensors:
+        n = 1
+        for d in shape:
+            n *= d
+        raw = encode([random.gauss(0, 1) for _ in range(n)], dtype)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header, separators=(",", ":")).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+random.seed(1)
+B, H, NQ, NK, D, DV, T, C, HD = 1, 2, 3, 4, 2, 3, 2, 3, 4
+attention = [("q", [B, H, NQ, D]), ("k", [B, H, NK, D]), ("v", [B, H, NK, DV]), ("tq", [B, H, NQ, D]),
+             ("tk", [B, H, NK, D]), ("tv", [B, H, NK, DV]), ("go", [B, H, NQ, DV]), ("scale", [])]
+layernorm = [("x", [T, C]), ("tx", [T, C]), ("scale", [C]), ("shift", [T, C]), ("tscale", [C]),
+             ("tshift", [T, C]), ("gy", [T, C]), ("eps", [1])]
+mlp = [("x", [T, C]), ("tx", [T, C]), ("w1", [HD, C]), ("b1", [HD]), ("w2", [C, HD]), ("b2", [C]),
+       ("gy", [T, C])]
+for dtype in DTYPES:
+    write(f"safetensors_input/attention_{dtype.lower()}", attention, dtype)
+    write(f"safetensors_input/layernorm_mod_{dtype.lower()}", layernorm, dtype)
+    write(f"safetensors_input/mlp_{dtype.lower()}", mlp, dtype)

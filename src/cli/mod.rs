@@ -1,0 +1,305 @@
+//! The logic of the `flashjvp` command (DESIGN.md section 8), kept in the library so that the
+//! fuzz target drives the very dispatch the CLI uses on parsed bytes, without files: choose the
+//! computation dtype, gather the op's tensors from a [`TensorMap`] by name, run the JVP or the
+//! VJP, and name the outputs.
+//!
+//! Tangent tensors (`tq`, `tk`, `tv`; `tx`, `tscale`, `tshift`; `tx`) are optional and absent
+//! means zero; attention with no `tk` and `tv` takes the op's fast path for constant K and V.
+//! Tensors an op does not use are ignored, so one file can feed both `jvp` and `vjp`.
+
+use crate::device::{cuda_not_built, Device};
+use crate::dual::Dual;
+use crate::error::{Error, Result};
+use crate::io::TensorMap;
+use crate::ops;
+use crate::tensor::{DType, Tensor};
+
+/// Forward mode (primal and tangent outputs) or reverse mode (gradients of the inputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Jvp,
+    Vjp,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Jvp, Mode::Vjp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Jvp => "jvp",
+            Mode::Vjp => "vjp",
+        }
+    }
+}
+
+/// The ops the command line exposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OpKind {
+    Attention,
+    #[value(name = "layernorm_mod")]
+    LayerNormMod,
+    Mlp,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 3] = [OpKind::Attention, OpKind::LayerNormMod, OpKind::Mlp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Attention => "attention",
+            OpKind::LayerNormMod => "layernorm_mod",
+            OpKind::Mlp => "mlp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        OpKind::ALL
+            .into_iter()
+            .find(|op| op.name() == s)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "unknown op `{s}`: expected attention, layernorm_mod or mlp"
+                ))
+            })
+    }
+
+    /// The input whose dtype is the default computation dtype.
+    pub fn first_input(self) -> &'static str {
+        match self {
+            OpKind::Attention => "q",
+            OpKind::LayerNormMod | OpKind::Mlp => "x",
+        }
+    }
+
+    /// The names of the output tensors, in the order the contract lists them.
+    pub fn outputs(self, mode: Mode) -> &'static [&'static str] {
+        match (self, mode) {
+            (OpKind::Attention, Mode::Jvp) => &["o", "to", "lse", "tlse"],
+            (OpKind::Attention, Mode::Vjp) => &["dq", "dk", "dv"],
+            (OpKind::LayerNormMod, Mode::Jvp) | (OpKind::Mlp, Mode::Jvp) => &["y", "ty"],
+            (OpKind::LayerNormMod, Mode::Vjp) => &["dx", "dscale", "dshift"],
+            (OpKind::Mlp, Mode::Vjp) => &["dx", "dw1", "db1", "dw2", "db2"],
+        }
+    }
+}
+
+/// The dtype the op computes in: `requested` if given, else the dtype of the op's first input.
+/// The CPU reference computes in f32 or f64, so bf16 and f16 inputs compute in f32 there, and
+/// asking the CPU for bf16 is an error.
+pub fn computation_dtype(requested: Option<DType>, first: DType, device: Device) -> Result<DType> {
+    match (device, requested) {
+        (Device::Cpu, Some(d @ (DType::BF16 | DType::F16))) => Err(Error::Unsupported(format!(
+            "--dtype {d}: the CPU computes in f32/f64; use --dtype f32 or f64 (bf16 and f16 \
+             inputs are converted)"
+        ))),
+        (Device::Cpu, Some(d)) => Ok(d),
+        (Device::Cpu, None) => Ok(match first {
+            DType::F64 => DType::F64,
+            DType::F32 | DType::BF16 | DType::F16 => DType::F32,
+        }),
+        (Device::Cuda, _) => Err(cuda_not_built()),
+    }
+}
+
+/// Runs `mode` of `op` on the named tensors of `inputs` and returns the named outputs, all in the
+/// computation dtype (see [`computation_dtype`]). Every missing or mis-shaped tensor is an error
+/// naming it.
+pub fn run(
+    mode: Mode,
+    op: OpKind,
+    inputs: &TensorMap,
+    dtype: Option<DType>,
+    device: Device,
+) -> Result<TensorMap> {
+    let first = op.first_input();
+    let first_dtype = lookup(op.name(), inputs, first)?.dtype();
+    let dtype = computation_dtype(dtype, first_dtype, device)?;
+    let inp = Inputs {
+        op: op.name(),
+        map: inputs,
+        dtype,
+    };
+    match device {
+        Device::Cpu => {}
+        // The CUDA backend moves the converted inputs to the GPU here.
+        Device::Cuda => return Err(cuda_not_built()),
+    }
+    let out: Vec<(&str, Tensor)> = match (op, mode) {
+        (OpKind::Attention, Mode::Jvp) => {
+            let q = inp.dual("q", "tq")?;
+            let k = inp.dual("k", "tk")?;
+            let v = inp.dual("v", "tv")?;
+            let scale = inp.scalar("scale")?;
+            let r = ops::attention_jvp(&q, &k, &v, scale)?;
+            vec![
+                ("to", r.o.tangent_or_zeros()),
+                ("o", r.o.primal),
+                ("tlse", r.lse.tangent_or_zeros()),
+                ("lse", r.lse.primal),
+            ]
+        }
+        (OpKind::Attention, Mode::Vjp) => {
+            let q = inp.tensor("q")?;
+            let k = inp.tensor("k")?;
+            let v = inp.tensor("v")?;
+            let go = inp.tensor("go")?;
+            let scale = inp.scalar("scale")?;
+            let fwd = ops::attention_forward(&q, &k, &v, scale)?;
+            let g = ops::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale)?;
+            vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)]
+        }
+        (OpKind::LayerNormMod, Mode::Jvp) => {
+            let x = inp.dual("x", "tx")?;
+            let scale = inp.dual("scale", "tscale")?;
+            let shift = inp.dual("shift", "tshift")?;
+            let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
+            let y = ops::layernorm_mod_jvp(&x, &scale, &shift, eps)?;
+            vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
+        }
+        (OpKind::LayerNormMod, Mode::Vjp) => {
+            let x = inp.tensor("x")?;
+            let scale = inp.tensor("scale")?;
+            let shift = inp.tensor("shift")?;
+            let gy = inp.tensor("gy")?;
+            let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
+            let g = ops::layernorm_mod_backward(&x, &scale, &shift, eps, &gy)?;
+            vec![("dx", g.dx), ("dscale", g.dscale), ("dshift", g.dshift)]
+        }
+        (OpKind::Mlp, Mode::Jvp) => {
+            let x = inp.dual("x", "tx")?;
+            let (w1, b1, w2, b2) = inp.mlp_params()?;
+            let p = ops::Mlp {
+                w1: &w1,
+                b1: &b1,
+                w2: &w2,
+                b2: &b2,
+            };
+            let y = ops::mlp_jvp(&x, &p)?;
+            vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
+        }
+        (OpKind::Mlp, Mode::Vjp) => {
+            let x = inp.tensor("x")?;
+            let gy = inp.tensor("gy")?;
+            let (w1, b1, w2, b2) = inp.mlp_params()?;
+            let p = ops::Mlp {
+                w1: &w1,
+                b1: &b1,
+                w2: &w2,
+                b2: &b2,
+            };
+            let g = ops::mlp_backward(&x, &p, &gy)?;
+            vec![
+                ("dx", g.dx),
+                ("dw1", g.dw1),
+                ("db1", g.db1),
+                ("dw2", g.dw2),
+                ("db2", g.db2),
+            ]
+        }
+    };
+    Ok(out
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.dtype() == dtype {
+                t
+            } else {
+                t.to_dtype(dtype)
+            };
+            (name.to_string(), t)
+        })
+        .collect())
+}
+
+/// The input tensors of one op, converted to the computation dtype on the way out.
+struct Inputs<'a> {
+    op: &'static str,
+    map: &'a TensorMap,
+    dtype: DType,
+}
+
+impl Inputs<'_> {
+    /// A tensor the op uses, converted. An empty dimension is refused here: an empty input can
+    /// still ask for a huge output ([2^40, 0] rows through an MLP), which no file should be able to.
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = lookup(self.op, self.map, name)?;
+        if t.shape().contains(&0) {
+            return Err(Error::Shape {
+                op: self.op,
+                tensor: name.to_string(),
+                expected: format!("{} with every dimension at least 1", expected_shape(name)),
+                actual: t.shape().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype))
+    }
+
+    /// A primal with its optional tangent; a tangent of another shape is an error naming it.
+    fn dual(&self, name: &str, tangent: &str) -> Result<Dual> {
+        let primal = self.tensor(name)?;
+        let tangent = match self.map.get(tangent) {
+            None => None,
+            Some(t) if t.shape() != primal.shape() => {
+                return Err(Error::Shape {
+                    op: self.op,
+                    tensor: tangent.to_string(),
+                    expected: format!("{:?} (the shape of `{name}`)", primal.shape()),
+                    actual: t.shape().to_vec(),
+                })
+            }
+            Some(t) => Some(t.to_dtype(self.dtype)),
+        };
+        Ok(Dual { primal, tangent })
+    }
+
+    /// An optional scalar: a tensor holding exactly one element (shape [] or [1]), read in f64.
+    fn scalar(&self, name: &str) -> Result<Option<f64>> {
+        match self.map.get(name) {
+            None => Ok(None),
+            Some(t) if t.numel() == 1 => Ok(Some(t.to_f64_vec()[0])),
+            Some(t) => Err(Error::Shape {
+                op: self.op,
+                tensor: name.to_string(),
+                expected: "a scalar (shape [] or [1])".into(),
+                actual: t.shape().to_vec(),
+            }),
+        }
+    }
+
+    fn mlp_params(&self) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        Ok((
+            self.tensor("w1")?,
+            self.tensor("b1")?,
+            self.tensor("w2")?,
+            self.tensor("b2")?,
+        ))
+    }
+}
+
+fn lookup<'m>(op: &'static str, map: &'m TensorMap, name: &str) -> Result<&'m Tensor> {
+    map.get(name).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!(
+                "the input has no tensor `{name}` (expected {})",
+                expected_shape(name)
+            ),
+        )
+    })
+}
+
+/// The shape the contract gives each input, for "missing tensor" messages.
+fn expected_shape(name: &str) -> &'static str {
+    match name {
+        "q" => "[B, H, Nq, d]",
+        "k" => "[B, H, Nk, d]",
+        "v" => "[B, H, Nk, dv]",
+        "go" => "[B, H, Nq, dv]",
+        "x" | "gy" => "[T, C]",
+        "scale" | "shift" => "[C] or [T, C]",
+        "w1" => "[Hd, C]",
+        "b1" => "[Hd]",
+        "w2" => "[C, Hd]",
+        "b2" => "[C]",
+        _ => "a tensor",
+    }
+}
