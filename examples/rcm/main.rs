@@ -72,12 +72,18 @@ struct Args {
     student_batch: Option<usize>,
     #[arg(long)]
     student_lr: Option<f64>,
+    /// Cosine-decay the student's learning rate over its updates.
+    #[arg(long)]
+    student_lr_decay: bool,
     /// EMA decay of the student's weights.
     #[arg(long)]
     student_ema: Option<f64>,
     /// Learning rate of the fake-score network.
     #[arg(long)]
     fake_lr: Option<f64>,
+    /// DMD rolls the student out 1..=max_rollout steps.
+    #[arg(long)]
+    max_rollout: Option<usize>,
     /// Shift of the DMD re-noising times towards noise.
     #[arg(long)]
     dmd_shift: Option<f64>,
@@ -100,6 +106,9 @@ struct Args {
     student_p_mean: Option<f64>,
     #[arg(long)]
     student_p_std: Option<f64>,
+    /// Samplers start from noise at t = arctan(sigma_max).
+    #[arg(long)]
+    sigma_max: Option<f64>,
     /// Samples per evaluated model and step count.
     #[arg(long)]
     eval_n: Option<usize>,
@@ -139,9 +148,13 @@ fn config(a: &Args) -> flashjvp::Result<RcmConfig> {
     set!(c.student.ema, a.student_ema);
     set!(c.student.fake_adam.lr, a.fake_lr);
     set!(c.student.dmd_shift, a.dmd_shift);
+    set!(c.student.max_rollout, a.max_rollout);
     set!(c.teacher.batch, a.teacher_batch);
     set!(c.teacher.adam.lr, a.teacher_lr);
     set!(c.student.steps, a.student_steps);
+    if a.student_lr_decay {
+        c.student.adam.decay_steps = c.student.steps;
+    }
     set!(c.student.batch, a.student_batch);
     set!(c.student.adam.lr, a.student_lr);
     set!(c.student.tangent_warmup, a.tangent_warmup);
@@ -152,6 +165,7 @@ fn config(a: &Args) -> flashjvp::Result<RcmConfig> {
     set!(c.student.p_mean, a.student_p_mean);
     set!(c.student.p_std, a.student_p_std);
     set!(c.eval.n, a.eval_n);
+    set!(c.eval.sigma_max, a.sigma_max);
     set!(c.eval.teacher_steps, a.ode_steps);
     if let Some(m) = a.mid2 {
         c.eval.mid2 = vec![m];

@@ -305,7 +305,7 @@ fn scm_grads(
     Ok((cfg.student.scm_scale * loss / valid, grads))
 }
 
-/// Rolls the student out from pure noise (t = π/2) for `pre` steps without gradient, each step
+/// Rolls the student out from pure noise (at t = arctan σ_max) for `pre` steps without gradient, each step
 /// re-noising its x̂₀ at a time drawn for DMD and capped by the previous one. Returns x and t of
 /// the last state, where the step that keeps a gradient (or the final sample) is taken.
 fn rollout(
@@ -316,7 +316,8 @@ fn rollout(
     rng: &mut StdRng,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let b = classes.len();
-    let mut t = vec![std::f64::consts::FRAC_PI_2; b];
+    // Start where the few-step sampler starts, from pure noise.
+    let mut t = vec![cfg.eval.sigma_max.atan(); b];
     let mut x = trigflow::randn(b * PIXELS, rng);
     for _ in 0..pre {
         let x0 = net::denoised(student, &x, &t, classes, 1.0)?;
@@ -422,8 +423,8 @@ pub fn student(
     let sc = &cfg.student;
     let name = method.name();
     let fp = format!(
-        "{name}|{teacher_fp}|{sc:?}|guidance {}|seed {}",
-        cfg.guidance, ctx.seed
+        "{name}|{teacher_fp}|{sc:?}|guidance {}|sigma_max {}|seed {}",
+        cfg.guidance, cfg.eval.sigma_max, ctx.seed
     );
     let final_path = ctx.path(&format!("{name}.safetensors"));
     let final_json = ctx.path(&format!("{name}.json"));
