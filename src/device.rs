@@ -28,21 +28,41 @@ impl DeviceRequest {
         }
     }
 
-    /// The device to run on. The CUDA backend is not in this build yet, so `cuda` is an error and
-    /// `auto` falls back to the CPU.
+    /// The device to run on: `cuda` needs a usable GPU (else an error saying why), `auto` takes
+    /// the GPU when one is usable and the CPU otherwise.
     pub fn resolve(self) -> Result<Device> {
         match self {
-            DeviceRequest::Cpu | DeviceRequest::Auto => Ok(Device::Cpu),
-            DeviceRequest::Cuda => Err(cuda_not_built()),
+            DeviceRequest::Cpu => Ok(Device::Cpu),
+            DeviceRequest::Auto => Ok(if cuda_usable().is_ok() {
+                Device::Cuda
+            } else {
+                Device::Cpu
+            }),
+            DeviceRequest::Cuda => cuda_usable().map(|_| Device::Cuda),
         }
     }
 }
 
-/// The one answer to any request for the GPU until the CUDA backend lands; the CLI and the
-/// library both return it, so the backend replaces a single place.
+/// Ok when the CUDA backend is built in and a GPU is usable; else why not (one line).
+pub fn cuda_usable() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::Gpu::get()
+            .map(|_| ())
+            .map_err(|e| Error::Unsupported(format!("--device cuda: no usable GPU: {e}")))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(cuda_not_built())
+    }
+}
+
+/// The answer to a request for the GPU in a build without the `cuda` feature.
 pub fn cuda_not_built() -> Error {
     Error::Unsupported(
-        "--device cuda: the CUDA backend is not part of this build yet; use --device cpu".into(),
+        "--device cuda: this build has no CUDA backend (built without the `cuda` feature); use \
+         --device cpu"
+            .into(),
     )
 }
 

@@ -58,6 +58,7 @@ fn run_ok(mode: &str, op: &str, inputs: &[(&str, &Tensor)], extra: &[&str]) -> T
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
+    cpu_unless_given(&mut args);
     let o = run(&args);
     assert!(
         o.status.success(),
@@ -65,6 +66,14 @@ fn run_ok(mode: &str, op: &str, inputs: &[(&str, &Tensor)], extra: &[&str]) -> T
         String::from_utf8_lossy(&o.stderr)
     );
     load_safetensors(&out).unwrap()
+}
+
+/// These tests compare with the CPU library, so they ask for the CPU unless a test names a device
+/// (`--device auto`, the default, would take a GPU where there is one).
+fn cpu_unless_given(args: &mut Vec<&str>) {
+    if !args.contains(&"--device") {
+        args.extend(["--device", "cpu"]);
+    }
 }
 
 /// Asserts a failure: the exit code, exactly one stderr line starting with `error:` that contains
@@ -95,6 +104,7 @@ fn run_err(mode: &str, op: &str, inputs: &[(&str, &Tensor)], extra: &[&str], nee
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
+    cpu_unless_given(&mut args);
     assert_error(&run(&args), 1, needles);
     assert!(!out.exists(), "a failed run must not write its output");
 }
@@ -586,15 +596,130 @@ fn bf16_on_the_cpu_is_an_error() {
 }
 
 #[test]
-fn cuda_device_is_an_error_in_this_build() {
+fn cuda_device_without_a_gpu_is_a_one_line_error() {
+    if flashjvp::device::cuda_usable().is_ok() {
+        println!("skipped: a GPU is usable here");
+        return;
+    }
     let t = mlp_inputs();
     run_err(
         "jvp",
         "mlp",
         &named(&t),
         &["--device", "cuda"],
-        &["CUDA backend"],
+        &["--device cuda"],
     );
+    let a = attn();
+    run_err(
+        "vjp",
+        "attention",
+        &a.all(),
+        &["--device", "cuda", "--dtype", "bf16"],
+        &["--device cuda"],
+    );
+}
+
+#[test]
+fn auto_device_says_which_it_chose() {
+    let t = mlp_inputs();
+    let dir = TempDir::new("auto");
+    let (inp, out) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    save(&inp, &named(&t));
+    let o = run(&[
+        "jvp",
+        "mlp",
+        "-i",
+        inp.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let want = if flashjvp::device::cuda_usable().is_ok() {
+        "--device auto: running on cuda"
+    } else {
+        "--device auto: running on cpu"
+    };
+    assert!(stderr.contains(want), "`{want}` missing from: {stderr}");
+}
+
+#[test]
+fn cuda_dtype_f64_is_refused() {
+    if flashjvp::device::cuda_usable().is_err() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let t = mlp_inputs();
+    run_err(
+        "jvp",
+        "mlp",
+        &named(&t),
+        &["--device", "cuda", "--dtype", "f64"],
+        &["f64"],
+    );
+}
+
+/// `flashjvp kernels --json` compiles every kernel with NVRTC (no GPU needed) and lists each with
+/// its resources. Without NVRTC: "skipped: no NVRTC" (a failure with FLASHJVP_REQUIRE_NVRTC=1).
+#[cfg(feature = "cuda")]
+#[test]
+fn kernels_json_lists_every_kernel_with_its_resources() {
+    if !flashjvp::cuda::nvrtc_present() {
+        assert!(
+            std::env::var("FLASHJVP_REQUIRE_NVRTC").is_err(),
+            "FLASHJVP_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+        );
+        println!("skipped: no NVRTC");
+        return;
+    }
+    let o = run(&["kernels", "--arch", "sm_80", "--json"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON document");
+    let rows = v.as_array().expect("a JSON array");
+    assert!(rows.len() > 100, "only {} kernels", rows.len());
+    for r in rows {
+        for key in [
+            "kernel",
+            "arch",
+            "ok",
+            "registers",
+            "spill_bytes",
+            "shared_bytes",
+        ] {
+            assert!(r.get(key).is_some(), "`{key}` missing from {r}");
+        }
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["arch"], "sm_80");
+        assert!(r["registers"].as_u64().unwrap() > 0, "{r}");
+    }
+    let jvp = rows
+        .iter()
+        .find(|r| r["kernel"] == "attention_jvp_bf16_d128")
+        .expect("the headline kernel");
+    assert_eq!(jvp["spill_bytes"], 0, "{jvp}");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn kernels_without_gpu_or_arch_is_an_error() {
+    if flashjvp::device::cuda_usable().is_ok() {
+        println!("skipped: a GPU is usable here");
+        return;
+    }
+    assert_error(&run(&["kernels"]), 1, &["--arch"]);
+    assert_error(&run(&["kernels", "--arch", "bogus"]), 1, &["bogus"]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn bench_without_gpu_is_a_one_line_error() {
+    if flashjvp::device::cuda_usable().is_ok() {
+        println!("skipped: a GPU is usable here");
+        return;
+    }
+    assert_error(&run(&["bench", "attention", "--json"]), 1, &[]);
+    assert_error(&run(&["bench", "conv"]), 1, &["conv"]);
 }
 
 #[test]
@@ -607,6 +732,7 @@ fn info_reports_version_threads_and_cuda_libraries() {
         "rayon threads: ",
         "CUDA driver: ",
         "NVRTC: ",
+        "GPU: ",
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }

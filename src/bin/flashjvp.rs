@@ -43,8 +43,45 @@ enum Command {
     /// Gradients of the inputs given the output cotangent
     #[command(after_help = TENSORS_HELP)]
     Vjp(OpArgs),
-    /// Version, CPU threads and which CUDA libraries this machine has
+    /// Version, CPU threads, which CUDA libraries this machine has and its GPU
     Info,
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print its resources
+    Kernels(KernelsArgs),
+    /// Time forward, JVP and backward of an op on the GPU
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct KernelsArgs {
+    /// Architectures, comma-separated (e.g. sm_80,sm_90a) [default: the GPU's]
+    #[arg(long, value_delimiter = ',')]
+    arch: Vec<String>,
+    /// Print a JSON array of {kernel, arch, ok, registers, spill_bytes, shared_bytes}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The op: attention (shape B,H,Nq,Nk,d or B,H,N,d), layernorm_mod (T,C or T,C,G), mlp
+    /// (T,C,Hd)
+    op: String,
+    /// Comma-separated sizes [default: a set of representative shapes per op]
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<usize>,
+    /// Storage dtype
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: GpuDTypeArg,
+    /// One JSON object per timed pass and line: {op, pass, shape, dtype, ms, tflops | gbps, ...}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GpuDTypeArg {
+    Bf16,
+    F16,
+    F32,
 }
 
 #[derive(clap::Args)]
@@ -62,7 +99,7 @@ struct OpArgs {
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Computation and output dtype [default: the dtype of the op's first input; bf16 and f16
-    /// inputs compute in f32 on the CPU]
+    /// inputs compute in f32 on the CPU, f64 inputs in f32 on the GPU]
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
 }
@@ -79,6 +116,7 @@ enum DTypeArg {
     F32,
     F64,
     Bf16,
+    F16,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +158,8 @@ fn run(cli: Cli) -> flashjvp::Result<()> {
             info();
             Ok(())
         }
+        Command::Kernels(args) => kernels(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -134,10 +174,15 @@ fn run_op(mode: Mode, args: OpArgs) -> flashjvp::Result<()> {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F64 => DType::F64,
         DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F16 => DType::F16,
     });
     let inputs = io::load_safetensors(&args.input)?;
     let outputs = cli::run(mode, args.op, &inputs, dtype, device)?;
     io::save_safetensors(&args.output, outputs.iter().map(|(n, t)| (n.as_str(), t)))?;
+    // Said once the run succeeded, so that a failure stays a single `error:` line.
+    if request == DeviceRequest::Auto {
+        eprintln!("flashjvp: --device auto: {}", auto_choice(device));
+    }
     let summary: Vec<String> = args
         .op
         .outputs(mode)
@@ -150,7 +195,7 @@ fn run_op(mode: Mode, args: OpArgs) -> flashjvp::Result<()> {
         .map(|t| t.dtype().name())
         .unwrap_or("");
     let device = match (device, request) {
-        (Device::Cpu, DeviceRequest::Auto) => "cpu (auto: no CUDA ops in this build)",
+        (Device::Cpu, DeviceRequest::Auto) => "cpu (auto: no usable GPU)",
         (Device::Cpu, _) => "cpu",
         (Device::Cuda, _) => "cuda",
     };
@@ -164,6 +209,23 @@ fn run_op(mode: Mode, args: OpArgs) -> flashjvp::Result<()> {
     Ok(())
 }
 
+/// What `--device auto` chose, and why.
+fn auto_choice(device: Device) -> String {
+    match device {
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            if let Ok(g) = flashjvp::cuda::Gpu::get() {
+                return format!("running on cuda ({})", g.info().name);
+            }
+            "running on cuda".into()
+        }
+        Device::Cpu => match flashjvp::device::cuda_usable() {
+            Ok(()) => "running on cpu".into(),
+            Err(e) => format!("running on cpu ({})", one_line(&e.to_string())),
+        },
+    }
+}
+
 fn info() {
     println!("flashjvp {}", env!("CARGO_PKG_VERSION"));
     println!("rayon threads: {}", rayon::current_num_threads());
@@ -174,13 +236,161 @@ fn info() {
     };
     println!("CUDA driver: {}", found(probe.driver, CUDA_DRIVER_NAMES));
     println!("NVRTC: {}", found(probe.nvrtc, NVRTC_NAMES));
-    let feature = if cfg!(feature = "cuda") {
-        "compiled in (NVRTC kernel compilation)"
+    #[cfg(feature = "cuda")]
+    {
+        println!("cuda feature: compiled in (NVRTC kernel compilation, cuBLASLt)");
+        match flashjvp::cuda::Gpu::get() {
+            Ok(g) => {
+                let i = g.info();
+                println!("GPU: {i}");
+                println!("GPU arch: {}", i.arch);
+                println!(
+                    "GPU memory: {:.1} GiB",
+                    i.total_mem_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+            Err(e) => println!("GPU: none usable ({})", one_line(&e.to_string())),
+        }
+        println!("CUDA ops: attention, layernorm_mod, mlp (jvp and vjp with --device cuda)");
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        println!("cuda feature: not compiled in");
+        println!("GPU: not used (built without the cuda feature)");
+        println!("CUDA ops: not part of this build (ops run on the CPU)");
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
+    use flashjvp::cuda::nvrtc;
+    let archs = if args.arch.is_empty() {
+        match flashjvp::cuda::Gpu::get() {
+            Ok(g) => vec![g.arch().to_string()],
+            Err(e) => {
+                return Err(flashjvp::Error::Unsupported(format!(
+                    "kernels: no GPU to take the architecture from ({}); pass --arch, e.g. --arch sm_80,sm_90a",
+                    one_line(&e.to_string())
+                )))
+            }
+        }
     } else {
-        "not compiled in"
+        args.arch.clone()
     };
-    println!("cuda feature: {feature}");
-    println!("CUDA ops: not part of this build yet (ops run on the CPU)");
+    for a in &archs {
+        let digits = a.strip_prefix("sm_").map(|r| r.trim_end_matches('a'));
+        if !digits.is_some_and(|d| d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit())) {
+            return Err(flashjvp::Error::Unsupported(format!(
+                "kernels: architecture `{a}`: expected a name like sm_80 or sm_90a"
+            )));
+        }
+    }
+    if !flashjvp::cuda::nvrtc_present() {
+        return Err(flashjvp::Error::Unsupported(
+            "kernels: NVRTC (libnvrtc.so.13) not found; put it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let jobs: Vec<(&str, &str)> = nvrtc::kernel_files()
+        .into_iter()
+        .flat_map(|f| archs.iter().map(move |a| (f, a.as_str())))
+        .collect();
+    // NVRTC compiles one file per thread; the files are independent.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(f, a)| s.spawn(move || nvrtc::compile(f, a)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("compile thread"))
+            .collect()
+    });
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    let mut first_error = String::new();
+    for ((file, arch), r) in jobs.iter().zip(results) {
+        match r {
+            Ok(c) => {
+                for k in &c.kernels {
+                    rows.push(serde_json::json!({
+                        "kernel": k.kernel, "arch": k.arch, "ok": true, "file": file,
+                        "registers": k.registers, "spill_bytes": k.spill_bytes,
+                        "stack_bytes": k.stack_bytes, "shared_bytes": k.shared_bytes,
+                    }));
+                    if !args.json {
+                        println!(
+                            "ok   {arch:7} {:40} regs {:3}  spill {:5} B  stack {:4} B  smem {:6} B",
+                            k.kernel, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                let msg = one_line(&e.to_string());
+                if first_error.is_empty() {
+                    first_error = format!("{file} for {arch}: {msg}");
+                }
+                rows.push(serde_json::json!({
+                    "kernel": file, "arch": arch, "ok": false, "file": file,
+                    "registers": null, "spill_bytes": null, "shared_bytes": null, "error": msg,
+                }));
+                if !args.json {
+                    println!("FAIL {arch:7} {file}: {msg}");
+                }
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    }
+    if failed > 0 {
+        return Err(flashjvp::Error::Cuda(format!(
+            "{failed} of {} kernel compilations failed (first: {first_error})",
+            jobs.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn bench(args: BenchArgs) -> flashjvp::Result<()> {
+    use flashjvp::cuda::bench::{bench, BenchOp};
+    let op = BenchOp::parse(&args.op)?;
+    let dtype = match args.dtype {
+        GpuDTypeArg::Bf16 => DType::BF16,
+        GpuDTypeArg::F16 => DType::F16,
+        GpuDTypeArg::F32 => DType::F32,
+    };
+    let shapes = if args.shape.is_empty() {
+        op.default_shapes()
+    } else {
+        vec![args.shape.clone()]
+    };
+    if !args.json {
+        let g = flashjvp::cuda::Gpu::get()?;
+        println!("# {}", g.info());
+    }
+    for shape in shapes {
+        for row in bench(op, &shape, dtype)? {
+            if args.json {
+                println!("{}", row.json());
+            } else {
+                println!("{}", row.line());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels(_: KernelsArgs) -> flashjvp::Result<()> {
+    Err(flashjvp::device::cuda_not_built())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench(_: BenchArgs) -> flashjvp::Result<()> {
+    Err(flashjvp::device::cuda_not_built())
 }
 
 /// clap's own errors, squeezed to one line (help and version still print in full, exit 0).
@@ -190,7 +400,9 @@ fn clap_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        eprintln!("error: a command is required: jvp, vjp or info (see flashjvp --help)");
+        eprintln!(
+            "error: a command is required: jvp, vjp, info, kernels or bench (see flashjvp --help)"
+        );
         return ExitCode::from(2);
     }
     // What went wrong and its context ("[possible values: ...]", tips) come before the usage

@@ -7,7 +7,7 @@
 //! means zero; attention with no `tk` and `tv` takes the op's fast path for constant K and V.
 //! Tensors an op does not use are ignored, so one file can feed both `jvp` and `vjp`.
 
-use crate::device::{cuda_not_built, Device};
+use crate::device::Device;
 use crate::dual::Dual;
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
@@ -85,7 +85,8 @@ impl OpKind {
 
 /// The dtype the op computes in: `requested` if given, else the dtype of the op's first input.
 /// The CPU reference computes in f32 or f64, so bf16 and f16 inputs compute in f32 there, and
-/// asking the CPU for bf16 is an error.
+/// asking the CPU for bf16 is an error. The GPU computes in bf16, f16 or f32: f64 inputs compute
+/// in f32 there, and asking the GPU for f64 is an error.
 pub fn computation_dtype(requested: Option<DType>, first: DType, device: Device) -> Result<DType> {
     match (device, requested) {
         (Device::Cpu, Some(d @ (DType::BF16 | DType::F16))) => Err(Error::Unsupported(format!(
@@ -97,7 +98,80 @@ pub fn computation_dtype(requested: Option<DType>, first: DType, device: Device)
             DType::F64 => DType::F64,
             DType::F32 | DType::BF16 | DType::F16 => DType::F32,
         }),
-        (Device::Cuda, _) => Err(cuda_not_built()),
+        (Device::Cuda, Some(DType::F64)) => Err(Error::Unsupported(
+            "--dtype f64: the GPU computes in bf16, f16 or f32 (use --device cpu for f64)".into(),
+        )),
+        (Device::Cuda, Some(d)) => Ok(d),
+        (Device::Cuda, None) => Ok(match first {
+            DType::F64 | DType::F32 => DType::F32,
+            d @ (DType::BF16 | DType::F16) => d,
+        }),
+    }
+}
+
+/// The CUDA ops, or in a build without the `cuda` feature stand-ins that say so.
+#[cfg(feature = "cuda")]
+use crate::cuda::ops as gpu;
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use crate::device::cuda_not_built;
+    use crate::dual::Dual;
+    use crate::error::Result;
+    use crate::ops::{
+        AttentionGrads, AttentionJvp, AttentionOutput, LayerNormModGrads, Mlp, MlpGrads,
+    };
+    use crate::tensor::{DType, Tensor};
+
+    pub fn attention_jvp(
+        _: &Dual,
+        _: &Dual,
+        _: &Dual,
+        _: Option<f64>,
+        _: DType,
+    ) -> Result<AttentionJvp> {
+        Err(cuda_not_built())
+    }
+    pub fn attention_forward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<f64>,
+        _: DType,
+    ) -> Result<AttentionOutput> {
+        Err(cuda_not_built())
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<f64>,
+        _: DType,
+    ) -> Result<AttentionGrads> {
+        Err(cuda_not_built())
+    }
+    pub fn layernorm_mod_jvp(_: &Dual, _: &Dual, _: &Dual, _: f64, _: DType) -> Result<Dual> {
+        Err(cuda_not_built())
+    }
+    pub fn layernorm_mod_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: &Tensor,
+        _: DType,
+    ) -> Result<LayerNormModGrads> {
+        Err(cuda_not_built())
+    }
+    pub fn mlp_jvp(_: &Dual, _: &Mlp, _: DType) -> Result<Dual> {
+        Err(cuda_not_built())
+    }
+    pub fn mlp_backward(_: &Tensor, _: &Mlp, _: &Tensor, _: DType) -> Result<MlpGrads> {
+        Err(cuda_not_built())
     }
 }
 
@@ -119,18 +193,18 @@ pub fn run(
         map: inputs,
         dtype,
     };
-    match device {
-        Device::Cpu => {}
-        // The CUDA backend moves the converted inputs to the GPU here.
-        Device::Cuda => return Err(cuda_not_built()),
-    }
+    let cuda = device == Device::Cuda;
     let out: Vec<(&str, Tensor)> = match (op, mode) {
         (OpKind::Attention, Mode::Jvp) => {
             let q = inp.dual("q", "tq")?;
             let k = inp.dual("k", "tk")?;
             let v = inp.dual("v", "tv")?;
             let scale = inp.scalar("scale")?;
-            let r = ops::attention_jvp(&q, &k, &v, scale)?;
+            let r = if cuda {
+                gpu::attention_jvp(&q, &k, &v, scale, dtype)?
+            } else {
+                ops::attention_jvp(&q, &k, &v, scale)?
+            };
             vec![
                 ("to", r.o.tangent_or_zeros()),
                 ("o", r.o.primal),
@@ -144,8 +218,13 @@ pub fn run(
             let v = inp.tensor("v")?;
             let go = inp.tensor("go")?;
             let scale = inp.scalar("scale")?;
-            let fwd = ops::attention_forward(&q, &k, &v, scale)?;
-            let g = ops::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale)?;
+            let g = if cuda {
+                let fwd = gpu::attention_forward(&q, &k, &v, scale, dtype)?;
+                gpu::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale, dtype)?
+            } else {
+                let fwd = ops::attention_forward(&q, &k, &v, scale)?;
+                ops::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale)?
+            };
             vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)]
         }
         (OpKind::LayerNormMod, Mode::Jvp) => {
@@ -153,7 +232,11 @@ pub fn run(
             let scale = inp.dual("scale", "tscale")?;
             let shift = inp.dual("shift", "tshift")?;
             let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
-            let y = ops::layernorm_mod_jvp(&x, &scale, &shift, eps)?;
+            let y = if cuda {
+                gpu::layernorm_mod_jvp(&x, &scale, &shift, eps, dtype)?
+            } else {
+                ops::layernorm_mod_jvp(&x, &scale, &shift, eps)?
+            };
             vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
         }
         (OpKind::LayerNormMod, Mode::Vjp) => {
@@ -162,7 +245,11 @@ pub fn run(
             let shift = inp.tensor("shift")?;
             let gy = inp.tensor("gy")?;
             let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
-            let g = ops::layernorm_mod_backward(&x, &scale, &shift, eps, &gy)?;
+            let g = if cuda {
+                gpu::layernorm_mod_backward(&x, &scale, &shift, eps, &gy, dtype)?
+            } else {
+                ops::layernorm_mod_backward(&x, &scale, &shift, eps, &gy)?
+            };
             vec![("dx", g.dx), ("dscale", g.dscale), ("dshift", g.dshift)]
         }
         (OpKind::Mlp, Mode::Jvp) => {
@@ -174,7 +261,11 @@ pub fn run(
                 w2: &w2,
                 b2: &b2,
             };
-            let y = ops::mlp_jvp(&x, &p)?;
+            let y = if cuda {
+                gpu::mlp_jvp(&x, &p, dtype)?
+            } else {
+                ops::mlp_jvp(&x, &p)?
+            };
             vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
         }
         (OpKind::Mlp, Mode::Vjp) => {
@@ -187,7 +278,11 @@ pub fn run(
                 w2: &w2,
                 b2: &b2,
             };
-            let g = ops::mlp_backward(&x, &p, &gy)?;
+            let g = if cuda {
+                gpu::mlp_backward(&x, &p, &gy, dtype)?
+            } else {
+                ops::mlp_backward(&x, &p, &gy)?
+            };
             vec![
                 ("dx", g.dx),
                 ("dw1", g.dw1),

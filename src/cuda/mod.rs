@@ -4,8 +4,33 @@
 //!
 //! cudarc panics when it calls into a library that is missing, so every entry point here probes
 //! first and turns absence into an `Error`.
+//!
+//! Layers, bottom up:
+//! - [`context`]: the process-wide [`Gpu`] (device 0, its stream, compiled modules, cuBLASLt) and
+//!   the executor of launch plans.
+//! - [`launch`]: a launch plan is a list of [`launch::Step`]s (kernel launches with typed
+//!   arguments, GEMMs, memsets) built by pure functions from device pointers and sizes, so that
+//!   every argument list can be checked against the kernels' PTX signatures without a GPU.
+//! - [`tensor`]: [`DeviceTensor`], upload/download of host [`crate::Tensor`]s, NaN poisoning.
+//! - One file per op family, mirroring cuda/: [`attention`], [`layernorm`], [`elementwise`],
+//!   [`mlp`] (GEMMs in [`gemm`]): shape checks, plans and device-resident entry points.
+//! - [`ops`]: host-level entry points (host tensors in, host tensors out) for the CLI and tests.
+//! - [`bench`]: CUDA-event timings of forward, JVP and backward.
 
+pub mod attention;
+pub mod bench;
+pub mod context;
+pub mod elementwise;
+pub mod gemm;
+pub mod launch;
+pub mod layernorm;
+pub mod mlp;
 pub mod nvrtc;
+pub mod ops;
+pub mod tensor;
+
+pub use context::{gpu_available, require_gpu_or_skip, Gpu, GpuInfo};
+pub use tensor::DeviceTensor;
 
 /// The kernel sources and headers under cuda/, embedded by build.rs.
 pub mod sources {
@@ -22,4 +47,16 @@ pub fn driver_present() -> bool {
 pub fn nvrtc_present() -> bool {
     // SAFETY: as above.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether libcublasLt can be loaded (never panics).
+pub fn cublaslt_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::cublaslt::sys::is_culib_present() }
+}
+
+/// Whether libcublas can be loaded (never panics).
+pub fn cublas_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
 }

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The ONE command a GPU session runs, after staging the binaries here:
+#
+#   ../shared/gpu/stage.sh                                  # on the build machine
+#   device run, carry [".gpu"], timeout_s 600:  bash scripts/gpu/check.sh
+#
+# Steps (each bounded by `timeout`, each log under $OUT, a summary table at the end, ~8 minutes):
+#   1. info     the GPU, driver, libraries; `flashjvp info` and `flashjvp kernels` (resources)
+#   2. tests    bash .gpu/run.sh tests gpu_  (gpu_ops: every op against the f64 CPU reference, its
+#               relative errors as ERR lines; gpu_plans; gpu_sanitize), FLASHJVP_REQUIRE_GPU=1
+#   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
+#   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
+#   5. compare  scripts/gpu/compare.py: the CLI on cuda against cpu, `flashjvp bench --json`
+#               against PyTorch's cuDNN attention forward, a device copy and the MLP's forward
+# Files back (at most 8): gpu_ops.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
+# compare.json summary.txt
+set -uo pipefail
+cd "$(dirname "$0")/../.."          # the repository root
+export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+G=.gpu
+[ -x "$G/bin/flashjvp" ] || { echo "no $G/bin/flashjvp: run ../shared/gpu/stage.sh first" >&2; exit 2; }
+export FLASHJVP_REQUIRE_GPU=1 RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+# One kernel cache for every process of this call (each test binary, each sanitizer run).
+export FLASHJVP_KERNEL_CACHE=/tmp/flashjvp-kernels
+SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+rows=()
+step() { # name, timeout seconds, log file, command...
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS
+  echo "=== $name ($(date +%T), limit ${limit}s)" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  local dt=$((SECONDS - t0))
+  tail -n 25 "$log"
+  rows+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$dt" "$(basename "$log")")")
+  return 0
+}
+
+# ---- 1. info (and the libraries on the loader path: add pip's CUDA wheels if needed)
+{
+  echo "## $(date -u +%FT%TZ) $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  for lib in libcuda.so.1 libnvrtc.so.13 libcublasLt.so.13 libcublas.so.13; do
+    if ldconfig -p | grep -q "$lib"; then echo "$lib: on the loader path"; else echo "$lib: NOT on the loader path"; fi
+  done
+} >>"$SUMMARY" 2>&1
+extra=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for lib in ("libnvrtc.so.13", "libcublasLt.so.13", "libcublas.so.13"):
+        for p in glob.glob(os.path.join(sp, "nvidia", "**", lib), recursive=True):
+            dirs.add(os.path.dirname(p))
+print(":".join(sorted(dirs)))
+PY
+)
+if [ -n "$extra" ]; then
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$extra"
+  echo "LD_LIBRARY_PATH += $extra (pip's CUDA libraries, after the system's)" >>"$SUMMARY"
+fi
+"$G/bin/flashjvp" info >>"$SUMMARY" 2>&1
+step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
+
+# ---- 2. the GPU tests (every gpu_* test binary; GPU required)
+step tests 200 "$OUT/tests.tmp" bash "$G/run.sh" tests gpu_
+rm -f "$OUT/tests.tmp"
+
+# ---- 3./4. compute-sanitizer on the small odd workload
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SAN" ]; then
+  step memcheck 100 "$OUT/sanitize.log" "$SAN" --tool memcheck --error-exitcode 1 --leak-check no \
+    "$G/bin/tests/gpu_sanitize" --test-threads=1
+  step racecheck 100 "$OUT/sanitize.log" "$SAN" --tool racecheck --error-exitcode 1 \
+    "$G/bin/tests/gpu_sanitize" --test-threads=1 --skip mlp
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/sanitize.log"
+  rows+=("memcheck   not run (no compute-sanitizer)")
+fi
+
+# ---- 5. benchmarks against PyTorch
+step compare 170 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json"
+
+# ---- summary
+{
+  echo
+  echo "=== relative errors (gpu_ops ERR lines): worst 15 by error / tolerance"
+  python3 - "$OUT/gpu_ops.log" <<'PY'
+import re, sys
+rows = []
+try:
+    text = open(sys.argv[1], errors="replace").read()
+except OSError:
+    text = ""
+for m in re.finditer(r"^ERR (.*?): rel ([0-9.e+-]+) \(tol ([0-9.e+-]+)\)(.*)$", text, re.M):
+    rows.append((float(m.group(2)) / float(m.group(3)), m.group(0)))
+nonfinite = re.findall(r"^ERR .*non-finite.*$", text, re.M)
+print(f"{len(rows)} errors measured, {sum(1 for r in rows if 'FAIL' in r[1])} over tolerance, {len(nonfinite)} with non-finite output")
+for line in nonfinite[:10]:
+    print(line)
+for _, line in sorted(rows, reverse=True)[:15]:
+    print(line)
+PY
+  echo
+  echo "=== test results"
+  for f in "$OUT"/gpu_*.log; do
+    [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -h '^test result:' "$f" | tail -1)"
+  done
+  echo "failed tests (first 30):"
+  grep -h ' \.\.\. FAILED$' "$OUT"/gpu_*.log 2>/dev/null | head -30
+  echo
+  echo "=== sanitizer verdicts"
+  grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|Error: ' "$OUT/sanitize.log" 2>/dev/null | head -20
+  echo
+  echo "=== steps"
+  printf '%s\n' "${rows[@]}"
+} | tee -a "$SUMMARY"

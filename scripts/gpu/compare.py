@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""flashjvp on the GPU against PyTorch, in one call (run by scripts/gpu/check.sh; needs torch).
+
+1. The CLI end to end: `flashjvp jvp|vjp OP --device cuda` (bf16 and f32) against `--device cpu`
+   on the same safetensors input, relative error per output.
+2. `flashjvp bench OP --json` for attention, layernorm_mod and mlp (bf16, default shapes), next to
+   - PyTorch's cuDNN attention forward (torch.nn.attention.sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
+     at the same shapes: the ratio of our JVP to it (DESIGN.md section 7: the rCM Triton JVP is about
+     2.7x cuDNN's forward on an H200);
+   - a device-to-device copy through torch (bytes read + written): layernorm's JVP GB/s against it;
+   - the MLP's own forward: its JVP over its forward (ideal 2x; PyTorch eager measured 3.0-3.3x).
+Everything is printed as tables, and written as JSON to --json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+# DESIGN.md section 7, measured on an H200 (bf16): cuDNN forward ms, rCM Triton JVP ms.
+ANCHORS = {
+    (16, 16, 1024, 64): (0.163, 0.434),
+    (1, 12, 4096, 64): (0.117, 0.293),
+    (1, 12, 16384, 64): (1.706, 4.925),
+    (16, 16, 1024, 128): (0.234, 1.094),
+    (1, 12, 4096, 128): (0.160, 0.808),
+    (1, 12, 16384, 128): (2.384, 12.64),
+    (1, 12, 32768, 128): (10.72, 50.38),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def time_cuda(fn, warmup=5, reps=30):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. CLI: cuda against cpu.
+
+def rel(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def cli_check(binary, results):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=g)
+    cases = {
+        "attention": {n: rn(2, 3, 77, 72) for n in ["q", "tq", "go"]}
+        | {n: rn(2, 3, 130, 72) for n in ["k", "v", "tk", "tv"]},
+        "layernorm_mod": {"x": rn(77, 300), "tx": rn(77, 300), "scale": rn(300), "tscale": rn(300),
+                          "shift": rn(7, 300), "tshift": rn(7, 300), "gy": rn(77, 300)},
+        "mlp": {"x": rn(33, 72), "tx": rn(33, 72), "w1": rn(200, 72) / 8, "b1": rn(200),
+                "w2": rn(72, 200) / 14, "b2": rn(72), "gy": rn(33, 72)},
+    }
+    tol = {"bf16": 2e-2, "f32": 1e-4}
+    ok = True
+    with tempfile.TemporaryDirectory() as d:
+        for op, tensors in cases.items():
+            inp = os.path.join(d, f"{op}.safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, inp)
+            for mode in ["jvp", "vjp"]:
+                outs = {}
+                for dev, dt in [("cpu", "f32"), ("cuda", "bf16"), ("cuda", "f32")]:
+                    out = os.path.join(d, f"{op}-{mode}-{dev}-{dt}.safetensors")
+                    cmd = [binary, mode, op, "-i", inp, "-o", out, "--device", dev, "--dtype", dt]
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    if r.returncode != 0:
+                        log(f"CLI FAIL {' '.join(cmd[1:4])} {dev} {dt}: {r.stderr.strip()}")
+                        ok = False
+                        continue
+                    outs[(dev, dt)] = load_file(out)
+                ref = outs.get(("cpu", "f32"))
+                for key in [("cuda", "bf16"), ("cuda", "f32")]:
+                    if ref is None or key not in outs:
+                        continue
+                    for name, want in ref.items():
+                        e = rel(outs[key][name].float(), want.float())
+                        good = e <= tol[key[1]]
+                        ok &= good
+                        results.append({"cli": f"{mode} {op}", "output": name, "dtype": key[1], "rel": e})
+                        log(f"CLI {mode:3} {op:13} {name:6} cuda {key[1]:4} vs cpu f32: rel {e:.3e}"
+                            f" {'ok' if good else 'FAIL'}")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Benchmarks.
+
+def bench(binary, op, dtype="bf16", shape=None):
+    cmd = [binary, "bench", op, "--json", "--dtype", dtype]
+    if shape:
+        cmd += ["--shape", ",".join(map(str, shape))]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    log(f"# {' '.join(cmd[1:])}: {len(rows)} rows in {time.time() - t0:.1f}s (rc {r.returncode})")
+    if r.returncode != 0:
+        log(r.stderr.strip()[-2000:])
+    return rows
+
+
+def cudnn_forward_ms(b, h, nq, nk, d):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16)
+    for backend, label in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
+        try:
+            with sdpa_kernel([backend]):
+                ms = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v))
+            return ms, label
+        except RuntimeError as e:
+            log(f"  {label} SDPA at {(b, h, nq, nk, d)} failed: {str(e).splitlines()[0]}")
+    return float("nan"), "none"
+
+
+def copy_gbps():
+    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    ms = time_cuda(lambda: y.copy_(x), warmup=3, reps=20)
+    return 2 * x.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default=".gpu/bin/flashjvp")
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--skip-cli", action="store_true")
+    args = ap.parse_args()
+    binary = os.path.abspath(args.bin)
+    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    log(f"# {out['device']}, torch {out['torch']}")
+
+    cli = []
+    if not args.skip_cli:
+        out["cli_ok"] = cli_check(binary, cli)
+    out["cli"] = cli
+
+    attn = bench(binary, "attention")
+    ln = bench(binary, "layernorm_mod")
+    mlp = bench(binary, "mlp")
+    out["bench"] = attn + ln + mlp
+
+    # Attention: our passes next to cuDNN's forward at the same shapes.
+    by_shape = {}
+    for r in attn:
+        by_shape.setdefault(tuple(r["shape"]), {})[r["pass"]] = r
+    log("")
+    log("attention (bf16)          ours: fwd ms   jvp ms (TF/s)   nokv ms   bwd ms (TF/s) | torch fwd ms  jvp/torch fwd | H200 anchors: cuDNN fwd, rCM JVP")
+    table = []
+    for shape, p in by_shape.items():
+        b, h, nq, nk, d = shape
+        ref_ms, label = cudnn_forward_ms(b, h, nq, nk, d)
+        jvp = p.get("jvp", {}).get("ms", float("nan"))
+        anchor = ANCHORS.get((b, h, nq, d)) if nq == nk else None
+        row = {"shape": shape, "fwd_ms": p.get("fwd", {}).get("ms"), "jvp_ms": jvp,
+               "jvp_tflops": p.get("jvp", {}).get("tflops"), "nokv_ms": p.get("jvp_nokv", {}).get("ms"),
+               "bwd_ms": p.get("bwd", {}).get("ms"), "bwd_tflops": p.get("bwd", {}).get("tflops"),
+               "torch_fwd_ms": ref_ms, "torch_backend": label, "jvp_over_torch_fwd": jvp / ref_ms,
+               "anchor_cudnn_fwd_ms": anchor[0] if anchor else None,
+               "anchor_rcm_jvp_ms": anchor[1] if anchor else None}
+        table.append(row)
+        f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
+        log(f"{str(shape):26} {f(row['fwd_ms'])} {f(jvp)} ({f(row['jvp_tflops'], 5, 0)}) {f(row['nokv_ms'])}"
+            f" {f(row['bwd_ms'])} ({f(row['bwd_tflops'], 5, 0)}) | {f(ref_ms)} {label:5} {f(row['jvp_over_torch_fwd'], 6, 2)}x"
+            f" | {f(row['anchor_cudnn_fwd_ms'])} {f(row['anchor_rcm_jvp_ms'])}")
+    out["attention"] = table
+
+    # LayerNorm JVP against a device copy.
+    gbps = copy_gbps()
+    out["copy_gbps"] = gbps
+    log("")
+    log(f"device copy (torch, read + write): {gbps:.0f} GB/s")
+    for r in ln:
+        log(f"layernorm_mod {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
+            f"  = {r.get('gbps', 0) / gbps:.2f} of the copy")
+
+    # MLP JVP over its forward.
+    log("")
+    m = {}
+    for r in mlp:
+        m.setdefault(tuple(r["shape"]), {})[r["pass"]] = r
+    out["mlp"] = []
+    for shape, p in m.items():
+        fwd, jvp, bwd = (p.get(k, {}).get("ms", float("nan")) for k in ("fwd", "jvp", "bwd"))
+        out["mlp"].append({"shape": shape, "fwd_ms": fwd, "jvp_ms": jvp, "bwd_ms": bwd, "jvp_over_fwd": jvp / fwd})
+        log(f"mlp {str(shape):20} fwd {fwd:.4f} ms ({p.get('fwd', {}).get('tflops', 0):.0f} TF/s)  jvp {jvp:.4f} ms"
+            f"  bwd {bwd:.4f} ms  jvp/fwd {jvp / fwd:.2f}x (ideal 2x)")
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+    ok = out.get("cli_ok", True) and bool(attn) and bool(ln) and bool(mlp)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

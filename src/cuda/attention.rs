@@ -1,0 +1,695 @@
+//! Launchers of cuda/attention_jvp.cu (forward, JVP, JVP with constant K and V) and
+//! cuda/attention_bwd.cu (preprocess, dK/dV, dQ); the launch contract is cuda/README.md's.
+//!
+//! Limits checked here (errors, never a launch): head dims 32, 64, 72, 96, 128; dv == d; 16-bit
+//! tensors 16-byte aligned (cp.async); B·H ≤ 65535 (grid y); Nq, Nk and B·H·Nq fit an `int`;
+//! dynamic shared memory within the device's opt-in limit (checked at launch).
+
+use super::context::Gpu;
+use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
+use super::tensor::DeviceTensor;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+const OP: &str = "attention";
+
+/// The head dims the kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 72, 96, 128];
+
+/// Which kernel of attention_jvp.cu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `attention_jvp_*`: tangents on q, k and v.
+    Jvp,
+    /// `attention_jvp_nokv_*`: k and v carry no tangent.
+    JvpNoKv,
+    /// `attention_fwd_*`: primal only.
+    Fwd,
+}
+
+impl Variant {
+    fn prefix(self) -> &'static str {
+        match self {
+            Variant::Jvp => "attention_jvp",
+            Variant::JvpNoKv => "attention_jvp_nokv",
+            Variant::Fwd => "attention_fwd",
+        }
+    }
+}
+
+/// Sizes of one attention problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub b: usize,
+    pub h: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+}
+
+impl AttnDims {
+    pub fn q_shape(&self) -> [usize; 4] {
+        [self.b, self.h, self.nq, self.d]
+    }
+    pub fn k_shape(&self) -> [usize; 4] {
+        [self.b, self.h, self.nk, self.d]
+    }
+    pub fn lse_shape(&self) -> [usize; 3] {
+        [self.b, self.h, self.nq]
+    }
+}
+
+/// Checks q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv] (naming the tensor in errors, as the CPU op
+/// does) and what the kernels support (head dim, dv == d, grid and int limits).
+pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
+    let rank4 = |name: &str, s: &[usize]| -> Result<()> {
+        if s.len() != 4 {
+            return Err(Error::Rank {
+                op: OP,
+                tensor: name.into(),
+                expected: 4,
+                actual: s.to_vec(),
+            });
+        }
+        Ok(())
+    };
+    rank4("q", q)?;
+    rank4("k", k)?;
+    rank4("v", v)?;
+    let (b, h, nq, d) = (q[0], q[1], q[2], q[3]);
+    let (nk, dv) = (k[2], v[3]);
+    let shape = |name: &str, s: &[usize], want: [usize; 4]| -> Result<()> {
+        if s != want {
+            return Err(Error::Shape {
+                op: OP,
+                tensor: name.into(),
+                expected: format!("{want:?}"),
+                actual: s.to_vec(),
+            });
+        }
+        Ok(())
+    };
+    shape("k", k, [b, h, nk, d])?;
+    shape("v", v, [b, h, nk, dv])?;
+    if [b, h, nq, nk, d, dv].contains(&0) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "empty dimension: q {q:?}, k {k:?}, v {v:?} (B, H, Nq, Nk, d and dv must all be at least 1)"
+            ),
+        ));
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::Unsupported(format!(
+            "attention on the GPU: head dim {d} (q {q:?}) is not supported; the kernels take {HEAD_DIMS:?}"
+        )));
+    }
+    if dv != d {
+        return Err(Error::Unsupported(format!(
+            "attention on the GPU: v has head dim {dv} but q and k have {d}; the kernels need dv == d"
+        )));
+    }
+    if b * h > 65535 {
+        return Err(Error::Unsupported(format!(
+            "attention on the GPU: B*H = {} exceeds 65535 (the grid's y dimension)",
+            b * h
+        )));
+    }
+    for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", b * h * nq)] {
+        int_arg("attention on the GPU", name, n)?;
+    }
+    Ok(AttnDims { b, h, nq, nk, d })
+}
+
+/// The score scale as the kernels take it: c (default 1/√d), finite in f32.
+pub fn resolve_scale(scale: Option<f64>, d: usize) -> Result<f32> {
+    let c = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    if !c.is_finite() || !(c as f32).is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!("scale {c} is not finite in f32"),
+        ));
+    }
+    Ok(c as f32)
+}
+
+/// Query rows per block: 64 on tensor cores (bf16, f16), 16 for f32.
+pub fn block_rows(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        16
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of an attention_jvp.cu kernel (cuda/README.md's formulas).
+pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize) -> usize {
+    let nq = if variant == Variant::Fwd { 1 } else { 2 };
+    if dtype == DType::F32 {
+        let nk = if variant == Variant::Jvp { 2 } else { 1 };
+        let vs = 32 * d.div_ceil(32);
+        4 * (nq * 16 * d + nk * 32 * (d + 1) + nk * 32 * vs)
+    } else {
+        let nkv = if variant == Variant::Jvp { 4 } else { 2 };
+        let (dp, bc) = match d {
+            32 => (32, 64),
+            64 => (64, 64),
+            72 => (80, 64),
+            96 => (96, 64),
+            _ => (128, 32),
+        };
+        2 * (dp + 8) * (nq * 64 + 2 * nkv * bc)
+    }
+}
+
+/// Dynamic shared memory of attention_bwd_dkdv / attention_bwd_dq.
+pub fn bwd_shared_bytes(d: usize) -> usize {
+    4 * (4 * 32 * (d + 1) + 2 * 32 * 33 + 64)
+}
+
+/// Errors unless the 16-bit tensors are 16-byte aligned (cp.async moves 16-byte chunks).
+fn check_aligned(dtype: DType, ptrs: &[(&str, u64)]) -> Result<()> {
+    if dtype == DType::F32 {
+        return Ok(());
+    }
+    for (name, p) in ptrs {
+        if p % 16 != 0 {
+            return Err(Error::Unsupported(format!(
+                "attention on the GPU: `{name}` at {p:#x} is not 16-byte aligned ({dtype} tensors \
+                 are copied in 16-byte chunks)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Pointers of a forward/JVP launch. Tangent pointers are used by the JVP variants only.
+#[derive(Clone, Copy, Debug)]
+pub struct JvpPtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub tq: u64,
+    pub tk: u64,
+    pub tv: u64,
+    pub o: u64,
+    pub to: u64,
+    pub lse: u64,
+    pub tlse: u64,
+}
+
+/// The launch of one attention_jvp.cu kernel.
+pub fn plan_jvp(
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    p: JvpPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
+    let dt = dtype_suffix(dtype)?;
+    let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)];
+    if variant != Variant::Fwd {
+        named.extend([("tq", p.tq), ("to", p.to)]);
+    }
+    if variant == Variant::Jvp {
+        named.extend([("tk", p.tk), ("tv", p.tv)]);
+    }
+    check_aligned(dtype, &named)?;
+    if named.iter().any(|(_, ptr)| *ptr == 0) || p.lse == 0 {
+        return Err(Error::Cuda("attention: null pointer in a launch".into()));
+    }
+    let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
+    let args = match variant {
+        Variant::Jvp => vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.tq),
+            Arg::Ptr(p.tk),
+            Arg::Ptr(p.tv),
+            Arg::Ptr(p.o),
+            Arg::Ptr(p.to),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.tlse),
+            nq,
+            nk,
+            Arg::F32(scale),
+        ],
+        Variant::JvpNoKv => vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.tq),
+            Arg::Ptr(p.o),
+            Arg::Ptr(p.to),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.tlse),
+            nq,
+            nk,
+            Arg::F32(scale),
+        ],
+        Variant::Fwd => vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.o),
+            Arg::Ptr(p.lse),
+            nq,
+            nk,
+            Arg::F32(scale),
+        ],
+    };
+    let grid = (
+        dims.nq.div_ceil(block_rows(dtype)) as u64,
+        (dims.b * dims.h) as u64,
+        1,
+    );
+    Ok(vec![Step::Kernel(Launch::new(
+        OP,
+        "attention_jvp.cu",
+        format!("{}_{dt}_d{}", variant.prefix(), dims.d),
+        grid,
+        (128, 1, 1),
+        jvp_shared_bytes(variant, dtype, dims.d),
+        args,
+    )?)])
+}
+
+/// Pointers of the backward. `delta` is an f32 [B,H,Nq] scratch buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct BwdPtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub dout: u64,
+    pub delta: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+}
+
+/// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ.
+pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Result<Vec<Step>> {
+    let dt = dtype_suffix(dtype)?;
+    let rows = dims.b * dims.h * dims.nq;
+    let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
+    let bh = (dims.b * dims.h) as u64;
+    let smem = bwd_shared_bytes(dims.d);
+    let pre = Launch::new(
+        OP,
+        "attention_bwd.cu",
+        format!("attention_bwd_preprocess_{dt}"),
+        (rows.div_ceil(4) as u64, 1, 1),
+        (128, 1, 1),
+        0,
+        vec![
+            Arg::Ptr(p.o),
+            Arg::Ptr(p.dout),
+            Arg::Ptr(p.delta),
+            int_arg(OP, "B*H*Nq", rows)?,
+            int_arg(OP, "d", dims.d)?,
+        ],
+    )?;
+    let dkdv = Launch::new(
+        OP,
+        "attention_bwd.cu",
+        format!("attention_bwd_dkdv_{dt}_d{}", dims.d),
+        (dims.nk.div_ceil(32) as u64, bh, 1),
+        (128, 1, 1),
+        smem,
+        vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.dout),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.delta),
+            Arg::Ptr(p.dk),
+            Arg::Ptr(p.dv),
+            nq,
+            nk,
+            Arg::F32(scale),
+        ],
+    )?;
+    let dq = Launch::new(
+        OP,
+        "attention_bwd.cu",
+        format!("attention_bwd_dq_{dt}_d{}", dims.d),
+        (dims.nq.div_ceil(32) as u64, bh, 1),
+        (128, 1, 1),
+        smem,
+        vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.dout),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.delta),
+            Arg::Ptr(p.dq),
+            nq,
+            nk,
+            Arg::F32(scale),
+        ],
+    )?;
+    Ok(vec![
+        Step::Kernel(pre),
+        Step::Kernel(dkdv),
+        Step::Kernel(dq),
+    ])
+}
+
+/// Outputs of the device-resident JVP: o [B,H,Nq,d] and its tangent in the inputs' dtype, lse and
+/// its tangent f32 [B,H,Nq]. The tangents are `None` when no input carried one.
+pub struct DeviceAttentionJvp {
+    pub o: DeviceTensor,
+    pub to: Option<DeviceTensor>,
+    pub lse: DeviceTensor,
+    pub tlse: Option<DeviceTensor>,
+}
+
+fn check_device(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    tangents: [(&str, Option<&DeviceTensor>, &DeviceTensor); 3],
+) -> Result<AttnDims> {
+    let dims = check_shapes(q.shape(), k.shape(), v.shape())?;
+    let dtype = q.dtype();
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype() != dtype {
+            return Err(Error::DType {
+                op: OP,
+                tensor: name.into(),
+                expected: format!("{dtype} (the dtype of q)"),
+                actual: t.dtype(),
+            });
+        }
+    }
+    for (name, t, primal) in tangents {
+        if let Some(t) = t {
+            if t.shape() != primal.shape() || t.dtype() != dtype {
+                return Err(Error::TangentMismatch {
+                    op: OP,
+                    tensor: name.into(),
+                    primal_shape: primal.shape().to_vec(),
+                    primal_dtype: dtype,
+                    tangent_shape: t.shape().to_vec(),
+                    tangent_dtype: t.dtype(),
+                });
+            }
+        }
+    }
+    Ok(dims)
+}
+
+/// o and lse of the primal attention, on device tensors (bf16, f16 or f32).
+pub fn forward(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    scale: Option<f64>,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
+    let scale = resolve_scale(scale, dims.d)?;
+    let gpu = q.gpu();
+    let o = gpu.alloc_out(&dims.q_shape(), q.dtype())?;
+    let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    forward_into(gpu, q, k, v, &o, &lse, scale)?;
+    Ok((o, lse))
+}
+
+/// The forward into existing outputs (the benchmark's form; shapes as [`forward`]).
+pub fn forward_into(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    scale: f32,
+) -> Result<()> {
+    let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
+    check_out("o", o, &dims.q_shape(), q.dtype())?;
+    check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    let p = JvpPtrs {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        tq: 0,
+        tk: 0,
+        tv: 0,
+        o: o.ptr(),
+        to: 0,
+        lse: lse.ptr(),
+        tlse: 0,
+    };
+    gpu.run(&plan_jvp(Variant::Fwd, q.dtype(), dims, p, scale)?)
+}
+
+fn check_out(name: &str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
+    if t.shape() != shape || t.dtype() != dtype {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: name.into(),
+            expected: format!("{shape:?} in {dtype}"),
+            actual: t.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// o, lse and their tangents on device tensors. K and V without tangents take the four-product
+/// kernel (`attention_jvp_nokv`); a missing tangent among several is zero.
+pub fn jvp(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    tq: Option<&DeviceTensor>,
+    tk: Option<&DeviceTensor>,
+    tv: Option<&DeviceTensor>,
+    scale: Option<f64>,
+) -> Result<DeviceAttentionJvp> {
+    let dims = check_device(q, k, v, [("q", tq, q), ("k", tk, k), ("v", tv, v)])?;
+    let c = resolve_scale(scale, dims.d)?;
+    let gpu = q.gpu();
+    let dtype = q.dtype();
+    let o = gpu.alloc_out(&dims.q_shape(), dtype)?;
+    let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    if tq.is_none() && tk.is_none() && tv.is_none() {
+        forward_into(gpu, q, k, v, &o, &lse, c)?;
+        return Ok(DeviceAttentionJvp {
+            o,
+            to: None,
+            lse,
+            tlse: None,
+        });
+    }
+    let to = gpu.alloc_out(&dims.q_shape(), dtype)?;
+    let tlse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    let out = DeviceAttentionJvp {
+        o,
+        to: Some(to),
+        lse,
+        tlse: Some(tlse),
+    };
+    jvp_into(gpu, q, k, v, tq, tk, tv, &out, c)?;
+    Ok(out)
+}
+
+/// The JVP into existing outputs (`out.to` and `out.tlse` must be present).
+#[allow(clippy::too_many_arguments)]
+pub fn jvp_into(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    tq: Option<&DeviceTensor>,
+    tk: Option<&DeviceTensor>,
+    tv: Option<&DeviceTensor>,
+    out: &DeviceAttentionJvp,
+    scale: f32,
+) -> Result<()> {
+    let dims = check_device(q, k, v, [("q", tq, q), ("k", tk, k), ("v", tv, v)])?;
+    let dtype = q.dtype();
+    let (Some(to), Some(tlse)) = (&out.to, &out.tlse) else {
+        return Err(Error::invalid(OP, "jvp_into needs tangent outputs"));
+    };
+    check_out("o", &out.o, &dims.q_shape(), dtype)?;
+    check_out("to", to, &dims.q_shape(), dtype)?;
+    check_out("lse", &out.lse, &dims.lse_shape(), DType::F32)?;
+    check_out("tlse", tlse, &dims.lse_shape(), DType::F32)?;
+    let variant = if tk.is_none() && tv.is_none() {
+        Variant::JvpNoKv
+    } else {
+        Variant::Jvp
+    };
+    // The kernels read every tangent they take; absent ones are zeros.
+    let zero_q;
+    let tq = match tq {
+        Some(t) => t,
+        None => {
+            zero_q = gpu.zeros(q.shape(), dtype)?;
+            &zero_q
+        }
+    };
+    let (mut tk_ptr, mut tv_ptr) = (0, 0);
+    let zero_kv;
+    if variant == Variant::Jvp {
+        zero_kv = if tk.is_none() || tv.is_none() {
+            Some(gpu.zeros(k.shape(), dtype)?)
+        } else {
+            None
+        };
+        tk_ptr = tk.or(zero_kv.as_ref()).expect("zeros made above").ptr();
+        tv_ptr = tv.or(zero_kv.as_ref()).expect("zeros made above").ptr();
+    }
+    let p = JvpPtrs {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        tq: tq.ptr(),
+        tk: tk_ptr,
+        tv: tv_ptr,
+        o: out.o.ptr(),
+        to: to.ptr(),
+        lse: out.lse.ptr(),
+        tlse: tlse.ptr(),
+    };
+    gpu.run(&plan_jvp(variant, dtype, dims, p, scale)?)
+}
+
+/// dq, dk, dv given the forward's o and lse (f32) and the output cotangent dout.
+pub fn backward(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    scale: Option<f64>,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
+    let c = resolve_scale(scale, dims.d)?;
+    let gpu = q.gpu();
+    let dtype = q.dtype();
+    let dq = gpu.alloc_out(&dims.q_shape(), dtype)?;
+    let dk = gpu.alloc_out(&dims.k_shape(), dtype)?;
+    let dv = gpu.alloc_out(&dims.k_shape(), dtype)?;
+    let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    backward_into(gpu, q, k, v, o, lse, dout, &delta, [&dq, &dk, &dv], c)?;
+    Ok((dq, dk, dv))
+}
+
+/// The backward into existing outputs; `delta` is an f32 [B,H,Nq] scratch buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    delta: &DeviceTensor,
+    grads: [&DeviceTensor; 3],
+    scale: f32,
+) -> Result<()> {
+    let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
+    let dtype = q.dtype();
+    check_out("o", o, &dims.q_shape(), dtype)?;
+    check_out("go", dout, &dims.q_shape(), dtype)?;
+    check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    check_out("delta", delta, &dims.lse_shape(), DType::F32)?;
+    check_out("dq", grads[0], &dims.q_shape(), dtype)?;
+    check_out("dk", grads[1], &dims.k_shape(), dtype)?;
+    check_out("dv", grads[2], &dims.k_shape(), dtype)?;
+    let p = BwdPtrs {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        o: o.ptr(),
+        lse: lse.ptr(),
+        dout: dout.ptr(),
+        delta: delta.ptr(),
+        dq: grads[0].ptr(),
+        dk: grads[1].ptr(),
+        dv: grads[2].ptr(),
+    };
+    gpu.run(&plan_backward(dtype, dims, p, scale)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_matches_the_readme_table() {
+        let bf = DType::BF16;
+        let want_jvp = [51200, 92160, 112640, 133120, 104448];
+        let want_nokv = [30720, 55296, 67584, 79872, 69632];
+        let want_fwd = [25600, 46080, 56320, 66560, 52224];
+        let want_f32 = [20736, 41216, 52480, 61696, 82176];
+        let want_f32_nokv = [12416, 24704, 30848, 36992, 49280];
+        let want_f32_fwd = [10368, 20608, 26240, 30848, 41088];
+        let want_bwd = [25600, 41984, 46080, 58368, 74752];
+        for (i, d) in HEAD_DIMS.into_iter().enumerate() {
+            assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d), want_jvp[i]);
+            assert_eq!(
+                jvp_shared_bytes(Variant::JvpNoKv, DType::F16, d),
+                want_nokv[i]
+            );
+            assert_eq!(jvp_shared_bytes(Variant::Fwd, bf, d), want_fwd[i]);
+            assert_eq!(jvp_shared_bytes(Variant::Jvp, DType::F32, d), want_f32[i]);
+            assert_eq!(
+                jvp_shared_bytes(Variant::JvpNoKv, DType::F32, d),
+                want_f32_nokv[i]
+            );
+            assert_eq!(
+                jvp_shared_bytes(Variant::Fwd, DType::F32, d),
+                want_f32_fwd[i]
+            );
+            assert_eq!(bwd_shared_bytes(d), want_bwd[i]);
+        }
+    }
+
+    #[test]
+    fn unsupported_shapes_are_errors() {
+        let e = check_shapes(&[1, 1, 8, 48], &[1, 1, 8, 48], &[1, 1, 8, 48]).unwrap_err();
+        assert!(e.to_string().contains("head dim 48"), "{e}");
+        let e = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 32]).unwrap_err();
+        assert!(e.to_string().contains("dv == d"), "{e}");
+        let e =
+            check_shapes(&[300, 300, 8, 64], &[300, 300, 8, 64], &[300, 300, 8, 64]).unwrap_err();
+        assert!(e.to_string().contains("65535"), "{e}");
+        let e = check_shapes(&[1, 1, 8, 64], &[1, 2, 8, 64], &[1, 1, 8, 64]).unwrap_err();
+        assert!(e.to_string().contains("`k`"), "{e}");
+        let e = check_shapes(&[1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap_err();
+        assert!(e.to_string().contains("`q`"), "{e}");
+    }
+
+    #[test]
+    fn misaligned_16_bit_tensors_are_refused() {
+        let dims = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap();
+        let mut p = JvpPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            tq: 0x4000,
+            tk: 0x5000,
+            tv: 0x6000,
+            o: 0x7000,
+            to: 0x8000,
+            lse: 0x9000,
+            tlse: 0xa000,
+        };
+        assert!(plan_jvp(Variant::Jvp, DType::BF16, dims, p, 0.1).is_ok());
+        p.tv = 0x6008;
+        let e = plan_jvp(Variant::Jvp, DType::BF16, dims, p, 0.1).unwrap_err();
+        assert!(e.to_string().contains("`tv`"), "{e}");
+        // The nokv kernel does not read tv; f32 has no alignment requirement.
+        assert!(plan_jvp(Variant::JvpNoKv, DType::BF16, dims, p, 0.1).is_ok());
+        assert!(plan_jvp(Variant::Jvp, DType::F32, dims, p, 0.1).is_ok());
+    }
+}

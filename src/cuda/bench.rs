@@ -1,0 +1,623 @@
+//! GPU timings of forward, JVP and backward per op, with CUDA events: plans are built once and
+//! replayed (no allocation or poisoning inside the timed region), a few warm-up runs first (module
+//! load and cuBLASLt's heuristics stay out), then the median of many runs. Inputs are random normal
+//! values (never zeros: they can run faster than real data), cut from a random pool at random
+//! offsets; when one input set fits in the L2 cache several sets are rotated so that the timings
+//! are not the cache's.
+//!
+//! Effective rates: attention counts 4·B·H·Nq·Nk·d flops for the forward, 12· for the JVP (3x the
+//! forward, DESIGN.md section 7), 8· for the JVP with constant K and V, 10· for the backward; the
+//! MLP counts its GEMMs (4·T·C·Hd forward, 8· JVP, 10· backward); layernorm reports GB/s of the
+//! bytes it must move (each input read once, each output written once).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use super::attention::{self as attn, AttnDims, Variant};
+use super::context::Gpu;
+use super::launch::{dtype_suffix, Step};
+use super::layernorm::{self as ln, LnDims};
+use super::mlp::{self, MlpDims, ParamPtrs};
+use super::tensor::DeviceTensor;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Storage, Tensor};
+
+/// The ops the benchmark knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchOp {
+    /// shape B,H,Nq,Nk,d (or B,H,N,d).
+    Attention,
+    /// shape T,C (or T,C,G with G modulation groups).
+    LayerNorm,
+    /// shape T,C,Hd.
+    Mlp,
+}
+
+impl BenchOp {
+    pub fn parse(s: &str) -> Result<BenchOp> {
+        match s {
+            "attention" => Ok(BenchOp::Attention),
+            "layernorm" | "layernorm_mod" => Ok(BenchOp::LayerNorm),
+            "mlp" => Ok(BenchOp::Mlp),
+            other => Err(Error::Unsupported(format!(
+                "unknown benchmark op `{other}`: expected attention, layernorm_mod or mlp"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchOp::Attention => "attention",
+            BenchOp::LayerNorm => "layernorm_mod",
+            BenchOp::Mlp => "mlp",
+        }
+    }
+
+    /// The shapes timed when none is given: for attention the anchors of DESIGN.md section 7.
+    pub fn default_shapes(self) -> Vec<Vec<usize>> {
+        match self {
+            BenchOp::Attention => vec![
+                vec![16, 16, 1024, 1024, 64],
+                vec![1, 12, 4096, 4096, 64],
+                vec![1, 12, 16384, 16384, 64],
+                vec![16, 16, 1024, 1024, 128],
+                vec![1, 12, 4096, 4096, 128],
+                vec![1, 12, 16384, 16384, 128],
+                vec![1, 12, 32768, 32768, 128],
+                vec![2, 16, 4096, 4096, 72],
+            ],
+            BenchOp::LayerNorm => vec![vec![8192, 1536, 2], vec![32768, 1152, 8]],
+            BenchOp::Mlp => vec![vec![8192, 1536, 6144], vec![8192, 1152, 4608]],
+        }
+    }
+}
+
+/// One timed pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchRow {
+    pub op: String,
+    pub pass: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    /// Median milliseconds.
+    pub ms: f64,
+    /// Spread: the 10th and 90th percentile, milliseconds.
+    pub ms_p10: f64,
+    pub ms_p90: f64,
+    pub runs: usize,
+    pub tflops: Option<f64>,
+    pub gbps: Option<f64>,
+}
+
+impl BenchRow {
+    pub fn json(&self) -> String {
+        let mut v = serde_json::json!({
+            "op": self.op,
+            "pass": self.pass,
+            "shape": self.shape,
+            "dtype": self.dtype,
+            "ms": self.ms,
+            "ms_p10": self.ms_p10,
+            "ms_p90": self.ms_p90,
+            "runs": self.runs,
+        });
+        if let Some(t) = self.tflops {
+            v["tflops"] = serde_json::json!(t);
+        }
+        if let Some(g) = self.gbps {
+            v["gbps"] = serde_json::json!(g);
+        }
+        v.to_string()
+    }
+
+    pub fn line(&self) -> String {
+        let rate = match (self.tflops, self.gbps) {
+            (Some(t), _) => format!("{t:8.1} TFLOP/s"),
+            (_, Some(g)) => format!("{g:8.1} GB/s"),
+            _ => String::new(),
+        };
+        format!(
+            "{:14} {:9} {:24} {:5} {:10.4} ms  [{:.4} .. {:.4}, {} runs]  {rate}",
+            self.op,
+            self.pass,
+            format!("{:?}", self.shape),
+            self.dtype,
+            self.ms,
+            self.ms_p10,
+            self.ms_p90,
+            self.runs
+        )
+    }
+}
+
+/// Random normal values to cut inputs from.
+struct Pool {
+    values: Vec<f32>,
+    rng: StdRng,
+}
+
+impl Pool {
+    fn new(seed: u64) -> Pool {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values = (0..1 << 22)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        Pool { values, rng }
+    }
+
+    /// A fresh random tensor (values times `scale`) on the GPU.
+    fn tensor(
+        &mut self,
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        scale: f32,
+    ) -> Result<DeviceTensor> {
+        let n: usize = shape.iter().product();
+        let start = self.rng.random_range(0..self.values.len());
+        let vals = self
+            .values
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(n)
+            .map(|v| v * scale);
+        let storage = match dtype {
+            DType::BF16 => Storage::BF16(vals.map(half::bf16::from_f32).collect()),
+            DType::F16 => Storage::F16(vals.map(half::f16::from_f32).collect()),
+            _ => Storage::F32(vals.collect()),
+        };
+        gpu.upload(&Tensor::from_storage(storage, shape)?, dtype)
+    }
+}
+
+/// Times `plans[i % plans.len()]` (one plan per input set): warm-up, then the median of runs
+/// sized to about `budget_ms` in all (at least 5, at most 200).
+fn time_plans(gpu: &Gpu, plans: &[Vec<Step>], budget_ms: f64) -> Result<(f64, f64, f64, usize)> {
+    for p in plans.iter().cycle().take(plans.len().max(3)) {
+        gpu.run(p)?;
+    }
+    gpu.synchronize()?;
+    let (e0, e1) = (gpu.event()?, gpu.event()?);
+    e0.record(gpu.stream())
+        .map_err(super::context::cuda_err("event"))?;
+    gpu.run(&plans[0])?;
+    e1.record(gpu.stream())
+        .map_err(super::context::cuda_err("event"))?;
+    let once = e0
+        .elapsed_ms(&e1)
+        .map_err(super::context::cuda_err("event timing"))? as f64;
+    let runs = ((budget_ms / once.max(1e-3)) as usize).clamp(5, 200);
+    let events: Vec<_> = (0..2 * runs).map(|_| gpu.event()).collect::<Result<_>>()?;
+    for i in 0..runs {
+        events[2 * i]
+            .record(gpu.stream())
+            .map_err(super::context::cuda_err("event"))?;
+        gpu.run(&plans[i % plans.len()])?;
+        events[2 * i + 1]
+            .record(gpu.stream())
+            .map_err(super::context::cuda_err("event"))?;
+    }
+    gpu.synchronize()?;
+    let mut ms: Vec<f64> = (0..runs)
+        .map(|i| {
+            events[2 * i]
+                .elapsed_ms(&events[2 * i + 1])
+                .map(|m| m as f64)
+                .map_err(super::context::cuda_err("event timing"))
+        })
+        .collect::<Result<_>>()?;
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let q = |f: f64| ms[((runs - 1) as f64 * f).round() as usize];
+    Ok((q(0.5), q(0.1), q(0.9), runs))
+}
+
+/// How many input sets to rotate: enough to exceed 4x the L2 cache when one set is smaller than
+/// 2x L2, at most 8, and within a quarter of the GPU memory.
+fn sets_for(gpu: &Gpu, set_bytes: usize) -> usize {
+    let l2 = gpu.info().l2_bytes.max(1);
+    if set_bytes >= 2 * l2 {
+        return 1;
+    }
+    let want = (4 * l2).div_ceil(set_bytes.max(1)).clamp(1, 8);
+    let fit = (gpu.info().total_mem_bytes / 4 / set_bytes.max(1)).max(1);
+    want.min(fit)
+}
+
+/// Times forward, JVP and backward of `op` at `shape` in `dtype`.
+pub fn bench(op: BenchOp, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>> {
+    dtype_suffix(dtype)?;
+    let gpu = Gpu::get()?;
+    gpu.preload()?;
+    let mut pool = Pool::new(0x5eed ^ shape.iter().fold(17u64, |h, &s| h * 31 + s as u64));
+    let rows = match op {
+        BenchOp::Attention => bench_attention(&gpu, &mut pool, shape, dtype)?,
+        BenchOp::LayerNorm => bench_layernorm(&gpu, &mut pool, shape, dtype)?,
+        BenchOp::Mlp => bench_mlp(&gpu, &mut pool, shape, dtype)?,
+    };
+    Ok(rows)
+}
+
+const BUDGET_MS: f64 = 300.0;
+
+fn row(
+    op: BenchOp,
+    pass: &str,
+    shape: &[usize],
+    dtype: DType,
+    t: (f64, f64, f64, usize),
+) -> BenchRow {
+    BenchRow {
+        op: op.name().into(),
+        pass: pass.into(),
+        shape: shape.to_vec(),
+        dtype: dtype.name().into(),
+        ms: t.0,
+        ms_p10: t.1,
+        ms_p90: t.2,
+        runs: t.3,
+        tflops: None,
+        gbps: None,
+    }
+}
+
+fn bench_attention(
+    gpu: &Gpu,
+    pool: &mut Pool,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Vec<BenchRow>> {
+    let (b, h, nq, nk, d) = match *shape {
+        [b, h, nq, nk, d] => (b, h, nq, nk, d),
+        [b, h, n, d] => (b, h, n, n, d),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "attention benchmark shape {shape:?}: expected B,H,Nq,Nk,d or B,H,N,d"
+            )))
+        }
+    };
+    let shape = [b, h, nq, nk, d];
+    let dims: AttnDims = attn::check_shapes(&[b, h, nq, d], &[b, h, nk, d], &[b, h, nk, d])?;
+    let scale = attn::resolve_scale(None, d)?;
+    let s = dtype.size_in_bytes();
+    let set_bytes = (3 * b * h * nq * d + 3 * b * h * nk * d) * s;
+    let sets = sets_for(gpu, set_bytes);
+    struct Set {
+        q: DeviceTensor,
+        k: DeviceTensor,
+        v: DeviceTensor,
+        tq: DeviceTensor,
+        tk: DeviceTensor,
+        tv: DeviceTensor,
+        dout: DeviceTensor,
+    }
+    let mut inputs = Vec::new();
+    for _ in 0..sets {
+        inputs.push(Set {
+            q: pool.tensor(gpu, &dims.q_shape(), dtype, 1.0)?,
+            k: pool.tensor(gpu, &dims.k_shape(), dtype, 1.0)?,
+            v: pool.tensor(gpu, &dims.k_shape(), dtype, 1.0)?,
+            tq: pool.tensor(gpu, &dims.q_shape(), dtype, 1.0)?,
+            tk: pool.tensor(gpu, &dims.k_shape(), dtype, 1.0)?,
+            tv: pool.tensor(gpu, &dims.k_shape(), dtype, 1.0)?,
+            dout: pool.tensor(gpu, &dims.q_shape(), dtype, 1.0)?,
+        });
+    }
+    let o = gpu.alloc(&dims.q_shape(), dtype)?;
+    let to = gpu.alloc(&dims.q_shape(), dtype)?;
+    let lse = gpu.alloc(&dims.lse_shape(), DType::F32)?;
+    let tlse = gpu.alloc(&dims.lse_shape(), DType::F32)?;
+    let ptrs = |x: &Set| attn::JvpPtrs {
+        q: x.q.ptr(),
+        k: x.k.ptr(),
+        v: x.v.ptr(),
+        tq: x.tq.ptr(),
+        tk: x.tk.ptr(),
+        tv: x.tv.ptr(),
+        o: o.ptr(),
+        to: to.ptr(),
+        lse: lse.ptr(),
+        tlse: tlse.ptr(),
+    };
+    let flops = |mult: f64| mult * (b * h) as f64 * nq as f64 * nk as f64 * d as f64;
+    let mut rows = Vec::new();
+    for (pass, variant, mult) in [
+        ("fwd", Variant::Fwd, 4.0),
+        ("jvp", Variant::Jvp, 12.0),
+        ("jvp_nokv", Variant::JvpNoKv, 8.0),
+    ] {
+        let plans = inputs
+            .iter()
+            .map(|x| attn::plan_jvp(variant, dtype, dims, ptrs(x), scale))
+            .collect::<Result<Vec<_>>>()?;
+        let t = time_plans(gpu, &plans, BUDGET_MS)?;
+        let mut r = row(BenchOp::Attention, pass, &shape, dtype, t);
+        r.tflops = Some(flops(mult) / (t.0 * 1e-3) / 1e12);
+        rows.push(r);
+    }
+    // Backward: o and lse of each set from its own forward, kept per set.
+    let mut saved = Vec::new();
+    for x in &inputs {
+        let (o, lse) = attn::forward(&x.q, &x.k, &x.v, None)?;
+        saved.push((o, lse));
+    }
+    let dq = gpu.alloc(&dims.q_shape(), dtype)?;
+    let dk = gpu.alloc(&dims.k_shape(), dtype)?;
+    let dv = gpu.alloc(&dims.k_shape(), dtype)?;
+    let delta = gpu.alloc(&dims.lse_shape(), DType::F32)?;
+    let plans = inputs
+        .iter()
+        .zip(&saved)
+        .map(|(x, (o, lse))| {
+            attn::plan_backward(
+                dtype,
+                dims,
+                attn::BwdPtrs {
+                    q: x.q.ptr(),
+                    k: x.k.ptr(),
+                    v: x.v.ptr(),
+                    o: o.ptr(),
+                    lse: lse.ptr(),
+                    dout: x.dout.ptr(),
+                    delta: delta.ptr(),
+                    dq: dq.ptr(),
+                    dk: dk.ptr(),
+                    dv: dv.ptr(),
+                },
+                scale,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let t = time_plans(gpu, &plans, BUDGET_MS)?;
+    let mut r = row(BenchOp::Attention, "bwd", &shape, dtype, t);
+    r.tflops = Some(flops(10.0) / (t.0 * 1e-3) / 1e12);
+    rows.push(r);
+    Ok(rows)
+}
+
+fn bench_layernorm(
+    gpu: &Gpu,
+    pool: &mut Pool,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Vec<BenchRow>> {
+    let (t, c, g) = match *shape {
+        [t, c] => (t, c, 1),
+        [t, c, g] => (t, c, g),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "layernorm benchmark shape {shape:?}: expected T,C or T,C,G"
+            )))
+        }
+    };
+    ln::check_x(&[t, c])?;
+    if g == 0 || t % g != 0 {
+        return Err(Error::Unsupported(format!(
+            "layernorm benchmark: G = {g} must divide T = {t}"
+        )));
+    }
+    let d = LnDims { t, c, g };
+    let s = dtype.size_in_bytes();
+    let tc = t * c;
+    let sets = sets_for(gpu, 3 * tc * s);
+    struct Set {
+        x: DeviceTensor,
+        tx: DeviceTensor,
+        dy: DeviceTensor,
+        m: Vec<DeviceTensor>,
+    }
+    let mut inputs = Vec::new();
+    for _ in 0..sets {
+        let mut m = Vec::new();
+        for _ in 0..4 {
+            m.push(pool.tensor(gpu, &[g, c], DType::F32, 0.3)?);
+        }
+        inputs.push(Set {
+            x: pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+            tx: pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+            dy: pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+            m,
+        });
+    }
+    let y = gpu.alloc(&[t, c], dtype)?;
+    let ty = gpu.alloc(&[t, c], dtype)?;
+    let stats = gpu.alloc_stacked(&[&[t], &[t]], DType::F32)?;
+    let grads = gpu.alloc_stacked(&[&[g, c], &[g, c]], DType::F32)?;
+    let dx = gpu.alloc(&[t, c], dtype)?;
+    let mod_bytes = |n: usize| n * g * c * 4;
+    let mut rows = Vec::new();
+    // forward (also saving the statistics the backward reads)
+    let fwd = inputs
+        .iter()
+        .map(|x| {
+            ln::plan_forward(
+                dtype,
+                d,
+                x.x.ptr(),
+                x.m[0].ptr(),
+                x.m[1].ptr(),
+                y.ptr(),
+                stats[0].ptr(),
+                stats[1].ptr(),
+                1e-6,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &fwd, BUDGET_MS)?;
+    let mut r = row(BenchOp::LayerNorm, "fwd", shape, dtype, tm);
+    r.gbps = Some((2 * tc * s + mod_bytes(2) + 8 * t) as f64 / (tm.0 * 1e-3) / 1e9);
+    rows.push(r);
+    let jvp = inputs
+        .iter()
+        .map(|x| {
+            ln::plan_jvp(
+                dtype,
+                d,
+                ln::JvpPtrs {
+                    x: x.x.ptr(),
+                    tx: x.tx.ptr(),
+                    scale: x.m[0].ptr(),
+                    shift: x.m[1].ptr(),
+                    tscale: x.m[2].ptr(),
+                    tshift: x.m[3].ptr(),
+                    y: y.ptr(),
+                    ty: ty.ptr(),
+                    mean: 0,
+                    rstd: 0,
+                },
+                1e-6,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &jvp, BUDGET_MS)?;
+    let mut r = row(BenchOp::LayerNorm, "jvp", shape, dtype, tm);
+    r.gbps = Some((4 * tc * s + mod_bytes(4)) as f64 / (tm.0 * 1e-3) / 1e9);
+    rows.push(r);
+    // backward with the statistics of the last forward (the timing does not depend on them)
+    let bwd = inputs
+        .iter()
+        .map(|x| {
+            ln::plan_backward(
+                dtype,
+                d,
+                ln::BwdPtrs {
+                    dy: x.dy.ptr(),
+                    x: x.x.ptr(),
+                    scale: x.m[0].ptr(),
+                    mean: stats[0].ptr(),
+                    rstd: stats[1].ptr(),
+                    dx: dx.ptr(),
+                    dscale: grads[0].ptr(),
+                    dshift: grads[1].ptr(),
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &bwd, BUDGET_MS)?;
+    let mut r = row(BenchOp::LayerNorm, "bwd", shape, dtype, tm);
+    r.gbps = Some((3 * tc * s + mod_bytes(3) + 8 * t) as f64 / (tm.0 * 1e-3) / 1e9);
+    rows.push(r);
+    Ok(rows)
+}
+
+fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>> {
+    let [t, c, hd] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "mlp benchmark shape {shape:?}: expected T,C,Hd"
+        )));
+    };
+    let d: MlpDims = mlp::check_shapes(&[t, c], &[hd, c], &[hd], &[c, hd], &[c])?;
+    let wscale = 1.0 / (c as f32).sqrt();
+    let w1 = pool.tensor(gpu, &[hd, c], dtype, wscale)?;
+    let b1 = pool.tensor(gpu, &[hd], dtype, 0.1)?;
+    let w2 = pool.tensor(gpu, &[c, hd], dtype, 1.0 / (hd as f32).sqrt())?;
+    let b2 = pool.tensor(gpu, &[c], dtype, 0.1)?;
+    let p = ParamPtrs {
+        w1: w1.ptr(),
+        b1: b1.ptr(),
+        w2: w2.ptr(),
+        b2: b2.ptr(),
+    };
+    let s = dtype.size_in_bytes();
+    let sets = sets_for(gpu, 3 * t * c * s);
+    let mut inputs = Vec::new();
+    for _ in 0..sets {
+        // x and its tangent stacked (one first-layer GEMM), and a cotangent.
+        let x = pool.tensor(gpu, &[2 * t, c], dtype, 1.0)?;
+        let gy = pool.tensor(gpu, &[t, c], dtype, 1.0)?;
+        inputs.push((x, gy));
+    }
+    let th = [t, hd];
+    let scratch = gpu.alloc_stacked(&[&[2 * t, hd], &th, &th, &[t]], dtype)?;
+    let y = gpu.alloc(&[t, c], dtype)?;
+    let ty = gpu.alloc(&[t, c], dtype)?;
+    let grads = gpu.alloc_stacked(&[&[t, c], &[hd, c], &[hd], &[c, hd], &[c]], dtype)?;
+    let flops = |mult: f64| mult * t as f64 * c as f64 * hd as f64;
+    let tx_of = |x: &DeviceTensor| x.ptr() + (t * c * s) as u64;
+    let mut rows = Vec::new();
+    let fwd = inputs
+        .iter()
+        .map(|(x, _)| mlp::plan_forward(dtype, d, x.ptr(), p, scratch[0].ptr(), y.ptr()))
+        .collect::<Result<Vec<_>>>()?;
+    let jvp = inputs
+        .iter()
+        .map(|(x, _)| {
+            mlp::plan_jvp(
+                dtype,
+                d,
+                x.ptr(),
+                tx_of(x),
+                p,
+                scratch[0].ptr(),
+                scratch[1].ptr(),
+                y.ptr(),
+                ty.ptr(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bwd = inputs
+        .iter()
+        .map(|(x, gy)| {
+            mlp::plan_backward(
+                dtype,
+                d,
+                x.ptr(),
+                p,
+                gy.ptr(),
+                mlp::BwdPtrs {
+                    pre: scratch[0].ptr(),
+                    g: scratch[1].ptr(),
+                    dg: scratch[2].ptr(),
+                    ones: scratch[3].ptr(),
+                    dx: grads[0].ptr(),
+                    dw1: grads[1].ptr(),
+                    db1: grads[2].ptr(),
+                    dw2: grads[3].ptr(),
+                    db2: grads[4].ptr(),
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (pass, plans, mult) in [("fwd", &fwd, 4.0), ("jvp", &jvp, 8.0), ("bwd", &bwd, 10.0)] {
+        let tm = time_plans(gpu, plans, BUDGET_MS)?;
+        let mut r = row(BenchOp::Mlp, pass, shape, dtype, tm);
+        r.tflops = Some(flops(mult) / (tm.0 * 1e-3) / 1e12);
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_print_as_json() {
+        let r = BenchRow {
+            op: "attention".into(),
+            pass: "jvp".into(),
+            shape: vec![1, 12, 4096, 4096, 64],
+            dtype: "bf16".into(),
+            ms: 0.5,
+            ms_p10: 0.49,
+            ms_p90: 0.52,
+            runs: 100,
+            tflops: Some(400.0),
+            gbps: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(v["op"], "attention");
+        assert_eq!(v["pass"], "jvp");
+        assert_eq!(v["shape"][2], 4096);
+        assert_eq!(v["tflops"], 400.0);
+        assert!(v.get("gbps").is_none());
+        assert!(r.line().contains("TFLOP/s"));
+        assert_eq!(BenchOp::parse("layernorm_mod").unwrap(), BenchOp::LayerNorm);
+        assert!(BenchOp::parse("conv").is_err());
+        assert_eq!(
+            BenchOp::Attention.default_shapes()[0],
+            vec![16, 16, 1024, 1024, 64]
+        );
+    }
+}

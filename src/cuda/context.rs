@@ -1,0 +1,537 @@
+//! The process-wide GPU handle: device 0, its default stream, the compiled kernel modules and the
+//! cuBLASLt state, created once on first use. Absence of a driver, NVRTC or a device, and every
+//! driver failure, is an `Error` value, never a panic.
+//!
+//! Only the default stream is used, so cudarc's per-allocation event tracking is switched off:
+//! work is ordered by the stream, and allocations are freed stream-ordered.
+//!
+//! Kernel modules are compiled by NVRTC once per process and file (see [`super::nvrtc`]) and, to
+//! spare the many short processes of a GPU session (each test binary, compute-sanitizer runs, the
+//! benchmark) a compile each, cached on disk as CUBIN keyed by the hash of the sources, the
+//! architecture and the NVRTC version: `$FLASHJVP_KERNEL_CACHE` (a directory, or `off`), else
+//! `$XDG_CACHE_HOME/flashjvp`, else `$HOME/.cache/flashjvp`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{self as dsys, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, PushKernelArg};
+
+use super::gemm::Blas;
+use super::launch::{Arg, Launch, Step};
+use super::sources::SOURCES;
+use super::{driver_present, nvrtc, nvrtc_present};
+use crate::error::{Error, Result};
+
+/// A cheap, clonable handle on the process's GPU (device 0).
+#[derive(Clone)]
+pub struct Gpu {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: GpuInfo,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Loaded functions, with the dynamic shared memory limit already raised for them.
+    functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
+    blas: Mutex<Option<Blas>>,
+}
+
+/// What `flashjvp info` reports about the GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub name: String,
+    /// NVRTC's architecture name for the device (sm_90a on Hopper).
+    pub arch: String,
+    pub capability: (u32, u32),
+    pub total_mem_bytes: usize,
+    pub multiprocessors: u32,
+    pub l2_bytes: usize,
+    /// The most dynamic shared memory one block may ask for (after raising the limit).
+    pub max_shared_per_block: usize,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, compute capability {}.{}, {:.1} GiB, {} SMs, {} MiB L2, {} KiB shared memory per block)",
+            self.name,
+            self.arch,
+            self.capability.0,
+            self.capability.1,
+            self.total_mem_bytes as f64 / (1u64 << 30) as f64,
+            self.multiprocessors,
+            self.l2_bytes >> 20,
+            self.max_shared_per_block >> 10
+        )
+    }
+}
+
+/// A driver error as an `Error::Cuda` saying what was being done.
+pub(crate) fn cuda_err(
+    what: impl std::fmt::Display,
+) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+static GPU: OnceLock<std::result::Result<Gpu, Error>> = OnceLock::new();
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the device-level entry points fill the outputs they allocate with NaN before the
+/// kernels write them (on by default: an element a kernel misses then shows up as NaN instead of
+/// stale memory; one memset per output). The benchmark replays plans and never pays for it.
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+pub fn poison_outputs() -> bool {
+    POISON_OUTPUTS.load(Ordering::Relaxed)
+}
+
+impl Gpu {
+    /// The process's GPU, created on first use. Errors (kept for the whole process): "no CUDA
+    /// driver found", "NVRTC not found", no device, or a driver failure.
+    pub fn get() -> Result<Gpu> {
+        match GPU.get_or_init(init) {
+            Ok(g) => Ok(g.clone()),
+            Err(e) => Err(clone_error(e)),
+        }
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.inner.info
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.inner.info.arch
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    /// Makes the context current on the calling thread (needed before raw driver calls).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))
+    }
+
+    /// Waits for all queued work; a kernel fault or other asynchronous error surfaces here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(cuda_err("waiting for the GPU (an earlier kernel failed)"))
+    }
+
+    /// `bytes` bytes of uninitialised device memory (at least one byte is allocated).
+    pub(crate) fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: the memory is uninitialised; every user writes it (or poisons it) before reading.
+        unsafe { self.inner.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+            Error::Cuda(format!(
+                "allocating {bytes} bytes on {}: {e:?}",
+                self.inner.info.name
+            ))
+        })
+    }
+
+    /// Compiles (or finds in the caches) every embedded kernel file, in parallel, and loads them.
+    pub fn preload(&self) -> Result<()> {
+        let files = nvrtc::kernel_files();
+        let arch = self.arch().to_string();
+        let results: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = files
+                .iter()
+                .map(|f| {
+                    let arch = arch.as_str();
+                    s.spawn(move || cubin(f, arch))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Cuda("kernel compile thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
+        }
+        for f in files {
+            self.module(f)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.inner.modules.lock().expect("module cache lock");
+        if let Some(m) = modules.get(file) {
+            return Ok(m.clone());
+        }
+        let image = cubin(file, self.arch())?;
+        let m = self
+            .inner
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+            .map_err(cuda_err(format!(
+                "loading the {} module of {file} (was it compiled for this GPU?)",
+                self.arch()
+            )))?;
+        modules.insert(file, m.clone());
+        Ok(m)
+    }
+
+    /// The kernel `name` of `file`, with its dynamic shared memory limit raised to at least
+    /// `shared_bytes` when that is above the default 48 KiB.
+    fn function(&self, file: &'static str, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
+        let max = self.inner.info.max_shared_per_block;
+        if shared_bytes as usize > max {
+            return Err(Error::Unsupported(format!(
+                "kernel {name} needs {shared_bytes} bytes of shared memory per block; {} allows {max} \
+                 (A100 and H100/H200 have enough, sm_86/sm_89 cards do not)",
+                self.inner.info.name
+            )));
+        }
+        let mut functions = self.inner.functions.lock().expect("function cache lock");
+        if let Some((f, set)) = functions.get_mut(name) {
+            if shared_bytes > 48 * 1024 && shared_bytes > *set {
+                raise_shared(f, name, shared_bytes)?;
+                *set = shared_bytes;
+            }
+            return Ok(f.clone());
+        }
+        drop(functions);
+        let module = self.module(file)?;
+        let f = module
+            .load_function(name)
+            .map_err(cuda_err(format!("kernel {name} is not in {file}")))?;
+        let mut set = 48 * 1024;
+        if shared_bytes > set {
+            raise_shared(&f, name, shared_bytes)?;
+            set = shared_bytes;
+        }
+        self.inner
+            .functions
+            .lock()
+            .expect("function cache lock")
+            .insert(name.to_string(), (f.clone(), set));
+        Ok(f)
+    }
+
+    /// Queues the steps of a plan, in order, on the stream (asynchronously: errors inside kernels
+    /// surface at the next synchronisation).
+    pub fn run(&self, steps: &[Step]) -> Result<()> {
+        self.bind()?;
+        for step in steps {
+            match step {
+                Step::Kernel(l) => self.launch(l)?,
+                Step::Gemm(g) => {
+                    let mut blas = self.inner.blas.lock().expect("cuBLAS lock");
+                    if blas.is_none() {
+                        *blas = Some(Blas::new(self)?);
+                    }
+                    blas.as_mut().expect("created above").gemm(self, g)?;
+                }
+                Step::Fill {
+                    ptr,
+                    width,
+                    count,
+                    bits,
+                } => self.fill(*ptr, *width, *count, *bits)?,
+                Step::Copy { src, dst, bytes } => {
+                    if *bytes > 0 {
+                        // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
+                        unsafe {
+                            dsys::cuMemcpyDtoDAsync_v2(
+                                *dst,
+                                *src,
+                                *bytes,
+                                self.inner.stream.cu_stream(),
+                            )
+                        }
+                        .result()
+                        .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(&self, l: &Launch) -> Result<()> {
+        let f = self.function(l.file, &l.kernel, l.shared_bytes)?;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: l.block,
+            shared_mem_bytes: l.shared_bytes,
+        };
+        let stream = &self.inner.stream;
+        let mut b = stream.launch_builder(&f);
+        for a in &l.args {
+            match a {
+                Arg::Ptr(p) => {
+                    b.arg(p);
+                }
+                Arg::I32(v) => {
+                    b.arg(v);
+                }
+                Arg::I64(v) => {
+                    b.arg(v);
+                }
+                Arg::F32(v) => {
+                    b.arg(v);
+                }
+            }
+        }
+        // SAFETY: the plan builders checked shapes, pointers and the argument list against the
+        // kernel's signature (tests compare every plan with the PTX parameter lists).
+        unsafe { b.launch(cfg) }
+            .map_err(cuda_err(format!("launching {} with {cfg:?}", l.kernel)))?;
+        Ok(())
+    }
+
+    fn fill(&self, ptr: u64, width: usize, count: usize, bits: u32) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let s = self.inner.stream.cu_stream();
+        // SAFETY: the pointer and count come from a live allocation of at least count * width bytes.
+        let r = unsafe {
+            match width {
+                1 => dsys::cuMemsetD8Async(ptr, bits as u8, count, s),
+                2 => dsys::cuMemsetD16Async(ptr, bits as u16, count, s),
+                4 => dsys::cuMemsetD32Async(ptr, bits, count, s),
+                _ => return Err(Error::Cuda(format!("memset of width {width}"))),
+            }
+        };
+        r.result()
+            .map_err(cuda_err(format!("filling {count} x {width} bytes")))
+    }
+
+    /// A timing event (with timing enabled).
+    pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
+        self.inner
+            .ctx
+            .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err("creating an event"))
+    }
+}
+
+fn raise_shared(f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(cuda_err(format!(
+        "raising the shared memory limit of {name} to {bytes} bytes"
+    )))
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Unsupported(m) => Error::Unsupported(m.clone()),
+        other => Error::Cuda(other.to_string().trim_start_matches("CUDA: ").to_string()),
+    }
+}
+
+fn init() -> std::result::Result<Gpu, Error> {
+    if !driver_present() {
+        return Err(Error::Unsupported(
+            "no CUDA driver found (libcuda.so could not be loaded)".into(),
+        ));
+    }
+    if !nvrtc_present() {
+        return Err(Error::Unsupported(
+            "NVRTC not found (libnvrtc.so.13 could not be loaded; put it on LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    // cudarc panics on a symbol an old driver lacks; keep that an error too.
+    std::panic::catch_unwind(init_device)
+        .unwrap_or_else(|_| Err(Error::Cuda("the CUDA driver library is unusable".into())))
+}
+
+fn init_device() -> std::result::Result<Gpu, Error> {
+    let count = CudaContext::device_count().map_err(cuda_err("no usable CUDA device"))?;
+    if count < 1 {
+        return Err(Error::Cuda("no CUDA device found".into()));
+    }
+    let ctx = CudaContext::new(0).map_err(cuda_err("creating a context on CUDA device 0"))?;
+    // SAFETY: only the default stream is ever used, so no cross-stream synchronisation is needed.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.default_stream();
+    let attr = |a: CUdevice_attribute| {
+        ctx.attribute(a)
+            .map_err(cuda_err(format!("reading device attribute {a:?}")))
+    };
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(cuda_err("reading the compute capability"))?;
+    if major < 8 {
+        return Err(Error::Unsupported(format!(
+            "CUDA device 0 has compute capability {major}.{minor}; the kernels need 8.0 or newer"
+        )));
+    }
+    let info = GpuInfo {
+        name: ctx.name().map_err(cuda_err("reading the device name"))?,
+        arch: nvrtc::arch_for_capability(major as u32, minor as u32),
+        capability: (major as u32, minor as u32),
+        total_mem_bytes: ctx
+            .total_mem()
+            .map_err(cuda_err("reading the memory size"))?,
+        multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+        l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+        max_shared_per_block: attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )? as usize,
+    };
+    Ok(Gpu {
+        inner: Arc::new(Inner {
+            ctx,
+            stream,
+            info,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
+        }),
+    })
+}
+
+/// Whether a usable GPU is there (driver, NVRTC, a device of compute capability 8.0 or newer).
+/// Never panics.
+pub fn gpu_available() -> bool {
+    Gpu::get().is_ok()
+}
+
+/// For GPU tests: the GPU, or `None` after printing "skipped: no CUDA device" — unless the
+/// environment sets FLASHJVP_REQUIRE_GPU=1 (the GPU machine's run.sh does), where a missing GPU
+/// fails the test.
+///
+/// The first call also compiles (or loads from the caches) every kernel file, in parallel; a
+/// kernel that fails to compile or load on a present GPU fails the test.
+pub fn require_gpu_or_skip() -> Option<Gpu> {
+    static PRELOAD: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    match Gpu::get() {
+        Ok(g) => {
+            if let Err(e) = PRELOAD.get_or_init(|| g.preload().map_err(|e| e.to_string())) {
+                panic!("the GPU is there but the kernels did not load: {e}");
+            }
+            Some(g)
+        }
+        Err(e) => {
+            let required = std::env::var("FLASHJVP_REQUIRE_GPU")
+                .map(|v| !v.is_empty() && v != "0")
+                .unwrap_or(false);
+            if required {
+                panic!("FLASHJVP_REQUIRE_GPU is set but no GPU is usable: {e}");
+            }
+            // Written past the test harness's capture so that the skip is visible.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device\n  ({e})");
+            None
+        }
+    }
+}
+
+/// FNV-1a, continued from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC is loaded (probed at init) and both pointers are valid.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (major, minor)
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("FLASHJVP_KERNEL_CACHE") {
+        Some(v) if v == "off" => return None,
+        Some(v) if !v.is_empty() => return Some(PathBuf::from(v)),
+        _ => {}
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("flashjvp"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("flashjvp"))
+}
+
+/// The CUBIN of one kernel file for `arch`: from the disk cache, else compiled by NVRTC (and then
+/// written to the disk cache; a cache that cannot be written is skipped silently).
+fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
+    let (_, source) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    let (major, minor) = nvrtc_version();
+    let mut h = fnv(0xcbf29ce484222325, source.as_bytes());
+    for (name, text) in SOURCES.iter().filter(|(n, _)| n.ends_with(".cuh")) {
+        h = fnv(h, name.as_bytes());
+        h = fnv(h, text.as_bytes());
+    }
+    h = fnv(h, format!("{arch} nvrtc {major}.{minor}").as_bytes());
+    // The compile options live in nvrtc.rs: a change there must not reuse old binaries.
+    h = fnv(h, include_str!("nvrtc.rs").as_bytes());
+    let stem = file.trim_end_matches(".cu");
+    let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{h:016x}.cubin")));
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let compiled = nvrtc::compile(file, arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &compiled.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(compiled.cubin.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_gpu_is_an_error_not_a_panic() {
+        // On a machine without a GPU this is an error naming what is missing; with one it works.
+        match Gpu::get() {
+            Ok(g) => assert!(g.arch().starts_with("sm_")),
+            Err(e) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("CUDA") || m.contains("NVRTC") || m.contains("compute capability"),
+                    "{m}"
+                );
+            }
+        }
+        let _ = gpu_available();
+    }
+}

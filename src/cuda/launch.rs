@@ -1,0 +1,284 @@
+//! Launch plans: what a CUDA op does, as data. Each op family builds a `Vec<Step>` from device
+//! pointers and sizes with a pure function (no GPU needed), and [`crate::cuda::Gpu::run`] executes
+//! it. Keeping the plan separate from its execution lets the tests check, on a machine without a
+//! GPU, that every kernel named in a plan exists and that its argument list matches the kernel's
+//! parameter list in the PTX (a wrong `int` vs `long long`, or a missing pointer, would otherwise be
+//! silent memory corruption), and that grids and shared memory stay within the device limits.
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// One kernel argument, by value. Pointers are raw device addresses (0 is a null "opt" pointer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// The ABI class of a kernel parameter, as PTX declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// A pointer or a `long long`: `.param .u64` / `.s64` / `.b64`.
+    B64,
+    /// An `int`: `.param .u32` / `.s32` / `.b32`.
+    B32,
+    /// A `float`: `.param .f32`.
+    F32,
+}
+
+impl Arg {
+    pub fn kind(&self) -> ArgKind {
+        match self {
+            Arg::Ptr(_) | Arg::I64(_) => ArgKind::B64,
+            Arg::I32(_) => ArgKind::B32,
+            Arg::F32(_) => ArgKind::F32,
+        }
+    }
+}
+
+/// A kernel launch: which kernel of which embedded file, its grid, block, dynamic shared memory and
+/// arguments in parameter order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub file: &'static str,
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    pub args: Vec<Arg>,
+}
+
+/// The largest grid the hardware takes (x, y, z).
+pub const MAX_GRID: (u64, u64, u64) = (i32::MAX as u64, 65535, 65535);
+
+impl Launch {
+    /// A launch whose grid is checked against the hardware limits: each dimension at least 1 and
+    /// at most [`MAX_GRID`]. `what` names the op in the error.
+    pub fn new(
+        what: &str,
+        file: &'static str,
+        kernel: impl Into<String>,
+        grid: (u64, u64, u64),
+        block: (u32, u32, u32),
+        shared_bytes: usize,
+        args: Vec<Arg>,
+    ) -> Result<Launch> {
+        let kernel = kernel.into();
+        let ok = |g: u64, max: u64| (1..=max).contains(&g);
+        if !(ok(grid.0, MAX_GRID.0) && ok(grid.1, MAX_GRID.1) && ok(grid.2, MAX_GRID.2)) {
+            return Err(Error::Unsupported(format!(
+                "{what}: kernel {kernel} would need a grid of {grid:?} blocks; the GPU takes 1..={} \
+                 in x and 1..=65535 in y and z (too many batch x heads, groups or rows)",
+                MAX_GRID.0
+            )));
+        }
+        let shared_bytes = u32::try_from(shared_bytes).map_err(|_| {
+            Error::Unsupported(format!("{what}: {shared_bytes} bytes of shared memory"))
+        })?;
+        Ok(Launch {
+            file,
+            kernel,
+            grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block,
+            shared_bytes,
+            args,
+        })
+    }
+}
+
+/// A matrix product on row-major matrices, C[m, n] = op(A) op(B) (+ bias[n] on every row), with
+/// f32 accumulation. A is stored [m, k] (or [k, m] when `trans_a`), B is stored [k, n] (or [n, k]
+/// when `trans_b`); all three are contiguous and in `dtype`, as is the bias.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub dtype: DType,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub trans_a: bool,
+    pub b: u64,
+    pub trans_b: bool,
+    pub c: u64,
+    pub bias: Option<u64>,
+}
+
+/// One step of a plan, executed in order on the GPU's stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    Kernel(Launch),
+    Gemm(Gemm),
+    /// Set `count` elements of `width` bytes (1, 2 or 4) at `ptr` to `bits`.
+    Fill {
+        ptr: u64,
+        width: usize,
+        count: usize,
+        bits: u32,
+    },
+    /// Copy `bytes` bytes from `src` to `dst` (device to device).
+    Copy {
+        src: u64,
+        dst: u64,
+        bytes: usize,
+    },
+}
+
+impl Step {
+    /// Zero `bytes` bytes at `ptr`.
+    pub fn zero(ptr: u64, bytes: usize) -> Step {
+        Step::Fill {
+            ptr,
+            width: 1,
+            count: bytes,
+            bits: 0,
+        }
+    }
+}
+
+/// The kernel-name suffix of a storage dtype (`_bf16`, `_f16`, `_f32`).
+pub fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        DType::F64 => Err(Error::Unsupported(
+            "the GPU computes in bf16, f16 or f32, not f64 (use the CPU for f64)".into(),
+        )),
+    }
+}
+
+/// The grid of a grid-stride pointwise kernel over `n` elements: block 256, at most
+/// 65535 * 16 blocks (any smaller grid is also correct).
+pub fn pointwise_grid(n: usize) -> (u64, u64, u64) {
+    ((n as u64).div_ceil(256).clamp(1, 65535 * 16), 1, 1)
+}
+
+/// `v` as an `int` kernel argument, or an error naming it.
+pub fn int_arg(what: &str, name: &str, v: usize) -> Result<Arg> {
+    i32::try_from(v).map(Arg::I32).map_err(|_| {
+        Error::Unsupported(format!(
+            "{what}: {name} = {v} does not fit the kernels' 32-bit int"
+        ))
+    })
+}
+
+/// One embedded kernel file compiled to PTX for a virtual architecture (e.g. "compute_80"), the
+/// header inlined: what [`ptx_signatures`] reads to check launch plans without a GPU. Needs NVRTC.
+pub fn kernel_ptx(file: &str, arch: &'static str) -> Result<String> {
+    use super::sources::SOURCES;
+    if !super::nvrtc_present() {
+        return Err(Error::Unsupported("NVRTC not found".into()));
+    }
+    let (_, source) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    let mut text = source.to_string();
+    for (name, body) in SOURCES.iter().filter(|(n, _)| n.ends_with(".cuh")) {
+        text = text.replace(&format!("#include \"{name}\""), body);
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["-default-device".into(), "--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(text, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| Error::Cuda(format!("NVRTC (PTX) failed for {file}: {e:?}")))
+}
+
+/// The threads-per-block bound (`.maxntid`) of each kernel entry of a PTX text, where declared.
+pub fn ptx_max_threads(ptx: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in ptx.lines() {
+        if let Some(rest) = line.split(".entry ").nth(1) {
+            current = rest
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .map(str::to_string);
+        } else if let (Some(name), Some(rest)) = (&current, line.split(".maxntid").nth(1)) {
+            let n: u32 = rest
+                .split(',')
+                .map(|v| {
+                    v.trim()
+                        .trim_end_matches(';')
+                        .trim()
+                        .parse::<u32>()
+                        .unwrap_or(1)
+                })
+                .product();
+            out.push((name.clone(), n));
+        }
+    }
+    out
+}
+
+/// The kernel entries of a PTX text and the ABI class of each parameter, in order.
+pub fn ptx_signatures(ptx: &str) -> Vec<(String, Vec<ArgKind>)> {
+    let mut out = Vec::new();
+    let mut lines = ptx.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.split(".entry ").nth(1) else {
+            continue;
+        };
+        let name = rest
+            .split(|c: char| c == '(' || c.is_whitespace())
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut params = Vec::new();
+        if !rest.contains("()") {
+            for p in lines.by_ref() {
+                let p = p.trim();
+                if p.starts_with(')') {
+                    break;
+                }
+                if let Some(decl) = p.strip_prefix(".param") {
+                    let ty = decl.split_whitespace().next().unwrap_or_default();
+                    params.push(match ty {
+                        ".u32" | ".s32" | ".b32" => ArgKind::B32,
+                        ".f32" => ArgKind::F32,
+                        _ => ArgKind::B64,
+                    });
+                }
+            }
+        }
+        out.push((name, params));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptx_entries() {
+        let ptx = "\n.visible .entry k1(\n\t.param .u64 k1_param_0,\n\t.param .u32 k1_param_1,\n\
+                   \t.param .f32 k1_param_2,\n\t.param .u64 .ptr .align 1 k1_param_3\n)\n{\n}\n\
+                   .visible .entry k2()\n{\n}\n";
+        let s = ptx_signatures(ptx);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0, "k1");
+        assert_eq!(
+            s[0].1,
+            vec![ArgKind::B64, ArgKind::B32, ArgKind::F32, ArgKind::B64]
+        );
+        assert_eq!(s[1], ("k2".to_string(), vec![]));
+    }
+
+    #[test]
+    fn grids_are_checked() {
+        let l = |g| Launch::new("t", "f.cu", "k", g, (128, 1, 1), 0, vec![]);
+        assert!(l((1, 65535, 1)).is_ok());
+        assert!(l((1, 65536, 1)).is_err());
+        assert!(l((0, 1, 1)).is_err());
+        assert!(l((1 << 31, 1, 1)).is_err());
+        assert_eq!(pointwise_grid(0), (1, 1, 1));
+        assert_eq!(pointwise_grid(257), (2, 1, 1));
+        assert_eq!(pointwise_grid(1 << 40), (65535 * 16, 1, 1));
+    }
+}

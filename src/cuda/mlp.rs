@@ -1,0 +1,482 @@
+//! The GELU MLP y = gelu(x W1ᵀ + b1) W2ᵀ + b2 on the GPU: GEMMs through cuBLASLt (see
+//! [`super::gemm`]) and the epilogue kernels of cuda/elementwise.cu.
+//!
+//! JVP (DESIGN.md section 3): the first layer's product serves primal and tangent rows at once when
+//! x and ẋ lie back to back in memory ([x; ẋ] Wᵀ as one GEMM of 2T rows; the host entry point
+//! uploads them so), else two GEMMs into the stacked buffer. Then `bias_gelu_fwd` (pre = h + b1 in
+//! place, g = gelu(pre)), `gelu_tangent` (ġ = gelu'(pre) ⊙ ẋW1ᵀ in place), and the second layer as
+//! two GEMMs (the bias goes to the primal rows only, by the GEMM epilogue).
+//! Backward: recompute pre and g, then dW2 = gyᵀ g, db2 = 1ᵀ gy, dg = gy W2, dpre = gelu'(pre) ⊙
+//! dg, dW1 = dpreᵀ x, db1 = 1ᵀ dpre, dx = dpre W1 (bias gradients as products with a ones row,
+//! accumulated in f32).
+
+use super::launch::{int_arg, Gemm, Step};
+use super::tensor::{one_bits, DeviceTensor};
+use super::{context::Gpu, elementwise as ew};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+const OP: &str = "mlp";
+
+/// Rows T, model width C, hidden width Hd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlpDims {
+    pub t: usize,
+    pub c: usize,
+    pub hd: usize,
+}
+
+/// Device addresses of the parameters: w1 [Hd, C], b1 [Hd], w2 [C, Hd], b2 [C].
+#[derive(Clone, Copy, Debug)]
+pub struct ParamPtrs {
+    pub w1: u64,
+    pub b1: u64,
+    pub w2: u64,
+    pub b2: u64,
+}
+
+/// The parameters as device tensors (all in the dtype of x).
+#[derive(Clone, Copy)]
+pub struct DeviceMlp<'a> {
+    pub w1: &'a DeviceTensor,
+    pub b1: &'a DeviceTensor,
+    pub w2: &'a DeviceTensor,
+    pub b2: &'a DeviceTensor,
+}
+
+impl DeviceMlp<'_> {
+    fn ptrs(&self) -> ParamPtrs {
+        ParamPtrs {
+            w1: self.w1.ptr(),
+            b1: self.b1.ptr(),
+            w2: self.w2.ptr(),
+            b2: self.b2.ptr(),
+        }
+    }
+}
+
+/// Checks x [T, C], w1 [Hd, C], b1 [Hd], w2 [C, Hd], b2 [C] by shape (errors name the tensor).
+pub fn check_shapes(
+    x: &[usize],
+    w1: &[usize],
+    b1: &[usize],
+    w2: &[usize],
+    b2: &[usize],
+) -> Result<MlpDims> {
+    let rank = |name: &str, s: &[usize], r: usize| -> Result<()> {
+        if s.len() != r {
+            return Err(Error::Rank {
+                op: OP,
+                tensor: name.into(),
+                expected: r,
+                actual: s.to_vec(),
+            });
+        }
+        Ok(())
+    };
+    rank("x", x, 2)?;
+    rank("w1", w1, 2)?;
+    let (t, c, hd) = (x[0], x[1], w1[0]);
+    for (name, s, want) in [
+        ("w1", w1, vec![hd, c]),
+        ("b1", b1, vec![hd]),
+        ("w2", w2, vec![c, hd]),
+        ("b2", b2, vec![c]),
+    ] {
+        if s != want.as_slice() {
+            if s.len() != want.len() {
+                rank(name, s, want.len())?;
+            }
+            return Err(Error::Shape {
+                op: OP,
+                tensor: name.into(),
+                expected: format!("{want:?}"),
+                actual: s.to_vec(),
+            });
+        }
+    }
+    if t == 0 || c == 0 || hd == 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("empty dimension: x {x:?}, w1 {w1:?}"),
+        ));
+    }
+    for (name, v) in [("T", t), ("C", c), ("Hd", hd), ("2T", 2 * t)] {
+        int_arg(OP, name, v)?;
+    }
+    Ok(MlpDims { t, c, hd })
+}
+
+fn gemm(
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (u64, bool),
+    b: (u64, bool),
+    c: u64,
+) -> Step {
+    Step::Gemm(Gemm {
+        dtype,
+        m,
+        n,
+        k,
+        a: a.0,
+        trans_a: a.1,
+        b: b.0,
+        trans_b: b.1,
+        c,
+        bias: None,
+    })
+}
+
+fn with_bias(step: Step, bias: u64) -> Step {
+    match step {
+        Step::Gemm(mut g) => {
+            g.bias = Some(bias);
+            Step::Gemm(g)
+        }
+        other => other,
+    }
+}
+
+/// Forward: `h` is a [T, Hd] scratch buffer, `y` [T, C].
+pub fn plan_forward(
+    dtype: DType,
+    d: MlpDims,
+    x: u64,
+    p: ParamPtrs,
+    h: u64,
+    y: u64,
+) -> Result<Vec<Step>> {
+    let mut s = vec![gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), h)];
+    // g = gelu(h + b1), in place.
+    s.extend(ew::plan_bias_gelu(dtype, d.t, d.hd, h, p.b1, 0, h)?);
+    s.push(with_bias(
+        gemm(dtype, d.t, d.c, d.hd, (h, false), (p.w2, true), y),
+        p.b2,
+    ));
+    Ok(s)
+}
+
+/// JVP: `h2` is a [2T, Hd] scratch buffer (pre-activations, then tangents in rows T..2T), `g` a
+/// [T, Hd] scratch buffer; y and ty [T, C]. When `tx` starts right after x (x and ẋ stacked), the
+/// first layer is one GEMM over 2T rows.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_jvp(
+    dtype: DType,
+    d: MlpDims,
+    x: u64,
+    tx: u64,
+    p: ParamPtrs,
+    h2: u64,
+    g: u64,
+    y: u64,
+    ty: u64,
+) -> Result<Vec<Step>> {
+    let s_bytes = dtype.size_in_bytes() as u64;
+    let th = h2 + (d.t * d.hd) as u64 * s_bytes;
+    let mut s = Vec::new();
+    if tx == x + (d.t * d.c) as u64 * s_bytes {
+        s.push(gemm(
+            dtype,
+            2 * d.t,
+            d.hd,
+            d.c,
+            (x, false),
+            (p.w1, true),
+            h2,
+        ));
+    } else {
+        s.push(gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), h2));
+        s.push(gemm(dtype, d.t, d.hd, d.c, (tx, false), (p.w1, true), th));
+    }
+    s.extend(ew::plan_bias_gelu(dtype, d.t, d.hd, h2, p.b1, h2, g)?);
+    s.extend(ew::plan_gelu_tangent(dtype, d.t * d.hd, h2, th, th)?);
+    s.push(with_bias(
+        gemm(dtype, d.t, d.c, d.hd, (g, false), (p.w2, true), y),
+        p.b2,
+    ));
+    s.push(gemm(dtype, d.t, d.c, d.hd, (th, false), (p.w2, true), ty));
+    Ok(s)
+}
+
+/// Scratch and outputs of the backward (device addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct BwdPtrs {
+    /// [T, Hd]: pre-activations.
+    pub pre: u64,
+    /// [T, Hd]: activations g.
+    pub g: u64,
+    /// [T, Hd]: dg, then dpre in place.
+    pub dg: u64,
+    /// [T] of ones (filled by the plan).
+    pub ones: u64,
+    pub dx: u64,
+    pub dw1: u64,
+    pub db1: u64,
+    pub dw2: u64,
+    pub db2: u64,
+}
+
+pub fn plan_backward(
+    dtype: DType,
+    d: MlpDims,
+    x: u64,
+    p: ParamPtrs,
+    gy: u64,
+    b: BwdPtrs,
+) -> Result<Vec<Step>> {
+    let (width, bits) = one_bits(dtype);
+    let mut s = vec![
+        Step::Fill {
+            ptr: b.ones,
+            width,
+            count: d.t,
+            bits,
+        },
+        gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), b.pre),
+    ];
+    s.extend(ew::plan_bias_gelu(
+        dtype, d.t, d.hd, b.pre, p.b1, b.pre, b.g,
+    )?);
+    s.push(gemm(dtype, d.c, d.hd, d.t, (gy, true), (b.g, false), b.dw2));
+    s.push(gemm(
+        dtype,
+        1,
+        d.c,
+        d.t,
+        (b.ones, false),
+        (gy, false),
+        b.db2,
+    ));
+    s.push(gemm(
+        dtype,
+        d.t,
+        d.hd,
+        d.c,
+        (gy, false),
+        (p.w2, false),
+        b.dg,
+    ));
+    s.extend(ew::plan_activation_bwd(
+        ew::Activation::Gelu,
+        dtype,
+        d.t * d.hd,
+        b.pre,
+        b.dg,
+        b.dg,
+    )?);
+    s.push(gemm(dtype, d.hd, d.c, d.t, (b.dg, true), (x, false), b.dw1));
+    s.push(gemm(
+        dtype,
+        1,
+        d.hd,
+        d.t,
+        (b.ones, false),
+        (b.dg, false),
+        b.db1,
+    ));
+    s.push(gemm(
+        dtype,
+        d.t,
+        d.c,
+        d.hd,
+        (b.dg, false),
+        (p.w1, false),
+        b.dx,
+    ));
+    Ok(s)
+}
+
+fn check_device(x: &DeviceTensor, p: &DeviceMlp) -> Result<MlpDims> {
+    let d = check_shapes(
+        x.shape(),
+        p.w1.shape(),
+        p.b1.shape(),
+        p.w2.shape(),
+        p.b2.shape(),
+    )?;
+    for (name, t) in [("w1", p.w1), ("b1", p.b1), ("w2", p.w2), ("b2", p.b2)] {
+        if t.dtype() != x.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                tensor: name.into(),
+                expected: format!("{} (the dtype of x)", x.dtype()),
+                actual: t.dtype(),
+            });
+        }
+    }
+    Ok(d)
+}
+
+fn check_like(name: &str, t: &DeviceTensor, x: &DeviceTensor) -> Result<()> {
+    if t.shape() != x.shape() || t.dtype() != x.dtype() {
+        return Err(Error::TangentMismatch {
+            op: OP,
+            tensor: name.into(),
+            primal_shape: x.shape().to_vec(),
+            primal_dtype: x.dtype(),
+            tangent_shape: t.shape().to_vec(),
+            tangent_dtype: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// y on the GPU.
+pub fn forward(x: &DeviceTensor, p: &DeviceMlp) -> Result<DeviceTensor> {
+    let d = check_device(x, p)?;
+    let gpu = x.gpu();
+    let h = gpu.alloc_out(&[d.t, d.hd], x.dtype())?;
+    let y = gpu.alloc_out(&[d.t, d.c], x.dtype())?;
+    gpu.run(&plan_forward(
+        x.dtype(),
+        d,
+        x.ptr(),
+        p.ptrs(),
+        h.ptr(),
+        y.ptr(),
+    )?)?;
+    Ok(y)
+}
+
+/// y and, with a tangent, ẏ on the GPU. Upload x and ẋ with [`Gpu::upload_stacked`] to get the
+/// single first-layer GEMM.
+pub fn jvp(
+    x: &DeviceTensor,
+    tx: Option<&DeviceTensor>,
+    p: &DeviceMlp,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let Some(tx) = tx else {
+        return Ok((forward(x, p)?, None));
+    };
+    let d = check_device(x, p)?;
+    check_like("x", tx, x)?;
+    let gpu: &Gpu = x.gpu();
+    let dtype = x.dtype();
+    let h2 = gpu.alloc_out(&[2 * d.t, d.hd], dtype)?;
+    let g = gpu.alloc_out(&[d.t, d.hd], dtype)?;
+    let y = gpu.alloc_out(&[d.t, d.c], dtype)?;
+    let ty = gpu.alloc_out(&[d.t, d.c], dtype)?;
+    gpu.run(&plan_jvp(
+        dtype,
+        d,
+        x.ptr(),
+        tx.ptr(),
+        p.ptrs(),
+        h2.ptr(),
+        g.ptr(),
+        y.ptr(),
+        ty.ptr(),
+    )?)?;
+    Ok((y, Some(ty)))
+}
+
+/// Gradients on the GPU, in the dtype of x.
+pub struct DeviceMlpGrads {
+    pub dx: DeviceTensor,
+    pub dw1: DeviceTensor,
+    pub db1: DeviceTensor,
+    pub dw2: DeviceTensor,
+    pub db2: DeviceTensor,
+}
+
+pub fn backward(x: &DeviceTensor, p: &DeviceMlp, gy: &DeviceTensor) -> Result<DeviceMlpGrads> {
+    let d = check_device(x, p)?;
+    if gy.shape() != x.shape() || gy.dtype() != x.dtype() {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "gy".into(),
+            expected: format!("{:?} in {}", x.shape(), x.dtype()),
+            actual: gy.shape().to_vec(),
+        });
+    }
+    let gpu = x.gpu();
+    let dtype = x.dtype();
+    let th = [d.t, d.hd];
+    let scratch = gpu.alloc_stacked(&[&th, &th, &th, &[d.t]], dtype)?;
+    let g = DeviceMlpGrads {
+        dx: gpu.alloc_out(&[d.t, d.c], dtype)?,
+        dw1: gpu.alloc_out(&[d.hd, d.c], dtype)?,
+        db1: gpu.alloc_out(&[d.hd], dtype)?,
+        dw2: gpu.alloc_out(&[d.c, d.hd], dtype)?,
+        db2: gpu.alloc_out(&[d.c], dtype)?,
+    };
+    let b = BwdPtrs {
+        pre: scratch[0].ptr(),
+        g: scratch[1].ptr(),
+        dg: scratch[2].ptr(),
+        ones: scratch[3].ptr(),
+        dx: g.dx.ptr(),
+        dw1: g.dw1.ptr(),
+        db1: g.db1.ptr(),
+        dw2: g.dw2.ptr(),
+        db2: g.db2.ptr(),
+    };
+    gpu.run(&plan_backward(dtype, d, x.ptr(), p.ptrs(), gy.ptr(), b)?)?;
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> ParamPtrs {
+        ParamPtrs {
+            w1: 0x10000,
+            b1: 0x20000,
+            w2: 0x30000,
+            b2: 0x40000,
+        }
+    }
+
+    #[test]
+    fn stacked_tangent_takes_one_first_layer_gemm() {
+        let d = MlpDims { t: 5, c: 8, hd: 16 };
+        let x = 0x100000;
+        let gemms = |tx| {
+            plan_jvp(
+                DType::BF16,
+                d,
+                x,
+                tx,
+                params(),
+                0x200000,
+                0x300000,
+                0x400000,
+                0x500000,
+            )
+            .unwrap()
+            .iter()
+            .filter_map(|s| match s {
+                Step::Gemm(g) => Some(*g),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+        };
+        let stacked = gemms(x + 5 * 8 * 2);
+        assert_eq!(stacked.len(), 3);
+        assert_eq!((stacked[0].m, stacked[0].n, stacked[0].k), (10, 16, 8));
+        assert_eq!(stacked[1].bias, Some(params().b2));
+        assert_eq!(stacked[2].bias, None);
+        // The tangent rows of the hidden layer start after the T primal rows.
+        assert_eq!(stacked[2].a, 0x200000 + 5 * 16 * 2);
+        let apart = gemms(0x900000);
+        assert_eq!(apart.len(), 4);
+        assert_eq!(apart[1].c, 0x200000 + 5 * 16 * 2);
+    }
+
+    #[test]
+    fn shapes_are_named() {
+        let e = check_shapes(&[4, 8], &[16, 8], &[15], &[8, 16], &[8]).unwrap_err();
+        assert!(e.to_string().contains("`b1`"), "{e}");
+        let e = check_shapes(&[4, 8], &[16, 8], &[16], &[8, 16, 1], &[8]).unwrap_err();
+        assert!(
+            matches!(e, Error::Rank { .. }) && e.to_string().contains("`w2`"),
+            "{e}"
+        );
+        let e = check_shapes(&[4, 8, 1], &[16, 8], &[16], &[8, 16], &[8]).unwrap_err();
+        assert!(e.to_string().contains("`x`"), "{e}");
+    }
+}

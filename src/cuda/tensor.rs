@@ -1,0 +1,360 @@
+//! Device tensors: a shape, a storage dtype (bf16, f16 or f32) and a range of device memory.
+//!
+//! Several tensors may share one allocation (see [`Gpu::upload_stacked`]): the MLP JVP stacks x
+//! and its tangent as [x; ẋ] so that one GEMM serves both (DESIGN.md section 3). bf16 and f16
+//! travel as their 16-bit patterns (the `half` crate's `to_bits`/`from_bits`).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::{bf16, f16};
+
+use super::context::{cuda_err, Gpu};
+use super::launch::{dtype_suffix, pointwise_grid, Arg, Launch, Step};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Storage, Tensor};
+
+/// A contiguous row-major tensor in GPU memory.
+#[derive(Clone)]
+pub struct DeviceTensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    buf: Arc<CudaSlice<u8>>,
+    /// Byte offset of this tensor in `buf`.
+    offset: usize,
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for DeviceTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceTensor({:?}, {}, at {:#x})",
+            self.shape,
+            self.dtype,
+            self.ptr()
+        )
+    }
+}
+
+/// The quiet-NaN bit pattern of a storage dtype (what `poison` fills with).
+pub fn nan_bits(dtype: DType) -> (usize, u32) {
+    match dtype {
+        DType::BF16 => (2, 0x7fc0),
+        DType::F16 => (2, 0x7e00),
+        _ => (4, 0x7fc0_0000),
+    }
+}
+
+/// The bit pattern of 1.0 in a storage dtype.
+pub fn one_bits(dtype: DType) -> (usize, u32) {
+    match dtype {
+        DType::BF16 => (2, 0x3f80),
+        DType::F16 => (2, 0x3c00),
+        _ => (4, 0x3f80_0000),
+    }
+}
+
+fn host_bytes(t: &Tensor) -> Vec<u8> {
+    match t.storage() {
+        Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        Storage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        Storage::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn storage_from_bytes(bytes: &[u8], dtype: DType) -> Storage {
+    match dtype {
+        DType::F32 => Storage::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::BF16 => Storage::BF16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::F16 => Storage::F16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::F64 => Storage::F64(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ),
+    }
+}
+
+impl Gpu {
+    /// An uninitialised tensor (poison or write it before reading).
+    pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
+        dtype_suffix(dtype)?;
+        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        Ok(DeviceTensor {
+            shape: shape.to_vec(),
+            dtype,
+            buf: Arc::new(self.alloc_bytes(bytes)?),
+            offset: 0,
+            gpu: self.clone(),
+        })
+    }
+
+    /// An output tensor: NaN-poisoned unless [`super::context::set_poison_outputs`] turned that
+    /// off.
+    pub fn alloc_out(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
+        let t = self.alloc(shape, dtype)?;
+        if super::context::poison_outputs() {
+            t.poison()?;
+        }
+        Ok(t)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
+        let t = self.alloc(shape, dtype)?;
+        t.fill_bits(0)?;
+        Ok(t)
+    }
+
+    /// A tensor filled with NaN (see [`DeviceTensor::poison`]).
+    pub fn poisoned(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
+        let t = self.alloc(shape, dtype)?;
+        t.poison()?;
+        Ok(t)
+    }
+
+    /// `t` converted to `dtype` (round to nearest) and copied to the GPU.
+    pub fn upload(&self, t: &Tensor, dtype: DType) -> Result<DeviceTensor> {
+        Ok(self.upload_stacked(&[t], dtype)?.pop().expect("one tensor"))
+    }
+
+    /// Several tensors converted to `dtype` and copied back to back into one allocation, in
+    /// order (each starts where the previous ends). Returns one view per tensor.
+    pub fn upload_stacked(&self, ts: &[&Tensor], dtype: DType) -> Result<Vec<DeviceTensor>> {
+        self.upload_packed(ts, dtype, 1)
+    }
+
+    /// Several tensors in one allocation, each starting at a multiple of `align` bytes (256
+    /// gives every tensor the alignment of a separate allocation).
+    pub fn upload_packed(
+        &self,
+        ts: &[&Tensor],
+        dtype: DType,
+        align: usize,
+    ) -> Result<Vec<DeviceTensor>> {
+        dtype_suffix(dtype)?;
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(ts.len());
+        for t in ts {
+            bytes.resize(bytes.len().next_multiple_of(align.max(1)), 0);
+            offsets.push(bytes.len());
+            let converted;
+            let t = if t.dtype() == dtype {
+                *t
+            } else {
+                converted = t.to_dtype(dtype);
+                &converted
+            };
+            bytes.extend_from_slice(&host_bytes(t));
+        }
+        self.bind()?;
+        let mut buf = self.alloc_bytes(bytes.len())?;
+        if !bytes.is_empty() {
+            self.stream()
+                .memcpy_htod(&bytes, &mut buf)
+                .map_err(cuda_err(format!(
+                    "copying {} bytes to the GPU",
+                    bytes.len()
+                )))?;
+        }
+        let buf = Arc::new(buf);
+        Ok(ts
+            .iter()
+            .zip(offsets)
+            .map(|(t, offset)| DeviceTensor {
+                shape: t.shape().to_vec(),
+                dtype,
+                buf: buf.clone(),
+                offset,
+                gpu: self.clone(),
+            })
+            .collect())
+    }
+
+    /// Tensors of the given shapes in one allocation, each 256-byte aligned, uninitialised (NaN-poisoned
+    /// like [`Gpu::alloc_out`] when poisoning is on).
+    pub fn alloc_stacked(&self, shapes: &[&[usize]], dtype: DType) -> Result<Vec<DeviceTensor>> {
+        dtype_suffix(dtype)?;
+        // Each slot starts 256-byte aligned, like a separate allocation (cuBLASLt, vector loads).
+        let sizes: Vec<usize> = shapes
+            .iter()
+            .map(|s| (s.iter().product::<usize>() * dtype.size_in_bytes()).next_multiple_of(256))
+            .collect();
+        let buf = Arc::new(self.alloc_bytes(sizes.iter().sum())?);
+        let mut offset = 0;
+        let ts: Vec<DeviceTensor> = shapes
+            .iter()
+            .zip(sizes)
+            .map(|(s, n)| {
+                let t = DeviceTensor {
+                    shape: s.to_vec(),
+                    dtype,
+                    buf: buf.clone(),
+                    offset,
+                    gpu: self.clone(),
+                };
+                offset += n;
+                t
+            })
+            .collect();
+        if super::context::poison_outputs() {
+            for t in &ts {
+                t.poison()?;
+            }
+        }
+        Ok(ts)
+    }
+}
+
+impl DeviceTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The device address of the first element.
+    pub fn ptr(&self) -> u64 {
+        // No events are tracked (one stream), so the guard does nothing.
+        let (base, _guard) = self.buf.device_ptr(self.gpu.stream());
+        base + self.offset as u64
+    }
+
+    /// This tensor's address as a kernel argument.
+    pub fn arg(&self) -> Arg {
+        Arg::Ptr(self.ptr())
+    }
+
+    /// The same memory under another shape with as many elements.
+    pub fn reshape(&self, shape: &[usize]) -> Result<DeviceTensor> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(Error::invalid(
+                "reshape",
+                format!("cannot view {:?} as {shape:?}", self.shape),
+            ));
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        Ok(t)
+    }
+
+    /// Copies the tensor to the host (waiting for the GPU; a failed kernel surfaces here).
+    pub fn download(&self) -> Result<Tensor> {
+        let gpu = &self.gpu;
+        gpu.bind()?;
+        let mut bytes = vec![0u8; self.bytes()];
+        if !bytes.is_empty() {
+            let view = self.buf.slice(self.offset..self.offset + self.bytes());
+            gpu.stream()
+                .memcpy_dtoh(&view, &mut bytes)
+                .map_err(cuda_err(format!(
+                    "copying {} bytes from the GPU (an earlier kernel may have failed)",
+                    bytes.len()
+                )))?;
+        }
+        gpu.synchronize()?;
+        Tensor::from_storage(storage_from_bytes(&bytes, self.dtype), &self.shape)
+    }
+
+    /// Sets every element to the bit pattern `bits` (its width is the dtype's).
+    pub fn fill_bits(&self, bits: u32) -> Result<()> {
+        let width = self.dtype.size_in_bytes();
+        self.gpu.run(&[Step::Fill {
+            ptr: self.ptr(),
+            width,
+            count: self.numel(),
+            bits,
+        }])
+    }
+
+    /// Fills the tensor with NaN, so that an element a kernel fails to write shows up in the
+    /// comparison with the reference (the method: outputs are poisoned before each run).
+    pub fn poison(&self) -> Result<()> {
+        self.fill_bits(nan_bits(self.dtype).1)
+    }
+
+    /// A converted copy (f32 <-> bf16/f16 on the GPU; a copy when the dtype already matches).
+    pub fn to_dtype(&self, dtype: DType) -> Result<DeviceTensor> {
+        let out = self.gpu.alloc(&self.shape, dtype)?;
+        self.gpu.run(&cast_plan(self, &out)?)?;
+        Ok(out)
+    }
+}
+
+/// The plan of a dtype conversion from `x` into `y` (same number of elements).
+pub fn cast_plan(x: &DeviceTensor, y: &DeviceTensor) -> Result<Vec<Step>> {
+    if y.numel() != x.numel() {
+        return Err(Error::invalid(
+            "cast",
+            format!("{:?} into {:?}", x.shape(), y.shape()),
+        ));
+    }
+    plan_cast(x.dtype(), y.dtype(), x.numel(), x.ptr(), y.ptr())
+}
+
+/// Converts `n` elements at `x` (dtype `from`) into `y` (dtype `to`): f32 <-> bf16/f16 by the cast
+/// kernels (round to nearest even), a plain copy when the dtypes agree.
+pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec<Step>> {
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let kernel = match (from, to) {
+        (a, b) if a == b => {
+            return Ok(vec![Step::Copy {
+                src: x,
+                dst: y,
+                bytes: n * a.size_in_bytes(),
+            }]);
+        }
+        (DType::F32, DType::BF16) => "cast_f32_bf16",
+        (DType::F32, DType::F16) => "cast_f32_f16",
+        (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (DType::F16, DType::F32) => "cast_f16_f32",
+        (a, b) => {
+            return Err(Error::Unsupported(format!(
+                "no GPU conversion from {a} to {b} (convert through f32)"
+            )))
+        }
+    };
+    Ok(vec![Step::Kernel(Launch::new(
+        "cast",
+        "elementwise.cu",
+        kernel,
+        pointwise_grid(n),
+        (256, 1, 1),
+        0,
+        vec![Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
+    )?)])
+}

@@ -1,0 +1,930 @@
+//! Every CUDA op against the CPU reference computed in f64, for bf16, f16 and f32 storage.
+//!
+//! The reference runs on the inputs as the GPU sees them (rounded to the storage dtype; modulation
+//! vectors, gates and the time path rounded to f32, which the kernels keep), so the measured error
+//! is the GPU's arithmetic and output rounding alone. Outputs are NaN-poisoned before the kernels
+//! run (the backend's default), so an element a kernel misses fails the comparison. Every measured
+//! relative error ‖gpu − ref‖ / ‖ref‖ is printed (past the test harness's capture) as a line
+//! starting with `ERR`, for the GPU session's notes.
+//!
+//! Tolerances: f32 storage 1e-5; bf16 1e-2; f16 5e-3; the attention tangent (ȯ) in bf16/f16 3e-3.
+//! Without a GPU each test prints "skipped: no CUDA device" and passes; with FLASHJVP_REQUIRE_GPU=1
+//! it fails. The bad-input tests at the end need no GPU: shapes are checked before the GPU is used.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::io::Write;
+
+use common::{randn, rel_err, rng};
+use flashjvp::cuda::{self, ops as gops, require_gpu_or_skip};
+use flashjvp::ops::{self, Mlp};
+use flashjvp::{DType, Dual, Error, Tensor};
+use rand::rngs::StdRng;
+
+/// Runs the body once per storage dtype, as three tests (`NAME::bf16`, `NAME::f16`, `NAME::f32`),
+/// each skipped (or failed, with FLASHJVP_REQUIRE_GPU=1) without a GPU.
+macro_rules! gpu_test {
+    ($name:ident, |$dtype:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn body($dtype: DType) $body
+            #[test]
+            fn bf16() {
+                if require_gpu_or_skip().is_some() {
+                    body(DType::BF16)
+                }
+            }
+            #[test]
+            fn f16() {
+                if require_gpu_or_skip().is_some() {
+                    body(DType::F16)
+                }
+            }
+            #[test]
+            fn f32() {
+                if require_gpu_or_skip().is_some() {
+                    body(DType::F32)
+                }
+            }
+        }
+    };
+}
+
+/// The tolerance of an output stored in `dtype`.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 5e-3,
+        _ => 1e-5,
+    }
+}
+
+/// The tolerance of the attention tangent.
+fn tol_tangent(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 3e-3,
+    }
+}
+
+/// A line past the harness's output capture (visible in the GPU session's logs).
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Compares a GPU output with the f64 reference: no NaN or infinity (a poisoned element left
+/// unwritten), then relative error within `tol`. Prints the error; on failure also the first
+/// mismatches and the largest difference.
+fn check(what: &str, dtype: DType, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what} ({dtype}): shape");
+    let g = got.to_f64_vec();
+    let w = want.to_f64_vec();
+    let bad: Vec<usize> = g
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_finite())
+        .map(|(i, _)| i)
+        .collect();
+    if !bad.is_empty() {
+        report(&format!(
+            "ERR {what} {dtype}: {} non-finite elements",
+            bad.len()
+        ));
+        panic!(
+            "{what} ({dtype}): {} of {} elements are not finite (unwritten, poisoned with NaN?), \
+             first at {:?}",
+            bad.len(),
+            g.len(),
+            &bad[..bad.len().min(8)]
+        );
+    }
+    let err = rel_err(&g, &w);
+    report(&format!(
+        "ERR {what} {dtype}: rel {err:.3e} (tol {tol:.0e}){}",
+        if err <= tol { "" } else { "  FAIL" }
+    ));
+    common::assert_close(&format!("{what} ({dtype})"), &g, &w, tol);
+}
+
+/// For an output that is exactly zero in exact arithmetic (the o tangent and dq, dk with a single
+/// key): its norm relative to the norm of a related output of the same scale, within `tol`.
+fn check_small(what: &str, dtype: DType, got: &Tensor, scale: &Tensor, tol: f64) {
+    let g = got.to_f64_vec();
+    assert!(
+        g.iter().all(|v| v.is_finite()),
+        "{what} ({dtype}): not finite"
+    );
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let err = norm(&g) / norm(&scale.to_f64_vec()).max(1e-300);
+    report(&format!(
+        "ERR {what} {dtype}: rel {err:.3e} (tol {tol:.0e}){}",
+        if err <= tol { "" } else { "  FAIL" }
+    ));
+    assert!(
+        err <= tol,
+        "{what} ({dtype}): |got| / |scale| = {err:.3e} > {tol:.1e}"
+    );
+}
+
+/// `t` as the GPU sees it in `dtype`, back in f64.
+fn rd(t: &Tensor, dtype: DType) -> Tensor {
+    t.to_dtype(dtype).to_dtype(DType::F64)
+}
+
+fn rdd(d: &Dual, dtype: DType) -> Dual {
+    Dual {
+        primal: rd(&d.primal, dtype),
+        tangent: d.tangent.as_ref().map(|t| rd(t, dtype)),
+    }
+}
+
+fn dual(r: &mut StdRng, shape: &[usize], tangent: bool) -> Dual {
+    let p = randn(shape, r);
+    if tangent {
+        Dual::new(p, randn(shape, r)).unwrap()
+    } else {
+        Dual::constant(p)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+/// (B, H, Nq, Nk, d): every head dim, tails (77, 300, 130, 17), Nq ≠ Nk both ways, B·H > 1, a
+/// single query and key.
+const ATTN: &[(usize, usize, usize, usize, usize)] = &[
+    (1, 1, 64, 64, 32),
+    (2, 3, 77, 300, 72),
+    (1, 2, 300, 77, 64),
+    (2, 2, 130, 200, 96),
+    (1, 3, 129, 65, 128),
+    (2, 1, 17, 33, 128),
+    (1, 1, 1, 1, 64),
+    (1, 2, 200, 1000, 32),
+];
+
+fn attn_shape(s: (usize, usize, usize, usize, usize)) -> ([usize; 4], [usize; 4]) {
+    ([s.0, s.1, s.2, s.4], [s.0, s.1, s.3, s.4])
+}
+
+fn name(s: (usize, usize, usize, usize, usize)) -> String {
+    format!("B{} H{} Nq{} Nk{} d{}", s.0, s.1, s.2, s.3, s.4)
+}
+
+/// The JVP with tangents on (q, k, v) as given, against the reference.
+fn attention_jvp_case(dtype: DType, which: (bool, bool, bool), label: &str) {
+    for (i, &s) in ATTN.iter().enumerate() {
+        let mut r = rng(100 + i as u64);
+        let (qs, ks) = attn_shape(s);
+        let q = dual(&mut r, &qs, which.0);
+        let k = dual(&mut r, &ks, which.1);
+        let v = dual(&mut r, &ks, which.2);
+        let got = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
+        let want =
+            ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None).unwrap();
+        let n = name(s);
+        check(
+            &format!("attention {label} o [{n}]"),
+            dtype,
+            &got.o.primal,
+            &want.o.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("attention {label} lse [{n}]"),
+            dtype,
+            &got.lse.primal,
+            &want.lse.primal,
+            tol(dtype),
+        );
+        let to = got.o.tangent.as_ref().expect("a tangent");
+        if s.3 == 1 && !which.2 {
+            // One key and a constant v: ȯ = ṡ v − ṡ v = 0 exactly; only rounding remains.
+            check_small(
+                &format!("attention {label} tangent o (zero) [{n}]"),
+                dtype,
+                to,
+                &want.o.primal,
+                tol_tangent(dtype),
+            );
+        } else {
+            check(
+                &format!("attention {label} tangent o [{n}]"),
+                dtype,
+                to,
+                want.o.tangent.as_ref().unwrap(),
+                tol_tangent(dtype),
+            );
+        }
+        check(
+            &format!("attention {label} tangent lse [{n}]"),
+            dtype,
+            got.lse.tangent.as_ref().expect("a tangent"),
+            want.lse.tangent.as_ref().unwrap(),
+            tol_tangent(dtype),
+        );
+    }
+}
+
+gpu_test!(attention_jvp_all_tangents, |dtype| {
+    attention_jvp_case(dtype, (true, true, true), "jvp");
+});
+
+// K and V without tangent: the four-product kernel (cross-attention to a constant context).
+gpu_test!(attention_jvp_constant_kv, |dtype| {
+    attention_jvp_case(dtype, (true, false, false), "jvp nokv");
+});
+
+// Tangent on k only: the full kernel with zero q̇ and v̇.
+gpu_test!(attention_jvp_tangent_on_k_only, |dtype| {
+    attention_jvp_case(dtype, (false, true, false), "jvp k-only");
+});
+
+gpu_test!(attention_forward, |dtype| {
+    for (i, &s) in ATTN.iter().enumerate() {
+        let mut r = rng(200 + i as u64);
+        let (qs, ks) = attn_shape(s);
+        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
+        let scale = Some(0.3);
+        let got = gops::attention_forward(&q, &k, &v, scale, dtype).unwrap();
+        let want =
+            ops::attention_forward(&rd(&q, dtype), &rd(&k, dtype), &rd(&v, dtype), scale).unwrap();
+        check(
+            &format!("attention fwd o [{}]", name(s)),
+            dtype,
+            &got.o,
+            &want.o,
+            tol(dtype),
+        );
+        check(
+            &format!("attention fwd lse [{}]", name(s)),
+            dtype,
+            &got.lse,
+            &want.lse,
+            tol(dtype),
+        );
+    }
+});
+
+gpu_test!(attention_without_tangents_is_constant, |dtype| {
+    let mut r = rng(7);
+    let q = dual(&mut r, &[1, 2, 40, 64], false);
+    let k = dual(&mut r, &[1, 2, 50, 64], false);
+    let v = dual(&mut r, &[1, 2, 50, 64], false);
+    let got = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
+    assert!(got.o.tangent.is_none() && got.lse.tangent.is_none());
+    let want = ops::attention_forward(
+        &rd(&q.primal, dtype),
+        &rd(&k.primal, dtype),
+        &rd(&v.primal, dtype),
+        None,
+    )
+    .unwrap();
+    check(
+        "attention no-tangent o",
+        dtype,
+        &got.o.primal,
+        &want.o,
+        tol(dtype),
+    );
+});
+
+gpu_test!(attention_backward, |dtype| {
+    for (i, &s) in ATTN.iter().enumerate() {
+        let mut r = rng(300 + i as u64);
+        let (qs, ks) = attn_shape(s);
+        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
+        let go = randn(&qs, &mut r);
+        let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
+        // o and lse as a forward would hand them over: o in the storage dtype, lse in f32.
+        let fwd = ops::attention_forward(&q, &k, &v, None).unwrap();
+        let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+        let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, None, dtype).unwrap();
+        let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, None).unwrap();
+        let n = name(s);
+        if s.3 == 1 {
+            // One key: dS = P (dP − D) = 0, so dq = dk = 0 exactly.
+            let dv = &want.dv;
+            check_small(
+                &format!("attention bwd dq (zero) [{n}]"),
+                dtype,
+                &got.dq,
+                dv,
+                tol(dtype),
+            );
+            check_small(
+                &format!("attention bwd dk (zero) [{n}]"),
+                dtype,
+                &got.dk,
+                dv,
+                tol(dtype),
+            );
+        } else {
+            check(
+                &format!("attention bwd dq [{n}]"),
+                dtype,
+                &got.dq,
+                &want.dq,
+                tol(dtype),
+            );
+            check(
+                &format!("attention bwd dk [{n}]"),
+                dtype,
+                &got.dk,
+                &want.dk,
+                tol(dtype),
+            );
+        }
+        check(
+            &format!("attention bwd dv [{n}]"),
+            dtype,
+            &got.dv,
+            &want.dv,
+            tol(dtype),
+        );
+    }
+});
+
+// Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite.
+gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    let mut r = rng(11);
+    let (qs, ks) = ([2, 2, 77, 72], [2, 2, 150, 72]);
+    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
+    let (qd, kd, vd) = (
+        gpu.upload(&q, dtype).unwrap(),
+        gpu.upload(&k, dtype).unwrap(),
+        gpu.upload(&v, dtype).unwrap(),
+    );
+    let o = gpu.alloc(&qs, dtype).unwrap();
+    let lse = gpu.alloc(&[2, 2, 77], DType::F32).unwrap();
+    o.poison().unwrap();
+    lse.poison().unwrap();
+    let before = o.download().unwrap().to_f64_vec();
+    assert!(before.iter().all(|x| x.is_nan()), "poison fills with NaN");
+    let c = cuda::attention::resolve_scale(None, 72).unwrap();
+    cuda::attention::forward_into(&gpu, &qd, &kd, &vd, &o, &lse, c).unwrap();
+    let want =
+        ops::attention_forward(&rd(&q, dtype), &rd(&k, dtype), &rd(&v, dtype), None).unwrap();
+    check(
+        "attention forward_into o",
+        dtype,
+        &o.download().unwrap(),
+        &want.o,
+        tol(dtype),
+    );
+    check(
+        "attention forward_into lse",
+        dtype,
+        &lse.download().unwrap(),
+        &want.lse,
+        tol(dtype),
+    );
+});
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm with modulation.
+
+/// (T, C, G of scale, G of shift); G = 0 means the plain [C]. Vector and scalar paths (C a
+/// multiple of 8 or not), G = 1, B and T, and scale and shift with different G.
+const LN: &[(usize, usize, usize, usize)] = &[
+    (64, 256, 0, 0),
+    (77, 300, 77, 77),
+    (78, 300, 3, 3),
+    (33, 1000, 1, 1),
+    (16, 1152, 16, 0),
+    (12, 72, 3, 4),
+    (5, 7, 0, 5),
+];
+
+fn mod_shape(g: usize, c: usize) -> Vec<usize> {
+    if g == 0 {
+        vec![c]
+    } else {
+        vec![g, c]
+    }
+}
+
+const EPS: f64 = 1e-6;
+
+fn ln_name(s: (usize, usize, usize, usize)) -> String {
+    format!("T{} C{} Gs{} Gh{}", s.0, s.1, s.2, s.3)
+}
+
+gpu_test!(layernorm_forward, |dtype| {
+    for (i, &s) in LN.iter().enumerate() {
+        let mut r = rng(400 + i as u64);
+        let x = randn(&[s.0, s.1], &mut r);
+        let sc = rd(&randn(&mod_shape(s.2, s.1), &mut r), DType::F32);
+        let sh = rd(&randn(&mod_shape(s.3, s.1), &mut r), DType::F32);
+        let got = gops::layernorm_mod_forward(&x, &sc, &sh, EPS, dtype).unwrap();
+        let want = ops::layernorm_mod_forward(&rd(&x, dtype), &sc, &sh, EPS).unwrap();
+        check(
+            &format!("layernorm fwd y [{}]", ln_name(s)),
+            dtype,
+            &got,
+            &want,
+            tol(dtype),
+        );
+    }
+});
+
+gpu_test!(layernorm_jvp, |dtype| {
+    for (i, &s) in LN.iter().enumerate() {
+        // All tangents, then only x, then only the modulation.
+        for (j, which) in [
+            (true, true, true),
+            (true, false, false),
+            (false, true, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = rng(500 + 10 * i as u64 + j as u64);
+            let x = dual(&mut r, &[s.0, s.1], which.0);
+            let f32d = |d: Dual| rdd(&d, DType::F32);
+            let sc = f32d(dual(&mut r, &mod_shape(s.2, s.1), which.1));
+            let sh = f32d(dual(&mut r, &mod_shape(s.3, s.1), which.2));
+            let got = gops::layernorm_mod_jvp(&x, &sc, &sh, EPS, dtype).unwrap();
+            let want = ops::layernorm_mod_jvp(&rdd(&x, dtype), &sc, &sh, EPS).unwrap();
+            let n = format!("{} tangents {which:?}", ln_name(s));
+            check(
+                &format!("layernorm jvp y [{n}]"),
+                dtype,
+                &got.primal,
+                &want.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("layernorm jvp ty [{n}]"),
+                dtype,
+                got.tangent.as_ref().expect("a tangent"),
+                want.tangent.as_ref().unwrap(),
+                tol(dtype),
+            );
+        }
+    }
+});
+
+gpu_test!(layernorm_backward, |dtype| {
+    for (i, &s) in LN.iter().enumerate() {
+        let mut r = rng(600 + i as u64);
+        let x = rd(&randn(&[s.0, s.1], &mut r), dtype);
+        let gy = rd(&randn(&[s.0, s.1], &mut r), dtype);
+        let sc = rd(&randn(&mod_shape(s.2, s.1), &mut r), DType::F32);
+        let sh = rd(&randn(&mod_shape(s.3, s.1), &mut r), DType::F32);
+        let got = gops::layernorm_mod_backward(&x, &sc, &sh, EPS, &gy, dtype).unwrap();
+        let want = ops::layernorm_mod_backward(&x, &sc, &sh, EPS, &gy).unwrap();
+        let n = ln_name(s);
+        check(
+            &format!("layernorm bwd dx [{n}]"),
+            dtype,
+            &got.dx,
+            &want.dx,
+            tol(dtype),
+        );
+        check(
+            &format!("layernorm bwd dscale [{n}]"),
+            dtype,
+            &got.dscale,
+            &want.dscale,
+            tol(dtype),
+        );
+        check(
+            &format!("layernorm bwd dshift [{n}]"),
+            dtype,
+            &got.dshift,
+            &want.dshift,
+            tol(dtype),
+        );
+    }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Activations, gated residual, timestep embedding.
+
+const EW_SHAPES: &[&[usize]] = &[&[77, 33], &[4096], &[3, 5, 7]];
+
+gpu_test!(activations, |dtype| {
+    type Fwd = fn(&Tensor) -> flashjvp::Result<Tensor>;
+    type GFwd = fn(&Tensor, DType) -> flashjvp::Result<Tensor>;
+    type Jvp = fn(&Dual) -> flashjvp::Result<Dual>;
+    type GJvp = fn(&Dual, DType) -> flashjvp::Result<Dual>;
+    type Bwd = fn(&Tensor, &Tensor) -> flashjvp::Result<Tensor>;
+    type GBwd = fn(&Tensor, &Tensor, DType) -> flashjvp::Result<Tensor>;
+    let acts: [(&str, Fwd, GFwd, Jvp, GJvp, Bwd, GBwd); 2] = [
+        (
+            "gelu",
+            ops::gelu_forward,
+            gops::gelu_forward,
+            ops::gelu_jvp,
+            gops::gelu_jvp,
+            ops::gelu_backward,
+            gops::gelu_backward,
+        ),
+        (
+            "silu",
+            ops::silu_forward,
+            gops::silu_forward,
+            ops::silu_jvp,
+            gops::silu_jvp,
+            ops::silu_backward,
+            gops::silu_backward,
+        ),
+    ];
+    for (a, (act, f, gf, j, gj, b, gb)) in acts.into_iter().enumerate() {
+        for (i, shape) in EW_SHAPES.iter().enumerate() {
+            let mut r = rng(700 + 10 * a as u64 + i as u64);
+            let x = dual(&mut r, shape, true);
+            let gy = randn(shape, &mut r);
+            let n = format!("{shape:?}");
+            let xr = rdd(&x, dtype);
+            check(
+                &format!("{act} fwd [{n}]"),
+                dtype,
+                &gf(&x.primal, dtype).unwrap(),
+                &f(&xr.primal).unwrap(),
+                tol(dtype),
+            );
+            let got = gj(&x, dtype).unwrap();
+            let want = j(&xr).unwrap();
+            check(
+                &format!("{act} jvp y [{n}]"),
+                dtype,
+                &got.primal,
+                &want.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("{act} jvp ty [{n}]"),
+                dtype,
+                got.tangent.as_ref().unwrap(),
+                want.tangent.as_ref().unwrap(),
+                tol(dtype),
+            );
+            check(
+                &format!("{act} bwd [{n}]"),
+                dtype,
+                &gb(&x.primal, &gy, dtype).unwrap(),
+                &b(&xr.primal, &rd(&gy, dtype)).unwrap(),
+                tol(dtype),
+            );
+        }
+    }
+});
+
+/// (T, C, G of the gate; 0 = [C]).
+const RES: &[(usize, usize, usize)] = &[(77, 33, 0), (78, 64, 3), (20, 130, 20), (4, 1000, 1)];
+
+gpu_test!(gated_residual, |dtype| {
+    for (i, &(t, c, g)) in RES.iter().enumerate() {
+        let mut r = rng(800 + i as u64);
+        let n = format!("T{t} C{c} G{g}");
+        let x = dual(&mut r, &[t, c], true);
+        let gate = rdd(&dual(&mut r, &mod_shape(g, c), true), DType::F32);
+        let y = dual(&mut r, &[t, c], true);
+        let got = gops::gated_residual_forward(&x.primal, &gate.primal, &y.primal, dtype).unwrap();
+        let (xr, yr) = (rdd(&x, dtype), rdd(&y, dtype));
+        let want = ops::gated_residual_forward(&xr.primal, &gate.primal, &yr.primal).unwrap();
+        check(
+            &format!("gated_residual fwd [{n}]"),
+            dtype,
+            &got,
+            &want,
+            tol(dtype),
+        );
+        // All tangents, and the gate's alone.
+        for (label, xx, gg, yy) in [
+            ("all", x.clone(), gate.clone(), y.clone()),
+            (
+                "gate only",
+                Dual::constant(x.primal.clone()),
+                gate.clone(),
+                Dual::constant(y.primal.clone()),
+            ),
+        ] {
+            let got = gops::gated_residual_jvp(&xx, &gg, &yy, dtype).unwrap();
+            let want = ops::gated_residual_jvp(&rdd(&xx, dtype), &gg, &rdd(&yy, dtype)).unwrap();
+            check(
+                &format!("gated_residual jvp {label} out [{n}]"),
+                dtype,
+                &got.primal,
+                &want.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("gated_residual jvp {label} tout [{n}]"),
+                dtype,
+                got.tangent.as_ref().unwrap(),
+                want.tangent.as_ref().unwrap(),
+                tol(dtype),
+            );
+        }
+        let gout = rd(&randn(&[t, c], &mut r), dtype);
+        let got = gops::gated_residual_backward(&gate.primal, &y.primal, &gout, dtype).unwrap();
+        let want = ops::gated_residual_backward(&gate.primal, &yr.primal, &gout).unwrap();
+        check(
+            &format!("gated_residual bwd dx [{n}]"),
+            dtype,
+            &got.dx,
+            &want.dx,
+            tol(dtype),
+        );
+        check(
+            &format!("gated_residual bwd dy [{n}]"),
+            dtype,
+            &got.dy,
+            &want.dy,
+            tol(dtype),
+        );
+        check(
+            &format!("gated_residual bwd dgate [{n}]"),
+            dtype,
+            &got.dgate,
+            &want.dgate,
+            tol(dtype),
+        );
+    }
+});
+
+// The time path is f32 whatever the storage dtype: one run suffices, under the f32 name.
+gpu_test!(timestep_embedding, |dtype| {
+    if dtype != DType::F32 {
+        return;
+    }
+    for (i, &(n, dim)) in [(7usize, 256usize), (33, 64), (1, 2)].iter().enumerate() {
+        let mut r = rng(900 + i as u64);
+        let t = dual(&mut r, &[n], true);
+        let t = rdd(&t, DType::F32);
+        let got = gops::timestep_embedding_jvp(&t, dim, ops::DEFAULT_MAX_PERIOD).unwrap();
+        let want = ops::timestep_embedding_jvp(&t, dim, ops::DEFAULT_MAX_PERIOD).unwrap();
+        let label = format!("N{n} dim{dim}");
+        check(
+            &format!("timestep e [{label}]"),
+            dtype,
+            &got.primal,
+            &want.primal,
+            1e-5,
+        );
+        check(
+            &format!("timestep te [{label}]"),
+            dtype,
+            got.tangent.as_ref().unwrap(),
+            want.tangent.as_ref().unwrap(),
+            1e-5,
+        );
+        let e = gops::timestep_embedding_forward(&t.primal, dim, ops::DEFAULT_MAX_PERIOD).unwrap();
+        check(
+            &format!("timestep fwd e [{label}]"),
+            dtype,
+            &e,
+            &want.primal,
+            1e-5,
+        );
+    }
+});
+
+// ---------------------------------------------------------------------------------------------
+// MLP.
+
+/// (T, C, Hd): aligned, odd widths (ld not a multiple of 8: cuBLASLt may fall back to cuBLAS).
+const MLP: &[(usize, usize, usize)] =
+    &[(77, 64, 256), (33, 72, 200), (13, 75, 130), (256, 128, 512)];
+
+struct MlpCase {
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+}
+
+impl MlpCase {
+    fn new(r: &mut StdRng, c: usize, hd: usize, dtype: DType) -> MlpCase {
+        let scaled = |t: Tensor, s: f64| {
+            let v: Vec<f64> = t.to_f64_vec().iter().map(|x| x * s).collect();
+            rd(&Tensor::from_vec(v, t.shape()).unwrap(), dtype)
+        };
+        MlpCase {
+            w1: scaled(randn(&[hd, c], r), 1.0 / (c as f64).sqrt()),
+            b1: scaled(randn(&[hd], r), 0.5),
+            w2: scaled(randn(&[c, hd], r), 1.0 / (hd as f64).sqrt()),
+            b2: scaled(randn(&[c], r), 0.5),
+        }
+    }
+    fn p(&self) -> Mlp<'_> {
+        Mlp {
+            w1: &self.w1,
+            b1: &self.b1,
+            w2: &self.w2,
+            b2: &self.b2,
+        }
+    }
+}
+
+gpu_test!(mlp_forward_and_jvp, |dtype| {
+    for (i, &(t, c, hd)) in MLP.iter().enumerate() {
+        let mut r = rng(1000 + i as u64);
+        let m = MlpCase::new(&mut r, c, hd, dtype);
+        let x = rdd(&dual(&mut r, &[t, c], true), dtype);
+        let n = format!("T{t} C{c} Hd{hd}");
+        let got = gops::mlp_forward(&x.primal, &m.p(), dtype).unwrap();
+        let want = ops::mlp_jvp(&x, &m.p()).unwrap();
+        check(
+            &format!("mlp fwd y [{n}]"),
+            dtype,
+            &got,
+            &want.primal,
+            tol(dtype),
+        );
+        let got = gops::mlp_jvp(&x, &m.p(), dtype).unwrap();
+        check(
+            &format!("mlp jvp y [{n}]"),
+            dtype,
+            &got.primal,
+            &want.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("mlp jvp ty [{n}]"),
+            dtype,
+            got.tangent.as_ref().unwrap(),
+            want.tangent.as_ref().unwrap(),
+            tol(dtype),
+        );
+    }
+});
+
+// x and ẋ in separate allocations: the first layer as two GEMMs instead of one stacked GEMM.
+gpu_test!(mlp_jvp_unstacked_tangent, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    let (t, c, hd) = (40, 64, 192);
+    let mut r = rng(1100);
+    let m = MlpCase::new(&mut r, c, hd, dtype);
+    let x = rdd(&dual(&mut r, &[t, c], true), dtype);
+    let w: Vec<_> = [&m.w1, &m.b1, &m.w2, &m.b2]
+        .iter()
+        .map(|t| gpu.upload(t, dtype).unwrap())
+        .collect();
+    let p = cuda::mlp::DeviceMlp {
+        w1: &w[0],
+        b1: &w[1],
+        w2: &w[2],
+        b2: &w[3],
+    };
+    let xd = gpu.upload(&x.primal, dtype).unwrap();
+    let txd = gpu.upload(x.tangent.as_ref().unwrap(), dtype).unwrap();
+    let (y, ty) = cuda::mlp::jvp(&xd, Some(&txd), &p).unwrap();
+    let want = ops::mlp_jvp(&x, &m.p()).unwrap();
+    check(
+        "mlp jvp unstacked y",
+        dtype,
+        &y.download().unwrap(),
+        &want.primal,
+        tol(dtype),
+    );
+    check(
+        "mlp jvp unstacked ty",
+        dtype,
+        &ty.unwrap().download().unwrap(),
+        want.tangent.as_ref().unwrap(),
+        tol(dtype),
+    );
+});
+
+gpu_test!(mlp_backward, |dtype| {
+    for (i, &(t, c, hd)) in MLP.iter().enumerate() {
+        let mut r = rng(1200 + i as u64);
+        let m = MlpCase::new(&mut r, c, hd, dtype);
+        let x = rd(&randn(&[t, c], &mut r), dtype);
+        let gy = rd(&randn(&[t, c], &mut r), dtype);
+        let got = gops::mlp_backward(&x, &m.p(), &gy, dtype).unwrap();
+        let want = ops::mlp_backward(&x, &m.p(), &gy).unwrap();
+        let n = format!("T{t} C{c} Hd{hd}");
+        for (what, g, w) in [
+            ("dx", &got.dx, &want.dx),
+            ("dw1", &got.dw1, &want.dw1),
+            ("db1", &got.db1, &want.db1),
+            ("dw2", &got.dw2, &want.dw2),
+            ("db2", &got.db2, &want.db2),
+        ] {
+            check(&format!("mlp bwd {what} [{n}]"), dtype, g, w, tol(dtype));
+        }
+    }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Bad inputs: errors naming the tensor or the limit, with or without a GPU.
+
+fn t(shape: &[usize]) -> Tensor {
+    let mut r = rng(1);
+    randn(shape, &mut r)
+}
+
+#[test]
+fn unsupported_head_dim_is_an_error() {
+    let q = Dual::constant(t(&[1, 1, 8, 48]));
+    let e = gops::attention_jvp(&q, &q, &q, None, DType::BF16).unwrap_err();
+    assert!(
+        matches!(e, Error::Unsupported(_)) && e.to_string().contains("head dim 48"),
+        "{e}"
+    );
+    let v = Dual::constant(t(&[1, 1, 8, 32]));
+    let q = Dual::constant(t(&[1, 1, 8, 64]));
+    let e = gops::attention_jvp(&q, &q, &v, None, DType::BF16).unwrap_err();
+    assert!(e.to_string().contains("dv == d"), "{e}");
+}
+
+#[test]
+fn mismatched_shapes_name_the_tensor() {
+    let q = Dual::constant(t(&[1, 2, 8, 64]));
+    let k = Dual::constant(t(&[1, 1, 8, 64]));
+    let e = gops::attention_jvp(&q, &k, &q, None, DType::F32).unwrap_err();
+    assert!(
+        matches!(e, Error::Shape { .. }) && e.to_string().contains("`k`"),
+        "{e}"
+    );
+    let bad_tangent = Dual {
+        primal: t(&[1, 2, 8, 64]),
+        tangent: Some(t(&[1, 2, 8, 32])),
+    };
+    let e = gops::attention_jvp(&bad_tangent, &q, &q, None, DType::F32).unwrap_err();
+    assert!(matches!(e, Error::TangentMismatch { .. }), "{e}");
+    let lse = t(&[1, 2, 7]);
+    let e = gops::attention_backward(
+        &q.primal,
+        &q.primal,
+        &q.primal,
+        &q.primal,
+        &lse,
+        &q.primal,
+        None,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`lse`"), "{e}");
+    let x = t(&[6, 8]);
+    let e = gops::layernorm_mod_forward(&x, &t(&[4, 8]), &t(&[8]), EPS, DType::BF16).unwrap_err();
+    assert!(e.to_string().contains("`scale`"), "{e}");
+    let e = gops::mlp_forward(
+        &x,
+        &Mlp {
+            w1: &t(&[16, 8]),
+            b1: &t(&[15]),
+            w2: &t(&[8, 16]),
+            b2: &t(&[8]),
+        },
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`b1`"), "{e}");
+    let e = gops::gated_residual_forward(&x, &t(&[8]), &t(&[6, 7]), DType::F32).unwrap_err();
+    assert!(e.to_string().contains("`y`"), "{e}");
+}
+
+#[test]
+fn f64_is_refused_on_the_gpu() {
+    let x = t(&[4, 8]);
+    let e = gops::gelu_forward(&x, DType::F64).unwrap_err();
+    assert!(e.to_string().contains("f64"), "{e}");
+}
+
+#[test]
+fn without_a_gpu_ops_are_errors_not_panics() {
+    if cuda::gpu_available() {
+        return;
+    }
+    let x = t(&[4, 8]);
+    let e = gops::gelu_forward(&x, DType::F32).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("no CUDA driver found") || m.contains("NVRTC") || m.contains("CUDA"),
+        "{m}"
+    );
+}
+
+#[test]
+fn require_gpu_env_turns_a_skip_into_a_failure() {
+    if cuda::gpu_available() {
+        return;
+    }
+    // In a child process so that the environment of this one is untouched.
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "attention_forward::f32", "--test-threads=1"])
+        .env("FLASHJVP_REQUIRE_GPU", "1")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a required GPU that is missing must fail the test"
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "attention_forward::f32", "--test-threads=1"])
+        .env_remove("FLASHJVP_REQUIRE_GPU")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped: no CUDA device"));
+}
