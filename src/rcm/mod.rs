@@ -451,6 +451,9 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
             "--device cuda: the DiT has no CUDA path in this build yet; use --device cpu".into(),
         ));
     }
+    if opts.progress {
+        eprintln!("device: cpu (the DiT runs on the CPU reference; `auto` picks it)");
+    }
     opts.config.check()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io {
         path: opts.out.display().to_string(),
