@@ -15,6 +15,7 @@ pub mod dual;
 pub mod error;
 pub mod io;
 pub mod ops;
+pub mod rcm;
 pub mod tensor;
 
 pub use device::{Device, DeviceRequest};
