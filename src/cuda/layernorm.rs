@@ -23,33 +23,8 @@ pub struct LnDims {
     pub g: usize,
 }
 
-/// The G of a modulation tensor of shape [C] (G = 1) or [G, C] with G dividing `rows`, or an error
-/// naming it (the same as the CPU op's).
-pub fn groups_of(
-    op: &'static str,
-    name: &str,
-    shape: &[usize],
-    rows: usize,
-    c: usize,
-) -> Result<usize> {
-    let bad = || Error::Shape {
-        op,
-        tensor: name.to_string(),
-        expected: format!("[{c}] or [G, {c}] with G dividing the {rows} rows"),
-        actual: shape.to_vec(),
-    };
-    match shape {
-        [cc] if *cc == c => Ok(1),
-        [g, cc] if *cc == c && *g > 0 && rows % *g == 0 => Ok(*g),
-        [_] | [_, _] => Err(bad()),
-        _ => Err(Error::Rank {
-            op,
-            tensor: name.to_string(),
-            expected: 2,
-            actual: shape.to_vec(),
-        }),
-    }
-}
+/// The G of a modulation tensor ([C] or [G, C]), with the CPU op's errors.
+pub(crate) use crate::ops::groups_of;
 
 /// Checks x [T, C] and the kernels' int and grid limits.
 pub fn check_x(shape: &[usize]) -> Result<(usize, usize)> {

@@ -138,13 +138,24 @@ pub(crate) fn expect_groups(
     rows: usize,
     c: usize,
 ) -> Result<usize> {
+    groups_of(op, name, t.shape(), rows, c)
+}
+
+/// `expect_groups` on a bare shape, for backends whose tensors are not host `Tensor`s.
+pub(crate) fn groups_of(
+    op: &'static str,
+    name: &str,
+    shape: &[usize],
+    rows: usize,
+    c: usize,
+) -> Result<usize> {
     let bad = || Error::Shape {
         op,
         tensor: name.to_string(),
         expected: format!("[{c}] or [G, {c}] with G dividing the {rows} rows"),
-        actual: t.shape().to_vec(),
+        actual: shape.to_vec(),
     };
-    match t.shape() {
+    match shape {
         [cc] if *cc == c => Ok(1),
         [g, cc] if *cc == c && *g > 0 && rows % *g == 0 => Ok(*g),
         [_] | [_, _] => Err(bad()),
@@ -152,7 +163,7 @@ pub(crate) fn expect_groups(
             op,
             tensor: name.to_string(),
             expected: 2,
-            actual: t.shape().to_vec(),
+            actual: shape.to_vec(),
         }),
     }
 }
