@@ -215,13 +215,15 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
         }
     }
     pb.finish();
-    let teacher = net::dit_with_params(cfg.dit.clone(), ema.params, &mut init_rng)?;
-    teacher.save(&final_path)?;
-    let seconds = start.elapsed().as_secs_f64();
-    checkpoint::write_fingerprint(
+    let (teacher, seconds) = finish_phase(
+        cfg,
+        ema.params,
+        &mut init_rng,
+        &final_path,
         &final_json,
         &fp,
-        serde_json::json!({ "steps": total, "seconds": seconds }),
+        total,
+        start,
     )?;
     ctx.say(&format!(
         "teacher: {} steps in {seconds:.1} s, final loss {:.4}",
@@ -568,13 +570,15 @@ pub fn student(
         }
     }
     pb.finish();
-    let model = net::dit_with_params(cfg.dit.clone(), ema.params, &mut init_rng)?;
-    model.save(&final_path)?;
-    let seconds = start.elapsed().as_secs_f64();
-    checkpoint::write_fingerprint(
+    let (model, seconds) = finish_phase(
+        cfg,
+        ema.params,
+        &mut init_rng,
+        &final_path,
         &final_json,
         &fp,
-        serde_json::json!({ "steps": total, "seconds": seconds }),
+        total,
+        start,
     )?;
     ctx.say(&format!(
         "{name}: {} student steps ({fake_step} fake-score updates in all) in {seconds:.1} s",
@@ -593,6 +597,30 @@ pub fn student(
 }
 
 /// The teacher's fingerprint, which a student's includes (a new teacher means new students).
+/// The end of a training phase: the EMA weights become the phase's network, saved atomically with
+/// the fingerprint that lets a later run reuse it. Returns the network and the phase's seconds.
+#[allow(clippy::too_many_arguments)]
+fn finish_phase(
+    cfg: &RcmConfig,
+    ema_params: Vec<Tensor>,
+    init_rng: &mut StdRng,
+    final_path: &std::path::Path,
+    final_json: &std::path::Path,
+    fingerprint: &str,
+    total: usize,
+    start: Instant,
+) -> Result<(Dit, f64)> {
+    let model = net::dit_with_params(cfg.dit.clone(), ema_params, init_rng)?;
+    model.save(final_path)?;
+    let seconds = start.elapsed().as_secs_f64();
+    checkpoint::write_fingerprint(
+        final_json,
+        fingerprint,
+        serde_json::json!({ "steps": total, "seconds": seconds }),
+    )?;
+    Ok((model, seconds))
+}
+
 pub fn teacher_fingerprint(cfg: &RcmConfig, seed: u64) -> String {
     format!(
         "teacher|{:?}|{:?}|{:?}|seed {}",
