@@ -37,9 +37,19 @@ fn dual_of(primal: Tensor, tangent: Option<Tensor>) -> Result<Dual> {
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
-fn check_attention(q: &Dual, k: &Dual, v: &Dual, dtype: DType) -> Result<attn::AttnDims> {
+/// Shapes of the primals and the computation dtype (no copies of the host tensors).
+fn check_attention_primal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dtype: DType,
+) -> Result<attn::AttnDims> {
     dtype_suffix(dtype)?;
-    let dims = attn::check_shapes(q.shape(), k.shape(), v.shape())?;
+    attn::check_shapes(q.shape(), k.shape(), v.shape())
+}
+
+fn check_attention(q: &Dual, k: &Dual, v: &Dual, dtype: DType) -> Result<attn::AttnDims> {
+    let dims = check_attention_primal(&q.primal, &k.primal, &v.primal, dtype)?;
     q.check("attention", "q")?;
     k.check("attention", "k")?;
     v.check("attention", "v")?;
@@ -54,12 +64,7 @@ pub fn attention_forward(
     scale: Option<f64>,
     dtype: DType,
 ) -> Result<AttentionOutput> {
-    let (qd, kd, vd) = (
-        Dual::from(q.clone()),
-        Dual::from(k.clone()),
-        Dual::from(v.clone()),
-    );
-    let dims = check_attention(&qd, &kd, &vd, dtype)?;
+    let dims = check_attention_primal(q, k, v, dtype)?;
     attn::resolve_scale(scale, dims.d)?;
     let gpu = gpu_for(dtype)?;
     let [q, k, v] = upload3(&gpu, [q, k, v], dtype)?;
@@ -113,12 +118,7 @@ pub fn attention_backward(
     scale: Option<f64>,
     dtype: DType,
 ) -> Result<AttentionGrads> {
-    let (qd, kd, vd) = (
-        Dual::from(q.clone()),
-        Dual::from(k.clone()),
-        Dual::from(v.clone()),
-    );
-    let dims = check_attention(&qd, &kd, &vd, dtype)?;
+    let dims = check_attention_primal(q, k, v, dtype)?;
     let o_shape = dims.q_shape();
     for (name, t, shape) in [
         ("o", o, &o_shape[..]),
