@@ -106,6 +106,12 @@ struct Args {
     /// Shift of the DMD re-noising times towards noise.
     #[arg(long)]
     dmd_shift: Option<f64>,
+    /// Guidance weight of the teacher inside the DMD gradient.
+    #[arg(long)]
+    dmd_guidance: Option<f64>,
+    /// Scale of the DMD loss (sCM's is 100).
+    #[arg(long)]
+    dmd_scale: Option<f64>,
     /// Student updates of sCM tangent warmup (rCM adds DMD after it).
     #[arg(long)]
     tangent_warmup: Option<usize>,
@@ -168,6 +174,8 @@ fn config(a: &Args) -> flashjvp::Result<RcmConfig> {
     set!(c.student.fake_adam.lr, a.fake_lr);
     set!(c.student.dmd_shift, a.dmd_shift);
     set!(c.student.max_rollout, a.max_rollout);
+    set!(c.student.dmd_guidance, a.dmd_guidance);
+    set!(c.student.dmd_scale, a.dmd_scale);
     set!(c.teacher.batch, a.teacher_batch);
     set!(c.teacher.adam.lr, a.teacher_lr);
     set!(c.student.steps, a.student_steps);

@@ -354,7 +354,7 @@ fn dmd_grads(
     let eps = trigflow::randn(b * PIXELS, rng);
     let dx = trigflow::noisy(&x0, &eps, &td, PIXELS);
     let x0_fake = net::denoised(fake, &dx, &td, classes, 1.0)?;
-    let x0_teacher = net::denoised(teacher, &dx, &td, classes, cfg.guidance)?;
+    let x0_teacher = net::denoised(teacher, &dx, &td, classes, cfg.student.dmd_guidance)?;
     let ok = finite_mask(&[&x0, &x0_fake, &x0_teacher], b, PIXELS);
     let valid = ok.iter().filter(|&&o| o).count().max(1) as f64;
     let mut gout = vec![0.0; b * PIXELS];
@@ -412,7 +412,7 @@ fn fake_grads(
 }
 
 /// Distils the teacher into a few-step student with `method`: sCM alone, DMD alone, or rCM
-/// (sCM + DMD after the tangent warmup, the DMD loss at scale 1 against sCM's 100). Returns the
+/// (sCM + DMD after the tangent warmup, the DMD loss at `dmd_scale` against sCM's `scm_scale`). Returns the
 /// student's EMA weights.
 /// `None` when the step budget ran out first.
 pub fn student(
