@@ -935,6 +935,22 @@ struct BlockCacheDev {
     _keep: Vec<DeviceTensor>,
 }
 
+/// Errors unless the GPU passes take this network (head dim among the attention kernels', sizes
+/// within the kernels' limits), checked at batch 1 (larger batches are checked per pass).
+pub fn check_config(c: &DitConfig) -> Result<()> {
+    Dit::validate_config(c)?;
+    let g = c.image_size / c.patch;
+    BlockDims {
+        b: 1,
+        n: g * g,
+        c: c.hidden,
+        heads: c.heads,
+        hd: c.mlp_ratio * c.hidden,
+    }
+    .check()
+    .map(|_| ())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The parameter layout on the device.
 

@@ -446,7 +446,19 @@ pub fn mix_seed(seed: u64, tag: u64, index: u64) -> u64 {
 pub fn run(opts: &RcmOptions) -> Result<Report> {
     // `auto` takes the GPU when one is usable; `cuda` without one is an error from the device
     // layer saying why. Every DiT call of the run goes to the chosen device (see `net`).
-    let device = opts.device.resolve()?;
+    let device = match opts.device.resolve()? {
+        Device::Cpu => Device::Cpu,
+        Device::Cuda => match net::gpu_takes(&opts.config.dit) {
+            Ok(()) => Device::Cuda,
+            Err(e) if opts.device == DeviceRequest::Auto => {
+                if opts.progress {
+                    eprintln!("device: auto found a GPU, but {e}; using the CPU");
+                }
+                Device::Cpu
+            }
+            Err(e) => return Err(Error::Unsupported(format!("--device cuda: {e}"))),
+        },
+    };
     let device_name = match device {
         Device::Cpu => "cpu".to_string(),
         #[cfg(feature = "cuda")]

@@ -53,11 +53,24 @@ pub fn device() -> Device {
     }
 }
 
+/// Ok when the GPU passes take this DiT (its head dim among the attention kernels'), else why not.
+pub fn gpu_takes(dit: &crate::dit::DitConfig) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::dit::gpu::check_config(dit)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dit;
+        Err(crate::device::cuda_not_built())
+    }
+}
+
 /// What the backward needs from a forward, on the device that ran it.
 pub enum NetCache {
-    Cpu(DitCache),
+    Cpu(Box<DitCache>),
     #[cfg(feature = "cuda")]
-    Gpu(crate::dit::gpu::GpuDitCache),
+    Gpu(Box<crate::dit::gpu::GpuDitCache>),
 }
 
 #[cfg(feature = "cuda")]
@@ -99,14 +112,14 @@ fn run(net: &Dit, x: &Dual, t: &Dual, class: &[usize]) -> Result<(Dual, NetCache
     match device() {
         Device::Cpu => {
             let (y, cache) = net.forward_dual(x, t, class)?;
-            Ok((y, NetCache::Cpu(cache)))
+            Ok((y, NetCache::Cpu(Box::new(cache))))
         }
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let (g, _calls) = gpu::net(net)?;
                 let (y, cache) = g.forward_dual(x, t, class)?;
-                Ok((y, NetCache::Gpu(cache)))
+                Ok((y, NetCache::Gpu(Box::new(cache))))
             }
             #[cfg(not(feature = "cuda"))]
             Err(crate::device::cuda_not_built())
