@@ -295,6 +295,7 @@ fn cuda_runs_refuse_what_they_cannot_do() {
 // modulation permutations, stacking of primal and tangent rows, GEMM transposes, which gradient
 // goes where — not the kernels themselves (tests/gpu_ops.rs does that on a GPU).
 
+#[allow(clippy::needless_range_loop)]
 mod emulate {
     use std::collections::BTreeMap;
 
@@ -526,12 +527,7 @@ mod emulate {
                     }
                     self.set(p(3), i, gelu(pre));
                 }
-            } else if name == "gelu_tangent_f32" {
-                for i in 0..int(3) {
-                    let v = gelu_d(self.get(p(0), i)) * self.get(p(1), i);
-                    self.set(p(2), i, v);
-                }
-            } else if name == "gelu_bwd_f32" {
+            } else if name == "gelu_tangent_f32" || name == "gelu_bwd_f32" {
                 for i in 0..int(3) {
                     let v = gelu_d(self.get(p(0), i)) * self.get(p(1), i);
                     self.set(p(2), i, v);
