@@ -15,6 +15,10 @@ use flashjvp::cuda::layernorm::{self as ln, LnDims};
 use flashjvp::cuda::mlp::{self, MlpDims, ParamPtrs};
 use flashjvp::cuda::nvrtc::kernel_files;
 use flashjvp::cuda::tensor::plan_cast;
+use flashjvp::dit::gpu::{
+    plan_block_backward, plan_block_forward, BlockBufs, BlockDims, BlockGrads, BlockParams,
+    BlockTangents, Mods,
+};
 use flashjvp::DType;
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
@@ -137,6 +141,7 @@ fn all_plans() -> Vec<Step> {
             db2: p(19),
         };
         s.extend(mlp::plan_backward(dtype, md, p(5), pp, p(20), mb).unwrap());
+        s.extend(dit_plans(dtype));
         if dtype != DType::F32 {
             s.extend(plan_cast(DType::F32, dtype, 1000, p(1), p(2)).unwrap());
             s.extend(plan_cast(dtype, DType::F32, 1000, p(1), p(2)).unwrap());
@@ -145,6 +150,117 @@ fn all_plans() -> Vec<Step> {
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), 0, p(2), 0).unwrap());
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), p(3), p(2), p(4)).unwrap());
     s
+}
+
+/// The DiT's block plans (forward, dual forward with and without tangents on x and on the
+/// modulation, backward) and the movement kernels of cuda/dit.cu the stem and head use.
+fn dit_plans(dtype: DType) -> Vec<Step> {
+    use flashjvp::cuda::dit as kd;
+    let mut s = Vec::new();
+    // B 2, N 40 tokens, C 144 = 2 heads of 72, MLP 576.
+    let d = BlockDims {
+        b: 2,
+        n: 40,
+        c: 144,
+        heads: 2,
+        hd: 576,
+    };
+    let bp = BlockParams {
+        qkv_w: p(1),
+        qkv_b: p(2),
+        proj_w: p(3),
+        proj_b: p(4),
+        fc1_w: p(5),
+        fc1_b: p(6),
+        fc2_w: p(7),
+        fc2_b: p(8),
+    };
+    let m = Mods::chunks(p(9), 0, d.b, d.c);
+    let tm = Mods::chunks(p(10), 0, d.b, d.c);
+    let a = BlockBufs {
+        x: p(11),
+        mean1: p(12),
+        rstd1: p(13),
+        h1: p(14),
+        qkv: p(15),
+        heads: p(16),
+        o: p(17),
+        lse: p(18),
+        o_rows: p(19),
+        attn_out: p(20),
+        x1: p(21),
+        mean2: p(22),
+        rstd2: p(23),
+        h2: p(24),
+        pre: p(25),
+        g: p(26),
+        mlp_out: p(27),
+        out: p(28),
+    };
+    let t = BlockTangents {
+        x: p(30),
+        qkv: p(31),
+        heads: p(32),
+        o: p(33),
+        lse: p(34),
+        o_rows: p(35),
+        attn_out: p(36),
+        x1: p(37),
+        mlp_out: p(38),
+        out: p(39),
+    };
+    let t0 = BlockTangents { x: 0, ..t };
+    s.extend(plan_block_forward(dtype, d, &bp, &m, None, &a, None).unwrap());
+    s.extend(plan_block_forward(dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap());
+    s.extend(plan_block_forward(dtype, d, &bp, &m, None, &a, Some(&t)).unwrap());
+    s.extend(plan_block_forward(dtype, d, &bp, &m, Some(&tm), &a, Some(&t0)).unwrap());
+    let g = BlockGrads {
+        dx: p(40),
+        dy: p(41),
+        dh: p(42),
+        dln: p(43),
+        dg: p(44),
+        do_rows: p(45),
+        d_o: p(46),
+        dheads: p(47),
+        dqkv: p(48),
+        delta: p(49),
+        ones: p(50),
+        dmods: Mods::chunks(p(51), 0, d.b, d.c),
+        dp: BlockParams { qkv_w: p(52), ..bp },
+    };
+    s.extend(plan_block_backward(dtype, d, &bp, &m, &a, &g).unwrap());
+    s.extend(kd::plan_permute(dtype, p(1), p(2), &[2, 3, 4, 5, 6, 7], &[1; 6]).unwrap());
+    s.extend(kd::plan_add_rows(dtype, p(1), p(2), 1000, 100).unwrap());
+    s.extend(kd::plan_add_class(dtype, p(1), p(2), p(3), 7, 33).unwrap());
+    s.extend(kd::plan_class_grad(dtype, p(1), p(2), p(3), 7, 11, 33).unwrap());
+    if dtype == DType::F32 {
+        s.extend(kd::plan_scale_f32(p(1), p(2), 10.0, 7).unwrap());
+    }
+    s
+}
+
+#[test]
+fn dit_plans_are_refused_for_unsupported_sizes() {
+    let d = BlockDims {
+        b: 2,
+        n: 40,
+        c: 96,
+        heads: 2,
+        hd: 384,
+    };
+    // Head dim 48 has no attention kernel: an error, not a launch.
+    let e = plan_block_forward(
+        DType::F32,
+        d,
+        &BlockParams::default(),
+        &Mods::default(),
+        None,
+        &BlockBufs::default(),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
 }
 
 #[test]

@@ -7,12 +7,14 @@
 # Steps (each bounded by `timeout`, each log under $OUT, a summary table at the end, ~8 minutes):
 #   1. info     the GPU, driver, libraries; `flashjvp info` and `flashjvp kernels` (resources)
 #   2. tests    bash .gpu/run.sh tests gpu_  (gpu_ops: every op against the f64 CPU reference, its
-#               relative errors as ERR lines; gpu_plans; gpu_sanitize), FLASHJVP_REQUIRE_GPU=1
+#               relative errors as ERR lines; gpu_dit: the GPU DiT against the CPU DiT and the toy
+#               rCM pipeline on cuda; gpu_plans; gpu_sanitize), FLASHJVP_REQUIRE_GPU=1
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
 #   5. compare  scripts/gpu/compare.py: the CLI on cuda against cpu, `flashjvp bench --json`
 #               against PyTorch's cuDNN attention forward, a device copy and the MLP's forward
-# Files back (at most 8): gpu_ops.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
+#   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
+# Files back (at most 8): gpu_ops.log gpu_dit.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
 # compare.json summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
@@ -80,17 +82,23 @@ fi
 # ---- 5. benchmarks against PyTorch
 step compare 170 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json"
 
+# ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
+#         backward, forward+backward against dual forward+backward (~10 s; its lines in compare.log)
+step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16
+
 # ---- summary
 {
   echo
-  echo "=== relative errors (gpu_ops ERR lines): worst 15 by error / tolerance"
-  python3 - "$OUT/gpu_ops.log" <<'PY'
+  echo "=== relative errors (gpu_ops and gpu_dit ERR lines): worst 15 by error / tolerance"
+  python3 - "$OUT/gpu_ops.log" "$OUT/gpu_dit.log" <<'PY'
 import re, sys
 rows = []
-try:
-    text = open(sys.argv[1], errors="replace").read()
-except OSError:
-    text = ""
+text = ""
+for path in sys.argv[1:]:
+    try:
+        text += open(path, errors="replace").read()
+    except OSError:
+        pass
 for m in re.finditer(r"^ERR (.*?): rel ([0-9.e+-]+) \(tol ([0-9.e+-]+)\)(.*)$", text, re.M):
     rows.append((float(m.group(2)) / float(m.group(3)), m.group(0)))
 nonfinite = re.findall(r"^ERR .*non-finite.*$", text, re.M)

@@ -32,6 +32,8 @@ pub enum BenchOp {
     LayerNorm,
     /// shape T,C,Hd.
     Mlp,
+    /// shape B,N,C,heads: one DiT block (see [`super::bench_dit`]).
+    DitBlock,
 }
 
 impl BenchOp {
@@ -40,8 +42,9 @@ impl BenchOp {
             "attention" => Ok(BenchOp::Attention),
             "layernorm" | "layernorm_mod" => Ok(BenchOp::LayerNorm),
             "mlp" => Ok(BenchOp::Mlp),
+            "dit_block" => Ok(BenchOp::DitBlock),
             other => Err(Error::Unsupported(format!(
-                "unknown benchmark op `{other}`: expected attention, layernorm_mod or mlp"
+                "unknown benchmark op `{other}`: expected attention, layernorm_mod, mlp or dit_block"
             ))),
         }
     }
@@ -51,6 +54,7 @@ impl BenchOp {
             BenchOp::Attention => "attention",
             BenchOp::LayerNorm => "layernorm_mod",
             BenchOp::Mlp => "mlp",
+            BenchOp::DitBlock => "dit_block",
         }
     }
 
@@ -69,6 +73,7 @@ impl BenchOp {
             ],
             BenchOp::LayerNorm => vec![vec![8192, 1536, 2], vec![32768, 1152, 8]],
             BenchOp::Mlp => vec![vec![8192, 1536, 6144], vec![8192, 1152, 4608]],
+            BenchOp::DitBlock => super::bench_dit::default_shapes(),
         }
     }
 }
@@ -132,13 +137,13 @@ impl BenchRow {
 }
 
 /// Random normal values to cut inputs from.
-struct Pool {
+pub(crate) struct Pool {
     values: Vec<f32>,
     rng: StdRng,
 }
 
 impl Pool {
-    fn new(seed: u64) -> Pool {
+    pub(crate) fn new(seed: u64) -> Pool {
         let mut rng = StdRng::seed_from_u64(seed);
         let values = (0..1 << 22)
             .map(|_| StandardNormal.sample(&mut rng))
@@ -147,7 +152,7 @@ impl Pool {
     }
 
     /// A fresh random tensor (values times `scale`) on the GPU.
-    fn tensor(
+    pub(crate) fn tensor(
         &mut self,
         gpu: &Gpu,
         shape: &[usize],
@@ -174,7 +179,11 @@ impl Pool {
 
 /// Times `plans[i % plans.len()]` (one plan per input set): warm-up, then the median of runs
 /// sized to about `budget_ms` in all (at least 5, at most 200).
-fn time_plans(gpu: &Gpu, plans: &[Vec<Step>], budget_ms: f64) -> Result<(f64, f64, f64, usize)> {
+pub(crate) fn time_plans(
+    gpu: &Gpu,
+    plans: &[Vec<Step>],
+    budget_ms: f64,
+) -> Result<(f64, f64, f64, usize)> {
     for p in plans.iter().cycle().take(plans.len().max(3)) {
         gpu.run(p)?;
     }
@@ -235,13 +244,14 @@ pub fn bench(op: BenchOp, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>
         BenchOp::Attention => bench_attention(&gpu, &mut pool, shape, dtype)?,
         BenchOp::LayerNorm => bench_layernorm(&gpu, &mut pool, shape, dtype)?,
         BenchOp::Mlp => bench_mlp(&gpu, &mut pool, shape, dtype)?,
+        BenchOp::DitBlock => super::bench_dit::bench_block(&gpu, &mut pool, shape, dtype)?,
     };
     Ok(rows)
 }
 
-const BUDGET_MS: f64 = 300.0;
+pub(crate) const BUDGET_MS: f64 = 300.0;
 
-fn row(
+pub(crate) fn row(
     op: BenchOp,
     pass: &str,
     shape: &[usize],

@@ -19,7 +19,9 @@
 
 pub mod attention;
 pub mod bench;
+pub mod bench_dit;
 pub mod context;
+pub mod dit;
 pub mod elementwise;
 pub mod gemm;
 pub mod launch;

@@ -270,6 +270,25 @@ impl DeviceTensor {
         Ok(t)
     }
 
+    /// A view of `shape` starting `offset` elements into this tensor (same memory, same dtype);
+    /// errors unless it lies within this tensor.
+    pub fn view(&self, offset: usize, shape: &[usize]) -> Result<DeviceTensor> {
+        let n: usize = shape.iter().product();
+        if offset + n > self.numel() {
+            return Err(Error::invalid(
+                "view",
+                format!(
+                    "{shape:?} at element {offset} does not fit in {:?}",
+                    self.shape
+                ),
+            ));
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        t.offset += offset * self.dtype.size_in_bytes();
+        Ok(t)
+    }
+
     /// Copies the tensor to the host (waiting for the GPU; a failed kernel surfaces here).
     pub fn download(&self) -> Result<Tensor> {
         let gpu = &self.gpu;

@@ -8,6 +8,8 @@
 //! attention, gated residual, layernorm+modulation, GELU MLP, gated residual, the six modulation
 //! vectors from Linear(SiLU(c))); a final modulated layernorm + linear; unpatchify.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod layout;
 mod pass;
 mod shuffle;
@@ -15,6 +17,7 @@ mod shuffle;
 pub use pass::DitCache;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand_distr::{Distribution, StandardNormal};
 
@@ -54,6 +57,16 @@ pub struct Dit {
     dtype: DType,
     /// The fixed 2-D sin-cos position embedding [N, hidden], not a parameter.
     pos: Tensor,
+    /// Names the current parameter values: fresh on creation and whenever `params_mut` or
+    /// `randomize_for_tests` hands them out for change; a clone keeps it (same values). A device
+    /// copy of the parameters (see `gpu`) is current while its generation matches.
+    generation: u64,
+}
+
+/// A process-wide source of parameter generations (never 0).
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn expect_real(what: &str, dtype: DType) -> Result<()> {
@@ -129,6 +142,7 @@ impl Dit {
             params,
             dtype,
             pos,
+            generation: next_generation(),
         };
         dit.check_params()?;
         Ok(dit)
@@ -158,6 +172,7 @@ impl Dit {
     /// matrices N(0, std²/fan_in), vectors N(0, (std/2)²). adaLN-zero makes a fresh network's
     /// output independent of most paths; tests call this so every path is exercised.
     pub fn randomize_for_tests(&mut self, rng: &mut impl rand::Rng, std: f64) -> Result<()> {
+        self.generation = next_generation();
         for p in &mut self.params {
             let s = match p.shape() {
                 [_, fan_in] => std / (*fan_in as f64).sqrt(),
@@ -178,7 +193,19 @@ impl Dit {
 
     /// The parameters to update in place; keep their shapes and dtype (every pass checks them).
     pub fn params_mut(&mut self) -> &mut [Tensor] {
+        self.generation = next_generation();
         &mut self.params
+    }
+
+    /// The generation of the current parameter values: equal generations mean equal values
+    /// (see the field's comment); device copies are keyed by it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The fixed position embedding [N, hidden] in the network dtype.
+    pub fn position_embedding(&self) -> &Tensor {
+        &self.pos
     }
 
     /// The network dtype (of every parameter, input and output).

@@ -130,47 +130,58 @@ fn geometry(c: &DitConfig) -> (usize, usize) {
     (g * g, c.hidden / c.heads)
 }
 
+/// Errors unless x [B, C, S, S], t [B] and `class` agree with each other and the network.
+pub(super) fn check_inputs(
+    c: &DitConfig,
+    dtype: crate::tensor::DType,
+    x: &Dual,
+    t: &Dual,
+    class: &[usize],
+) -> Result<usize> {
+    const OP: &str = "dit";
+    ops::expect_dual(OP, "x", x, dtype)?;
+    ops::expect_dual(OP, "t", t, dtype)?;
+    let b = match x.shape() {
+        [b, ch, h, w]
+            if *b > 0 && *ch == c.in_channels && *h == c.image_size && *w == c.image_size =>
+        {
+            *b
+        }
+        _ => {
+            return Err(Error::Shape {
+                op: OP,
+                tensor: "x".into(),
+                expected: format!(
+                    "[B, {}, {}, {}] with B > 0",
+                    c.in_channels, c.image_size, c.image_size
+                ),
+                actual: x.shape().to_vec(),
+            })
+        }
+    };
+    ops::expect_shape(OP, "t", &t.primal, &[b])?;
+    if class.len() != b {
+        return Err(Error::invalid(
+            OP,
+            format!("{} class indices for a batch of {b}", class.len()),
+        ));
+    }
+    if let Some((i, &k)) = class.iter().enumerate().find(|(_, &k)| k > c.num_classes) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "class[{i}] = {k} is out of range: {} classes, index {} is the null class",
+                c.num_classes, c.num_classes
+            ),
+        ));
+    }
+    Ok(b)
+}
+
 impl Dit {
     /// Errors unless x [B, C, S, S], t [B] and `class` agree with each other and the network.
     fn check_inputs(&self, x: &Dual, t: &Dual, class: &[usize]) -> Result<usize> {
-        const OP: &str = "dit";
-        let c = &self.config;
-        ops::expect_dual(OP, "x", x, self.dtype)?;
-        ops::expect_dual(OP, "t", t, self.dtype)?;
-        let b = match x.shape() {
-            [b, ch, h, w]
-                if *b > 0 && *ch == c.in_channels && *h == c.image_size && *w == c.image_size =>
-            {
-                *b
-            }
-            _ => {
-                return Err(Error::Shape {
-                    op: OP,
-                    tensor: "x".into(),
-                    expected: format!(
-                        "[B, {}, {}, {}] with B > 0",
-                        c.in_channels, c.image_size, c.image_size
-                    ),
-                    actual: x.shape().to_vec(),
-                })
-            }
-        };
-        ops::expect_shape(OP, "t", &t.primal, &[b])?;
-        if class.len() != b {
-            return Err(Error::invalid(
-                OP,
-                format!("{} class indices for a batch of {b}", class.len()),
-            ));
-        }
-        if let Some((i, &k)) = class.iter().enumerate().find(|(_, &k)| k > c.num_classes) {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "class[{i}] = {k} is out of range: {} classes, index {} is the null class",
-                    c.num_classes, c.num_classes
-                ),
-            ));
-        }
+        let b = check_inputs(&self.config, self.dtype, x, t, class)?;
         self.check_params()?;
         Ok(b)
     }

@@ -457,15 +457,31 @@ pub fn mix_seed(seed: u64, tag: u64, index: u64) -> u64 {
 /// Trains (or reuses) the teacher and the students, evaluates them, writes results.json,
 /// results.md and samples.png into `opts.out`, and returns the report.
 pub fn run(opts: &RcmOptions) -> Result<Report> {
-    // The DiT runs on the CPU reference only so far: `auto` means the CPU here, and an explicit
-    // `cuda` is an error (from the device layer, or ours once it resolves to a GPU).
-    if opts.device != DeviceRequest::Auto && opts.device.resolve()? != Device::Cpu {
-        return Err(Error::Unsupported(
-            "--device cuda: the DiT has no CUDA path in this build yet; use --device cpu".into(),
-        ));
-    }
+    // `auto` takes the GPU when one is usable; `cuda` without one is an error from the device
+    // layer saying why. Every DiT call of the run goes to the chosen device (see `net`).
+    let device = match opts.device.resolve()? {
+        Device::Cpu => Device::Cpu,
+        Device::Cuda => match net::gpu_takes(&opts.config.dit) {
+            Ok(()) => Device::Cuda,
+            Err(e) if opts.device == DeviceRequest::Auto => {
+                if opts.progress {
+                    eprintln!("device: auto found a GPU, but {e}; using the CPU");
+                }
+                Device::Cpu
+            }
+            Err(e) => return Err(Error::Unsupported(format!("--device cuda: {e}"))),
+        },
+    };
+    let device_name = match device {
+        Device::Cpu => "cpu".to_string(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => format!("cuda ({})", crate::cuda::Gpu::get()?.info().name),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => return Err(crate::device::cuda_not_built()),
+    };
+    let _device = net::use_device(device);
     if opts.progress {
-        eprintln!("device: cpu (the DiT runs on the CPU reference; `auto` picks it)");
+        eprintln!("device: {device_name}");
     }
     opts.config.check()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io {
@@ -485,7 +501,7 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     let stopped = |phases: Vec<PhaseInfo>| Report {
         complete: false,
         rows: Vec::new(),
-        device: "cpu".into(),
+        device: device_name.clone(),
         seconds: start.elapsed().as_secs_f64(),
         phases,
     };
@@ -564,7 +580,7 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     let report = Report {
         complete: true,
         rows,
-        device: "cpu".into(),
+        device: device_name,
         seconds: start.elapsed().as_secs_f64(),
         phases,
     };

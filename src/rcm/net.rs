@@ -1,13 +1,131 @@
 //! The DiT seen from the pipeline: images and times in f64 in, the velocity F in f64 out. The
-//! network computes in its own dtype (f32 on the CPU); all wrapper and loss math stays in f64.
+//! network computes in its own dtype (f32 on the CPU) or, when the run chose the GPU, in f32 on
+//! the GPU (`crate::dit::gpu`); all wrapper and loss math stays in f64 on the host.
+//!
+//! Device dispatch lives here so the training code is the same for both devices: [`use_device`]
+//! (called by `rcm::run`) picks the device for the duration of a run, and every call below goes to
+//! the CPU passes or to the GPU passes. On the GPU, each network's parameters are uploaded once per
+//! generation (`Dit::generation` changes whenever the optimizer takes `params_mut`), so the frozen
+//! teacher is uploaded once and a student once per update, not once per call; the host keeps the
+//! master weights, AdamW and the EMA (they cost O(parameters) per step, small beside the passes).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use crate::data::glyph::{NUM_CLASSES, PIXELS, SIZE};
+use crate::device::Device;
 use crate::dit::{Dit, DitCache};
 use crate::dual::Dual;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
 use super::trigflow;
+
+/// True while a run has chosen the GPU.
+static ON_GPU: AtomicBool = AtomicBool::new(false);
+/// One run at a time chooses the device (the choice is process-wide).
+static RUN: Mutex<()> = Mutex::new(());
+
+/// While alive, every call of this module runs on `device`; other runs in the process wait.
+pub struct DeviceGuard {
+    _run: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        ON_GPU.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Chooses the device of the DiT calls until the guard drops (waiting for another run's guard).
+pub fn use_device(device: Device) -> DeviceGuard {
+    let run = RUN.lock().unwrap_or_else(|e| e.into_inner());
+    ON_GPU.store(device == Device::Cuda, Ordering::SeqCst);
+    DeviceGuard { _run: run }
+}
+
+/// The device the DiT calls run on now.
+pub fn device() -> Device {
+    if ON_GPU.load(Ordering::SeqCst) {
+        Device::Cuda
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Ok when the GPU passes take this DiT (its head dim among the attention kernels'), else why not.
+pub fn gpu_takes(dit: &crate::dit::DitConfig) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::dit::gpu::check_config(dit)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dit;
+        Err(crate::device::cuda_not_built())
+    }
+}
+
+/// What the backward needs from a forward, on the device that ran it.
+pub enum NetCache {
+    Cpu(Box<DitCache>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<crate::dit::gpu::GpuDitCache>),
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    use crate::dit::gpu::GpuDit;
+    use crate::dit::Dit;
+    use crate::error::Result;
+
+    /// Device copies of the most recent parameter generations (teacher, student, fake score, EMA
+    /// snapshots): a few networks at a time.
+    const KEEP: usize = 6;
+    static NETS: Mutex<Vec<Arc<GpuDit>>> = Mutex::new(Vec::new());
+    /// GPU passes run one at a time (the evaluation calls from several threads).
+    static CALLS: Mutex<()> = Mutex::new(());
+
+    /// The device copy of `net`'s current parameters (uploaded now if it has none) and the
+    /// lock that serialises GPU passes.
+    pub fn net(net: &Dit) -> Result<(Arc<GpuDit>, MutexGuard<'static, ()>)> {
+        let calls = CALLS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nets = NETS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = nets.iter().position(|g| g.generation() == net.generation()) {
+            let g = nets.remove(i);
+            nets.push(g.clone());
+            return Ok((g, calls));
+        }
+        let g = Arc::new(GpuDit::upload(net)?);
+        nets.push(g.clone());
+        if nets.len() > KEEP {
+            nets.remove(0);
+        }
+        Ok((g, calls))
+    }
+}
+
+/// The (dual) forward on the chosen device: output, its tangent (if any input carried one), cache.
+fn run(net: &Dit, x: &Dual, t: &Dual, class: &[usize]) -> Result<(Dual, NetCache)> {
+    match device() {
+        Device::Cpu => {
+            let (y, cache) = net.forward_dual(x, t, class)?;
+            Ok((y, NetCache::Cpu(Box::new(cache))))
+        }
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let (g, _calls) = gpu::net(net)?;
+                let (y, cache) = g.forward_dual(x, t, class)?;
+                Ok((y, NetCache::Gpu(Box::new(cache))))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(crate::device::cuda_not_built())
+        }
+    }
+}
 
 /// The class index that means "no class" (classifier-free guidance's unconditional branch).
 pub const NULL_CLASS: usize = NUM_CLASSES;
@@ -29,8 +147,10 @@ pub fn time_tensor(t: &[f64], dtype: DType) -> Result<Tensor> {
 /// F(x, t, class).
 pub fn velocity(net: &Dit, x: &[f64], t: &[f64], class: &[usize]) -> Result<Vec<f64>> {
     let dt = dtype(net);
-    let y = net.forward(&image_tensor(x, dt)?, &time_tensor(t, dt)?, class)?;
-    Ok(y.to_f64_vec())
+    let x = Dual::constant(image_tensor(x, dt)?);
+    let t = Dual::constant(time_tensor(t, dt)?);
+    let (y, _) = run(net, &x, &t, class)?;
+    Ok(y.primal.to_f64_vec())
 }
 
 /// The guided velocity F_u + w·(F_c − F_u), both branches in one forward of a doubled batch;
@@ -68,10 +188,12 @@ pub fn velocity_train(
     x: &[f64],
     t: &[f64],
     class: &[usize],
-) -> Result<(Vec<f64>, DitCache)> {
+) -> Result<(Vec<f64>, NetCache)> {
     let dt = dtype(net);
-    let (y, cache) = net.forward_train(&image_tensor(x, dt)?, &time_tensor(t, dt)?, class)?;
-    Ok((y.to_f64_vec(), cache))
+    let x = Dual::constant(image_tensor(x, dt)?);
+    let t = Dual::constant(time_tensor(t, dt)?);
+    let (y, cache) = run(net, &x, &t, class)?;
+    Ok((y.primal.to_f64_vec(), cache))
 }
 
 /// The dual forward with tangents ẋ on the image and ṫ on the time: F (the primal), its tangent
@@ -83,11 +205,11 @@ pub fn velocity_dual(
     t: &[f64],
     t_dot: &[f64],
     class: &[usize],
-) -> Result<(Vec<f64>, Vec<f64>, DitCache)> {
+) -> Result<(Vec<f64>, Vec<f64>, NetCache)> {
     let dt = dtype(net);
     let xd = Dual::new(image_tensor(x, dt)?, image_tensor(x_dot, dt)?)?;
     let td = Dual::new(time_tensor(t, dt)?, time_tensor(t_dot, dt)?)?;
-    let (y, cache) = net.forward_dual(&xd, &td, class)?;
+    let (y, cache) = run(net, &xd, &td, class)?;
     let tangent = match &y.tangent {
         Some(tt) => tt.to_f64_vec(),
         None => vec![0.0; y.primal.numel()],
@@ -95,9 +217,17 @@ pub fn velocity_dual(
     Ok((y.primal.to_f64_vec(), tangent, cache))
 }
 
-/// Parameter gradients for an output cotangent given in f64.
-pub fn backward(net: &Dit, cache: &DitCache, gout: &[f64]) -> Result<Vec<Tensor>> {
-    net.backward(cache, &image_tensor(gout, dtype(net))?)
+/// Parameter gradients for an output cotangent given in f64, on the device that ran the forward.
+pub fn backward(net: &Dit, cache: &NetCache, gout: &[f64]) -> Result<Vec<Tensor>> {
+    let gout = image_tensor(gout, dtype(net))?;
+    match cache {
+        NetCache::Cpu(c) => net.backward(c, &gout),
+        #[cfg(feature = "cuda")]
+        NetCache::Gpu(c) => {
+            let (g, _calls) = gpu::net(net)?;
+            g.backward(c, &gout)
+        }
+    }
 }
 
 /// Adds `b` into `a` elementwise (gradients of two losses on the same parameters).

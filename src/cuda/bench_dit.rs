@@ -1,0 +1,160 @@
+//! `flashjvp bench dit_block`: one DiT block (adaLN-zero: modulated layernorm, fused qkv, attention,
+//! projection, gated residual, modulated layernorm, GELU MLP of width 4C, gated residual) timed
+//! with CUDA events in its three passes — forward, JVP (the dual forward with tangents on x and on
+//! every modulation vector, as the rCM student's dual forward carries them) and the backward through
+//! the primal — and in the two training steps they make: forward + backward (a plain
+//! flow-matching or DMD step) against dual forward + backward (the sCM/rCM step, whose dual forward
+//! replaces the reference's JVP pass and second forward, DESIGN.md section 5).
+//!
+//! The block is the one `crate::dit::gpu` runs (same plan builders), in the storage dtype asked
+//! for (bf16 by default; modulation vectors f32). The modulation linear itself is outside the
+//! block (one GEMM for all blocks in the DiT) and is not timed. The backward's plan starts with a
+//! device copy of the output cotangent into its running buffer (it is updated in place), which is
+//! included in the timing (one read and one write of [T, C]).
+//!
+//! Rates count the GEMMs (2·T·C·(4C + 2·Hd) for the forward, twice that for the JVP and the
+//! backward) and attention as the attention benchmark does (4·B·N²·C forward, 12· JVP, 10·
+//! backward); movement kernels (head split/merge) and layernorms are not counted.
+
+use super::bench::{row, time_plans, BenchOp, BenchRow, Pool, BUDGET_MS};
+use super::context::Gpu;
+use super::launch::Step;
+use super::tensor::one_bits;
+use crate::dit::gpu::{
+    plan_block_backward, plan_block_forward, BlockAlloc, BlockDims, BlockGradAlloc, BlockParams,
+    Mods,
+};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// The shapes of the issue: DiT-XL-like widths at two token counts.
+pub fn default_shapes() -> Vec<Vec<usize>> {
+    vec![vec![2, 4096, 1536, 12], vec![8, 1024, 1152, 16]]
+}
+
+/// Times one block at `shape` = B,N,C,heads (MLP width 4C) in `dtype`.
+pub(crate) fn bench_block(
+    gpu: &Gpu,
+    pool: &mut Pool,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Vec<BenchRow>> {
+    let [b, n, c, heads] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "dit_block benchmark shape {shape:?}: expected B,N,C,heads"
+        )));
+    };
+    let d = BlockDims {
+        b,
+        n,
+        c,
+        heads,
+        hd: 4 * c,
+    };
+    d.check()?;
+    let (t, hd) = (d.t(), d.hd);
+    let ws = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    let w = [
+        pool.tensor(gpu, &[3 * c, c], dtype, ws(c))?,
+        pool.tensor(gpu, &[3 * c], dtype, 0.1)?,
+        pool.tensor(gpu, &[c, c], dtype, ws(c))?,
+        pool.tensor(gpu, &[c], dtype, 0.1)?,
+        pool.tensor(gpu, &[hd, c], dtype, ws(c))?,
+        pool.tensor(gpu, &[hd], dtype, 0.1)?,
+        pool.tensor(gpu, &[c, hd], dtype, ws(hd))?,
+        pool.tensor(gpu, &[c], dtype, 0.1)?,
+    ];
+    let p = BlockParams {
+        qkv_w: w[0].ptr(),
+        qkv_b: w[1].ptr(),
+        proj_w: w[2].ptr(),
+        proj_b: w[3].ptr(),
+        fc1_w: w[4].ptr(),
+        fc1_b: w[5].ptr(),
+        fc2_w: w[6].ptr(),
+        fc2_b: w[7].ptr(),
+    };
+    let mods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
+    let tmods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
+    let m = Mods::chunks(mods.ptr(), 0, b, c);
+    let tm = Mods::chunks(tmods.ptr(), 0, b, c);
+    let x = pool.tensor(gpu, &[t, c], dtype, 1.0)?;
+    let tx = pool.tensor(gpu, &[t, c], dtype, 1.0)?;
+    let dout = pool.tensor(gpu, &[t, c], dtype, 1.0)?;
+
+    let fa = BlockAlloc::new(gpu, dtype, d, &x, None, false)?;
+    let ja = BlockAlloc::new(gpu, dtype, d, &x, Some(&tx), true)?;
+    let fwd = plan_block_forward(dtype, d, &p, &m, None, &fa.bufs, None)?;
+    let jvp = plan_block_forward(dtype, d, &p, &m, Some(&tm), &ja.bufs, ja.tangents.as_ref())?;
+    // Fill the saved buffers once, so the backward reads a forward's values.
+    gpu.run(&fwd)?;
+    gpu.run(&jvp)?;
+
+    let grads = gpu.alloc_stacked(
+        &[
+            &[3 * c, c],
+            &[3 * c],
+            &[c, c],
+            &[c],
+            &[hd, c],
+            &[hd],
+            &[c, hd],
+            &[c],
+            &[t, c],
+            &[t],
+        ],
+        dtype,
+    )?;
+    let dmods = gpu.alloc_out(&[6, b, c], DType::F32)?;
+    let (dx, ones) = (&grads[8], &grads[9]);
+    let (width, bits) = one_bits(dtype);
+    gpu.run(&[Step::Fill {
+        ptr: ones.ptr(),
+        width,
+        count: t,
+        bits,
+    }])?;
+    let scratch = BlockGradAlloc::new(gpu, dtype, d, dx.ptr(), ones.ptr())?;
+    let mut g = scratch.grads;
+    g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
+    g.dp = BlockParams {
+        qkv_w: grads[0].ptr(),
+        qkv_b: grads[1].ptr(),
+        proj_w: grads[2].ptr(),
+        proj_b: grads[3].ptr(),
+        fc1_w: grads[4].ptr(),
+        fc1_b: grads[5].ptr(),
+        fc2_w: grads[6].ptr(),
+        fc2_b: grads[7].ptr(),
+    };
+    let bwd_of = |a: &BlockAlloc| -> Result<Vec<Step>> {
+        let mut s = vec![Step::Copy {
+            src: dout.ptr(),
+            dst: dx.ptr(),
+            bytes: dx.bytes(),
+        }];
+        s.extend(plan_block_backward(dtype, d, &p, &m, &a.bufs, &g)?);
+        Ok(s)
+    };
+    let bwd = bwd_of(&fa)?;
+    let fwd_bwd: Vec<Step> = fwd.iter().cloned().chain(bwd_of(&fa)?).collect();
+    let jvp_bwd: Vec<Step> = jvp.iter().cloned().chain(bwd_of(&ja)?).collect();
+
+    let gemm = 2.0 * t as f64 * c as f64 * (4 * c + 2 * hd) as f64;
+    let att = b as f64 * (n as f64).powi(2) * c as f64;
+    let mut rows = Vec::new();
+    for (pass, plan, flops) in [
+        ("fwd", &fwd, gemm + 4.0 * att),
+        ("jvp", &jvp, 2.0 * gemm + 12.0 * att),
+        ("bwd", &bwd, 2.0 * gemm + 10.0 * att),
+        ("fwd+bwd", &fwd_bwd, 3.0 * gemm + 14.0 * att),
+        ("jvp+bwd", &jvp_bwd, 4.0 * gemm + 22.0 * att),
+    ] {
+        let tm = time_plans(gpu, std::slice::from_ref(plan), BUDGET_MS)?;
+        let mut r = row(BenchOp::DitBlock, pass, shape, dtype, tm);
+        r.tflops = Some(flops / (tm.0 * 1e-3) / 1e12);
+        rows.push(r);
+    }
+    drop((fa, ja, scratch, w));
+    Ok(rows)
+}
