@@ -29,7 +29,8 @@
 //   with a "full" mbarrier (TMA completes bytes on it) and an "empty" mbarrier (8 consumer warps arrive
 //   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
 //   as soon as its scores are done, a V tile only after the next turn.
-//   BC = 64 keys; STAGES = 2 for the full JVP at d = 128 (192 KiB), 4 otherwise.
+//   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
+//   fragments within 240); STAGES = 3 for the full JVP at d = 128 (214 KiB), 4 otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
@@ -43,10 +44,11 @@
 // sdot to 0; query rows >= Nq are computed on zeros and never stored.
 //
 // LAUNCH: grid (ceil(Nq/128), B*H, 1), block (384,1,1), dynamic shared memory
-//   1024 (alignment slack) + 2*128*d*NQ + STAGES*2*BC*d*(NKT + NVT) + 8*(1 + 4*STAGES) bytes
-//   (NQ = 2 with a tangent else 1; NKT = NVT = 2 for the full JVP else 1), see README.md.
+//   1024 (alignment slack) + NQ*128*d*2 + 2*STAGES*NKT*BC*d*2 + 8*(1 + 4*STAGES) bytes
+//   (NQ = 2 with a tangent else 1; NKT = 2 for the full JVP else 1): README.md lists them.
 // PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 3-D {d, N, B*H}, strides
-// {2d, 2dN} bytes, box {64, 128 | 64, 1}, 128-byte swizzle, zero fill; passed by value):
+// {2d, 2dN} bytes, box {64, 128 (q, tq) or BC (k, v, tk, tv), 1}, 128-byte swizzle, zero fill;
+// passed by value):
 //   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale)
 //   attention_jvp_nokv_sm90_{dt}_d{D} (map q, map k, map v, map tq, o, to, lse, tlse, Nq, Nk, scale)
 //   attention_fwd_sm90_{dt}_d{D}      (map q, map k, map v, o, lse, Nq, Nk, scale)

@@ -129,7 +129,11 @@ fn run_plan(
         Some(t) => up(t),
         None => gpu.zeros(like.shape(), dtype).unwrap(),
     };
-    let (tq, tk, tv) = (tan(&x.q.tangent, &q), tan(&x.k.tangent, &k), tan(&x.v.tangent, &v));
+    let (tq, tk, tv) = (
+        tan(&x.q.tangent, &q),
+        tan(&x.k.tangent, &k),
+        tan(&x.v.tangent, &v),
+    );
     let o = gpu.poisoned(&dims.q_shape(), dtype).unwrap();
     let to = gpu.poisoned(&dims.q_shape(), dtype).unwrap();
     let lse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
@@ -238,7 +242,10 @@ hopper_test!(fwd_f16, DType::F16, Variant::Fwd);
 #[test]
 fn host_ops_take_the_hopper_path() {
     let Some(_gpu) = hopper() else { return };
-    for (i, &s) in [(2, 3, 77, 300, 64), (1, 2, 130, 77, 128)].iter().enumerate() {
+    for (i, &s) in [(2, 3, 77, 300, 64), (1, 2, 130, 77, 128)]
+        .iter()
+        .enumerate()
+    {
         let mut x = inputs(s, 900 + i as u64, true);
         x.v = Dual::constant(x.v.primal.clone());
         x.q = Dual::constant(x.q.primal.clone());
@@ -250,14 +257,25 @@ fn host_ops_take_the_hopper_path() {
         };
         let want = ops::attention_jvp(&r(&x.q), &r(&x.k), &r(&x.v), None).unwrap();
         let n = name(s);
-        check(&format!("host o [{n}]"), &got.o.primal, &want.o.primal, tol(dtype));
+        check(
+            &format!("host o [{n}]"),
+            &got.o.primal,
+            &want.o.primal,
+            tol(dtype),
+        );
         check(
             &format!("host to (k-only tangent) [{n}]"),
             got.o.tangent.as_ref().unwrap(),
             want.o.tangent.as_ref().unwrap(),
             TOL_TANGENT,
         );
-        let f = gops::attention_forward(&x.q.primal, &x.k.primal, &x.v.primal, None, dtype).unwrap();
-        check(&format!("host fwd lse [{n}]"), &f.lse, &want.lse.primal, tol(dtype));
+        let f =
+            gops::attention_forward(&x.q.primal, &x.k.primal, &x.v.primal, None, dtype).unwrap();
+        check(
+            &format!("host fwd lse [{n}]"),
+            &f.lse,
+            &want.lse.primal,
+            tol(dtype),
+        );
     }
 }

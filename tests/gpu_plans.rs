@@ -194,10 +194,19 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
         "setmaxnreg.dec.sync.aligned.u32 24",
         ".b8 attention_jvp_sm90_bf16_d128_param_0[128]",
     ] {
-        assert!(ptx.contains(needle), "`{needle}` not in the PTX of {}", sm90::FILE);
+        assert!(
+            ptx.contains(needle),
+            "`{needle}` not in the PTX of {}",
+            sm90::FILE
+        );
     }
     let sigs = ptx_signatures(&ptx);
-    assert_eq!(sigs.len(), 12, "{:?}", sigs.iter().map(|s| &s.0).collect::<Vec<_>>());
+    assert_eq!(
+        sigs.len(),
+        12,
+        "{:?}",
+        sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
 }
 
 #[test]

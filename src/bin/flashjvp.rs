@@ -296,7 +296,8 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
         .into_iter()
         .flat_map(|f| archs.iter().map(move |a| (f, a.as_str())))
         .collect();
-    let (jobs, skipped): (Vec<(&str, &str)>, Vec<(&str, &str)>) = all
+    type Jobs<'a> = Vec<(&'a str, &'a str)>;
+    let (jobs, skipped): (Jobs, Jobs) = all
         .into_iter()
         .partition(|(f, a)| nvrtc::file_supports_arch(f, a));
     if !args.json {

@@ -104,7 +104,10 @@ impl TensorMapDesc {
         let e = self.dtype.size_in_bytes() as u64;
         let bad = |why: String| Err(Error::Unsupported(format!("attention (sm_90a): {why}")));
         if !matches!(self.dtype, DType::BF16 | DType::F16) {
-            return bad(format!("tensor maps are built for bf16/f16, not {}", self.dtype));
+            return bad(format!(
+                "tensor maps are built for bf16/f16, not {}",
+                self.dtype
+            ));
         }
         if self.ptr == 0 || self.ptr % 16 != 0 {
             return bad(format!("tensor at {:#x} is not 16-byte aligned", self.ptr));
@@ -215,7 +218,13 @@ pub fn plan(
             dims.d
         )));
     }
-    let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o), ("lse", p.lse)];
+    let mut named = vec![
+        ("q", p.q),
+        ("k", p.k),
+        ("v", p.v),
+        ("o", p.o),
+        ("lse", p.lse),
+    ];
     if variant != Variant::Fwd {
         named.extend([("tq", p.tq), ("to", p.to), ("tlse", p.tlse)]);
     }
@@ -232,8 +241,16 @@ pub fn plan(
     }
     let bh = dims.b * dims.h;
     let bc = key_tile(variant, dims.d);
-    let qmap = |ptr| Arg::TensorMap(TensorMapDesc::attention(ptr, dtype, bh, dims.nq, dims.d, BLOCK_ROWS));
-    let kmap = |ptr| Arg::TensorMap(TensorMapDesc::attention(ptr, dtype, bh, dims.nk, dims.d, bc));
+    let qmap = |ptr| {
+        Arg::TensorMap(TensorMapDesc::attention(
+            ptr, dtype, bh, dims.nq, dims.d, BLOCK_ROWS,
+        ))
+    };
+    let kmap = |ptr| {
+        Arg::TensorMap(TensorMapDesc::attention(
+            ptr, dtype, bh, dims.nk, dims.d, bc,
+        ))
+    };
     for a in [qmap(p.q), kmap(p.k)] {
         if let Arg::TensorMap(d) = a {
             d.check()?;
@@ -243,7 +260,14 @@ pub fn plan(
     let (prefix, mut args) = match variant {
         Variant::Jvp => (
             "attention_jvp_sm90",
-            vec![qmap(p.q), kmap(p.k), kmap(p.v), qmap(p.tq), kmap(p.tk), kmap(p.tv)],
+            vec![
+                qmap(p.q),
+                kmap(p.k),
+                kmap(p.v),
+                qmap(p.tq),
+                kmap(p.tk),
+                kmap(p.tv),
+            ],
         ),
         Variant::JvpNoKv => (
             "attention_jvp_nokv_sm90",
@@ -254,7 +278,12 @@ pub fn plan(
     if variant == Variant::Fwd {
         args.extend([Arg::Ptr(p.o), Arg::Ptr(p.lse)]);
     } else {
-        args.extend([Arg::Ptr(p.o), Arg::Ptr(p.to), Arg::Ptr(p.lse), Arg::Ptr(p.tlse)]);
+        args.extend([
+            Arg::Ptr(p.o),
+            Arg::Ptr(p.to),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.tlse),
+        ]);
     }
     args.extend([nq, nk, Arg::F32(scale)]);
     let grid = (dims.nq.div_ceil(BLOCK_ROWS) as u64, bh as u64, 1);
@@ -300,7 +329,10 @@ mod tests {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
                 let got = shared_bytes(v, d);
                 assert_eq!(got, want[i], "{v:?} d{d}");
-                assert!(got <= 227 * 1024, "{v:?} d{d}: {got} bytes exceed sm_90's 227 KiB");
+                assert!(
+                    got <= 227 * 1024,
+                    "{v:?} d{d}: {got} bytes exceed sm_90's 227 KiB"
+                );
             }
         }
     }
@@ -333,17 +365,28 @@ mod tests {
         assert_eq!(l.grid, (3, 6, 1));
         assert_eq!(l.block, (384, 1, 1));
         assert_eq!(l.args.len(), 13);
-        let Arg::TensorMap(q) = l.args[0] else { panic!() };
+        let Arg::TensorMap(q) = l.args[0] else {
+            panic!()
+        };
         assert_eq!(q.dims, [128, 300, 6]);
         assert_eq!(q.strides, [256, 256 * 300]);
         assert_eq!(q.boxdim, [64, 128, 1]);
-        let Arg::TensorMap(k) = l.args[4] else { panic!() };
-        assert_eq!((k.ptr, k.dims, k.boxdim), (0x50000, [128, 77, 6], [64, 48, 1]));
-        let Arg::TensorMap(v) = l.args[2] else { panic!() };
+        let Arg::TensorMap(k) = l.args[4] else {
+            panic!()
+        };
+        assert_eq!(
+            (k.ptr, k.dims, k.boxdim),
+            (0x50000, [128, 77, 6], [64, 48, 1])
+        );
+        let Arg::TensorMap(v) = l.args[2] else {
+            panic!()
+        };
         assert_eq!(v.boxdim, [64, 48, 1]);
         let fwd = plan(Variant::Fwd, DType::F16, dims, ptrs(), 0.1).unwrap();
         let Step::Kernel(l) = &fwd[0] else { panic!() };
-        let Arg::TensorMap(k) = l.args[1] else { panic!() };
+        let Arg::TensorMap(k) = l.args[1] else {
+            panic!()
+        };
         assert_eq!(k.boxdim, [64, 64, 1]);
         assert_eq!(l.args.len(), 8);
     }

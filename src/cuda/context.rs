@@ -306,7 +306,11 @@ impl Gpu {
                     b.arg(v);
                 }
                 Arg::TensorMap(_) => {
-                    b.arg(next_map.next().expect("one encoded map per TensorMap argument"));
+                    b.arg(
+                        next_map
+                            .next()
+                            .expect("one encoded map per TensorMap argument"),
+                    );
                 }
             }
         }

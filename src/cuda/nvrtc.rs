@@ -297,7 +297,9 @@ ptxas info    : Used 32 registers, 380 bytes cmem[0]\n";
         assert!(!file_supports_arch("attention_jvp_sm90.cu", "sm_80"));
         assert!(!file_supports_arch("attention_jvp_sm90.cu", "sm_90"));
         assert!(file_supports_arch("attention_jvp.cu", "sm_80"));
-        assert!(kernel_files_for("sm_80").iter().all(|f| !f.ends_with("_sm90.cu")));
+        assert!(kernel_files_for("sm_80")
+            .iter()
+            .all(|f| !f.ends_with("_sm90.cu")));
         assert!(kernel_files_for("sm_90a").contains(&"attention_jvp_sm90.cu"));
     }
 
