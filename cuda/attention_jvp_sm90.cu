@@ -291,6 +291,12 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     const int q0 = blockIdx.x * BR;
     const int ntiles = (Nk + BC - 1) / BC;
 
+    // The host's figure (attention_sm90.rs: shared_bytes) must cover this layout: a mismatch traps
+    // (a launch error) instead of writing past the allocation.
+    fj_u32 dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < (fj_u32)C::SMEM) __trap();
+
     if (tid == 0) {
         mbar_init(qfull, 1);
 #pragma unroll
