@@ -2,13 +2,15 @@
 //! launches exists in its file, every argument list matches the kernel's PTX parameter list (count
 //! and ABI class: pointer/long long, int, float), every block fits the kernel's `.maxntid`, and
 //! every kernel of every file is launched by some plan. A mismatch here would be silent memory
-//! corruption on the GPU. Needs NVRTC (PTX only); without it the test says "skipped: no NVRTC",
+//! corruption on the GPU. The Hopper file (attention_jvp_sm90.cu) is compiled for compute_90a, the
+//! others for compute_80; its tensor-map parameters must meet `Arg::TensorMap` arguments. Needs NVRTC (PTX only); without it the test says "skipped: no NVRTC",
 //! and with FLASHJVP_REQUIRE_NVRTC=1 it fails instead.
 #![cfg(feature = "cuda")]
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use flashjvp::cuda::attention::{self as attn, Variant, HEAD_DIMS};
+use flashjvp::cuda::attention_sm90 as sm90;
 use flashjvp::cuda::elementwise::{self as ew, Activation, ResDims, ResJvpPtrs};
 use flashjvp::cuda::launch::{kernel_ptx, ptx_max_threads, ptx_signatures, ArgKind, Launch, Step};
 use flashjvp::cuda::layernorm::{self as ln, LnDims};
@@ -63,6 +65,16 @@ fn all_plans() -> Vec<Step> {
                 dv: p(10),
             };
             s.extend(attn::plan_backward(dtype, dims, bp, 0.125).unwrap());
+            if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) {
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    s.extend(sm90::plan(v, dtype, dims, jp, 0.125).unwrap());
+                    // The dispatcher on Hopper picks the same plan.
+                    assert_eq!(
+                        sm90::plan_for("sm_90a", v, dtype, dims, jp, 0.125).unwrap(),
+                        sm90::plan(v, dtype, dims, jp, 0.125).unwrap()
+                    );
+                }
+            }
         }
         let d = LnDims {
             t: 78,
@@ -263,6 +275,56 @@ fn dit_plans_are_refused_for_unsupported_sizes() {
     assert!(e.to_string().contains("head dim 48"), "{e}");
 }
 
+/// The virtual architecture a file's PTX is made for (the Hopper file needs compute_90a).
+fn ptx_arch(file: &str) -> &'static str {
+    if file.ends_with("_sm90.cu") {
+        "compute_90a"
+    } else {
+        "compute_80"
+    }
+}
+
+/// The Hopper kernels use what they claim: wgmma from registers and from shared memory, TMA copies
+/// completing on mbarriers, register reallocation, and the 128-byte tensor-map parameters.
+#[test]
+fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
+    if !flashjvp::cuda::nvrtc_present() {
+        assert!(
+            std::env::var("FLASHJVP_REQUIRE_NVRTC").is_err(),
+            "FLASHJVP_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+        );
+        println!("skipped: no NVRTC");
+        return;
+    }
+    let ptx = kernel_ptx(sm90::FILE, "compute_90a").unwrap();
+    for needle in [
+        "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16",
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
+        "wgmma.fence.sync.aligned",
+        "wgmma.commit_group.sync.aligned",
+        "wgmma.wait_group.sync.aligned",
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "mbarrier.try_wait.parity",
+        "setmaxnreg.inc.sync.aligned.u32 240",
+        "setmaxnreg.dec.sync.aligned.u32 24",
+        ".b8 attention_jvp_sm90_bf16_d128_param_0[128]",
+    ] {
+        assert!(
+            ptx.contains(needle),
+            "`{needle}` not in the PTX of {}",
+            sm90::FILE
+        );
+    }
+    let sigs = ptx_signatures(&ptx);
+    assert_eq!(
+        sigs.len(),
+        12,
+        "{:?}",
+        sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn every_launch_matches_its_kernel_signature() {
     if !flashjvp::cuda::nvrtc_present() {
@@ -278,7 +340,7 @@ fn every_launch_matches_its_kernel_signature() {
     let ptx: BTreeMap<&str, String> = std::thread::scope(|s| {
         let handles: Vec<_> = files
             .iter()
-            .map(|f| (*f, s.spawn(move || kernel_ptx(f, "compute_80").unwrap())))
+            .map(|f| (*f, s.spawn(move || kernel_ptx(f, ptx_arch(f)).unwrap())))
             .collect();
         handles
             .into_iter()

@@ -290,10 +290,21 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
             "kernels: NVRTC (libnvrtc.so.13) not found; put it on LD_LIBRARY_PATH".into(),
         ));
     }
-    let jobs: Vec<(&str, &str)> = nvrtc::kernel_files()
+    // Files built for one architecture only (attention_jvp_sm90.cu: sm_90a) are skipped for the
+    // others, with a line saying so (nothing in --json).
+    let all: Vec<(&str, &str)> = nvrtc::kernel_files()
         .into_iter()
         .flat_map(|f| archs.iter().map(move |a| (f, a.as_str())))
         .collect();
+    type Jobs<'a> = Vec<(&'a str, &'a str)>;
+    let (jobs, skipped): (Jobs, Jobs) = all
+        .into_iter()
+        .partition(|(f, a)| nvrtc::file_supports_arch(f, a));
+    if !args.json {
+        for (f, a) in &skipped {
+            println!("skip {a:7} {f} (built for sm_90a only)");
+        }
+    }
     // NVRTC compiles one file per thread; the files are independent.
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs

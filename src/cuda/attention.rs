@@ -445,7 +445,15 @@ pub fn forward_into(
         lse: lse.ptr(),
         tlse: 0,
     };
-    gpu.run(&plan_jvp(Variant::Fwd, q.dtype(), dims, p, scale)?)
+    let arch = gpu.arch();
+    gpu.run(&super::attention_sm90::plan_for(
+        arch,
+        Variant::Fwd,
+        q.dtype(),
+        dims,
+        p,
+        scale,
+    )?)
 }
 
 fn check_out(name: &str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
@@ -557,7 +565,14 @@ pub fn jvp_into(
         lse: out.lse.ptr(),
         tlse: tlse.ptr(),
     };
-    gpu.run(&plan_jvp(variant, dtype, dims, p, scale)?)
+    gpu.run(&super::attention_sm90::plan_for(
+        gpu.arch(),
+        variant,
+        dtype,
+        dims,
+        p,
+        scale,
+    )?)
 }
 
 /// dq, dk, dv given the forward's o and lse (f32) and the output cotangent dout.

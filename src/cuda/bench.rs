@@ -9,12 +9,17 @@
 //! forward, DESIGN.md section 7), 8· for the JVP with constant K and V, 10· for the backward; the
 //! MLP counts its GEMMs (4·T·C·Hd forward, 8· JVP, 10· backward); layernorm reports GB/s of the
 //! bytes it must move (each input read once, each output written once).
+//!
+//! Attention rows say which kernels ran (`path`: sm80 or sm90a, as the dispatcher picks them on
+//! this GPU); where the Hopper path runs, the sm_80 kernels are timed too (passes `fwd_sm80`,
+//! `jvp_sm80`), so that one run shows both.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::attention::{self as attn, AttnDims, Variant};
+use super::attention_sm90::{self as sm90, Path};
 use super::context::Gpu;
 use super::launch::{dtype_suffix, Step};
 use super::layernorm::{self as ln, LnDims};
@@ -58,7 +63,9 @@ impl BenchOp {
         }
     }
 
-    /// The shapes timed when none is given: for attention the anchors of DESIGN.md section 7.
+    /// The shapes timed when none is given: for attention every anchor of DESIGN.md section 7, then
+    /// d72 and d96 variants of the (16,16,1024) and (1,12,4096) anchors (head dims the Hopper
+    /// kernels do not take: the sm_80 path) and the DiT-like (2,16,4096,d72).
     pub fn default_shapes(self) -> Vec<Vec<usize>> {
         match self {
             BenchOp::Attention => vec![
@@ -69,6 +76,10 @@ impl BenchOp {
                 vec![1, 12, 4096, 4096, 128],
                 vec![1, 12, 16384, 16384, 128],
                 vec![1, 12, 32768, 32768, 128],
+                vec![16, 16, 1024, 1024, 72],
+                vec![1, 12, 4096, 4096, 72],
+                vec![16, 16, 1024, 1024, 96],
+                vec![1, 12, 4096, 4096, 96],
                 vec![2, 16, 4096, 4096, 72],
             ],
             BenchOp::LayerNorm => vec![vec![8192, 1536, 2], vec![32768, 1152, 8]],
@@ -93,6 +104,8 @@ pub struct BenchRow {
     pub runs: usize,
     pub tflops: Option<f64>,
     pub gbps: Option<f64>,
+    /// Attention: which kernels ran (`sm80` or `sm90a`).
+    pub path: Option<String>,
 }
 
 impl BenchRow {
@@ -113,6 +126,9 @@ impl BenchRow {
         if let Some(g) = self.gbps {
             v["gbps"] = serde_json::json!(g);
         }
+        if let Some(p) = &self.path {
+            v["path"] = serde_json::json!(p);
+        }
         v.to_string()
     }
 
@@ -123,9 +139,10 @@ impl BenchRow {
             _ => String::new(),
         };
         format!(
-            "{:14} {:9} {:24} {:5} {:10.4} ms  [{:.4} .. {:.4}, {} runs]  {rate}",
+            "{:14} {:9} {:5} {:24} {:5} {:10.4} ms  [{:.4} .. {:.4}, {} runs]  {rate}",
             self.op,
             self.pass,
+            self.path.as_deref().unwrap_or(""),
             format!("{:?}", self.shape),
             self.dtype,
             self.ms,
@@ -269,6 +286,7 @@ pub(crate) fn row(
         runs: t.3,
         tflops: None,
         gbps: None,
+        path: None,
     }
 }
 
@@ -332,18 +350,29 @@ fn bench_attention(
     };
     let flops = |mult: f64| mult * (b * h) as f64 * nq as f64 * nk as f64 * d as f64;
     let mut rows = Vec::new();
-    for (pass, variant, mult) in [
-        ("fwd", Variant::Fwd, 4.0),
-        ("jvp", Variant::Jvp, 12.0),
-        ("jvp_nokv", Variant::JvpNoKv, 8.0),
-    ] {
+    let path = sm90::path_for(gpu.arch(), dtype, dims);
+    let mut passes = vec![
+        ("fwd", Variant::Fwd, 4.0, path),
+        ("jvp", Variant::Jvp, 12.0, path),
+        ("jvp_nokv", Variant::JvpNoKv, 8.0, path),
+    ];
+    if path == Path::Sm90a {
+        // The fallback on the same GPU, for the speed-up.
+        passes.push(("fwd_sm80", Variant::Fwd, 4.0, Path::Sm80));
+        passes.push(("jvp_sm80", Variant::Jvp, 12.0, Path::Sm80));
+    }
+    for (pass, variant, mult, path) in passes {
         let plans = inputs
             .iter()
-            .map(|x| attn::plan_jvp(variant, dtype, dims, ptrs(x), scale))
+            .map(|x| match path {
+                Path::Sm90a => sm90::plan(variant, dtype, dims, ptrs(x), scale),
+                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, ptrs(x), scale),
+            })
             .collect::<Result<Vec<_>>>()?;
         let t = time_plans(gpu, &plans, BUDGET_MS)?;
         let mut r = row(BenchOp::Attention, pass, &shape, dtype, t);
         r.tflops = Some(flops(mult) / (t.0 * 1e-3) / 1e12);
+        r.path = Some(path.name().into());
         rows.push(r);
     }
     // Backward: o and lse of each set from its own forward, kept per set.
@@ -382,6 +411,7 @@ fn bench_attention(
     let t = time_plans(gpu, &plans, BUDGET_MS)?;
     let mut r = row(BenchOp::Attention, "bwd", &shape, dtype, t);
     r.tflops = Some(flops(10.0) / (t.0 * 1e-3) / 1e12);
+    r.path = Some(Path::Sm80.name().into()); // attention_bwd.cu on every GPU
     rows.push(r);
     Ok(rows)
 }
@@ -615,12 +645,15 @@ mod tests {
             runs: 100,
             tflops: Some(400.0),
             gbps: None,
+            path: Some("sm90a".into()),
         };
         let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
         assert_eq!(v["op"], "attention");
         assert_eq!(v["pass"], "jvp");
         assert_eq!(v["shape"][2], 4096);
         assert_eq!(v["tflops"], 400.0);
+        assert_eq!(v["path"], "sm90a");
+        assert!(r.line().contains("sm90a"));
         assert!(v.get("gbps").is_none());
         assert!(r.line().contains("TFLOP/s"));
         assert_eq!(BenchOp::parse("layernorm_mod").unwrap(), BenchOp::LayerNorm);

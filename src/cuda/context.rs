@@ -149,8 +149,8 @@ impl Gpu {
 
     /// Compiles (or finds in the caches) every embedded kernel file, in parallel, and loads them.
     pub fn preload(&self) -> Result<()> {
-        let files = nvrtc::kernel_files();
         let arch = self.arch().to_string();
+        let files = nvrtc::kernel_files_for(&arch);
         let results: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
             let handles: Vec<_> = files
                 .iter()
@@ -280,6 +280,16 @@ impl Gpu {
             shared_mem_bytes: l.shared_bytes,
         };
         let stream = &self.inner.stream;
+        // Tensor maps are encoded first (each must outlive the launch call that reads it).
+        let maps = l
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::TensorMap(d) => Some(super::attention_sm90::encode_tensor_map(d)),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut next_map = maps.iter();
         let mut b = stream.launch_builder(&f);
         for a in &l.args {
             match a {
@@ -294,6 +304,13 @@ impl Gpu {
                 }
                 Arg::F32(v) => {
                     b.arg(v);
+                }
+                Arg::TensorMap(_) => {
+                    b.arg(
+                        next_map
+                            .next()
+                            .expect("one encoded map per TensorMap argument"),
+                    );
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! parameter list in the PTX (a wrong `int` vs `long long`, or a missing pointer, would otherwise be
 //! silent memory corruption), and that grids and shared memory stay within the device limits.
 
+use super::attention_sm90::TensorMapDesc;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -15,6 +16,9 @@ pub enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
+    /// A TMA tensor map passed by value (`const __grid_constant__` 128-byte struct), described here
+    /// and encoded with cuTensorMapEncodeTiled at launch (see [`super::attention_sm90`]).
+    TensorMap(TensorMapDesc),
 }
 
 /// The ABI class of a kernel parameter, as PTX declares it.
@@ -26,6 +30,8 @@ pub enum ArgKind {
     B32,
     /// A `float`: `.param .f32`.
     F32,
+    /// A 128-byte tensor map by value: `.param .align 128 .b8 name[128]` (alignment 64 or 128).
+    TensorMap,
 }
 
 impl Arg {
@@ -34,6 +40,7 @@ impl Arg {
             Arg::Ptr(_) | Arg::I64(_) => ArgKind::B64,
             Arg::I32(_) => ArgKind::B32,
             Arg::F32(_) => ArgKind::F32,
+            Arg::TensorMap(_) => ArgKind::TensorMap,
         }
     }
 }
@@ -237,7 +244,12 @@ pub fn ptx_signatures(ptx: &str) -> Vec<(String, Vec<ArgKind>)> {
                     break;
                 }
                 if let Some(decl) = p.strip_prefix(".param") {
-                    let ty = decl.split_whitespace().next().unwrap_or_default();
+                    let words: Vec<&str> = decl.split_whitespace().collect();
+                    if words.contains(&".b8") && decl.trim_end_matches(',').ends_with("[128]") {
+                        params.push(ArgKind::TensorMap);
+                        continue;
+                    }
+                    let ty = words.first().copied().unwrap_or_default();
                     params.push(match ty {
                         ".u32" | ".s32" | ".b32" => ArgKind::B32,
                         ".f32" => ArgKind::F32,
@@ -258,14 +270,21 @@ mod tests {
     #[test]
     fn parses_ptx_entries() {
         let ptx = "\n.visible .entry k1(\n\t.param .u64 k1_param_0,\n\t.param .u32 k1_param_1,\n\
-                   \t.param .f32 k1_param_2,\n\t.param .u64 .ptr .align 1 k1_param_3\n)\n{\n}\n\
+                   \t.param .f32 k1_param_2,\n\t.param .u64 .ptr .align 1 k1_param_3,\n\
+                   \t.param .align 128 .b8 k1_param_4[128]\n)\n{\n}\n\
                    .visible .entry k2()\n{\n}\n";
         let s = ptx_signatures(ptx);
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].0, "k1");
         assert_eq!(
             s[0].1,
-            vec![ArgKind::B64, ArgKind::B32, ArgKind::F32, ArgKind::B64]
+            vec![
+                ArgKind::B64,
+                ArgKind::B32,
+                ArgKind::F32,
+                ArgKind::B64,
+                ArgKind::TensorMap
+            ]
         );
         assert_eq!(s[1], ("k2".to_string(), vec![]));
     }

@@ -18,6 +18,7 @@
 //! - [`bench`]: CUDA-event timings of forward, JVP and backward.
 
 pub mod attention;
+pub mod attention_sm90;
 pub mod bench;
 pub mod bench_dit;
 pub mod context;

@@ -43,6 +43,25 @@ pub fn kernel_files() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `file` is compiled for `arch` (an `sm_XY[a]` or `compute_XY[a]` name): files named
+/// `*_sm90.cu` use wgmma and setmaxnreg, which only the sm_90a target has; every other file is built
+/// for every architecture.
+pub fn file_supports_arch(file: &str, arch: &str) -> bool {
+    if file.ends_with("_sm90.cu") {
+        arch.ends_with("_90a")
+    } else {
+        true
+    }
+}
+
+/// The kernel files compiled for `arch` (see [`file_supports_arch`]).
+pub fn kernel_files_for(arch: &str) -> Vec<&'static str> {
+    kernel_files()
+        .into_iter()
+        .filter(|f| file_supports_arch(f, arch))
+        .collect()
+}
+
 fn headers() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
     SOURCES.iter().filter(|(name, _)| name.ends_with(".cuh"))
 }
@@ -269,6 +288,19 @@ ptxas info    : Used 32 registers, 380 bytes cmem[0]\n";
             (r[1].registers, r[1].spill_bytes, r[1].shared_bytes),
             (32, 0, 0)
         );
+    }
+
+    #[test]
+    fn sm90_files_are_sm90a_only() {
+        assert!(file_supports_arch("attention_jvp_sm90.cu", "sm_90a"));
+        assert!(file_supports_arch("attention_jvp_sm90.cu", "compute_90a"));
+        assert!(!file_supports_arch("attention_jvp_sm90.cu", "sm_80"));
+        assert!(!file_supports_arch("attention_jvp_sm90.cu", "sm_90"));
+        assert!(file_supports_arch("attention_jvp.cu", "sm_80"));
+        assert!(kernel_files_for("sm_80")
+            .iter()
+            .all(|f| !f.ends_with("_sm90.cu")));
+        assert!(kernel_files_for("sm_90a").contains(&"attention_jvp_sm90.cu"));
     }
 
     #[test]

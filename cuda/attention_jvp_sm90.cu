@@ -1,0 +1,584 @@
+// attention_jvp_sm90.cu: the attention JVP forward for Hopper (sm_90a): warpgroup MMA (wgmma), tiles
+// brought in by the tensor-memory accelerator (TMA), a producer warp and two consumer warpgroups.
+// Same outputs and math as attention_jvp.cu (DESIGN.md section 3); only compiled for sm_90a.
+//
+// WHAT IT COMPUTES (per batch*head, per query row i; non-causal, Nq may differ from Nk; c = scale):
+//   s_j = c q_i.k_j, sdot_j = c (qdot_i.k_j + q_i.kdot_j), p_j = exp(s_j - m) with running max m,
+//   l = sum p, O = sum p v, r = sum p sdot, T = sum p (vdot + sdot v);
+//   o = O/l, mu = r/l, odot = T/l - mu o, lse = m + ln l, tlse = mu.
+// Variants (the same as the sm_80 file): attention_jvp_sm90_* (tangents on q, k, v),
+// attention_jvp_nokv_sm90_* (k, v constant: sdot = c qdot.k, T = sum p sdot v), attention_fwd_sm90_*
+// (primal o and lse). bf16 and f16 storage, head dims 64 and 128, dv == d.
+//
+// FOLDED PRODUCTS. Per key tile the scores are two wgmma chains: S = Q K^T over d, and
+// Sdot = [Qdot Q] [K Kdot]^T over 2d (one accumulator: Qdot K^T then Q Kdot^T, k-chunk by k-chunk).
+// The value side is O += P V and T += [P  P.Sdot] [Vdot; V] over twice the tile width (again one
+// accumulator chain: P Vdot then (P.Sdot) V). P and P.Sdot are rounded to the 16-bit storage type and
+// fed to wgmma from registers (the f32 accumulator layout of a score tile is, two 8-column blocks at a
+// time, the register layout of a wgmma A operand), V and Vdot are read from shared memory as the
+// transposed ("MN-major") B operand. Six products per tile as on sm_80, four for nokv, two for fwd.
+//
+// BLOCK: 384 threads = 3 warpgroups; 128 query rows per block. Warpgroup 0 is the producer (one thread
+// issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
+// (registers raised to 240), each owning 64 query rows (the M of wgmma.m64nNk16).
+//
+// SHARED MEMORY (all tiles stored as 64-column slabs [rows][64] of 128-byte rows in the TMA/wgmma
+// 128-byte swizzle; every slab starts on a 1024-byte boundary):
+//   Q (and Qdot): [128 rows] x d, loaded once.
+//   a ring of STAGES K stages (K and Kdot of BC keys) and a ring of STAGES V stages (V and Vdot), each
+//   with a "full" mbarrier (TMA completes bytes on it) and an "empty" mbarrier (8 consumer warps arrive
+//   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
+//   as soon as its scores are done, a V tile only after the next turn.
+//   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
+//   fragments within 240); STAGES = 3 for the full JVP at d = 128 (214 KiB), 4 otherwise.
+//
+// SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
+// as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
+// P.Sdot the warpgroup holds in registers), then hands the tensor cores to the other warpgroup (named
+// barriers 1 and 2, bar.sync/bar.arrive over 256 threads) and waits for its batch; its softmax of
+// tile j then overlaps the other warpgroup's batch. One more turn after the last tile issues the last
+// value products. Online softmax in the log2 domain (c log2 e folded into the scores), as on sm_80.
+//
+// TAILS: the tensor maps are 3-D (d, N, B*H), so TMA zero-fills rows past Nq or Nk of a head (and
+// still counts the full box in the transaction bytes). Scores of keys >= Nk are set to -inf and their
+// sdot to 0; query rows >= Nq are computed on zeros and never stored.
+//
+// LAUNCH: grid (ceil(Nq/128), B*H, 1), block (384,1,1), dynamic shared memory
+//   1024 (alignment slack) + NQ*128*d*2 + 2*STAGES*NKT*BC*d*2 + 8*(1 + 4*STAGES) bytes
+//   (NQ = 2 with a tangent else 1; NKT = 2 for the full JVP else 1): README.md lists them.
+// PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 3-D {d, N, B*H}, strides
+// {2d, 2dN} bytes, box {64, 128 (q, tq) or BC (k, v, tk, tv), 1}, 128-byte swizzle, zero fill;
+// passed by value):
+//   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale)
+//   attention_jvp_nokv_sm90_{dt}_d{D} (map q, map k, map v, map tq, o, to, lse, tlse, Nq, Nk, scale)
+//   attention_fwd_sm90_{dt}_d{D}      (map q, map k, map v, o, lse, Nq, Nk, scale)
+//   o/to [B,H,Nq,d] storage dtype, lse/tlse [B,H,Nq] f32; tensors contiguous, 16-byte aligned.
+//
+// STATUS: compiled for sm_90a with NVRTC 13.0 (no spills, see README.md); its indexing (descriptors,
+// swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; NEVER RUN ON A GPU while written.
+#include "common.cuh"
+
+// The driver's CUtensorMap: 128 opaque bytes, 128-byte aligned (CUDA 13 declares it alignas(128)).
+struct __align__(128) FjTensorMap {
+    fj_u64 opaque[16];
+};
+
+namespace fj_h {
+
+enum { FULL = 0, NOKV = 1, FWD = 2 };
+
+template <bool B> struct FjBool {
+    static constexpr bool value = B;
+};
+
+constexpr int NCONS = 2;                   // consumer warpgroups
+constexpr int BR = 64 * NCONS;             // query rows per block
+constexpr int NTHREADS = 128 * (NCONS + 1);
+constexpr int SLAB_Q = BR * 128;           // bytes of one 64-column slab of the Q tile
+constexpr int PRODUCER_REGS = 24;
+constexpr int CONSUMER_REGS = 240;
+
+template <int D, int MODE> struct Cfg {
+    enum {
+        TAN = MODE != FWD,
+        KVT = MODE == FULL,
+        NQ = TAN ? 2 : 1,               // Q, Qdot
+        NKT = KVT ? 2 : 1,              // tensors per K stage (K, Kdot) and per V stage (V, Vdot)
+        SLABS = D / 64,
+        // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
+        // previous tile must fit 240 registers), else 64.
+        BC = (D == 128 && TAN) ? 48 : 64,
+        SLAB_K = BC * 128,                  // bytes of one 64-column slab of a K/V tile
+        STAGES = (MODE == FULL && D == 128) ? 3 : 4,
+        Q_BYTES = NQ * SLABS * SLAB_Q,
+        KST_BYTES = NKT * SLABS * SLAB_K,  // one K stage (same for a V stage)
+        BAR_OFF = Q_BYTES + 2 * STAGES * KST_BYTES,
+        SMEM = 1024 + BAR_OFF + 8 * (1 + 4 * STAGES),
+    };
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers: mbarrier, TMA, wgmma, named barriers, register reallocation.
+__device__ __forceinline__ void mbar_init(fj_u32 bar, fj_u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(fj_u32 bar, fj_u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(fj_u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity) {
+    fj_u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+// 3-D tiled TMA load of the box at (c0, c1, c2) into shared memory; completes bytes on `bar`.
+__device__ __forceinline__ void tma_load3(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+        ::"r"(dst), "l"((fj_u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const FjTensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"((fj_u64)map) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Keeps the compiler from touching accumulator / operand registers across an async wgmma batch.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(fj_u32 (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
+}
+
+__device__ __forceinline__ fj_u64 opaque64(fj_u64 x) {
+    asm volatile("" : "+l"(x));
+    return x;
+}
+
+// Shared-memory matrix descriptor (PTX "matrix descriptor format"): start address, leading and
+// stride byte offsets (each >> 4, 14 bits), base offset 0 (every slab is 1024-byte aligned), swizzle
+// mode 1 = 128-byte swizzle (bits 62-63).
+__device__ __forceinline__ fj_u64 smem_desc(fj_u32 addr, fj_u32 lbo, fj_u32 sbo) {
+    return (fj_u64)((addr & 0x3FFFF) >> 4) | ((fj_u64)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((fj_u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+// K-major operand (rows = M or N, the k = head dim contiguous), 64-column slabs of 128-byte rows:
+// 8-row groups 1024 bytes apart (SBO); LBO unused for swizzled K-major layouts ("assumed 1").
+// Column chunk kc (16 columns) of a slab starts kc*32 bytes into it.
+__device__ __forceinline__ fj_u64 desc_kmajor(fj_u32 addr) { return smem_desc(addr, 16, 1024); }
+// MN-major B operand (V: rows = keys = k, the n = head dim contiguous): 8-key groups 1024 bytes apart
+// (SBO), the next 64 columns one slab further (LBO = slab bytes). Key chunk kc starts kc*16*128 bytes in.
+__device__ __forceinline__ fj_u64 desc_mnmajor(fj_u32 addr, fj_u32 slab) { return smem_desc(addr, slab, 1024); }
+
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_ss_n48(float (&d)[24], fj_u64 da, fj_u64 db, int scale_d) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23}, %24, %25, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23}, %24, %25, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_rs_n48(float (&d)[24], const fj_u32 (&a)[4], fj_u64 db) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23}, {%24,%25,%26,%27}, %28, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23}, {%24,%25,%26,%27}, %28, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_ss_n64(float (&d)[32], fj_u64 da, fj_u64 db, int scale_d) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_rs_n64(float (&d)[32], const fj_u32 (&a)[4], fj_u64 db) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_ss_n128(float (&d)[64], fj_u64 da, fj_u64 db, int scale_d) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_rs_n128(float (&d)[64], const fj_u32 (&a)[4], fj_u64 db) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+}
+
+template <int N, bool F16>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_u64 b, int scale_d) {
+    if constexpr (N == 48) fj_wgmma_ss_n48<F16>(d, a, b, scale_d);
+    else if constexpr (N == 64) fj_wgmma_ss_n64<F16>(d, a, b, scale_d);
+    else fj_wgmma_ss_n128<F16>(d, a, b, scale_d);
+}
+template <int N, bool F16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b) {
+    if constexpr (N == 48) fj_wgmma_rs_n48<F16>(d, a, b);
+    else if constexpr (N == 64) fj_wgmma_rs_n64<F16>(d, a, b);
+    else fj_wgmma_rs_n128<F16>(d, a, b);
+}
+
+// ---------------------------------------------------------------------------------------------
+template <class ST, int D, int MODE>
+__device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
+                                          const FjTensorMap* mtq, const FjTensorMap* mtk, const FjTensorMap* mtv,
+                                          fj_u16* __restrict__ o, fj_u16* __restrict__ to, float* __restrict__ lse,
+                                          float* __restrict__ tlse, int Nq, int Nk, float scale) {
+    typedef Cfg<D, MODE> C;
+    constexpr bool F16 = ST::IS_F16;
+    constexpr bool TAN = C::TAN, KVT = C::KVT;
+    constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
+    constexpr int KST = C::KST_BYTES;
+    constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
+
+    extern __shared__ __align__(1024) unsigned char fj_smem[];
+    // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume base offset 0: align.
+    const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
+    const fj_u32 sQ = base;                         // tensor t (Q, Qdot), slab s: sQ + (t*SLABS + s)*SLAB_Q
+    const fj_u32 sK = base + C::Q_BYTES;            // stage st, tensor t (K, Kdot), slab s: sK + st*KST + (t*SLABS + s)*SLAB_K
+    const fj_u32 sV = sK + STAGES * KST;            // likewise (V, Vdot)
+    const fj_u32 bars = base + C::BAR_OFF;
+    const fj_u32 qfull = bars;
+    auto kfull = [&](int st) { return bars + 8u * (1 + st); };
+    auto kempty = [&](int st) { return bars + 8u * (1 + STAGES + st); };
+    auto vfull = [&](int st) { return bars + 8u * (1 + 2 * STAGES + st); };
+    auto vempty = [&](int st) { return bars + 8u * (1 + 3 * STAGES + st); };
+
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    const int bh = blockIdx.y;
+    const int q0 = blockIdx.x * BR;
+    const int ntiles = (Nk + BC - 1) / BC;
+
+    // The host's figure (attention_sm90.rs: shared_bytes) must cover this layout: a mismatch traps
+    // (a launch error) instead of writing past the allocation.
+    fj_u32 dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < (fj_u32)C::SMEM) __trap();
+
+    if (tid == 0) {
+        mbar_init(qfull, 1);
+#pragma unroll
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(kfull(st), 1);
+            mbar_init(kempty(st), 4 * NCONS);  // one arrival per consumer warp
+            mbar_init(vfull(st), 1);
+            mbar_init(vempty(st), 4 * NCONS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---------------- producer: one thread issues every copy ----------------
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        if (tid == 0) {
+            tma_prefetch_map(mq);
+            tma_prefetch_map(mk);
+            tma_prefetch_map(mv);
+            if (TAN) tma_prefetch_map(mtq);
+            if (KVT) {
+                tma_prefetch_map(mtk);
+                tma_prefetch_map(mtv);
+            }
+            mbar_expect_tx(qfull, C::Q_BYTES);
+#pragma unroll
+            for (int s = 0; s < SLABS; ++s) {
+                tma_load3(sQ + s * SLAB_Q, mq, qfull, 64 * s, q0, bh);
+                if (TAN) tma_load3(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, 64 * s, q0, bh);
+            }
+            for (int j = 0; j < ntiles; ++j) {
+                const int st = j % STAGES;
+                const fj_u32 use = j / STAGES;  // how many times this stage was filled before
+                const int k0 = j * BC;
+                if (use > 0) mbar_wait(kempty(st), (use - 1) & 1);
+                mbar_expect_tx(kfull(st), KST);
+                const fj_u32 kd = sK + st * KST;
+#pragma unroll
+                for (int s = 0; s < SLABS; ++s) {
+                    tma_load3(kd + s * SLAB_K, mk, kfull(st), 64 * s, k0, bh);
+                    if (KVT) tma_load3(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), 64 * s, k0, bh);
+                }
+                if (use > 0) mbar_wait(vempty(st), (use - 1) & 1);
+                mbar_expect_tx(vfull(st), KST);
+                const fj_u32 vd = sV + st * KST;
+#pragma unroll
+                for (int s = 0; s < SLABS; ++s) {
+                    tma_load3(vd + s * SLAB_K, mv, vfull(st), 64 * s, k0, bh);
+                    if (KVT) tma_load3(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), 64 * s, k0, bh);
+                }
+            }
+        }
+    } else {
+        // ---------------- consumers: 64 query rows per warpgroup ----------------
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+        const int cw = wg - 1;
+        const int warp = (tid >> 5) & 3, lane = tid & 31;
+        const int g = lane >> 2, t4 = lane & 3;
+        const int my_bar = 1 + cw, other_bar = 2 - cw;
+        if (cw == 1) named_arrive(1);  // consumer 0 takes the first turn
+
+        constexpr int NO = D / 2, NS = BC / 2, KC = D / 16, KC2 = BC / 16;
+        float acc_o[NO], acc_t[TAN ? NO : 1], s[NS], sd[TAN ? NS : 1];
+        fj_u32 pa[KC2][4], psa[TAN ? KC2 : 1][4];
+#pragma unroll
+        for (int i = 0; i < NO; ++i) {
+            acc_o[i] = 0.f;
+            if (TAN) acc_t[TAN ? i : 0] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < NS; ++i) {
+            s[i] = 0.f;
+            if (TAN) sd[TAN ? i : 0] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < KC2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                pa[i][e] = 0u;
+                if (TAN) psa[TAN ? i : 0][e] = 0u;
+            }
+        // Rows g and g+8 of this warp's 16 (accumulator elements with (i >> 1) & 1 = 0 and 1).
+        float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
+        const float sl2 = scale * FJ_LOG2E;
+        const fj_u32 qa = sQ + cw * 64 * 128;  // this warpgroup's 64 rows of every Q slab
+
+        // One turn: the wgmma batch of the score products of tile j (SC) and the value products of
+        // tile j-1 (VA), issued while this warpgroup holds the tensor cores. Peeled into three
+        // straight-line forms (first, steady, last) so that no wgmma sits on a divergent path.
+        auto turn = [&](int j, auto SC, auto VA) {
+            constexpr bool scores = decltype(SC)::value, values = decltype(VA)::value;
+            const int st = j % STAGES, pst = (j + STAGES - 1) % STAGES;
+            if (scores) mbar_wait(kfull(st), (j / STAGES) & 1);
+            named_sync(my_bar);
+            fence_regs(acc_o);
+            if constexpr (TAN) fence_regs(acc_t);
+            fence_regs(pa);
+            if constexpr (TAN) fence_regs(psa);
+            wgmma_fence();
+            if constexpr (scores) {
+                // Descriptors as a base plus an offset (in 16-byte units) added right at the use: the
+                // base is made opaque per turn so that the compiler cannot hoist one 64-bit descriptor
+                // per k-chunk out of the loop (that would cost 2 registers each).
+                const fj_u64 dq = opaque64(desc_kmajor(qa));
+                const fj_u64 dk = opaque64(desc_kmajor(sK + st * KST));
+                // Column chunk kc of a K-major tile: slab kc/4, 32 bytes per chunk inside the slab.
+                auto qo = [&](int t, int kc) { return (fj_u64)(((t * SLABS + (kc >> 2)) * SLAB_Q + (kc & 3) * 32) >> 4); };
+                auto ko = [&](int t, int kc) { return (fj_u64)(((t * SLABS + (kc >> 2)) * SLAB_K + (kc & 3) * 32) >> 4); };
+#pragma unroll
+                for (int kc = 0; kc < KC; ++kc)  // S = Q K^T
+                    wgmma_ss<BC, F16>(s, dq + qo(0, kc), dk + ko(0, kc), kc > 0);
+                if constexpr (TAN) {
+#pragma unroll
+                    for (int kc = 0; kc < KC; ++kc)  // Sdot = Qdot K^T ...
+                        wgmma_ss<BC, F16>(sd, dq + qo(1, kc), dk + ko(0, kc), kc > 0);
+                }
+                if constexpr (KVT) {
+#pragma unroll
+                    for (int kc = 0; kc < KC; ++kc)  // ... + Q Kdot^T
+                        wgmma_ss<BC, F16>(sd, dq + qo(0, kc), dk + ko(1, kc), 1);
+                }
+            }
+            if constexpr (values) {
+                const fj_u64 dv = opaque64(desc_mnmajor(sV + pst * KST, SLAB_K));
+                // Key chunk kc2 of an MN-major V tile: 16 rows of 128 bytes each.
+                auto vo = [&](int t, int kc2) { return (fj_u64)((t * SLABS * SLAB_K + kc2 * 16 * 128) >> 4); };
+#pragma unroll
+                for (int kc2 = 0; kc2 < KC2; ++kc2) {  // O += P V ; T += (P.Sdot) V
+                    wgmma_rs<D, F16>(acc_o, pa[kc2], dv + vo(0, kc2));
+                    if constexpr (TAN) wgmma_rs<D, F16>(acc_t, psa[kc2], dv + vo(0, kc2));
+                }
+                if constexpr (KVT) {
+#pragma unroll
+                    for (int kc2 = 0; kc2 < KC2; ++kc2)  // T += P Vdot
+                        wgmma_rs<D, F16>(acc_t, pa[kc2], dv + vo(1, kc2));
+                }
+            }
+            wgmma_commit();
+            // The other warpgroup's turn (consumer 1 skips its last hand-over: nobody waits for it).
+            if (!(cw == 1 && !scores)) named_arrive(other_bar);
+            wgmma_wait0();
+            fence_regs(s);
+            if constexpr (TAN) fence_regs(sd);
+            fence_regs(acc_o);
+            if constexpr (TAN) fence_regs(acc_t);
+            fence_regs(pa);
+            if constexpr (TAN) fence_regs(psa);
+            if (lane == 0) {  // this warp's reads of the stages are done
+                if (scores) mbar_arrive(kempty(st));
+                if (values) mbar_arrive(vempty(pst));
+            }
+        };
+
+        // Softmax of tile j (overlaps the other warpgroup's turn), then P and P.Sdot as A fragments.
+        auto softmax = [&](int j) {
+            const int kv0 = j * BC;
+#pragma unroll
+            for (int i = 0; i < NS; ++i) {
+                s[i] *= sl2;
+                if constexpr (TAN) sd[i] *= scale;
+            }
+            if (kv0 + BC > Nk) {  // key tail (last tile only)
+#pragma unroll
+                for (int i = 0; i < NS; ++i)
+                    if (kv0 + 8 * (i >> 2) + 2 * t4 + (i & 1) >= Nk) {
+                        s[i] = -FJ_INF;
+                        if constexpr (TAN) sd[i] = 0.f;
+                    }
+            }
+            float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+            for (int i = 0; i < NS; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+            float m_use[2], alpha[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                m_use[h] = (mx[h] == -FJ_INF) ? 0.f : mx[h];
+                alpha[h] = fj_exp2(m_run[h] - m_use[h]);
+                m_run[h] = mx[h];
+                l_run[h] *= alpha[h];
+                if constexpr (TAN) r_run[h] *= alpha[h];
+            }
+#pragma unroll
+            for (int i = 0; i < NO; ++i) {
+                acc_o[i] *= alpha[(i >> 1) & 1];
+                if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
+            }
+#pragma unroll
+            for (int i = 0; i < NS; ++i) {
+                const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                s[i] = p;
+                l_run[(i >> 1) & 1] += p;
+                if constexpr (TAN) {
+                    const float ps = p * sd[i];
+                    sd[i] = ps;
+                    r_run[(i >> 1) & 1] += ps;
+                }
+            }
+            // Accumulator elements 8c..8c+7 (two 8-key blocks) are the A fragment of key chunk c.
+#pragma unroll
+            for (int c = 0; c < KC2; ++c)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    pa[c][e] = fj_pack2<F16>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
+                    if constexpr (TAN) psa[c][e] = fj_pack2<F16>(sd[8 * c + 2 * e], sd[8 * c + 2 * e + 1]);
+                }
+            mbar_wait(vfull(j % STAGES), (j / STAGES) & 1);  // V of tile j, for the next turn
+        };
+
+        mbar_wait(qfull, 0);
+        turn(0, FjBool<true>(), FjBool<false>());
+        softmax(0);
+        for (int j = 1; j < ntiles; ++j) {
+            turn(j, FjBool<true>(), FjBool<true>());
+            softmax(j);
+        }
+        turn(ntiles, FjBool<false>(), FjBool<true>());
+
+        // ---- finish: quad-reduce l and r, normalise, store ----
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+            l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+            if (TAN) {
+                r_run[h] += __shfl_xor_sync(0xffffffffu, r_run[h], 1);
+                r_run[h] += __shfl_xor_sync(0xffffffffu, r_run[h], 2);
+            }
+        }
+        const fj_i64 qoff = (fj_i64)bh * Nq * D;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = q0 + cw * 64 + warp * 16 + g + 8 * h;
+            if (row >= Nq) continue;
+            const float inv_l = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
+            const float mu = TAN ? r_run[h] * inv_l : 0.f;
+            const fj_i64 roff = qoff + (fj_i64)row * D;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const int col = n * 8 + 2 * t4;
+                const float o0 = acc_o[4 * n + 2 * h] * inv_l, o1 = acc_o[4 * n + 2 * h + 1] * inv_l;
+                *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
+                if (TAN) {
+                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - mu * o0;
+                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - mu * o1;
+                    *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(a0) | ((fj_u32)ST::store(a1) << 16);
+                }
+            }
+            if (t4 == 0) {
+                const fj_i64 li = (fj_i64)bh * Nq + row;
+                lse[li] = l_run[h] > 0.f ? m_run[h] * FJ_LN2 + logf(l_run[h]) : -FJ_INF;
+                if (TAN) tlse[li] = mu;
+            }
+        }
+    }
+}
+
+}  // namespace fj_h
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: one per (variant, dtype, head dim). Tensor maps by value (__grid_constant__).
+#define FJ_TM const __grid_constant__ FjTensorMap
+#define FJ_SM90(DT, ST, D)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_sm90_##DT##_d##D(                \
+        FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, FJ_TM mtk, FJ_TM mtv, fj_u16* o, fj_u16* to, float* lse,          \
+        float* tlse, int Nq, int Nk, float scale) {                                                                \
+        fj_h::attn_sm90<ST, D, fj_h::FULL>(&mq, &mk, &mv, &mtq, &mtk, &mtv, o, to, lse, tlse, Nq, Nk, scale);      \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_nokv_sm90_##DT##_d##D(           \
+        FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,   \
+        float scale) {                                                                                             \
+        fj_h::attn_sm90<ST, D, fj_h::NOKV>(&mq, &mk, &mv, &mtq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
+                                           scale);                                                                 \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_fwd_sm90_##DT##_d##D(                \
+        FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* o, float* lse, int Nq, int Nk, float scale) {                        \
+        fj_h::attn_sm90<ST, D, fj_h::FWD>(&mq, &mk, &mv, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
+                                          Nk, scale);                                                              \
+    }
+
+FJ_SM90(bf16, FjBF16, 64)
+FJ_SM90(bf16, FjBF16, 128)
+FJ_SM90(f16, FjF16, 64)
+FJ_SM90(f16, FjF16, 128)
