@@ -174,7 +174,11 @@ const ATTN: &[(usize, usize, usize, usize, usize, usize)] = &[
 
 /// Shapes of q, k and v.
 fn attn_shape(s: (usize, usize, usize, usize, usize, usize)) -> [[usize; 4]; 3] {
-    [[s.0, s.1, s.2, s.4], [s.0, s.1, s.3, s.4], [s.0, s.1, s.3, s.5]]
+    [
+        [s.0, s.1, s.2, s.4],
+        [s.0, s.1, s.3, s.4],
+        [s.0, s.1, s.3, s.5],
+    ]
 }
 
 fn name(s: (usize, usize, usize, usize, usize, usize)) -> String {
@@ -360,7 +364,12 @@ gpu_test!(attention_backward, |dtype| {
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
     let gpu = cuda::Gpu::get().unwrap();
     let mut r = rng(11);
-    let (qs, ks, vs, os) = ([2, 2, 77, 72], [2, 2, 150, 72], [2, 2, 150, 96], [2, 2, 77, 96]);
+    let (qs, ks, vs, os) = (
+        [2, 2, 77, 72],
+        [2, 2, 150, 72],
+        [2, 2, 150, 96],
+        [2, 2, 77, 96],
+    );
     let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
     let (qd, kd, vd) = (
         gpu.upload(&q, dtype).unwrap(),
@@ -851,7 +860,14 @@ fn unsupported_head_dim_is_an_error() {
         "{m}"
     );
     let e = gops::attention_backward(
-        &q.primal, &q.primal, &v.primal, &v.primal, &t(&[1, 1, 8]), &v.primal, None, DType::F32,
+        &q.primal,
+        &q.primal,
+        &v.primal,
+        &v.primal,
+        &t(&[1, 1, 8]),
+        &v.primal,
+        None,
+        DType::F32,
     )
     .unwrap_err();
     assert!(e.to_string().contains("v [1, 1, 8, 48]"), "{e}");

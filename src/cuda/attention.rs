@@ -140,7 +140,14 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", b * h * nq)] {
         int_arg("attention on the GPU", name, n)?;
     }
-    Ok(AttnDims { b, h, nq, nk, d, dv })
+    Ok(AttnDims {
+        b,
+        h,
+        nq,
+        nk,
+        d,
+        dv,
+    })
 }
 
 /// The score scale as the kernels take it: c (default 1/√d), finite in f32.
@@ -698,7 +705,11 @@ mod tests {
             ((64, 128), 71680, 57600, 58368),
         ];
         for ((d, dv), jvp16, jvp32, bwd) in want_pairs {
-            assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d, dv), jvp16, "d{d} dv{dv}");
+            assert_eq!(
+                jvp_shared_bytes(Variant::Jvp, bf, d, dv),
+                jvp16,
+                "d{d} dv{dv}"
+            );
             assert_eq!(
                 jvp_shared_bytes(Variant::Jvp, DType::F32, d, dv),
                 jvp32,
@@ -770,7 +781,10 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("attention_bwd_preprocess_f32".to_string(), "attention_bwd.cu"),
+                (
+                    "attention_bwd_preprocess_f32".to_string(),
+                    "attention_bwd.cu"
+                ),
                 (
                     "attention_bwd_dkdv_f32_d64_dv128".to_string(),
                     "attention_bwd_dv.cu"
@@ -802,7 +816,10 @@ mod tests {
             "{m}"
         );
         let e = check_shapes(&[1, 1, 8, 48], &[1, 1, 8, 48], &[1, 1, 8, 256]).unwrap_err();
-        assert!(e.to_string().contains("head dims 48 of q and 256 of v"), "{e}");
+        assert!(
+            e.to_string().contains("head dims 48 of q and 256 of v"),
+            "{e}"
+        );
         // Every pair of supported head dims is accepted.
         for d in HEAD_DIMS {
             for dv in HEAD_DIMS {
