@@ -154,23 +154,79 @@ pub fn jvp<T: Real>(
     eps: f64,
 ) -> (Vec<T>, Option<Vec<T>>) {
     let (rows, c) = (scale.rows, scale.c);
-    let scale_dot = scale_dot.map(|d| Groups { data: d, ..scale });
-    let shift_dot = shift_dot.map(|d| Groups { data: d, ..shift });
+    let inp = JvpIn {
+        x,
+        x_dot,
+        scale,
+        scale_dot: scale_dot.map(|d| Groups { data: d, ..scale }),
+        shift,
+        shift_dot: shift_dot.map(|d| Groups { data: d, ..shift }),
+        eps,
+    };
     let has_tangent = x_dot.is_some() || scale_dot.is_some() || shift_dot.is_some();
     let mut y = vec![T::zero(); rows * c];
     let mut y_dot = vec![T::zero(); if has_tangent { rows * c } else { 0 }];
-    let row = |r: usize, yr: &mut [T], ydr: Option<&mut [T]>| {
-        let xr = &x[r * c..(r + 1) * c];
-        let (s, h) = (scale.row(r), shift.row(r));
-        let xdr = x_dot.map(|d| &d[r * c..(r + 1) * c]);
+    if c > 0 && has_tangent {
+        y.par_chunks_mut(c)
+            .zip(y_dot.par_chunks_mut(c))
+            .enumerate()
+            .with_min_len(rows_per_task(c))
+            .for_each(|(r, (yr, ydr))| jvp_row(&inp, r, yr, Some(ydr)));
+    } else if c > 0 {
+        y.par_chunks_mut(c)
+            .enumerate()
+            .with_min_len(rows_per_task(c))
+            .for_each(|(r, yr)| jvp_row(&inp, r, yr, None));
+    }
+    (y, has_tangent.then_some(y_dot))
+}
+
+/// The inputs of [`jvp`].
+struct JvpIn<'a, T> {
+    x: &'a [T],
+    x_dot: Option<&'a [T]>,
+    scale: Groups<'a, T>,
+    scale_dot: Option<Groups<'a, T>>,
+    shift: Groups<'a, T>,
+    shift_dot: Option<Groups<'a, T>>,
+    eps: f64,
+}
+
+/// Row r of [`jvp`], compiled for AVX2 where the CPU has it (8 f32 lanes instead of SSE2's 4; no
+/// FMA contraction, so both builds round alike and the forward equals the JVP's primal on any CPU).
+fn jvp_row<T: Real>(inp: &JvpIn<T>, r: usize, yr: &mut [T], ydr: Option<&mut [T]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { jvp_row_avx2(inp, r, yr, ydr) };
+        }
+    }
+    inp.row(r, yr, ydr)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn jvp_row_avx2<T: Real>(inp: &JvpIn<T>, r: usize, yr: &mut [T], ydr: Option<&mut [T]>) {
+    inp.row(r, yr, ydr)
+}
+
+impl<T: Real> JvpIn<'_, T> {
+    /// y (and ẏ when `ydr` is given) of row r.
+    #[inline(always)]
+    fn row(&self, r: usize, yr: &mut [T], ydr: Option<&mut [T]>) {
+        let c = yr.len();
+        let xr = &self.x[r * c..(r + 1) * c];
+        let (s, h) = (self.scale.row(r), self.shift.row(r));
+        let xdr = self.x_dot.map(|d| &d[r * c..(r + 1) * c]);
         let Some(ydr) = ydr else {
-            let (st, _, _) = row_stats::<T, false>(xr, xr, eps);
+            let (st, _, _) = row_stats::<T, false>(xr, xr, self.eps);
             write_y(yr, xr, s, h, &st);
             return;
         };
         let (st, sum_xd, sum_cxd) = match xdr {
-            Some(xdr) => row_stats::<T, true>(xr, xdr, eps),
-            None => row_stats::<T, false>(xr, xr, eps),
+            Some(xdr) => row_stats::<T, true>(xr, xdr, self.eps),
+            None => row_stats::<T, false>(xr, xr, self.eps),
         };
         // x̂̇ = a ẋ − b − m x̂ with a = 1/σ, b = mean(ẋ)/σ, m = mean(x̂ẋ)/σ = Σ(x − mean)ẋ/(nσ²).
         let n = c as f64;
@@ -179,7 +235,8 @@ pub fn jvp<T: Real>(
             b: T::c(st.rstd * sum_xd / n),
             m: T::c(st.rstd * st.rstd * sum_cxd / n),
         };
-        let (sdr, hdr) = (scale_dot.map(|d| d.row(r)), shift_dot.map(|d| d.row(r)));
+        let sdr = self.scale_dot.map(|d| d.row(r));
+        let hdr = self.shift_dot.map(|d| d.row(r));
         let w = RowIn { xr, s, h, st };
         // One loop per combination of present tangents, so that no test runs per element.
         match (xdr, sdr, hdr) {
@@ -194,23 +251,11 @@ pub fn jvp<T: Real>(
                 unreachable!("a tangent row is written only when a tangent exists")
             }
         }
-    };
-    if c > 0 && has_tangent {
-        y.par_chunks_mut(c)
-            .zip(y_dot.par_chunks_mut(c))
-            .enumerate()
-            .with_min_len(rows_per_task(c))
-            .for_each(|(r, (yr, ydr))| row(r, yr, Some(ydr)));
-    } else if c > 0 {
-        y.par_chunks_mut(c)
-            .enumerate()
-            .with_min_len(rows_per_task(c))
-            .for_each(|(r, yr)| row(r, yr, None));
     }
-    (y, has_tangent.then_some(y_dot))
 }
 
 /// y = x̂(1 + s) + h of one row.
+#[inline(always)]
 fn write_y<T: Real>(yr: &mut [T], xr: &[T], s: &[T], h: &[T], st: &Stats<T>) {
     let n = yr.len();
     let (xr, s, h) = (&xr[..n], &s[..n], &h[..n]);
@@ -239,6 +284,7 @@ impl<T: Real> RowIn<'_, T> {
     /// y and ẏ = x̂̇(1+s) + x̂ṡ + ḣ with each tangent term present when its flag is; the slices of
     /// absent tangents are placeholders that are never read.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn write<const X: bool, const S: bool, const H: bool>(
         &self,
         yr: &mut [T],
@@ -298,38 +344,22 @@ pub fn backward<T: Real>(
             .enumerate()
             .with_min_len(rows_per_task(c))
             .map(|(r, dxr)| {
-                let (xr, gr, s) = (
-                    &x[r * c..(r + 1) * c],
-                    &gy[r * c..(r + 1) * c],
-                    &scale.row(r)[..c],
-                );
-                let k = xr[0];
-                let [s1, s2, sg, sgx] = lane_sums::<T, 4>(xr, gr, s, |x, gy, s| {
-                    let (d, g) = (x - k, gy * (T::one() + s));
-                    [d, d * d, g, g * d]
-                });
-                let k = wide(k);
-                let st = Stats::<T>::new(k, s1, s2, c, eps);
-                let n = c as f64;
-                // dx = a g − b − m x̂ with a = 1/σ, b = mean(g)/σ, m = mean(g x̂)/σ, and
-                // Σ g (x − mean) = Σ g (x − K) − (mean − K) Σ g.
-                let (a, b) = (st.rstd_t, T::c(st.rstd * sg / n));
-                let m = T::c(st.rstd * st.rstd * (sgx - (st.mean - k) * sg) / n);
-                for j in 0..c {
-                    let g = gr[j] * (T::one() + s[j]);
-                    dxr[j] = a * g - b - m * st.xhat(xr[j]);
-                }
-                st
+                let row = BwdRow {
+                    xr: &x[r * c..(r + 1) * c],
+                    gr: &gy[r * c..(r + 1) * c],
+                    s: scale.row(r),
+                };
+                bwd_dx_row(&row, dxr, eps)
             })
             .collect()
     };
     let dscale = group_row_sums(rows, c, scale.groups, |r, acc: &mut [T]| {
-        let st = &row_stats[r];
-        let (xr, gr) = (&x[r * c..(r + 1) * c], &gy[r * c..(r + 1) * c]);
-        let acc = &mut acc[..c];
-        for j in 0..c {
-            acc[j] += gr[j] * st.xhat(xr[j]);
-        }
+        let row = BwdRow {
+            xr: &x[r * c..(r + 1) * c],
+            gr: &gy[r * c..(r + 1) * c],
+            s: &[],
+        };
+        bwd_dscale_row(&row, &row_stats[r], acc)
     });
     let dshift = group_row_sums(rows, c, shift.groups, |r, acc: &mut [T]| {
         acc.iter_mut()
@@ -337,4 +367,84 @@ pub fn backward<T: Real>(
             .for_each(|(a, &g)| *a += g)
     });
     Grads { dx, dscale, dshift }
+}
+
+/// One row of x and gy (and the scale it reads) in the backward.
+struct BwdRow<'a, T> {
+    xr: &'a [T],
+    gr: &'a [T],
+    s: &'a [T],
+}
+
+impl<T: Real> BwdRow<'_, T> {
+    /// Writes dx = a g − b − m x̂ of the row (g = gy (1 + s); a = 1/σ, b = mean(g)/σ,
+    /// m = mean(g x̂)/σ) and returns the row's statistics: one pass for the statistics and the
+    /// two means, one to write.
+    #[inline(always)]
+    fn dx(&self, dxr: &mut [T], eps: f64) -> Stats<T> {
+        let c = dxr.len();
+        let (xr, gr, s) = (&self.xr[..c], &self.gr[..c], &self.s[..c]);
+        let k = xr[0];
+        let [s1, s2, sg, sgx] = lane_sums::<T, 4>(xr, gr, s, |x, gy, s| {
+            let (d, g) = (x - k, gy * (T::one() + s));
+            [d, d * d, g, g * d]
+        });
+        let k = wide(k);
+        let st = Stats::<T>::new(k, s1, s2, c, eps);
+        let n = c as f64;
+        // Σ g (x − mean) = Σ g (x − K) − (mean − K) Σ g.
+        let (a, b) = (st.rstd_t, T::c(st.rstd * sg / n));
+        let m = T::c(st.rstd * st.rstd * (sgx - (st.mean - k) * sg) / n);
+        for j in 0..c {
+            let g = gr[j] * (T::one() + s[j]);
+            dxr[j] = a * g - b - m * st.xhat(xr[j]);
+        }
+        st
+    }
+
+    /// acc += gy x̂ (the row's term of dscale).
+    #[inline(always)]
+    fn dscale(&self, st: &Stats<T>, acc: &mut [T]) {
+        let c = acc.len();
+        let (xr, gr) = (&self.xr[..c], &self.gr[..c]);
+        for j in 0..c {
+            acc[j] += gr[j] * st.xhat(xr[j]);
+        }
+    }
+}
+
+/// [`BwdRow::dx`], compiled for AVX2 where the CPU has it (as [`jvp_row`]).
+fn bwd_dx_row<T: Real>(row: &BwdRow<T>, dxr: &mut [T], eps: f64) -> Stats<T> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { bwd_dx_row_avx2(row, dxr, eps) };
+        }
+    }
+    row.dx(dxr, eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bwd_dx_row_avx2<T: Real>(row: &BwdRow<T>, dxr: &mut [T], eps: f64) -> Stats<T> {
+    row.dx(dxr, eps)
+}
+
+/// [`BwdRow::dscale`], compiled for AVX2 where the CPU has it (as [`jvp_row`]).
+fn bwd_dscale_row<T: Real>(row: &BwdRow<T>, st: &Stats<T>, acc: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { bwd_dscale_row_avx2(row, st, acc) };
+        }
+    }
+    row.dscale(st, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bwd_dscale_row_avx2<T: Real>(row: &BwdRow<T>, st: &Stats<T>, acc: &mut [T]) {
+    row.dscale(st, acc)
 }
