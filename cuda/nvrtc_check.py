@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Compile every flashjvp kernel with NVRTC (no CUDA toolkit, no GPU needed) and report resources.
 
-For each cuda/*.cu file and each target (sm_80, sm_90a; files named *_sm90.cu for sm_90a only) this creates an NVRTC program with
-common.cuh handed over as a header by name, compiles it down to a CUBIN with the assembler's
+For each cuda/*.cu file and each target (sm_80, sm_90a; files named *_sm90.cu for sm_90a only) this
+creates an NVRTC program with every cuda/*.cuh handed over as a header by name, compiles it down to a
+CUBIN with the assembler's
 verbose report, and prints, per kernel and arch: registers, spill bytes (stores + loads), stack
 frame, static shared memory.
 
@@ -20,7 +21,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_LIB = "/opt/nvrtc/nvidia/cu13/lib/libnvrtc.so.13"
-HEADERS = ["common.cuh"]
+HEADERS = sorted(f for f in os.listdir(HERE) if f.endswith(".cuh"))  # every header, by name
 
 
 def load_nvrtc():

@@ -152,35 +152,47 @@ fn dual(r: &mut StdRng, shape: &[usize], tangent: bool) -> Dual {
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
-/// (B, H, Nq, Nk, d): every head dim, tails (77, 300, 130, 17), Nq ≠ Nk both ways, B·H > 1, a
-/// single query and key.
-const ATTN: &[(usize, usize, usize, usize, usize)] = &[
-    (1, 1, 64, 64, 32),
-    (2, 3, 77, 300, 72),
-    (1, 2, 300, 77, 64),
-    (2, 2, 130, 200, 96),
-    (1, 3, 129, 65, 128),
-    (2, 1, 17, 33, 128),
-    (1, 1, 1, 1, 64),
-    (1, 2, 200, 1000, 32),
+/// (B, H, Nq, Nk, d, dv): every head dim, tails (77, 300, 130, 17), Nq ≠ Nk both ways, B·H > 1, a
+/// single query and key; v's head dim dv ≠ d both ways, with and without 128 on either side (the
+/// 32-key tiles), with the padded 72 on either side, and with one key.
+const ATTN: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (1, 1, 64, 64, 32, 32),
+    (2, 3, 77, 300, 72, 72),
+    (1, 2, 300, 77, 64, 64),
+    (2, 2, 130, 200, 96, 96),
+    (1, 3, 129, 65, 128, 128),
+    (2, 1, 17, 33, 128, 128),
+    (1, 1, 1, 1, 64, 64),
+    (1, 2, 200, 1000, 32, 32),
+    (1, 2, 77, 130, 64, 128),
+    (2, 1, 65, 33, 128, 64),
+    (1, 1, 100, 70, 72, 96),
+    (2, 2, 50, 90, 32, 72),
+    (1, 3, 129, 200, 96, 32),
+    (1, 1, 1, 1, 128, 32),
 ];
 
-fn attn_shape(s: (usize, usize, usize, usize, usize)) -> ([usize; 4], [usize; 4]) {
-    ([s.0, s.1, s.2, s.4], [s.0, s.1, s.3, s.4])
+/// Shapes of q, k and v.
+fn attn_shape(s: (usize, usize, usize, usize, usize, usize)) -> [[usize; 4]; 3] {
+    [
+        [s.0, s.1, s.2, s.4],
+        [s.0, s.1, s.3, s.4],
+        [s.0, s.1, s.3, s.5],
+    ]
 }
 
-fn name(s: (usize, usize, usize, usize, usize)) -> String {
-    format!("B{} H{} Nq{} Nk{} d{}", s.0, s.1, s.2, s.3, s.4)
+fn name(s: (usize, usize, usize, usize, usize, usize)) -> String {
+    format!("B{} H{} Nq{} Nk{} d{} dv{}", s.0, s.1, s.2, s.3, s.4, s.5)
 }
 
 /// The JVP with tangents on (q, k, v) as given, against the reference.
 fn attention_jvp_case(dtype: DType, which: (bool, bool, bool), label: &str) {
     for (i, &s) in ATTN.iter().enumerate() {
         let mut r = rng(100 + i as u64);
-        let (qs, ks) = attn_shape(s);
+        let [qs, ks, vs] = attn_shape(s);
         let q = dual(&mut r, &qs, which.0);
         let k = dual(&mut r, &ks, which.1);
-        let v = dual(&mut r, &ks, which.2);
+        let v = dual(&mut r, &vs, which.2);
         let got = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
         let want =
             ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None).unwrap();
@@ -245,8 +257,8 @@ gpu_test!(attention_jvp_tangent_on_k_only, |dtype| {
 gpu_test!(attention_forward, |dtype| {
     for (i, &s) in ATTN.iter().enumerate() {
         let mut r = rng(200 + i as u64);
-        let (qs, ks) = attn_shape(s);
-        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
+        let [qs, ks, vs] = attn_shape(s);
+        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
         let scale = Some(0.3);
         let got = gops::attention_forward(&q, &k, &v, scale, dtype).unwrap();
         let want =
@@ -294,9 +306,9 @@ gpu_test!(attention_without_tangents_is_constant, |dtype| {
 gpu_test!(attention_backward, |dtype| {
     for (i, &s) in ATTN.iter().enumerate() {
         let mut r = rng(300 + i as u64);
-        let (qs, ks) = attn_shape(s);
-        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
-        let go = randn(&qs, &mut r);
+        let [qs, ks, vs] = attn_shape(s);
+        let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
+        let go = randn(&[s.0, s.1, s.2, s.5], &mut r);
         let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
         // o and lse as a forward would hand them over: o in the storage dtype, lse in f32.
         let fwd = ops::attention_forward(&q, &k, &v, None).unwrap();
@@ -347,18 +359,24 @@ gpu_test!(attention_backward, |dtype| {
     }
 });
 
-// Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite.
+// Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite
+// (v and o with head dim 96, q and k 72).
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
     let gpu = cuda::Gpu::get().unwrap();
     let mut r = rng(11);
-    let (qs, ks) = ([2, 2, 77, 72], [2, 2, 150, 72]);
-    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&ks, &mut r));
+    let (qs, ks, vs, os) = (
+        [2, 2, 77, 72],
+        [2, 2, 150, 72],
+        [2, 2, 150, 96],
+        [2, 2, 77, 96],
+    );
+    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
     let (qd, kd, vd) = (
         gpu.upload(&q, dtype).unwrap(),
         gpu.upload(&k, dtype).unwrap(),
         gpu.upload(&v, dtype).unwrap(),
     );
-    let o = gpu.alloc(&qs, dtype).unwrap();
+    let o = gpu.alloc(&os, dtype).unwrap();
     let lse = gpu.alloc(&[2, 2, 77], DType::F32).unwrap();
     o.poison().unwrap();
     lse.poison().unwrap();
@@ -830,10 +848,29 @@ fn unsupported_head_dim_is_an_error() {
         matches!(e, Error::Unsupported(_)) && e.to_string().contains("head dim 48"),
         "{e}"
     );
-    let v = Dual::constant(t(&[1, 1, 8, 32]));
+    // An unsupported v head dim: the error names q, v and their shapes.
+    let v = Dual::constant(t(&[1, 1, 8, 48]));
     let q = Dual::constant(t(&[1, 1, 8, 64]));
     let e = gops::attention_jvp(&q, &q, &v, None, DType::BF16).unwrap_err();
-    assert!(e.to_string().contains("dv == d"), "{e}");
+    let m = e.to_string();
+    assert!(
+        matches!(e, Error::Unsupported(_))
+            && m.contains("q [1, 1, 8, 64]")
+            && m.contains("v [1, 1, 8, 48]"),
+        "{m}"
+    );
+    let e = gops::attention_backward(
+        &q.primal,
+        &q.primal,
+        &v.primal,
+        &v.primal,
+        &t(&[1, 1, 8]),
+        &v.primal,
+        None,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("v [1, 1, 8, 48]"), "{e}");
 }
 
 #[test]
@@ -864,6 +901,21 @@ fn mismatched_shapes_name_the_tensor() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("`lse`"), "{e}");
+    // dv != d: the cotangent of o is [B,H,Nq,dv], not q-shaped.
+    let v = t(&[1, 2, 8, 32]);
+    let o = t(&[1, 2, 8, 32]);
+    let e = gops::attention_backward(
+        &q.primal,
+        &q.primal,
+        &v,
+        &o,
+        &t(&[1, 2, 8]),
+        &q.primal,
+        None,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`go`"), "{e}");
     let x = t(&[6, 8]);
     let e = gops::layernorm_mod_forward(&x, &t(&[4, 8]), &t(&[8]), EPS, DType::BF16).unwrap_err();
     assert!(e.to_string().contains("`scale`"), "{e}");

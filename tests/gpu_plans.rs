@@ -30,13 +30,17 @@ fn p(i: u64) -> u64 {
     0x7f00_0000_0000 + i * 0x10_0000
 }
 
-/// Every plan the backend can build, over all dtypes, head dims and optional-pointer cases.
+/// Every plan the backend can build, over all dtypes, head-dim pairs (d, dv) and optional-pointer
+/// cases.
 fn all_plans() -> Vec<Step> {
     let mut s = Vec::new();
     for dtype in DTYPES {
-        for d in HEAD_DIMS {
+        for (d, dv) in HEAD_DIMS
+            .into_iter()
+            .flat_map(|d| HEAD_DIMS.map(|dv| (d, dv)))
+        {
             let dims =
-                attn::check_shapes(&[2, 3, 77, d], &[2, 3, 300, d], &[2, 3, 300, d]).unwrap();
+                attn::check_shapes(&[2, 3, 77, d], &[2, 3, 300, d], &[2, 3, 300, dv]).unwrap();
             let jp = attn::JvpPtrs {
                 q: p(1),
                 k: p(2),

@@ -1,9 +1,10 @@
 //! Launchers of cuda/attention_jvp.cu (forward, JVP, JVP with constant K and V) and
-//! cuda/attention_bwd.cu (preprocess, dK/dV, dQ); the launch contract is cuda/README.md's.
+//! cuda/attention_bwd.cu (preprocess, dK/dV, dQ), and of their dv ≠ d instantiations in
+//! cuda/attention_jvp_dv.cu and cuda/attention_bwd_dv.cu; the launch contract is cuda/README.md's.
 //!
-//! Limits checked here (errors, never a launch): head dims 32, 64, 72, 96, 128; dv == d; 16-bit
-//! tensors 16-byte aligned (cp.async); B·H ≤ 65535 (grid y); Nq, Nk and B·H·Nq fit an `int`;
-//! dynamic shared memory within the device's opt-in limit (checked at launch).
+//! Limits checked here (errors, never a launch): head dims d (q, k) and dv (v) each 32, 64, 72, 96
+//! or 128, any pair; 16-bit tensors 16-byte aligned (cp.async); B·H ≤ 65535 (grid y); Nq, Nk and
+//! B·H·Nq fit an `int`; dynamic shared memory within the device's opt-in limit (checked at launch).
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
@@ -13,8 +14,17 @@ use crate::tensor::DType;
 
 const OP: &str = "attention";
 
-/// The head dims the kernels are instantiated for.
+/// The head dims the kernels are instantiated for, for d (q, k) and dv (v) alike: every pair.
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 72, 96, 128];
+
+/// The head-dim part of a kernel name: `_d{d}` when dv == d, `_d{d}_dv{dv}` otherwise.
+fn head_suffix(d: usize, dv: usize) -> String {
+    if d == dv {
+        format!("_d{d}")
+    } else {
+        format!("_d{d}_dv{dv}")
+    }
+}
 
 /// Which kernel of attention_jvp.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +54,10 @@ pub struct AttnDims {
     pub h: usize,
     pub nq: usize,
     pub nk: usize,
+    /// Head dim of q and k.
     pub d: usize,
+    /// Head dim of v (and of o).
+    pub dv: usize,
 }
 
 impl AttnDims {
@@ -54,13 +67,20 @@ impl AttnDims {
     pub fn k_shape(&self) -> [usize; 4] {
         [self.b, self.h, self.nk, self.d]
     }
+    pub fn v_shape(&self) -> [usize; 4] {
+        [self.b, self.h, self.nk, self.dv]
+    }
+    /// The shape of o, its tangent and its cotangent: [B, H, Nq, dv].
+    pub fn o_shape(&self) -> [usize; 4] {
+        [self.b, self.h, self.nq, self.dv]
+    }
     pub fn lse_shape(&self) -> [usize; 3] {
         [self.b, self.h, self.nq]
     }
 }
 
 /// Checks q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv] (naming the tensor in errors, as the CPU op
-/// does) and what the kernels support (head dim, dv == d, grid and int limits).
+/// does) and what the kernels support (head dims, grid and int limits).
 pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     let rank4 = |name: &str, s: &[usize]| -> Result<()> {
         if s.len() != 4 {
@@ -99,14 +119,16 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
             ),
         ));
     }
-    if !HEAD_DIMS.contains(&d) {
+    if !HEAD_DIMS.contains(&d) || !HEAD_DIMS.contains(&dv) {
+        let bad = match (HEAD_DIMS.contains(&d), HEAD_DIMS.contains(&dv)) {
+            (false, false) if d == dv => format!("head dim {d} of q, k and v is"),
+            (false, false) => format!("head dims {d} of q and {dv} of v are"),
+            (false, true) => format!("head dim {d} of q (and k) is"),
+            _ => format!("head dim {dv} of v is"),
+        };
         return Err(Error::Unsupported(format!(
-            "attention on the GPU: head dim {d} (q {q:?}) is not supported; the kernels take {HEAD_DIMS:?}"
-        )));
-    }
-    if dv != d {
-        return Err(Error::Unsupported(format!(
-            "attention on the GPU: v has head dim {dv} but q and k have {d}; the kernels need dv == d"
+            "attention on the GPU: q {q:?}, v {v:?}: {bad} not supported; the kernels take d (q, k) \
+             and dv (v) in {HEAD_DIMS:?}, any pair"
         )));
     }
     if b * h > 65535 {
@@ -118,7 +140,14 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", b * h * nq)] {
         int_arg("attention on the GPU", name, n)?;
     }
-    Ok(AttnDims { b, h, nq, nk, d })
+    Ok(AttnDims {
+        b,
+        h,
+        nq,
+        nk,
+        d,
+        dv,
+    })
 }
 
 /// The score scale as the kernels take it: c (default 1/√d), finite in f32.
@@ -142,29 +171,26 @@ pub fn block_rows(dtype: DType) -> usize {
     }
 }
 
-/// Dynamic shared memory of an attention_jvp.cu kernel (cuda/README.md's formulas).
-pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize) -> usize {
+/// Dynamic shared memory of an attention_jvp.cuh kernel for head dims d (q, k) and dv (v)
+/// (cuda/README.md's formulas).
+pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize, dv: usize) -> usize {
     let nq = if variant == Variant::Fwd { 1 } else { 2 };
     if dtype == DType::F32 {
         let nk = if variant == Variant::Jvp { 2 } else { 1 };
-        let vs = 32 * d.div_ceil(32);
+        let vs = 32 * dv.div_ceil(32);
         4 * (nq * 16 * d + nk * 32 * (d + 1) + nk * 32 * vs)
     } else {
-        let nkv = if variant == Variant::Jvp { 4 } else { 2 };
-        let (dp, bc) = match d {
-            32 => (32, 64),
-            64 => (64, 64),
-            72 => (80, 64),
-            96 => (96, 64),
-            _ => (128, 32),
-        };
-        2 * (dp + 8) * (nq * 64 + 2 * nkv * bc)
+        // K and V tile pairs per stage: (K, V) or (K, V, Kdot, Vdot).
+        let pairs = if variant == Variant::Jvp { 2 } else { 1 };
+        let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
+        let bc = if d == 128 || dv == 128 { 32 } else { 64 };
+        2 * (nq * 64 * (dp + 8) + 2 * pairs * bc * (dp + 8 + dvp + 8))
     }
 }
 
-/// Dynamic shared memory of attention_bwd_dkdv / attention_bwd_dq.
-pub fn bwd_shared_bytes(d: usize) -> usize {
-    4 * (4 * 32 * (d + 1) + 2 * 32 * 33 + 64)
+/// Dynamic shared memory of attention_bwd_dkdv / attention_bwd_dq for head dims d and dv.
+pub fn bwd_shared_bytes(d: usize, dv: usize) -> usize {
+    4 * (2 * 32 * (d + 1) + 2 * 32 * (dv + 1) + 2 * 32 * 33 + 64)
 }
 
 /// Errors unless the 16-bit tensors are 16-byte aligned (cp.async moves 16-byte chunks).
@@ -264,13 +290,18 @@ pub fn plan_jvp(
         (dims.b * dims.h) as u64,
         1,
     );
+    let file = if dims.d == dims.dv {
+        "attention_jvp.cu"
+    } else {
+        "attention_jvp_dv.cu"
+    };
     Ok(vec![Step::Kernel(Launch::new(
         OP,
-        "attention_jvp.cu",
-        format!("{}_{dt}_d{}", variant.prefix(), dims.d),
+        file,
+        format!("{}_{dt}{}", variant.prefix(), head_suffix(dims.d, dims.dv)),
         grid,
         (128, 1, 1),
-        jvp_shared_bytes(variant, dtype, dims.d),
+        jvp_shared_bytes(variant, dtype, dims.d, dims.dv),
         args,
     )?)])
 }
@@ -296,7 +327,13 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
     let rows = dims.b * dims.h * dims.nq;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let bh = (dims.b * dims.h) as u64;
-    let smem = bwd_shared_bytes(dims.d);
+    let smem = bwd_shared_bytes(dims.d, dims.dv);
+    let file = if dims.d == dims.dv {
+        "attention_bwd.cu"
+    } else {
+        "attention_bwd_dv.cu"
+    };
+    let hd = head_suffix(dims.d, dims.dv);
     let pre = Launch::new(
         OP,
         "attention_bwd.cu",
@@ -309,13 +346,13 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             Arg::Ptr(p.dout),
             Arg::Ptr(p.delta),
             int_arg(OP, "B*H*Nq", rows)?,
-            int_arg(OP, "d", dims.d)?,
+            int_arg(OP, "dv", dims.dv)?,
         ],
     )?;
     let dkdv = Launch::new(
         OP,
-        "attention_bwd.cu",
-        format!("attention_bwd_dkdv_{dt}_d{}", dims.d),
+        file,
+        format!("attention_bwd_dkdv_{dt}{hd}"),
         (dims.nk.div_ceil(32) as u64, bh, 1),
         (128, 1, 1),
         smem,
@@ -335,8 +372,8 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
     )?;
     let dq = Launch::new(
         OP,
-        "attention_bwd.cu",
-        format!("attention_bwd_dq_{dt}_d{}", dims.d),
+        file,
+        format!("attention_bwd_dq_{dt}{hd}"),
         (dims.nq.div_ceil(32) as u64, bh, 1),
         (128, 1, 1),
         smem,
@@ -360,7 +397,7 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
     ])
 }
 
-/// Outputs of the device-resident JVP: o [B,H,Nq,d] and its tangent in the inputs' dtype, lse and
+/// Outputs of the device-resident JVP: o [B,H,Nq,dv] and its tangent in the inputs' dtype, lse and
 /// its tangent f32 [B,H,Nq]. The tangents are `None` when no input carried one.
 pub struct DeviceAttentionJvp {
     pub o: DeviceTensor,
@@ -414,7 +451,7 @@ pub fn forward(
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     let scale = resolve_scale(scale, dims.d)?;
     let gpu = q.gpu();
-    let o = gpu.alloc_out(&dims.q_shape(), q.dtype())?;
+    let o = gpu.alloc_out(&dims.o_shape(), q.dtype())?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     forward_into(gpu, q, k, v, &o, &lse, scale)?;
     Ok((o, lse))
@@ -431,7 +468,7 @@ pub fn forward_into(
     scale: f32,
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
-    check_out("o", o, &dims.q_shape(), q.dtype())?;
+    check_out("o", o, &dims.o_shape(), q.dtype())?;
     check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
     let p = JvpPtrs {
         q: q.ptr(),
@@ -483,7 +520,7 @@ pub fn jvp(
     let c = resolve_scale(scale, dims.d)?;
     let gpu = q.gpu();
     let dtype = q.dtype();
-    let o = gpu.alloc_out(&dims.q_shape(), dtype)?;
+    let o = gpu.alloc_out(&dims.o_shape(), dtype)?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     if tq.is_none() && tk.is_none() && tv.is_none() {
         forward_into(gpu, q, k, v, &o, &lse, c)?;
@@ -494,7 +531,7 @@ pub fn jvp(
             tlse: None,
         });
     }
-    let to = gpu.alloc_out(&dims.q_shape(), dtype)?;
+    let to = gpu.alloc_out(&dims.o_shape(), dtype)?;
     let tlse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     let out = DeviceAttentionJvp {
         o,
@@ -524,8 +561,8 @@ pub fn jvp_into(
     let (Some(to), Some(tlse)) = (&out.to, &out.tlse) else {
         return Err(Error::invalid(OP, "jvp_into needs tangent outputs"));
     };
-    check_out("o", &out.o, &dims.q_shape(), dtype)?;
-    check_out("to", to, &dims.q_shape(), dtype)?;
+    check_out("o", &out.o, &dims.o_shape(), dtype)?;
+    check_out("to", to, &dims.o_shape(), dtype)?;
     check_out("lse", &out.lse, &dims.lse_shape(), DType::F32)?;
     check_out("tlse", tlse, &dims.lse_shape(), DType::F32)?;
     let variant = if tk.is_none() && tv.is_none() {
@@ -543,15 +580,18 @@ pub fn jvp_into(
         }
     };
     let (mut tk_ptr, mut tv_ptr) = (0, 0);
-    let zero_kv;
+    let (zero_k, zero_v);
     if variant == Variant::Jvp {
-        zero_kv = if tk.is_none() || tv.is_none() {
-            Some(gpu.zeros(k.shape(), dtype)?)
-        } else {
-            None
+        zero_k = match tk {
+            Some(_) => None,
+            None => Some(gpu.zeros(k.shape(), dtype)?),
         };
-        tk_ptr = tk.or(zero_kv.as_ref()).expect("zeros made above").ptr();
-        tv_ptr = tv.or(zero_kv.as_ref()).expect("zeros made above").ptr();
+        zero_v = match tv {
+            Some(_) => None,
+            None => Some(gpu.zeros(v.shape(), dtype)?),
+        };
+        tk_ptr = tk.or(zero_k.as_ref()).expect("zeros made above").ptr();
+        tv_ptr = tv.or(zero_v.as_ref()).expect("zeros made above").ptr();
     }
     let p = JvpPtrs {
         q: q.ptr(),
@@ -575,7 +615,8 @@ pub fn jvp_into(
     )?)
 }
 
-/// dq, dk, dv given the forward's o and lse (f32) and the output cotangent dout.
+/// dq, dk, dv given the forward's o [B,H,Nq,dv] and lse (f32) and the output cotangent dout
+/// [B,H,Nq,dv].
 pub fn backward(
     q: &DeviceTensor,
     k: &DeviceTensor,
@@ -591,7 +632,7 @@ pub fn backward(
     let dtype = q.dtype();
     let dq = gpu.alloc_out(&dims.q_shape(), dtype)?;
     let dk = gpu.alloc_out(&dims.k_shape(), dtype)?;
-    let dv = gpu.alloc_out(&dims.k_shape(), dtype)?;
+    let dv = gpu.alloc_out(&dims.v_shape(), dtype)?;
     let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     backward_into(gpu, q, k, v, o, lse, dout, &delta, [&dq, &dk, &dv], c)?;
     Ok((dq, dk, dv))
@@ -613,13 +654,13 @@ pub fn backward_into(
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     let dtype = q.dtype();
-    check_out("o", o, &dims.q_shape(), dtype)?;
-    check_out("go", dout, &dims.q_shape(), dtype)?;
+    check_out("o", o, &dims.o_shape(), dtype)?;
+    check_out("go", dout, &dims.o_shape(), dtype)?;
     check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
     check_out("delta", delta, &dims.lse_shape(), DType::F32)?;
     check_out("dq", grads[0], &dims.q_shape(), dtype)?;
     check_out("dk", grads[1], &dims.k_shape(), dtype)?;
-    check_out("dv", grads[2], &dims.k_shape(), dtype)?;
+    check_out("dv", grads[2], &dims.v_shape(), dtype)?;
     let p = BwdPtrs {
         q: q.ptr(),
         k: k.ptr(),
@@ -650,31 +691,157 @@ mod tests {
         let want_f32_fwd = [10368, 20608, 26240, 30848, 41088];
         let want_bwd = [25600, 41984, 46080, 58368, 74752];
         for (i, d) in HEAD_DIMS.into_iter().enumerate() {
-            assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d), want_jvp[i]);
+            assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d, d), want_jvp[i]);
             assert_eq!(
-                jvp_shared_bytes(Variant::JvpNoKv, DType::F16, d),
+                jvp_shared_bytes(Variant::JvpNoKv, DType::F16, d, d),
                 want_nokv[i]
             );
-            assert_eq!(jvp_shared_bytes(Variant::Fwd, bf, d), want_fwd[i]);
-            assert_eq!(jvp_shared_bytes(Variant::Jvp, DType::F32, d), want_f32[i]);
+            assert_eq!(jvp_shared_bytes(Variant::Fwd, bf, d, d), want_fwd[i]);
             assert_eq!(
-                jvp_shared_bytes(Variant::JvpNoKv, DType::F32, d),
+                jvp_shared_bytes(Variant::Jvp, DType::F32, d, d),
+                want_f32[i]
+            );
+            assert_eq!(
+                jvp_shared_bytes(Variant::JvpNoKv, DType::F32, d, d),
                 want_f32_nokv[i]
             );
             assert_eq!(
-                jvp_shared_bytes(Variant::Fwd, DType::F32, d),
+                jvp_shared_bytes(Variant::Fwd, DType::F32, d, d),
                 want_f32_fwd[i]
             );
-            assert_eq!(bwd_shared_bytes(d), want_bwd[i]);
+            assert_eq!(bwd_shared_bytes(d, d), want_bwd[i]);
         }
+        // dv != d: README's rows for the full JVP (the largest variant) and the backward.
+        let want_pairs = [
+            ((32, 128), 55296, 45312, 50176),
+            ((128, 32), 79872, 57600, 50176),
+            ((72, 96), 120832, 52480, 52224),
+            ((96, 72), 124928, 61696, 52224),
+            ((64, 128), 71680, 57600, 58368),
+        ];
+        for ((d, dv), jvp16, jvp32, bwd) in want_pairs {
+            assert_eq!(
+                jvp_shared_bytes(Variant::Jvp, bf, d, dv),
+                jvp16,
+                "d{d} dv{dv}"
+            );
+            assert_eq!(
+                jvp_shared_bytes(Variant::Jvp, DType::F32, d, dv),
+                jvp32,
+                "d{d} dv{dv}"
+            );
+            assert_eq!(bwd_shared_bytes(d, dv), bwd, "d{d} dv{dv}");
+        }
+        // Every instantiated pair fits an A100's and an H100's opt-in limit (163 KiB, 227 KiB).
+        for d in HEAD_DIMS {
+            for dv in HEAD_DIMS {
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    for dt in [bf, DType::F32] {
+                        assert!(jvp_shared_bytes(v, dt, d, dv) <= 163 * 1024);
+                    }
+                }
+                assert!(bwd_shared_bytes(d, dv) <= 163 * 1024);
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_names_carry_dv_only_when_it_differs() {
+        let dims = check_shapes(&[1, 2, 8, 64], &[1, 2, 9, 64], &[1, 2, 9, 128]).unwrap();
+        assert_eq!((dims.d, dims.dv), (64, 128));
+        assert_eq!(dims.o_shape(), [1, 2, 8, 128]);
+        assert_eq!(dims.v_shape(), [1, 2, 9, 128]);
+        let p = JvpPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            tq: 0x4000,
+            tk: 0x5000,
+            tv: 0x6000,
+            o: 0x7000,
+            to: 0x8000,
+            lse: 0x9000,
+            tlse: 0xa000,
+        };
+        let name = |steps: Vec<Step>| -> Vec<(String, &'static str)> {
+            steps
+                .into_iter()
+                .filter_map(|s| match s {
+                    Step::Kernel(l) => Some((l.kernel, l.file)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let got = name(plan_jvp(Variant::JvpNoKv, DType::F16, dims, p, 0.1).unwrap());
+        assert_eq!(
+            got,
+            [(
+                "attention_jvp_nokv_f16_d64_dv128".to_string(),
+                "attention_jvp_dv.cu"
+            )]
+        );
+        let bp = BwdPtrs {
+            q: 1,
+            k: 2,
+            v: 3,
+            o: 4,
+            lse: 5,
+            dout: 6,
+            delta: 7,
+            dq: 8,
+            dk: 9,
+            dv: 10,
+        };
+        let got = name(plan_backward(DType::F32, dims, bp, 0.1).unwrap());
+        assert_eq!(
+            got,
+            [
+                (
+                    "attention_bwd_preprocess_f32".to_string(),
+                    "attention_bwd.cu"
+                ),
+                (
+                    "attention_bwd_dkdv_f32_d64_dv128".to_string(),
+                    "attention_bwd_dv.cu"
+                ),
+                (
+                    "attention_bwd_dq_f32_d64_dv128".to_string(),
+                    "attention_bwd_dv.cu"
+                ),
+            ]
+        );
+        let same = check_shapes(&[1, 2, 8, 72], &[1, 2, 9, 72], &[1, 2, 9, 72]).unwrap();
+        let got = name(plan_jvp(Variant::Fwd, DType::BF16, same, p, 0.1).unwrap());
+        assert_eq!(
+            got,
+            [("attention_fwd_bf16_d72".to_string(), "attention_jvp.cu")]
+        );
     }
 
     #[test]
     fn unsupported_shapes_are_errors() {
         let e = check_shapes(&[1, 1, 8, 48], &[1, 1, 8, 48], &[1, 1, 8, 48]).unwrap_err();
         assert!(e.to_string().contains("head dim 48"), "{e}");
-        let e = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 32]).unwrap_err();
-        assert!(e.to_string().contains("dv == d"), "{e}");
+        // An unsupported dv names q, v and their shapes.
+        let e = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 40]).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(
+            m.contains("q [1, 1, 8, 64]") && m.contains("v [1, 1, 8, 40]") && m.contains("dim 40"),
+            "{m}"
+        );
+        let e = check_shapes(&[1, 1, 8, 48], &[1, 1, 8, 48], &[1, 1, 8, 256]).unwrap_err();
+        assert!(
+            e.to_string().contains("head dims 48 of q and 256 of v"),
+            "{e}"
+        );
+        // Every pair of supported head dims is accepted.
+        for d in HEAD_DIMS {
+            for dv in HEAD_DIMS {
+                let dims = check_shapes(&[1, 1, 8, d], &[1, 1, 8, d], &[1, 1, 8, dv]).unwrap();
+                assert_eq!((dims.d, dims.dv), (d, dv));
+            }
+        }
         let e =
             check_shapes(&[300, 300, 8, 64], &[300, 300, 8, 64], &[300, 300, 8, 64]).unwrap_err();
         assert!(e.to_string().contains("65535"), "{e}");

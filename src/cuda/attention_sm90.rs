@@ -173,7 +173,11 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
 /// Whether the Hopper kernels take this problem on a device of NVRTC arch `arch` (ignoring the
 /// `FLASHJVP_ATTENTION_PATH` override; see [`path_for`]).
 pub fn supported(arch: &str, dtype: DType, dims: AttnDims) -> bool {
-    arch == "sm_90a" && matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&dims.d)
+    // The Hopper kernels assume v has the head dim of q and k.
+    arch == "sm_90a"
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && HEAD_DIMS.contains(&dims.d)
+        && dims.dv == dims.d
 }
 
 /// The path an attention forward/JVP takes on a device of arch `arch`: sm_90a when
@@ -212,10 +216,14 @@ pub fn plan(
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
-    if !matches!(dtype, DType::BF16 | DType::F16) || !HEAD_DIMS.contains(&dims.d) {
+    if !matches!(dtype, DType::BF16 | DType::F16)
+        || !HEAD_DIMS.contains(&dims.d)
+        || dims.dv != dims.d
+    {
         return Err(Error::Unsupported(format!(
-            "attention (sm_90a): {dtype} at head dim {} (the Hopper kernels take bf16/f16 at {HEAD_DIMS:?})",
-            dims.d
+            "attention (sm_90a): {dtype} at head dims d {} / dv {} (the Hopper kernels take bf16/f16 \
+             with dv == d in {HEAD_DIMS:?})",
+            dims.d, dims.dv
         )));
     }
     let mut named = vec![

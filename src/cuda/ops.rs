@@ -119,7 +119,7 @@ pub fn attention_backward(
     dtype: DType,
 ) -> Result<AttentionGrads> {
     let dims = check_attention_primal(q, k, v, dtype)?;
-    let o_shape = dims.q_shape();
+    let o_shape = dims.o_shape();
     for (name, t, shape) in [
         ("o", o, &o_shape[..]),
         ("lse", lse, &o_shape[..3]),

@@ -1,0 +1,244 @@
+// attention_bwd.cuh: backward of the primal attention O = softmax(c Q K^T) V (FlashAttention-2 style,
+// P recomputed from the saved log-sum-exp, never stored whole): the kernel templates, instantiated by
+// attention_bwd.cu (dv == d) and attention_bwd_dv.cu (dv != d). Include common.cuh before this header.
+//
+// MATH (per batch*head; c = scale; lse_i saved by the forward, dO the cotangent of O):
+//   D_i   = sum_c dO_ic O_ic                       (preprocess kernel)
+//   P_ij  = exp(c q_i.k_j - lse_i)
+//   dP_ij = dO_i . v_j
+//   dS_ij = P_ij (dP_ij - D_i)
+//   dQ_i  = c sum_j dS_ij k_j      dK_j = c sum_i dS_ij q_i      dV_j = sum_i P_ij dO_i
+// (The softmax Jacobian: dS = P.(dP - rowsum(P.dP)), and rowsum(P.dP) = rowsum(dO.O) = D.)
+//
+// STRUCTURE: correctness first, plain f32 FMA (no tensor cores), deterministic (no atomics):
+//   1. attention_bwd_preprocess_{dt}: D, one warp per query row.
+//   2. attention_bwd_dkdv_{dt}{HD}: a block owns 32 keys (K, V in shared memory, dK and dV in
+//      registers) and loops over all query tiles of 32 rows, recomputing P and dS for the 32x32 tile.
+//   3. attention_bwd_dq_{dt}{HD}: a block owns 32 queries (Q, dO in shared memory, dQ in registers)
+//      and loops over all key tiles, recomputing P and dS. Two passes cost two extra tile products
+//      (S and dP are recomputed) but need no f32 atomics, no zeroed buffer and no convert kernel.
+// Everything is computed in f32 from the storage values; outputs are rounded once to the storage type.
+// Tails: rows >= Nq and keys >= Nk load as 0 and get P = dS = 0; they are never stored.
+//
+// LAUNCH (block = (128,1,1) everywhere):
+//   attention_bwd_preprocess_{dt}(o, dout, delta, rows, dv)
+//       grid = (ceil(rows / 4), 1, 1), no dynamic shared memory; rows = B*H*Nq.
+//   attention_bwd_dkdv_{dt}{HD}(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale)
+//       grid = (ceil(Nk / 32), B*H, 1)
+//   attention_bwd_dq_{dt}{HD}(q, k, v, dout, lse, delta, dq, Nq, Nk, scale)
+//       grid = (ceil(Nq / 32), B*H, 1)
+//   dynamic shared memory for dkdv and dq: 4 * (2 * 32 * (D + 1) + 2 * 32 * (DV + 1) + 2 * 32 * 33 + 64)
+//       bytes (dv == d: d32 25600, d64 41984, d72 46080, d96 58368, d128 74752, at most 74752 for any
+//       pair; above 48 KiB set cudaFuncAttributeMaxDynamicSharedMemorySize).
+// PARAMETERS: q, dq [B,H,Nq,d]; k, dk [B,H,Nk,d]; v, dv [B,H,Nk,dv]; o, dout [B,H,Nq,dv] (storage
+//   dtype); lse, delta [B,H,Nq] f32; dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV}
+//   otherwise; D, DV in {32, 64, 72, 96, 128} (every pair).
+//
+// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (see README.md); not yet run on a GPU, since none
+// was available while writing it.
+
+namespace fj_attn_bwd {
+
+constexpr int NTHREADS = 128;
+constexpr int TB = 32;  // rows per query tile and per key tile
+
+// Preprocess: delta[row] = sum_c dout[row,c] * o[row,c], one warp per row.
+template <class ST>
+__device__ __forceinline__ void preprocess(const typename ST::T* __restrict__ o, const typename ST::T* __restrict__ dout,
+                                           float* __restrict__ delta, int rows, int d) {
+    const int row = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const fj_i64 off = (fj_i64)row * d;
+    float acc = 0.f;
+    for (int c = lane; c < d; c += 32) acc = fmaf(ST::load(dout[off + c]), ST::load(o[off + c]), acc);
+    acc = fj_warp_sum(acc);
+    if (lane == 0) delta[row] = acc;
+}
+
+// Shared-memory layout (f32): A0 (Q) [TB][D+1], A1 (dO) [TB][DV+1], B0 (K) [TB][D+1], B1 (V)
+// [TB][DV+1], P, dS [TB][TB+1], lse, delta [TB].
+// dkdv: A = (Q, dO) streamed, B = (K, V) resident. dq: A resident, B streamed.
+template <int D, int DV>
+struct Smem {
+    static constexpr int RS = D + 1;    // odd strides: lane-indexed rows are conflict-free
+    static constexpr int RSV = DV + 1;
+    float* a0; float* a1; float* b0; float* b1; float* p; float* ds; float* lse; float* delta;
+    __device__ Smem(float* base) {
+        a0 = base; a1 = a0 + TB * RS; b0 = a1 + TB * RSV; b1 = b0 + TB * RS;
+        p = b1 + TB * RSV; ds = p + TB * (TB + 1); lse = ds + TB * (TB + 1); delta = lse + TB;
+    }
+};
+
+// Load rows [r0, r0+TB) of a [n, D] storage matrix into a [TB][D+1] f32 tile; rows >= n are 0.
+template <class ST, int D>
+__device__ __forceinline__ void load_tile(float* dst, const typename ST::T* __restrict__ src, int r0, int n) {
+    for (int c = threadIdx.x; c < TB * D; c += NTHREADS) {
+        const int r = c / D, col = c % D;
+        dst[r * (D + 1) + col] = (r0 + r < n) ? ST::load(src[(fj_i64)(r0 + r) * D + col]) : 0.f;
+    }
+}
+
+// P and dS of the tile (queries q0.., keys k0..): thread (warp w, lane) does rows w, w+4, ..., key lane.
+template <int D, int DV>
+__device__ __forceinline__ void tile_p_ds(const Smem<D, DV>& s, int q0, int k0, int Nq, int Nk, float scale) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int RS = D + 1, RSV = DV + 1;
+#pragma unroll 2
+    for (int i = warp; i < TB; i += NTHREADS / 32) {
+        const float* qr = s.a0 + i * RS;
+        const float* dor = s.a1 + i * RSV;
+        const float* kr = s.b0 + lane * RS;
+        const float* vr = s.b1 + lane * RSV;
+        float sc = 0.f, dp = 0.f;
+        if (D == DV) {
+#pragma unroll 8
+            for (int d = 0; d < D; ++d) {
+                sc = fmaf(qr[d], kr[d], sc);
+                dp = fmaf(dor[d], vr[d], dp);
+            }
+        } else {
+#pragma unroll 8
+            for (int d = 0; d < D; ++d) sc = fmaf(qr[d], kr[d], sc);
+#pragma unroll 8
+            for (int d = 0; d < DV; ++d) dp = fmaf(dor[d], vr[d], dp);
+        }
+        float p = 0.f, ds = 0.f;
+        if (q0 + i < Nq && k0 + lane < Nk) {
+            p = expf(sc * scale - s.lse[i]);
+            ds = p * (dp - s.delta[i]);
+        }
+        s.p[i * (TB + 1) + lane] = p;
+        s.ds[i * (TB + 1) + lane] = ds;
+    }
+}
+
+template <class ST, int D, int DV>
+__device__ __forceinline__ void dkdv(const typename ST::T* __restrict__ q, const typename ST::T* __restrict__ k,
+                                     const typename ST::T* __restrict__ v, const typename ST::T* __restrict__ dout,
+                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                     typename ST::T* __restrict__ dk, typename ST::T* __restrict__ dv, int Nq, int Nk,
+                                     float scale) {
+    extern __shared__ __align__(16) unsigned char fj_smem[];
+    const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
+    constexpr int RS = D + 1, RSV = DV + 1;
+    constexpr int CPT = D / 4, CPTV = DV / 4;  // columns per thread: warp, warp+4, ...
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, k0 = blockIdx.x * TB;
+    const fj_i64 qoff = (fj_i64)bh * Nq * D, koff = (fj_i64)bh * Nk * D, loff = (fj_i64)bh * Nq;
+    const fj_i64 ooff = (fj_i64)bh * Nq * DV, voff = (fj_i64)bh * Nk * DV;
+
+    load_tile<ST, D>(s.b0, k + koff, k0, Nk);
+    load_tile<ST, DV>(s.b1, v + voff, k0, Nk);
+    float acc_k[CPT], acc_v[CPTV];
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) acc_k[c] = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPTV; ++c) acc_v[c] = 0.f;
+
+    for (int q0 = 0; q0 < Nq; q0 += TB) {
+        __syncthreads();  // previous tile consumed
+        load_tile<ST, D>(s.a0, q + qoff, q0, Nq);
+        load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq);
+        if (threadIdx.x < TB) {
+            const int r = q0 + threadIdx.x;
+            s.lse[threadIdx.x] = r < Nq ? lse[loff + r] : 0.f;
+            s.delta[threadIdx.x] = r < Nq ? delta[loff + r] : 0.f;
+        }
+        __syncthreads();
+        tile_p_ds<D, DV>(s, q0, k0, Nq, Nk, scale);
+        __syncthreads();
+        // dV[lane][c] += sum_i P[i][lane] dO[i][c] ; dK[lane][c] += sum_i dS[i][lane] Q[i][c]
+#pragma unroll 2
+        for (int i = 0; i < TB; ++i) {
+            const float p = s.p[i * (TB + 1) + lane], ds = s.ds[i * (TB + 1) + lane];
+#pragma unroll
+            for (int c = 0; c < CPTV; ++c) acc_v[c] = fmaf(p, s.a1[i * RSV + warp + 4 * c], acc_v[c]);
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) acc_k[c] = fmaf(ds, s.a0[i * RS + warp + 4 * c], acc_k[c]);
+        }
+    }
+    const int key = k0 + lane;
+    if (key < Nk) {
+        const fj_i64 off = koff + (fj_i64)key * D, offv = voff + (fj_i64)key * DV;
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) dk[off + warp + 4 * c] = ST::store(acc_k[c] * scale);
+#pragma unroll
+        for (int c = 0; c < CPTV; ++c) dv[offv + warp + 4 * c] = ST::store(acc_v[c]);
+    }
+}
+
+template <class ST, int D, int DV>
+__device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const typename ST::T* __restrict__ k,
+                                   const typename ST::T* __restrict__ v, const typename ST::T* __restrict__ dout,
+                                   const float* __restrict__ lse, const float* __restrict__ delta,
+                                   typename ST::T* __restrict__ dq_out, int Nq, int Nk, float scale) {
+    extern __shared__ __align__(16) unsigned char fj_smem[];
+    const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
+    constexpr int RS = D + 1;
+    constexpr int CPT = D / 4;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, q0 = blockIdx.x * TB;
+    const fj_i64 qoff = (fj_i64)bh * Nq * D, koff = (fj_i64)bh * Nk * D, loff = (fj_i64)bh * Nq;
+    const fj_i64 ooff = (fj_i64)bh * Nq * DV, voff = (fj_i64)bh * Nk * DV;
+
+    load_tile<ST, D>(s.a0, q + qoff, q0, Nq);
+    load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq);
+    if (threadIdx.x < TB) {
+        const int r = q0 + threadIdx.x;
+        s.lse[threadIdx.x] = r < Nq ? lse[loff + r] : 0.f;
+        s.delta[threadIdx.x] = r < Nq ? delta[loff + r] : 0.f;
+    }
+    float acc[CPT];
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) acc[c] = 0.f;
+
+    for (int k0 = 0; k0 < Nk; k0 += TB) {
+        __syncthreads();
+        load_tile<ST, D>(s.b0, k + koff, k0, Nk);
+        load_tile<ST, DV>(s.b1, v + voff, k0, Nk);
+        __syncthreads();
+        tile_p_ds<D, DV>(s, q0, k0, Nq, Nk, scale);
+        __syncthreads();
+        // dQ[lane][c] += sum_j dS[lane][j] K[j][c]
+#pragma unroll 2
+        for (int j = 0; j < TB; ++j) {
+            const float ds = s.ds[lane * (TB + 1) + j];
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) acc[c] = fmaf(ds, s.b0[j * RS + warp + 4 * c], acc[c]);
+        }
+    }
+    const int row = q0 + lane;
+    if (row < Nq) {
+        const fj_i64 off = qoff + (fj_i64)row * D;
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) dq_out[off + warp + 4 * c] = ST::store(acc[c] * scale);
+    }
+}
+
+}  // namespace fj_attn_bwd
+
+#define FJ_ATTN_BWD_PRE(DT, ST)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                                         \
+        attention_bwd_preprocess_##DT(const ST::T* o, const ST::T* dout, float* delta, int rows, int d) {     \
+        fj_attn_bwd::preprocess<ST>(o, dout, delta, rows, d);                                                 \
+    }
+
+// dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128).
+#define FJ_ATTN_BWD(DT, ST, D, DV, SUF)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
+        attention_bwd_dkdv_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,       \
+                                     const float* lse, const float* delta, ST::T* dk, ST::T* dv, int Nq,      \
+                                     int Nk, float scale) {                                                   \
+        fj_attn_bwd::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale);                       \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
+        attention_bwd_dq_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,         \
+                                   const float* lse, const float* delta, ST::T* dq, int Nq, int Nk,           \
+                                   float scale) {                                                             \
+        fj_attn_bwd::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale);                             \
+    }
+#define FJ_ATTN_BWD_ALL(D, DV, SUF) \
+    FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF) FJ_ATTN_BWD(f32, FjF32, D, DV, SUF)
+#define FJ_ATTN_BWD_SAME(D) FJ_ATTN_BWD_ALL(D, D, _d##D)
+#define FJ_ATTN_BWD_PAIR(D, DV) FJ_ATTN_BWD_ALL(D, DV, _d##D##_dv##DV)
