@@ -69,7 +69,18 @@ fn all_plans() -> Vec<Step> {
                 dv: p(10),
             };
             s.extend(attn::plan_backward(dtype, dims, bp, 0.125).unwrap());
-            if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) {
+            if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) && dims.dv != d {
+                // The Hopper kernels take dv == d only: the plan refuses, the dispatcher falls
+                // back to attention_jvp_dv.cu's kernel.
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    assert!(sm90::plan(v, dtype, dims, jp, 0.125).is_err());
+                    assert_eq!(
+                        sm90::plan_for("sm_90a", v, dtype, dims, jp, 0.125).unwrap(),
+                        attn::plan_jvp(v, dtype, dims, jp, 0.125).unwrap()
+                    );
+                }
+            }
+            if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) && dims.dv == d {
                 for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
                     s.extend(sm90::plan(v, dtype, dims, jp, 0.125).unwrap());
                     // The dispatcher on Hopper picks the same plan.
