@@ -2,7 +2,7 @@
 //! periodic add, the class embedding and its gradient, and the time scale. The DiT passes built
 //! from them and the other op families live in [`crate::dit::gpu`].
 
-use super::launch::{dtype_suffix, int_arg, pointwise_grid, Arg, Launch, Step};
+use super::launch::{dtype_suffix, int_arg, pointwise_steps, Arg, Step};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -10,18 +10,7 @@ const FILE: &str = "dit.cu";
 const OP: &str = "dit";
 
 fn pointwise(kernel: String, n: usize, args: Vec<Arg>) -> Result<Vec<Step>> {
-    if n == 0 {
-        return Ok(vec![]);
-    }
-    Ok(vec![Step::Kernel(Launch::new(
-        OP,
-        FILE,
-        kernel,
-        pointwise_grid(n),
-        (256, 1, 1),
-        0,
-        args,
-    )?)])
+    pointwise_steps(OP, FILE, kernel, n, args)
 }
 
 /// y = x permuted: y is row-major of shape `out_dims` (at most six axes) and its element

@@ -3,7 +3,7 @@
 //! Pointwise kernels are grid-stride loops (block 256, any grid); counts are `long long`,
 //! row/column counts `int`. Gates and the time path are f32.
 
-use super::launch::{dtype_suffix, int_arg, pointwise_grid, Arg, Launch, Step};
+use super::launch::{dtype_suffix, int_arg, pointwise_steps, Arg, Launch, Step};
 use super::layernorm::groups_of;
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
@@ -28,18 +28,7 @@ impl Activation {
 }
 
 fn pointwise(op: &str, kernel: String, n: usize, args: Vec<Arg>) -> Result<Vec<Step>> {
-    if n == 0 {
-        return Ok(vec![]);
-    }
-    Ok(vec![Step::Kernel(Launch::new(
-        op,
-        FILE,
-        kernel,
-        pointwise_grid(n),
-        (256, 1, 1),
-        0,
-        args,
-    )?)])
+    pointwise_steps(op, FILE, kernel, n, args)
 }
 
 fn count(n: usize) -> Arg {

@@ -162,6 +162,29 @@ pub fn pointwise_grid(n: usize) -> (u64, u64, u64) {
     ((n as u64).div_ceil(256).clamp(1, 65535 * 16), 1, 1)
 }
 
+/// The one launch of a grid-stride pointwise `kernel` of `file` over `n` elements (no launch at
+/// all for n = 0).
+pub fn pointwise_steps(
+    op: &str,
+    file: &'static str,
+    kernel: impl Into<String>,
+    n: usize,
+    args: Vec<Arg>,
+) -> Result<Vec<Step>> {
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    Ok(vec![Step::Kernel(Launch::new(
+        op,
+        file,
+        kernel,
+        pointwise_grid(n),
+        (256, 1, 1),
+        0,
+        args,
+    )?)])
+}
+
 /// `v` as an `int` kernel argument, or an error naming it.
 pub fn int_arg(what: &str, name: &str, v: usize) -> Result<Arg> {
     i32::try_from(v).map(Arg::I32).map_err(|_| {

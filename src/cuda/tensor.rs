@@ -10,7 +10,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 
 use super::context::{cuda_err, Gpu};
-use super::launch::{dtype_suffix, pointwise_grid, Arg, Launch, Step};
+use super::launch::{dtype_suffix, pointwise_steps, Arg, Step};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
 
@@ -367,13 +367,11 @@ pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec
             )))
         }
     };
-    Ok(vec![Step::Kernel(Launch::new(
+    pointwise_steps(
         "cast",
         "elementwise.cu",
         kernel,
-        pointwise_grid(n),
-        (256, 1, 1),
-        0,
+        n,
         vec![Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
-    )?)])
+    )
 }

@@ -1094,6 +1094,18 @@ impl GpuDit {
         self.params.ptr() + (self.layout.offsets[i] * 4) as u64
     }
 
+    /// The linear layer of parameters `w` and `b` in the buffer at `base`: the parameters
+    /// themselves (`self.params`) or their gradients, which share the layout.
+    fn lin_at(&self, base: u64, w: usize, b: usize, inp: usize, out: usize) -> Lin {
+        let at = |i: usize| base + (self.layout.offsets[i] * 4) as u64;
+        Lin {
+            w: at(w),
+            b: at(b),
+            inp,
+            out,
+        }
+    }
+
     fn block_params_at(&self, base_ptr: u64, i: usize) -> BlockParams {
         let at = |j: usize| base_ptr + (self.layout.offsets[block_base(i) + j] * 4) as u64;
         BlockParams {
@@ -1211,12 +1223,7 @@ impl GpuDit {
             Some(_) => Some(gpu.alloc_out(&[tn, hid], F32)?),
             None => None,
         };
-        let xemb = Lin {
-            w: self.p(X_W),
-            b: self.p(X_B),
-            inp: pd,
-            out: hid,
-        };
+        let xemb = self.lin_at(self.params.ptr(), X_W, X_B, pd, hid);
         let mut s = permute(
             F32,
             x.ptr(),
@@ -1255,18 +1262,8 @@ impl GpuDit {
             temb.ptr(),
             if tc { tp(2) } else { 0 },
         )?);
-        let t1 = Lin {
-            w: self.p(T1_W),
-            b: self.p(T1_B),
-            inp: fd,
-            out: hid,
-        };
-        let t2 = Lin {
-            w: self.p(T2_W),
-            b: self.p(T2_B),
-            inp: hid,
-            out: hid,
-        };
+        let t1 = self.lin_at(self.params.ptr(), T1_W, T1_B, fd, hid);
+        let t2 = self.lin_at(self.params.ptr(), T2_W, T2_B, hid, hid);
         let ada = Lin {
             w: self.params.ptr() + (self.layout.ada_w * 4) as u64,
             b: self.params.ptr() + (self.layout.ada_b * 4) as u64,
@@ -1479,18 +1476,8 @@ impl GpuDit {
         }];
         // Final layer.
         let fb = final_base(c.depth);
-        let lin = Lin {
-            w: self.p(fb + F_LIN_W),
-            b: self.p(fb + F_LIN_B),
-            inp: hid,
-            out: pd,
-        };
-        let glin = Lin {
-            w: gp(fb + F_LIN_W),
-            b: gp(fb + F_LIN_B),
-            inp: hid,
-            out: pd,
-        };
+        let lin = self.lin_at(self.params.ptr(), fb + F_LIN_W, fb + F_LIN_B, hid, pd);
+        let glin = self.lin_at(grads.ptr(), fb + F_LIN_W, fb + F_LIN_B, hid, pd);
         s.extend(permute(
             F32,
             gout.ptr(),
@@ -1539,18 +1526,8 @@ impl GpuDit {
             )?)?;
         }
         // Patch embedding (its input cotangent is not needed).
-        let xemb = Lin {
-            w: self.p(X_W),
-            b: self.p(X_B),
-            inp: pd,
-            out: hid,
-        };
-        let gxemb = Lin {
-            w: gp(X_W),
-            b: gp(X_B),
-            inp: pd,
-            out: hid,
-        };
+        let xemb = self.lin_at(self.params.ptr(), X_W, X_B, pd, hid);
+        let gxemb = self.lin_at(grads.ptr(), X_W, X_B, pd, hid);
         let mut s = xemb.bwd(F32, tn, patches.ptr(), dx.ptr(), ones.ptr(), gxemb, 0);
         // Every modulation linear at once: dmods (chunk-major) back to rows [B, M].
         s.extend(permute(
@@ -1598,18 +1575,8 @@ impl GpuDit {
             c.num_classes + 1,
             hid,
         )?);
-        let t2 = Lin {
-            w: self.p(T2_W),
-            b: self.p(T2_B),
-            inp: hid,
-            out: hid,
-        };
-        let gt2 = Lin {
-            w: gp(T2_W),
-            b: gp(T2_B),
-            inp: hid,
-            out: hid,
-        };
+        let t2 = self.lin_at(self.params.ptr(), T2_W, T2_B, hid, hid);
+        let gt2 = self.lin_at(grads.ptr(), T2_W, T2_B, hid, hid);
         s.extend(t2.bwd(F32, b, t_act.ptr(), dc.ptr(), ones.ptr(), gt2, dt_act.ptr()));
         s.extend(ew::plan_activation_bwd(
             Activation::Silu,
@@ -1619,18 +1586,8 @@ impl GpuDit {
             dt_act.ptr(),
             dt_hidden.ptr(),
         )?);
-        let t1 = Lin {
-            w: self.p(T1_W),
-            b: self.p(T1_B),
-            inp: fd,
-            out: hid,
-        };
-        let gt1 = Lin {
-            w: gp(T1_W),
-            b: gp(T1_B),
-            inp: fd,
-            out: hid,
-        };
+        let t1 = self.lin_at(self.params.ptr(), T1_W, T1_B, fd, hid);
+        let gt1 = self.lin_at(grads.ptr(), T1_W, T1_B, fd, hid);
         s.extend(t1.bwd(F32, b, temb.ptr(), dt_hidden.ptr(), ones.ptr(), gt1, 0));
         gpu.run(&s)?;
         Ok(grads)
