@@ -112,6 +112,31 @@ pub struct Gemm {
     pub bias: Option<u64>,
 }
 
+impl Gemm {
+    /// The step C[m, n] = op(A) op(B) (+ bias) in `dtype`; an operand is (address, transposed).
+    pub fn step(
+        dtype: DType,
+        (m, n, k): (usize, usize, usize),
+        a: (u64, bool),
+        b: (u64, bool),
+        c: u64,
+        bias: Option<u64>,
+    ) -> Step {
+        Step::Gemm(Gemm {
+            dtype,
+            m,
+            n,
+            k,
+            a: a.0,
+            trans_a: a.1,
+            b: b.0,
+            trans_b: b.1,
+            c,
+            bias,
+        })
+    }
+}
+
 /// One step of a plan, executed in order on the GPU's stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {

@@ -116,18 +116,7 @@ fn gemm(
     b: (u64, bool),
     c: u64,
 ) -> Step {
-    Step::Gemm(Gemm {
-        dtype,
-        m,
-        n,
-        k,
-        a: a.0,
-        trans_a: a.1,
-        b: b.0,
-        trans_b: b.1,
-        c,
-        bias: None,
-    })
+    Gemm::step(dtype, (m, n, k), a, b, c, None)
 }
 
 fn with_bias(step: Step, bias: u64) -> Step {

@@ -115,29 +115,6 @@ impl BlockDims {
     }
 }
 
-/// C[m, n] = op(A) op(B) (+ bias) in `dtype`; an operand is (address, transposed).
-fn mm(
-    dtype: DType,
-    (m, n, k): (usize, usize, usize),
-    a: (u64, bool),
-    b: (u64, bool),
-    c: u64,
-    bias: Option<u64>,
-) -> Step {
-    Step::Gemm(Gemm {
-        dtype,
-        m,
-        n,
-        k,
-        a: a.0,
-        trans_a: a.1,
-        b: b.0,
-        trans_b: b.1,
-        c,
-        bias,
-    })
-}
-
 /// A linear layer y = x Wᵀ (+ b): W [out, inp] at `w`, b [out] at `b`.
 #[derive(Clone, Copy, Debug)]
 struct Lin {
@@ -149,7 +126,7 @@ struct Lin {
 
 impl Lin {
     fn fwd(&self, dtype: DType, rows: usize, x: u64, y: u64, bias: bool) -> Step {
-        mm(
+        Gemm::step(
             dtype,
             (rows, self.out, self.inp),
             (x, false),
@@ -172,7 +149,7 @@ impl Lin {
         dx: u64,
     ) -> Vec<Step> {
         let mut s = vec![
-            mm(
+            Gemm::step(
                 dtype,
                 (self.out, self.inp, rows),
                 (dy, true),
@@ -180,7 +157,7 @@ impl Lin {
                 g.w,
                 None,
             ),
-            mm(
+            Gemm::step(
                 dtype,
                 (1, self.out, rows),
                 (ones, false),
@@ -190,7 +167,7 @@ impl Lin {
             ),
         ];
         if dx != 0 {
-            s.push(mm(
+            s.push(Gemm::step(
                 dtype,
                 (rows, self.inp, self.out),
                 (dy, false),
