@@ -373,7 +373,8 @@ proptest! {
         hs in prop::collection::vec(0usize..5, 0..4),
     ) {
         let z = |s: &[usize]| Tensor::zeros(s, DType::F64);
-        let fits = |m: &[usize]| xs.len() == 2 && match *m {
+        // Empty dimensions are refused like any other bad shape.
+        let fits = |m: &[usize]| xs.len() == 2 && xs.iter().all(|&d| d > 0) && match *m {
             [c] => c == xs[1],
             [g, c] => c == xs[1] && g > 0 && xs[0] % g == 0,
             _ => false,

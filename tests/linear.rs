@@ -222,7 +222,10 @@ proptest! {
         bs in prop::collection::vec(0usize..4, 0..3),
     ) {
         let z = |s: &[usize]| Tensor::zeros(s, DType::F64);
-        let valid = xs.len() == 2 && ws.len() == 2 && ws[1] == xs[1] && bs == [ws[0]];
+        // Empty dimensions are refused like any other bad shape.
+        let nonempty = |s: &[usize]| s.iter().all(|&d| d > 0);
+        let valid = xs.len() == 2 && ws.len() == 2 && ws[1] == xs[1] && bs == [ws[0]]
+            && nonempty(&xs) && nonempty(&ws);
         let r = linear_forward(&z(&xs), &z(&ws), Some(&z(&bs)));
         prop_assert_eq!(r.is_ok(), valid);
         let r = linear_jvp(&dual(&z(&xs), &z(&xs)), &z(&ws), Some(&z(&bs)));

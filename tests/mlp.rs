@@ -315,7 +315,9 @@ proptest! {
         let p = Mlp { w1: &w1, b1: &b1, w2: &w2, b2: &b2 };
         let s = &shapes;
         let valid = s[0].len() == 2 && s[1].len() == 2 && s[1][1] == s[0][1]
-            && s[2] == [s[1][0]] && s[3] == [s[0][1], s[1][0]] && s[4] == [s[0][1]];
+            && s[2] == [s[1][0]] && s[3] == [s[0][1], s[1][0]] && s[4] == [s[0][1]]
+            // Empty dimensions are refused like any other bad shape.
+            && s.iter().all(|t| t.iter().all(|&d| d > 0));
         prop_assert_eq!(mlp_forward(&x, &p).is_ok(), valid);
         prop_assert_eq!(mlp_jvp(&dual(&x, &x), &p).is_ok(), valid);
         prop_assert_eq!(mlp_backward(&x, &p, &x).is_ok(), valid);

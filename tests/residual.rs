@@ -265,11 +265,13 @@ proptest! {
             [g, cc] => cc == c && g > 0 && rows % g == 0,
             _ => false,
         };
-        let valid = xs.len() == 2 && ys == xs && gate_fits(xs[0], xs[1]);
+        // Empty dimensions are refused like any other bad shape.
+        let nonempty = |s: &[usize]| s.iter().all(|&d| d > 0);
+        let valid = xs.len() == 2 && ys == xs && gate_fits(xs[0], xs[1]) && nonempty(&xs);
         prop_assert_eq!(gated_residual_forward(&z(&xs), &z(&gs), &z(&ys)).is_ok(), valid);
         let r = gated_residual_jvp(&dual(&z(&xs), &z(&xs)), &dual(&z(&gs), &z(&gs)), &dual(&z(&ys), &z(&ys)));
         prop_assert_eq!(r.is_ok(), valid);
-        let valid = ys.len() == 2 && gate_fits(ys[0], ys[1]) && xs == ys;
+        let valid = ys.len() == 2 && gate_fits(ys[0], ys[1]) && xs == ys && nonempty(&ys);
         prop_assert_eq!(gated_residual_backward(&z(&gs), &z(&ys), &z(&xs)).is_ok(), valid);
     }
 }
