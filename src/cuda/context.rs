@@ -434,6 +434,21 @@ pub fn gpu_available() -> bool {
     Gpu::get().is_ok()
 }
 
+/// For tests that compile kernels (no GPU needed): whether NVRTC can be loaded; `false` after
+/// printing "skipped: no NVRTC", unless the environment sets FLASHJVP_REQUIRE_NVRTC (CI does), where
+/// a missing NVRTC fails the test.
+pub fn nvrtc_or_skip() -> bool {
+    if super::nvrtc_present() {
+        return true;
+    }
+    assert!(
+        std::env::var("FLASHJVP_REQUIRE_NVRTC").is_err(),
+        "FLASHJVP_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+    );
+    println!("skipped: no NVRTC");
+    false
+}
+
 /// For GPU tests: the GPU, or `None` after printing "skipped: no CUDA device" — unless the
 /// environment sets FLASHJVP_REQUIRE_GPU=1 (the GPU machine's run.sh does), where a missing GPU
 /// fails the test.

@@ -32,7 +32,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod tensor;
 
-pub use context::{gpu_available, require_gpu_or_skip, Gpu, GpuInfo};
+pub use context::{gpu_available, nvrtc_or_skip, require_gpu_or_skip, Gpu, GpuInfo};
 pub use tensor::DeviceTensor;
 
 /// The kernel sources and headers under cuda/, embedded by build.rs.
