@@ -206,10 +206,10 @@ pub(crate) fn time_plans(
     }
     gpu.synchronize()?;
     let (e0, e1) = (gpu.event()?, gpu.event()?);
-    e0.record(gpu.stream())
+    e0.record(gpu.stream()?)
         .map_err(super::context::cuda_err("event"))?;
     gpu.run(&plans[0])?;
-    e1.record(gpu.stream())
+    e1.record(gpu.stream()?)
         .map_err(super::context::cuda_err("event"))?;
     let once = e0
         .elapsed_ms(&e1)
@@ -218,11 +218,11 @@ pub(crate) fn time_plans(
     let events: Vec<_> = (0..2 * runs).map(|_| gpu.event()).collect::<Result<_>>()?;
     for i in 0..runs {
         events[2 * i]
-            .record(gpu.stream())
+            .record(gpu.stream()?)
             .map_err(super::context::cuda_err("event"))?;
         gpu.run(&plans[i % plans.len()])?;
         events[2 * i + 1]
-            .record(gpu.stream())
+            .record(gpu.stream()?)
             .map_err(super::context::cuda_err("event"))?;
     }
     gpu.synchronize()?;

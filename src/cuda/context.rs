@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self as dsys, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, PushKernelArg};
 
+use super::emulator::{Emulator, HostBuffer};
 use super::gemm::Blas;
 use super::launch::{Arg, Launch, Step};
 use super::sources::SOURCES;
@@ -32,13 +33,44 @@ pub struct Gpu {
 }
 
 struct Inner {
+    info: GpuInfo,
+    backend: Backend,
+}
+
+/// A real GPU through the driver, or the CPU emulator of the kernels (`FLASHJVP_EMULATE=1`).
+enum Backend {
+    Cuda(CudaState),
+    Emulated(Arc<Emulator>),
+}
+
+struct CudaState {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    info: GpuInfo,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Loaded functions, with the dynamic shared memory limit already raised for them.
     functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
     blas: Mutex<Option<Blas>>,
+}
+
+/// Device memory: a driver allocation, or host memory standing in for it under the emulator.
+pub(crate) enum DeviceBuf {
+    Cuda(CudaSlice<u8>),
+    Host(HostBuffer),
+}
+
+impl DeviceBuf {
+    /// The device address of the first byte.
+    pub(crate) fn ptr(&self) -> u64 {
+        match self {
+            DeviceBuf::Cuda(s) => {
+                use cudarc::driver::DevicePtr;
+                let stream = s.stream().clone();
+                let (p, _guard) = s.device_ptr(&stream);
+                p
+            }
+            DeviceBuf::Host(h) => h.ptr(),
+        }
+    }
 }
 
 /// What `flashjvp info` reports about the GPU.
@@ -97,8 +129,11 @@ pub fn poison_outputs() -> bool {
 impl Gpu {
     /// The process's GPU, created on first use. Errors (kept for the whole process): "no CUDA
     /// driver found", "NVRTC not found", no device, or a driver failure.
+    ///
+    /// With `FLASHJVP_EMULATE=1` in the environment this is the CPU emulator of the kernels
+    /// ([`super::emulator`]) instead, whether or not a GPU is there.
     pub fn get() -> Result<Gpu> {
-        match GPU.get_or_init(init) {
+        match GPU.get_or_init(|| if super::emulator::requested() { init_emulated() } else { init() }) {
             Ok(g) => Ok(g.clone()),
             Err(e) => Err(clone_error(e)),
         }
@@ -112,34 +147,66 @@ impl Gpu {
         &self.inner.info.arch
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+    /// Whether this is the CPU emulator of the kernels rather than a GPU.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.inner.backend, Backend::Emulated(_))
     }
 
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.inner.ctx
+    /// The driver state; an error under the emulator (which has no stream, events or cuBLAS).
+    fn cuda(&self) -> Result<&CudaState> {
+        match &self.inner.backend {
+            Backend::Cuda(c) => Ok(c),
+            Backend::Emulated(_) => Err(Error::Unsupported(
+                "the kernel emulator has no CUDA stream, events or cuBLAS (timing needs a GPU)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The stream every kernel runs on (an error under the emulator).
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        Ok(&self.cuda()?.stream)
+    }
+
+    /// The driver context (an error under the emulator).
+    pub fn context(&self) -> Result<&Arc<CudaContext>> {
+        Ok(&self.cuda()?.ctx)
     }
 
     /// Makes the context current on the calling thread (needed before raw driver calls).
     pub(crate) fn bind(&self) -> Result<()> {
-        self.inner
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))
+        match &self.inner.backend {
+            Backend::Cuda(c) => c
+                .ctx
+                .bind_to_thread()
+                .map_err(cuda_err("binding the CUDA context")),
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
     /// Waits for all queued work; a kernel fault or other asynchronous error surfaces here.
     pub fn synchronize(&self) -> Result<()> {
-        self.inner
-            .stream
-            .synchronize()
-            .map_err(cuda_err("waiting for the GPU (an earlier kernel failed)"))
+        match &self.inner.backend {
+            Backend::Cuda(c) => c
+                .stream
+                .synchronize()
+                .map_err(cuda_err("waiting for the GPU (an earlier kernel failed)")),
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
     /// `bytes` bytes of uninitialised device memory (at least one byte is allocated).
-    pub(crate) fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+    pub(crate) fn alloc_bytes(&self, bytes: usize) -> Result<DeviceBuf> {
+        match &self.inner.backend {
+            Backend::Cuda(_) => self.alloc_cuda_bytes(bytes).map(DeviceBuf::Cuda),
+            Backend::Emulated(_) => HostBuffer::new(bytes).map(DeviceBuf::Host),
+        }
+    }
+
+    /// `bytes` bytes of driver-allocated device memory (an error under the emulator).
+    pub(crate) fn alloc_cuda_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         // SAFETY: the memory is uninitialised; every user writes it (or poisons it) before reading.
-        unsafe { self.inner.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+        unsafe { self.cuda()?.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
             Error::Cuda(format!(
                 "allocating {bytes} bytes on {}: {e:?}",
                 self.inner.info.name
@@ -147,8 +214,51 @@ impl Gpu {
         })
     }
 
+    /// Copies host bytes to `dst` (a device address of a live allocation of at least that size).
+    pub(crate) fn copy_to_device(&self, buf: &mut DeviceBuf, offset: usize, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match buf {
+            DeviceBuf::Cuda(s) => {
+                let stream = &self.cuda()?.stream;
+                let mut view = s.slice_mut(offset..offset + bytes.len());
+                stream.memcpy_htod(bytes, &mut view).map_err(cuda_err(format!(
+                    "copying {} bytes to the GPU",
+                    bytes.len()
+                )))
+            }
+            DeviceBuf::Host(h) => {
+                h.write(offset, bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `out.len()` bytes from byte `offset` of `buf` to the host, waiting for the GPU.
+    pub(crate) fn copy_to_host(&self, buf: &DeviceBuf, offset: usize, out: &mut [u8]) -> Result<()> {
+        if !out.is_empty() {
+            match buf {
+                DeviceBuf::Cuda(s) => {
+                    let stream = &self.cuda()?.stream;
+                    let view = s.slice(offset..offset + out.len());
+                    stream.memcpy_dtoh(&view, out).map_err(cuda_err(format!(
+                        "copying {} bytes from the GPU (an earlier kernel may have failed)",
+                        out.len()
+                    )))?;
+                }
+                DeviceBuf::Host(h) => h.read(offset, out),
+            }
+        }
+        self.synchronize()
+    }
+
     /// Compiles (or finds in the caches) every embedded kernel file, in parallel, and loads them.
     pub fn preload(&self) -> Result<()> {
+        if self.is_emulated() {
+            // The emulator's library was built and loaded when it was created.
+            return Ok(());
+        }
         let arch = self.arch().to_string();
         let files = nvrtc::kernel_files_for(&arch);
         let results: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
@@ -178,13 +288,13 @@ impl Gpu {
     }
 
     fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {
-        let mut modules = self.inner.modules.lock().expect("module cache lock");
+        let cuda = self.cuda()?;
+        let mut modules = cuda.modules.lock().expect("module cache lock");
         if let Some(m) = modules.get(file) {
             return Ok(m.clone());
         }
         let image = cubin(file, self.arch())?;
-        let m = self
-            .inner
+        let m = cuda
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
             .map_err(cuda_err(format!(
@@ -206,7 +316,8 @@ impl Gpu {
                 self.inner.info.name
             )));
         }
-        let mut functions = self.inner.functions.lock().expect("function cache lock");
+        let cuda = self.cuda()?;
+        let mut functions = cuda.functions.lock().expect("function cache lock");
         if let Some((f, set)) = functions.get_mut(name) {
             if shared_bytes > 48 * 1024 && shared_bytes > *set {
                 raise_shared(f, name, shared_bytes)?;
@@ -224,8 +335,7 @@ impl Gpu {
             raise_shared(&f, name, shared_bytes)?;
             set = shared_bytes;
         }
-        self.inner
-            .functions
+        cuda.functions
             .lock()
             .expect("function cache lock")
             .insert(name.to_string(), (f.clone(), set));
@@ -235,12 +345,16 @@ impl Gpu {
     /// Queues the steps of a plan, in order, on the stream (asynchronously: errors inside kernels
     /// surface at the next synchronisation).
     pub fn run(&self, steps: &[Step]) -> Result<()> {
+        let cuda = match &self.inner.backend {
+            Backend::Cuda(c) => c,
+            Backend::Emulated(e) => return e.run(steps),
+        };
         self.bind()?;
         for step in steps {
             match step {
                 Step::Kernel(l) => self.launch(l)?,
                 Step::Gemm(g) => {
-                    let mut blas = self.inner.blas.lock().expect("cuBLAS lock");
+                    let mut blas = cuda.blas.lock().expect("cuBLAS lock");
                     if blas.is_none() {
                         *blas = Some(Blas::new(self)?);
                     }
@@ -260,7 +374,7 @@ impl Gpu {
                                 *dst,
                                 *src,
                                 *bytes,
-                                self.inner.stream.cu_stream(),
+                                cuda.stream.cu_stream(),
                             )
                         }
                         .result()
@@ -279,7 +393,7 @@ impl Gpu {
             block_dim: l.block,
             shared_mem_bytes: l.shared_bytes,
         };
-        let stream = &self.inner.stream;
+        let stream = &self.cuda()?.stream;
         // Tensor maps are encoded first (each must outlive the launch call that reads it).
         let maps = l
             .args
@@ -325,7 +439,7 @@ impl Gpu {
         if count == 0 {
             return Ok(());
         }
-        let s = self.inner.stream.cu_stream();
+        let s = self.cuda()?.stream.cu_stream();
         // SAFETY: the pointer and count come from a live allocation of at least count * width bytes.
         let r = unsafe {
             match width {
@@ -341,7 +455,7 @@ impl Gpu {
 
     /// A timing event (with timing enabled).
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
-        self.inner
+        self.cuda()?
             .ctx
             .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cuda_err("creating an event"))
@@ -418,12 +532,36 @@ fn init_device() -> std::result::Result<Gpu, Error> {
     };
     Ok(Gpu {
         inner: Arc::new(Inner {
-            ctx,
-            stream,
             info,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
-            blas: Mutex::new(None),
+            backend: Backend::Cuda(CudaState {
+                ctx,
+                stream,
+                modules: Mutex::new(HashMap::new()),
+                functions: Mutex::new(HashMap::new()),
+                blas: Mutex::new(None),
+            }),
+        }),
+    })
+}
+
+/// The CPU emulator as the process's "GPU": it runs the sm_80 kernels (the Hopper path is not
+/// emulated), with the shared memory an H100 allows per block.
+fn init_emulated() -> std::result::Result<Gpu, Error> {
+    let emu = Emulator::get()?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let info = GpuInfo {
+        name: "flashjvp kernel emulator (CPU)".into(),
+        arch: "sm_80".into(),
+        capability: (8, 0),
+        total_mem_bytes: 8 << 30,
+        multiprocessors: cpus as u32,
+        l2_bytes: 0,
+        max_shared_per_block: 232448,
+    };
+    Ok(Gpu {
+        inner: Arc::new(Inner {
+            info,
+            backend: Backend::Emulated(emu),
         }),
     })
 }
@@ -494,7 +632,7 @@ fn nvrtc_version() -> (i32, i32) {
     (major, minor)
 }
 
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     match std::env::var_os("FLASHJVP_KERNEL_CACHE") {
         Some(v) if v == "off" => return None,
         Some(v) if !v.is_empty() => return Some(PathBuf::from(v)),

@@ -138,23 +138,23 @@ impl Drop for LtDescs {
 }
 
 /// The column-major problem cuBLAS sees for a row-major [`Gemm`]: Cᵀ[n, m] = op(B)ᵀ op(A)ᵀ.
-struct ColMajor {
-    m: usize,
-    n: usize,
-    k: usize,
+pub(crate) struct ColMajor {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
     /// First operand (B's storage): transposed?, leading dimension, stored rows x cols.
-    trans_1: bool,
-    ld_1: usize,
-    rows_1: usize,
-    cols_1: usize,
+    pub(crate) trans_1: bool,
+    pub(crate) ld_1: usize,
+    pub(crate) rows_1: usize,
+    pub(crate) cols_1: usize,
     /// Second operand (A's storage).
-    trans_2: bool,
-    ld_2: usize,
-    rows_2: usize,
-    cols_2: usize,
+    pub(crate) trans_2: bool,
+    pub(crate) ld_2: usize,
+    pub(crate) rows_2: usize,
+    pub(crate) cols_2: usize,
 }
 
-fn col_major(g: &Gemm) -> ColMajor {
+pub(crate) fn col_major(g: &Gemm) -> ColMajor {
     let (m, n, k) = (g.n, g.m, g.k);
     // B row-major [k, n] is column-major [n, k] (ld n) = op(B)ᵀ as is; row-major [n, k] is
     // column-major [k, n] (ld k), transposed.
@@ -204,7 +204,7 @@ impl Blas {
         } else {
             4 << 20
         };
-        let workspace = gpu.alloc_bytes(workspace_bytes)?;
+        let workspace = gpu.alloc_cuda_bytes(workspace_bytes)?;
         Ok(Blas {
             lt,
             workspace,
@@ -414,7 +414,7 @@ impl Blas {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ws = {
             use cudarc::driver::DevicePtr;
-            let (p, _guard) = self.workspace.device_ptr(gpu.stream());
+            let (p, _guard) = self.workspace.device_ptr(gpu.stream()?);
             p
         };
         // SAFETY: every pointer is a live device allocation of the size the layouts describe
@@ -436,7 +436,7 @@ impl Blas {
                 algo,
                 ws as *mut c_void,
                 self.workspace_bytes,
-                gpu.stream().cu_stream() as lsys::cudaStream_t,
+                gpu.stream()?.cu_stream() as lsys::cudaStream_t,
             )
         };
         lt_check(
@@ -469,7 +469,7 @@ impl Blas {
             blas_check("create", bsys::cublasCreate_v2(&mut h))?;
             blas_check(
                 "set stream",
-                bsys::cublasSetStream_v2(h, gpu.stream().cu_stream() as bsys::cudaStream_t),
+                bsys::cublasSetStream_v2(h, gpu.stream()?.cu_stream() as bsys::cudaStream_t),
             )?;
         }
         self.cublas = Some(h);
@@ -482,9 +482,9 @@ impl Blas {
         let grow = self.ones.get(&dtype).is_none_or(|(_, len)| *len < n);
         if grow {
             let len = n.next_power_of_two().max(256);
-            let buf = gpu.alloc_bytes(len * dtype.size_in_bytes())?;
+            let buf = gpu.alloc_cuda_bytes(len * dtype.size_in_bytes())?;
             let (width, bits) = one_bits(dtype);
-            let p = buf.device_ptr(gpu.stream()).0;
+            let p = buf.device_ptr(gpu.stream()?).0;
             gpu.run(&[super::launch::Step::Fill {
                 ptr: p,
                 width,
@@ -494,7 +494,7 @@ impl Blas {
             self.ones.insert(dtype, (buf, len));
         }
         let (buf, _) = &self.ones[&dtype];
-        let (p, _g) = buf.device_ptr(gpu.stream());
+        let (p, _g) = buf.device_ptr(gpu.stream()?);
         Ok(p)
     }
 

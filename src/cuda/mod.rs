@@ -24,6 +24,7 @@ pub mod bench_dit;
 pub mod context;
 pub mod dit;
 pub mod elementwise;
+pub mod emulator;
 pub mod gemm;
 pub mod launch;
 pub mod layernorm;

@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 
-use super::context::{cuda_err, Gpu};
+use super::context::{DeviceBuf, Gpu};
 use super::launch::{dtype_suffix, pointwise_steps, Arg, Step};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
@@ -19,7 +18,7 @@ use crate::tensor::{DType, Storage, Tensor};
 pub struct DeviceTensor {
     shape: Vec<usize>,
     dtype: DType,
-    buf: Arc<CudaSlice<u8>>,
+    buf: Arc<DeviceBuf>,
     /// Byte offset of this tensor in `buf`.
     offset: usize,
     gpu: Gpu,
@@ -167,14 +166,7 @@ impl Gpu {
         }
         self.bind()?;
         let mut buf = self.alloc_bytes(bytes.len())?;
-        if !bytes.is_empty() {
-            self.stream()
-                .memcpy_htod(&bytes, &mut buf)
-                .map_err(cuda_err(format!(
-                    "copying {} bytes to the GPU",
-                    bytes.len()
-                )))?;
-        }
+        self.copy_to_device(&mut buf, 0, &bytes)?;
         let buf = Arc::new(buf);
         Ok(ts
             .iter()
@@ -247,9 +239,7 @@ impl DeviceTensor {
 
     /// The device address of the first element.
     pub fn ptr(&self) -> u64 {
-        // No events are tracked (one stream), so the guard does nothing.
-        let (base, _guard) = self.buf.device_ptr(self.gpu.stream());
-        base + self.offset as u64
+        self.buf.ptr() + self.offset as u64
     }
 
     /// This tensor's address as a kernel argument.
@@ -294,16 +284,7 @@ impl DeviceTensor {
         let gpu = &self.gpu;
         gpu.bind()?;
         let mut bytes = vec![0u8; self.bytes()];
-        if !bytes.is_empty() {
-            let view = self.buf.slice(self.offset..self.offset + self.bytes());
-            gpu.stream()
-                .memcpy_dtoh(&view, &mut bytes)
-                .map_err(cuda_err(format!(
-                    "copying {} bytes from the GPU (an earlier kernel may have failed)",
-                    bytes.len()
-                )))?;
-        }
-        gpu.synchronize()?;
+        gpu.copy_to_host(&self.buf, self.offset, &mut bytes)?;
         Tensor::from_storage(storage_from_bytes(&bytes, self.dtype), &self.shape)
     }
 
