@@ -299,7 +299,7 @@ fn cuda_runs_refuse_what_they_cannot_do() {
 mod emulate {
     use std::collections::BTreeMap;
 
-    use flashjvp::cuda::launch::{Arg, Gemm, Launch, Step};
+    use flashjvp::cuda::launch::{Arg, Gemm, GemmAct, Launch, Step};
 
     /// Device memory of f32 elements (held as f64), addressed in bytes.
     #[derive(Clone, Default)]
@@ -414,8 +414,19 @@ mod emulate {
                     out[i * g.n + j] = acc;
                 }
             }
+            // The epilogue (cuBLASLt's GELU / GELU_AUX / DGELU on the product).
+            use flashjvp::cpu::activation::{gelu, gelu_grad};
             for (i, v) in out.into_iter().enumerate() {
-                self.set(g.c, i, v);
+                let d = match g.act {
+                    GemmAct::None => v,
+                    GemmAct::Gelu => gelu(v),
+                    GemmAct::GeluAux { aux } => {
+                        self.set(aux, i, v);
+                        gelu(v)
+                    }
+                    GemmAct::DGelu { aux } => gelu_grad(self.get(aux, i)) * v,
+                };
+                self.set(g.c, i, d);
             }
         }
 

@@ -133,7 +133,13 @@ impl Gpu {
     /// With `FLASHJVP_EMULATE=1` in the environment this is the CPU emulator of the kernels
     /// ([`super::emulator`]) instead, whether or not a GPU is there.
     pub fn get() -> Result<Gpu> {
-        match GPU.get_or_init(|| if super::emulator::requested() { init_emulated() } else { init() }) {
+        match GPU.get_or_init(|| {
+            if super::emulator::requested() {
+                init_emulated()
+            } else {
+                init()
+            }
+        }) {
             Ok(g) => Ok(g.clone()),
             Err(e) => Err(clone_error(e)),
         }
@@ -215,7 +221,12 @@ impl Gpu {
     }
 
     /// Copies host bytes to `dst` (a device address of a live allocation of at least that size).
-    pub(crate) fn copy_to_device(&self, buf: &mut DeviceBuf, offset: usize, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn copy_to_device(
+        &self,
+        buf: &mut DeviceBuf,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -223,10 +234,12 @@ impl Gpu {
             DeviceBuf::Cuda(s) => {
                 let stream = &self.cuda()?.stream;
                 let mut view = s.slice_mut(offset..offset + bytes.len());
-                stream.memcpy_htod(bytes, &mut view).map_err(cuda_err(format!(
-                    "copying {} bytes to the GPU",
-                    bytes.len()
-                )))
+                stream
+                    .memcpy_htod(bytes, &mut view)
+                    .map_err(cuda_err(format!(
+                        "copying {} bytes to the GPU",
+                        bytes.len()
+                    )))
             }
             DeviceBuf::Host(h) => {
                 h.write(offset, bytes);
@@ -236,7 +249,12 @@ impl Gpu {
     }
 
     /// Copies `out.len()` bytes from byte `offset` of `buf` to the host, waiting for the GPU.
-    pub(crate) fn copy_to_host(&self, buf: &DeviceBuf, offset: usize, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn copy_to_host(
+        &self,
+        buf: &DeviceBuf,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         if !out.is_empty() {
             match buf {
                 DeviceBuf::Cuda(s) => {
@@ -370,12 +388,7 @@ impl Gpu {
                     if *bytes > 0 {
                         // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
                         unsafe {
-                            dsys::cuMemcpyDtoDAsync_v2(
-                                *dst,
-                                *src,
-                                *bytes,
-                                cuda.stream.cu_stream(),
-                            )
+                            dsys::cuMemcpyDtoDAsync_v2(*dst, *src, *bytes, cuda.stream.cu_stream())
                         }
                         .result()
                         .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;

@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use half::{bf16, f16};
 
 use super::gemm::col_major;
-use super::launch::{Arg, Gemm, Launch, Step};
+use super::launch::{Arg, Gemm, GemmAct, Launch, Step};
+use crate::cpu::activation::{gelu, gelu_grad};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -414,7 +415,10 @@ impl HostBuffer {
 
     /// Copies `bytes` in at byte `offset`.
     pub fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.len, "HostBuffer::write past its end");
+        assert!(
+            offset + bytes.len() <= self.len,
+            "HostBuffer::write past its end"
+        );
         // SAFETY: in bounds (asserted); the buffer is live.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -427,7 +431,10 @@ impl HostBuffer {
 
     /// Copies `out.len()` bytes out from byte `offset`.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= self.len, "HostBuffer::read past its end");
+        assert!(
+            offset + out.len() <= self.len,
+            "HostBuffer::read past its end"
+        );
         // SAFETY: in bounds (asserted); the buffer is live.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -496,9 +503,10 @@ fn store(dtype: DType, base: u64, i: usize, v: f64) {
     }
 }
 
-/// D (m x n, column-major, ld m) = op1(A1) op2(A2) + bias[i] on row i, where A1 is stored
+/// P (m x n, column-major, ld m) = op1(A1) op2(A2) + bias[i] on row i, where A1 is stored
 /// column-major rows_1 x cols_1 with leading dimension ld_1 at `g.b` (cuBLAS's first operand is
-/// the row-major B) and op transposes when asked; likewise A2 at `g.a`.
+/// the row-major B) and op transposes when asked; likewise A2 at `g.a`. Then cuBLASLt's epilogue:
+/// D = P, gelu(P) (with P into the aux matrix, D's layout, for GELU_AUX) or gelu'(aux) ⊙ P (DGELU).
 fn gemm(g: &Gemm) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
@@ -514,6 +522,18 @@ fn gemm(g: &Gemm) -> Result<()> {
     check_range("GEMM output", g.c, cm.m * cm.n * sz)?;
     if let Some(b) = g.bias {
         check_range("GEMM bias", b, cm.m * sz)?;
+    }
+    let aux = match g.act {
+        GemmAct::GeluAux { aux } | GemmAct::DGelu { aux } => {
+            check_range("GEMM epilogue aux", aux, cm.m * cm.n * sz)?;
+            aux
+        }
+        GemmAct::None | GemmAct::Gelu => 0,
+    };
+    if matches!(g.act, GemmAct::DGelu { .. }) && g.bias.is_some() {
+        return Err(Error::Unsupported(
+            "a matrix product with a DGELU epilogue takes no bias".into(),
+        ));
     }
     // op1(A1)[i, l] and op2(A2)[l, j] in column-major storage.
     let a1 = |i: usize, l: usize| {
@@ -554,8 +574,19 @@ fn gemm(g: &Gemm) -> Result<()> {
             out[i + j * cm.m] = s;
         }
     }
-    for (idx, v) in out.into_iter().enumerate() {
-        store(g.dtype, g.c, idx, v);
+    for (idx, p) in out.into_iter().enumerate() {
+        // The epilogue sees the f32 accumulator.
+        let p = p as f32 as f64;
+        let d = match g.act {
+            GemmAct::None => p,
+            GemmAct::Gelu => gelu(p),
+            GemmAct::GeluAux { .. } => {
+                store(g.dtype, aux, idx, p);
+                gelu(p)
+            }
+            GemmAct::DGelu { .. } => gelu_grad(load(g.dtype, aux, idx)) * p,
+        };
+        store(g.dtype, g.c, idx, d);
     }
     Ok(())
 }
@@ -608,6 +639,7 @@ mod tests {
                         trans_b,
                         c: c.ptr(),
                         bias: with_bias.then(|| biasb.ptr()),
+                        act: GemmAct::None,
                     };
                     gemm(&g).unwrap();
                     let got = read(&c, m * n);

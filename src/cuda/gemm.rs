@@ -18,7 +18,8 @@ use cudarc::cublaslt::sys as lsys;
 use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::Gemm;
+use super::elementwise as ew;
+use super::launch::{Gemm, GemmAct};
 use super::tensor::one_bits;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -32,7 +33,31 @@ struct Key {
     trans_a: bool,
     trans_b: bool,
     bias: bool,
-    align: [u32; 4],
+    act: u8,
+    /// Alignments of A, B, C, the bias and the aux matrix.
+    align: [u32; 5],
+}
+
+/// The aux matrix of an epilogue, if it has one.
+fn aux_of(act: GemmAct) -> Option<u64> {
+    match act {
+        GemmAct::GeluAux { aux } | GemmAct::DGelu { aux } => Some(aux),
+        GemmAct::None | GemmAct::Gelu => None,
+    }
+}
+
+/// cuBLASLt's epilogue for a bias and an activation.
+fn epilogue(bias: bool, act: GemmAct) -> Option<lsys::cublasLtEpilogue_t> {
+    use lsys::cublasLtEpilogue_t as E;
+    Some(match (act, bias) {
+        (GemmAct::None, false) => return None,
+        (GemmAct::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
+        (GemmAct::Gelu, false) => E::CUBLASLT_EPILOGUE_GELU,
+        (GemmAct::Gelu, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+        (GemmAct::GeluAux { .. }, false) => E::CUBLASLT_EPILOGUE_GELU_AUX,
+        (GemmAct::GeluAux { .. }, true) => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+        (GemmAct::DGelu { .. }, _) => E::CUBLASLT_EPILOGUE_DGELU,
+    })
 }
 
 /// cuBLASLt (and, on demand, cuBLAS) state: handles, a workspace, cached algorithms.
@@ -222,6 +247,11 @@ impl Blas {
         if g.k == 0 {
             return Err(Error::Unsupported("a matrix product with k = 0".into()));
         }
+        if matches!(g.act, GemmAct::DGelu { .. }) && g.bias.is_some() {
+            return Err(Error::Unsupported(
+                "a matrix product with a DGELU epilogue takes no bias".into(),
+            ));
+        }
         let key = Key {
             dtype: g.dtype,
             m: g.m,
@@ -230,11 +260,18 @@ impl Blas {
             trans_a: g.trans_a,
             trans_b: g.trans_b,
             bias: g.bias.is_some(),
+            act: match g.act {
+                GemmAct::None => 0,
+                GemmAct::Gelu => 1,
+                GemmAct::GeluAux { .. } => 2,
+                GemmAct::DGelu { .. } => 3,
+            },
             align: [
                 alignment(g.a),
                 alignment(g.b),
                 alignment(g.c),
                 alignment(g.bias.unwrap_or(0)),
+                alignment(aux_of(g.act).unwrap_or(0)),
             ],
         };
         if let Some(lt) = self.lt {
@@ -250,7 +287,44 @@ impl Blas {
                 return self.lt_matmul(lt, gpu, g, &algo);
             }
         }
-        self.gemm_ex(gpu, g)
+        self.unfused(gpu, g)
+    }
+
+    /// Without a cuBLASLt algorithm for the epilogue: the product by cuBLAS, then the activation by
+    /// the elementwise kernels (one more pass over C).
+    fn unfused(&mut self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+        let plain = Gemm {
+            act: GemmAct::None,
+            ..*g
+        };
+        let n = g.m * g.n;
+        match g.act {
+            GemmAct::None => self.gemm_ex(gpu, g),
+            GemmAct::Gelu => {
+                self.gemm_ex(gpu, &plain)?;
+                gpu.run(&ew::plan_activation_fwd(
+                    ew::Activation::Gelu,
+                    g.dtype,
+                    n,
+                    g.c,
+                    g.c,
+                )?)
+            }
+            GemmAct::GeluAux { aux } => {
+                self.gemm_ex(gpu, &Gemm { c: aux, ..plain })?;
+                gpu.run(&ew::plan_activation_fwd(
+                    ew::Activation::Gelu,
+                    g.dtype,
+                    n,
+                    aux,
+                    g.c,
+                )?)
+            }
+            GemmAct::DGelu { aux } => {
+                self.gemm_ex(gpu, &plain)?;
+                gpu.run(&ew::plan_gelu_tangent(g.dtype, n, aux, g.c, g.c)?)
+            }
+        }
     }
 
     /// Matrix layouts and the operation descriptor of a product.
@@ -301,16 +375,31 @@ impl Blas {
                 &tb as *const i32 as *const c_void,
                 4,
             )?;
-            if let Some(bias) = g.bias {
-                let epi = lsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            if let Some(epi) = epilogue(g.bias.is_some(), g.act) {
                 set(
                     lsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     &epi as *const lsys::cublasLtEpilogue_t as *const c_void,
                     std::mem::size_of::<lsys::cublasLtEpilogue_t>(),
                 )?;
+            }
+            if let Some(bias) = g.bias {
                 set(
                     lsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &bias as *const u64 as *const c_void,
+                    8,
+                )?;
+            }
+            if let Some(aux) = aux_of(g.act) {
+                // The aux matrix has D's column-major shape (cm.m x cm.n), leading dimension cm.m.
+                let ld = cm.m as i64;
+                set(
+                    lsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                    &aux as *const u64 as *const c_void,
+                    8,
+                )?;
+                set(
+                    lsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    &ld as *const i64 as *const c_void,
                     8,
                 )?;
             }
@@ -593,6 +682,7 @@ mod tests {
             trans_b,
             c: 0,
             bias: None,
+            act: GemmAct::None,
         }
     }
 

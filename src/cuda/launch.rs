@@ -95,9 +95,27 @@ impl Launch {
     }
 }
 
-/// A matrix product on row-major matrices, C[m, n] = op(A) op(B) (+ bias[n] on every row), with
-/// f32 accumulation. A is stored [m, k] (or [k, m] when `trans_a`), B is stored [k, n] (or [n, k]
-/// when `trans_b`); all three are contiguous and in `dtype`, as is the bias.
+/// The GELU (tanh form) a GEMM's epilogue applies to P = op(A) op(B) (+ bias), the cuBLASLt
+/// epilogues of DESIGN.md section 3: the activation of the MLP's first layer and its tangent (or
+/// gradient) come out of the product without a pass of their own over the [T, Hd] activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmAct {
+    /// C = P.
+    #[default]
+    None,
+    /// C = gelu(P) (cuBLASLt GELU_BIAS / GELU).
+    Gelu,
+    /// C = gelu(P), and P itself (the pre-activation) into `aux`, [m, n] row-major in `dtype`
+    /// (GELU_AUX_BIAS / GELU_AUX).
+    GeluAux { aux: u64 },
+    /// C = gelu'(aux) ⊙ P, `aux` a saved pre-activation [m, n] (DGELU; no bias): the tangent
+    /// ġ = gelu'(h) ⊙ ẋW1ᵀ, or the gradient gelu'(h) ⊙ (dy W2).
+    DGelu { aux: u64 },
+}
+
+/// A matrix product on row-major matrices, C[m, n] = act(op(A) op(B) (+ bias[n] on every row)),
+/// with f32 accumulation. A is stored [m, k] (or [k, m] when `trans_a`), B is stored [k, n] (or
+/// [n, k] when `trans_b`); all three are contiguous and in `dtype`, as are the bias and any aux.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub dtype: DType,
@@ -110,6 +128,7 @@ pub struct Gemm {
     pub trans_b: bool,
     pub c: u64,
     pub bias: Option<u64>,
+    pub act: GemmAct,
 }
 
 impl Gemm {
@@ -133,7 +152,27 @@ impl Gemm {
             trans_b: b.1,
             c,
             bias,
+            act: GemmAct::None,
         })
+    }
+
+    /// [`Gemm::step`] with a GELU epilogue.
+    pub fn step_act(
+        dtype: DType,
+        dims: (usize, usize, usize),
+        a: (u64, bool),
+        b: (u64, bool),
+        c: u64,
+        bias: Option<u64>,
+        act: GemmAct,
+    ) -> Step {
+        match Gemm::step(dtype, dims, a, b, c, bias) {
+            Step::Gemm(mut g) => {
+                g.act = act;
+                Step::Gemm(g)
+            }
+            other => other,
+        }
     }
 }
 

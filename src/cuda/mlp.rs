@@ -1,18 +1,18 @@
 //! The GELU MLP y = gelu(x W1ᵀ + b1) W2ᵀ + b2 on the GPU: GEMMs through cuBLASLt (see
 //! [`super::gemm`]) and the epilogue kernels of cuda/elementwise.cu.
 //!
-//! JVP (DESIGN.md section 3): the first layer's product serves primal and tangent rows at once when
-//! x and ẋ lie back to back in memory ([x; ẋ] Wᵀ as one GEMM of 2T rows; the host entry point
-//! uploads them so), else two GEMMs into the stacked buffer. Then `bias_gelu_fwd` (pre = h + b1 in
-//! place, g = gelu(pre)), `gelu_tangent` (ġ = gelu'(pre) ⊙ ẋW1ᵀ in place), and the second layer as
-//! two GEMMs (the bias goes to the primal rows only, by the GEMM epilogue).
-//! Backward: recompute pre and g, then dW2 = gyᵀ g, db2 = 1ᵀ gy, dg = gy W2, dpre = gelu'(pre) ⊙
-//! dg, dW1 = dpreᵀ x, db1 = 1ᵀ dpre, dx = dpre W1 (bias gradients as products with a ones row,
-//! accumulated in f32).
+//! The activation lives in the GEMM epilogues (DESIGN.md section 3), so no pass of its own ever
+//! reads or writes the [T, Hd] hidden layer: forward g = gelu(x W1ᵀ + b1) (GELU_BIAS); JVP
+//! g = gelu(x W1ᵀ + b1) with the pre-activation saved as the epilogue's aux (GELU_AUX_BIAS) and
+//! ġ = gelu'(pre) ⊙ ẋW1ᵀ (DGELU, reading that aux), then the second layer as two GEMMs (the bias
+//! goes to the primal rows only). Backward: pre and g recomputed by one GELU_AUX_BIAS product,
+//! dW2 = gyᵀ g, db2 = 1ᵀ gy, dpre = gelu'(pre) ⊙ (gy W2) (DGELU), dW1 = dpreᵀ x, db1 = 1ᵀ dpre,
+//! dx = dpre W1 (bias gradients as products with a ones row, accumulated in f32). Where cuBLASLt has
+//! no algorithm for an epilogue, [`super::gemm`] runs the product and then the elementwise kernels.
 
-use super::launch::{int_arg, Gemm, Step};
+use super::context::Gpu;
+use super::launch::{int_arg, Gemm, GemmAct, Step};
 use super::tensor::{one_bits, DeviceTensor};
-use super::{context::Gpu, elementwise as ew};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -138,19 +138,26 @@ pub fn plan_forward(
     h: u64,
     y: u64,
 ) -> Result<Vec<Step>> {
-    let mut s = vec![gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), h)];
-    // g = gelu(h + b1), in place.
-    s.extend(ew::plan_bias_gelu(dtype, d.t, d.hd, h, p.b1, 0, h)?);
-    s.push(with_bias(
-        gemm(dtype, d.t, d.c, d.hd, (h, false), (p.w2, true), y),
-        p.b2,
-    ));
-    Ok(s)
+    Ok(vec![
+        // h = gelu(x W1ᵀ + b1).
+        Gemm::step_act(
+            dtype,
+            (d.t, d.hd, d.c),
+            (x, false),
+            (p.w1, true),
+            h,
+            Some(p.b1),
+            GemmAct::Gelu,
+        ),
+        with_bias(
+            gemm(dtype, d.t, d.c, d.hd, (h, false), (p.w2, true), y),
+            p.b2,
+        ),
+    ])
 }
 
-/// JVP: `h2` is a [2T, Hd] scratch buffer (pre-activations, then tangents in rows T..2T), `g` a
-/// [T, Hd] scratch buffer; y and ty [T, C]. When `tx` starts right after x (x and ẋ stacked), the
-/// first layer is one GEMM over 2T rows.
+/// JVP: `h2` is a [2T, Hd] scratch buffer (pre-activations, then the hidden tangents in rows
+/// T..2T), `g` a [T, Hd] scratch buffer (the activations); y and ty [T, C].
 #[allow(clippy::too_many_arguments)]
 pub fn plan_jvp(
     dtype: DType,
@@ -165,29 +172,34 @@ pub fn plan_jvp(
 ) -> Result<Vec<Step>> {
     let s_bytes = dtype.size_in_bytes() as u64;
     let th = h2 + (d.t * d.hd) as u64 * s_bytes;
-    let mut s = Vec::new();
-    if tx == x + (d.t * d.c) as u64 * s_bytes {
-        s.push(gemm(
+    let dims = (d.t, d.hd, d.c);
+    Ok(vec![
+        // g = gelu(pre), pre = x W1ᵀ + b1 saved in rows 0..T of h2.
+        Gemm::step_act(
             dtype,
-            2 * d.t,
-            d.hd,
-            d.c,
+            dims,
             (x, false),
             (p.w1, true),
-            h2,
-        ));
-    } else {
-        s.push(gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), h2));
-        s.push(gemm(dtype, d.t, d.hd, d.c, (tx, false), (p.w1, true), th));
-    }
-    s.extend(ew::plan_bias_gelu(dtype, d.t, d.hd, h2, p.b1, h2, g)?);
-    s.extend(ew::plan_gelu_tangent(dtype, d.t * d.hd, h2, th, th)?);
-    s.push(with_bias(
-        gemm(dtype, d.t, d.c, d.hd, (g, false), (p.w2, true), y),
-        p.b2,
-    ));
-    s.push(gemm(dtype, d.t, d.c, d.hd, (th, false), (p.w2, true), ty));
-    Ok(s)
+            g,
+            Some(p.b1),
+            GemmAct::GeluAux { aux: h2 },
+        ),
+        // ġ = gelu'(pre) ⊙ ẋW1ᵀ into rows T..2T.
+        Gemm::step_act(
+            dtype,
+            dims,
+            (tx, false),
+            (p.w1, true),
+            th,
+            None,
+            GemmAct::DGelu { aux: h2 },
+        ),
+        with_bias(
+            gemm(dtype, d.t, d.c, d.hd, (g, false), (p.w2, true), y),
+            p.b2,
+        ),
+        gemm(dtype, d.t, d.c, d.hd, (th, false), (p.w2, true), ty),
+    ])
 }
 
 /// Scratch and outputs of the backward (device addresses).
@@ -197,7 +209,7 @@ pub struct BwdPtrs {
     pub pre: u64,
     /// [T, Hd]: activations g.
     pub g: u64,
-    /// [T, Hd]: dg, then dpre in place.
+    /// [T, Hd]: dpre = gelu'(pre) ⊙ (gy W2).
     pub dg: u64,
     /// [T] of ones (filled by the plan).
     pub ones: u64,
@@ -224,11 +236,17 @@ pub fn plan_backward(
             count: d.t,
             bits,
         },
-        gemm(dtype, d.t, d.hd, d.c, (x, false), (p.w1, true), b.pre),
+        // g = gelu(pre), pre = x W1ᵀ + b1 (recomputed).
+        Gemm::step_act(
+            dtype,
+            (d.t, d.hd, d.c),
+            (x, false),
+            (p.w1, true),
+            b.g,
+            Some(p.b1),
+            GemmAct::GeluAux { aux: b.pre },
+        ),
     ];
-    s.extend(ew::plan_bias_gelu(
-        dtype, d.t, d.hd, b.pre, p.b1, b.pre, b.g,
-    )?);
     s.push(gemm(dtype, d.c, d.hd, d.t, (gy, true), (b.g, false), b.dw2));
     s.push(gemm(
         dtype,
@@ -239,23 +257,16 @@ pub fn plan_backward(
         (gy, false),
         b.db2,
     ));
-    s.push(gemm(
+    // dpre = gelu'(pre) ⊙ (gy W2).
+    s.push(Gemm::step_act(
         dtype,
-        d.t,
-        d.hd,
-        d.c,
+        (d.t, d.hd, d.c),
         (gy, false),
         (p.w2, false),
         b.dg,
+        None,
+        GemmAct::DGelu { aux: b.pre },
     ));
-    s.extend(ew::plan_activation_bwd(
-        ew::Activation::Gelu,
-        dtype,
-        d.t * d.hd,
-        b.pre,
-        b.dg,
-        b.dg,
-    )?);
     s.push(gemm(dtype, d.hd, d.c, d.t, (b.dg, true), (x, false), b.dw1));
     s.push(gemm(
         dtype,
@@ -330,8 +341,7 @@ pub fn forward(x: &DeviceTensor, p: &DeviceMlp) -> Result<DeviceTensor> {
     Ok(y)
 }
 
-/// y and, with a tangent, ẏ on the GPU. Upload x and ẋ with [`Gpu::upload_stacked`] to get the
-/// single first-layer GEMM.
+/// y and, with a tangent, ẏ on the GPU.
 pub fn jvp(
     x: &DeviceTensor,
     tx: Option<&DeviceTensor>,
@@ -420,40 +430,36 @@ mod tests {
         }
     }
 
+    /// The JVP is four GEMMs and nothing else: the activation and its tangent come out of the
+    /// first layer's epilogues (GELU_AUX_BIAS saving the pre-activation, DGELU reading it).
     #[test]
-    fn stacked_tangent_takes_one_first_layer_gemm() {
+    fn jvp_is_four_gemms_with_the_gelu_in_their_epilogues() {
         let d = MlpDims { t: 5, c: 8, hd: 16 };
-        let x = 0x100000;
-        let gemms = |tx| {
-            plan_jvp(
-                DType::BF16,
-                d,
-                x,
-                tx,
-                params(),
-                0x200000,
-                0x300000,
-                0x400000,
-                0x500000,
-            )
-            .unwrap()
+        let (x, tx, h2, g, y, ty) = (0x100000, 0x900000, 0x200000, 0x300000, 0x400000, 0x500000);
+        let steps = plan_jvp(DType::BF16, d, x, tx, params(), h2, g, y, ty).unwrap();
+        let gemms: Vec<Gemm> = steps
             .iter()
             .filter_map(|s| match s {
                 Step::Gemm(g) => Some(*g),
                 _ => None,
             })
-            .collect::<Vec<_>>()
-        };
-        let stacked = gemms(x + 5 * 8 * 2);
-        assert_eq!(stacked.len(), 3);
-        assert_eq!((stacked[0].m, stacked[0].n, stacked[0].k), (10, 16, 8));
-        assert_eq!(stacked[1].bias, Some(params().b2));
-        assert_eq!(stacked[2].bias, None);
-        // The tangent rows of the hidden layer start after the T primal rows.
-        assert_eq!(stacked[2].a, 0x200000 + 5 * 16 * 2);
-        let apart = gemms(0x900000);
-        assert_eq!(apart.len(), 4);
-        assert_eq!(apart[1].c, 0x200000 + 5 * 16 * 2);
+            .collect();
+        assert_eq!(gemms.len(), steps.len(), "only GEMMs");
+        assert_eq!(gemms.len(), 4);
+        let th = h2 + 5 * 16 * 2;
+        assert_eq!(
+            (gemms[0].a, gemms[0].c, gemms[0].bias),
+            (x, g, Some(params().b1))
+        );
+        assert_eq!(gemms[0].act, GemmAct::GeluAux { aux: h2 });
+        assert_eq!((gemms[1].a, gemms[1].c, gemms[1].bias), (tx, th, None));
+        assert_eq!(gemms[1].act, GemmAct::DGelu { aux: h2 });
+        assert_eq!(
+            (gemms[2].a, gemms[2].c, gemms[2].bias),
+            (g, y, Some(params().b2))
+        );
+        assert_eq!((gemms[3].a, gemms[3].c, gemms[3].bias), (th, ty, None));
+        assert!(gemms[2..].iter().all(|g| g.act == GemmAct::None));
     }
 
     #[test]

@@ -466,7 +466,7 @@ pub fn mlp_forward(x: &Tensor, p: &Mlp, dtype: DType) -> Result<Tensor> {
     mlp::forward(&gpu.upload(x, dtype)?, &dp)?.download()
 }
 
-/// y and its tangent on the GPU; x and ẋ go up stacked, so the first layer is one GEMM.
+/// y and its tangent on the GPU.
 pub fn mlp_jvp(x: &Dual, p: &Mlp, dtype: DType) -> Result<Dual> {
     check_mlp(&x.primal, p, dtype)?;
     x.check("mlp", "x")?;

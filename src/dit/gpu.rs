@@ -35,7 +35,7 @@ use super::{Dit, DitConfig};
 use crate::cuda::attention::{self as attn, AttnDims, Variant};
 use crate::cuda::dit as kd;
 use crate::cuda::elementwise::{self as ew, Activation, ResDims, ResJvpPtrs};
-use crate::cuda::launch::{Gemm, Step};
+use crate::cuda::launch::{Gemm, GemmAct, Step};
 use crate::cuda::layernorm::{self as ln, LnDims};
 use crate::cuda::mlp::{self, MlpDims, ParamPtrs};
 use crate::cuda::tensor::one_bits;
@@ -126,13 +126,19 @@ struct Lin {
 
 impl Lin {
     fn fwd(&self, dtype: DType, rows: usize, x: u64, y: u64, bias: bool) -> Step {
-        Gemm::step(
+        self.fwd_act(dtype, rows, x, y, bias, GemmAct::None)
+    }
+
+    /// [`Lin::fwd`] with a GELU epilogue.
+    fn fwd_act(&self, dtype: DType, rows: usize, x: u64, y: u64, bias: bool, act: GemmAct) -> Step {
+        Gemm::step_act(
             dtype,
             (rows, self.out, self.inp),
             (x, false),
             (self.w, true),
             y,
             bias.then_some(self.b),
+            act,
         )
     }
 
@@ -147,6 +153,22 @@ impl Lin {
         ones: u64,
         g: Lin,
         dx: u64,
+    ) -> Vec<Step> {
+        self.bwd_act(dtype, rows, x, dy, ones, g, dx, GemmAct::None)
+    }
+
+    /// [`Lin::bwd`] with an epilogue on dx (DGELU: the gradient through a GELU before the layer).
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_act(
+        &self,
+        dtype: DType,
+        rows: usize,
+        x: u64,
+        dy: u64,
+        ones: u64,
+        g: Lin,
+        dx: u64,
+        dx_act: GemmAct,
     ) -> Vec<Step> {
         let mut s = vec![
             Gemm::step(
@@ -167,13 +189,14 @@ impl Lin {
             ),
         ];
         if dx != 0 {
-            s.push(Gemm::step(
+            s.push(Gemm::step_act(
                 dtype,
                 (rows, self.inp, self.out),
                 (dy, false),
                 (self.w, false),
                 dx,
                 None,
+                dx_act,
             ));
         }
         s
@@ -460,10 +483,8 @@ pub fn plan_block_forward(
             a.rstd2,
             EPS,
         )?);
-        s.push(fc1.fwd(dtype, tn, a.h2, a.pre, false));
-        s.extend(ew::plan_bias_gelu(
-            dtype, tn, hd, a.pre, p.fc1_b, a.pre, a.g,
-        )?);
+        // g = gelu(pre), pre = h2 W1ᵀ + b1 kept for the backward (one GEMM with its epilogue).
+        s.push(fc1.fwd_act(dtype, tn, a.h2, a.g, true, GemmAct::GeluAux { aux: a.pre }));
         s.push(fc2.fwd(dtype, tn, a.g, a.mlp_out, true));
         s.extend(ew::plan_residual_fwd(
             dtype,
@@ -638,15 +659,17 @@ pub fn plan_block_backward(
         g.dmods.gate2,
     )?);
     // The MLP from its saved pre-activation and activation.
-    s.extend(fc2.bwd(dtype, tn, a.g, g.dy, g.ones, dp.fc2(c, hd), g.dg));
-    s.extend(ew::plan_activation_bwd(
-        Activation::Gelu,
+    // dpre = gelu'(pre) ⊙ (dy W2), the activation's gradient in the GEMM's epilogue.
+    s.extend(fc2.bwd_act(
         dtype,
-        tn * hd,
-        a.pre,
+        tn,
+        a.g,
+        g.dy,
+        g.ones,
+        dp.fc2(c, hd),
         g.dg,
-        g.dg,
-    )?);
+        GemmAct::DGelu { aux: a.pre },
+    ));
     s.extend(fc1.bwd(dtype, tn, a.h2, g.dg, g.ones, dp.fc1(c, hd), g.dh));
     s.extend(ln::plan_backward(
         dtype,
