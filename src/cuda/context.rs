@@ -39,7 +39,7 @@ struct Inner {
 
 /// A real GPU through the driver, or the CPU emulator of the kernels (`FLASHJVP_EMULATE=1`).
 enum Backend {
-    Cuda(CudaState),
+    Cuda(Box<CudaState>),
     Emulated(Arc<Emulator>),
 }
 
@@ -546,13 +546,13 @@ fn init_device() -> std::result::Result<Gpu, Error> {
     Ok(Gpu {
         inner: Arc::new(Inner {
             info,
-            backend: Backend::Cuda(CudaState {
+            backend: Backend::Cuda(Box::new(CudaState {
                 ctx,
                 stream,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
                 blas: Mutex::new(None),
-            }),
+            })),
         }),
     })
 }
