@@ -8,6 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
 use flashjvp::cuda::attention::{self as attn, Variant, HEAD_DIMS};
 use flashjvp::cuda::attention_sm90 as sm90;
@@ -335,26 +336,67 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
     );
 }
 
+/// The PTX of every kernel file, compiled once per process (in parallel: NVRTC takes a while per
+/// file).
+fn all_ptx() -> &'static BTreeMap<&'static str, String> {
+    static PTX: OnceLock<BTreeMap<&'static str, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let files = kernel_files();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = files
+                .iter()
+                .map(|f| (*f, s.spawn(move || kernel_ptx(f, ptx_arch(f)).unwrap())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(f, h)| (f, h.join().unwrap()))
+                .collect()
+        })
+    })
+}
+
+/// The kernel emulator (cuda/emu) holds every kernel of every file it compiles, that is all but
+/// the Hopper file's: a kernel missing its FJ_REGISTER line would make emulated runs fail.
+#[test]
+fn every_kernel_is_in_the_emulator() {
+    if !flashjvp::cuda::nvrtc_or_skip() {
+        return;
+    }
+    let Some(emu) = flashjvp::cuda::emulator::emulator_or_skip() else {
+        return;
+    };
+    let have: BTreeSet<&str> = emu.kernels().iter().map(|s| s.as_str()).collect();
+    let mut missing = Vec::new();
+    let mut count = 0;
+    for (file, text) in all_ptx() {
+        if file.ends_with("_sm90.cu") {
+            continue;
+        }
+        for (name, _) in ptx_signatures(text) {
+            count += 1;
+            if !have.contains(name.as_str()) {
+                missing.push(format!("{file}: {name}"));
+            }
+        }
+    }
+    println!("{count} kernels, {} in the emulator", have.len());
+    assert!(count > 100, "only {count} kernels in the PTX");
+    assert!(
+        missing.is_empty(),
+        "kernels the emulator lacks:\n{}",
+        missing.join("\n")
+    );
+}
+
 #[test]
 fn every_launch_matches_its_kernel_signature() {
     if !flashjvp::cuda::nvrtc_or_skip() {
         return;
     }
-    // Compile each file to PTX once (in parallel: NVRTC takes a while per file).
-    let files = kernel_files();
-    let ptx: BTreeMap<&str, String> = std::thread::scope(|s| {
-        let handles: Vec<_> = files
-            .iter()
-            .map(|f| (*f, s.spawn(move || kernel_ptx(f, ptx_arch(f)).unwrap())))
-            .collect();
-        handles
-            .into_iter()
-            .map(|(f, h)| (f, h.join().unwrap()))
-            .collect()
-    });
+    let ptx = all_ptx();
     let mut sigs: BTreeMap<(&str, String), Vec<ArgKind>> = BTreeMap::new();
     let mut maxntid: BTreeMap<String, u32> = BTreeMap::new();
-    for (file, text) in &ptx {
+    for (file, text) in ptx {
         for (name, params) in ptx_signatures(text) {
             sigs.insert((file, name), params);
         }

@@ -557,15 +557,17 @@ fn init_device() -> std::result::Result<Gpu, Error> {
     })
 }
 
-/// The CPU emulator as the process's "GPU": it runs the sm_80 kernels (the Hopper path is not
-/// emulated), with the shared memory an H100 allows per block.
+/// The CPU emulator as the process's "GPU", with the shared memory an H100 allows per block: it
+/// claims sm_80 (the sm_80 kernels run), or sm_90a with `FLASHJVP_EMULATE=sm_90a` (the Hopper
+/// attention kernels run where they apply).
 fn init_emulated() -> std::result::Result<Gpu, Error> {
     let emu = Emulator::get()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arch = super::emulator::arch();
     let info = GpuInfo {
         name: "flashjvp kernel emulator (CPU)".into(),
-        arch: "sm_80".into(),
-        capability: (8, 0),
+        arch: arch.into(),
+        capability: if arch == "sm_90a" { (9, 0) } else { (8, 0) },
         total_mem_bytes: 8 << 30,
         multiprocessors: cpus as u32,
         l2_bytes: 0,

@@ -66,6 +66,32 @@ pub fn requested() -> bool {
         .unwrap_or(false)
 }
 
+/// The architecture the emulated device claims: `FLASHJVP_EMULATE=sm_90a` for the Hopper path
+/// (its kernels then run under the emulator), anything else sm_80.
+pub fn arch() -> &'static str {
+    match std::env::var("FLASHJVP_EMULATE").as_deref() {
+        Ok("sm_90a") => "sm_90a",
+        _ => "sm_80",
+    }
+}
+
+/// For tests that need the emulator itself: it, or `None` after printing "skipped: no kernel
+/// emulator" (no C++ compiler, say), unless FLASHJVP_REQUIRE_EMULATOR is set (CI sets it), where a
+/// failed build fails the test.
+pub fn emulator_or_skip() -> Option<Arc<Emulator>> {
+    match Emulator::get() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            assert!(
+                std::env::var("FLASHJVP_REQUIRE_EMULATOR").is_err(),
+                "FLASHJVP_REQUIRE_EMULATOR is set but the kernel emulator is not usable: {e}"
+            );
+            println!("skipped: no kernel emulator ({e})");
+            None
+        }
+    }
+}
+
 impl Emulator {
     /// The process's emulator: the kernel library is compiled on first use (once per source hash,
     /// cached on disk) and loaded.
@@ -165,7 +191,7 @@ impl Emulator {
                 "the kernel emulator has no kernel {name} (of {}): {}",
                 l.file,
                 if l.file.contains("sm90") {
-                    "the Hopper kernels (wgmma, TMA) are not emulated"
+                    "the Hopper kernels (wgmma, TMA) are not in this emulator build"
                 } else {
                     "is it registered with FJ_REGISTER?"
                 }
@@ -184,10 +210,10 @@ impl Emulator {
                 Arg::I64(v) => slot[0] = v as u64,
                 Arg::I32(v) => slot[0] = v as u32 as u64,
                 Arg::F32(v) => slot[0] = v.to_bits() as u64,
-                Arg::TensorMap(_) => {
-                    return Err(Error::Unsupported(format!(
-                        "the kernel emulator does not run TMA kernels ({name})"
-                    )))
+                Arg::TensorMap(d) => {
+                    d.check()?;
+                    check_range(&format!("the tensor map of {name}"), d.ptr, 1)?;
+                    *slot = encode_tensor_map(&d);
                 }
             }
         }
@@ -223,6 +249,25 @@ impl Emulator {
         }
         Ok(())
     }
+}
+
+/// "FJTMAP\0\0": the first word of an emulator tensor map.
+pub const TENSOR_MAP_MAGIC: u64 = 0x0000_5041_4d54_4a46;
+
+/// The emulator's stand-in for cuTensorMapEncodeTiled's 128 opaque bytes (cuda/emu/README.md):
+/// u64 words [magic, global address, dims 0..3, strides 0..2 in bytes, then u32 box dims 0..3,
+/// element bytes, swizzle bytes (128)]. Always a 128-byte swizzle and zero fill out of bounds, as
+/// [`super::attention_sm90::encode_tensor_map`] asks of the driver.
+pub fn encode_tensor_map(d: &super::attention_sm90::TensorMapDesc) -> [u64; 16] {
+    let mut w = [0u64; 16];
+    w[0] = TENSOR_MAP_MAGIC;
+    w[1] = d.ptr;
+    w[2..5].copy_from_slice(&d.dims);
+    w[5..7].copy_from_slice(&d.strides);
+    w[7] = d.boxdim[0] as u64 | (d.boxdim[1] as u64) << 32;
+    w[8] = d.boxdim[2] as u64 | (d.dtype.size_in_bytes() as u64) << 32;
+    w[9] = 128;
+    w
 }
 
 // ---------------------------------------------------------------------------------------------
