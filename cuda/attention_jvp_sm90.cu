@@ -57,6 +57,9 @@
 // STATUS: compiled for sm_90a with NVRTC 13.0 (no spills, see README.md); its indexing (descriptors,
 // swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; NEVER RUN ON A GPU while written.
 #include "common.cuh"
+#ifdef FJ_HOST_EMU
+#include "emu/sm90.h"  // the CPU emulator's mbarrier, TMA, named barriers and wgmma
+#endif
 
 // The driver's CUtensorMap: 128 opaque bytes, 128-byte aligned (CUDA 13 declares it alignas(128)).
 struct __align__(128) FjTensorMap {
@@ -99,6 +102,7 @@ template <int D, int MODE> struct Cfg {
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers: mbarrier, TMA, wgmma, named barriers, register reallocation.
+#ifndef FJ_HOST_EMU
 __device__ __forceinline__ void mbar_init(fj_u32 bar, fj_u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -145,6 +149,27 @@ __device__ __forceinline__ fj_u64 opaque64(fj_u64 x) {
     asm volatile("" : "+l"(x));
     return x;
 }
+#else  // FJ_HOST_EMU: the same wrappers on the CPU emulator (cuda/emu/sm90.h), call sites named in errors.
+#define FJ_SITE const char *fj_file = __builtin_FILE(), int fj_line = __builtin_LINE()
+inline void mbar_init(fj_u32 bar, fj_u32 count, FJ_SITE) { fj_sm90::mbar_init(bar, count, fj_file, fj_line); }
+inline void mbar_expect_tx(fj_u32 bar, fj_u32 bytes, FJ_SITE) {
+    fj_sm90::mbar_arrive_expect_tx(bar, bytes, fj_file, fj_line);
+}
+inline void mbar_arrive(fj_u32 bar, FJ_SITE) { fj_sm90::mbar_arrive(bar, fj_file, fj_line); }
+inline void mbar_wait(fj_u32 bar, fj_u32 parity, FJ_SITE) { fj_sm90::mbar_wait_parity(bar, parity, fj_file, fj_line); }
+inline void tma_load3(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2, FJ_SITE) {
+    fj_sm90::tma_load_3d(dst, map, bar, c0, c1, c2, fj_file, fj_line);
+}
+inline void tma_prefetch_map(const FjTensorMap* map, FJ_SITE) { fj_sm90::prefetch_tensormap(map, fj_file, fj_line); }
+inline void named_sync(int id, FJ_SITE) { fj_sm90::bar_sync(id, 256, fj_file, fj_line); }
+inline void named_arrive(int id, FJ_SITE) { fj_sm90::bar_arrive(id, 256, fj_file, fj_line); }
+inline void wgmma_fence(FJ_SITE) { fj_sm90::wgmma_fence(fj_file, fj_line); }
+inline void wgmma_commit(FJ_SITE) { fj_sm90::wgmma_commit(fj_file, fj_line); }
+inline void wgmma_wait0(FJ_SITE) { fj_sm90::wgmma_wait(0, fj_file, fj_line); }
+template <int N> inline void fence_regs(float (&)[N]) {}
+template <int N> inline void fence_regs(fj_u32 (&)[N][4]) {}
+inline fj_u64 opaque64(fj_u64 x) { return x; }
+#endif  // FJ_HOST_EMU
 
 // Shared-memory matrix descriptor (PTX "matrix descriptor format"): start address, leading and
 // stride byte offsets (each >> 4, 14 bits), base offset 0 (every slab is 1024-byte aligned), swizzle
@@ -161,6 +186,7 @@ __device__ __forceinline__ fj_u64 desc_kmajor(fj_u32 addr) { return smem_desc(ad
 // (SBO), the next 64 columns one slab further (LBO = slab bytes). Key chunk kc starts kc*16*128 bytes in.
 __device__ __forceinline__ fj_u64 desc_mnmajor(fj_u32 addr, fj_u32 slab) { return smem_desc(addr, slab, 1024); }
 
+#ifndef FJ_HOST_EMU
 template <bool F16>
 __device__ __forceinline__ void fj_wgmma_ss_n48(float (&d)[24], fj_u64 da, fj_u64 db, int scale_d) {
     if (F16) {
@@ -258,6 +284,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4]
     else if constexpr (N == 64) fj_wgmma_rs_n64<F16>(d, a, b);
     else fj_wgmma_rs_n128<F16>(d, a, b);
 }
+#else  // FJ_HOST_EMU: "p, 1, 1, 0, 0" (scale-d, scale-a, scale-b, trans-a, trans-b) and "p = 1, 1, 1, 1" as above.
+template <int N, bool F16> inline void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_u64 b, int scale_d, FJ_SITE) {
+    static_assert(N == 48 || N == 64 || N == 128, "the shapes the device code instantiates");
+    fj_sm90::wgmma_ss(d, N, F16, a, b, scale_d, 1, 1, 0, 0, fj_file, fj_line);
+}
+template <int N, bool F16> inline void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b, FJ_SITE) {
+    static_assert(N == 48 || N == 64 || N == 128, "the shapes the device code instantiates");
+    fj_sm90::wgmma_rs(d, N, F16, a, b, 1, 1, 1, 1, fj_file, fj_line);
+}
+#endif  // FJ_HOST_EMU
 
 // ---------------------------------------------------------------------------------------------
 template <class ST, int D, int MODE>
@@ -272,7 +308,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
 
+#ifndef FJ_HOST_EMU
     extern __shared__ __align__(1024) unsigned char fj_smem[];
+#else
+    FJ_DYN_SMEM(fj_smem);
+#endif
     // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume base offset 0: align.
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
     const fj_u32 sQ = base;                         // tensor t (Q, Qdot), slab s: sQ + (t*SLABS + s)*SLAB_Q
@@ -294,7 +334,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     // The host's figure (attention_sm90.rs: shared_bytes) must cover this layout: a mismatch traps
     // (a launch error) instead of writing past the allocation.
     fj_u32 dyn_smem;
+#ifndef FJ_HOST_EMU
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+#else
+    dyn_smem = fj_sm90::dynamic_smem_size();
+#endif
     if (dyn_smem < (fj_u32)C::SMEM) __trap();
 
     if (tid == 0) {
@@ -306,13 +350,21 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_init(vfull(st), 1);
             mbar_init(vempty(st), 4 * NCONS);
         }
+#ifndef FJ_HOST_EMU
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+        fj_sm90::fence_mbarrier_init(__FILE__, __LINE__);
+#endif
     }
     __syncthreads();
 
     if (wg == 0) {
         // ---------------- producer: one thread issues every copy ----------------
+#ifndef FJ_HOST_EMU
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+#else
+        fj_sm90::setmaxnreg(false, PRODUCER_REGS, __FILE__, __LINE__);
+#endif
         if (tid == 0) {
             tma_prefetch_map(mq);
             tma_prefetch_map(mk);
@@ -352,7 +404,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         }
     } else {
         // ---------------- consumers: 64 query rows per warpgroup ----------------
+#ifndef FJ_HOST_EMU
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+#else
+        fj_sm90::setmaxnreg(true, CONSUMER_REGS, __FILE__, __LINE__);
+#endif
         const int cw = wg - 1;
         const int warp = (tid >> 5) & 3, lane = tid & 31;
         const int g = lane >> 2, t4 = lane & 3;
@@ -560,23 +616,29 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 // ---------------------------------------------------------------------------------------------
 // Entry points: one per (variant, dtype, head dim). Tensor maps by value (__grid_constant__).
 #define FJ_TM const __grid_constant__ FjTensorMap
+#ifndef FJ_REGISTER  // TEMPORARY until common.cuh of the emulator's base runtime defines it
+#define FJ_REGISTER(name)
+#endif
 #define FJ_SM90(DT, ST, D)                                                                                         \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_sm90_##DT##_d##D(                \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, FJ_TM mtk, FJ_TM mtv, fj_u16* o, fj_u16* to, float* lse,          \
         float* tlse, int Nq, int Nk, float scale) {                                                                \
         fj_h::attn_sm90<ST, D, fj_h::FULL>(&mq, &mk, &mv, &mtq, &mtk, &mtv, o, to, lse, tlse, Nq, Nk, scale);      \
     }                                                                                                              \
+    FJ_REGISTER(attention_jvp_sm90_##DT##_d##D)                                                                    \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_nokv_sm90_##DT##_d##D(           \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,   \
         float scale) {                                                                                             \
         fj_h::attn_sm90<ST, D, fj_h::NOKV>(&mq, &mk, &mv, &mtq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
                                            scale);                                                                 \
     }                                                                                                              \
+    FJ_REGISTER(attention_jvp_nokv_sm90_##DT##_d##D)                                                               \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_fwd_sm90_##DT##_d##D(                \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* o, float* lse, int Nq, int Nk, float scale) {                        \
         fj_h::attn_sm90<ST, D, fj_h::FWD>(&mq, &mk, &mv, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
                                           Nk, scale);                                                              \
-    }
+    }                                                                                                              \
+    FJ_REGISTER(attention_fwd_sm90_##DT##_d##D)
 
 FJ_SM90(bf16, FjBF16, 64)
 FJ_SM90(bf16, FjBF16, 128)

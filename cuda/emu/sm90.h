@@ -10,7 +10,9 @@
 //   2. The entry points the kernel file calls under FJ_HOST_EMU (namespace fj_sm90, declared here).
 //   3. Their implementation (#ifdef FJ_SM90_IMPL, compiled once: by runtime.cpp, or by the self-test),
 //      written against a small platform interface (fj_sm90::plat: the running CUDA thread, block / wake,
-//      the block's shared memory, error reporting) plus per-block begin / end / describe hooks.
+//      the block's shared memory, error reporting) plus per-block begin / end / describe hooks; with
+//      FJ_SM90_RUNTIME (runtime.cpp includes this header a second time at its end) also that platform on
+//      runtime.cpp's fibers.
 //
 // What the implementation checks, beyond computing the right values (each failure is an error of the
 // launch naming the thread and the call site, never a hang):
@@ -41,7 +43,8 @@
 // Not modelled: clusters (shared::cluster is the CTA's own shared memory), multicast, L2 / timing, the
 // tensor cores' internal rounding (a k16 step is summed in double and rounded once to f32),
 // generic-proxy stores into TMA / wgmma memory (fence.proxy.async), __syncthreads as a release/acquire.
-#pragma once
+#ifndef FJ_SM90_H_API
+#define FJ_SM90_H_API
 
 #include <algorithm>
 #include <cstddef>
@@ -316,11 +319,23 @@ FJ_SM90_API void wgmma_rs(float* d, int n, bool f16, const u32* a, u64 db, int s
 FJ_SM90_API u32 dynamic_smem_size();
 FJ_SM90_API void setmaxnreg(bool inc, u32 regs, const char* file, int line);
 
+// Per-block hooks of the runtime: before a block's threads start (drops the previous block's state);
+// when they have all exited (an error message, empty when none); what sleeping threads wait for (for a
+// deadlock report; empty when the block used none of this).
+void block_begin();
+std::string block_end();
+std::string describe();
+
 }  // namespace fj_sm90
+#endif  // FJ_SM90_H_API
 
 // =============================================================================================
 // 3. Implementation.
-#ifdef FJ_SM90_IMPL
+#if defined(FJ_SM90_RUNTIME) && !defined(FJ_SM90_IMPL)
+#define FJ_SM90_IMPL
+#endif
+#if defined(FJ_SM90_IMPL) && !defined(FJ_SM90_H_IMPL)
+#define FJ_SM90_H_IMPL
 #include <deque>
 #include <memory>
 
@@ -978,11 +993,9 @@ void setmaxnreg(bool, u32 regs, const char* file, int line) {
 }
 
 // ---- per-block hooks for the runtime -------------------------------------------------------------
-// Called before a block's threads start (drops the previous block's state).
-inline void block_begin() { impl::tls = nullptr; }
+void block_begin() { impl::tls = nullptr; }
 
-// Called when a block's threads have all exited; an error message (empty when none).
-inline std::string block_end() {
+std::string block_end() {
     impl::Block* B = impl::tls;
     impl::tls = nullptr;
     if (!B) return "";
@@ -1009,9 +1022,8 @@ inline std::string block_end() {
     return "";
 }
 
-// What the block's sleeping threads wait for (a deadlock report), grouped by what they wait on; empty
-// when the block has no sm90 state.
-inline std::string describe() {
+// Grouped by what the threads wait on.
+std::string describe() {
     impl::Block* B = impl::tls;
     if (!B) return "";
     std::vector<std::pair<std::string, std::pair<unsigned, unsigned>>> groups;  // what -> (first thread, count)
@@ -1055,3 +1067,32 @@ inline std::string describe() {
 
 }  // namespace fj_sm90
 #endif  // FJ_SM90_IMPL
+
+// =============================================================================================
+// The platform on runtime.cpp's fibers (included at the end of runtime.cpp with FJ_SM90_RUNTIME, where
+// its internals are visible). A sleeping thread is parked as AT_WARP without a warp-slot arrival: no
+// barrier or warp collective wakes it, only wake(); a round with nothing runnable is the runtime's
+// deadlock, whose report appends describe().
+#if defined(FJ_SM90_RUNTIME) && !defined(FJ_SM90_H_RUNTIME)
+#define FJ_SM90_H_RUNTIME
+namespace fj_sm90 {
+namespace plat {
+unsigned tid() { return fj_emu::current("sm90")->linear; }
+unsigned nthreads() { return fj_emu::current("sm90")->blk->n; }
+unsigned char* smem() { return fj_emu::current("sm90")->blk->smem; }
+unsigned smem_bytes() { return fj_emu::current("sm90")->blk->smem_bytes; }
+void block(const char* file, int line) {
+    fj_emu::Fiber* f = fj_emu::current("sm90");
+    f->st = fj_emu::AT_WARP;
+    f->site_file = file;
+    f->site_line = line;
+    fj_emu::yield(f);
+}
+void wake(unsigned t) { fj_emu::current("sm90")->blk->f[t].st = fj_emu::RUNNABLE; }
+void fail(const std::string& msg) {
+    fj_emu::Fiber* f = fj_emu::current("sm90");
+    FJ_FAIL(f, f, msg);
+}
+}  // namespace plat
+}  // namespace fj_sm90
+#endif  // FJ_SM90_RUNTIME
