@@ -23,14 +23,15 @@
 //   - TMA: a wrong tensor-map magic, box / swizzle / alignment rules; the copy reads global memory at
 //     issue, poisons the destination (0xFF, NaN in bf16 and f16) and lands only when its mbarrier phase
 //     completes; overlapping copies in flight; a copy into a barrier object.
-//   - ordering of shared memory between the async proxies, by vector clocks per warp (release: mbarrier
-//     arrive, bar.arrive / bar.sync; acquire: a successful try_wait, bar.sync):
+//   - ordering of shared memory between the async proxies, by vector clocks per thread (release:
+//     mbarrier arrive, bar.arrive / bar.sync; acquire: a successful try_wait, bar.sync):
 //       * a wgmma reading shared memory that a TMA wrote requires every thread of the warpgroup to have
 //         observed (waited for) the completion that landed it ("missing full-barrier wait"), and no TMA
 //         may be in flight on it; a wgmma reading memory no TMA wrote is an error;
-//       * a TMA overwriting shared memory that a wgmma read requires the read to be complete
-//         (wgmma.wait_group) and ordered before the copy by a release of the reading warp acquired by
-//         the issuing thread ("missing empty-barrier wait"), whatever the fiber schedule;
+//       * a TMA overwriting shared memory that a wgmma read requires some thread of the reading
+//         warpgroup to have completed the read (wgmma.wait_group) and then released to the issuing
+//         thread, through any chain of barriers ("missing empty-barrier wait", or an arrive before the
+//         wait_group), whatever the fiber schedule;
 //       * the bytes a wgmma read must not change before its wgmma.wait_group.
 //   - wgmma: all 128 threads of the warpgroup rendezvous with identical operands (divergence is an
 //     error), the A fragment is assembled from every thread's registers per the ISA; wgmma.fence before
@@ -367,7 +368,7 @@ std::string hex(u64 v) {
     return b;
 }
 
-typedef std::vector<u32> Clock;  // one component per warp
+typedef std::vector<u32> Clock;  // one component per thread of the block
 void join(Clock& a, const Clock& b) {
     for (size_t i = 0; i < a.size(); ++i) a[i] = std::max(a[i], b[i]);
 }
@@ -393,11 +394,19 @@ struct NBar {
     const char* file = nullptr;
     int line = 0;
 };
+// The reads of one wgmma: per thread of its warpgroup, that thread's clock when it completed the
+// operation (wgmma.wait_group), 0 before.
+struct ReadRec {
+    unsigned t0 = 0;  // first thread of the warpgroup
+    u32 epoch[128] = {};
+    const char* file = nullptr;
+    int line = 0;
+};
 struct Line {
     u32 wbar = kNone;  // barrier whose completion landed the last TMA write
     u64 wseq = 0;      // ... its completion number (1-based)
     bool pending = false;
-    u32 inflight = 0;  // warps with a wgmma reading this line not yet completed
+    std::vector<std::shared_ptr<ReadRec>> readers;  // wgmma reads since that write
 };
 struct Op {
     int n = 0, wg = 0;
@@ -407,7 +416,8 @@ struct Op {
     const u32* a[128];
     u32 a_snap[128][4];
     bool rs = false, write[128];
-    unsigned warps_done = 0, threads_done = 0;
+    unsigned threads_done = 0;
+    std::shared_ptr<ReadRec> rec;
     bool verified = false;
     const unsigned char* smem = nullptr;
     u32 smem_bytes = 0;
@@ -441,14 +451,13 @@ struct WgSlot {  // wgmma rendezvous of one warpgroup
     std::vector<unsigned> waiters;
 };
 struct Block {
-    unsigned n = 0, nwarps = 0;
+    unsigned n = 0;
     unsigned char* smem = nullptr;
     u32 smem_bytes = 0;
     std::vector<Line> lines;
-    std::vector<u32> read_epoch;  // [line][warp]: the reading warp's clock when its read completed
     std::vector<std::pair<u32, MBar>> bars;
     NBar nb[16];
-    std::vector<Clock> clock;  // per warp: its view
+    std::vector<Clock> clock;  // per thread: its view
     std::vector<Thread> th;
     std::vector<WgSlot> wg;
     std::vector<std::unique_ptr<Op>> ops;
@@ -461,16 +470,14 @@ Block& blk() {
     if (!tls) {
         Block& B = tls_storage;
         B.n = plat::nthreads();
-        B.nwarps = (B.n + 31) / 32;
         B.smem = plat::smem();
         B.smem_bytes = plat::smem_bytes();
         B.lines.assign((B.smem_bytes + 127) / 128, Line());
-        B.read_epoch.assign(B.lines.size() * B.nwarps, 0);
         B.bars.clear();
         for (NBar& nb : B.nb) nb = NBar();
-        for (NBar& nb : B.nb) nb.acc = nb.done = Clock(B.nwarps, 0);
-        B.clock.assign(B.nwarps, Clock(B.nwarps, 0));
-        for (unsigned w = 0; w < B.nwarps; ++w) B.clock[w][w] = 1;
+        for (NBar& nb : B.nb) nb.acc = nb.done = Clock(B.n, 0);
+        B.clock.assign(B.n, Clock(B.n, 0));
+        for (unsigned t = 0; t < B.n; ++t) B.clock[t][t] = 1;
         B.th.assign(B.n, Thread());
         for (Thread& t : B.th) t.nbar_gen.assign(16, ~0ull);
         B.wg.assign((B.n + 127) / 128, WgSlot());
@@ -499,11 +506,11 @@ MBar& bar_of(Block& B, u32 bar, const char* op, const char* file, int line) {
 }
 
 void release(Block& B, Clock& into) {
-    const unsigned w = plat::tid() / 32;
-    join(into, B.clock[w]);
-    B.clock[w][w]++;
+    const unsigned t = plat::tid();
+    join(into, B.clock[t]);
+    B.clock[t][t]++;
 }
-void acquire(Block& B, const Clock& from) { join(B.clock[plat::tid() / 32], from); }
+void acquire(Block& B, const Clock& from) { join(B.clock[plat::tid()], from); }
 
 u64& observed(Thread& t, u32 bar) {
     for (auto& p : t.observed)
@@ -542,7 +549,7 @@ void arrive_on(Block& B, u32 bar, MBar& m, const char* op, const char* file, int
 
 // ---- wgmma -----------------------------------------------------------------------------------
 void complete_op_for(Block& B, Op& op, unsigned tid, const char* file, int line) {
-    const unsigned lt = tid % 128, w = tid / 32, wbit = 1u << (w % 4);
+    const unsigned lt = tid % 128;
     if (!op.verified) {  // the first wait on the operation: the bytes it read must still be there
         op.verified = true;
         Product again;
@@ -561,14 +568,7 @@ void complete_op_for(Block& B, Op& op, unsigned tid, const char* file, int line)
                      " changed while it was in flight (a copy or store into an operand before the wait)",
                  file, line);
     }
-    if (!(op.warps_done & wbit)) {  // this warp's first thread to see it complete: the reads are done
-        op.warps_done |= wbit;
-        for (u32 l : op.prod.lines) {
-            B.lines[l].inflight--;
-            u32& e = B.read_epoch[(size_t)l * B.nwarps + w];
-            e = std::max(e, B.clock[w][w]);
-        }
-    }
+    op.rec->epoch[lt] = B.clock[tid][tid];  // this thread's later releases order the reads
     if (op.write[lt]) {
         u32 bits[128];
         std::memcpy(bits, op.d[lt], sizeof(float) * (op.n / 2));
@@ -700,7 +700,11 @@ void wgmma_issue(float* d, int n, bool f16, const u32* a, u64 da, u64 db, int sc
                          std::to_string(observed(B.th[t], p.first)) +
                          " completions of it (a missing or wrong-parity wait on the \"full\" barrier)",
                      file, line);
-    for (u32 l : op->prod.lines) B.lines[l].inflight += 4;
+    op->rec = std::make_shared<ReadRec>();
+    op->rec->t0 = t0;
+    op->rec->file = file;
+    op->rec->line = line;
+    for (u32 l : op->prod.lines) B.lines[l].readers.push_back(op->rec);
     // Accumulators: the input is the pending result of the last in-flight wgmma on the same registers.
     const int nh = n / 2;
     op->result.assign((size_t)128 * nh, 0.f);
@@ -774,7 +778,7 @@ void mbar_init(u32 bar, u32 count, const char* file, int line) {
     }
     *m = MBar();
     m->count = m->pending = count;
-    m->acc = m->done = Clock(B.nwarps, 0);
+    m->acc = m->done = Clock(B.n, 0);
     m->marker = 0x4d42415200000000ull | ((u64)bar << 8) | count;  // "MBAR"
     std::memcpy(B.smem + bar, &m->marker, 8);
     for (Thread& t : B.th) observed(t, bar) = 0;
@@ -840,7 +844,8 @@ void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, cons
             fail(std::string(op) + ": the destination [" + hex(dst) + ", +" + std::to_string(bytes) +
                      ") covers the mbarrier object at " + hex(p.first),
                  file, line);
-    const unsigned w = plat::tid() / 32;
+    const Clock& mine = B.clock[plat::tid()];
+    std::vector<const ReadRec*> ordered;  // read records already found ordered before this copy
     for (u32 l = dst / 128; l < (dst + bytes + 127) / 128; ++l) {
         const Line& L = B.lines[l];
         if (L.pending)
@@ -858,19 +863,28 @@ void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, cons
                          "stage: a missing or wrong-parity wait on the \"empty\" barrier)",
                      file, line);
         }
-        if (L.inflight)
-            fail(std::string(op) + " overwrites shared memory [" + hex(l * 128) +
-                     ", +128) that a wgmma still in flight reads (no wgmma.wait_group / \"empty\" barrier before "
-                     "the refill)",
-                 file, line);
-        for (unsigned r = 0; r < B.nwarps; ++r) {
-            const u32 ep = B.read_epoch[(size_t)l * B.nwarps + r];
-            if (ep > B.clock[w][r])
-                fail(std::string(op) + " overwrites shared memory [" + hex(l * 128) + ", +128) that warp " +
-                         std::to_string(r) + " read with a wgmma, but no release by warp " + std::to_string(r) +
-                         " after that read is ordered before this copy (a missing or wrong-parity wait on the "
-                         "\"empty\" barrier: the refill races with the reader)",
+        for (const auto& rec : L.readers) {
+            if (std::find(ordered.begin(), ordered.end(), rec.get()) != ordered.end()) continue;
+            bool done = false, ok = false;
+            for (unsigned lt = 0; lt < 128 && !ok; ++lt)
+                if (rec->epoch[lt]) {
+                    done = true;
+                    ok = mine[rec->t0 + lt] >= rec->epoch[lt];
+                }
+            if (!done)
+                fail(std::string(op) + " overwrites shared memory [" + hex(l * 128) + ", +128) that the wgmma issued at " +
+                         at(rec->file, rec->line) + " by warpgroup " + std::to_string(rec->t0 / 128) +
+                         " still reads (no thread has waited for it: wgmma.wait_group and an \"empty\" barrier "
+                         "must come before the refill)",
                      file, line);
+            if (!ok)
+                fail(std::string(op) + " overwrites shared memory [" + hex(l * 128) + ", +128) that the wgmma issued at " +
+                         at(rec->file, rec->line) + " by warpgroup " + std::to_string(rec->t0 / 128) +
+                         " read, but no thread of that warpgroup released to this thread after completing the read "
+                         "(an arrive on the \"empty\" barrier before wgmma.wait_group, or a missing or "
+                         "wrong-parity wait on it: the refill races with the reader)",
+                     file, line);
+            ordered.push_back(rec.get());
         }
     }
     Staged s;
@@ -880,7 +894,7 @@ void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, cons
     std::memset(B.smem + dst, 0xff, bytes);  // poison until the copy lands
     for (u32 l = dst / 128; l < (dst + bytes + 127) / 128; ++l) {
         B.lines[l].pending = true;
-        for (unsigned r = 0; r < B.nwarps; ++r) B.read_epoch[(size_t)l * B.nwarps + r] = 0;
+        B.lines[l].readers.clear();
     }
     mb.staged.push_back(std::move(s));
     mb.tx -= bytes;  // complete_tx
@@ -1083,15 +1097,20 @@ unsigned char* smem() { return fj_emu::current("sm90")->blk->smem; }
 unsigned smem_bytes() { return fj_emu::current("sm90")->blk->smem_bytes; }
 void block(const char* file, int line) {
     fj_emu::Fiber* f = fj_emu::current("sm90");
-    f->st = fj_emu::AT_WARP;
+    fj_emu::set_state(*f->blk, f->linear, fj_emu::AT_WARP);
     f->site_file = file;
     f->site_line = line;
     fj_emu::yield(f);
 }
-void wake(unsigned t) { fj_emu::current("sm90")->blk->f[t].st = fj_emu::RUNNABLE; }
-void fail(const std::string& msg) {
+void wake(unsigned t) { fj_emu::set_state(*fj_emu::current("sm90")->blk, t, fj_emu::RUNNABLE); }
+void fail(const std::string& msg) {  // FJ_FAIL(f, f, msg), spelled out with qualified names
     fj_emu::Fiber* f = fj_emu::current("sm90");
-    FJ_FAIL(f, f, msg);
+    fj_emu::Block& b = *f->blk;
+    if (!b.failed) {
+        b.failed = true;
+        b.err = fj_emu::who(*f) + ": " + msg;
+    }
+    fj_emu::abandon(f);
 }
 }  // namespace plat
 }  // namespace fj_sm90

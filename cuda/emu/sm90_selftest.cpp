@@ -520,8 +520,8 @@ int main() {
     f = Faults(); f.wrong_parity = true; expect_error("wrong parity", f, "wrong-parity wait on the \"full\"", "for parity 0 of the mbarrier");
     f = Faults(); f.skip_full_wait = true; expect_error("no full wait", f, "\"full\" barrier");
     f = Faults(); f.skip_empty_wait = true; expect_error("no empty wait", f, "\"empty\"");
-    f = Faults(); f.early_release = true; expect_error("early release", f, "no release by warp", "still in flight");
-    f = Faults(); f.release_before_read = true; expect_error("release first", f, "no release by warp");
+    f = Faults(); f.early_release = true; expect_error("early release", f, "released to this thread", "still reads");
+    f = Faults(); f.release_before_read = true; expect_error("release first", f, "released to this thread");
     f = Faults(); f.bad_magic = true; expect_error("bad magic", f, "magic");
     f = Faults(); f.touch_acc = true; expect_error("acc in flight", f, "written while the operation was in flight");
     f = Faults(); f.divergent = true; expect_error("divergent", f, "divergent wgmma");
