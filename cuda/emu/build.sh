@@ -7,7 +7,8 @@
 #                                               it, run (prints its report; non-zero exit on failure)
 #
 # Environment: CXX (default c++), FJ_EMU_JOBS (parallel compiles, default 2), FJ_EMU_OPT (optimisation
-# of the kernel files, default -O1; the runtime is always -O2).
+# of the kernel files, default -O1; the runtime is always -O2), FJ_EMU_CXXFLAGS (extra flags for every
+# compile, e.g. -DFJ_EMU_UCONTEXT to use the ucontext fiber switch on x86-64 too).
 # Run from anywhere; the repository root is found from this script's location.
 set -u -o pipefail
 
@@ -30,7 +31,7 @@ JOBS=${FJ_EMU_JOBS:-2}
 OPT=${FJ_EMU_OPT:--O1}
 KERNELS="attention_jvp_dv attention_bwd_dv attention_jvp attention_bwd elementwise layernorm_mod dit"
 # The runtime includes fj_emu.h itself, after the system headers; the kernel files get it forced in first.
-COMMON=(-std=c++17 -fPIC -pthread -DFJ_HOST_EMU -I cuda -fno-strict-aliasing -fvisibility=hidden)
+COMMON=(-std=c++17 -fPIC -pthread -DFJ_HOST_EMU -I cuda -fno-strict-aliasing -fvisibility=hidden ${FJ_EMU_CXXFLAGS:-})
 OBJ="$OUT/obj"
 mkdir -p "$OBJ" || exit 1
 
@@ -80,8 +81,44 @@ fi
 mv -f "$OUT/libfjemu.so.tmp" "$OUT/libfjemu.so" || exit 1
 
 if [ $selftest = 1 ]; then
-    if ! $CXX -std=c++17 -O1 -pthread -DFJ_HOST_EMU -I cuda -fno-strict-aliasing \
-        cuda/emu/selftest.cpp -o "$OUT/fjemu_selftest" -L"$OUT" -lfjemu -Wl,-rpath,"$OUT" \
+    # Mutants of attention_jvp.cuh, one bug each (selftest.cpp section 5 expects all to be caught).
+    MUT="$OBJ/mut"
+    mkdir -p "$MUT" || exit 1
+    src=cuda/attention_jvp.cuh
+    mutations=(
+        '/fj_cp_async_wait<1>();  \/\/ everything but the prefetch/{n;s/__syncthreads();/\/* mutant: barrier removed *\//;}'
+        's/fj_cp_async_wait<1>();  \/\/ everything but the prefetch.*/fj_cp_async_wait<2>();  \/\/ mutant/'
+        's/__syncthreads();  \/\/ stage j&1 is refilled.*/\/* mutant: barrier removed *\//'
+        's/fj_mma16816<F16>(s\[2 \* n2\], a, b\[0\], b\[1\]);/fj_mma16816<F16>(s[2 * n2], a, b[1], b[0]);/'
+        's/(e & 1) >= Nk) {/(e \& 1) > Nk) {/'
+        's/const int k_off = ((lane & 7) + (lane >> 4) \* 8) \* SS + ((lane >> 3) & 1) \* 8;/const int k_off = ((lane \& 7) + ((lane >> 3) \& 1) * 8) * SS + (lane >> 4) * 8;/'
+        's/__syncthreads();  \/\/ previous tile fully consumed.*/\/* mutant: barrier removed *\//'
+    )
+    f32_of=(0 0 0 0 0 0 1)
+    mut_objs=()
+    pids=()
+    for i in "${!mutations[@]}"; do
+        n=$((i + 1))
+        sed -e "${mutations[$i]}" "$src" >"$MUT/mut$n.cuh" || exit 1
+        if cmp -s "$src" "$MUT/mut$n.cuh"; then
+            echo "fj_emu build: selftest mutation $n no longer changes $src (update it in build.sh)" >&2
+            exit 1
+        fi
+        $CXX "${COMMON[@]}" $OPT -include cuda/emu/fj_emu.h -I "$MUT" -DFJ_MUT_HEADER="\"mut$n.cuh\"" \
+            -DFJ_MUT_NS=fj_attn_mut$n -DFJ_MUT_NAME=selftest_mut$n -DFJ_MUT_F32=${f32_of[$i]} \
+            -c cuda/emu/selftest_mutant.cpp -o "$MUT/mut$n.o" >"$MUT/mut$n.log" 2>&1 &
+        pids+=($!)
+        mut_objs+=("$MUT/mut$n.o")
+    done
+    for i in "${!pids[@]}"; do
+        if ! wait "${pids[$i]}"; then
+            echo "fj_emu build: compiling selftest mutant $((i + 1)) failed:" >&2
+            cat "$MUT/mut$((i + 1)).log" >&2
+            exit 1
+        fi
+    done
+    if ! $CXX -std=c++17 -O1 -pthread -DFJ_HOST_EMU -I cuda -fno-strict-aliasing ${FJ_EMU_CXXFLAGS:-} \
+        cuda/emu/selftest.cpp "${mut_objs[@]}" -o "$OUT/fjemu_selftest" -L"$OUT" -lfjemu -Wl,-rpath,"$OUT" \
         >"$OBJ/selftest.log" 2>&1; then
         echo "fj_emu build: compiling the selftest failed:" >&2
         cat "$OBJ/selftest.log" >&2

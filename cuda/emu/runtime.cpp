@@ -3,8 +3,8 @@
 // A launch runs its blocks on `workers` OS threads; each block runs entirely on one OS thread, whose
 // CUDA threads are fibers switched cooperatively at scheduling points: __syncthreads, warp collectives
 // (shuffles, __syncwarp, ldmatrix, mma.sync) and thread exit. Between two scheduling points a CUDA
-// thread runs alone. A scheduler round runs every runnable thread of the block once, in index order
-// (seed 0) or in an order drawn from the seed; a round with no runnable thread but live ones is a
+// thread runs alone. At every scheduling point the scheduler runs the runnable thread of lowest index
+// (seed 0) or a runnable thread drawn from the seed; no runnable thread while some are live is a
 // deadlock, reported as an error.
 //
 // Global mutable state: only the kernel registry (filled by static initialisers at load time) and the
@@ -158,6 +158,7 @@ struct Block {
     unsigned n = 0, nwarps = 0, live = 0, bar_count = 0;
     Fiber* f = nullptr;
     WarpSlot* w = nullptr;
+    unsigned long long runnable[16];  // bit i: thread i is RUNNABLE (blocks have at most 1024 threads)
     unsigned char* smem = nullptr;
     unsigned smem_bytes = 0;
     bool failed = false;
@@ -329,6 +330,12 @@ Fiber* current(const char* what) {
 
 inline void yield(Fiber* f) { ctx_switch(f->ctx, f->blk->sched); }
 
+inline void set_state(Block& B, unsigned i, State st) {
+    B.f[i].st = st;
+    if (st == RUNNABLE) B.runnable[i >> 6] |= 1ull << (i & 63);
+    else B.runnable[i >> 6] &= ~(1ull << (i & 63));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Barrier.
 void release_barrier(Block& B, Fiber* cur) {
@@ -344,7 +351,7 @@ void release_barrier(Block& B, Fiber* cur) {
                                  " (every thread of the block must reach the same barrier)");
     }
     for (unsigned i = 0; i < B.n; ++i)
-        if (B.f[i].st == AT_BARRIER) B.f[i].st = RUNNABLE;
+        if (B.f[i].st == AT_BARRIER) set_state(B, i, RUNNABLE);
     B.bar_count = 0;
 }
 
@@ -423,11 +430,11 @@ WarpSlot& arrive(Fiber* f, Coll kind, unsigned mask, const char* file, int line)
 }
 void finish(Fiber* f, WarpSlot& w) {
     Block& B = *f->blk;
-    f->st = AT_WARP;
+    set_state(B, f->linear, AT_WARP);
     if (w.arrived == w.mask) {
         compute(f, B, w);
         for (int l = 0; l < 32; ++l)
-            if (w.mask >> l & 1) B.f[f->warp * 32 + l].st = RUNNABLE;
+            if (w.mask >> l & 1) set_state(B, f->warp * 32 + l, RUNNABLE);
         w.arrived = 0;
         w.kind = C_NONE;
     }
@@ -545,7 +552,7 @@ void thread_exit(Fiber* f) {
     Block& B = *f->blk;
     WarpSlot& w = B.w[f->warp];
     const unsigned bit = 1u << f->lane;
-    f->st = EXITED;
+    set_state(B, f->linear, EXITED);
     f->copies.clear();  // cp.async never retired: the destination keeps its poison
     w.exited |= bit;
     B.live--;
@@ -674,30 +681,52 @@ bool run_block(Worker& W, Launch& L, Block& B) {
         f.b.bid = B.bid;
         f.b.bdim = L.block;
         f.b.gdim = L.grid;
-        ctx_init(f.ctx, f.stack_map + kPage, f.stack_map_len - kPage, &f);
+        // Stack tops staggered by a cache colour: 128 fibers whose stacks all began at the same offset
+        // in a page would contend for the same L1 sets at every switch.
+        const size_t colour = (size_t)((i * 5u) % 64u) * 64u;
+        ctx_init(f.ctx, f.stack_map + kPage, f.stack_map_len - kPage - colour, &f);
     }
-    std::vector<unsigned> order;
-    order.reserve(n);
+    for (unsigned k = 0; k < 16; ++k) {
+        const unsigned lo = k * 64;
+        B.runnable[k] = lo >= n ? 0ull : (n - lo >= 64 ? ~0ull : ((1ull << (n - lo)) - 1));
+    }
+    Fiber** cur_slot = &tls_fiber;
     tls_block = &B;
     while (B.live > 0 && !B.failed) {
-        order.clear();
-        for (unsigned i = 0; i < n; ++i)
-            if (B.f[i].st == RUNNABLE) order.push_back(i);
-        if (order.empty()) {
+        // The next thread: the lowest runnable index (seed 0), or a runnable one drawn from the seed.
+        int next = -1;
+        if (L.seed == 0) {
+            for (unsigned k = 0; k < 16; ++k)
+                if (B.runnable[k]) {
+                    next = (int)(k * 64 + (unsigned)__builtin_ctzll(B.runnable[k]));
+                    break;
+                }
+        } else {
+            unsigned total = 0;
+            for (unsigned k = 0; k < 16; ++k) total += (unsigned)__builtin_popcountll(B.runnable[k]);
+            if (total) {
+                unsigned r = (unsigned)(splitmix(B.rng) % total);
+                for (unsigned k = 0; k < 16 && next < 0; ++k) {
+                    unsigned long long m = B.runnable[k];
+                    const unsigned c = (unsigned)__builtin_popcountll(m);
+                    if (r >= c) {
+                        r -= c;
+                        continue;
+                    }
+                    while (r--) m &= m - 1;  // drop the lowest r set bits
+                    next = (int)(k * 64 + (unsigned)__builtin_ctzll(m));
+                }
+            }
+        }
+        if (next < 0) {
             B.failed = true;
             B.err = "kernel " + L.k->name + " block " + fmt3(B.bid) + ": " + describe_deadlock(B);
             break;
         }
-        if (L.seed != 0)
-            for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix(B.rng) % i]);
-        for (unsigned i : order) {
-            Fiber& f = B.f[i];
-            if (f.st != RUNNABLE) continue;
-            tls_fiber = &f;
-            ctx_switch(B.sched, f.ctx);
-            tls_fiber = nullptr;
-            if (B.failed) break;
-        }
+        Fiber& f = B.f[next];
+        *cur_slot = &f;
+        ctx_switch(B.sched, f.ctx);
+        *cur_slot = nullptr;
     }
     tls_block = nullptr;
     return !B.failed;
@@ -754,6 +783,11 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
             b.u3(f->b.tid);
             const uintptr_t a = (uintptr_t)info->si_addr, lo = (uintptr_t)f->stack_map;
             if (a >= lo && a < lo + kPage) b.str(" (overflow of the emulated thread's stack: FJ_EMU_STACK_KB raises it)");
+#ifdef SI_KERNEL
+            if (sig == SIGSEGV && info->si_code == SI_KERNEL)
+                b.str(" (a general-protection fault: typically a misaligned 16-byte vector access, the GPU's "
+                      "misaligned-address error, or a non-canonical pointer)");
+#endif
         } else {
             b.str(" (in the emulator's scheduler)");
         }
@@ -849,7 +883,7 @@ unsigned char* dyn_smem() { return current("dynamic shared memory")->blk->smem; 
 void syncthreads(const char* file, int line) {
     Fiber* f = current("__syncthreads");
     Block& B = *f->blk;
-    f->st = AT_BARRIER;
+    set_state(B, f->linear, AT_BARRIER);
     f->site_file = file;
     f->site_line = line;
     B.bar_count++;
