@@ -734,6 +734,192 @@ static AttnOutcome test_attention(int dt, int mode, int B, int H, int Nq, int Nk
     return out;
 }
 
+// Every attention_{jvp,jvp_nokv,fwd} kernel (3 dtypes x 25 (d, dv) pairs x 3 variants) at a small shape
+// with query and key tails for every tile size: one line per dtype.
+static void sweep_attention() {
+    const int dims[5] = {32, 64, 72, 96, 128};
+    const char* dts[3] = {"bf16", "f16", "f32"};
+    for (int dt = 0; dt < 3; ++dt) {
+        int n = 0, bad = 0;
+        double worst_o = 0, worst_stat = 0;
+        std::string fails;
+        const double t0 = now();
+        for (int D : dims)
+            for (int DV : dims)
+                for (int mode = 0; mode < 3; ++mode) {
+                    AttnOutcome o =
+                        test_attention(dt, mode, 1, 2, 70, 77, D, DV, dt == 2 ? 1e-4 : 2e-2, false, nullptr, false);
+                    ++n;
+                    worst_o = std::max(worst_o, std::max(o.eo, o.et));
+                    worst_stat = std::max(worst_stat, std::max(o.el, o.etl));
+                    if (!o.ok) {
+                        ++bad;
+                        char buf[300];
+                        snprintf(buf, sizeof buf, " [mode %d d%d dv%d: rc %d %s err o %.1e odot %.1e lse %.1e tlse %.1e]", mode,
+                                 D, DV, o.rc, o.err.c_str(), o.eo, o.et, o.el, o.etl);
+                        fails += buf;
+                    }
+                }
+        char buf[200];
+        snprintf(buf, sizeof buf, "%d of %d kernels match (Nq 70, Nk 77, BH 2); worst o/odot %.1e, lse/tlse %.1e; %.2f s",
+                 n - bad, n, worst_o, worst_stat, now() - t0);
+        check(bad == 0, (std::string("sweep: every attention_{jvp,jvp_nokv,fwd}_") + dts[dt] + " kernel vs f64").c_str(),
+              buf + fails);
+    }
+}
+
+// Backward: attention_bwd_preprocess, dkdv and dq of one (dtype, d, dv) against f64 (the inputs o and
+// lse are the exact forward's, o rounded to the storage type). Errors are relative to the largest
+// |reference| of each output.
+static bool test_attention_bwd(int dt, int D, int DV, int BH, int Nq, int Nk, std::string& detail, double& worst) {
+    std::mt19937 rng(7 + D * 3 + DV + dt);
+    std::normal_distribution<double> nd(0.0, 1.0);
+    auto rnd = [&](size_t n) {
+        std::vector<double> v(n);
+        for (auto& x : v) {
+            const float f = (float)nd(rng);
+            x = dt == 0 ? bf16f(f2bf(f)) : dt == 1 ? fj_f16_to_f32(fj_f32_to_f16(f)) : f;
+        }
+        return v;
+    };
+    auto q = rnd((size_t)BH * Nq * D), k = rnd((size_t)BH * Nk * D), v = rnd((size_t)BH * Nk * DV),
+         dout = rnd((size_t)BH * Nq * DV);
+    const double c = 1.0 / std::sqrt((double)D);
+    // Forward (f64), then o rounded to the storage type as a forward kernel would have written it.
+    std::vector<double> P((size_t)BH * Nq * Nk), o((size_t)BH * Nq * DV), lse((size_t)BH * Nq);
+    for (int bh = 0; bh < BH; ++bh)
+        for (int i = 0; i < Nq; ++i) {
+            double m = -INFINITY;
+            double* p = &P[((size_t)bh * Nq + i) * Nk];
+            for (int j = 0; j < Nk; ++j) {
+                double a = 0;
+                for (int e = 0; e < D; ++e) a += q[((size_t)bh * Nq + i) * D + e] * k[((size_t)bh * Nk + j) * D + e];
+                p[j] = c * a;
+                m = std::max(m, p[j]);
+            }
+            double l = 0;
+            for (int j = 0; j < Nk; ++j) l += (p[j] = std::exp(p[j] - m));
+            for (int j = 0; j < Nk; ++j) p[j] /= l;
+            lse[(size_t)bh * Nq + i] = m + std::log(l);
+            for (int e = 0; e < DV; ++e) {
+                double a = 0;
+                for (int j = 0; j < Nk; ++j) a += p[j] * v[((size_t)bh * Nk + j) * DV + e];
+                o[((size_t)bh * Nq + i) * DV + e] = dt == 0 ? bf16f(f2bf((float)a))
+                                                   : dt == 1 ? fj_f16_to_f32(fj_f32_to_f16((float)a))
+                                                             : (double)(float)a;
+            }
+        }
+    std::vector<double> delta((size_t)BH * Nq), dq((size_t)BH * Nq * D, 0), dk((size_t)BH * Nk * D, 0),
+        dv((size_t)BH * Nk * DV, 0);
+    for (size_t r = 0; r < delta.size(); ++r) {
+        double a = 0;
+        for (int e = 0; e < DV; ++e) a += dout[r * DV + e] * o[r * DV + e];
+        delta[r] = a;
+    }
+    for (int bh = 0; bh < BH; ++bh)
+        for (int i = 0; i < Nq; ++i)
+            for (int j = 0; j < Nk; ++j) {
+                const double p = P[((size_t)bh * Nq + i) * Nk + j];
+                double dp = 0;
+                for (int e = 0; e < DV; ++e) dp += dout[((size_t)bh * Nq + i) * DV + e] * v[((size_t)bh * Nk + j) * DV + e];
+                const double ds = p * (dp - delta[(size_t)bh * Nq + i]);
+                for (int e = 0; e < D; ++e) {
+                    dq[((size_t)bh * Nq + i) * D + e] += c * ds * k[((size_t)bh * Nk + j) * D + e];
+                    dk[((size_t)bh * Nk + j) * D + e] += c * ds * q[((size_t)bh * Nq + i) * D + e];
+                }
+                for (int e = 0; e < DV; ++e) dv[((size_t)bh * Nk + j) * DV + e] += p * dout[((size_t)bh * Nq + i) * DV + e];
+            }
+    // Device buffers in the storage type; outputs poisoned.
+    auto store = [&](const std::vector<double>& x) {
+        std::vector<unsigned char> b(x.size() * (dt == 2 ? 4 : 2));
+        for (size_t i = 0; i < x.size(); ++i) {
+            if (dt == 2) {
+                const float f = (float)x[i];
+                memcpy(&b[4 * i], &f, 4);
+            } else {
+                const fj_u16 h = dt == 0 ? f2bf((float)x[i]) : fj_f32_to_f16((float)x[i]);
+                memcpy(&b[2 * i], &h, 2);
+            }
+        }
+        return b;
+    };
+    auto load = [&](const std::vector<unsigned char>& b, size_t i) -> double {
+        if (dt == 2) {
+            float f;
+            memcpy(&f, &b[4 * i], 4);
+            return f;
+        }
+        fj_u16 h;
+        memcpy(&h, &b[2 * i], 2);
+        return dt == 0 ? bf16f(h) : fj_f16_to_f32(h);
+    };
+    auto bq = store(q), bk = store(k), bv = store(v), bo = store(o), bdo = store(dout);
+    std::vector<unsigned char> bdq(bq.size(), 0xff), bdk(bk.size(), 0xff), bdv(bv.size(), 0xff);
+    std::vector<float> flse(lse.begin(), lse.end()), fdelta(delta.size(), NAN);
+    const char* dts[3] = {"bf16", "f16", "f32"};
+    char pre[64], hd[32];
+    snprintf(pre, sizeof pre, "attention_bwd_preprocess_%s", dts[dt]);
+    if (D == DV) snprintf(hd, sizeof hd, "_d%d", D);
+    else snprintf(hd, sizeof hd, "_d%d_dv%d", D, DV);
+    const std::string kdkdv = std::string("attention_bwd_dkdv_") + dts[dt] + hd;
+    const std::string kdq = std::string("attention_bwd_dq_") + dts[dt] + hd;
+    void *pq = bq.data(), *pk = bk.data(), *pv = bv.data(), *po = bo.data(), *pdo = bdo.data(), *pdq = bdq.data(),
+         *pdk = bdk.data(), *pdv = bdv.data();
+    float *pl = flse.data(), *pd = fdelta.data();
+    int rows = BH * Nq;
+    float scale = (float)c;
+    const unsigned smem = 4 * (2 * 32 * (D + 1) + 2 * 32 * (DV + 1) + 2 * 32 * 33 + 64);
+    int rc = launch(pre, (rows + 3) / 4, 1, 128, 1, 0, {&po, &pdo, &pd, &rows, &DV});
+    if (!rc)
+        rc = launch(kdkdv.c_str(), (Nk + 31) / 32, BH, 128, 1, smem,
+                    {&pq, &pk, &pv, &pdo, &pl, &pd, &pdk, &pdv, &Nq, &Nk, &scale});
+    if (!rc)
+        rc = launch(kdq.c_str(), (Nq + 31) / 32, BH, 128, 1, smem, {&pq, &pk, &pv, &pdo, &pl, &pd, &pdq, &Nq, &Nk, &scale});
+    if (rc) {
+        detail += std::string(" [") + fj_emu_error() + "]";
+        return false;
+    }
+    auto rel = [&](const std::vector<double>& ref, const std::vector<unsigned char>& got) {
+        double mx = 0, e = 0;
+        for (double x : ref) mx = std::max(mx, std::fabs(x));
+        for (size_t i = 0; i < ref.size(); ++i) e = std::max(e, std::fabs(load(got, i) - ref[i]));
+        return std::isnan(e) ? INFINITY : e / std::max(mx, 1e-30);
+    };
+    double ed = 0;
+    for (size_t i = 0; i < delta.size(); ++i) ed = std::max(ed, std::fabs(fdelta[i] - delta[i]));
+    const double eq = rel(dq, bdq), ek = rel(dk, bdk), ev = rel(dv, bdv);
+    const double tol = dt == 2 ? 1e-5 : 1e-2;
+    worst = std::max(worst, std::max(eq, std::max(ek, ev)));
+    if (!(eq < tol && ek < tol && ev < tol && ed < (dt == 2 ? 1e-4 : 1e-2))) {
+        char buf[200];
+        snprintf(buf, sizeof buf, " [d%d dv%d: rel err dq %.1e dk %.1e dv %.1e, delta abs %.1e]", D, DV, eq, ek, ev, ed);
+        detail += buf;
+        return false;
+    }
+    return true;
+}
+static void sweep_attention_bwd() {
+    const int dims[5] = {32, 64, 72, 96, 128};
+    const char* dts[3] = {"bf16", "f16", "f32"};
+    for (int dt = 0; dt < 3; ++dt) {
+        int n = 0, bad = 0;
+        double worst = 0;
+        std::string fails;
+        const double t0 = now();
+        for (int D : dims)
+            for (int DV : dims) {
+                ++n;
+                if (!test_attention_bwd(dt, D, DV, 2, 70, 77, fails, worst)) ++bad;
+            }
+        char buf[200];
+        snprintf(buf, sizeof buf, "%d of %d (d, dv) pairs match (Nq 70, Nk 77, BH 2); worst rel err %.1e; %.2f s", n - bad,
+                 n, worst, now() - t0);
+        check(bad == 0,
+              (std::string("sweep: attention_bwd_{preprocess,dkdv,dq}_") + dts[dt] + " vs f64 (every d, dv)").c_str(),
+              buf + fails);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Mutants: copies of attention_jvp.cuh with one bug each (made by build.sh --selftest, compiled from
 // selftest_mutant.cpp as selftest_mut<N>, the bf16 (or f32) d72 JVP). Each must be caught at seed 0, by
@@ -822,6 +1008,8 @@ int main(int argc, char** argv) {
     test_attention(1, 0, 1, 2, 130, 95, 128, 64, 2e-2, false);
     test_attention(1, 2, 1, 1, 70, 200, 32, 96, 2e-2, false);
     test_attention(2, 0, 1, 2, 300, 300, 72, 72, 1e-4, true);
+    sweep_attention();
+    sweep_attention_bwd();
     test_concurrency();
     test_mutants();
     printf("fj_emu selftest: %d failure%s\n", g_failures, g_failures == 1 ? "" : "s");
