@@ -119,7 +119,7 @@ __device__ __forceinline__ void dkdv(const typename ST::T* __restrict__ q, const
                                      const float* __restrict__ lse, const float* __restrict__ delta,
                                      typename ST::T* __restrict__ dk, typename ST::T* __restrict__ dv, int Nq, int Nk,
                                      float scale) {
-    extern __shared__ __align__(16) unsigned char fj_smem[];
+    FJ_DYN_SMEM(fj_smem);
     const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
     constexpr int RS = D + 1, RSV = DV + 1;
     constexpr int CPT = D / 4, CPTV = DV / 4;  // columns per thread: warp, warp+4, ...
@@ -173,7 +173,7 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
                                    const typename ST::T* __restrict__ v, const typename ST::T* __restrict__ dout,
                                    const float* __restrict__ lse, const float* __restrict__ delta,
                                    typename ST::T* __restrict__ dq_out, int Nq, int Nk, float scale) {
-    extern __shared__ __align__(16) unsigned char fj_smem[];
+    FJ_DYN_SMEM(fj_smem);
     const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
     constexpr int RS = D + 1;
     constexpr int CPT = D / 4;
@@ -222,7 +222,8 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
     extern "C" __global__ void __launch_bounds__(128)                                                         \
         attention_bwd_preprocess_##DT(const ST::T* o, const ST::T* dout, float* delta, int rows, int d) {     \
         fj_attn_bwd::preprocess<ST>(o, dout, delta, rows, d);                                                 \
-    }
+    }                                                                                                         \
+    FJ_REGISTER(attention_bwd_preprocess_##DT)
 
 // dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128).
 #define FJ_ATTN_BWD(DT, ST, D, DV, SUF)                                                                       \
@@ -232,12 +233,14 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
                                      int Nk, float scale) {                                                   \
         fj_attn_bwd::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale);                       \
     }                                                                                                         \
+    FJ_REGISTER(attention_bwd_dkdv_##DT##SUF)                                                                 \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
         attention_bwd_dq_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,         \
                                    const float* lse, const float* delta, ST::T* dq, int Nq, int Nk,           \
                                    float scale) {                                                             \
         fj_attn_bwd::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale);                             \
-    }
+    }                                                                                                         \
+    FJ_REGISTER(attention_bwd_dq_##DT##SUF)
 #define FJ_ATTN_BWD_ALL(D, DV, SUF) \
     FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF) FJ_ATTN_BWD(f32, FjF32, D, DV, SUF)
 #define FJ_ATTN_BWD_SAME(D) FJ_ATTN_BWD_ALL(D, D, _d##D)

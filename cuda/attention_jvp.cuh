@@ -108,7 +108,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     constexpr int PAIR = BC * (SS + SV);        // one K tile and one V tile
     constexpr int STAGE = (NKV / 2) * PAIR;     // elements of one pipeline stage
 
-    extern __shared__ __align__(16) unsigned char fj_smem[];
+    FJ_DYN_SMEM(fj_smem);
     fj_u16* sQ = reinterpret_cast<fj_u16*>(fj_smem);
     fj_u16* sQd = sQ + BR * SS;
     // Stage s holds K, V (, Kdot, Vdot) at sKV + s*STAGE + {0, KT, PAIR, PAIR + KT}.
@@ -447,7 +447,7 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
     constexpr int KS = D + 1;           // K row stride (odd: lane = key reads are conflict-free)
     constexpr int NQ = TAN ? 2 : 1;
 
-    extern __shared__ __align__(16) unsigned char fj_smem[];
+    FJ_DYN_SMEM(fj_smem);
     float* sQ = reinterpret_cast<float*>(fj_smem);  // [F_BR][D]
     float* sQd = sQ + F_BR * D;                     // [F_BR][D]
     float* sK = sQ + NQ * F_BR * D;                 // [F_BC][KS]
@@ -578,6 +578,7 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
                                 float* tlse, int Nq, int Nk, float scale) {                                       \
         fj_attn::attn_tc<ST, D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);         \
     }                                                                                                             \
+    FJ_REGISTER(attention_jvp_##DT##SUF)                                                                          \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
         attention_jvp_nokv_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,         \
                                      fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,              \
@@ -585,12 +586,14 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
         fj_attn::attn_tc<ST, D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
                                                     scale);                                                       \
     }                                                                                                             \
+    FJ_REGISTER(attention_jvp_nokv_##DT##SUF)                                                                     \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
         attention_fwd_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, fj_u16* o, float* lse, int Nq, \
                                 int Nk, float scale) {                                                            \
         fj_attn::attn_tc<ST, D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr,   \
                                                    Nq, Nk, scale);                                                \
-    }
+    }                                                                                                             \
+    FJ_REGISTER(attention_fwd_##DT##SUF)
 
 #define FJ_ATTN_F32(D, DV, SUF)                                                                                   \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
@@ -599,17 +602,20 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
                                float scale) {                                                                     \
         fj_attn::attn_f32<D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);            \
     }                                                                                                             \
+    FJ_REGISTER(attention_jvp_f32##SUF)                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
         attention_jvp_nokv_f32##SUF(const float* q, const float* k, const float* v, const float* tq, float* o,    \
                                     float* to, float* lse, float* tlse, int Nq, int Nk, float scale) {            \
         fj_attn::attn_f32<D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk, scale);  \
     }                                                                                                             \
+    FJ_REGISTER(attention_jvp_nokv_f32##SUF)                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
         attention_fwd_f32##SUF(const float* q, const float* k, const float* v, float* o, float* lse, int Nq,      \
                                int Nk, float scale) {                                                             \
         fj_attn::attn_f32<D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
                                                Nk, scale);                                                        \
-    }
+    }                                                                                                             \
+    FJ_REGISTER(attention_fwd_f32##SUF)
 
 // All three dtypes of one (d, dv) pair.
 #define FJ_ATTN_ALL(D, DV, SUF) FJ_ATTN_TC(bf16, FjBF16, D, DV, SUF) FJ_ATTN_TC(f16, FjF16, D, DV, SUF) FJ_ATTN_F32(D, DV, SUF)

@@ -14,6 +14,15 @@ typedef unsigned int fj_u32;
 typedef unsigned long long fj_u64;
 typedef long long fj_i64;
 
+// The kernels' dynamic shared memory (`FJ_DYN_SMEM(fj_smem);` in a kernel body) and the registration of
+// each extern "C" kernel after its definition (`FJ_REGISTER(name)`, no semicolon): on the device the
+// usual `extern __shared__` array and nothing. The host emulator (cuda/emu, compiled with FJ_HOST_EMU)
+// defines both in cuda/emu/fj_emu.h, together with host versions of the inline-PTX helpers below.
+#ifndef FJ_HOST_EMU
+#define FJ_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define FJ_REGISTER(name)
+#endif
+
 #define FJ_INF __int_as_float(0x7f800000)
 #define FJ_LOG2E 1.4426950408889634f
 #define FJ_LN2 0.6931471805599453f
@@ -32,6 +41,7 @@ __device__ __forceinline__ fj_u16 fj_f32_to_bf16(float f) {
     return (fj_u16)(u >> 16);
 }
 
+#ifndef FJ_HOST_EMU
 __device__ __forceinline__ float fj_f16_to_f32(fj_u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -42,6 +52,7 @@ __device__ __forceinline__ fj_u16 fj_f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif  // FJ_HOST_EMU
 
 // ---------------------------------------------------------------------------------------------
 // Storage types. A kernel is templated on one of these; `T` is what lives in device memory, `V` how
@@ -130,6 +141,7 @@ __device__ __forceinline__ float fj_warp_max(float v) {
 
 // ---------------------------------------------------------------------------------------------
 // Inline PTX: shared-memory addresses, async copies, matrix loads, tensor-core mma.
+#ifndef FJ_HOST_EMU
 __device__ __forceinline__ fj_u32 fj_smem_addr(const void* p) {
     fj_u32 r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
@@ -188,3 +200,4 @@ __device__ __forceinline__ float fj_exp2(float x) {
     asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+#endif  // FJ_HOST_EMU

@@ -50,10 +50,12 @@
             y[i] = x[i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4 + i5 * s5];                            \
         }                                                                                                   \
     }                                                                                                       \
+    FJ_REGISTER(dit_permute_##DT)                                                                           \
     extern "C" __global__ void dit_add_rows_##DT(ST::T* __restrict__ y, const ST::T* __restrict__ x,        \
                                                  fj_i64 n, fj_i64 period) {                                 \
         FJ_DIT_GRID_STRIDE(i, n) y[i] = ST::store(ST::load(y[i]) + ST::load(x[i % period]));                \
     }                                                                                                       \
+    FJ_REGISTER(dit_add_rows_##DT)                                                                          \
     extern "C" __global__ void dit_add_class_##DT(ST::T* __restrict__ y, const ST::T* __restrict__ table,   \
                                                   const int* __restrict__ idx, int rows, int w) {           \
         FJ_DIT_GRID_STRIDE(i, (fj_i64)rows * w) {                                                           \
@@ -62,6 +64,7 @@
             y[i] = ST::store(ST::load(y[i]) + ST::load(table[(fj_i64)idx[r] * w + c]));                     \
         }                                                                                                   \
     }                                                                                                       \
+    FJ_REGISTER(dit_add_class_##DT)                                                                         \
     extern "C" __global__ void dit_class_grad_##DT(const ST::T* __restrict__ dy, const int* __restrict__ idx, \
                                                    ST::T* __restrict__ dtable, int rows, int table_rows,    \
                                                    int w) {                                                 \
@@ -73,9 +76,11 @@
                 if (idx[r] == k) acc += ST::load(dy[(fj_i64)r * w + c]);                                    \
             dtable[i] = ST::store(acc);                                                                     \
         }                                                                                                   \
-    }
+    }                                                                                                       \
+    FJ_REGISTER(dit_class_grad_##DT)
 FJ_FOR_EACH_DTYPE(FJ_DIT)
 
 extern "C" __global__ void dit_scale_f32(const float* __restrict__ x, float* __restrict__ y, float a, fj_i64 n) {
     FJ_DIT_GRID_STRIDE(i, n) y[i] = a * x[i];
 }
+FJ_REGISTER(dit_scale_f32)

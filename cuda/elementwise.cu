@@ -84,6 +84,7 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
     extern "C" __global__ void silu_fwd_##DT(const ST::T* u, ST::T* y, fj_i64 n) {                             \
         FJ_GRID_STRIDE(i, n) y[i] = ST::store(fj_ew::silu(ST::load(u[i])));                                    \
     }                                                                                                          \
+    FJ_REGISTER(silu_fwd_##DT)                                                                                 \
     extern "C" __global__ void silu_jvp_##DT(const ST::T* u, const ST::T* tu, ST::T* y, ST::T* ty, fj_i64 n) { \
         FJ_GRID_STRIDE(i, n) {                                                                                 \
             const float a = ST::load(u[i]), t = ST::load(tu[i]);                                               \
@@ -91,12 +92,15 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             ty[i] = ST::store(fj_ew::silu_grad(a) * t);                                                        \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(silu_jvp_##DT)                                                                                 \
     extern "C" __global__ void silu_bwd_##DT(const ST::T* u, const ST::T* dy, ST::T* du, fj_i64 n) {           \
         FJ_GRID_STRIDE(i, n) du[i] = ST::store(fj_ew::silu_grad(ST::load(u[i])) * ST::load(dy[i]));            \
     }                                                                                                          \
+    FJ_REGISTER(silu_bwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_fwd_##DT(const ST::T* u, ST::T* y, fj_i64 n) {                             \
         FJ_GRID_STRIDE(i, n) y[i] = ST::store(fj_ew::gelu(ST::load(u[i])));                                    \
     }                                                                                                          \
+    FJ_REGISTER(gelu_fwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_jvp_##DT(const ST::T* u, const ST::T* tu, ST::T* y, ST::T* ty, fj_i64 n) { \
         FJ_GRID_STRIDE(i, n) {                                                                                 \
             float g, dg;                                                                                       \
@@ -106,12 +110,15 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             ty[i] = ST::store(dg * t);                                                                         \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(gelu_jvp_##DT)                                                                                 \
     extern "C" __global__ void gelu_bwd_##DT(const ST::T* u, const ST::T* dy, ST::T* du, fj_i64 n) {           \
         FJ_GRID_STRIDE(i, n) du[i] = ST::store(fj_ew::gelu_grad(ST::load(u[i])) * ST::load(dy[i]));            \
     }                                                                                                          \
+    FJ_REGISTER(gelu_bwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_tangent_##DT(const ST::T* pre, const ST::T* tu, ST::T* ty, fj_i64 n) {     \
         FJ_GRID_STRIDE(i, n) ty[i] = ST::store(fj_ew::gelu_grad(ST::load(pre[i])) * ST::load(tu[i]));         \
     }                                                                                                          \
+    FJ_REGISTER(gelu_tangent_##DT)                                                                             \
     extern "C" __global__ void bias_gelu_fwd_##DT(const ST::T* h, const ST::T* bias, ST::T* pre, ST::T* y,     \
                                                   int rows, int cols) {                                        \
         FJ_GRID_STRIDE(i, (fj_i64)rows * cols) {                                                               \
@@ -123,6 +130,7 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             y[i] = ST::store(fj_ew::gelu(ST::load(pr)));                                                       \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(bias_gelu_fwd_##DT)                                                                            \
     extern "C" __global__ void gated_residual_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate,      \
                                                        ST::T* out, int T, int C, int G) {                      \
         FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \
@@ -130,6 +138,7 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             out[i] = ST::store(ST::load(x[i]) + g * ST::load(y[i]));                                           \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(gated_residual_fwd_##DT)                                                                       \
     extern "C" __global__ void gated_residual_jvp_##DT(const ST::T* x, const ST::T* tx, const ST::T* y,        \
                                                        const ST::T* ty, const float* gate, const float* tgate, \
                                                        ST::T* out, ST::T* tout, int T, int C, int G) {         \
@@ -143,6 +152,7 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             tout[i] = ST::store(t);                                                                            \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(gated_residual_jvp_##DT)                                                                       \
     extern "C" __global__ void gated_residual_bwd_##DT(const ST::T* dout, const float* gate, ST::T* dx,        \
                                                        ST::T* dy, int T, int C, int G) {                       \
         FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \
@@ -151,6 +161,7 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             dy[i] = ST::store(gate[fj_ew::gate_index(i, T, C, G)] * d);                                        \
         }                                                                                                      \
     }                                                                                                          \
+    FJ_REGISTER(gated_residual_bwd_##DT)                                                                       \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         gated_residual_bwd_gate_##DT(const ST::T* dout, const ST::T* y, float* dgate, int T, int C, int G) {   \
         __shared__ float red[8][33];                                                                           \
@@ -170,7 +181,8 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
             for (int k = 1; k < 8; ++k) acc += red[k][tx];                                                     \
             atomicAdd(dgate + (fj_i64)grp * C + col, acc);                                                     \
         }                                                                                                      \
-    }
+    }                                                                                                          \
+    FJ_REGISTER(gated_residual_bwd_gate_##DT)
 FJ_FOR_EACH_DTYPE(FJ_EW)
 
 // ---------------------------------------------------------------------------------------------
@@ -209,22 +221,28 @@ __device__ __forceinline__ void timestep(const float* __restrict__ t, const floa
 extern "C" __global__ void timestep_embedding_f32(const float* t, float* e, int N, int dim, float max_period) {
     fj_ew::timestep<false>(t, nullptr, e, nullptr, N, dim, max_period);
 }
+FJ_REGISTER(timestep_embedding_f32)
 extern "C" __global__ void timestep_embedding_jvp_f32(const float* t, const float* tt, float* e, float* te, int N,
                                                       int dim, float max_period) {
     fj_ew::timestep<true>(t, tt, e, te, N, dim, max_period);
 }
+FJ_REGISTER(timestep_embedding_jvp_f32)
 
 // ---------------------------------------------------------------------------------------------
 // Casts.
 extern "C" __global__ void cast_f32_bf16(const float* x, fj_u16* y, fj_i64 n) {
     FJ_GRID_STRIDE(i, n) y[i] = fj_f32_to_bf16(x[i]);
 }
+FJ_REGISTER(cast_f32_bf16)
 extern "C" __global__ void cast_bf16_f32(const fj_u16* x, float* y, fj_i64 n) {
     FJ_GRID_STRIDE(i, n) y[i] = fj_bf16_to_f32(x[i]);
 }
+FJ_REGISTER(cast_bf16_f32)
 extern "C" __global__ void cast_f32_f16(const float* x, fj_u16* y, fj_i64 n) {
     FJ_GRID_STRIDE(i, n) y[i] = fj_f32_to_f16(x[i]);
 }
+FJ_REGISTER(cast_f32_f16)
 extern "C" __global__ void cast_f16_f32(const fj_u16* x, float* y, fj_i64 n) {
     FJ_GRID_STRIDE(i, n) y[i] = fj_f16_to_f32(x[i]);
 }
+FJ_REGISTER(cast_f16_f32)

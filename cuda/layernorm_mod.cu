@@ -245,20 +245,24 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
         fj_ln::fwd<ST, false>(x, nullptr, scale, shift, nullptr, nullptr, y, nullptr, mean, rstd, T, C, G,     \
                               eps);                                                                            \
     }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_fwd_##DT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,        \
                                const float* tscale, const float* tshift, ST::T* y, ST::T* ty, float* mean,     \
                                float* rstd, int T, int C, int G, float eps) {                                  \
         fj_ln::fwd<ST, true>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps);            \
     }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_jvp_##DT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_##DT(const ST::T* dy, const ST::T* x, const float* scale, const float* mean,         \
                                const float* rstd, ST::T* dx, int T, int C, int G) {                            \
         fj_ln::bwd<ST>(dy, x, scale, mean, rstd, dx, T, C, G);                                                 \
     }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_bwd_##DT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_params_##DT(const ST::T* dy, const ST::T* x, const float* mean, const float* rstd,   \
                                       float* dscale, float* dshift, int T, int C, int G) {                     \
         fj_ln::bwd_params<ST>(dy, x, mean, rstd, dscale, dshift, T, C, G);                                     \
-    }
+    }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_bwd_params_##DT)
 FJ_FOR_EACH_DTYPE(FJ_LN)

@@ -1,10 +1,13 @@
 //! Matrix products for the MLP: cuBLASLt (seen doing bf16 GEMMs with epilogues on the lent H200)
 //! with f32 accumulation and f32 scaling for bf16, f16 and f32 storage (f32 in full precision:
-//! `CUBLAS_COMPUTE_32F`, no TF32), an optional bias added to every row by the epilogue.
+//! `CUBLAS_COMPUTE_32F`, no TF32), an optional bias added to every row by the epilogue, and an
+//! optional GELU in it ([`GemmAct`]: GELU, GELU_AUX saving the pre-activation, DGELU applying the
+//! derivative at a saved pre-activation).
 //!
 //! If cuBLASLt has no algorithm for a case (an odd leading dimension of a 16-bit matrix, say) the
-//! product falls back to cuBLAS's `cublasGemmEx`, and the bias to a rank-1 product (bias times a
-//! row of ones) into C followed by the product accumulated onto it (beta = 1).
+//! product falls back to cuBLAS's `cublasGemmEx`, the bias to a rank-1 product (bias times a
+//! row of ones) into C followed by the product accumulated onto it (beta = 1), and the GELU to the
+//! elementwise kernels; `FLASHJVP_GEMM_EPILOGUE=off` forces that path for the activations.
 //!
 //! Row-major to column-major: a row-major C[m, n] is the column-major Cᵀ[n, m], so
 //! C = op(A) op(B) is computed as Cᵀ = op(B)ᵀ op(A)ᵀ, with B's storage as cuBLAS's first operand.
@@ -274,7 +277,10 @@ impl Blas {
                 alignment(aux_of(g.act).unwrap_or(0)),
             ],
         };
-        if let Some(lt) = self.lt {
+        // FLASHJVP_GEMM_EPILOGUE=off keeps activations out of cuBLASLt (diagnosis on a new GPU).
+        let fused_ok = g.act == GemmAct::None
+            || !std::env::var("FLASHJVP_GEMM_EPILOGUE").is_ok_and(|v| v == "off");
+        if let (Some(lt), true) = (self.lt, fused_ok) {
             let algo = match self.algos.get(&key) {
                 Some(a) => *a,
                 None => {
