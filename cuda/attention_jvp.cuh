@@ -11,6 +11,13 @@
 //   l     = sum_j p_j                       O = sum_j p_j v_j
 //   r     = sum_j p_j sdot_j                T = sum_j p_j (vdot_j + sdot_j v_j)
 //   finish: o = O/l, mu = r/l, odot = T/l - mu o, lse = m + ln l, tlse (the tangent of lse) = mu.
+// CENTRED T (full JVP, 16-bit storage): P.Sdot is rounded to bf16/f16 for the tensor cores, and
+// odot = T/l - mu o cancels those rounding errors against mu o, badly when one key dominates a row
+// (Nk = 1 gave a bf16 tangent error of 3.9e-3 under the emulator). The full JVP therefore keeps T
+// centred on the running mu: T = sum_j p_j (vdot_j + (sdot_j - mu) v_j) with the tile's products fed
+// P.(Sdot - mu_new), and when a tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first;
+// then odot = T/l. mu needs whole-row sums of p and p.sdot every tile (two quad shuffles each). The
+// nokv variant keeps the uncentred form: centring it pushed it past 255 registers.
 // Six matrix products per tile: Q K^T, Qdot K^T, Q Kdot^T, P V, P Vdot, (P.Sdot) V; T holds both P Vdot
 // and (P.Sdot) V. Variants:
 //   attention_jvp_*      the full JVP above (tangents on q, k and v).
@@ -95,6 +102,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = MODE != FWD;   // a tangent is carried (qdot at least)
     constexpr bool KVT = MODE == FULL;  // k and v carry tangents
+    constexpr bool CENTER = MODE == FULL;  // T centred on the running mu (see the header)
     constexpr int DP = Cfg<D, DV>::DP, DVP = Cfg<D, DV>::DVP, BC = Cfg<D, DV>::BC;
     constexpr bool QREG = Cfg<D, DV>::QREG;
     constexpr int SS = DP + 8;       // shared row stride of Q, K tiles (16-byte padding against bank conflicts)
@@ -224,7 +232,11 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             if (TAN) acc_t[n][e] = 0.f;
         }
     // Two query rows per thread: row g (fragment elements 0,1) and row g+8 (elements 2,3).
+    // Uncentred (nokv, fwd): l_run, r_run are this thread's partial row sums of p and p.sdot, reduced
+    // over the quad at the end. Centred (full JVP): whole-row sums, reduced every tile, and mu_run =
+    // r_run / l_run is the centre of T.
     float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
+    float mu_run[2] = {0.f, 0.f};
     const float sl2 = scale * FJ_LOG2E;
 
     fj_u32 qf[QREG ? KC : 1][4], qdf[(QREG && TAN) ? KC : 1][4];
@@ -332,29 +344,70 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             m_use[i] = (mx[i] == -FJ_INF) ? 0.f : mx[i];
             alpha[i] = fj_exp2(m_run[i] - m_use[i]);
             m_run[i] = mx[i];
-            l_run[i] *= alpha[i];
-            if (TAN) r_run[i] *= alpha[i];
+            if (!CENTER) {
+                l_run[i] *= alpha[i];
+                if (TAN) r_run[i] *= alpha[i];
+            }
         }
+        if (CENTER) {
+            // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
+            // give the new centre mu, then T moves from the old centre: T += (mu_old - mu_new) O.
+            float lt[2] = {0.f, 0.f}, rt[2] = {0.f, 0.f};
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+            for (int n = 0; n < NS; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                acc_o[n][e] *= alpha[e >> 1];
-                if (TAN) acc_t[n][e] *= alpha[e >> 1];
-            }
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
-                s[n][e] = p;
-                l_run[e >> 1] += p;
-                if (TAN) {
-                    const float ps = p * sd[n][e];
-                    sd[n][e] = ps;
-                    r_run[e >> 1] += ps;
+                for (int e = 0; e < 4; ++e) {
+                    const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
+                    s[n][e] = p;
+                    lt[e >> 1] += p;
+                    rt[e >> 1] += p * sd[TAN ? n : 0][e];
                 }
+            float dmu[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                lt[i] += __shfl_xor_sync(0xffffffffu, lt[i], 1);
+                lt[i] += __shfl_xor_sync(0xffffffffu, lt[i], 2);
+                rt[i] += __shfl_xor_sync(0xffffffffu, rt[i], 1);
+                rt[i] += __shfl_xor_sync(0xffffffffu, rt[i], 2);
+                l_run[i] = l_run[i] * alpha[i] + lt[i];
+                r_run[i] = r_run[i] * alpha[i] + rt[i];
+                const float mu_new = l_run[i] > 0.f ? r_run[i] / l_run[i] : 0.f;
+                dmu[i] = mu_run[i] - mu_new;
+                mu_run[i] = mu_new;
             }
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    acc_o[n][e] *= alpha[e >> 1];
+                    acc_t[TAN ? n : 0][e] = fmaf(acc_t[TAN ? n : 0][e], alpha[e >> 1], dmu[e >> 1] * acc_o[n][e]);
+                }
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sd[TAN ? n : 0][e] = s[n][e] * (sd[TAN ? n : 0][e] - mu_run[e >> 1]);
+        } else {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    acc_o[n][e] *= alpha[e >> 1];
+                    if (TAN) acc_t[n][e] *= alpha[e >> 1];
+                }
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
+                    s[n][e] = p;
+                    l_run[e >> 1] += p;
+                    if (TAN) {
+                        const float ps = p * sd[n][e];
+                        sd[n][e] = ps;
+                        r_run[e >> 1] += ps;
+                    }
+                }
+        }
 
         // ---- O += P V ; T += P Vdot + (P.Sdot) V ----
 #pragma unroll
@@ -392,9 +445,10 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     }
     fj_cp_async_wait<0>();
 
-    // ---- finish: quad-reduce l and r (each thread summed its own columns), normalise, store ----
+    // ---- finish: quad-reduce l and r unless centred (each thread summed its own columns), normalise,
+    // store ----
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 2 && !CENTER; ++i) {
         l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
         l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
         if (TAN) {
@@ -415,8 +469,10 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             const float o0 = acc_o[n][2 * i] * inv_l, o1 = acc_o[n][2 * i + 1] * inv_l;
             *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
             if (TAN) {
-                const float t0 = acc_t[TAN ? n : 0][2 * i] * inv_l - mu * o0;
-                const float t1 = acc_t[TAN ? n : 0][2 * i + 1] * inv_l - mu * o1;
+                // Centred, T/l is odot itself: no cancellation against mu o.
+                const float c = CENTER ? 0.f : mu;
+                const float t0 = acc_t[TAN ? n : 0][2 * i] * inv_l - c * o0;
+                const float t1 = acc_t[TAN ? n : 0][2 * i + 1] * inv_l - c * o1;
                 *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(t0) | ((fj_u32)ST::store(t1) << 16);
             }
         }

@@ -6,8 +6,8 @@
 //   GELU   y = u/2 (1 + th), th = tanh(z), z = a (u + 0.044715 u^3), a = sqrt(2/pi)
 //          y' = (1 + th)/2 + u/2 (1 - th^2) a (1 + 3 * 0.044715 u^2)
 //   JVP: y_dot = y'(u) u_dot.  Backward: du = y'(u) dy.
-//   MLP epilogues: bias_gelu_fwd: pre = h + bias (per column; saved for the JVP and the backward),
-//          y = gelu(pre); gelu_tangent: y_dot = gelu'(pre) u_dot (the tangent GEMM's epilogue).
+//   gelu_tangent: y_dot = gelu'(pre) u_dot (what the tangent GEMM's DGELU epilogue computes; run after
+//          a plain GEMM where cuBLASLt has no algorithm with that epilogue).
 //   Gated residual out = x + g y, gate g f32 [G, C], row t of [T, C] uses group t / (T / G):
 //          out_dot = x_dot + g_dot y + g y_dot;  backward dx = dout, dy = g dout,
 //          dgate[grp, c] = sum over the group's rows of dout y.
@@ -24,7 +24,6 @@
 //   silu_bwd_{dt}(u, dy, du, n)
 //   gelu_fwd_{dt}(u, y, n)                       gelu_jvp_{dt}(u, tu, y opt, ty, n)
 //   gelu_bwd_{dt}(u, dy, du, n)                  gelu_tangent_{dt}(pre, tu, ty, n)
-//   bias_gelu_fwd_{dt}(h, bias, pre opt, y, rows, cols)          (h, pre, y [rows, cols], bias [cols])
 //   gated_residual_fwd_{dt}(x, y, gate, out, T, C, G)
 //   gated_residual_jvp_{dt}(x, tx opt, y, ty opt, gate, tgate opt, out opt, tout, T, C, G)
 //   gated_residual_bwd_{dt}(dout, gate, dx opt, dy, T, C, G)
@@ -119,18 +118,6 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
         FJ_GRID_STRIDE(i, n) ty[i] = ST::store(fj_ew::gelu_grad(ST::load(pre[i])) * ST::load(tu[i]));         \
     }                                                                                                          \
     FJ_REGISTER(gelu_tangent_##DT)                                                                             \
-    extern "C" __global__ void bias_gelu_fwd_##DT(const ST::T* h, const ST::T* bias, ST::T* pre, ST::T* y,     \
-                                                  int rows, int cols) {                                        \
-        FJ_GRID_STRIDE(i, (fj_i64)rows * cols) {                                                               \
-            const int col = (int)(i % cols);                                                                   \
-            const float p = ST::load(h[i]) + ST::load(bias[col]);                                              \
-            /* the saved pre-activation is the rounded value, so the JVP/backward see what y saw */            \
-            const typename ST::T pr = ST::store(p);                                                            \
-            if (pre) pre[i] = pr;                                                                              \
-            y[i] = ST::store(fj_ew::gelu(ST::load(pr)));                                                       \
-        }                                                                                                      \
-    }                                                                                                          \
-    FJ_REGISTER(bias_gelu_fwd_##DT)                                                                            \
     extern "C" __global__ void gated_residual_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate,      \
                                                        ST::T* out, int T, int C, int G) {                      \
         FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \

@@ -445,8 +445,6 @@ mod emulate {
                 ref a => panic!("{}: argument {i} is {a:?}, not a float", l.kernel),
             };
             let name = l.kernel.as_str();
-            let gelu =
-                |u: f64| 0.5 * u * (1.0 + (0.7978845608028654 * (u + 0.044715 * u * u * u)).tanh());
             let gelu_d = |u: f64| {
                 let th = (0.7978845608028654 * (u + 0.044715 * u * u * u)).tanh();
                 0.5 * (1.0 + th)
@@ -528,15 +526,6 @@ mod emulate {
                         }
                     }
                     _ => panic!("no emulation of {name}"),
-                }
-            } else if name == "bias_gelu_fwd_f32" {
-                let (rows, cols) = (int(4), int(5));
-                for i in 0..rows * cols {
-                    let pre = self.get(p(0), i) + self.get(p(1), i % cols);
-                    if p(2) != 0 {
-                        self.set(p(2), i, pre);
-                    }
-                    self.set(p(3), i, gelu(pre));
                 }
             } else if name == "gelu_tangent_f32" || name == "gelu_bwd_f32" {
                 for i in 0..int(3) {

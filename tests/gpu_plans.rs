@@ -129,7 +129,6 @@ fn all_plans() -> Vec<Step> {
             s.extend(ew::plan_activation_bwd(act, dtype, 1000, p(1), p(2), p(3)).unwrap());
         }
         s.extend(ew::plan_gelu_tangent(dtype, 1000, p(1), p(2), p(2)).unwrap());
-        s.extend(ew::plan_bias_gelu(dtype, 10, 100, p(1), p(2), p(1), p(3)).unwrap());
         let rd = ResDims { t: 78, c: 33, g: 3 };
         s.extend(ew::plan_residual_fwd(dtype, rd, p(1), p(2), p(3), p(4)).unwrap());
         let rp = ResJvpPtrs {

@@ -104,33 +104,6 @@ pub fn plan_gelu_tangent(dtype: DType, n: usize, pre: u64, tu: u64, ty: u64) -> 
     )
 }
 
-/// pre = h + bias (rounded to the storage type; skipped when pre is null), y = gelu(pre), for h
-/// [rows, cols] and bias [cols]. pre may alias h.
-pub fn plan_bias_gelu(
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    h: u64,
-    bias: u64,
-    pre: u64,
-    y: u64,
-) -> Result<Vec<Step>> {
-    let dt = dtype_suffix(dtype)?;
-    pointwise(
-        "mlp",
-        format!("bias_gelu_fwd_{dt}"),
-        rows * cols,
-        vec![
-            Arg::Ptr(h),
-            Arg::Ptr(bias),
-            Arg::Ptr(pre),
-            Arg::Ptr(y),
-            int_arg("mlp", "rows", rows)?,
-            int_arg("mlp", "hidden", cols)?,
-        ],
-    )
-}
-
 /// Rows T, columns C, gate groups G of a gated residual.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResDims {
