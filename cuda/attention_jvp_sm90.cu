@@ -616,9 +616,6 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 // ---------------------------------------------------------------------------------------------
 // Entry points: one per (variant, dtype, head dim). Tensor maps by value (__grid_constant__).
 #define FJ_TM const __grid_constant__ FjTensorMap
-#ifndef FJ_REGISTER  // TEMPORARY until common.cuh of the emulator's base runtime defines it
-#define FJ_REGISTER(name)
-#endif
 #define FJ_SM90(DT, ST, D)                                                                                         \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_sm90_##DT##_d##D(                \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, FJ_TM mtk, FJ_TM mtv, fj_u16* o, fj_u16* to, float* lse,          \
