@@ -18,6 +18,13 @@
 // time, the register layout of a wgmma A operand), V and Vdot are read from shared memory as the
 // transposed ("MN-major") B operand. Six products per tile as on sm_80, four for nokv, two for fwd.
 //
+// CENTRED T (full JVP), as in attention_jvp.cuh: P.Sdot rounded to 16 bits would otherwise cancel
+// against mu o in odot = T/l - mu o, badly when one key dominates a row (Nk = 1: bf16 tangent error
+// 5.0e-3 under the CPU emulator). T is kept centred on the running mu: the softmax of tile j reduces
+// the row sums of p and p.sdot over the quad, moves T (tiles < j, complete after the turn's
+// wgmma.wait_group) from the old centre with T = alpha T + (mu_old - mu_new) alpha O, and feeds
+// P.(Sdot - mu_new) to the next turn; then odot = T/l. nokv keeps the uncentred form, as on sm_80.
+//
 // BLOCK: 384 threads = 3 warpgroups; 128 query rows per block. Warpgroup 0 is the producer (one thread
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
 // (registers raised to 240), each owning 64 query rows (the M of wgmma.m64nNk16).
@@ -55,7 +62,9 @@
 //   o/to [B,H,Nq,d] storage dtype, lse/tlse [B,H,Nq] f32; tensors contiguous, 16-byte aligned.
 //
 // STATUS: compiled for sm_90a with NVRTC 13.0 (no spills, see README.md); its indexing (descriptors,
-// swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; NEVER RUN ON A GPU while written.
+// swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; the kernel itself runs on the CPU
+// emulator (cuda/emu/sm90.h: mbarriers, TMA, named barriers, wgmma, with ordering checks), where
+// tests/gpu_attention_sm90.rs passes (FLASHJVP_EMULATE=sm_90a); NEVER RUN ON A GPU.
 #include "common.cuh"
 #ifdef FJ_HOST_EMU
 #include "emu/sm90.h"  // the CPU emulator's mbarrier, TMA, named barriers and wgmma
@@ -304,6 +313,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     typedef Cfg<D, MODE> C;
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = C::TAN, KVT = C::KVT;
+    constexpr bool CENTER = KVT;  // T centred on the running mu (full JVP; see the header)
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
@@ -436,7 +446,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 if (TAN) psa[TAN ? i : 0][e] = 0u;
             }
         // Rows g and g+8 of this warp's 16 (accumulator elements with (i >> 1) & 1 = 0 and 1).
+        // Uncentred (nokv, fwd): l_run, r_run are this thread's partial row sums of p and p.sdot,
+        // reduced over the quad at the end. Centred (full JVP): whole-row sums, reduced every tile, and
+        // mu_run = r_run / l_run is the centre of T.
         float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
+        float mu_run[2] = {0.f, 0.f};
         const float sl2 = scale * FJ_LOG2E;
         const fj_u32 qa = sQ + cw * 64 * 128;  // this warpgroup's 64 rows of every Q slab
 
@@ -534,23 +548,59 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 m_use[h] = (mx[h] == -FJ_INF) ? 0.f : mx[h];
                 alpha[h] = fj_exp2(m_run[h] - m_use[h]);
                 m_run[h] = mx[h];
-                l_run[h] *= alpha[h];
-                if constexpr (TAN) r_run[h] *= alpha[h];
+                if constexpr (!CENTER) {
+                    l_run[h] *= alpha[h];
+                    if constexpr (TAN) r_run[h] *= alpha[h];
+                }
             }
+            if constexpr (CENTER) {
+                // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
+                // give the new centre mu, then T (tiles < j) moves from the old centre:
+                // T = alpha T + (mu_old - mu_new) alpha O. Tile j's products come centred on mu_new.
+                float lt[2] = {0.f, 0.f}, rt[2] = {0.f, 0.f};
 #pragma unroll
-            for (int i = 0; i < NO; ++i) {
-                acc_o[i] *= alpha[(i >> 1) & 1];
-                if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
-            }
+                for (int i = 0; i < NS; ++i) {
+                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    s[i] = p;
+                    lt[(i >> 1) & 1] += p;
+                    rt[(i >> 1) & 1] += p * sd[TAN ? i : 0];
+                }
+                float dmu[2];
 #pragma unroll
-            for (int i = 0; i < NS; ++i) {
-                const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
-                s[i] = p;
-                l_run[(i >> 1) & 1] += p;
-                if constexpr (TAN) {
-                    const float ps = p * sd[i];
-                    sd[i] = ps;
-                    r_run[(i >> 1) & 1] += ps;
+                for (int h = 0; h < 2; ++h) {
+                    lt[h] += __shfl_xor_sync(0xffffffffu, lt[h], 1);
+                    lt[h] += __shfl_xor_sync(0xffffffffu, lt[h], 2);
+                    rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 1);
+                    rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 2);
+                    l_run[h] = l_run[h] * alpha[h] + lt[h];
+                    r_run[h] = r_run[h] * alpha[h] + rt[h];
+                    const float mu_new = l_run[h] > 0.f ? r_run[h] / l_run[h] : 0.f;
+                    dmu[h] = mu_run[h] - mu_new;
+                    mu_run[h] = mu_new;
+                }
+#pragma unroll
+                for (int i = 0; i < NO; ++i) {
+                    acc_o[i] *= alpha[(i >> 1) & 1];
+                    acc_t[TAN ? i : 0] = fmaf(acc_t[TAN ? i : 0], alpha[(i >> 1) & 1], dmu[(i >> 1) & 1] * acc_o[i]);
+                }
+#pragma unroll
+                for (int i = 0; i < NS; ++i) sd[TAN ? i : 0] = s[i] * (sd[TAN ? i : 0] - mu_run[(i >> 1) & 1]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < NO; ++i) {
+                    acc_o[i] *= alpha[(i >> 1) & 1];
+                    if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
+                }
+#pragma unroll
+                for (int i = 0; i < NS; ++i) {
+                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    s[i] = p;
+                    l_run[(i >> 1) & 1] += p;
+                    if constexpr (TAN) {
+                        const float ps = p * sd[i];
+                        sd[i] = ps;
+                        r_run[(i >> 1) & 1] += ps;
+                    }
                 }
             }
             // Accumulator elements 8c..8c+7 (two 8-key blocks) are the A fragment of key chunk c.
@@ -573,9 +623,10 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         }
         turn(ntiles, FjBool<false>(), FjBool<true>());
 
-        // ---- finish: quad-reduce l and r, normalise, store ----
+        // ---- finish: quad-reduce l and r unless centred (then they are whole-row sums), normalise,
+        // store ----
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2 && !CENTER; ++h) {
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
             if (TAN) {
@@ -597,8 +648,10 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 const float o0 = acc_o[4 * n + 2 * h] * inv_l, o1 = acc_o[4 * n + 2 * h + 1] * inv_l;
                 *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
                 if (TAN) {
-                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - mu * o0;
-                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - mu * o1;
+                    // Centred, T/l is odot itself: no cancellation against mu o.
+                    const float c = CENTER ? 0.f : mu;
+                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - c * o0;
+                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - c * o1;
                     *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(a0) | ((fj_u32)ST::store(a1) << 16);
                 }
             }
