@@ -11,13 +11,14 @@
 #               relative errors as ERR lines; gpu_dit: the GPU DiT against the CPU DiT and the toy
 #               rCM pipeline on cuda; gpu_attention_sm90: the Hopper attention path and the sm80
 #               fallback against the reference, MAX lines; gpu_plans; gpu_sanitize), FLASHJVP_REQUIRE_GPU=1
+#      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
 #   5. compare  scripts/gpu/compare.py: the CLI on cuda against cpu, `flashjvp bench --json`
 #               against PyTorch's cuDNN attention forward (path per row, sm90a beside sm80, the
 #               issue's JVP/cuDNN targets), a device copy and the MLP's forward
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
-# Files back: gpu_ops.log gpu_dit.log gpu_attention_sm90.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
+# Files back: gpu_ops.log mlp_unfused.log gpu_dit.log gpu_attention_sm90.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
 # compare.json summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
@@ -75,6 +76,9 @@ step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
 # ---- 2. the GPU tests (every gpu_* test binary; GPU required)
 step tests 200 "$OUT/tests.tmp" bash "$G/run.sh" tests gpu_
 rm -f "$OUT/tests.tmp"
+# The MLP once more with its GELU outside cuBLASLt's epilogues (elementwise kernels after plain GEMMs):
+# if the tests above fail on the MLP and these pass, cuBLASLt's GELU_AUX/DGELU differ from our contract.
+step mlp_unfused 40 "$OUT/mlp_unfused.log" env FLASHJVP_GEMM_EPILOGUE=off "$G/bin/tests/gpu_ops" mlp
 
 # ---- 3./4. compute-sanitizer on the small odd workload
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
