@@ -18,6 +18,13 @@
 // time, the register layout of a wgmma A operand), V and Vdot are read from shared memory as the
 // transposed ("MN-major") B operand. Six products per tile as on sm_80, four for nokv, two for fwd.
 //
+// CENTRED T (full JVP), as in attention_jvp.cuh: P.Sdot rounded to 16 bits would otherwise cancel
+// against mu o in odot = T/l - mu o, badly when one key dominates a row (Nk = 1: bf16 tangent error
+// 5.0e-3 under the CPU emulator). T is kept centred on the running mu: the softmax of tile j reduces
+// the row sums of p and p.sdot over the quad, moves T (tiles < j, complete after the turn's
+// wgmma.wait_group) from the old centre with T = alpha T + (mu_old - mu_new) alpha O, and feeds
+// P.(Sdot - mu_new) to the next turn; then odot = T/l. nokv keeps the uncentred form, as on sm_80.
+//
 // BLOCK: 384 threads = 3 warpgroups; 128 query rows per block. Warpgroup 0 is the producer (one thread
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
 // (registers raised to 240), each owning 64 query rows (the M of wgmma.m64nNk16).
@@ -55,8 +62,13 @@
 //   o/to [B,H,Nq,d] storage dtype, lse/tlse [B,H,Nq] f32; tensors contiguous, 16-byte aligned.
 //
 // STATUS: compiled for sm_90a with NVRTC 13.0 (no spills, see README.md); its indexing (descriptors,
-// swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; NEVER RUN ON A GPU while written.
+// swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; the kernel itself runs on the CPU
+// emulator (cuda/emu/sm90.h: mbarriers, TMA, named barriers, wgmma, with ordering checks), where
+// tests/gpu_attention_sm90.rs passes (FLASHJVP_EMULATE=sm_90a); NEVER RUN ON A GPU.
 #include "common.cuh"
+#ifdef FJ_HOST_EMU
+#include "emu/sm90.h"  // the CPU emulator's mbarrier, TMA, named barriers and wgmma
+#endif
 
 // The driver's CUtensorMap: 128 opaque bytes, 128-byte aligned (CUDA 13 declares it alignas(128)).
 struct __align__(128) FjTensorMap {
@@ -99,6 +111,7 @@ template <int D, int MODE> struct Cfg {
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers: mbarrier, TMA, wgmma, named barriers, register reallocation.
+#ifndef FJ_HOST_EMU
 __device__ __forceinline__ void mbar_init(fj_u32 bar, fj_u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -145,6 +158,27 @@ __device__ __forceinline__ fj_u64 opaque64(fj_u64 x) {
     asm volatile("" : "+l"(x));
     return x;
 }
+#else  // FJ_HOST_EMU: the same wrappers on the CPU emulator (cuda/emu/sm90.h), call sites named in errors.
+#define FJ_SITE const char *fj_file = __builtin_FILE(), int fj_line = __builtin_LINE()
+inline void mbar_init(fj_u32 bar, fj_u32 count, FJ_SITE) { fj_sm90::mbar_init(bar, count, fj_file, fj_line); }
+inline void mbar_expect_tx(fj_u32 bar, fj_u32 bytes, FJ_SITE) {
+    fj_sm90::mbar_arrive_expect_tx(bar, bytes, fj_file, fj_line);
+}
+inline void mbar_arrive(fj_u32 bar, FJ_SITE) { fj_sm90::mbar_arrive(bar, fj_file, fj_line); }
+inline void mbar_wait(fj_u32 bar, fj_u32 parity, FJ_SITE) { fj_sm90::mbar_wait_parity(bar, parity, fj_file, fj_line); }
+inline void tma_load3(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2, FJ_SITE) {
+    fj_sm90::tma_load_3d(dst, map, bar, c0, c1, c2, fj_file, fj_line);
+}
+inline void tma_prefetch_map(const FjTensorMap* map, FJ_SITE) { fj_sm90::prefetch_tensormap(map, fj_file, fj_line); }
+inline void named_sync(int id, FJ_SITE) { fj_sm90::bar_sync(id, 256, fj_file, fj_line); }
+inline void named_arrive(int id, FJ_SITE) { fj_sm90::bar_arrive(id, 256, fj_file, fj_line); }
+inline void wgmma_fence(FJ_SITE) { fj_sm90::wgmma_fence(fj_file, fj_line); }
+inline void wgmma_commit(FJ_SITE) { fj_sm90::wgmma_commit(fj_file, fj_line); }
+inline void wgmma_wait0(FJ_SITE) { fj_sm90::wgmma_wait(0, fj_file, fj_line); }
+template <int N> inline void fence_regs(float (&)[N]) {}
+template <int N> inline void fence_regs(fj_u32 (&)[N][4]) {}
+inline fj_u64 opaque64(fj_u64 x) { return x; }
+#endif  // FJ_HOST_EMU
 
 // Shared-memory matrix descriptor (PTX "matrix descriptor format"): start address, leading and
 // stride byte offsets (each >> 4, 14 bits), base offset 0 (every slab is 1024-byte aligned), swizzle
@@ -161,6 +195,7 @@ __device__ __forceinline__ fj_u64 desc_kmajor(fj_u32 addr) { return smem_desc(ad
 // (SBO), the next 64 columns one slab further (LBO = slab bytes). Key chunk kc starts kc*16*128 bytes in.
 __device__ __forceinline__ fj_u64 desc_mnmajor(fj_u32 addr, fj_u32 slab) { return smem_desc(addr, slab, 1024); }
 
+#ifndef FJ_HOST_EMU
 template <bool F16>
 __device__ __forceinline__ void fj_wgmma_ss_n48(float (&d)[24], fj_u64 da, fj_u64 db, int scale_d) {
     if (F16) {
@@ -258,6 +293,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4]
     else if constexpr (N == 64) fj_wgmma_rs_n64<F16>(d, a, b);
     else fj_wgmma_rs_n128<F16>(d, a, b);
 }
+#else  // FJ_HOST_EMU: "p, 1, 1, 0, 0" (scale-d, scale-a, scale-b, trans-a, trans-b) and "p = 1, 1, 1, 1" as above.
+template <int N, bool F16> inline void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_u64 b, int scale_d, FJ_SITE) {
+    static_assert(N == 48 || N == 64 || N == 128, "the shapes the device code instantiates");
+    fj_sm90::wgmma_ss(d, N, F16, a, b, scale_d, 1, 1, 0, 0, fj_file, fj_line);
+}
+template <int N, bool F16> inline void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b, FJ_SITE) {
+    static_assert(N == 48 || N == 64 || N == 128, "the shapes the device code instantiates");
+    fj_sm90::wgmma_rs(d, N, F16, a, b, 1, 1, 1, 1, fj_file, fj_line);
+}
+#endif  // FJ_HOST_EMU
 
 // ---------------------------------------------------------------------------------------------
 template <class ST, int D, int MODE>
@@ -268,11 +313,16 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     typedef Cfg<D, MODE> C;
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = C::TAN, KVT = C::KVT;
+    constexpr bool CENTER = KVT;  // T centred on the running mu (full JVP; see the header)
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
 
+#ifndef FJ_HOST_EMU
     extern __shared__ __align__(1024) unsigned char fj_smem[];
+#else
+    FJ_DYN_SMEM(fj_smem);
+#endif
     // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume base offset 0: align.
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
     const fj_u32 sQ = base;                         // tensor t (Q, Qdot), slab s: sQ + (t*SLABS + s)*SLAB_Q
@@ -294,7 +344,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     // The host's figure (attention_sm90.rs: shared_bytes) must cover this layout: a mismatch traps
     // (a launch error) instead of writing past the allocation.
     fj_u32 dyn_smem;
+#ifndef FJ_HOST_EMU
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+#else
+    dyn_smem = fj_sm90::dynamic_smem_size();
+#endif
     if (dyn_smem < (fj_u32)C::SMEM) __trap();
 
     if (tid == 0) {
@@ -306,13 +360,21 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_init(vfull(st), 1);
             mbar_init(vempty(st), 4 * NCONS);
         }
+#ifndef FJ_HOST_EMU
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+        fj_sm90::fence_mbarrier_init(__FILE__, __LINE__);
+#endif
     }
     __syncthreads();
 
     if (wg == 0) {
         // ---------------- producer: one thread issues every copy ----------------
+#ifndef FJ_HOST_EMU
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+#else
+        fj_sm90::setmaxnreg(false, PRODUCER_REGS, __FILE__, __LINE__);
+#endif
         if (tid == 0) {
             tma_prefetch_map(mq);
             tma_prefetch_map(mk);
@@ -352,7 +414,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         }
     } else {
         // ---------------- consumers: 64 query rows per warpgroup ----------------
+#ifndef FJ_HOST_EMU
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+#else
+        fj_sm90::setmaxnreg(true, CONSUMER_REGS, __FILE__, __LINE__);
+#endif
         const int cw = wg - 1;
         const int warp = (tid >> 5) & 3, lane = tid & 31;
         const int g = lane >> 2, t4 = lane & 3;
@@ -380,7 +446,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 if (TAN) psa[TAN ? i : 0][e] = 0u;
             }
         // Rows g and g+8 of this warp's 16 (accumulator elements with (i >> 1) & 1 = 0 and 1).
+        // Uncentred (nokv, fwd): l_run, r_run are this thread's partial row sums of p and p.sdot,
+        // reduced over the quad at the end. Centred (full JVP): whole-row sums, reduced every tile, and
+        // mu_run = r_run / l_run is the centre of T.
         float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
+        float mu_run[2] = {0.f, 0.f};
         const float sl2 = scale * FJ_LOG2E;
         const fj_u32 qa = sQ + cw * 64 * 128;  // this warpgroup's 64 rows of every Q slab
 
@@ -478,23 +548,59 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 m_use[h] = (mx[h] == -FJ_INF) ? 0.f : mx[h];
                 alpha[h] = fj_exp2(m_run[h] - m_use[h]);
                 m_run[h] = mx[h];
-                l_run[h] *= alpha[h];
-                if constexpr (TAN) r_run[h] *= alpha[h];
+                if constexpr (!CENTER) {
+                    l_run[h] *= alpha[h];
+                    if constexpr (TAN) r_run[h] *= alpha[h];
+                }
             }
+            if constexpr (CENTER) {
+                // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
+                // give the new centre mu, then T (tiles < j) moves from the old centre:
+                // T = alpha T + (mu_old - mu_new) alpha O. Tile j's products come centred on mu_new.
+                float lt[2] = {0.f, 0.f}, rt[2] = {0.f, 0.f};
 #pragma unroll
-            for (int i = 0; i < NO; ++i) {
-                acc_o[i] *= alpha[(i >> 1) & 1];
-                if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
-            }
+                for (int i = 0; i < NS; ++i) {
+                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    s[i] = p;
+                    lt[(i >> 1) & 1] += p;
+                    rt[(i >> 1) & 1] += p * sd[TAN ? i : 0];
+                }
+                float dmu[2];
 #pragma unroll
-            for (int i = 0; i < NS; ++i) {
-                const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
-                s[i] = p;
-                l_run[(i >> 1) & 1] += p;
-                if constexpr (TAN) {
-                    const float ps = p * sd[i];
-                    sd[i] = ps;
-                    r_run[(i >> 1) & 1] += ps;
+                for (int h = 0; h < 2; ++h) {
+                    lt[h] += __shfl_xor_sync(0xffffffffu, lt[h], 1);
+                    lt[h] += __shfl_xor_sync(0xffffffffu, lt[h], 2);
+                    rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 1);
+                    rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 2);
+                    l_run[h] = l_run[h] * alpha[h] + lt[h];
+                    r_run[h] = r_run[h] * alpha[h] + rt[h];
+                    const float mu_new = l_run[h] > 0.f ? r_run[h] / l_run[h] : 0.f;
+                    dmu[h] = mu_run[h] - mu_new;
+                    mu_run[h] = mu_new;
+                }
+#pragma unroll
+                for (int i = 0; i < NO; ++i) {
+                    acc_o[i] *= alpha[(i >> 1) & 1];
+                    acc_t[TAN ? i : 0] = fmaf(acc_t[TAN ? i : 0], alpha[(i >> 1) & 1], dmu[(i >> 1) & 1] * acc_o[i]);
+                }
+#pragma unroll
+                for (int i = 0; i < NS; ++i) sd[TAN ? i : 0] = s[i] * (sd[TAN ? i : 0] - mu_run[(i >> 1) & 1]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < NO; ++i) {
+                    acc_o[i] *= alpha[(i >> 1) & 1];
+                    if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
+                }
+#pragma unroll
+                for (int i = 0; i < NS; ++i) {
+                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    s[i] = p;
+                    l_run[(i >> 1) & 1] += p;
+                    if constexpr (TAN) {
+                        const float ps = p * sd[i];
+                        sd[i] = ps;
+                        r_run[(i >> 1) & 1] += ps;
+                    }
                 }
             }
             // Accumulator elements 8c..8c+7 (two 8-key blocks) are the A fragment of key chunk c.
@@ -517,9 +623,10 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         }
         turn(ntiles, FjBool<false>(), FjBool<true>());
 
-        // ---- finish: quad-reduce l and r, normalise, store ----
+        // ---- finish: quad-reduce l and r unless centred (then they are whole-row sums), normalise,
+        // store ----
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2 && !CENTER; ++h) {
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
             if (TAN) {
@@ -541,8 +648,10 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 const float o0 = acc_o[4 * n + 2 * h] * inv_l, o1 = acc_o[4 * n + 2 * h + 1] * inv_l;
                 *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
                 if (TAN) {
-                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - mu * o0;
-                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - mu * o1;
+                    // Centred, T/l is odot itself: no cancellation against mu o.
+                    const float c = CENTER ? 0.f : mu;
+                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - c * o0;
+                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - c * o1;
                     *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(a0) | ((fj_u32)ST::store(a1) << 16);
                 }
             }
@@ -566,17 +675,20 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         float* tlse, int Nq, int Nk, float scale) {                                                                \
         fj_h::attn_sm90<ST, D, fj_h::FULL>(&mq, &mk, &mv, &mtq, &mtk, &mtv, o, to, lse, tlse, Nq, Nk, scale);      \
     }                                                                                                              \
+    FJ_REGISTER(attention_jvp_sm90_##DT##_d##D)                                                                    \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_nokv_sm90_##DT##_d##D(           \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,   \
         float scale) {                                                                                             \
         fj_h::attn_sm90<ST, D, fj_h::NOKV>(&mq, &mk, &mv, &mtq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
                                            scale);                                                                 \
     }                                                                                                              \
+    FJ_REGISTER(attention_jvp_nokv_sm90_##DT##_d##D)                                                               \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_fwd_sm90_##DT##_d##D(                \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* o, float* lse, int Nq, int Nk, float scale) {                        \
         fj_h::attn_sm90<ST, D, fj_h::FWD>(&mq, &mk, &mv, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
                                           Nk, scale);                                                              \
-    }
+    }                                                                                                              \
+    FJ_REGISTER(attention_fwd_sm90_##DT##_d##D)
 
 FJ_SM90(bf16, FjBF16, 64)
 FJ_SM90(bf16, FjBF16, 128)

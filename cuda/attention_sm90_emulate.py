@@ -16,6 +16,9 @@ hardware, each piece written from the PTX ISA's description rather than from the
   - the register layouts of wgmma.m64nNk16: accumulator element i of thread (warp w, lane 4g+t) is
     D[16w + g + 8((i>>1)&1), 8(i>>2) + 2t + (i&1)]; the A operand from registers is the per-warp
     mma.m16n8k16 A layout (a0a1: row g, k 2t..; a2a3: row g+8; a4a5: row g, k 2t+8..; a6a7: row g+8);
+  - centred T for the full JVP (the kernel's CENTER): whole-row sums of p and p.sdot every tile, T
+    moved to the new mu (T = alpha T + (mu_old - mu_new) alpha O), P.(Sdot - mu) fed to the value
+    products, odot = T/l;
   - the kernel's schedule: per consumer warpgroup (64 rows each) a first turn (scores of tile 0), steady
     turns (scores of tile j, value products of tile j-1 with the P fragments packed in the previous
     softmax), a last turn; the producer fills ring stages as far ahead as the released stages allow
@@ -201,7 +204,7 @@ def run(d, mode, nq, nk, bh=2, scale=0.37):
             st8 = [dict(acc_o=np.zeros((128, d // 2)), acc_t=np.zeros((128, d // 2)),
                         s=np.zeros((128, bc // 2)), sd=np.zeros((128, bc // 2)),
                         pa=None, psa=None, m=np.full((128, 2), -np.inf), l=np.zeros((128, 2)),
-                        r=np.zeros((128, 2))) for _ in range(NCONS)]
+                        r=np.zeros((128, 2)), mu=np.zeros((128, 2))) for _ in range(NCONS)]
             KC, KC2 = d // 16, bc // 16
 
             def turn(cw, j, scores, values):
@@ -252,16 +255,33 @@ def run(d, mode, nq, nk, bh=2, scale=0.37):
                 m_use = np.where(mx == -np.inf, 0.0, mx)
                 alpha = np.exp2(S["m"] - m_use)
                 S["m"] = mx
-                S["l"] *= alpha
-                S["r"] *= alpha
-                a_half = alpha[:, ((np.arange(d // 2) >> 1) & 1)]
-                S["acc_o"] = S["acc_o"] * a_half
-                S["acc_t"] = S["acc_t"] * a_half
+                cols_half = (np.arange(d // 2) >> 1) & 1
+                a_half = alpha[:, cols_half]
                 p = np.exp2(s - m_use[np.arange(128)[:, None], np.broadcast_to(half, s.shape)])
-                ps = p * sd
-                for h in range(2):
-                    S["l"][:, h] += np.sum(np.where(half == h, p, 0.0), axis=1)
-                    S["r"][:, h] += np.sum(np.where(half == h, ps, 0.0), axis=1)
+                if kvt:
+                    # Centred T (the kernel's CENTER): whole-row sums every tile, T moved to the new mu.
+                    lt, rt = np.zeros((128, 2)), np.zeros((128, 2))
+                    for h in range(2):
+                        lt[:, h] = np.sum(np.where(half == h, p, 0.0), axis=1)
+                        rt[:, h] = np.sum(np.where(half == h, p * sd, 0.0), axis=1)
+                    quad = lambda x: x.reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
+                    S["l"] = S["l"] * alpha + quad(lt)
+                    S["r"] = S["r"] * alpha + quad(rt)
+                    mu_new = np.where(S["l"] > 0, S["r"] / np.where(S["l"] > 0, S["l"], 1.0), 0.0)
+                    dmu = S["mu"] - mu_new
+                    S["mu"] = mu_new
+                    S["acc_o"] = S["acc_o"] * a_half
+                    S["acc_t"] = S["acc_t"] * a_half + dmu[:, cols_half] * S["acc_o"]
+                    ps = p * (sd - mu_new[np.arange(128)[:, None], np.broadcast_to(half, s.shape)])
+                else:
+                    S["l"] *= alpha
+                    S["r"] *= alpha
+                    S["acc_o"] = S["acc_o"] * a_half
+                    S["acc_t"] = S["acc_t"] * a_half
+                    ps = p * sd
+                    for h in range(2):
+                        S["l"][:, h] += np.sum(np.where(half == h, p, 0.0), axis=1)
+                        S["r"][:, h] += np.sum(np.where(half == h, ps, 0.0), axis=1)
                 S["pa"] = [[np.stack([p[:, 8 * cc + 2 * e], p[:, 8 * cc + 2 * e + 1]], 1) for e in range(4)]
                            for cc in range(KC2)]
                 S["psa"] = [[np.stack([ps[:, 8 * cc + 2 * e], ps[:, 8 * cc + 2 * e + 1]], 1) for e in range(4)]
@@ -286,8 +306,11 @@ def run(d, mode, nq, nk, bh=2, scale=0.37):
 
             for cw in range(NCONS):
                 S = st8[cw]
-                l = S["l"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
-                r = S["r"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
+                if kvt:  # centred: already whole-row sums
+                    l, r = S["l"], S["r"]
+                else:
+                    l = S["l"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
+                    r = S["r"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
                 O = np.vstack([from_acc(S["acc_o"], d)])
                 T = from_acc(S["acc_t"], d)
                 # rows of the warpgroup: 16w + g (+8); l per row
@@ -307,7 +330,7 @@ def run(d, mode, nq, nk, bh=2, scale=0.37):
                     mu = rrow[rr] * inv
                     o = O[rr] * inv
                     out["o"][b, row] = o
-                    out["to"][b, row] = T[rr] * inv - mu * o
+                    out["to"][b, row] = T[rr] * inv - (0.0 if kvt else mu) * o
                     out["lse"][b, row] = mrow[rr] * np.log(2) + np.log(lrow[rr])
                     out["tlse"][b, row] = mu
 

@@ -34,6 +34,7 @@
 #endif
 
 #include "fj_emu.h"
+#include "sm90.h"  // Hopper PTX: declarations (the implementation is included at the end)
 
 #define FJ_EMU_C extern "C" __attribute__((visibility("default")))
 
@@ -602,6 +603,7 @@ std::string describe_deadlock(Block& B) {
         if (at_bar) s += " (lanes " + lane_list(at_bar) + " of them wait at __syncthreads)";
         s += ";";
     }
+    s += fj_sm90::describe();
     return s;
 }
 
@@ -691,6 +693,7 @@ bool run_block(Worker& W, Launch& L, Block& B) {
         B.runnable[k] = lo >= n ? 0ull : (n - lo >= 64 ? ~0ull : ((1ull << (n - lo)) - 1));
     }
     Fiber** cur_slot = &tls_fiber;
+    fj_sm90::block_begin();
     tls_block = &B;
     while (B.live > 0 && !B.failed) {
         // The next thread: the lowest runnable index (seed 0), or a runnable one drawn from the seed.
@@ -727,6 +730,11 @@ bool run_block(Worker& W, Launch& L, Block& B) {
         *cur_slot = &f;
         ctx_switch(B.sched, f.ctx);
         *cur_slot = nullptr;
+    }
+    const std::string sm90_err = fj_sm90::block_end();  // leftover Hopper PTX state is an error
+    if (!B.failed && !sm90_err.empty()) {
+        B.failed = true;
+        B.err = "kernel " + L.k->name + " block " + fmt3(B.bid) + ": " + sm90_err;
     }
     tls_block = nullptr;
     return !B.failed;
@@ -1100,3 +1108,7 @@ FJ_EMU_C const char* fj_emu_kernel_signature(int i) {
     const Registry& r = registry();
     return (i >= 0 && (size_t)i < r.kernels.size()) ? r.kernels[i].sig.c_str() : nullptr;
 }
+
+// Hopper PTX (cuda/emu/sm90.h): its implementation, on this file's fibers.
+#define FJ_SM90_RUNTIME
+#include "sm90.h"

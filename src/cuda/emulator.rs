@@ -7,8 +7,9 @@
 //! `FLASHJVP_EMULATE=1` the process's [`super::Gpu`] is this emulator, so the GPU tests, the CLI's
 //! `--device cuda` and the DiT's GPU mode run the real kernel sources and the real launch plans
 //! (argument lists, grids, pointers, GEMM layouts) on the CPU, against the CPU reference. What it
-//! cannot show: speed, the hardware's own rounding inside mma, races that only a real memory model
-//! exposes, and the Hopper kernels (wgmma, TMA), which it refuses with an error.
+//! cannot show: speed, the hardware's own rounding inside mma and wgmma, and races that only a real
+//! memory model exposes. With `FLASHJVP_EMULATE=sm_90a` the Hopper kernels run too (wgmma, TMA,
+//! mbarriers and named barriers in cuda/emu/sm90.h, which checks their ordering).
 //!
 //! Device memory is host memory from `mmap`, each buffer ending at a guard page so that a kernel
 //! reading or writing past an allocation faults at once; every pointer a step names must lie in a
@@ -188,13 +189,9 @@ impl Emulator {
         let name = &l.kernel;
         if !self.kernels.iter().any(|k| k == name) {
             return Err(Error::Unsupported(format!(
-                "the kernel emulator has no kernel {name} (of {}): {}",
-                l.file,
-                if l.file.contains("sm90") {
-                    "the Hopper kernels (wgmma, TMA) are not in this emulator build"
-                } else {
-                    "is it registered with FJ_REGISTER?"
-                }
+                "the kernel emulator has no kernel {name} (of {}): is it registered with \
+                 FJ_REGISTER, and its file listed in cuda/emu/build.sh?",
+                l.file
             )));
         }
         // One 128-byte slot per parameter (the largest kind, a tensor map), value at its start.
