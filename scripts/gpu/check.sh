@@ -26,6 +26,8 @@ export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 G=.gpu
 [ -x "$G/bin/flashjvp" ] || { echo "no $G/bin/flashjvp: run ../shared/gpu/stage.sh first" >&2; exit 2; }
 export FLASHJVP_REQUIRE_GPU=1 RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+# The CPU kernel emulator is for machines without a GPU: never spend device time building it here.
+export FLASHJVP_EMULATOR=off
 # One kernel cache for every process of this call (each test binary, each sanitizer run).
 export FLASHJVP_KERNEL_CACHE=/tmp/flashjvp-kernels
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"

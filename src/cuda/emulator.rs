@@ -19,7 +19,8 @@
 //! Environment: `FLASHJVP_EMULATOR_SEED` (default 1; 0 runs the threads of a block in index order at
 //! every scheduling point, other values in an order drawn from the seed), `FLASHJVP_EMULATOR_WORKERS`
 //! (OS threads running blocks; default: the CPU count), `CXX` (default `c++`),
-//! `FLASHJVP_EMULATOR_DIR` (where the compiled library is cached; default beside the kernel cache).
+//! `FLASHJVP_EMULATOR_DIR` (where the compiled library is cached; default beside the kernel cache),
+//! `FLASHJVP_EMULATOR=off` (never build or load it: the GPU machine's check script sets it).
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
@@ -104,6 +105,11 @@ impl Emulator {
     }
 
     fn load() -> Result<Emulator> {
+        if std::env::var("FLASHJVP_EMULATOR").is_ok_and(|v| v == "off") {
+            return Err(Error::Unsupported(
+                "the kernel emulator is switched off (FLASHJVP_EMULATOR=off)".into(),
+            ));
+        }
         let path = build()?;
         // SAFETY: the library is ours (cuda/emu/runtime.cpp): loading runs only its registry's
         // static initialisers; the symbols have the declared C signatures.
