@@ -277,9 +277,12 @@ impl Blas {
                 alignment(aux_of(g.act).unwrap_or(0)),
             ],
         };
-        // FLASHJVP_GEMM_EPILOGUE=off keeps activations out of cuBLASLt (diagnosis on a new GPU).
-        let fused_ok = g.act == GemmAct::None
-            || !std::env::var("FLASHJVP_GEMM_EPILOGUE").is_ok_and(|v| v == "off");
+        // FLASHJVP_GEMM_EPILOGUE=off keeps activations out of cuBLASLt (diagnosis on a new GPU);
+        // read once per process.
+        static EPILOGUE_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *EPILOGUE_OFF
+            .get_or_init(|| std::env::var("FLASHJVP_GEMM_EPILOGUE").is_ok_and(|v| v == "off"));
+        let fused_ok = g.act == GemmAct::None || !off;
         if let (Some(lt), true) = (self.lt, fused_ok) {
             let algo = match self.algos.get(&key) {
                 Some(a) => *a,
