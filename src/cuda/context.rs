@@ -64,8 +64,8 @@ impl DeviceBuf {
         match self {
             DeviceBuf::Cuda(s) => {
                 use cudarc::driver::DevicePtr;
-                let stream = s.stream().clone();
-                let (p, _guard) = s.device_ptr(&stream);
+                // No events are tracked (one stream), so the guard does nothing.
+                let (p, _guard) = s.device_ptr(s.stream());
                 p
             }
             DeviceBuf::Host(h) => h.ptr(),
