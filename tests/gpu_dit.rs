@@ -265,6 +265,162 @@ fn toy_rcm_pipeline_runs_on_cuda() {
 
 /// Without a GPU, `--device cuda` is an error that says why; with one, a DiT whose head dim the
 /// kernels lack is refused before any training.
+/// The block plans `flashjvp bench dit_block` times, in bf16, against the same plans in f32 on the
+/// same (bf16-representable) inputs: the output and its tangent of the dual forward, then the
+/// backward's input cotangent, modulation and weight gradients. Head dim 64, so on a Hopper (or
+/// under `FLASHJVP_EMULATE=sm_90a`) the bf16 attention takes the sm_90a kernels.
+#[test]
+fn bf16_block_plans_agree_with_f32() {
+    use flashjvp::cuda::launch::Step;
+    use flashjvp::cuda::tensor::one_bits;
+    use flashjvp::dit::gpu::{
+        plan_block_backward, plan_block_forward, BlockAlloc, BlockDims, BlockGradAlloc,
+        BlockParams, Mods,
+    };
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    let (b, n, c, heads) = (2, 40, 128, 2);
+    let d = BlockDims {
+        b,
+        n,
+        c,
+        heads,
+        hd: 4 * c,
+    };
+    let (t, hd) = (d.t(), d.hd);
+    let mut r = rng(21);
+    // Inputs rounded to bf16 once, so that both runs see the same values.
+    let mut input = |shape: &[usize], scale: f64| -> Tensor {
+        let v: Vec<f64> = randn(shape, &mut r)
+            .to_f64_vec()
+            .iter()
+            .map(|x| x * scale)
+            .collect();
+        Tensor::from_f64_vec(v, shape, DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+    };
+    let ws = |fan_in: usize| 1.0 / (fan_in as f64).sqrt();
+    let weights = [
+        input(&[3 * c, c], ws(c)),
+        input(&[3 * c], 0.1),
+        input(&[c, c], ws(c)),
+        input(&[c], 0.1),
+        input(&[hd, c], ws(c)),
+        input(&[hd], 0.1),
+        input(&[c, hd], ws(hd)),
+        input(&[c], 0.1),
+    ];
+    let mods = input(&[6, b, c], 0.3);
+    let tmods = input(&[6, b, c], 0.3);
+    let (x, tx, dout) = (
+        input(&[t, c], 1.0),
+        input(&[t, c], 1.0),
+        input(&[t, c], 1.0),
+    );
+
+    // (output, its tangent, dx, dmods, weight gradients) of one dtype's plans.
+    let run = |dtype: DType| -> Vec<Tensor> {
+        let up = |h: &Tensor, dt: DType| gpu.upload(h, dt).unwrap();
+        let w: Vec<_> = weights.iter().map(|h| up(h, dtype)).collect();
+        let p = BlockParams {
+            qkv_w: w[0].ptr(),
+            qkv_b: w[1].ptr(),
+            proj_w: w[2].ptr(),
+            proj_b: w[3].ptr(),
+            fc1_w: w[4].ptr(),
+            fc1_b: w[5].ptr(),
+            fc2_w: w[6].ptr(),
+            fc2_b: w[7].ptr(),
+        };
+        let (mods_d, tmods_d) = (up(&mods, DType::F32), up(&tmods, DType::F32));
+        let m = Mods::chunks(mods_d.ptr(), 0, b, c);
+        let tm = Mods::chunks(tmods_d.ptr(), 0, b, c);
+        let (xd, txd, doutd) = (up(&x, dtype), up(&tx, dtype), up(&dout, dtype));
+        let ja = BlockAlloc::new(&gpu, dtype, d, &xd, Some(&txd), true).unwrap();
+        gpu.run(
+            &plan_block_forward(
+                gpu.arch(),
+                dtype,
+                d,
+                &p,
+                &m,
+                Some(&tm),
+                &ja.bufs,
+                ja.tangents.as_ref(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let grads = gpu
+            .alloc_stacked(
+                &[
+                    &[3 * c, c],
+                    &[3 * c],
+                    &[c, c],
+                    &[c],
+                    &[hd, c],
+                    &[hd],
+                    &[c, hd],
+                    &[c],
+                    &[t, c],
+                    &[t],
+                ],
+                dtype,
+            )
+            .unwrap();
+        let dmods = gpu.alloc_out(&[6, b, c], DType::F32).unwrap();
+        let (dx, ones) = (&grads[8], &grads[9]);
+        let (width, bits) = one_bits(dtype);
+        let scratch = BlockGradAlloc::new(&gpu, dtype, d, dx.ptr(), ones.ptr()).unwrap();
+        let mut g = scratch.grads;
+        g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
+        g.dp = BlockParams {
+            qkv_w: grads[0].ptr(),
+            qkv_b: grads[1].ptr(),
+            proj_w: grads[2].ptr(),
+            proj_b: grads[3].ptr(),
+            fc1_w: grads[4].ptr(),
+            fc1_b: grads[5].ptr(),
+            fc2_w: grads[6].ptr(),
+            fc2_b: grads[7].ptr(),
+        };
+        let mut steps = vec![
+            Step::Fill {
+                ptr: ones.ptr(),
+                width,
+                count: t,
+                bits,
+            },
+            Step::Copy {
+                src: doutd.ptr(),
+                dst: dx.ptr(),
+                bytes: dx.bytes(),
+            },
+        ];
+        steps.extend(plan_block_backward(dtype, d, &p, &m, &ja.bufs, &g).unwrap());
+        gpu.run(&steps).unwrap();
+        let mut out = vec![
+            ja.out.download().unwrap(),
+            ja.tout.as_ref().unwrap().download().unwrap(),
+            dx.download().unwrap(),
+            dmods.download().unwrap(),
+        ];
+        out.extend(grads[..8].iter().map(|g| g.download().unwrap()));
+        out
+    };
+    let want = run(DType::F32);
+    let got = run(DType::BF16);
+    let names = [
+        "out", "tangent", "dx", "dmods", "dqkv_w", "dqkv_b", "dproj_w", "dproj_b", "dfc1_w",
+        "dfc1_b", "dfc2_w", "dfc2_b",
+    ];
+    for ((name, g), w) in names.iter().zip(&got).zip(&want) {
+        check(&format!("block bf16 vs f32 {name}"), g, w, 2e-2);
+    }
+}
+
 #[test]
 fn cuda_runs_refuse_what_they_cannot_do() {
     let out = std::env::temp_dir().join(format!("flashjvp-rcm-cuda-bad-{}", std::process::id()));
@@ -905,7 +1061,9 @@ mod emulated_block {
     fn emulated_forward(inp: &Inputs) -> Vec<f64> {
         let mut mem = Mem::default();
         let pl = place(&mut mem, inp, false);
-        mem.run(&plan_block_forward(DType::F32, D, &pl.p, &pl.m, None, &pl.a, None).unwrap());
+        mem.run(
+            &plan_block_forward("sm_80", DType::F32, D, &pl.p, &pl.m, None, &pl.a, None).unwrap(),
+        );
         mem.read(pl.a.out, D.t() * D.c)
     }
 
@@ -993,6 +1151,7 @@ mod emulated_block {
                 out: mem.alloc(tn * c),
             };
             let plan = plan_block_forward(
+                "sm_80",
                 DType::F32,
                 D,
                 &pl.p,
@@ -1047,12 +1206,22 @@ mod emulated_block {
                 };
                 let tm = Mods::chunks(mem.put(&dir.mods), 0, D.b, D.c);
                 mem.run(
-                    &plan_block_forward(DType::F32, D, &pl.p, &pl.m, Some(&tm), &pl.a, Some(&tb))
-                        .unwrap(),
+                    &plan_block_forward(
+                        "sm_80",
+                        DType::F32,
+                        D,
+                        &pl.p,
+                        &pl.m,
+                        Some(&tm),
+                        &pl.a,
+                        Some(&tb),
+                    )
+                    .unwrap(),
                 );
             } else {
                 mem.run(
-                    &plan_block_forward(DType::F32, D, &pl.p, &pl.m, None, &pl.a, None).unwrap(),
+                    &plan_block_forward("sm_80", DType::F32, D, &pl.p, &pl.m, None, &pl.a, None)
+                        .unwrap(),
                 );
             }
             let gout = randv(tn * c, 1.0, &mut r);

@@ -184,13 +184,31 @@ fn all_plans() -> Vec<Step> {
 fn dit_plans(dtype: DType) -> Vec<Step> {
     use flashjvp::cuda::dit as kd;
     let mut s = Vec::new();
-    // B 2, N 40 tokens, C 144 = 2 heads of 72, MLP 576.
+    // B 2, N 40 tokens, C 144 = 2 heads of 72 (MLP 576) as an Ampere plans them, and C 128 = 2 heads
+    // of 64 as a Hopper does (its sm_90a attention kernels in bf16/f16).
+    for (arch, c) in [("sm_80", 144), ("sm_90a", 128)] {
+        s.extend(dit_block_plans(arch, dtype, c));
+    }
+    s.extend(kd::plan_permute(dtype, p(1), p(2), &[2, 3, 4, 5, 6, 7], &[1; 6]).unwrap());
+    s.extend(kd::plan_add_rows(dtype, p(1), p(2), 1000, 100).unwrap());
+    s.extend(kd::plan_add_class(dtype, p(1), p(2), p(3), 7, 33).unwrap());
+    s.extend(kd::plan_class_grad(dtype, p(1), p(2), p(3), 7, 11, 33).unwrap());
+    if dtype == DType::F32 {
+        s.extend(kd::plan_scale_f32(p(1), p(2), 10.0, 7).unwrap());
+    }
+    s
+}
+
+/// One block's plans (forward, dual forward with and without tangents on x and the modulation,
+/// backward) at B 2, N 40, width `c` in 2 heads, MLP 4c, on a device of arch `arch`.
+fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
+    let mut s = Vec::new();
     let d = BlockDims {
         b: 2,
         n: 40,
-        c: 144,
+        c,
         heads: 2,
-        hd: 576,
+        hd: 4 * c,
     };
     let bp = BlockParams {
         qkv_w: p(1),
@@ -237,10 +255,10 @@ fn dit_plans(dtype: DType) -> Vec<Step> {
         out: p(39),
     };
     let t0 = BlockTangents { x: 0, ..t };
-    s.extend(plan_block_forward(dtype, d, &bp, &m, None, &a, None).unwrap());
-    s.extend(plan_block_forward(dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap());
-    s.extend(plan_block_forward(dtype, d, &bp, &m, None, &a, Some(&t)).unwrap());
-    s.extend(plan_block_forward(dtype, d, &bp, &m, Some(&tm), &a, Some(&t0)).unwrap());
+    s.extend(plan_block_forward(arch, dtype, d, &bp, &m, None, &a, None).unwrap());
+    s.extend(plan_block_forward(arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap());
+    s.extend(plan_block_forward(arch, dtype, d, &bp, &m, None, &a, Some(&t)).unwrap());
+    s.extend(plan_block_forward(arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t0)).unwrap());
     let g = BlockGrads {
         dx: p(40),
         dy: p(41),
@@ -257,14 +275,47 @@ fn dit_plans(dtype: DType) -> Vec<Step> {
         dp: BlockParams { qkv_w: p(52), ..bp },
     };
     s.extend(plan_block_backward(dtype, d, &bp, &m, &a, &g).unwrap());
-    s.extend(kd::plan_permute(dtype, p(1), p(2), &[2, 3, 4, 5, 6, 7], &[1; 6]).unwrap());
-    s.extend(kd::plan_add_rows(dtype, p(1), p(2), 1000, 100).unwrap());
-    s.extend(kd::plan_add_class(dtype, p(1), p(2), p(3), 7, 33).unwrap());
-    s.extend(kd::plan_class_grad(dtype, p(1), p(2), p(3), 7, 11, 33).unwrap());
-    if dtype == DType::F32 {
-        s.extend(kd::plan_scale_f32(p(1), p(2), 10.0, 7).unwrap());
-    }
     s
+}
+
+/// On a Hopper the DiT block's attention takes the sm_90a kernels where they apply (bf16/f16 at
+/// head dim 64 or 128), the sm_80 ones elsewhere, and always the sm_80 ones on an Ampere.
+#[test]
+fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
+    let kernels = |arch: &str, dtype: DType, c: usize| -> Vec<String> {
+        dit_block_plans(arch, dtype, c)
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Kernel(l) if l.kernel.starts_with("attention_") => Some(l.kernel),
+                _ => None,
+            })
+            .collect()
+    };
+    let hopper = kernels("sm_90a", DType::BF16, 128);
+    assert!(
+        hopper.contains(&"attention_jvp_sm90_bf16_d64".to_string()),
+        "{hopper:?}"
+    );
+    assert!(
+        hopper.contains(&"attention_fwd_sm90_bf16_d64".to_string()),
+        "{hopper:?}"
+    );
+    assert!(!hopper
+        .iter()
+        .any(|k| k.starts_with("attention_jvp_bf16") || k.starts_with("attention_fwd_bf16")));
+    let ampere = kernels("sm_80", DType::BF16, 128);
+    assert!(
+        ampere.contains(&"attention_jvp_bf16_d64".to_string()),
+        "{ampere:?}"
+    );
+    assert!(!ampere.iter().any(|k| k.contains("sm90")), "{ampere:?}");
+    // Head dim 72 and f32 have no Hopper kernel: sm_80's on a Hopper too.
+    assert!(!kernels("sm_90a", DType::BF16, 144)
+        .iter()
+        .any(|k| k.contains("sm90")));
+    assert!(!kernels("sm_90a", DType::F32, 128)
+        .iter()
+        .any(|k| k.contains("sm90")));
 }
 
 #[test]
@@ -278,6 +329,7 @@ fn dit_plans_are_refused_for_unsupported_sizes() {
     };
     // Head dim 48 has no attention kernel: an error, not a launch.
     let e = plan_block_forward(
+        "sm_80",
         DType::F32,
         d,
         &BlockParams::default(),

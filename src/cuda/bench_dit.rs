@@ -84,8 +84,17 @@ pub(crate) fn bench_block(
 
     let fa = BlockAlloc::new(gpu, dtype, d, &x, None, false)?;
     let ja = BlockAlloc::new(gpu, dtype, d, &x, Some(&tx), true)?;
-    let fwd = plan_block_forward(dtype, d, &p, &m, None, &fa.bufs, None)?;
-    let jvp = plan_block_forward(dtype, d, &p, &m, Some(&tm), &ja.bufs, ja.tangents.as_ref())?;
+    let fwd = plan_block_forward(gpu.arch(), dtype, d, &p, &m, None, &fa.bufs, None)?;
+    let jvp = plan_block_forward(
+        gpu.arch(),
+        dtype,
+        d,
+        &p,
+        &m,
+        Some(&tm),
+        &ja.bufs,
+        ja.tangents.as_ref(),
+    )?;
     // Fill the saved buffers once, so the backward reads a forward's values.
     gpu.run(&fwd)?;
     gpu.run(&jvp)?;

@@ -33,6 +33,7 @@ use super::layout::*;
 use super::pass::{check_inputs, EPS};
 use super::{Dit, DitConfig};
 use crate::cuda::attention::{self as attn, AttnDims, Variant};
+use crate::cuda::attention_sm90 as sm90;
 use crate::cuda::dit as kd;
 use crate::cuda::elementwise::{self as ew, Activation, ResDims, ResJvpPtrs};
 use crate::cuda::launch::{Gemm, GemmAct, Step};
@@ -409,7 +410,10 @@ impl BlockParams {
 
 /// One block's forward (t = None) or dual forward: x2 = x1 + gate2 ⊙ mlp(ln(x1)),
 /// x1 = x + gate1 ⊙ proj(attention(qkv(ln(x)))). `tm` are the modulation tangents (None: zero).
+/// `arch` (the device's NVRTC arch) picks the attention kernels: sm_90a's where they apply.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_block_forward(
+    arch: &str,
     dtype: DType,
     d: BlockDims,
     p: &BlockParams,
@@ -456,7 +460,7 @@ pub fn plan_block_forward(
             lse: a.lse,
             tlse: 0,
         };
-        s.extend(attn::plan_jvp(Variant::Fwd, dtype, adims, jp, scale)?);
+        s.extend(sm90::plan_for(arch, Variant::Fwd, dtype, adims, jp, scale)?);
         s.extend(permute(
             dtype,
             a.o,
@@ -534,7 +538,7 @@ pub fn plan_block_forward(
         lse: a.lse,
         tlse: t.lse,
     };
-    s.extend(attn::plan_jvp(Variant::Jvp, dtype, adims, jp, scale)?);
+    s.extend(sm90::plan_for(arch, Variant::Jvp, dtype, adims, jp, scale)?);
     let merge = moves::merge_heads(d.b, d.n, d.heads, adims.d);
     s.extend(permute(dtype, a.o, a.o_rows, merge.clone())?);
     s.extend(permute(dtype, t.o, t.o_rows, merge)?);
@@ -1317,6 +1321,7 @@ impl GpuDit {
             let m_i = Mods::chunks(mods.ptr(), 6 * i, b, hid);
             let tm_i = tc.then(|| Mods::chunks(tp(8), 6 * i, b, hid));
             gpu.run(&plan_block_forward(
+                gpu.arch(),
                 F32,
                 d,
                 &self.block_params_at(self.params.ptr(), i),
