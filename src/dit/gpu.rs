@@ -1,8 +1,10 @@
 //! The DiT on the GPU: the same three passes as the CPU reference (`pass.rs`) — the forward, the
 //! dual forward with tangents on x and t, and the backward through the primal — on device-resident
-//! f32 tensors, built from the CUDA op families (cuBLASLt GEMMs with bias epilogues, layernorm +
-//! modulation forward/JVP/backward, attention forward/JVP/backward, SiLU, GELU, gated residual,
-//! timestep embedding) and the movement kernels of cuda/dit.cu.
+//! f32 tensors, built from the CUDA op families (cuBLASLt GEMMs with bias and GELU epilogues,
+//! layernorm + modulation forward/JVP/backward, attention forward/JVP/backward, SiLU, gated
+//! residual, timestep embedding) and the movement kernels of cuda/dit.cu. The block's attention
+//! forward/JVP goes through the same arch dispatch as the attention op (sm_90a kernels on a Hopper
+//! where they apply).
 //!
 //! Every pass is a launch plan built by pure functions from device addresses and sizes
 //! ([`plan_block_forward`], [`plan_block_backward`] and the stem/head steps inside [`GpuDit`]), so
@@ -27,7 +29,9 @@
 //! of the block weights and a cast of the stacked modulation, not done.
 //!
 //! STATUS: compiled, plans checked against the PTX; never run on a GPU (none was available while it
-//! was written). tests/gpu_dit.rs compares all three passes with the f64 CPU DiT when one is there.
+//! was written). tests/gpu_dit.rs compares all three passes with the f64 CPU DiT on a GPU or on the
+//! kernel emulator (`FLASHJVP_EMULATE=1`, where they pass in CI), and the bf16 block plans with the
+//! f32 ones.
 
 use super::layout::*;
 use super::pass::{check_inputs, EPS};
