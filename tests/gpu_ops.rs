@@ -254,6 +254,46 @@ gpu_test!(attention_jvp_tangent_on_k_only, |dtype| {
     attention_jvp_case(dtype, (false, true, false), "jvp k-only");
 });
 
+/// Peaked attention (scale 1 instead of 1/√d: scores of spread √d, so a few keys carry each row, as in
+/// trained models): the regime where ȯ = T/l − μ·o would cancel the 16-bit rounding of P·Ṡ against
+/// μ·o. The full JVP keeps T centred on the running μ and must hold the usual tangent tolerance here.
+gpu_test!(attention_jvp_peaked_softmax, |dtype| {
+    for (i, &s) in [
+        (1, 2, 70, 200, 64, 64),
+        (1, 1, 33, 300, 128, 128),
+        (2, 1, 40, 90, 72, 72),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut r = rng(300 + i as u64);
+        let [qs, ks, vs] = attn_shape(s);
+        let (q, k, v) = (
+            dual(&mut r, &qs, true),
+            dual(&mut r, &ks, true),
+            dual(&mut r, &vs, true),
+        );
+        let got = gops::attention_jvp(&q, &k, &v, Some(1.0), dtype).unwrap();
+        let want = ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), Some(1.0))
+            .unwrap();
+        let n = name(s);
+        check(
+            &format!("attention peaked o [{n}]"),
+            dtype,
+            &got.o.primal,
+            &want.o.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("attention peaked tangent o [{n}]"),
+            dtype,
+            got.o.tangent.as_ref().unwrap(),
+            want.o.tangent.as_ref().unwrap(),
+            tol_tangent(dtype),
+        );
+    }
+});
+
 gpu_test!(attention_forward, |dtype| {
     for (i, &s) in ATTN.iter().enumerate() {
         let mut r = rng(200 + i as u64);
