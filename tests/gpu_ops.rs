@@ -254,9 +254,9 @@ gpu_test!(attention_jvp_tangent_on_k_only, |dtype| {
     attention_jvp_case(dtype, (false, true, false), "jvp k-only");
 });
 
-/// Peaked attention (scale 1 instead of 1/√d: scores of spread √d, so a few keys carry each row, as in
-/// trained models): the regime where ȯ = T/l − μ·o would cancel the 16-bit rounding of P·Ṡ against
-/// μ·o. The full JVP keeps T centred on the running μ and must hold the usual tangent tolerance here.
+// Peaked attention (scale 1 instead of 1/√d: scores of spread √d, so a few keys carry each row, as in
+// trained models): the regime where ȯ = T/l − μ·o would cancel the 16-bit rounding of P·Ṡ against
+// μ·o. The full JVP keeps T centred on the running μ and must hold the usual tangent tolerance here.
 gpu_test!(attention_jvp_peaked_softmax, |dtype| {
     for (i, &s) in [
         (1, 2, 70, 200, 64, 64),
