@@ -301,17 +301,21 @@ fn bf16_block_plans_agree_with_f32() {
             .unwrap()
             .to_dtype(DType::F32)
     };
-    let ws = |fan_in: usize| 1.0 / (fan_in as f64).sqrt();
-    let weights = [
-        input(&[3 * c, c], ws(c)),
-        input(&[3 * c], 0.1),
-        input(&[c, c], ws(c)),
-        input(&[c], 0.1),
-        input(&[hd, c], ws(c)),
-        input(&[hd], 0.1),
-        input(&[c, hd], ws(hd)),
-        input(&[c], 0.1),
-    ];
+    // Weights at 1/sqrt(fan-in), biases at 0.1.
+    let shapes = BlockParams::shapes(c, hd);
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| {
+            input(
+                s,
+                if s.len() == 2 {
+                    1.0 / (s[1] as f64).sqrt()
+                } else {
+                    0.1
+                },
+            )
+        })
+        .collect();
     let mods = input(&[6, b, c], 0.3);
     let tmods = input(&[6, b, c], 0.3);
     let (x, tx, dout) = (
@@ -324,16 +328,7 @@ fn bf16_block_plans_agree_with_f32() {
     let run = |dtype: DType| -> Vec<Tensor> {
         let up = |h: &Tensor, dt: DType| gpu.upload(h, dt).unwrap();
         let w: Vec<_> = weights.iter().map(|h| up(h, dtype)).collect();
-        let p = BlockParams {
-            qkv_w: w[0].ptr(),
-            qkv_b: w[1].ptr(),
-            proj_w: w[2].ptr(),
-            proj_b: w[3].ptr(),
-            fc1_w: w[4].ptr(),
-            fc1_b: w[5].ptr(),
-            fc2_w: w[6].ptr(),
-            fc2_b: w[7].ptr(),
-        };
+        let p = BlockParams::of(&w);
         let (mods_d, tmods_d) = (up(&mods, DType::F32), up(&tmods, DType::F32));
         let m = Mods::chunks(mods_d.ptr(), 0, b, c);
         let tm = Mods::chunks(tmods_d.ptr(), 0, b, c);
@@ -353,39 +348,17 @@ fn bf16_block_plans_agree_with_f32() {
             .unwrap(),
         )
         .unwrap();
-        let grads = gpu
-            .alloc_stacked(
-                &[
-                    &[3 * c, c],
-                    &[3 * c],
-                    &[c, c],
-                    &[c],
-                    &[hd, c],
-                    &[hd],
-                    &[c, hd],
-                    &[c],
-                    &[t, c],
-                    &[t],
-                ],
-                dtype,
-            )
-            .unwrap();
+        let (dx_shape, ones_shape) = ([t, c], [t]);
+        let mut grad_shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+        grad_shapes.extend([&dx_shape[..], &ones_shape[..]]);
+        let grads = gpu.alloc_stacked(&grad_shapes, dtype).unwrap();
         let dmods = gpu.alloc_out(&[6, b, c], DType::F32).unwrap();
         let (dx, ones) = (&grads[8], &grads[9]);
         let (width, bits) = one_bits(dtype);
         let scratch = BlockGradAlloc::new(&gpu, dtype, d, dx.ptr(), ones.ptr()).unwrap();
         let mut g = scratch.grads;
         g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
-        g.dp = BlockParams {
-            qkv_w: grads[0].ptr(),
-            qkv_b: grads[1].ptr(),
-            proj_w: grads[2].ptr(),
-            proj_b: grads[3].ptr(),
-            fc1_w: grads[4].ptr(),
-            fc1_b: grads[5].ptr(),
-            fc2_w: grads[6].ptr(),
-            fc2_b: grads[7].ptr(),
-        };
+        g.dp = BlockParams::of(&grads[..8]);
         let mut steps = vec![
             Step::Fill {
                 ptr: ones.ptr(),

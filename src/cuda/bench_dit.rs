@@ -53,27 +53,20 @@ pub(crate) fn bench_block(
     };
     d.check()?;
     let (t, hd) = (d.t(), d.hd);
-    let ws = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    let w = [
-        pool.tensor(gpu, &[3 * c, c], dtype, ws(c))?,
-        pool.tensor(gpu, &[3 * c], dtype, 0.1)?,
-        pool.tensor(gpu, &[c, c], dtype, ws(c))?,
-        pool.tensor(gpu, &[c], dtype, 0.1)?,
-        pool.tensor(gpu, &[hd, c], dtype, ws(c))?,
-        pool.tensor(gpu, &[hd], dtype, 0.1)?,
-        pool.tensor(gpu, &[c, hd], dtype, ws(hd))?,
-        pool.tensor(gpu, &[c], dtype, 0.1)?,
-    ];
-    let p = BlockParams {
-        qkv_w: w[0].ptr(),
-        qkv_b: w[1].ptr(),
-        proj_w: w[2].ptr(),
-        proj_b: w[3].ptr(),
-        fc1_w: w[4].ptr(),
-        fc1_b: w[5].ptr(),
-        fc2_w: w[6].ptr(),
-        fc2_b: w[7].ptr(),
-    };
+    // Weights at 1/sqrt(fan-in), biases at 0.1.
+    let shapes = BlockParams::shapes(c, hd);
+    let w = shapes
+        .iter()
+        .map(|s| {
+            let scale = if s.len() == 2 {
+                1.0 / (s[1] as f32).sqrt()
+            } else {
+                0.1
+            };
+            pool.tensor(gpu, s, dtype, scale)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let p = BlockParams::of(&w);
     let mods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
     let tmods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
     let m = Mods::chunks(mods.ptr(), 0, b, c);
@@ -99,21 +92,11 @@ pub(crate) fn bench_block(
     gpu.run(&fwd)?;
     gpu.run(&jvp)?;
 
-    let grads = gpu.alloc_stacked(
-        &[
-            &[3 * c, c],
-            &[3 * c],
-            &[c, c],
-            &[c],
-            &[hd, c],
-            &[hd],
-            &[c, hd],
-            &[c],
-            &[t, c],
-            &[t],
-        ],
-        dtype,
-    )?;
+    // The parameter gradients, then dx [T, C] and T ones.
+    let (dx_shape, ones_shape) = ([t, c], [t]);
+    let mut grad_shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+    grad_shapes.extend([&dx_shape[..], &ones_shape[..]]);
+    let grads = gpu.alloc_stacked(&grad_shapes, dtype)?;
     let dmods = gpu.alloc_out(&[6, b, c], DType::F32)?;
     let (dx, ones) = (&grads[8], &grads[9]);
     let (width, bits) = one_bits(dtype);
@@ -126,16 +109,7 @@ pub(crate) fn bench_block(
     let scratch = BlockGradAlloc::new(gpu, dtype, d, dx.ptr(), ones.ptr())?;
     let mut g = scratch.grads;
     g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
-    g.dp = BlockParams {
-        qkv_w: grads[0].ptr(),
-        qkv_b: grads[1].ptr(),
-        proj_w: grads[2].ptr(),
-        proj_b: grads[3].ptr(),
-        fc1_w: grads[4].ptr(),
-        fc1_b: grads[5].ptr(),
-        fc2_w: grads[6].ptr(),
-        fc2_b: grads[7].ptr(),
-    };
+    g.dp = BlockParams::of(&grads[..8]);
     let bwd_of = |a: &BlockAlloc| -> Result<Vec<Step>> {
         let mut s = vec![Step::Copy {
             src: dout.ptr(),

@@ -305,6 +305,38 @@ pub struct BlockParams {
     pub fc2_b: u64,
 }
 
+impl BlockParams {
+    /// The shapes of one block's parameters, in the canonical order [`BlockParams::of`] takes:
+    /// qkv [3C, C], [3C]; proj [C, C], [C]; fc1 [Hd, C], [Hd]; fc2 [C, Hd], [C].
+    pub fn shapes(c: usize, hd: usize) -> [Vec<usize>; 8] {
+        [
+            vec![3 * c, c],
+            vec![3 * c],
+            vec![c, c],
+            vec![c],
+            vec![hd, c],
+            vec![hd],
+            vec![c, hd],
+            vec![c],
+        ]
+    }
+
+    /// The addresses of eight tensors in the order of [`BlockParams::shapes`] (parameters or
+    /// their gradients).
+    pub fn of(t: &[DeviceTensor]) -> BlockParams {
+        BlockParams {
+            qkv_w: t[0].ptr(),
+            qkv_b: t[1].ptr(),
+            proj_w: t[2].ptr(),
+            proj_b: t[3].ptr(),
+            fc1_w: t[4].ptr(),
+            fc1_b: t[5].ptr(),
+            fc2_w: t[6].ptr(),
+            fc2_b: t[7].ptr(),
+        }
+    }
+}
+
 /// Addresses of one block's six modulation vectors, each f32 [B, C]; 0 means zero (tangents).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Mods {
