@@ -949,17 +949,24 @@ mod emulated_block {
     }
 
     fn shapes() -> Vec<Vec<usize>> {
-        let (c, hd) = (D.c, D.hd);
-        vec![
-            vec![3 * c, c],
-            vec![3 * c],
-            vec![c, c],
-            vec![c],
-            vec![hd, c],
-            vec![hd],
-            vec![c, hd],
-            vec![c],
-        ]
+        BlockParams::shapes(D.c, D.hd).to_vec()
+    }
+
+    /// Tangent buffers of one block, the input tangent at `x` (0: none).
+    fn tangent_bufs(mem: &mut Mem, x: u64) -> BlockTangents {
+        let (tn, c) = (D.t(), D.c);
+        BlockTangents {
+            x,
+            qkv: mem.alloc(3 * tn * c),
+            heads: mem.alloc(3 * tn * c),
+            o: mem.alloc(tn * c),
+            lse: mem.alloc(D.b * D.heads * D.n),
+            o_rows: mem.alloc(tn * c),
+            attn_out: mem.alloc(tn * c),
+            x1: mem.alloc(tn * c),
+            mlp_out: mem.alloc(tn * c),
+            out: mem.alloc(tn * c),
+        }
     }
 
     fn random_inputs(r: &mut StdRng) -> Inputs {
@@ -1111,18 +1118,8 @@ mod emulated_block {
             let pl = place(&mut mem, &inp, true);
             let (tn, c) = (D.t(), D.c);
             let tmods = on_mods.then(|| Mods::chunks(mem.put(&dir.mods), 0, D.b, D.c));
-            let tb = BlockTangents {
-                x: if on_x { mem.put(&dir.x) } else { 0 },
-                qkv: mem.alloc(3 * tn * c),
-                heads: mem.alloc(3 * tn * c),
-                o: mem.alloc(tn * c),
-                lse: mem.alloc(D.b * D.heads * D.n),
-                o_rows: mem.alloc(tn * c),
-                attn_out: mem.alloc(tn * c),
-                x1: mem.alloc(tn * c),
-                mlp_out: mem.alloc(tn * c),
-                out: mem.alloc(tn * c),
-            };
+            let tx = if on_x { mem.put(&dir.x) } else { 0 };
+            let tb = tangent_bufs(&mut mem, tx);
             let plan = plan_block_forward(
                 "sm_80",
                 DType::F32,
@@ -1165,18 +1162,8 @@ mod emulated_block {
             if from_dual {
                 // The dual forward's primal buffers serve the backward as a forward's do.
                 let dir = random_inputs(&mut r);
-                let tb = BlockTangents {
-                    x: mem.put(&dir.x),
-                    qkv: mem.alloc(3 * tn * c),
-                    heads: mem.alloc(3 * tn * c),
-                    o: mem.alloc(tn * c),
-                    lse: mem.alloc(D.b * D.heads * D.n),
-                    o_rows: mem.alloc(tn * c),
-                    attn_out: mem.alloc(tn * c),
-                    x1: mem.alloc(tn * c),
-                    mlp_out: mem.alloc(tn * c),
-                    out: mem.alloc(tn * c),
-                };
+                let tx = mem.put(&dir.x);
+                let tb = tangent_bufs(&mut mem, tx);
                 let tm = Mods::chunks(mem.put(&dir.mods), 0, D.b, D.c);
                 mem.run(
                     &plan_block_forward(
