@@ -150,6 +150,139 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     })
 }
 
+/// Element strides of one attention operand viewed as [B, H, N, d] (its last axis contiguous): a
+/// contiguous tensor has `b = H·N·d, h = N·d, n = d`; the rows of a packed qkv projection
+/// [B, N, 3, H, d] have `b = N·3·H·d, h = d, n = 3·H·d` (with k and v at offsets H·d and 2·H·d).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    pub b: usize,
+    pub h: usize,
+    pub n: usize,
+}
+
+impl Strides {
+    /// A contiguous [B, H, N, d] tensor.
+    pub fn contiguous(h: usize, n: usize, d: usize) -> Self {
+        Strides {
+            b: h * n * d,
+            h: n * d,
+            n: d,
+        }
+    }
+
+    /// Heads of a token-major [B, N, H, d] tensor that sits `group` heads wide per token (a packed
+    /// [B, N, 3, H, d] projection has `group = 3·H`; a merged [B, N, H, d] output `group = H`).
+    pub fn token_major(n: usize, group: usize, d: usize) -> Self {
+        Strides {
+            b: n * group * d,
+            h: d,
+            n: group * d,
+        }
+    }
+
+    /// One past the largest element offset the [b, h, n, d] view touches.
+    pub fn span(&self, b: usize, h: usize, n: usize, d: usize) -> usize {
+        (b - 1) * self.b + (h - 1) * self.h + (n - 1) * self.n + d
+    }
+
+    /// The kernels' arguments: batch, head and row strides as `long long`.
+    pub fn args(&self) -> [Arg; 3] {
+        [
+            Arg::I64(self.b as i64),
+            Arg::I64(self.h as i64),
+            Arg::I64(self.n as i64),
+        ]
+    }
+}
+
+/// Memory layouts of q, k, v and o. Each tangent and each gradient has the layout of its primal
+/// (tq, dq: q's; tk, dk: k's; tv, dv: v's; to, dout: o's); lse, its tangent and the backward's
+/// delta are always contiguous f32 [B, H, Nq].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    pub o: Strides,
+}
+
+impl Layout {
+    /// Every operand contiguous [B, H, N, d].
+    pub fn contiguous(dims: AttnDims) -> Self {
+        Layout {
+            q: Strides::contiguous(dims.h, dims.nq, dims.d),
+            k: Strides::contiguous(dims.h, dims.nk, dims.d),
+            v: Strides::contiguous(dims.h, dims.nk, dims.dv),
+            o: Strides::contiguous(dims.h, dims.nq, dims.dv),
+        }
+    }
+
+    /// q, k and v read in place from a packed [B, N, 3, H, d] projection (Nq = Nk = N, dv = d), o
+    /// written token-major [B, N, H, d]: the DiT's layout, with no permutation around attention.
+    pub fn packed_qkv(dims: AttnDims) -> Self {
+        let qkv = Strides::token_major(dims.nq, 3 * dims.h, dims.d);
+        Layout {
+            q: qkv,
+            k: qkv,
+            v: qkv,
+            o: Strides::token_major(dims.nq, dims.h, dims.dv),
+        }
+    }
+
+    /// Errors unless the kernels can take this layout: 16-bit rows start 16-byte aligned (every
+    /// stride a multiple of 8 elements: cp.async and TMA move 16-byte chunks), strides fit an i64,
+    /// and o's [B, H, Nq, dv] elements are distinct (two rows of o in one place would race).
+    pub fn check(&self, dtype: DType, dims: AttnDims) -> Result<()> {
+        let named = [
+            ("q", self.q, dims.nq, dims.d),
+            ("k", self.k, dims.nk, dims.d),
+            ("v", self.v, dims.nk, dims.dv),
+            ("o", self.o, dims.nq, dims.dv),
+        ];
+        for (name, s, n, d) in named {
+            if [s.b, s.h, s.n].iter().any(|&x| i64::try_from(x).is_err()) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("strides of `{name}` {s:?} do not fit an i64"),
+                ));
+            }
+            if dtype != DType::F32 && [s.b, s.h, s.n].iter().any(|x| x % 8 != 0) {
+                return Err(Error::Unsupported(format!(
+                    "attention on the GPU: strides of `{name}` {s:?} (elements) are not multiples \
+                     of 8, so its {dtype} rows are not 16-byte aligned (they are copied in \
+                     16-byte chunks)"
+                )));
+            }
+            if s.n < d && n > 1 {
+                return Err(Error::invalid(
+                    OP,
+                    format!("row stride {} of `{name}` is below its head dim {d}", s.n),
+                ));
+            }
+        }
+        // o: sort its axes by stride; each must step past everything the smaller ones span.
+        let o = self.o;
+        let mut axes = [(o.n, dims.nq), (o.h, dims.h), (o.b, dims.b)];
+        axes.sort();
+        let mut covered = dims.dv;
+        for (stride, extent) in axes {
+            if extent > 1 {
+                if stride < covered {
+                    return Err(Error::invalid(
+                        OP,
+                        format!(
+                            "layout of `o` {o:?} overlaps itself for [B, H, Nq, dv] = {:?}",
+                            dims.o_shape()
+                        ),
+                    ));
+                }
+                covered = stride * (extent - 1) + covered;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The score scale as the kernels take it: c (default 1/√d), finite in f32.
 pub fn resolve_scale(scale: Option<f64>, d: usize) -> Result<f32> {
     let c = scale.unwrap_or(1.0 / (d as f64).sqrt());
@@ -679,6 +812,47 @@ pub fn backward_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layouts_are_checked() {
+        let dims = AttnDims {
+            b: 2,
+            h: 3,
+            nq: 5,
+            nk: 5,
+            d: 64,
+            dv: 64,
+        };
+        let c = Layout::contiguous(dims);
+        assert_eq!(c.q.span(2, 3, 5, 64), 2 * 3 * 5 * 64);
+        c.check(DType::BF16, dims).unwrap();
+        let p = Layout::packed_qkv(dims);
+        assert_eq!(
+            p.q,
+            Strides {
+                b: 5 * 3 * 3 * 64,
+                h: 64,
+                n: 3 * 3 * 64
+            }
+        );
+        assert_eq!(p.o.span(2, 3, 5, 64), 2 * 5 * 3 * 64);
+        p.check(DType::BF16, dims).unwrap();
+        // Rows of o on top of each other, a misaligned 16-bit stride, a row shorter than d.
+        let mut bad = p;
+        bad.o.n = 64;
+        assert!(bad
+            .check(DType::F32, dims)
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps"));
+        let mut bad = p;
+        bad.k.n = 3 * 3 * 64 + 4;
+        assert!(bad.check(DType::BF16, dims).is_err());
+        bad.check(DType::F32, dims).unwrap();
+        let mut bad = c;
+        bad.v.n = 32;
+        assert!(bad.check(DType::F32, dims).is_err());
+    }
 
     #[test]
     fn shared_memory_matches_the_readme_table() {
