@@ -167,10 +167,11 @@ fn run_plan(
         tlse: tlse.ptr(),
     };
     let scale = attn::resolve_scale(None, dims.d).unwrap();
+    let lay = attn::Layout::contiguous(dims);
     let plan = match path {
-        Some(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, p, scale).unwrap(),
-        Some(Path::Sm90a) => sm90::plan(variant, dtype, dims, p, scale).unwrap(),
-        None => sm90::plan_for(gpu.arch(), variant, dtype, dims, p, scale).unwrap(),
+        Some(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, lay, p, scale).unwrap(),
+        Some(Path::Sm90a) => sm90::plan(variant, dtype, dims, lay, p, scale).unwrap(),
+        None => sm90::plan_for(gpu.arch(), variant, dtype, dims, lay, p, scale).unwrap(),
     };
     gpu.run(&plan).unwrap();
     gpu.synchronize().unwrap();

@@ -436,7 +436,11 @@ static void test_errors() {
     float* pl = lse.data();
     int N = 256;  // four key tiles: the second pipeline stage lies past 40000 bytes
     float sc = 0.125f;
-    expect_error("attention_fwd_bf16_d64", 128, 40000, {&pq, &pq, &pq, &o, &pl, &N, &N, &sc}, "out of range",
+    int H1 = 1;
+    long long sb = 256 * 64, sh = 256 * 64, sn = 64;
+    expect_error("attention_fwd_bf16_d64", 128, 40000,
+                 {&pq, &pq, &pq, &o, &pl, &N, &N, &sc, &H1, &sb, &sh, &sn, &sb, &sh, &sn, &sb, &sh, &sn, &sb, &sh, &sn},
+                 "out of range",
                  "attention_fwd with too little dynamic shared memory -> cp.async out of the window");
     int rc = launch("no_such_kernel", 1, 1, 32, 1, 0, {});
     check(rc != 0 && std::string(fj_emu_error()).find("no registered kernel") != std::string::npos,
@@ -671,6 +675,12 @@ static AttnOutcome test_attention(int dt, int mode, int B, int H, int Nq, int Nk
     params.push_back(&Nq);
     params.push_back(&Nk);
     params.push_back(&scale);
+    // Layout parameters: H, then contiguous [B, H, N, d] strides of q, k, v, o.
+    int Hp = H;
+    long long st[12] = {(long long)H * Nq * D, (long long)Nq * D, D,  (long long)H * Nk * D,   (long long)Nk * D,   D,
+                        (long long)H * Nk * DV, (long long)Nk * DV, DV, (long long)H * Nq * DV, (long long)Nq * DV, DV};
+    params.push_back(&Hp);
+    for (auto& x : st) params.push_back(&x);
 
     // Launch shape and shared memory per attention_jvp.cuh.
     const int DP = (D + 15) / 16 * 16, DVP = (DV + 15) / 16 * 16;

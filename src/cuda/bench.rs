@@ -351,6 +351,7 @@ fn bench_attention(
     let flops = |mult: f64| mult * (b * h) as f64 * nq as f64 * nk as f64 * d as f64;
     let mut rows = Vec::new();
     let path = sm90::path_for(gpu.arch(), dtype, dims);
+    let layout = attn::Layout::contiguous(dims);
     let mut passes = vec![
         ("fwd", Variant::Fwd, 4.0, path),
         ("jvp", Variant::Jvp, 12.0, path),
@@ -365,8 +366,8 @@ fn bench_attention(
         let plans = inputs
             .iter()
             .map(|x| match path {
-                Path::Sm90a => sm90::plan(variant, dtype, dims, ptrs(x), scale),
-                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, ptrs(x), scale),
+                Path::Sm90a => sm90::plan(variant, dtype, dims, layout, ptrs(x), scale),
+                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, layout, ptrs(x), scale),
             })
             .collect::<Result<Vec<_>>>()?;
         let t = time_plans(gpu, &plans, BUDGET_MS)?;
