@@ -62,13 +62,18 @@
 //               NQ = 2 (jvp, jvp_nokv) or 1 (fwd); NK = 2 (jvp) or 1 (jvp_nokv, fwd)
 //   README.md lists the resulting byte counts.
 //
-// PARAMETERS (tensors contiguous row-major, 16-bit tensors 16-byte aligned; q/tq [B,H,Nq,d],
-// k/tk [B,H,Nk,d], v/tv [B,H,Nk,dv], o/to [B,H,Nq,dv] in the storage dtype, lse/tlse [B,H,Nq] f32):
-//   attention_jvp_{dt}{HD}      (q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale)
-//   attention_jvp_nokv_{dt}{HD} (q, k, v, tq,         o, to, lse, tlse, Nq, Nk, scale)
-//   attention_fwd_{dt}{HD}      (q, k, v,             o,     lse,       Nq, Nk, scale)
-//   dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV} otherwise; D, DV in
-//   {32, 64, 72, 96, 128} (every pair). Nq, Nk >= 1 (int), scale f32.
+// PARAMETERS (q/tq [B,H,Nq,d], k/tk [B,H,Nk,d], v/tv [B,H,Nk,dv], o/to [B,H,Nq,dv] in the storage
+// dtype, each STRIDED: element (b, h, n, j) of q at q[b*q_sb + h*q_sh + n*q_sn + j], likewise k, v, o,
+// the head dim contiguous, a tangent with its primal's strides; lse/tlse [B,H,Nq] f32 contiguous):
+//   attention_jvp_{dt}{HD}      (q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale, LAYOUT)
+//   attention_jvp_nokv_{dt}{HD} (q, k, v, tq,         o, to, lse, tlse, Nq, Nk, scale, LAYOUT)
+//   attention_fwd_{dt}{HD}      (q, k, v,             o,     lse,       Nq, Nk, scale, LAYOUT)
+//   LAYOUT = (int H, long long q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn);
+//   blockIdx.y = b*H + h. dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV} otherwise; D, DV
+//   in {32, 64, 72, 96, 128} (every pair). Nq, Nk >= 1 (int), scale f32. 16-bit operands: base pointers
+//   16-byte aligned and every stride a multiple of 8 elements (cp.async copies 16-byte row chunks). E.g.
+//   q, k, v read in place from a packed projection [B,N,3,H,d] (sb = N*3Hd, sh = d, sn = 3Hd; k, v at
+//   +Hd, +2Hd) and o written token-major [B,N,H,dv] (sb = N*H*dv, sh = dv, sn = H*dv).
 //
 // LIMITS: head dims other than the five above are not instantiated. f16: P.Sdot is rounded to f16, so
 // |p * sdot| must stay below 65504.

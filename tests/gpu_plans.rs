@@ -376,7 +376,7 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
         "wgmma.fence.sync.aligned",
         "wgmma.commit_group.sync.aligned",
         "wgmma.wait_group.sync.aligned",
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes",
         "mbarrier.try_wait.parity",
         "setmaxnreg.inc.sync.aligned.u32 240",
         "setmaxnreg.dec.sync.aligned.u32 24",
