@@ -276,7 +276,7 @@ impl Layout {
                         ),
                     ));
                 }
-                covered = stride * (extent - 1) + covered;
+                covered += stride * (extent - 1);
             }
         }
         Ok(())
