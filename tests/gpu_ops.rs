@@ -485,6 +485,10 @@ const LN: &[(usize, usize, usize, usize)] = &[
     (16, 1152, 16, 0),
     (12, 72, 3, 4),
     (5, 7, 0, 5),
+    // Rows past the register-resident limits of layernorm_mod.cu (C <= 2048 for the 16-bit JVP, 3072
+    // for the forward and backward, half in f32): the streaming path with vector access.
+    (9, 2560, 3, 3),
+    (6, 3200, 2, 0),
 ];
 
 fn mod_shape(g: usize, c: usize) -> Vec<usize> {
