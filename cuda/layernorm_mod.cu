@@ -98,17 +98,81 @@ __device__ __forceinline__ void load_row(const typename ST::T* row, int C, int l
     }
 }
 
-template <class ST, bool JVP, int NCH>
+// The gated residual in front of the fused kernels, one row of each (pointers already offset to the
+// row; gate and tgate to the row's group): x1 = x + gate y, x1_dot = x_dot + gate_dot y + gate y_dot,
+// computed in f32 and rounded to the storage type, exactly as gated_residual_{fwd,jvp} do.
+template <class ST>
+struct ResRow {
+    const typename ST::T* y;
+    const typename ST::T* ty;
+    const float* gate;
+    const float* tgate;
+    typename ST::T* x1;
+    typename ST::T* tx1;
+};
+
+// Chunk i of the residual's output (and tangent), stored to x1 (tx1) and returned as storage values.
+template <class ST, bool JVP>
+__device__ __forceinline__ void residual_chunk(const typename ST::T* xr, const typename ST::T* txr, const ResRow<ST>& r,
+                                               int i, int C, bool vec, uint4& out, uint4& tout) {
+    constexpr int V = ST::V;
+    float a[V], b[V], g[V], o[V];
+    fj_load_chunk<ST>(xr, i, C, vec, a);
+    fj_load_chunk<ST>(r.y, i, C, vec, b);
+    fj_load_chunk_f32<V>(r.gate, i, C, vec, g);
+    union { uint4 u; typename ST::T e[V]; } c;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        o[e] = a[e] + g[e] * b[e];
+        c.e[e] = ST::store(o[e]);
+    }
+    fj_store_chunk<ST>(r.x1, i, C, vec, o);
+    out = c.u;
+    if (JVP) {
+        float t[V], tg[V], ty[V];
+        if (txr) fj_load_chunk<ST>(txr, i, C, vec, t);
+        else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[e] = 0.f;
+        }
+        load_mod<V>(r.tgate, i, C, vec, tg);
+        if (r.ty) fj_load_chunk<ST>(r.ty, i, C, vec, ty);
+        else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) ty[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            o[e] = fmaf(g[e], ty[e], fmaf(tg[e], b[e], t[e]));
+            c.e[e] = ST::store(o[e]);
+        }
+        fj_store_chunk<ST>(r.tx1, i, C, vec, o);
+        tout = c.u;
+    }
+}
+
+template <class ST, bool JVP, bool RES, int NCH>
 __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, const typename ST::T* __restrict__ txr,
-                                         const float* __restrict__ sr, const float* __restrict__ hr,
-                                         const float* __restrict__ tsr, const float* __restrict__ thr,
-                                         typename ST::T* __restrict__ yr, typename ST::T* __restrict__ tyr,
-                                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int row,
-                                         int lane, int C, float eps) {
+                                         const ResRow<ST>& res, const float* __restrict__ sr,
+                                         const float* __restrict__ hr, const float* __restrict__ tsr,
+                                         const float* __restrict__ thr, typename ST::T* __restrict__ yr,
+                                         typename ST::T* __restrict__ tyr, float* __restrict__ mean_out,
+                                         float* __restrict__ rstd_out, int row, int lane, int C, float eps) {
     constexpr int V = ST::V;
     uint4 xa[NCH], ta[NCH];  // ta unused (and eliminated) without JVP
-    load_row<ST, NCH>(xr, C, lane, xa);
-    if (JVP && txr) load_row<ST, NCH>(txr, C, lane, ta);
+    if (RES) {
+        // The row to normalise is the residual's output, made here (and stored) chunk by chunk.
+#pragma unroll
+        for (int ch = 0; ch < NCH; ++ch) {
+            const int i = (ch * 32 + lane) * V;
+            xa[ch] = ta[ch] = make_uint4(0u, 0u, 0u, 0u);
+            if (i < C) residual_chunk<ST, JVP>(xr, txr, res, i, C, true, xa[ch], ta[ch]);
+        }
+        if (JVP) txr = res.tx1;  // the normalised row has a tangent from here on
+    } else {
+        load_row<ST, NCH>(xr, C, lane, xa);
+        if (JVP && txr) load_row<ST, NCH>(txr, C, lane, ta);
+    }
 
     // sums of x and x_dot (chunks past the row end hold zeros)
     float sx = 0.f, stx = 0.f;
@@ -226,13 +290,16 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
 // ---------------------------------------------------------------------------------------------
 // Forward and JVP in one body (JVP = true also computes the tangent): the row in registers when it
 // fits, else streamed three times.
-template <class ST, bool JVP>
+// RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
+// gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
+// normalised: the fused kernels below, which save reading x1 (and tx1) back.
+template <class ST, bool JVP, bool RES = false>
 __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
                                     const float* __restrict__ scale, const float* __restrict__ shift,
                                     const float* __restrict__ tscale, const float* __restrict__ tshift,
                                     typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
                                     float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
-                                    float eps) {
+                                    float eps, ResRow<ST> res = ResRow<ST>{}) {
     constexpr int V = ST::V;
     const int row = blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -247,10 +314,31 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
     const float* thr = (JVP && tshift) ? tshift + goff : nullptr;
     typename ST::T* yr = y + off;
     typename ST::T* tyr = JVP ? ty + off : nullptr;
-    const bool vec = vec_ok<ST>(C, xr, txr, sr, hr, tsr, thr, yr, tyr);
+    bool vec = vec_ok<ST>(C, xr, txr, sr, hr, tsr, thr, yr, tyr);
+    if (RES) {
+        res.y += off;
+        if (res.ty) res.ty += off;
+        res.gate += goff;
+        if (res.tgate) res.tgate += goff;
+        res.x1 += off;
+        if (JVP) res.tx1 += off;
+        vec = vec && vec_ok<ST>(C, res.y, res.ty, res.gate, res.tgate, res.x1, JVP ? res.tx1 : nullptr, nullptr,
+                                nullptr);
+    }
     if (fits_regs<ST, Chunks<JVP>::N>(C, vec)) {
-        fwd_regs<ST, JVP, Chunks<JVP>::N>(xr, txr, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row, lane, C, eps);
+        fwd_regs<ST, JVP, RES, Chunks<JVP>::N>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row,
+                                               lane, C, eps);
         return;
+    }
+    if (RES) {
+        // Too long for registers: the residual's row first (each lane writes the chunks it reads back
+        // below, so no barrier is needed), then the streaming passes over it.
+        for (int i = lane * V; i < C; i += 32 * V) {
+            uint4 u, tu;
+            residual_chunk<ST, JVP>(xr, txr, res, i, C, vec, u, tu);
+        }
+        xr = res.x1;
+        if (JVP) txr = res.tx1;
     }
 
     // pass 1: sums of x and x_dot
@@ -425,6 +513,24 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
         fj_ln::fwd<ST, true>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps);            \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_##DT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                          \
+        residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
+                                        const float* scale, const float* shift, ST::T* h, float* mean,           \
+                                        float* rstd, int T, int C, int G, float eps) {                           \
+        fj_ln::fwd<ST, false, true>(x, nullptr, scale, shift, nullptr, nullptr, h, nullptr, mean, rstd, T, C, G,  \
+                                    eps, fj_ln::ResRow<ST>{y, nullptr, gate, nullptr, x1, nullptr});             \
+    }                                                                                                          \
+    FJ_REGISTER(residual_layernorm_mod_fwd_##DT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+        residual_layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const ST::T* y, const ST::T* ty,       \
+                                        const float* gate, const float* tgate, ST::T* x1, ST::T* tx1,            \
+                                        const float* scale, const float* shift, const float* tscale,             \
+                                        const float* tshift, ST::T* h, ST::T* th, float* mean, float* rstd,      \
+                                        int T, int C, int G, float eps) {                                        \
+        fj_ln::fwd<ST, true, true>(x, tx, scale, shift, tscale, tshift, h, th, mean, rstd, T, C, G, eps,         \
+                                   fj_ln::ResRow<ST>{y, ty, gate, tgate, x1, tx1});                             \
+    }                                                                                                          \
+    FJ_REGISTER(residual_layernorm_mod_jvp_##DT)                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_##DT(const ST::T* dy, const ST::T* x, const float* scale, const float* mean,         \
                                const float* rstd, ST::T* dx, int T, int C, int G) {                            \

@@ -609,6 +609,36 @@ mod emulate {
                 }
             } else if name.starts_with("layernorm_mod_") {
                 self.layernorm(l, name, &p, &int, &fl);
+            } else if name.starts_with("residual_layernorm_mod_") {
+                // The gated residual into x1 (and tx1), then the layernorm contract on x1, with the
+                // arguments the plain layernorm kernel takes at its positions.
+                let jvp = name.contains("jvp");
+                let n = l.args.len();
+                let (t, c, g) = (int(n - 4), int(n - 3), int(n - 2));
+                let gi = |i: usize| (i / c) / (t / g) * c + i % c;
+                for i in 0..t * c {
+                    if jvp {
+                        let (gate, y) = (self.get(p(4), gi(i)), self.get(p(2), i));
+                        let v = self.get(p(0), i) + gate * y;
+                        self.set(p(6), i, v);
+                        let tv = self.opt(p(1), i)
+                            + self.opt(p(5), gi(i)) * y
+                            + gate * self.opt(p(3), i);
+                        self.set(p(7), i, tv);
+                    } else {
+                        let v = self.get(p(0), i) + self.get(p(2), gi(i)) * self.get(p(1), i);
+                        self.set(p(3), i, v);
+                    }
+                }
+                let (first, ln_name) = if jvp {
+                    (6, "layernorm_mod_jvp_f32")
+                } else {
+                    (3, "layernorm_mod_fwd_f32")
+                };
+                let p2 = |i: usize| p(first + i);
+                let int2 = |i: usize| int(first + i);
+                let fl2 = |i: usize| fl(first + i);
+                self.layernorm(l, ln_name, &p2, &int2, &fl2);
             } else if name.starts_with("attention_") {
                 self.attention(l, name, &p, &int, &fl);
             } else if name.starts_with("gated_residual_") {

@@ -560,6 +560,167 @@ gpu_test!(layernorm_jvp, |dtype| {
     }
 });
 
+// The gated residual fused in front of the layernorm (residual_layernorm_mod_*, the DiT block's
+// x1 = x + gate1 ⊙ attn followed by its second layernorm): x1 and the normalised output, with
+// tangents, against the CPU ops composed (x1 rounded to the dtype before it is normalised, as the
+// kernels store and normalise it). Rows in registers (C256, C1152), element-wise (C300, C7) and
+// streamed (C3200: past the register limits).
+gpu_test!(residual_layernorm_fused, |dtype| {
+    use flashjvp::cuda::layernorm::{self as lnk, JvpPtrs, LnDims, ResPtrs};
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &(t, c, g)) in [
+        (8, 256, 2),
+        (9, 300, 3),
+        (16, 1152, 4),
+        (6, 3200, 2),
+        (5, 7, 5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut r = rng(470 + i as u64);
+        let f32d = |d: Dual| rdd(&d, DType::F32);
+        let x = rdd(&dual(&mut r, &[t, c], true), dtype);
+        let y = rdd(&dual(&mut r, &[t, c], true), dtype);
+        let gate = f32d(dual(&mut r, &[g, c], true));
+        let sc = f32d(dual(&mut r, &[g, c], true));
+        let sh = f32d(dual(&mut r, &[g, c], true));
+        let x1 = rdd(&ops::gated_residual_jvp(&x, &gate, &y).unwrap(), dtype);
+        let want = ops::layernorm_mod_jvp(&x1, &sc, &sh, EPS).unwrap();
+
+        let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
+        let tang = |d: &Dual| d.tangent.clone().unwrap();
+        let (xd, txd, yd, tyd) = (
+            up(&x.primal, dtype),
+            up(&tang(&x), dtype),
+            up(&y.primal, dtype),
+            up(&tang(&y), dtype),
+        );
+        let f = DType::F32;
+        let (gd, tgd, sd, tsd, hd, thd) = (
+            up(&gate.primal, f),
+            up(&tang(&gate), f),
+            up(&sc.primal, f),
+            up(&tang(&sc), f),
+            up(&sh.primal, f),
+            up(&tang(&sh), f),
+        );
+        let out = || gpu.alloc_out(&[t, c], dtype).unwrap();
+        let (x1d, tx1d, od, tod) = (out(), out(), out(), out());
+        let d = LnDims { t, c, g };
+        let res = ResPtrs {
+            y: yd.ptr(),
+            ty: tyd.ptr(),
+            gate: gd.ptr(),
+            tgate: tgd.ptr(),
+            x1: x1d.ptr(),
+            tx1: tx1d.ptr(),
+        };
+        let p = JvpPtrs {
+            x: xd.ptr(),
+            tx: txd.ptr(),
+            scale: sd.ptr(),
+            shift: hd.ptr(),
+            tscale: tsd.ptr(),
+            tshift: thd.ptr(),
+            y: od.ptr(),
+            ty: tod.ptr(),
+            mean: 0,
+            rstd: 0,
+        };
+        gpu.run(&lnk::plan_residual_jvp(dtype, d, p, res, EPS).unwrap())
+            .unwrap();
+        let n = format!("T{t} C{c} G{g}");
+        let dl = |t: &cuda::DeviceTensor| t.download().unwrap();
+        check(
+            &format!("residual+layernorm jvp x1 [{n}]"),
+            dtype,
+            &dl(&x1d),
+            &x1.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp tx1 [{n}]"),
+            dtype,
+            &dl(&tx1d),
+            &tang(&x1),
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp y [{n}]"),
+            dtype,
+            &dl(&od),
+            &want.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp ty [{n}]"),
+            dtype,
+            &dl(&tod),
+            &tang(&want),
+            tol(dtype),
+        );
+
+        // The forward alone (fresh outputs), and its mean and rstd.
+        let (x1d, od) = (out(), out());
+        let (mean, rstd) = (
+            gpu.alloc_out(&[t], f).unwrap(),
+            gpu.alloc_out(&[t], f).unwrap(),
+        );
+        let res = ResPtrs {
+            x1: x1d.ptr(),
+            ty: 0,
+            tgate: 0,
+            tx1: 0,
+            ..res
+        };
+        let steps = lnk::plan_residual_forward(
+            dtype,
+            d,
+            xd.ptr(),
+            res,
+            sd.ptr(),
+            hd.ptr(),
+            od.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            EPS,
+        )
+        .unwrap();
+        gpu.run(&steps).unwrap();
+        check(
+            &format!("residual+layernorm fwd x1 [{n}]"),
+            dtype,
+            &dl(&x1d),
+            &x1.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm fwd y [{n}]"),
+            dtype,
+            &dl(&od),
+            &want.primal,
+            tol(dtype),
+        );
+        let xs = x1.primal.to_f64_vec();
+        let (m, rs) = (dl(&mean).to_f64_vec(), dl(&rstd).to_f64_vec());
+        for row in 0..t {
+            let v = &xs[row * c..(row + 1) * c];
+            let mu = v.iter().sum::<f64>() / c as f64;
+            let var = v.iter().map(|a| (a - mu) * (a - mu)).sum::<f64>() / c as f64;
+            assert!(
+                (m[row] - mu).abs() <= 1e-5 * (1.0 + mu.abs()),
+                "mean row {row} [{n}]"
+            );
+            let want_rs = 1.0 / (var + EPS).sqrt();
+            assert!(
+                (rs[row] - want_rs).abs() <= 1e-5 * want_rs,
+                "rstd row {row} [{n}]"
+            );
+        }
+    }
+});
+
 gpu_test!(layernorm_backward, |dtype| {
     for (i, &s) in LN.iter().enumerate() {
         let mut r = rng(600 + i as u64);
