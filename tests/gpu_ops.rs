@@ -420,6 +420,97 @@ gpu_test!(attention_backward, |dtype| {
     }
 });
 
+/// (B, N, H, d) of the packed backward: tails, d72, B·H > 1, every head dim.
+const PACKED: &[(usize, usize, usize, usize)] = &[
+    (2, 77, 3, 72),
+    (1, 130, 2, 64),
+    (2, 33, 2, 128),
+    (1, 200, 4, 32),
+    (2, 65, 1, 96),
+];
+
+/// [B, N, G, H, d] (G = 3 for qkv, 1 for o) → G tensors [B, H, N, d].
+fn unpack_heads(t: &Tensor, s: (usize, usize, usize, usize), g: usize) -> Vec<Tensor> {
+    let (b, n, h, d) = s;
+    let x = t.to_f64_vec();
+    (0..g)
+        .map(|gi| {
+            let mut out = vec![0.0; b * h * n * d];
+            for bi in 0..b {
+                for ni in 0..n {
+                    for hi in 0..h {
+                        let src = (((bi * n + ni) * g + gi) * h + hi) * d;
+                        let dst = ((bi * h + hi) * n + ni) * d;
+                        out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+                    }
+                }
+            }
+            Tensor::from_vec(out, &[b, h, n, d]).unwrap()
+        })
+        .collect()
+}
+
+/// [B, H, N, d] → [B, N, H, d].
+fn merge_heads(t: &Tensor) -> Tensor {
+    let sh = t.shape();
+    let (b, h, n, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let x = t.to_f64_vec();
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ni in 0..n {
+                let src = ((bi * h + hi) * n + ni) * d;
+                let dst = ((bi * n + ni) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    Tensor::from_vec(out, &[b, n, h, d]).unwrap()
+}
+
+// The backward read in place from a packed qkv [B, N, 3, H, d] with o and dout [B, N, H, d]
+// (strided kernels), against the reference on the permuted tensors.
+gpu_test!(attention_backward_packed, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &s) in PACKED.iter().enumerate() {
+        let (b, n, h, d) = s;
+        let mut r = rng(700 + i as u64);
+        let qkv = rd(&randn(&[b, n, 3, h, d], &mut r), dtype);
+        let dout = rd(&randn(&[b, n, h, d], &mut r), dtype);
+        let heads = unpack_heads(&qkv, s, 3);
+        let (q, k, v) = (&heads[0], &heads[1], &heads[2]);
+        let fwd = ops::attention_forward(q, k, v, None).unwrap();
+        let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+        let go = unpack_heads(&dout, s, 1).remove(0);
+        let want = ops::attention_backward(q, k, v, &o, &lse, &go, None).unwrap();
+        let dqkv = cuda::attention::backward_packed(
+            &gpu.upload(&qkv, dtype).unwrap(),
+            &gpu.upload(&merge_heads(&o), dtype).unwrap(),
+            &gpu.upload(&lse, DType::F32).unwrap(),
+            &gpu.upload(&dout, dtype).unwrap(),
+            None,
+        )
+        .unwrap()
+        .download()
+        .unwrap();
+        assert_eq!(dqkv.shape(), &[b, n, 3, h, d]);
+        let got = unpack_heads(&dqkv, s, 3);
+        let label = format!("B{b} N{n} H{h} d{d}");
+        for (g, (gname, w)) in
+            got.iter()
+                .zip([("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)])
+        {
+            check(
+                &format!("attention bwd packed {gname} [{label}]"),
+                dtype,
+                g,
+                w,
+                tol(dtype),
+            );
+        }
+    }
+});
+
 // Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite
 // (v and o with head dim 96, q and k 72).
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {

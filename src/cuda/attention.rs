@@ -454,9 +454,35 @@ pub struct BwdPtrs {
     pub dv: u64,
 }
 
-/// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ.
-pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Result<Vec<Step>> {
+/// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ. Each gradient has its primal's layout
+/// (dq: q's, dk: k's, dv: v's, dout: o's); lse and delta are contiguous f32 [B, H, Nq].
+pub fn plan_backward(
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: BwdPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    layout.check(dtype, dims)?;
+    check_aligned(
+        dtype,
+        &[
+            ("q", p.q),
+            ("k", p.k),
+            ("v", p.v),
+            ("o", p.o),
+            ("dout", p.dout),
+            ("dq", p.dq),
+            ("dk", p.dk),
+            ("dv", p.dv),
+        ],
+    )?;
+    let h = int_arg(OP, "H", dims.h)?;
+    let strides: Vec<Arg> = [layout.q, layout.k, layout.v, layout.o]
+        .iter()
+        .flat_map(|s| s.args())
+        .collect();
     let rows = dims.b * dims.h * dims.nq;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let bh = (dims.b * dims.h) as u64;
@@ -480,7 +506,12 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             Arg::Ptr(p.delta),
             int_arg(OP, "B*H*Nq", rows)?,
             int_arg(OP, "dv", dims.dv)?,
-        ],
+            nq.clone(),
+            h.clone(),
+        ]
+        .into_iter()
+        .chain(layout.o.args())
+        .collect(),
     )?;
     let dkdv = Launch::new(
         OP,
@@ -498,10 +529,14 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             Arg::Ptr(p.delta),
             Arg::Ptr(p.dk),
             Arg::Ptr(p.dv),
-            nq,
-            nk,
+            nq.clone(),
+            nk.clone(),
             Arg::F32(scale),
-        ],
+            h.clone(),
+        ]
+        .into_iter()
+        .chain(strides.iter().cloned())
+        .collect(),
     )?;
     let dq = Launch::new(
         OP,
@@ -521,7 +556,11 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             nq,
             nk,
             Arg::F32(scale),
-        ],
+            h,
+        ]
+        .into_iter()
+        .chain(strides)
+        .collect(),
     )?;
     Ok(vec![
         Step::Kernel(pre),
@@ -806,7 +845,62 @@ pub fn backward_into(
         dk: grads[1].ptr(),
         dv: grads[2].ptr(),
     };
-    gpu.run(&plan_backward(dtype, dims, p, scale)?)
+    gpu.run(&plan_backward(
+        dtype,
+        dims,
+        Layout::contiguous(dims),
+        p,
+        scale,
+    )?)
+}
+
+/// The backward of attention read in place from a packed projection: qkv [B, N, 3, H, d] (q, k, v
+/// of token n, head h at [b, n, 0|1|2, h, :]), the forward's o [B, N, H, d] and lse f32 [B, H, N],
+/// and the cotangent dout [B, N, H, d]; returns dqkv [B, N, 3, H, d] in qkv's layout (the DiT's,
+/// with no permutation around attention).
+pub fn backward_packed(
+    qkv: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    scale: Option<f64>,
+) -> Result<DeviceTensor> {
+    let s = qkv.shape();
+    if s.len() != 5 || s[2] != 3 {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "qkv".into(),
+            expected: "[B, N, 3, H, d]".into(),
+            actual: s.to_vec(),
+        });
+    }
+    let (b, n, h, d) = (s[0], s[1], s[3], s[4]);
+    let qs = [b, h, n, d];
+    let dims = check_shapes(&qs, &qs, &qs)?;
+    let dtype = qkv.dtype();
+    check_out("o", o, &[b, n, h, d], dtype)?;
+    check_out("dout", dout, &[b, n, h, d], dtype)?;
+    check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    let c = resolve_scale(scale, d)?;
+    let gpu = qkv.gpu();
+    let dqkv = gpu.alloc_out(s, dtype)?;
+    let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    // k and v start H·d and 2·H·d elements into each token's row.
+    let step = (h * d * dtype.size_in_bytes()) as u64;
+    let p = BwdPtrs {
+        q: qkv.ptr(),
+        k: qkv.ptr() + step,
+        v: qkv.ptr() + 2 * step,
+        o: o.ptr(),
+        lse: lse.ptr(),
+        dout: dout.ptr(),
+        delta: delta.ptr(),
+        dq: dqkv.ptr(),
+        dk: dqkv.ptr() + step,
+        dv: dqkv.ptr() + 2 * step,
+    };
+    gpu.run(&plan_backward(dtype, dims, Layout::packed_qkv(dims), p, c)?)?;
+    Ok(dqkv)
 }
 
 #[cfg(test)]
@@ -966,7 +1060,7 @@ mod tests {
             dk: 9,
             dv: 10,
         };
-        let got = name(plan_backward(DType::F32, dims, bp, 0.1).unwrap());
+        let got = name(plan_backward(DType::F32, dims, Layout::contiguous(dims), bp, 0.1).unwrap());
         assert_eq!(
             got,
             [
