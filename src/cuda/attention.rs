@@ -276,7 +276,7 @@ impl Layout {
                         ),
                     ));
                 }
-                covered = stride * (extent - 1) + covered;
+                covered += stride * (extent - 1);
             }
         }
         Ok(())
@@ -506,8 +506,8 @@ pub fn plan_backward(
             Arg::Ptr(p.delta),
             int_arg(OP, "B*H*Nq", rows)?,
             int_arg(OP, "dv", dims.dv)?,
-            nq.clone(),
-            h.clone(),
+            nq,
+            h,
         ]
         .into_iter()
         .chain(layout.o.args())
@@ -529,13 +529,13 @@ pub fn plan_backward(
             Arg::Ptr(p.delta),
             Arg::Ptr(p.dk),
             Arg::Ptr(p.dv),
-            nq.clone(),
-            nk.clone(),
+            nq,
+            nk,
             Arg::F32(scale),
-            h.clone(),
+            h,
         ]
         .into_iter()
-        .chain(strides.iter().cloned())
+        .chain(strides.iter().copied())
         .collect(),
     )?;
     let dq = Launch::new(
