@@ -256,14 +256,15 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_preprocess_##DT)
 
-// dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128).
-#define FJ_ATTN_BWD(DT, ST, D, DV, SUF)                                                                       \
+// dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128); NS the
+// implementation: fj_attn_bwd (f32 FMA, here) or fj_attn_bwd_tc (tensor cores, attention_bwd_tc.cuh).
+#define FJ_ATTN_BWD(DT, ST, D, DV, SUF, NS)                                                                       \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
         attention_bwd_dkdv_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,       \
                                      const float* lse, const float* delta, ST::T* dk, ST::T* dv, int Nq,      \
                                      int Nk, float scale, int H, FJ_ATTN_BWD_STRIDES) {                       \
         const fj_attn_bwd::Strides st = FJ_ATTN_BWD_ST;                                                       \
-        fj_attn_bwd::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale, H, st);                \
+        NS::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale, H, st);                                         \
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_dkdv_##DT##SUF)                                                                 \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
@@ -271,10 +272,11 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
                                    const float* lse, const float* delta, ST::T* dq, int Nq, int Nk,           \
                                    float scale, int H, FJ_ATTN_BWD_STRIDES) {                                 \
         const fj_attn_bwd::Strides st = FJ_ATTN_BWD_ST;                                                       \
-        fj_attn_bwd::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale, H, st);                      \
+        NS::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale, H, st);                                                     \
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_dq_##DT##SUF)
-#define FJ_ATTN_BWD_ALL(D, DV, SUF) \
-    FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF) FJ_ATTN_BWD(f32, FjF32, D, DV, SUF)
+#define FJ_ATTN_BWD_ALL(D, DV, SUF)                                                                          \
+    FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF, fj_attn_bwd_tc) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF, fj_attn_bwd_tc) \
+    FJ_ATTN_BWD(f32, FjF32, D, DV, SUF, fj_attn_bwd)
 #define FJ_ATTN_BWD_SAME(D) FJ_ATTN_BWD_ALL(D, D, _d##D)
 #define FJ_ATTN_BWD_PAIR(D, DV) FJ_ATTN_BWD_ALL(D, DV, _d##D##_dv##DV)

@@ -321,9 +321,30 @@ pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize, dv: usize) -> 
     }
 }
 
-/// Dynamic shared memory of attention_bwd_dkdv / attention_bwd_dq for head dims d and dv.
-pub fn bwd_shared_bytes(d: usize, dv: usize) -> usize {
-    4 * (2 * 32 * (d + 1) + 2 * 32 * (dv + 1) + 2 * 32 * 33 + 64)
+/// Rows per block of the backward kernels, `[keys of dkdv, queries of dq]`: 64 on tensor cores
+/// (bf16, f16: attention_bwd_tc.cuh), 32 for f32 (FMA).
+pub fn bwd_block_rows(dtype: DType) -> [usize; 2] {
+    if dtype == DType::F32 {
+        [32, 32]
+    } else {
+        [64, 64]
+    }
+}
+
+/// Dynamic shared memory of `[attention_bwd_dkdv, attention_bwd_dq]` for head dims d and dv
+/// (cuda/README.md's formulas).
+pub fn bwd_shared_bytes(dtype: DType, d: usize, dv: usize) -> [usize; 2] {
+    if dtype == DType::F32 {
+        let b = 4 * (2 * 32 * (d + 1) + 2 * 32 * (dv + 1) + 2 * 32 * 33 + 64);
+        return [b, b];
+    }
+    let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
+    let rows = dp + 8 + dvp + 8;
+    // dkdv: 64 keys resident, query tiles of bm double buffered, lse and delta per query.
+    let bm = if dp + dvp > 192 { 32 } else { 64 };
+    // dq: 64 queries resident, key tiles of bn double buffered.
+    let bn = if d == 128 || dv == 128 { 32 } else { 64 };
+    [2 * (64 + 2 * bm) * rows + 16 * bm, 2 * (64 + 2 * bn) * rows]
 }
 
 /// Errors unless the 16-bit tensors are 16-byte aligned (cp.async moves 16-byte chunks).
@@ -486,7 +507,8 @@ pub fn plan_backward(
     let rows = dims.b * dims.h * dims.nq;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let bh = (dims.b * dims.h) as u64;
-    let smem = bwd_shared_bytes(dims.d, dims.dv);
+    let [smem_kv, smem_q] = bwd_shared_bytes(dtype, dims.d, dims.dv);
+    let [rows_kv, rows_q] = bwd_block_rows(dtype);
     let file = if dims.d == dims.dv {
         "attention_bwd.cu"
     } else {
@@ -517,9 +539,9 @@ pub fn plan_backward(
         OP,
         file,
         format!("attention_bwd_dkdv_{dt}{hd}"),
-        (dims.nk.div_ceil(32) as u64, bh, 1),
+        (dims.nk.div_ceil(rows_kv) as u64, bh, 1),
         (128, 1, 1),
-        smem,
+        smem_kv,
         vec![
             Arg::Ptr(p.q),
             Arg::Ptr(p.k),
@@ -542,9 +564,9 @@ pub fn plan_backward(
         OP,
         file,
         format!("attention_bwd_dq_{dt}{hd}"),
-        (dims.nq.div_ceil(32) as u64, bh, 1),
+        (dims.nq.div_ceil(rows_q) as u64, bh, 1),
         (128, 1, 1),
-        smem,
+        smem_q,
         vec![
             Arg::Ptr(p.q),
             Arg::Ptr(p.k),
@@ -958,6 +980,13 @@ mod tests {
         let want_f32_nokv = [12416, 24704, 30848, 36992, 49280];
         let want_f32_fwd = [10368, 20608, 26240, 30848, 41088];
         let want_bwd = [25600, 41984, 46080, 58368, 74752];
+        let want_bwd16 = [
+            [31744, 30720],
+            [56320, 55296],
+            [68608, 67584],
+            [80896, 79872],
+            [70144, 69632],
+        ];
         for (i, d) in HEAD_DIMS.into_iter().enumerate() {
             assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d, d), want_jvp[i]);
             assert_eq!(
@@ -977,7 +1006,8 @@ mod tests {
                 jvp_shared_bytes(Variant::Fwd, DType::F32, d, d),
                 want_f32_fwd[i]
             );
-            assert_eq!(bwd_shared_bytes(d, d), want_bwd[i]);
+            assert_eq!(bwd_shared_bytes(DType::F32, d, d), [want_bwd[i]; 2]);
+            assert_eq!(bwd_shared_bytes(bf, d, d), want_bwd16[i], "d{d}");
         }
         // dv != d: README's rows for the full JVP (the largest variant) and the backward.
         let want_pairs = [
@@ -998,7 +1028,7 @@ mod tests {
                 jvp32,
                 "d{d} dv{dv}"
             );
-            assert_eq!(bwd_shared_bytes(d, dv), bwd, "d{d} dv{dv}");
+            assert_eq!(bwd_shared_bytes(DType::F32, d, dv), [bwd; 2], "d{d} dv{dv}");
         }
         // Every instantiated pair fits an A100's and an H100's opt-in limit (163 KiB, 227 KiB).
         for d in HEAD_DIMS {
@@ -1008,7 +1038,9 @@ mod tests {
                         assert!(jvp_shared_bytes(v, dt, d, dv) <= 163 * 1024);
                     }
                 }
-                assert!(bwd_shared_bytes(d, dv) <= 163 * 1024);
+                for dt in [bf, DType::F32] {
+                    assert!(bwd_shared_bytes(dt, d, dv).iter().all(|&b| b <= 163 * 1024));
+                }
             }
         }
     }
