@@ -420,6 +420,84 @@ gpu_test!(attention_backward, |dtype| {
     }
 });
 
+/// The backward of one shape at `scale` against the reference (dq, dk, dv all checked: Nk > 1).
+fn backward_case(
+    dtype: DType,
+    s: (usize, usize, usize, usize, usize, usize),
+    scale: Option<f64>,
+    seed: u64,
+    label: &str,
+) {
+    let mut r = rng(seed);
+    let [qs, ks, vs] = attn_shape(s);
+    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
+    let go = randn(&[s.0, s.1, s.2, s.5], &mut r);
+    let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
+    let fwd = ops::attention_forward(&q, &k, &v, scale).unwrap();
+    let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+    let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, scale, dtype).unwrap();
+    let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, scale).unwrap();
+    let n = name(s);
+    for (gname, g, w) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        check(
+            &format!("attention bwd {label} {gname} [{n}]"),
+            dtype,
+            g,
+            w,
+            tol(dtype),
+        );
+    }
+}
+
+// Every (d, dv) pair of the instantiated head dims (each its own kernel pair), with query and key
+// tails past the 64/32-row tiles of both kernels and Nq ≠ Nk either way.
+gpu_test!(attention_backward_every_head_dim_pair, |dtype| {
+    let mut i = 0;
+    for d in cuda::attention::HEAD_DIMS {
+        for dv in cuda::attention::HEAD_DIMS {
+            let s = if i % 2 == 0 {
+                (1, 2, 70, 97, d, dv)
+            } else {
+                (2, 1, 129, 33, d, dv)
+            };
+            backward_case(dtype, s, None, 900 + i, "pairs");
+            i += 1;
+        }
+    }
+});
+
+// Peaked softmax (scale 1: a few keys carry each row) and odd shapes: one query against many keys,
+// many queries against two keys, tiles exactly full (64, 128) and one past.
+gpu_test!(attention_backward_peaked_and_odd, |dtype| {
+    for (i, &s) in [
+        (1, 2, 70, 200, 64, 64),
+        (1, 1, 33, 300, 128, 128),
+        (2, 1, 40, 90, 72, 72),
+        (1, 1, 65, 129, 96, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, Some(1.0), 950 + i as u64, "peaked");
+    }
+    for (i, &s) in [
+        (1, 1, 1, 300, 64, 64),
+        (1, 2, 300, 2, 72, 128),
+        (2, 2, 64, 128, 128, 72),
+        (1, 1, 129, 65, 32, 96),
+        (3, 1, 5, 7, 96, 96),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, None, 970 + i as u64, "odd");
+    }
+});
+
 /// (B, N, H, d) of the packed backward: tails, d72, B·H > 1, every head dim.
 const PACKED: &[(usize, usize, usize, usize)] = &[
     (2, 77, 3, 72),
