@@ -10,7 +10,9 @@
 //   dQ_i  = c sum_j dS_ij k_j      dK_j = c sum_i dS_ij q_i      dV_j = sum_i P_ij dO_i
 // (The softmax Jacobian: dS = P.(dP - rowsum(P.dP)), and rowsum(P.dP) = rowsum(dO.O) = D.)
 //
-// STRUCTURE: correctness first, plain f32 FMA (no tensor cores), deterministic (no atomics):
+// STRUCTURE: the f32 kernels below (plain f32 FMA, correctness first), deterministic (no atomics); the
+// bf16/f16 kernels are the tensor-core templates of attention_bwd_tc.cuh (same names, parameters, math
+// and launch order; 64-row blocks, their own tiles and shared memory, described there):
 //   1. attention_bwd_preprocess_{dt}: D, one warp per query row.
 //   2. attention_bwd_dkdv_{dt}{HD}: a block owns 32 keys (K, V in shared memory, dK and dV in
 //      registers) and loops over all query tiles of 32 rows, recomputing P and dS for the 32x32 tile.
@@ -20,8 +22,9 @@
 // Everything is computed in f32 from the storage values; outputs are rounded once to the storage type.
 // Tails: rows >= Nq and keys >= Nk load as 0 and get P = dS = 0; they are never stored.
 //
-// LAUNCH (block = (128,1,1) everywhere; STR = the element strides of q, k, v, o as long long, in the
-// order q_sb, q_sh, q_sn, k_sb, ..., o_sn):
+// LAUNCH (block = (128,1,1) everywhere; grids and shared memory of dkdv/dq as given for f32, bf16/f16
+// in attention_bwd_tc.cuh; STR = the element strides of q, k, v, o as long long: q_sb, q_sh, q_sn,
+// k_sb, ..., o_sn):
 //   attention_bwd_preprocess_{dt}(o, dout, delta, rows, dv, Nq, H, o_sb, o_sh, o_sn)
 //       grid = (ceil(rows / 4), 1, 1), no dynamic shared memory; rows = B*H*Nq.
 //   attention_bwd_dkdv_{dt}{HD}(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale, H, STR)
