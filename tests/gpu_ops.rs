@@ -589,6 +589,30 @@ gpu_test!(attention_backward_packed, |dtype| {
     }
 });
 
+// The packed backward's bad inputs are errors naming the tensor (checked before any launch).
+gpu_test!(attention_backward_packed_refuses_bad_shapes, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    let mut r = rng(17);
+    let (b, n, h, d) = (1, 9, 2, 64);
+    let up = |shape: &[usize], dt: DType, r: &mut StdRng| gpu.upload(&randn(shape, r), dt).unwrap();
+    let qkv = up(&[b, n, 3, h, d], dtype, &mut r);
+    let o = up(&[b, n, h, d], dtype, &mut r);
+    let lse = up(&[b, h, n], DType::F32, &mut r);
+    let bad_o = up(&[b, h, n, d], dtype, &mut r);
+    let bad_qkv = up(&[b, n, h, 3, d], dtype, &mut r);
+    let bad_d = up(&[b, n, 3, h, 48], dtype, &mut r);
+    let e = cuda::attention::backward_packed(&qkv, &bad_o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`o`"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &lse, &bad_o, None).unwrap_err();
+    assert!(e.to_string().contains("`dout`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_qkv, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`qkv`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_d, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &o, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`lse`"), "{e}");
+});
+
 // Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite
 // (v and o with head dim 96, q and k 72).
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
