@@ -851,7 +851,9 @@ mod emulate {
             );
             let bwd = name.starts_with("attention_bwd");
             let (nq, nk, c) = {
-                let n = l.args.len();
+                // The backward kernels end with H and the 12 strides of q, k, v, o (contiguous
+                // in the DiT).
+                let n = l.args.len() - if bwd { 13 } else { 0 };
                 (int(n - 3), int(n - 2), fl(n - 1))
             };
             let (q, k, v) = (p(0), p(1), p(2));

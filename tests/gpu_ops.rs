@@ -429,6 +429,199 @@ gpu_test!(attention_backward, |dtype| {
     }
 });
 
+/// The backward of one shape at `scale` against the reference (dq, dk, dv all checked: Nk > 1).
+fn backward_case(
+    dtype: DType,
+    s: (usize, usize, usize, usize, usize, usize),
+    scale: Option<f64>,
+    seed: u64,
+    label: &str,
+) {
+    let mut r = rng(seed);
+    let [qs, ks, vs] = attn_shape(s);
+    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
+    let go = randn(&[s.0, s.1, s.2, s.5], &mut r);
+    let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
+    let fwd = ops::attention_forward(&q, &k, &v, scale).unwrap();
+    let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+    let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, scale, dtype).unwrap();
+    let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, scale).unwrap();
+    let n = name(s);
+    for (gname, g, w) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        check(
+            &format!("attention bwd {label} {gname} [{n}]"),
+            dtype,
+            g,
+            w,
+            tol(dtype),
+        );
+    }
+}
+
+// Every (d, dv) pair of the instantiated head dims (each its own kernel pair), with query and key
+// tails past the 64/32-row tiles of both kernels and Nq ≠ Nk either way.
+gpu_test!(attention_backward_every_head_dim_pair, |dtype| {
+    let mut i = 0;
+    for d in cuda::attention::HEAD_DIMS {
+        for dv in cuda::attention::HEAD_DIMS {
+            let s = if i % 2 == 0 {
+                (1, 2, 70, 97, d, dv)
+            } else {
+                (2, 1, 129, 33, d, dv)
+            };
+            backward_case(dtype, s, None, 900 + i, "pairs");
+            i += 1;
+        }
+    }
+});
+
+// Peaked softmax (scale 1: a few keys carry each row) and odd shapes: one query against many keys,
+// many queries against two keys, tiles exactly full (64, 128) and one past.
+gpu_test!(attention_backward_peaked_and_odd, |dtype| {
+    for (i, &s) in [
+        (1, 2, 70, 200, 64, 64),
+        (1, 1, 33, 300, 128, 128),
+        (2, 1, 40, 90, 72, 72),
+        (1, 1, 65, 129, 96, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, Some(1.0), 950 + i as u64, "peaked");
+    }
+    for (i, &s) in [
+        (1, 1, 1, 300, 64, 64),
+        (1, 2, 300, 2, 72, 128),
+        (2, 2, 64, 128, 128, 72),
+        (1, 1, 129, 65, 32, 96),
+        (3, 1, 5, 7, 96, 96),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, None, 970 + i as u64, "odd");
+    }
+});
+
+/// (B, N, H, d) of the packed backward: tails, d72, B·H > 1, every head dim.
+const PACKED: &[(usize, usize, usize, usize)] = &[
+    (2, 77, 3, 72),
+    (1, 130, 2, 64),
+    (2, 33, 2, 128),
+    (1, 200, 4, 32),
+    (2, 65, 1, 96),
+];
+
+/// [B, N, G, H, d] (G = 3 for qkv, 1 for o) → G tensors [B, H, N, d].
+fn unpack_heads(t: &Tensor, s: (usize, usize, usize, usize), g: usize) -> Vec<Tensor> {
+    let (b, n, h, d) = s;
+    let x = t.to_f64_vec();
+    (0..g)
+        .map(|gi| {
+            let mut out = vec![0.0; b * h * n * d];
+            for bi in 0..b {
+                for ni in 0..n {
+                    for hi in 0..h {
+                        let src = (((bi * n + ni) * g + gi) * h + hi) * d;
+                        let dst = ((bi * h + hi) * n + ni) * d;
+                        out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+                    }
+                }
+            }
+            Tensor::from_vec(out, &[b, h, n, d]).unwrap()
+        })
+        .collect()
+}
+
+/// [B, H, N, d] → [B, N, H, d].
+fn merge_heads(t: &Tensor) -> Tensor {
+    let sh = t.shape();
+    let (b, h, n, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let x = t.to_f64_vec();
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ni in 0..n {
+                let src = ((bi * h + hi) * n + ni) * d;
+                let dst = ((bi * n + ni) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    Tensor::from_vec(out, &[b, n, h, d]).unwrap()
+}
+
+// The backward read in place from a packed qkv [B, N, 3, H, d] with o and dout [B, N, H, d]
+// (strided kernels), against the reference on the permuted tensors.
+gpu_test!(attention_backward_packed, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &s) in PACKED.iter().enumerate() {
+        let (b, n, h, d) = s;
+        let mut r = rng(700 + i as u64);
+        let qkv = rd(&randn(&[b, n, 3, h, d], &mut r), dtype);
+        let dout = rd(&randn(&[b, n, h, d], &mut r), dtype);
+        let heads = unpack_heads(&qkv, s, 3);
+        let (q, k, v) = (&heads[0], &heads[1], &heads[2]);
+        let fwd = ops::attention_forward(q, k, v, None).unwrap();
+        let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+        let go = unpack_heads(&dout, s, 1).remove(0);
+        let want = ops::attention_backward(q, k, v, &o, &lse, &go, None).unwrap();
+        let dqkv = cuda::attention::backward_packed(
+            &gpu.upload(&qkv, dtype).unwrap(),
+            &gpu.upload(&merge_heads(&o), dtype).unwrap(),
+            &gpu.upload(&lse, DType::F32).unwrap(),
+            &gpu.upload(&dout, dtype).unwrap(),
+            None,
+        )
+        .unwrap()
+        .download()
+        .unwrap();
+        assert_eq!(dqkv.shape(), &[b, n, 3, h, d]);
+        let got = unpack_heads(&dqkv, s, 3);
+        let label = format!("B{b} N{n} H{h} d{d}");
+        for (g, (gname, w)) in
+            got.iter()
+                .zip([("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)])
+        {
+            check(
+                &format!("attention bwd packed {gname} [{label}]"),
+                dtype,
+                g,
+                w,
+                tol(dtype),
+            );
+        }
+    }
+});
+
+// The packed backward's bad inputs are errors naming the tensor (checked before any launch).
+gpu_test!(attention_backward_packed_refuses_bad_shapes, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    let mut r = rng(17);
+    let (b, n, h, d) = (1, 9, 2, 64);
+    let up = |shape: &[usize], dt: DType, r: &mut StdRng| gpu.upload(&randn(shape, r), dt).unwrap();
+    let qkv = up(&[b, n, 3, h, d], dtype, &mut r);
+    let o = up(&[b, n, h, d], dtype, &mut r);
+    let lse = up(&[b, h, n], DType::F32, &mut r);
+    let bad_o = up(&[b, h, n, d], dtype, &mut r);
+    let bad_qkv = up(&[b, n, h, 3, d], dtype, &mut r);
+    let bad_d = up(&[b, n, 3, h, 48], dtype, &mut r);
+    let e = cuda::attention::backward_packed(&qkv, &bad_o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`o`"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &lse, &bad_o, None).unwrap_err();
+    assert!(e.to_string().contains("`dout`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_qkv, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`qkv`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_d, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &o, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`lse`"), "{e}");
+});
+
 // Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite
 // (v and o with head dim 96, q and k 72).
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {

@@ -743,6 +743,7 @@ pub fn plan_block_backward(
     s.extend(attn::plan_backward(
         dtype,
         adims,
+        attn::Layout::contiguous(adims),
         attn::BwdPtrs {
             q,
             k,
