@@ -3,6 +3,7 @@
 // and limits are described in attention_bwd.cuh; dv != d is instantiated in attention_bwd_dv.cu.
 #include "common.cuh"
 #include "attention_bwd.cuh"
+#include "attention_bwd_tc.cuh"
 
 FJ_FOR_EACH_DTYPE(FJ_ATTN_BWD_PRE)
 FJ_ATTN_BWD_SAME(32)

@@ -10,7 +10,9 @@
 //   dQ_i  = c sum_j dS_ij k_j      dK_j = c sum_i dS_ij q_i      dV_j = sum_i P_ij dO_i
 // (The softmax Jacobian: dS = P.(dP - rowsum(P.dP)), and rowsum(P.dP) = rowsum(dO.O) = D.)
 //
-// STRUCTURE: correctness first, plain f32 FMA (no tensor cores), deterministic (no atomics):
+// STRUCTURE: the f32 kernels below (plain f32 FMA, correctness first), deterministic (no atomics); the
+// bf16/f16 kernels are the tensor-core templates of attention_bwd_tc.cuh (same names, parameters, math
+// and launch order; 64-row blocks, their own tiles and shared memory, described there):
 //   1. attention_bwd_preprocess_{dt}: D, one warp per query row.
 //   2. attention_bwd_dkdv_{dt}{HD}: a block owns 32 keys (K, V in shared memory, dK and dV in
 //      registers) and loops over all query tiles of 32 rows, recomputing P and dS for the 32x32 tile.
@@ -20,17 +22,21 @@
 // Everything is computed in f32 from the storage values; outputs are rounded once to the storage type.
 // Tails: rows >= Nq and keys >= Nk load as 0 and get P = dS = 0; they are never stored.
 //
-// LAUNCH (block = (128,1,1) everywhere):
-//   attention_bwd_preprocess_{dt}(o, dout, delta, rows, dv)
+// LAUNCH (block = (128,1,1) everywhere; grids and shared memory of dkdv/dq as given for f32, bf16/f16
+// in attention_bwd_tc.cuh; STR = the element strides of q, k, v, o as long long: q_sb, q_sh, q_sn,
+// k_sb, ..., o_sn):
+//   attention_bwd_preprocess_{dt}(o, dout, delta, rows, dv, Nq, H, o_sb, o_sh, o_sn)
 //       grid = (ceil(rows / 4), 1, 1), no dynamic shared memory; rows = B*H*Nq.
-//   attention_bwd_dkdv_{dt}{HD}(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale)
+//   attention_bwd_dkdv_{dt}{HD}(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale, H, STR)
 //       grid = (ceil(Nk / 32), B*H, 1)
-//   attention_bwd_dq_{dt}{HD}(q, k, v, dout, lse, delta, dq, Nq, Nk, scale)
+//   attention_bwd_dq_{dt}{HD}(q, k, v, dout, lse, delta, dq, Nq, Nk, scale, H, STR)
 //       grid = (ceil(Nq / 32), B*H, 1)
 //   dynamic shared memory for dkdv and dq: 4 * (2 * 32 * (D + 1) + 2 * 32 * (DV + 1) + 2 * 32 * 33 + 64)
 //       bytes (dv == d: d32 25600, d64 41984, d72 46080, d96 58368, d128 74752, at most 74752 for any
 //       pair; above 48 KiB set cudaFuncAttributeMaxDynamicSharedMemorySize).
-// PARAMETERS: q, dq [B,H,Nq,d]; k, dk [B,H,Nk,d]; v, dv [B,H,Nk,dv]; o, dout [B,H,Nq,dv] (storage
+// STRIDES: q, k, v, o are each read as [B, H, N, d] views, element (b, h, n, c) at b*sb + h*sh + n*sn + c;
+//   block y = b*H + h; dq, dk, dv, dout share the strides of q, k, v, o; lse, delta are contiguous.
+// PARAMETERS: (viewed as) q, dq [B,H,Nq,d]; k, dk [B,H,Nk,d]; v, dv [B,H,Nk,dv]; o, dout [B,H,Nq,dv] (storage
 //   dtype); lse, delta [B,H,Nq] f32; dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV}
 //   otherwise; D, DV in {32, 64, 72, 96, 128} (every pair).
 //
@@ -43,13 +49,16 @@ constexpr int NTHREADS = 128;
 constexpr int TB = 32;  // rows per query tile and per key tile
 
 // Preprocess: delta[row] = sum_c dout[row,c] * o[row,c], one warp per row.
+// Row `row` of [B,H,Nq] is (bh = row / Nq, i = row % Nq); o and dout are read through o's strides.
 template <class ST>
 __device__ __forceinline__ void preprocess(const typename ST::T* __restrict__ o, const typename ST::T* __restrict__ dout,
-                                           float* __restrict__ delta, int rows, int d) {
+                                           float* __restrict__ delta, int rows, int d, int Nq, int H, fj_i64 o_sb,
+                                           fj_i64 o_sh, fj_i64 o_sn) {
     const int row = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const fj_i64 off = (fj_i64)row * d;
+    const int bh = row / Nq, i = row - bh * Nq;
+    const fj_i64 off = (fj_i64)(bh / H) * o_sb + (fj_i64)(bh % H) * o_sh + (fj_i64)i * o_sn;
     float acc = 0.f;
     for (int c = lane; c < d; c += 32) acc = fmaf(ST::load(dout[off + c]), ST::load(o[off + c]), acc);
     acc = fj_warp_sum(acc);
@@ -70,14 +79,32 @@ struct Smem {
     }
 };
 
-// Load rows [r0, r0+TB) of a [n, D] storage matrix into a [TB][D+1] f32 tile; rows >= n are 0.
+// Load rows [r0, r0+TB) of an [n, D] storage matrix with row stride `rs` into a [TB][D+1] f32 tile;
+// rows >= n are 0.
 template <class ST, int D>
-__device__ __forceinline__ void load_tile(float* dst, const typename ST::T* __restrict__ src, int r0, int n) {
+__device__ __forceinline__ void load_tile(float* dst, const typename ST::T* __restrict__ src, int r0, int n, fj_i64 rs) {
     for (int c = threadIdx.x; c < TB * D; c += NTHREADS) {
         const int r = c / D, col = c % D;
-        dst[r * (D + 1) + col] = (r0 + r < n) ? ST::load(src[(fj_i64)(r0 + r) * D + col]) : 0.f;
+        dst[r * (D + 1) + col] = (r0 + r < n) ? ST::load(src[(fj_i64)(r0 + r) * rs + col]) : 0.f;
     }
 }
+
+// Element strides of q, k, v and o (each viewed as [B, H, N, d]) and the base offsets of block
+// (b, h) = (blockIdx.y / H, blockIdx.y % H); gradients share their primal's strides.
+struct Strides {
+    fj_i64 q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;
+};
+struct Bases {
+    fj_i64 q, k, v, o, l;
+    __device__ Bases(const Strides& st, int H, int Nq) {
+        const int bh = blockIdx.y, b = bh / H, h = bh - b * H;
+        q = (fj_i64)b * st.q_sb + (fj_i64)h * st.q_sh;
+        k = (fj_i64)b * st.k_sb + (fj_i64)h * st.k_sh;
+        v = (fj_i64)b * st.v_sb + (fj_i64)h * st.v_sh;
+        o = (fj_i64)b * st.o_sb + (fj_i64)h * st.o_sh;
+        l = (fj_i64)bh * Nq;
+    }
+};
 
 // P and dS of the tile (queries q0.., keys k0..): thread (warp w, lane) does rows w, w+4, ..., key lane.
 template <int D, int DV>
@@ -118,18 +145,18 @@ __device__ __forceinline__ void dkdv(const typename ST::T* __restrict__ q, const
                                      const typename ST::T* __restrict__ v, const typename ST::T* __restrict__ dout,
                                      const float* __restrict__ lse, const float* __restrict__ delta,
                                      typename ST::T* __restrict__ dk, typename ST::T* __restrict__ dv, int Nq, int Nk,
-                                     float scale) {
+                                     float scale, int H, const Strides& st) {
     FJ_DYN_SMEM(fj_smem);
     const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
     constexpr int RS = D + 1, RSV = DV + 1;
     constexpr int CPT = D / 4, CPTV = DV / 4;  // columns per thread: warp, warp+4, ...
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int bh = blockIdx.y, k0 = blockIdx.x * TB;
-    const fj_i64 qoff = (fj_i64)bh * Nq * D, koff = (fj_i64)bh * Nk * D, loff = (fj_i64)bh * Nq;
-    const fj_i64 ooff = (fj_i64)bh * Nq * DV, voff = (fj_i64)bh * Nk * DV;
+    const int k0 = blockIdx.x * TB;
+    const Bases base(st, H, Nq);
+    const fj_i64 qoff = base.q, koff = base.k, loff = base.l, ooff = base.o, voff = base.v;
 
-    load_tile<ST, D>(s.b0, k + koff, k0, Nk);
-    load_tile<ST, DV>(s.b1, v + voff, k0, Nk);
+    load_tile<ST, D>(s.b0, k + koff, k0, Nk, st.k_sn);
+    load_tile<ST, DV>(s.b1, v + voff, k0, Nk, st.v_sn);
     float acc_k[CPT], acc_v[CPTV];
 #pragma unroll
     for (int c = 0; c < CPT; ++c) acc_k[c] = 0.f;
@@ -138,8 +165,8 @@ __device__ __forceinline__ void dkdv(const typename ST::T* __restrict__ q, const
 
     for (int q0 = 0; q0 < Nq; q0 += TB) {
         __syncthreads();  // previous tile consumed
-        load_tile<ST, D>(s.a0, q + qoff, q0, Nq);
-        load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq);
+        load_tile<ST, D>(s.a0, q + qoff, q0, Nq, st.q_sn);
+        load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq, st.o_sn);
         if (threadIdx.x < TB) {
             const int r = q0 + threadIdx.x;
             s.lse[threadIdx.x] = r < Nq ? lse[loff + r] : 0.f;
@@ -160,7 +187,7 @@ __device__ __forceinline__ void dkdv(const typename ST::T* __restrict__ q, const
     }
     const int key = k0 + lane;
     if (key < Nk) {
-        const fj_i64 off = koff + (fj_i64)key * D, offv = voff + (fj_i64)key * DV;
+        const fj_i64 off = koff + (fj_i64)key * st.k_sn, offv = voff + (fj_i64)key * st.v_sn;
 #pragma unroll
         for (int c = 0; c < CPT; ++c) dk[off + warp + 4 * c] = ST::store(acc_k[c] * scale);
 #pragma unroll
@@ -172,18 +199,19 @@ template <class ST, int D, int DV>
 __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const typename ST::T* __restrict__ k,
                                    const typename ST::T* __restrict__ v, const typename ST::T* __restrict__ dout,
                                    const float* __restrict__ lse, const float* __restrict__ delta,
-                                   typename ST::T* __restrict__ dq_out, int Nq, int Nk, float scale) {
+                                   typename ST::T* __restrict__ dq_out, int Nq, int Nk, float scale, int H,
+                                   const Strides& st) {
     FJ_DYN_SMEM(fj_smem);
     const Smem<D, DV> s(reinterpret_cast<float*>(fj_smem));
     constexpr int RS = D + 1;
     constexpr int CPT = D / 4;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int bh = blockIdx.y, q0 = blockIdx.x * TB;
-    const fj_i64 qoff = (fj_i64)bh * Nq * D, koff = (fj_i64)bh * Nk * D, loff = (fj_i64)bh * Nq;
-    const fj_i64 ooff = (fj_i64)bh * Nq * DV, voff = (fj_i64)bh * Nk * DV;
+    const int q0 = blockIdx.x * TB;
+    const Bases base(st, H, Nq);
+    const fj_i64 qoff = base.q, koff = base.k, loff = base.l, ooff = base.o, voff = base.v;
 
-    load_tile<ST, D>(s.a0, q + qoff, q0, Nq);
-    load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq);
+    load_tile<ST, D>(s.a0, q + qoff, q0, Nq, st.q_sn);
+    load_tile<ST, DV>(s.a1, dout + ooff, q0, Nq, st.o_sn);
     if (threadIdx.x < TB) {
         const int r = q0 + threadIdx.x;
         s.lse[threadIdx.x] = r < Nq ? lse[loff + r] : 0.f;
@@ -195,8 +223,8 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
 
     for (int k0 = 0; k0 < Nk; k0 += TB) {
         __syncthreads();
-        load_tile<ST, D>(s.b0, k + koff, k0, Nk);
-        load_tile<ST, DV>(s.b1, v + voff, k0, Nk);
+        load_tile<ST, D>(s.b0, k + koff, k0, Nk, st.k_sn);
+        load_tile<ST, DV>(s.b1, v + voff, k0, Nk, st.v_sn);
         __syncthreads();
         tile_p_ds<D, DV>(s, q0, k0, Nq, Nk, scale);
         __syncthreads();
@@ -210,7 +238,7 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
     }
     const int row = q0 + lane;
     if (row < Nq) {
-        const fj_i64 off = qoff + (fj_i64)row * D;
+        const fj_i64 off = qoff + (fj_i64)row * st.q_sn;
 #pragma unroll
         for (int c = 0; c < CPT; ++c) dq_out[off + warp + 4 * c] = ST::store(acc[c] * scale);
     }
@@ -218,30 +246,40 @@ __device__ __forceinline__ void dq(const typename ST::T* __restrict__ q, const t
 
 }  // namespace fj_attn_bwd
 
+#define FJ_ATTN_BWD_STRIDES                                                                                   \
+    long long q_sb, long long q_sh, long long q_sn, long long k_sb, long long k_sh, long long k_sn,           \
+        long long v_sb, long long v_sh, long long v_sn, long long o_sb, long long o_sh, long long o_sn
+#define FJ_ATTN_BWD_ST {q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn}
+
 #define FJ_ATTN_BWD_PRE(DT, ST)                                                                               \
     extern "C" __global__ void __launch_bounds__(128)                                                         \
-        attention_bwd_preprocess_##DT(const ST::T* o, const ST::T* dout, float* delta, int rows, int d) {     \
-        fj_attn_bwd::preprocess<ST>(o, dout, delta, rows, d);                                                 \
+        attention_bwd_preprocess_##DT(const ST::T* o, const ST::T* dout, float* delta, int rows, int d, int Nq, \
+                                      int H, long long o_sb, long long o_sh, long long o_sn) {                \
+        fj_attn_bwd::preprocess<ST>(o, dout, delta, rows, d, Nq, H, o_sb, o_sh, o_sn);                        \
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_preprocess_##DT)
 
-// dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128).
-#define FJ_ATTN_BWD(DT, ST, D, DV, SUF)                                                                       \
+// dK/dV and dQ of one (dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128); NS the
+// implementation: fj_attn_bwd (f32 FMA, here) or fj_attn_bwd_tc (tensor cores, attention_bwd_tc.cuh).
+#define FJ_ATTN_BWD(DT, ST, D, DV, SUF, NS)                                                                       \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
         attention_bwd_dkdv_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,       \
                                      const float* lse, const float* delta, ST::T* dk, ST::T* dv, int Nq,      \
-                                     int Nk, float scale) {                                                   \
-        fj_attn_bwd::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale);                       \
+                                     int Nk, float scale, int H, FJ_ATTN_BWD_STRIDES) {                       \
+        const fj_attn_bwd::Strides st = FJ_ATTN_BWD_ST;                                                       \
+        NS::dkdv<ST, D, DV>(q, k, v, dout, lse, delta, dk, dv, Nq, Nk, scale, H, st);                                         \
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_dkdv_##DT##SUF)                                                                 \
     extern "C" __global__ void __launch_bounds__(128, 1)                                                      \
         attention_bwd_dq_##DT##SUF(const ST::T* q, const ST::T* k, const ST::T* v, const ST::T* dout,         \
                                    const float* lse, const float* delta, ST::T* dq, int Nq, int Nk,           \
-                                   float scale) {                                                             \
-        fj_attn_bwd::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale);                             \
+                                   float scale, int H, FJ_ATTN_BWD_STRIDES) {                                 \
+        const fj_attn_bwd::Strides st = FJ_ATTN_BWD_ST;                                                       \
+        NS::dq<ST, D, DV>(q, k, v, dout, lse, delta, dq, Nq, Nk, scale, H, st);                                                     \
     }                                                                                                         \
     FJ_REGISTER(attention_bwd_dq_##DT##SUF)
-#define FJ_ATTN_BWD_ALL(D, DV, SUF) \
-    FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF) FJ_ATTN_BWD(f32, FjF32, D, DV, SUF)
+#define FJ_ATTN_BWD_ALL(D, DV, SUF)                                                                          \
+    FJ_ATTN_BWD(bf16, FjBF16, D, DV, SUF, fj_attn_bwd_tc) FJ_ATTN_BWD(f16, FjF16, D, DV, SUF, fj_attn_bwd_tc) \
+    FJ_ATTN_BWD(f32, FjF32, D, DV, SUF, fj_attn_bwd)
 #define FJ_ATTN_BWD_SAME(D) FJ_ATTN_BWD_ALL(D, D, _d##D)
 #define FJ_ATTN_BWD_PAIR(D, DV) FJ_ATTN_BWD_ALL(D, DV, _d##D##_dv##DV)

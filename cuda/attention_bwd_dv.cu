@@ -4,6 +4,7 @@
 // run time, is attention_bwd.cu's).
 #include "common.cuh"
 #include "attention_bwd.cuh"
+#include "attention_bwd_tc.cuh"
 
 FJ_ATTN_BWD_PAIR(32, 64)
 FJ_ATTN_BWD_PAIR(32, 72)

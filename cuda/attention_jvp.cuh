@@ -18,8 +18,9 @@
 // P.(Sdot - mu_new), and when a tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first;
 // then odot = T/l. mu needs whole-row sums of p and p.sdot every tile (two quad shuffles each). The
 // nokv variant keeps the uncentred form: centring it pushed it past 255 registers (d128 on sm_80 spilled
-// even with 32-key tiles), so its bf16 tangent error grows when a few keys carry each row (7.7e-3 at
-// scale 1 under the emulator, tests/gpu_ops.rs attention_jvp_peaked_softmax; the full JVP: 2.2e-3).
+// even with 32-key tiles; so did feeding P.Sdot as a bf16 pair hi + lo instead), so its bf16 tangent
+// error grows when a few keys carry each row (7.7e-3 at scale 1 under the emulator, tests/gpu_ops.rs
+// attention_jvp_peaked_softmax; the full JVP: 2.2e-3). The Hopper kernel centres nokv too.
 // Six matrix products per tile: Q K^T, Qdot K^T, Q Kdot^T, P V, P Vdot, (P.Sdot) V; T holds both P Vdot
 // and (P.Sdot) V. Variants:
 //   attention_jvp_*      the full JVP above (tangents on q, k and v).

@@ -18,12 +18,13 @@
 // time, the register layout of a wgmma A operand), V and Vdot are read from shared memory as the
 // transposed ("MN-major") B operand. Six products per tile as on sm_80, four for nokv, two for fwd.
 //
-// CENTRED T (full JVP), as in attention_jvp.cuh: P.Sdot rounded to 16 bits would otherwise cancel
+// CENTRED T (full JVP and nokv), as in attention_jvp.cuh: P.Sdot rounded to 16 bits would otherwise cancel
 // against mu o in odot = T/l - mu o, badly when one key dominates a row (Nk = 1: bf16 tangent error
 // 5.0e-3 under the CPU emulator). T is kept centred on the running mu: the softmax of tile j reduces
 // the row sums of p and p.sdot over the quad, moves T (tiles < j, complete after the turn's
 // wgmma.wait_group) from the old centre with T = alpha T + (mu_old - mu_new) alpha O, and feeds
-// P.(Sdot - mu_new) to the next turn; then odot = T/l. nokv keeps the uncentred form, as on sm_80.
+// P.(Sdot - mu_new) to the next turn; then odot = T/l. Unlike sm_80 (register budget), nokv is centred
+// too: it fits the consumers' 240 registers without spills.
 //
 // BLOCK: 384 threads = 3 warpgroups; 128 query rows per block. Warpgroup 0 is the producer (one thread
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
@@ -324,7 +325,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     typedef Cfg<D, MODE> C;
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = C::TAN, KVT = C::KVT;
-    constexpr bool CENTER = KVT;  // T centred on the running mu (full JVP; see the header)
+    constexpr bool CENTER = TAN;  // T centred on the running mu (full JVP and nokv; see the header)
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
@@ -458,8 +459,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 if (TAN) psa[TAN ? i : 0][e] = 0u;
             }
         // Rows g and g+8 of this warp's 16 (accumulator elements with (i >> 1) & 1 = 0 and 1).
-        // Uncentred (nokv, fwd): l_run, r_run are this thread's partial row sums of p and p.sdot,
-        // reduced over the quad at the end. Centred (full JVP): whole-row sums, reduced every tile, and
+        // Uncentred (fwd): l_run, r_run are this thread's partial row sums of p and p.sdot,
+        // reduced over the quad at the end. Centred (full JVP, nokv): whole-row sums, reduced every tile, and
         // mu_run = r_run / l_run is the centre of T.
         float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
         float mu_run[2] = {0.f, 0.f};

@@ -17,8 +17,11 @@
 //
 // TILING: one warp per row, 8 rows per block of 256 threads. Each lane walks the row in chunks of 16
 // bytes (8 bf16/f16 values, 4 f32); when C is a multiple of the chunk and every row pointer is 16-byte
-// aligned the chunk is one vector access, otherwise element by element with the tail masked. The row is
-// read three times (sum, squared deviations, output): the second and third reads mostly hit L1/L2.
+// aligned the chunk is one vector access, otherwise element by element with the tail masked. When the
+// row is vector-accessible and fits (C <= 2048 for the bf16/f16 JVP, 3072 for the forward and backward;
+// half that in f32) each lane keeps its chunks in registers and every input is read from memory once;
+// otherwise the row is streamed three times (sum, squared deviations, output; the backward twice), the
+// later reads mostly from L1/L2. Both give the same results (same sums in the same order).
 // The parameter gradients are a column reduction: a block of 32 columns x 8 row-lanes sums a slice of the
 // rows of one group in f32, then adds its partial with one f32 atomicAdd per column.
 //
@@ -61,14 +64,242 @@ __device__ __forceinline__ void load_mod(const float* row, int i, int C, bool ve
     }
 }
 
-// Forward and JVP in one body; JVP = true also computes the tangent.
+// ---------------------------------------------------------------------------------------------
+// Register-resident rows: lane `lane` holds the 16-byte chunks ch*32 + lane (ch < NCH) of the row, so
+// each input is read from memory once. Taken when the row fits (C <= 32 * V * NCH) and every row is
+// vector-accessible; the same sums in the same order as the streaming path, so the same results.
+// Chunks per lane N: 12 for the forward and backward (C <= 3072 in bf16/f16, 1536 in f32), 8 for the
+// JVP, which holds two rows (C <= 2048 / 1024; with 12 it took 215 registers on sm_90a).
+template <bool JVP>
+struct Chunks {
+    enum { N = JVP ? 8 : 12 };
+};
+
+template <class ST, int N>
+__device__ __forceinline__ bool fits_regs(int C, bool vec) {
+    return vec && C <= 32 * ST::V * N;
+}
+
+template <class ST>
+__device__ __forceinline__ void unpack(const uint4& u, float (&out)[ST::V]) {
+    union { uint4 u; typename ST::T e[ST::V]; } c;
+    c.u = u;
+#pragma unroll
+    for (int e = 0; e < ST::V; ++e) out[e] = ST::load(c.e[e]);
+}
+
+// Loads this lane's chunks of a row (chunks past the row end are left as zeros).
+template <class ST, int N>
+__device__ __forceinline__ void load_row(const typename ST::T* row, int C, int lane, uint4 (&r)[N]) {
+#pragma unroll
+    for (int ch = 0; ch < N; ++ch) {
+        const int i = (ch * 32 + lane) * ST::V;
+        r[ch] = i < C ? *reinterpret_cast<const uint4*>(row + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// The gated residual in front of the fused kernels, one row of each (pointers already offset to the
+// row; gate and tgate to the row's group): x1 = x + gate y, x1_dot = x_dot + gate_dot y + gate y_dot,
+// computed in f32 and rounded to the storage type, exactly as gated_residual_{fwd,jvp} do.
+template <class ST>
+struct ResRow {
+    const typename ST::T* y;
+    const typename ST::T* ty;
+    const float* gate;
+    const float* tgate;
+    typename ST::T* x1;
+    typename ST::T* tx1;
+};
+
+// Chunk i of the residual's output (and tangent), stored to x1 (tx1) and returned as storage values.
 template <class ST, bool JVP>
+__device__ __forceinline__ void residual_chunk(const typename ST::T* xr, const typename ST::T* txr, const ResRow<ST>& r,
+                                               int i, int C, bool vec, uint4& out, uint4& tout) {
+    constexpr int V = ST::V;
+    float a[V], b[V], g[V], o[V];
+    fj_load_chunk<ST>(xr, i, C, vec, a);
+    fj_load_chunk<ST>(r.y, i, C, vec, b);
+    fj_load_chunk_f32<V>(r.gate, i, C, vec, g);
+    union { uint4 u; typename ST::T e[V]; } c;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        o[e] = a[e] + g[e] * b[e];
+        c.e[e] = ST::store(o[e]);
+    }
+    fj_store_chunk<ST>(r.x1, i, C, vec, o);
+    out = c.u;
+    if (JVP) {
+        float t[V], tg[V], ty[V];
+        if (txr) fj_load_chunk<ST>(txr, i, C, vec, t);
+        else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[e] = 0.f;
+        }
+        load_mod<V>(r.tgate, i, C, vec, tg);
+        if (r.ty) fj_load_chunk<ST>(r.ty, i, C, vec, ty);
+        else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) ty[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            o[e] = fmaf(g[e], ty[e], fmaf(tg[e], b[e], t[e]));
+            c.e[e] = ST::store(o[e]);
+        }
+        fj_store_chunk<ST>(r.tx1, i, C, vec, o);
+        tout = c.u;
+    }
+}
+
+template <class ST, bool JVP, bool RES, int NCH>
+__device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, const typename ST::T* __restrict__ txr,
+                                         const ResRow<ST>& res, const float* __restrict__ sr,
+                                         const float* __restrict__ hr, const float* __restrict__ tsr,
+                                         const float* __restrict__ thr, typename ST::T* __restrict__ yr,
+                                         typename ST::T* __restrict__ tyr, float* __restrict__ mean_out,
+                                         float* __restrict__ rstd_out, int row, int lane, int C, float eps) {
+    constexpr int V = ST::V;
+    uint4 xa[NCH], ta[NCH];  // ta unused (and eliminated) without JVP
+    if (RES) {
+        // The row to normalise is the residual's output, made here (and stored) chunk by chunk.
+#pragma unroll
+        for (int ch = 0; ch < NCH; ++ch) {
+            const int i = (ch * 32 + lane) * V;
+            xa[ch] = ta[ch] = make_uint4(0u, 0u, 0u, 0u);
+            if (i < C) residual_chunk<ST, JVP>(xr, txr, res, i, C, true, xa[ch], ta[ch]);
+        }
+        if (JVP) txr = res.tx1;  // the normalised row has a tangent from here on
+    } else {
+        load_row<ST, NCH>(xr, C, lane, xa);
+        if (JVP && txr) load_row<ST, NCH>(txr, C, lane, ta);
+    }
+
+    // sums of x and x_dot (chunks past the row end hold zeros)
+    float sx = 0.f, stx = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        float a[V];
+        unpack<ST>(xa[ch], a);
+#pragma unroll
+        for (int e = 0; e < V; ++e) sx += a[e];
+        if (JVP && txr) {
+            unpack<ST>(ta[ch], a);
+#pragma unroll
+            for (int e = 0; e < V; ++e) stx += a[e];
+        }
+    }
+    const float inv_c = 1.f / (float)C;
+    const float mu = fj_warp_sum(sx) * inv_c;
+    const float mu_t = JVP ? fj_warp_sum(stx) * inv_c : 0.f;
+
+    // squared deviations, and deviations times x_dot
+    float sv = 0.f, sxt = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        if ((ch * 32 + lane) * V >= C) continue;
+        float a[V], b[V];
+        unpack<ST>(xa[ch], a);
+        if (JVP && txr) unpack<ST>(ta[ch], b);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float dev = a[e] - mu;
+            sv = fmaf(dev, dev, sv);
+            if (JVP && txr) sxt = fmaf(dev, b[e], sxt);
+        }
+    }
+    const float rstd = rsqrtf(fj_warp_sum(sv) * inv_c + eps);
+    const float mean_xhat_t = JVP ? fj_warp_sum(sxt) * inv_c * rstd : 0.f;
+    if (lane == 0) {
+        if (mean_out) mean_out[row] = mu;
+        if (rstd_out) rstd_out[row] = rstd;
+    }
+
+    // outputs
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        const int i = (ch * 32 + lane) * V;
+        if (i >= C) continue;
+        float a[V], s[V], h[V], o[V];
+        unpack<ST>(xa[ch], a);
+        load_mod<V>(sr, i, C, true, s);
+        load_mod<V>(hr, i, C, true, h);
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] = (a[e] - mu) * rstd * (1.f + s[e]) + h[e];
+        fj_store_chunk<ST>(yr, i, C, true, o);
+        if (JVP) {
+            float b[V], ts[V], th[V];
+            if (txr) unpack<ST>(ta[ch], b);
+            else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) b[e] = 0.f;
+            }
+            load_mod<V>(tsr, i, C, true, ts);
+            load_mod<V>(thr, i, C, true, th);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const float xh = (a[e] - mu) * rstd;
+                const float xh_t = (b[e] - mu_t - xh * mean_xhat_t) * rstd;
+                o[e] = xh_t * (1.f + s[e]) + xh * ts[e] + th[e];
+            }
+            fj_store_chunk<ST>(tyr, i, C, true, o);
+        }
+    }
+}
+
+template <class ST, int NCH>
+__device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr, const typename ST::T* __restrict__ xr,
+                                         const float* __restrict__ sr, float mu, float rs,
+                                         typename ST::T* __restrict__ dxr, int lane, int C) {
+    constexpr int V = ST::V;
+    uint4 ga[NCH], xa[NCH];
+    load_row<ST, NCH>(dyr, C, lane, ga);
+    load_row<ST, NCH>(xr, C, lane, xa);
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        const int i = (ch * 32 + lane) * V;
+        if (i >= C) continue;
+        float a[V], b[V], s[V];
+        unpack<ST>(ga[ch], a);
+        unpack<ST>(xa[ch], b);
+        load_mod<V>(sr, i, C, true, s);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float gg = a[e] * (1.f + s[e]);
+            sg += gg;
+            sgx = fmaf(gg, (b[e] - mu) * rs, sgx);
+        }
+    }
+    const float inv_c = 1.f / (float)C;
+    const float mean_g = fj_warp_sum(sg) * inv_c;
+    const float mean_gx = fj_warp_sum(sgx) * inv_c;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        const int i = (ch * 32 + lane) * V;
+        if (i >= C) continue;
+        float a[V], b[V], s[V], o[V];
+        unpack<ST>(ga[ch], a);
+        unpack<ST>(xa[ch], b);
+        load_mod<V>(sr, i, C, true, s);
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
+        fj_store_chunk<ST>(dxr, i, C, true, o);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward and JVP in one body (JVP = true also computes the tangent): the row in registers when it
+// fits, else streamed three times.
+// RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
+// gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
+// normalised: the fused kernels below, which save reading x1 (and tx1) back.
+template <class ST, bool JVP, bool RES = false>
 __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
                                     const float* __restrict__ scale, const float* __restrict__ shift,
                                     const float* __restrict__ tscale, const float* __restrict__ tshift,
                                     typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
                                     float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
-                                    float eps) {
+                                    float eps, ResRow<ST> res = ResRow<ST>{}) {
     constexpr int V = ST::V;
     const int row = blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -83,7 +314,32 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
     const float* thr = (JVP && tshift) ? tshift + goff : nullptr;
     typename ST::T* yr = y + off;
     typename ST::T* tyr = JVP ? ty + off : nullptr;
-    const bool vec = vec_ok<ST>(C, xr, txr, sr, hr, tsr, thr, yr, tyr);
+    bool vec = vec_ok<ST>(C, xr, txr, sr, hr, tsr, thr, yr, tyr);
+    if (RES) {
+        res.y += off;
+        if (res.ty) res.ty += off;
+        res.gate += goff;
+        if (res.tgate) res.tgate += goff;
+        res.x1 += off;
+        if (JVP) res.tx1 += off;
+        vec = vec && vec_ok<ST>(C, res.y, res.ty, res.gate, res.tgate, res.x1, JVP ? res.tx1 : nullptr, nullptr,
+                                nullptr);
+    }
+    if (fits_regs<ST, Chunks<JVP>::N>(C, vec)) {
+        fwd_regs<ST, JVP, RES, Chunks<JVP>::N>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row,
+                                               lane, C, eps);
+        return;
+    }
+    if (RES) {
+        // Too long for registers: the residual's row first (each lane writes the chunks it reads back
+        // below, so no barrier is needed), then the streaming passes over it.
+        for (int i = lane * V; i < C; i += 32 * V) {
+            uint4 u, tu;
+            residual_chunk<ST, JVP>(xr, txr, res, i, C, vec, u, tu);
+        }
+        xr = res.x1;
+        if (JVP) txr = res.tx1;
+    }
 
     // pass 1: sums of x and x_dot
     float sx = 0.f, stx = 0.f;
@@ -168,6 +424,10 @@ __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const
     typename ST::T* dxr = dx + off;
     const bool vec = vec_ok<ST>(C, dyr, xr, sr, dxr, nullptr, nullptr, nullptr, nullptr);
     const float mu = mean[row], rs = rstd[row];
+    if (fits_regs<ST, Chunks<false>::N>(C, vec)) {
+        bwd_regs<ST, Chunks<false>::N>(dyr, xr, sr, mu, rs, dxr, lane, C);
+        return;
+    }
 
     // pass 1: sums of g = dy (1 + scale) and of g xhat (masked elements: dy loads as 0, so g = 0)
     float sg = 0.f, sgx = 0.f;
@@ -253,6 +513,24 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
         fj_ln::fwd<ST, true>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps);            \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_##DT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                          \
+        residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
+                                        const float* scale, const float* shift, ST::T* h, float* mean,           \
+                                        float* rstd, int T, int C, int G, float eps) {                           \
+        fj_ln::fwd<ST, false, true>(x, nullptr, scale, shift, nullptr, nullptr, h, nullptr, mean, rstd, T, C, G,  \
+                                    eps, fj_ln::ResRow<ST>{y, nullptr, gate, nullptr, x1, nullptr});             \
+    }                                                                                                          \
+    FJ_REGISTER(residual_layernorm_mod_fwd_##DT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+        residual_layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const ST::T* y, const ST::T* ty,       \
+                                        const float* gate, const float* tgate, ST::T* x1, ST::T* tx1,            \
+                                        const float* scale, const float* shift, const float* tscale,             \
+                                        const float* tshift, ST::T* h, ST::T* th, float* mean, float* rstd,      \
+                                        int T, int C, int G, float eps) {                                        \
+        fj_ln::fwd<ST, true, true>(x, tx, scale, shift, tscale, tshift, h, th, mean, rstd, T, C, G, eps,         \
+                                   fj_ln::ResRow<ST>{y, ty, gate, tgate, x1, tx1});                             \
+    }                                                                                                          \
+    FJ_REGISTER(residual_layernorm_mod_jvp_##DT)                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_##DT(const ST::T* dy, const ST::T* x, const float* scale, const float* mean,         \
                                const float* rstd, ST::T* dx, int T, int C, int G) {                            \

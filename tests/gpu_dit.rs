@@ -609,6 +609,36 @@ mod emulate {
                 }
             } else if name.starts_with("layernorm_mod_") {
                 self.layernorm(l, name, &p, &int, &fl);
+            } else if name.starts_with("residual_layernorm_mod_") {
+                // The gated residual into x1 (and tx1), then the layernorm contract on x1, with the
+                // arguments the plain layernorm kernel takes at its positions.
+                let jvp = name.contains("jvp");
+                let n = l.args.len();
+                let (t, c, g) = (int(n - 4), int(n - 3), int(n - 2));
+                let gi = |i: usize| (i / c) / (t / g) * c + i % c;
+                for i in 0..t * c {
+                    if jvp {
+                        let (gate, y) = (self.get(p(4), gi(i)), self.get(p(2), i));
+                        let v = self.get(p(0), i) + gate * y;
+                        self.set(p(6), i, v);
+                        let tv = self.opt(p(1), i)
+                            + self.opt(p(5), gi(i)) * y
+                            + gate * self.opt(p(3), i);
+                        self.set(p(7), i, tv);
+                    } else {
+                        let v = self.get(p(0), i) + self.get(p(2), gi(i)) * self.get(p(1), i);
+                        self.set(p(3), i, v);
+                    }
+                }
+                let (first, ln_name) = if jvp {
+                    (6, "layernorm_mod_jvp_f32")
+                } else {
+                    (3, "layernorm_mod_fwd_f32")
+                };
+                let p2 = |i: usize| p(first + i);
+                let int2 = |i: usize| int(first + i);
+                let fl2 = |i: usize| fl(first + i);
+                self.layernorm(l, ln_name, &p2, &int2, &fl2);
             } else if name.starts_with("attention_") {
                 self.attention(l, name, &p, &int, &fl);
             } else if name.starts_with("gated_residual_") {
@@ -820,27 +850,20 @@ mod emulate {
                 name.starts_with("attention_fwd"),
             );
             let bwd = name.starts_with("attention_bwd");
-            // The forward/JVP kernels end with scale, H and the [B, H, N, d] strides of q, k, v, o
-            // (tangents in their primal's); the backward's end with Nq, Nk, scale (contiguous).
+            // Every attention kernel but the preprocess ends with Nq, Nk, scale, H and the [B, H, N, d]
+            // strides of q, k, v, o (tangents and gradients in their primal's). The forward/JVP
+            // replay below honours them; the backward's assumes them contiguous (as the DiT has them).
             let n = l.args.len();
-            let (nq, nk, c) = if bwd {
-                (int(n - 3), int(n - 2), fl(n - 1))
-            } else {
-                (int(n - 16), int(n - 15), fl(n - 14))
+            let (nq, nk, c) = (int(n - 16), int(n - 15), fl(n - 14));
+            let heads = int(n - 13);
+            let stride = |t: usize| -> [usize; 3] {
+                [
+                    int(n - 12 + 3 * t),
+                    int(n - 11 + 3 * t),
+                    int(n - 10 + 3 * t),
+                ]
             };
-            let heads = if bwd { 1 } else { int(n - 13) };
-            let stride = |t: usize, rows: usize| -> [usize; 3] {
-                if bwd {
-                    [rows * d, rows * d, d]
-                } else {
-                    [
-                        int(n - 12 + 3 * t),
-                        int(n - 11 + 3 * t),
-                        int(n - 10 + 3 * t),
-                    ]
-                }
-            };
-            let (qs, ks, vs, os) = (stride(0, nq), stride(1, nk), stride(2, nk), stride(3, nq));
+            let (qs, ks, vs, os) = (stride(0), stride(1), stride(2), stride(3));
             // Element offset of row `row` of head `bh` (= b*H + h) of an operand with strides `s`.
             let at = |s: [usize; 3], bh: usize, row: usize| {
                 (bh / heads) * s[0] + (bh % heads) * s[1] + row * s[2]

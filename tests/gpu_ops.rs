@@ -291,8 +291,14 @@ gpu_test!(attention_jvp_peaked_softmax, |dtype| {
             want.o.tangent.as_ref().unwrap(),
             tol_tangent(dtype),
         );
-        // The nokv kernels keep the uncentred form (registers): a looser bound, said so in
-        // attention_jvp.cuh.
+        // The sm_80 nokv kernels keep the uncentred form (registers): a looser bound there, said
+        // so in attention_jvp.cuh; the Hopper kernels centre nokv too and must hold the usual one.
+        let dims = cuda::attention::check_shapes(&qs, &ks, &vs).unwrap();
+        let hopper = cuda::Gpu::get().is_ok_and(|g| {
+            cuda::attention_sm90::path_for(g.arch(), dtype, dims)
+                == cuda::attention_sm90::Path::Sm90a
+        });
+        let nokv_tol = if hopper { 1.0 } else { 4.0 } * tol_tangent(dtype);
         let (kc, vc) = (
             Dual::constant(k.primal.clone()),
             Dual::constant(v.primal.clone()),
@@ -306,11 +312,14 @@ gpu_test!(attention_jvp_peaked_softmax, |dtype| {
         )
         .unwrap();
         check(
-            &format!("attention peaked nokv tangent o [{n}]"),
+            &format!(
+                "attention peaked nokv tangent o [{n}] ({})",
+                if hopper { "sm90a" } else { "sm80" }
+            ),
             dtype,
             got.o.tangent.as_ref().unwrap(),
             want.o.tangent.as_ref().unwrap(),
-            4.0 * tol_tangent(dtype),
+            nokv_tol,
         );
     }
 });
@@ -420,6 +429,199 @@ gpu_test!(attention_backward, |dtype| {
     }
 });
 
+/// The backward of one shape at `scale` against the reference (dq, dk, dv all checked: Nk > 1).
+fn backward_case(
+    dtype: DType,
+    s: (usize, usize, usize, usize, usize, usize),
+    scale: Option<f64>,
+    seed: u64,
+    label: &str,
+) {
+    let mut r = rng(seed);
+    let [qs, ks, vs] = attn_shape(s);
+    let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
+    let go = randn(&[s.0, s.1, s.2, s.5], &mut r);
+    let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
+    let fwd = ops::attention_forward(&q, &k, &v, scale).unwrap();
+    let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+    let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, scale, dtype).unwrap();
+    let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, scale).unwrap();
+    let n = name(s);
+    for (gname, g, w) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        check(
+            &format!("attention bwd {label} {gname} [{n}]"),
+            dtype,
+            g,
+            w,
+            tol(dtype),
+        );
+    }
+}
+
+// Every (d, dv) pair of the instantiated head dims (each its own kernel pair), with query and key
+// tails past the 64/32-row tiles of both kernels and Nq ≠ Nk either way.
+gpu_test!(attention_backward_every_head_dim_pair, |dtype| {
+    let mut i = 0;
+    for d in cuda::attention::HEAD_DIMS {
+        for dv in cuda::attention::HEAD_DIMS {
+            let s = if i % 2 == 0 {
+                (1, 2, 70, 97, d, dv)
+            } else {
+                (2, 1, 129, 33, d, dv)
+            };
+            backward_case(dtype, s, None, 900 + i, "pairs");
+            i += 1;
+        }
+    }
+});
+
+// Peaked softmax (scale 1: a few keys carry each row) and odd shapes: one query against many keys,
+// many queries against two keys, tiles exactly full (64, 128) and one past.
+gpu_test!(attention_backward_peaked_and_odd, |dtype| {
+    for (i, &s) in [
+        (1, 2, 70, 200, 64, 64),
+        (1, 1, 33, 300, 128, 128),
+        (2, 1, 40, 90, 72, 72),
+        (1, 1, 65, 129, 96, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, Some(1.0), 950 + i as u64, "peaked");
+    }
+    for (i, &s) in [
+        (1, 1, 1, 300, 64, 64),
+        (1, 2, 300, 2, 72, 128),
+        (2, 2, 64, 128, 128, 72),
+        (1, 1, 129, 65, 32, 96),
+        (3, 1, 5, 7, 96, 96),
+    ]
+    .iter()
+    .enumerate()
+    {
+        backward_case(dtype, s, None, 970 + i as u64, "odd");
+    }
+});
+
+/// (B, N, H, d) of the packed backward: tails, d72, B·H > 1, every head dim.
+const PACKED: &[(usize, usize, usize, usize)] = &[
+    (2, 77, 3, 72),
+    (1, 130, 2, 64),
+    (2, 33, 2, 128),
+    (1, 200, 4, 32),
+    (2, 65, 1, 96),
+];
+
+/// [B, N, G, H, d] (G = 3 for qkv, 1 for o) → G tensors [B, H, N, d].
+fn unpack_heads(t: &Tensor, s: (usize, usize, usize, usize), g: usize) -> Vec<Tensor> {
+    let (b, n, h, d) = s;
+    let x = t.to_f64_vec();
+    (0..g)
+        .map(|gi| {
+            let mut out = vec![0.0; b * h * n * d];
+            for bi in 0..b {
+                for ni in 0..n {
+                    for hi in 0..h {
+                        let src = (((bi * n + ni) * g + gi) * h + hi) * d;
+                        let dst = ((bi * h + hi) * n + ni) * d;
+                        out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+                    }
+                }
+            }
+            Tensor::from_vec(out, &[b, h, n, d]).unwrap()
+        })
+        .collect()
+}
+
+/// [B, H, N, d] → [B, N, H, d].
+fn merge_heads(t: &Tensor) -> Tensor {
+    let sh = t.shape();
+    let (b, h, n, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let x = t.to_f64_vec();
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ni in 0..n {
+                let src = ((bi * h + hi) * n + ni) * d;
+                let dst = ((bi * n + ni) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    Tensor::from_vec(out, &[b, n, h, d]).unwrap()
+}
+
+// The backward read in place from a packed qkv [B, N, 3, H, d] with o and dout [B, N, H, d]
+// (strided kernels), against the reference on the permuted tensors.
+gpu_test!(attention_backward_packed, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &s) in PACKED.iter().enumerate() {
+        let (b, n, h, d) = s;
+        let mut r = rng(700 + i as u64);
+        let qkv = rd(&randn(&[b, n, 3, h, d], &mut r), dtype);
+        let dout = rd(&randn(&[b, n, h, d], &mut r), dtype);
+        let heads = unpack_heads(&qkv, s, 3);
+        let (q, k, v) = (&heads[0], &heads[1], &heads[2]);
+        let fwd = ops::attention_forward(q, k, v, None).unwrap();
+        let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+        let go = unpack_heads(&dout, s, 1).remove(0);
+        let want = ops::attention_backward(q, k, v, &o, &lse, &go, None).unwrap();
+        let dqkv = cuda::attention::backward_packed(
+            &gpu.upload(&qkv, dtype).unwrap(),
+            &gpu.upload(&merge_heads(&o), dtype).unwrap(),
+            &gpu.upload(&lse, DType::F32).unwrap(),
+            &gpu.upload(&dout, dtype).unwrap(),
+            None,
+        )
+        .unwrap()
+        .download()
+        .unwrap();
+        assert_eq!(dqkv.shape(), &[b, n, 3, h, d]);
+        let got = unpack_heads(&dqkv, s, 3);
+        let label = format!("B{b} N{n} H{h} d{d}");
+        for (g, (gname, w)) in
+            got.iter()
+                .zip([("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)])
+        {
+            check(
+                &format!("attention bwd packed {gname} [{label}]"),
+                dtype,
+                g,
+                w,
+                tol(dtype),
+            );
+        }
+    }
+});
+
+// The packed backward's bad inputs are errors naming the tensor (checked before any launch).
+gpu_test!(attention_backward_packed_refuses_bad_shapes, |dtype| {
+    let gpu = cuda::Gpu::get().unwrap();
+    let mut r = rng(17);
+    let (b, n, h, d) = (1, 9, 2, 64);
+    let up = |shape: &[usize], dt: DType, r: &mut StdRng| gpu.upload(&randn(shape, r), dt).unwrap();
+    let qkv = up(&[b, n, 3, h, d], dtype, &mut r);
+    let o = up(&[b, n, h, d], dtype, &mut r);
+    let lse = up(&[b, h, n], DType::F32, &mut r);
+    let bad_o = up(&[b, h, n, d], dtype, &mut r);
+    let bad_qkv = up(&[b, n, h, 3, d], dtype, &mut r);
+    let bad_d = up(&[b, n, 3, h, 48], dtype, &mut r);
+    let e = cuda::attention::backward_packed(&qkv, &bad_o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`o`"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &lse, &bad_o, None).unwrap_err();
+    assert!(e.to_string().contains("`dout`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_qkv, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`qkv`"), "{e}");
+    let e = cuda::attention::backward_packed(&bad_d, &o, &lse, &o, None).unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
+    let e = cuda::attention::backward_packed(&qkv, &o, &o, &o, None).unwrap_err();
+    assert!(e.to_string().contains("`lse`"), "{e}");
+});
+
 // Device-level API: outputs poisoned explicitly, written by the `_into` entry point, all finite
 // (v and o with head dim 96, q and k 72).
 gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
@@ -471,7 +673,7 @@ gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
 
 /// (B, H, N, d) of the packed cases: tails (77, 130, 65, 200), d72 (padded head dim), B·H > 1, a
 /// single token.
-const PACKED: &[(usize, usize, usize, usize)] = &[
+const PACKED_JVP: &[(usize, usize, usize, usize)] = &[
     (2, 3, 77, 72),
     (1, 2, 130, 64),
     (2, 2, 65, 128),
@@ -503,7 +705,7 @@ fn unpack_o(dims: cuda::attention::AttnDims, o: &Tensor) -> Tensor {
 
 // The full JVP and the forward on a packed projection (`jvp_packed`, `forward_packed`).
 gpu_test!(attention_packed_qkv, |dtype| {
-    for (i, &(b, h, n, d)) in PACKED.iter().enumerate() {
+    for (i, &(b, h, n, d)) in PACKED_JVP.iter().enumerate() {
         let mut r = rng(700 + i as u64);
         let shape = [b, h, n, d];
         let (q, k, v) = (
@@ -763,6 +965,10 @@ const LN: &[(usize, usize, usize, usize)] = &[
     (16, 1152, 16, 0),
     (12, 72, 3, 4),
     (5, 7, 0, 5),
+    // Rows past the register-resident limits of layernorm_mod.cu (C <= 2048 for the 16-bit JVP, 3072
+    // for the forward and backward, half in f32): the streaming path with vector access.
+    (9, 2560, 3, 3),
+    (6, 3200, 2, 0),
 ];
 
 fn mod_shape(g: usize, c: usize) -> Vec<usize> {
@@ -829,6 +1035,167 @@ gpu_test!(layernorm_jvp, |dtype| {
                 got.tangent.as_ref().expect("a tangent"),
                 want.tangent.as_ref().unwrap(),
                 tol(dtype),
+            );
+        }
+    }
+});
+
+// The gated residual fused in front of the layernorm (residual_layernorm_mod_*, the DiT block's
+// x1 = x + gate1 ⊙ attn followed by its second layernorm): x1 and the normalised output, with
+// tangents, against the CPU ops composed (x1 rounded to the dtype before it is normalised, as the
+// kernels store and normalise it). Rows in registers (C256, C1152), element-wise (C300, C7) and
+// streamed (C3200: past the register limits).
+gpu_test!(residual_layernorm_fused, |dtype| {
+    use flashjvp::cuda::layernorm::{self as lnk, JvpPtrs, LnDims, ResPtrs};
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &(t, c, g)) in [
+        (8, 256, 2),
+        (9, 300, 3),
+        (16, 1152, 4),
+        (6, 3200, 2),
+        (5, 7, 5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut r = rng(470 + i as u64);
+        let f32d = |d: Dual| rdd(&d, DType::F32);
+        let x = rdd(&dual(&mut r, &[t, c], true), dtype);
+        let y = rdd(&dual(&mut r, &[t, c], true), dtype);
+        let gate = f32d(dual(&mut r, &[g, c], true));
+        let sc = f32d(dual(&mut r, &[g, c], true));
+        let sh = f32d(dual(&mut r, &[g, c], true));
+        let x1 = rdd(&ops::gated_residual_jvp(&x, &gate, &y).unwrap(), dtype);
+        let want = ops::layernorm_mod_jvp(&x1, &sc, &sh, EPS).unwrap();
+
+        let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
+        let tang = |d: &Dual| d.tangent.clone().unwrap();
+        let (xd, txd, yd, tyd) = (
+            up(&x.primal, dtype),
+            up(&tang(&x), dtype),
+            up(&y.primal, dtype),
+            up(&tang(&y), dtype),
+        );
+        let f = DType::F32;
+        let (gd, tgd, sd, tsd, hd, thd) = (
+            up(&gate.primal, f),
+            up(&tang(&gate), f),
+            up(&sc.primal, f),
+            up(&tang(&sc), f),
+            up(&sh.primal, f),
+            up(&tang(&sh), f),
+        );
+        let out = || gpu.alloc_out(&[t, c], dtype).unwrap();
+        let (x1d, tx1d, od, tod) = (out(), out(), out(), out());
+        let d = LnDims { t, c, g };
+        let res = ResPtrs {
+            y: yd.ptr(),
+            ty: tyd.ptr(),
+            gate: gd.ptr(),
+            tgate: tgd.ptr(),
+            x1: x1d.ptr(),
+            tx1: tx1d.ptr(),
+        };
+        let p = JvpPtrs {
+            x: xd.ptr(),
+            tx: txd.ptr(),
+            scale: sd.ptr(),
+            shift: hd.ptr(),
+            tscale: tsd.ptr(),
+            tshift: thd.ptr(),
+            y: od.ptr(),
+            ty: tod.ptr(),
+            mean: 0,
+            rstd: 0,
+        };
+        gpu.run(&lnk::plan_residual_jvp(dtype, d, p, res, EPS).unwrap())
+            .unwrap();
+        let n = format!("T{t} C{c} G{g}");
+        let dl = |t: &cuda::DeviceTensor| t.download().unwrap();
+        check(
+            &format!("residual+layernorm jvp x1 [{n}]"),
+            dtype,
+            &dl(&x1d),
+            &x1.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp tx1 [{n}]"),
+            dtype,
+            &dl(&tx1d),
+            &tang(&x1),
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp y [{n}]"),
+            dtype,
+            &dl(&od),
+            &want.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm jvp ty [{n}]"),
+            dtype,
+            &dl(&tod),
+            &tang(&want),
+            tol(dtype),
+        );
+
+        // The forward alone (fresh outputs), and its mean and rstd.
+        let (x1d, od) = (out(), out());
+        let (mean, rstd) = (
+            gpu.alloc_out(&[t], f).unwrap(),
+            gpu.alloc_out(&[t], f).unwrap(),
+        );
+        let res = ResPtrs {
+            x1: x1d.ptr(),
+            ty: 0,
+            tgate: 0,
+            tx1: 0,
+            ..res
+        };
+        let steps = lnk::plan_residual_forward(
+            dtype,
+            d,
+            xd.ptr(),
+            res,
+            sd.ptr(),
+            hd.ptr(),
+            od.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            EPS,
+        )
+        .unwrap();
+        gpu.run(&steps).unwrap();
+        check(
+            &format!("residual+layernorm fwd x1 [{n}]"),
+            dtype,
+            &dl(&x1d),
+            &x1.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("residual+layernorm fwd y [{n}]"),
+            dtype,
+            &dl(&od),
+            &want.primal,
+            tol(dtype),
+        );
+        let xs = x1.primal.to_f64_vec();
+        let (m, rs) = (dl(&mean).to_f64_vec(), dl(&rstd).to_f64_vec());
+        for row in 0..t {
+            let v = &xs[row * c..(row + 1) * c];
+            let mu = v.iter().sum::<f64>() / c as f64;
+            let var = v.iter().map(|a| (a - mu) * (a - mu)).sum::<f64>() / c as f64;
+            assert!(
+                (m[row] - mu).abs() <= 1e-5 * (1.0 + mu.abs()),
+                "mean row {row} [{n}]"
+            );
+            let want_rs = 1.0 / (var + EPS).sqrt();
+            assert!(
+                (rs[row] - want_rs).abs() <= 1e-5 * want_rs,
+                "rstd row {row} [{n}]"
             );
         }
     }

@@ -79,7 +79,17 @@ fn all_plans() -> Vec<Step> {
                 dk: p(9),
                 dv: p(10),
             };
-            s.extend(attn::plan_backward(dtype, dims, bp, 0.125).unwrap());
+            s.extend(
+                attn::plan_backward(dtype, dims, attn::Layout::contiguous(dims), bp, 0.125)
+                    .unwrap(),
+            );
+            if d == dv {
+                // The packed-qkv layout (the DiT's): Nq = Nk, strided q, k, v, o.
+                let pd =
+                    attn::check_shapes(&[2, 3, 77, d], &[2, 3, 77, d], &[2, 3, 77, d]).unwrap();
+                let lay = attn::Layout::packed_qkv(pd);
+                s.extend(attn::plan_backward(dtype, pd, lay, bp, 0.125).unwrap());
+            }
             if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) && dims.dv != d {
                 // The Hopper kernels take dv == d only: the plan refuses, the dispatcher falls
                 // back to attention_jvp_dv.cu's kernel.

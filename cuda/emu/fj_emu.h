@@ -50,6 +50,7 @@ struct dim3 { unsigned int x, y, z; };
 struct __attribute__((aligned(8), may_alias)) uint2 { unsigned int x, y; };
 struct __attribute__((aligned(8), may_alias)) float2 { float x, y; };
 struct __attribute__((aligned(16), may_alias)) uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 struct __attribute__((aligned(16), may_alias)) int4 { int x, y, z, w; };
 struct __attribute__((aligned(16), may_alias)) float4 { float x, y, z, w; };
 

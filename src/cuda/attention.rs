@@ -321,9 +321,30 @@ pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize, dv: usize) -> 
     }
 }
 
-/// Dynamic shared memory of attention_bwd_dkdv / attention_bwd_dq for head dims d and dv.
-pub fn bwd_shared_bytes(d: usize, dv: usize) -> usize {
-    4 * (2 * 32 * (d + 1) + 2 * 32 * (dv + 1) + 2 * 32 * 33 + 64)
+/// Rows per block of the backward kernels, `[keys of dkdv, queries of dq]`: 64 on tensor cores
+/// (bf16, f16: attention_bwd_tc.cuh), 32 for f32 (FMA).
+pub fn bwd_block_rows(dtype: DType) -> [usize; 2] {
+    if dtype == DType::F32 {
+        [32, 32]
+    } else {
+        [64, 64]
+    }
+}
+
+/// Dynamic shared memory of `[attention_bwd_dkdv, attention_bwd_dq]` for head dims d and dv
+/// (cuda/README.md's formulas).
+pub fn bwd_shared_bytes(dtype: DType, d: usize, dv: usize) -> [usize; 2] {
+    if dtype == DType::F32 {
+        let b = 4 * (2 * 32 * (d + 1) + 2 * 32 * (dv + 1) + 2 * 32 * 33 + 64);
+        return [b, b];
+    }
+    let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
+    let rows = dp + 8 + dvp + 8;
+    // dkdv: 64 keys resident, query tiles of bm double buffered, lse and delta per query.
+    let bm = if dp + dvp > 192 { 32 } else { 64 };
+    // dq: 64 queries resident, key tiles of bn double buffered.
+    let bn = if d == 128 || dv == 128 { 32 } else { 64 };
+    [2 * (64 + 2 * bm) * rows + 16 * bm, 2 * (64 + 2 * bn) * rows]
 }
 
 /// Errors unless the 16-bit tensors are 16-byte aligned (cp.async moves 16-byte chunks).
@@ -461,13 +482,40 @@ pub struct BwdPtrs {
     pub dv: u64,
 }
 
-/// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ.
-pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Result<Vec<Step>> {
+/// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ. Each gradient has its primal's layout
+/// (dq: q's, dk: k's, dv: v's, dout: o's); lse and delta are contiguous f32 [B, H, Nq].
+pub fn plan_backward(
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: BwdPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    layout.check(dtype, dims)?;
+    check_aligned(
+        dtype,
+        &[
+            ("q", p.q),
+            ("k", p.k),
+            ("v", p.v),
+            ("o", p.o),
+            ("dout", p.dout),
+            ("dq", p.dq),
+            ("dk", p.dk),
+            ("dv", p.dv),
+        ],
+    )?;
+    let h = int_arg(OP, "H", dims.h)?;
+    let strides: Vec<Arg> = [layout.q, layout.k, layout.v, layout.o]
+        .iter()
+        .flat_map(|s| s.args())
+        .collect();
     let rows = dims.b * dims.h * dims.nq;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let bh = (dims.b * dims.h) as u64;
-    let smem = bwd_shared_bytes(dims.d, dims.dv);
+    let [smem_kv, smem_q] = bwd_shared_bytes(dtype, dims.d, dims.dv);
+    let [rows_kv, rows_q] = bwd_block_rows(dtype);
     let file = if dims.d == dims.dv {
         "attention_bwd.cu"
     } else {
@@ -487,15 +535,20 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             Arg::Ptr(p.delta),
             int_arg(OP, "B*H*Nq", rows)?,
             int_arg(OP, "dv", dims.dv)?,
-        ],
+            nq,
+            h,
+        ]
+        .into_iter()
+        .chain(layout.o.args())
+        .collect(),
     )?;
     let dkdv = Launch::new(
         OP,
         file,
         format!("attention_bwd_dkdv_{dt}{hd}"),
-        (dims.nk.div_ceil(32) as u64, bh, 1),
+        (dims.nk.div_ceil(rows_kv) as u64, bh, 1),
         (128, 1, 1),
-        smem,
+        smem_kv,
         vec![
             Arg::Ptr(p.q),
             Arg::Ptr(p.k),
@@ -508,15 +561,19 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             nq,
             nk,
             Arg::F32(scale),
-        ],
+            h,
+        ]
+        .into_iter()
+        .chain(strides.iter().copied())
+        .collect(),
     )?;
     let dq = Launch::new(
         OP,
         file,
         format!("attention_bwd_dq_{dt}{hd}"),
-        (dims.nq.div_ceil(32) as u64, bh, 1),
+        (dims.nq.div_ceil(rows_q) as u64, bh, 1),
         (128, 1, 1),
-        smem,
+        smem_q,
         vec![
             Arg::Ptr(p.q),
             Arg::Ptr(p.k),
@@ -528,7 +585,11 @@ pub fn plan_backward(dtype: DType, dims: AttnDims, p: BwdPtrs, scale: f32) -> Re
             nq,
             nk,
             Arg::F32(scale),
-        ],
+            h,
+        ]
+        .into_iter()
+        .chain(strides)
+        .collect(),
     )?;
     Ok(vec![
         Step::Kernel(pre),
@@ -998,7 +1059,62 @@ pub fn backward_into(
         dk: grads[1].ptr(),
         dv: grads[2].ptr(),
     };
-    gpu.run(&plan_backward(dtype, dims, p, scale)?)
+    gpu.run(&plan_backward(
+        dtype,
+        dims,
+        Layout::contiguous(dims),
+        p,
+        scale,
+    )?)
+}
+
+/// The backward of attention read in place from a packed projection: qkv [B, N, 3, H, d] (q, k, v
+/// of token n, head h at [b, n, 0|1|2, h, :]), the forward's o [B, N, H, d] and lse f32 [B, H, N],
+/// and the cotangent dout [B, N, H, d]; returns dqkv [B, N, 3, H, d] in qkv's layout (the DiT's,
+/// with no permutation around attention).
+pub fn backward_packed(
+    qkv: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    scale: Option<f64>,
+) -> Result<DeviceTensor> {
+    let s = qkv.shape();
+    if s.len() != 5 || s[2] != 3 {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "qkv".into(),
+            expected: "[B, N, 3, H, d]".into(),
+            actual: s.to_vec(),
+        });
+    }
+    let (b, n, h, d) = (s[0], s[1], s[3], s[4]);
+    let qs = [b, h, n, d];
+    let dims = check_shapes(&qs, &qs, &qs)?;
+    let dtype = qkv.dtype();
+    check_out("o", o, &[b, n, h, d], dtype)?;
+    check_out("dout", dout, &[b, n, h, d], dtype)?;
+    check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    let c = resolve_scale(scale, d)?;
+    let gpu = qkv.gpu();
+    let dqkv = gpu.alloc_out(s, dtype)?;
+    let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    // k and v start H·d and 2·H·d elements into each token's row.
+    let step = (h * d * dtype.size_in_bytes()) as u64;
+    let p = BwdPtrs {
+        q: qkv.ptr(),
+        k: qkv.ptr() + step,
+        v: qkv.ptr() + 2 * step,
+        o: o.ptr(),
+        lse: lse.ptr(),
+        dout: dout.ptr(),
+        delta: delta.ptr(),
+        dq: dqkv.ptr(),
+        dk: dqkv.ptr() + step,
+        dv: dqkv.ptr() + 2 * step,
+    };
+    gpu.run(&plan_backward(dtype, dims, Layout::packed_qkv(dims), p, c)?)?;
+    Ok(dqkv)
 }
 
 #[cfg(test)]
@@ -1056,6 +1172,13 @@ mod tests {
         let want_f32_nokv = [12416, 24704, 30848, 36992, 49280];
         let want_f32_fwd = [10368, 20608, 26240, 30848, 41088];
         let want_bwd = [25600, 41984, 46080, 58368, 74752];
+        let want_bwd16 = [
+            [31744, 30720],
+            [56320, 55296],
+            [68608, 67584],
+            [80896, 79872],
+            [70144, 69632],
+        ];
         for (i, d) in HEAD_DIMS.into_iter().enumerate() {
             assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d, d), want_jvp[i]);
             assert_eq!(
@@ -1075,7 +1198,8 @@ mod tests {
                 jvp_shared_bytes(Variant::Fwd, DType::F32, d, d),
                 want_f32_fwd[i]
             );
-            assert_eq!(bwd_shared_bytes(d, d), want_bwd[i]);
+            assert_eq!(bwd_shared_bytes(DType::F32, d, d), [want_bwd[i]; 2]);
+            assert_eq!(bwd_shared_bytes(bf, d, d), want_bwd16[i], "d{d}");
         }
         // dv != d: README's rows for the full JVP (the largest variant) and the backward.
         let want_pairs = [
@@ -1096,7 +1220,7 @@ mod tests {
                 jvp32,
                 "d{d} dv{dv}"
             );
-            assert_eq!(bwd_shared_bytes(d, dv), bwd, "d{d} dv{dv}");
+            assert_eq!(bwd_shared_bytes(DType::F32, d, dv), [bwd; 2], "d{d} dv{dv}");
         }
         // Every instantiated pair fits an A100's and an H100's opt-in limit (163 KiB, 227 KiB).
         for d in HEAD_DIMS {
@@ -1106,7 +1230,9 @@ mod tests {
                         assert!(jvp_shared_bytes(v, dt, d, dv) <= 163 * 1024);
                     }
                 }
-                assert!(bwd_shared_bytes(d, dv) <= 163 * 1024);
+                for dt in [bf, DType::F32] {
+                    assert!(bwd_shared_bytes(dt, d, dv).iter().all(|&b| b <= 163 * 1024));
+                }
             }
         }
     }
@@ -1168,7 +1294,7 @@ mod tests {
             dk: 9,
             dv: 10,
         };
-        let got = name(plan_backward(DType::F32, dims, bp, 0.1).unwrap());
+        let got = name(plan_backward(DType::F32, dims, Layout::contiguous(dims), bp, 0.1).unwrap());
         assert_eq!(
             got,
             [

@@ -432,6 +432,7 @@ fn bench_attention(
             attn::plan_backward(
                 dtype,
                 dims,
+                attn::Layout::contiguous(dims),
                 attn::BwdPtrs {
                     q: x.q.ptr(),
                     k: x.k.ptr(),

@@ -150,6 +150,128 @@ pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Ste
     )?])
 }
 
+/// The gated residual fused in front of the forward or JVP (residual_layernorm_mod_*): the row that
+/// is normalised is x1 = x + gate ⊙ y (gate f32 [G, C] with the modulation's G), with tangent
+/// ẋ1 = ẋ + ġate ⊙ y + gate ⊙ ẏ, written to `x1` (`tx1`) as gated_residual_{fwd,jvp} would write it;
+/// the fusion saves reading x1 (and ẋ1) back. `ty` and `tgate` may be 0 (zero); `y`, `gate`, `x1`
+/// and, for the JVP, `tx1` are required.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResPtrs {
+    pub y: u64,
+    pub ty: u64,
+    pub gate: u64,
+    pub tgate: u64,
+    pub x1: u64,
+    pub tx1: u64,
+}
+
+fn require(ptrs: &[(&str, u64)]) -> Result<()> {
+    for (name, p) in ptrs {
+        if *p == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("the fused residual needs `{name}` (a null pointer was given)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// x1 = x + gate ⊙ y, then y_out = layernorm(x1) modulated (the `y` of [`JvpPtrs`] is the output
+/// here too); mean and rstd of x1 when non-null.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_residual_forward(
+    dtype: DType,
+    d: LnDims,
+    x: u64,
+    r: ResPtrs,
+    scale: u64,
+    shift: u64,
+    y: u64,
+    mean: u64,
+    rstd: u64,
+    eps: f64,
+) -> Result<Vec<Step>> {
+    let dt = dtype_suffix(dtype)?;
+    require(&[
+        ("x", x),
+        ("y", r.y),
+        ("gate", r.gate),
+        ("x1", r.x1),
+        ("out", y),
+    ])?;
+    let [t, c, g] = dims_args(d)?;
+    let args = vec![
+        Arg::Ptr(x),
+        Arg::Ptr(r.y),
+        Arg::Ptr(r.gate),
+        Arg::Ptr(r.x1),
+        Arg::Ptr(scale),
+        Arg::Ptr(shift),
+        Arg::Ptr(y),
+        Arg::Ptr(mean),
+        Arg::Ptr(rstd),
+        t,
+        c,
+        g,
+        eps_arg(eps)?,
+    ];
+    Ok(vec![row_launch(
+        format!("residual_layernorm_mod_fwd_{dt}"),
+        d,
+        args,
+    )?])
+}
+
+/// The JVP of [`plan_residual_forward`]: `p.x`/`p.tx` are the residual's x and ẋ, `p.y`/`p.ty` the
+/// normalised outputs; x1 and ẋ1 are written through `r`.
+pub fn plan_residual_jvp(
+    dtype: DType,
+    d: LnDims,
+    p: JvpPtrs,
+    r: ResPtrs,
+    eps: f64,
+) -> Result<Vec<Step>> {
+    let dt = dtype_suffix(dtype)?;
+    require(&[
+        ("x", p.x),
+        ("y", r.y),
+        ("gate", r.gate),
+        ("x1", r.x1),
+        ("tx1", r.tx1),
+        ("out", p.y),
+        ("tout", p.ty),
+    ])?;
+    let [t, c, g] = dims_args(d)?;
+    let args = vec![
+        Arg::Ptr(p.x),
+        Arg::Ptr(p.tx),
+        Arg::Ptr(r.y),
+        Arg::Ptr(r.ty),
+        Arg::Ptr(r.gate),
+        Arg::Ptr(r.tgate),
+        Arg::Ptr(r.x1),
+        Arg::Ptr(r.tx1),
+        Arg::Ptr(p.scale),
+        Arg::Ptr(p.shift),
+        Arg::Ptr(p.tscale),
+        Arg::Ptr(p.tshift),
+        Arg::Ptr(p.y),
+        Arg::Ptr(p.ty),
+        Arg::Ptr(p.mean),
+        Arg::Ptr(p.rstd),
+        t,
+        c,
+        g,
+        eps_arg(eps)?,
+    ];
+    Ok(vec![row_launch(
+        format!("residual_layernorm_mod_jvp_{dt}"),
+        d,
+        args,
+    )?])
+}
+
 /// Pointers of the backward: mean and rstd from the forward; dscale and dshift (f32 [G, C], 0 =
 /// not wanted) are zeroed and accumulated into.
 #[derive(Clone, Copy, Debug, Default)]

@@ -512,18 +512,17 @@ pub fn plan_block_forward(
             moves::merge_heads(d.b, d.n, d.heads, adims.d),
         )?);
         s.push(proj.fwd(dtype, tn, a.o_rows, a.attn_out, true));
-        s.extend(ew::plan_residual_fwd(
-            dtype,
-            d.res(),
-            a.x,
-            a.attn_out,
-            m.gate1,
-            a.x1,
-        )?);
-        s.extend(ln::plan_forward(
+        // x1 = x + gate1 ⊙ attn_out and h2 = modulated layernorm(x1) in one pass.
+        s.extend(ln::plan_residual_forward(
             dtype,
             d.ln(),
-            a.x1,
+            a.x,
+            ln::ResPtrs {
+                y: a.attn_out,
+                gate: m.gate1,
+                x1: a.x1,
+                ..Default::default()
+            },
             m.scale2,
             m.shift2,
             a.h2,
@@ -596,26 +595,13 @@ pub fn plan_block_forward(
     s.extend(permute(dtype, t.o, t.o_rows, merge)?);
     s.push(proj.fwd(dtype, tn, a.o_rows, a.attn_out, true));
     s.push(proj.fwd(dtype, tn, t.o_rows, t.attn_out, false));
-    s.extend(ew::plan_residual_jvp(
-        dtype,
-        d.res(),
-        ResJvpPtrs {
-            x: a.x,
-            tx: t.x,
-            y: a.attn_out,
-            ty: t.attn_out,
-            gate: m.gate1,
-            tgate: tm.gate1,
-            out: a.x1,
-            tout: t.x1,
-        },
-    )?);
-    s.extend(ln::plan_jvp(
+    // x1 = x + gate1 ⊙ attn_out and h2 = modulated layernorm(x1), with tangents, in one pass.
+    s.extend(ln::plan_residual_jvp(
         dtype,
         d.ln(),
         ln::JvpPtrs {
-            x: a.x1,
-            tx: t.x1,
+            x: a.x,
+            tx: t.x,
             scale: m.scale2,
             shift: m.shift2,
             tscale: tm.scale2,
@@ -624,6 +610,14 @@ pub fn plan_block_forward(
             ty: th2,
             mean: a.mean2,
             rstd: a.rstd2,
+        },
+        ln::ResPtrs {
+            y: a.attn_out,
+            ty: t.attn_out,
+            gate: m.gate1,
+            tgate: tm.gate1,
+            x1: a.x1,
+            tx1: t.x1,
         },
         EPS,
     )?);
@@ -765,6 +759,7 @@ pub fn plan_block_backward(
     s.extend(attn::plan_backward(
         dtype,
         adims,
+        attn::Layout::contiguous(adims),
         attn::BwdPtrs {
             q,
             k,
