@@ -5,6 +5,11 @@
 //! Limits checked here (errors, never a launch): head dims d (q, k) and dv (v) each 32, 64, 72, 96
 //! or 128, any pair; 16-bit tensors 16-byte aligned (cp.async); B·H ≤ 65535 (grid y); Nq, Nk and
 //! B·H·Nq fit an `int`; dynamic shared memory within the device's opt-in limit (checked at launch).
+//!
+//! Every kernel reads q, k, v and writes o (and their tangents / gradients) in any [`Layout`] of
+//! per-operand [B, H, N, d] strides; the plan functions take one. [`forward_packed`],
+//! [`jvp_packed`] and [`backward_packed`] run on a packed projection qkv [B, N, 3, H, d] in place,
+//! with o token-major [B, N, H, d] (the DiT's layout: no permutation around attention).
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
