@@ -63,13 +63,18 @@
 //               NQ = 2 (jvp, jvp_nokv) or 1 (fwd); NK = 2 (jvp) or 1 (jvp_nokv, fwd)
 //   README.md lists the resulting byte counts.
 //
-// PARAMETERS (tensors contiguous row-major, 16-bit tensors 16-byte aligned; q/tq [B,H,Nq,d],
-// k/tk [B,H,Nk,d], v/tv [B,H,Nk,dv], o/to [B,H,Nq,dv] in the storage dtype, lse/tlse [B,H,Nq] f32):
-//   attention_jvp_{dt}{HD}      (q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale)
-//   attention_jvp_nokv_{dt}{HD} (q, k, v, tq,         o, to, lse, tlse, Nq, Nk, scale)
-//   attention_fwd_{dt}{HD}      (q, k, v,             o,     lse,       Nq, Nk, scale)
-//   dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV} otherwise; D, DV in
-//   {32, 64, 72, 96, 128} (every pair). Nq, Nk >= 1 (int), scale f32.
+// PARAMETERS (q/tq [B,H,Nq,d], k/tk [B,H,Nk,d], v/tv [B,H,Nk,dv], o/to [B,H,Nq,dv] in the storage
+// dtype, each STRIDED: element (b, h, n, j) of q at q[b*q_sb + h*q_sh + n*q_sn + j], likewise k, v, o,
+// the head dim contiguous, a tangent with its primal's strides; lse/tlse [B,H,Nq] f32 contiguous):
+//   attention_jvp_{dt}{HD}      (q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale, LAYOUT)
+//   attention_jvp_nokv_{dt}{HD} (q, k, v, tq,         o, to, lse, tlse, Nq, Nk, scale, LAYOUT)
+//   attention_fwd_{dt}{HD}      (q, k, v,             o,     lse,       Nq, Nk, scale, LAYOUT)
+//   LAYOUT = (int H, long long q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn);
+//   blockIdx.y = b*H + h. dt in {bf16, f16, f32}; HD = _d{D} when dv == d, _d{D}_dv{DV} otherwise; D, DV
+//   in {32, 64, 72, 96, 128} (every pair). Nq, Nk >= 1 (int), scale f32. 16-bit operands: base pointers
+//   16-byte aligned and every stride a multiple of 8 elements (cp.async copies 16-byte row chunks). E.g.
+//   q, k, v read in place from a packed projection [B,N,3,H,d] (sb = N*3Hd, sh = d, sn = 3Hd; k, v at
+//   +Hd, +2Hd) and o written token-major [B,N,H,dv] (sb = N*H*dv, sh = dv, sn = H*dv).
 //
 // LIMITS: head dims other than the five above are not instantiated. f16: P.Sdot is rounded to f16, so
 // |p * sdot| must stay below 65504.
@@ -80,6 +85,16 @@
 namespace fj_attn {
 
 enum { FULL = 0, NOKV = 1, FWD = 2 };
+
+// Element strides of one operand viewed as [B, H, N, d] (the head dim contiguous).
+struct Str {
+    fj_i64 b, h, n;
+};
+// Where head (b, h) of an operand starts: blockIdx.y = b*H + h.
+__device__ __forceinline__ fj_i64 head_offset(const Str& s, int bh, int H) {
+    const int b = bh / H, h = bh - b * H;
+    return (fj_i64)b * s.b + (fj_i64)h * s.h;
+}
 
 constexpr int NTHREADS = 128;
 constexpr int BR = 64;  // query rows per block, tensor-core path
@@ -101,7 +116,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                                         const fj_u16* __restrict__ v, const fj_u16* __restrict__ tq,
                                         const fj_u16* __restrict__ tk, const fj_u16* __restrict__ tv,
                                         fj_u16* __restrict__ o, fj_u16* __restrict__ to, float* __restrict__ lse,
-                                        float* __restrict__ tlse, int Nq, int Nk, float scale) {
+                                        float* __restrict__ tlse, int Nq, int Nk, float scale, int H, Str qs,
+                                        Str ks, Str vs, Str os) {
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = MODE != FWD;   // a tangent is carried (qdot at least)
     constexpr bool KVT = MODE == FULL;  // k and v carry tangents
@@ -129,10 +145,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     const int g = lane >> 2, t4 = lane & 3;
     const int bh = blockIdx.y;
     const int q0 = blockIdx.x * BR;
-    const fj_i64 qoff = (fj_i64)bh * Nq * D;
-    const fj_i64 koff = (fj_i64)bh * Nk * D;
-    const fj_i64 voff = (fj_i64)bh * Nk * DV;
-    const fj_i64 ooff = (fj_i64)bh * Nq * DV;
+    const fj_i64 koff = head_offset(ks, bh, H);
+    const fj_i64 voff = head_offset(vs, bh, H);
 
     // Padding columns D..DP-1 (DV..DVP-1) of every shared tile are zero for the whole kernel (cp.async
     // never writes them), so the padded k-chunk contributes nothing and padded output columns come out 0.
@@ -156,8 +170,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 
     // Copy mapping of rows of CH 16-byte chunks: thread tid moves the chunk (tid % CH) of row tid / CH,
     // then the same chunk RP, 2 RP, ... rows further; the last 128 - RP*CH threads idle. Per thread only
-    // one 64-bit offset is live, the passes differ by immediates. Q and K rows have d/8 chunks, V rows
-    // dv/8 (the same mapping when dv == d).
+    // one 64-bit offset is live, advanced by RP rows (RP times the operand's row stride) per pass. Q and
+    // K rows have d/8 chunks, V rows dv/8 (the same mapping when dv == d).
     constexpr int CH = D / 8, CHV = DV / 8;
     constexpr int RP = NTHREADS / CH, RPV = NTHREADS / CHV;
     const bool cp_active = tid < RP * CH;
@@ -171,13 +185,12 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 
     // Q (and Qdot) tile: rows >= Nq are zero-filled.
     if (cp_active) {
-        const fj_i64 off0 = qoff + (fj_i64)(q0 + cp_r0) * D + cp_col;
+        fj_i64 off = head_offset(qs, bh, H) + (fj_i64)(q0 + cp_r0) * qs.n + cp_col;
 #pragma unroll
-        for (int i = 0; i < (BR + RP - 1) / RP; ++i) {
+        for (int i = 0; i < (BR + RP - 1) / RP; ++i, off += RP * qs.n) {
             const int r = cp_r0 + i * RP;
             if (r < BR) {
                 const bool ok = q0 + r < Nq;
-                const fj_i64 off = off0 + (fj_i64)i * RP * D;
                 fj_cp_async16(cp_dst0 + i * RP * SS * 2, ok ? q + off : q, ok ? 16 : 0);
                 if (TAN) fj_cp_async16(cp_dst0 + (BR * SS + i * RP * SS) * 2, ok ? tq + off : tq, ok ? 16 : 0);
             }
@@ -189,14 +202,13 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     auto load_kv = [&](int tile, int stage) {
         const int kv0 = tile * BC;
         if (cp_active) {
-            const fj_i64 off0 = koff + (fj_i64)(kv0 + cp_r0) * D + cp_col;
+            fj_i64 off = koff + (fj_i64)(kv0 + cp_r0) * ks.n + cp_col;
             const fj_u32 dst0 = cp_dst0 + (NQ * BR * SS + stage * STAGE) * 2;
 #pragma unroll
-            for (int i = 0; i < (BC + RP - 1) / RP; ++i) {
+            for (int i = 0; i < (BC + RP - 1) / RP; ++i, off += RP * ks.n) {
                 const int r = cp_r0 + i * RP;
                 if (r < BC) {
                     const bool ok = kv0 + r < Nk;
-                    const fj_i64 off = off0 + (fj_i64)i * RP * D;
                     const int n = ok ? 16 : 0;
                     const fj_u32 dst = dst0 + i * RP * SS * 2;
                     fj_cp_async16(dst, ok ? k + off : k, n);
@@ -205,14 +217,13 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             }
         }
         if (cpv_active) {
-            const fj_i64 off0 = voff + (fj_i64)(kv0 + cpv_r0) * DV + cpv_col;
+            fj_i64 off = voff + (fj_i64)(kv0 + cpv_r0) * vs.n + cpv_col;
             const fj_u32 dst0 = cpv_dst0 + (NQ * BR * SS + stage * STAGE + KT) * 2;
 #pragma unroll
-            for (int i = 0; i < (BC + RPV - 1) / RPV; ++i) {
+            for (int i = 0; i < (BC + RPV - 1) / RPV; ++i, off += RPV * vs.n) {
                 const int r = cpv_r0 + i * RPV;
                 if (r < BC) {
                     const bool ok = kv0 + r < Nk;
-                    const fj_i64 off = off0 + (fj_i64)i * RPV * DV;
                     const int n = ok ? 16 : 0;
                     const fj_u32 dst = dst0 + i * RPV * SV * 2;
                     fj_cp_async16(dst, ok ? v + off : v, n);
@@ -465,7 +476,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         if (row >= Nq) continue;
         const float inv_l = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
         const float mu = TAN ? r_run[i] * inv_l : 0.f;
-        const fj_i64 roff = ooff + (fj_i64)row * DV;
+        const fj_i64 roff = head_offset(os, bh, H) + (fj_i64)row * os.n;
 #pragma unroll
         for (int n = 0; n < DV / 8; ++n) {  // n-tiles at or past dv (padding) are not stored
             const int col = n * 8 + 2 * t4;
@@ -498,7 +509,8 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
                                          const float* __restrict__ v, const float* __restrict__ tq,
                                          const float* __restrict__ tk, const float* __restrict__ tv,
                                          float* __restrict__ o, float* __restrict__ to, float* __restrict__ lse,
-                                         float* __restrict__ tlse, int Nq, int Nk, float scale) {
+                                         float* __restrict__ tlse, int Nq, int Nk, float scale, int H, Str qs,
+                                         Str ks, Str vs, Str os) {
     constexpr bool TAN = MODE != FWD;
     constexpr bool KVT = MODE == FULL;
     constexpr int CPL = (DV + 31) / 32;  // output columns per lane
@@ -517,16 +529,15 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int bh = blockIdx.y;
     const int q0 = blockIdx.x * F_BR;
-    const fj_i64 qoff = (fj_i64)bh * Nq * D;
-    const fj_i64 koff = (fj_i64)bh * Nk * D;
-    const fj_i64 voff = (fj_i64)bh * Nk * DV;
-    const fj_i64 ooff = (fj_i64)bh * Nq * DV;
+    const fj_i64 qoff = head_offset(qs, bh, H);
+    const fj_i64 koff = head_offset(ks, bh, H);
+    const fj_i64 voff = head_offset(vs, bh, H);
 
     for (int c = tid; c < F_BR * D; c += NTHREADS) {
         const int r = c / D, col = c % D, gr = q0 + r;
         const bool ok = gr < Nq;
-        sQ[c] = ok ? q[qoff + (fj_i64)gr * D + col] : 0.f;
-        if (TAN) sQd[c] = ok ? tq[qoff + (fj_i64)gr * D + col] : 0.f;
+        sQ[c] = ok ? q[qoff + (fj_i64)gr * qs.n + col] : 0.f;
+        if (TAN) sQd[c] = ok ? tq[qoff + (fj_i64)gr * qs.n + col] : 0.f;
     }
 
     float acc_o[F_RW][CPL], acc_t[F_RW][CPL];
@@ -546,14 +557,14 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
         for (int c = tid; c < F_BC * D; c += NTHREADS) {
             const int r = c / D, col = c % D, gr = kv0 + r;
             const bool ok = gr < Nk;
-            const fj_i64 off = koff + (fj_i64)gr * D + col;
+            const fj_i64 off = koff + (fj_i64)gr * ks.n + col;
             sK[r * KS + col] = ok ? k[off] : 0.f;
             if (KVT) sKd[r * KS + col] = ok ? tk[off] : 0.f;
         }
         for (int c = tid; c < F_BC * VS; c += NTHREADS) {
             const int r = c / VS, col = c % VS, gr = kv0 + r;
             const bool ok = gr < Nk && col < DV;
-            const fj_i64 off = voff + (fj_i64)gr * DV + col;
+            const fj_i64 off = voff + (fj_i64)gr * vs.n + col;
             sV[c] = ok ? v[off] : 0.f;
             if (KVT) sVd[c] = ok ? tv[off] : 0.f;
         }
@@ -608,7 +619,7 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
         if (row >= Nq) continue;
         const float inv_l = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
         const float mu = r_run[i] * inv_l;
-        const fj_i64 roff = ooff + (fj_i64)row * DV;
+        const fj_i64 roff = head_offset(os, bh, H) + (fj_i64)row * os.n;
 #pragma unroll
         for (int c = 0; c < CPL; ++c) {
             const int col = c * 32 + lane;
@@ -629,51 +640,65 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
 }  // namespace fj_attn
 
 // ---------------------------------------------------------------------------------------------
+// The layout parameters every entry point ends with (H, then the [B, H, N, d] element strides of q, k,
+// v, o; tangents share their primal's), and how they reach the templates.
+#define FJ_ATTN_LAYOUT                                                                                          \
+    int H, fj_i64 q_sb, fj_i64 q_sh, fj_i64 q_sn, fj_i64 k_sb, fj_i64 k_sh, fj_i64 k_sn, fj_i64 v_sb, fj_i64 v_sh, \
+        fj_i64 v_sn, fj_i64 o_sb, fj_i64 o_sh, fj_i64 o_sn
+#define FJ_ATTN_LAYOUT_ARGS                                                                                     \
+    H, fj_attn::Str{q_sb, q_sh, q_sn}, fj_attn::Str{k_sb, k_sh, k_sn}, fj_attn::Str{v_sb, v_sh, v_sn},          \
+        fj_attn::Str{o_sb, o_sh, o_sn}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points: one per (variant, dtype, d, dv); SUF is the name's head-dim part (_d64, _d64_dv128).
-#define FJ_ATTN_TC(DT, ST, D, DV, SUF)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_jvp_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,              \
-                                const fj_u16* tk, const fj_u16* tv, fj_u16* o, fj_u16* to, float* lse,            \
-                                float* tlse, int Nq, int Nk, float scale) {                                       \
-        fj_attn::attn_tc<ST, D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);         \
-    }                                                                                                             \
-    FJ_REGISTER(attention_jvp_##DT##SUF)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_jvp_nokv_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,         \
-                                     fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,              \
-                                     float scale) {                                                               \
-        fj_attn::attn_tc<ST, D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
-                                                    scale);                                                       \
-    }                                                                                                             \
-    FJ_REGISTER(attention_jvp_nokv_##DT##SUF)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_fwd_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, fj_u16* o, float* lse, int Nq, \
-                                int Nk, float scale) {                                                            \
-        fj_attn::attn_tc<ST, D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr,   \
-                                                   Nq, Nk, scale);                                                \
-    }                                                                                                             \
+#define FJ_ATTN_TC(DT, ST, D, DV, SUF)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,                \
+                                const fj_u16* tk, const fj_u16* tv, fj_u16* o, fj_u16* to, float* lse,              \
+                                float* tlse, int Nq, int Nk, float scale, FJ_ATTN_LAYOUT) {                         \
+        fj_attn::attn_tc<ST, D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale,            \
+                                                    FJ_ATTN_LAYOUT_ARGS);                                           \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_##DT##SUF)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_nokv_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,           \
+                                     fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,                \
+                                     float scale, FJ_ATTN_LAYOUT) {                                                 \
+        fj_attn::attn_tc<ST, D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,         \
+                                                    scale, FJ_ATTN_LAYOUT_ARGS);                                    \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_nokv_##DT##SUF)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_fwd_##DT##SUF(const fj_u16* q, const fj_u16* k, const fj_u16* v, fj_u16* o, float* lse, int Nq,   \
+                                int Nk, float scale, FJ_ATTN_LAYOUT) {                                              \
+        fj_attn::attn_tc<ST, D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr,     \
+                                                   Nq, Nk, scale, FJ_ATTN_LAYOUT_ARGS);                             \
+    }                                                                                                               \
     FJ_REGISTER(attention_fwd_##DT##SUF)
 
-#define FJ_ATTN_F32(D, DV, SUF)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_jvp_f32##SUF(const float* q, const float* k, const float* v, const float* tq, const float* tk,  \
-                               const float* tv, float* o, float* to, float* lse, float* tlse, int Nq, int Nk,     \
-                               float scale) {                                                                     \
-        fj_attn::attn_f32<D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);            \
-    }                                                                                                             \
-    FJ_REGISTER(attention_jvp_f32##SUF)                                                                           \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_jvp_nokv_f32##SUF(const float* q, const float* k, const float* v, const float* tq, float* o,    \
-                                    float* to, float* lse, float* tlse, int Nq, int Nk, float scale) {            \
-        fj_attn::attn_f32<D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk, scale);  \
-    }                                                                                                             \
-    FJ_REGISTER(attention_jvp_nokv_f32##SUF)                                                                      \
-    extern "C" __global__ void __launch_bounds__(128, 1)                                                             \
-        attention_fwd_f32##SUF(const float* q, const float* k, const float* v, float* o, float* lse, int Nq,      \
-                               int Nk, float scale) {                                                             \
-        fj_attn::attn_f32<D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
-                                               Nk, scale);                                                        \
-    }                                                                                                             \
+#define FJ_ATTN_F32(D, DV, SUF)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_f32##SUF(const float* q, const float* k, const float* v, const float* tq, const float* tk,    \
+                               const float* tv, float* o, float* to, float* lse, float* tlse, int Nq, int Nk,       \
+                               float scale, FJ_ATTN_LAYOUT) {                                                       \
+        fj_attn::attn_f32<D, DV, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale,               \
+                                                FJ_ATTN_LAYOUT_ARGS);                                               \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_f32##SUF)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_nokv_f32##SUF(const float* q, const float* k, const float* v, const float* tq, float* o,      \
+                                    float* to, float* lse, float* tlse, int Nq, int Nk, float scale,                \
+                                    FJ_ATTN_LAYOUT) {                                                               \
+        fj_attn::attn_f32<D, DV, fj_attn::NOKV>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk, scale,     \
+                                                FJ_ATTN_LAYOUT_ARGS);                                               \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_nokv_f32##SUF)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_fwd_f32##SUF(const float* q, const float* k, const float* v, float* o, float* lse, int Nq,        \
+                               int Nk, float scale, FJ_ATTN_LAYOUT) {                                               \
+        fj_attn::attn_f32<D, DV, fj_attn::FWD>(q, k, v, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,    \
+                                               Nk, scale, FJ_ATTN_LAYOUT_ARGS);                                     \
+    }                                                                                                               \
     FJ_REGISTER(attention_fwd_f32##SUF)
 
 // All three dtypes of one (d, dv) pair.

@@ -47,20 +47,29 @@
 // tile j then overlaps the other warpgroup's batch. One more turn after the last tile issues the last
 // value products. Online softmax in the log2 domain (c log2 e folded into the scores), as on sm_80.
 //
-// TAILS: the tensor maps are 3-D (d, N, B*H), so TMA zero-fills rows past Nq or Nk of a head (and
+// LAYOUT: any strided layout of q, k, v (each viewed as [B, H, N, d] with the head dim contiguous, e.g.
+// read in place from a packed qkv projection [B, N, 3, H, d]); the tensor maps carry the strides. o and
+// to are written with o's strides (e.g. token-major [B, N, H, d]); lse and tlse are contiguous.
+//
+// TAILS: the tensor maps are 4-D (d, N, H, B), so TMA zero-fills rows past Nq or Nk of a head (and
 // still counts the full box in the transaction bytes). Scores of keys >= Nk are set to -inf and their
 // sdot to 0; query rows >= Nq are computed on zeros and never stored.
 //
 // LAUNCH: grid (ceil(Nq/128), B*H, 1), block (384,1,1), dynamic shared memory
 //   1024 (alignment slack) + NQ*128*d*2 + 2*STAGES*NKT*BC*d*2 + 8*(1 + 4*STAGES) bytes
 //   (NQ = 2 with a tangent else 1; NKT = 2 for the full JVP else 1): README.md lists them.
-// PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 3-D {d, N, B*H}, strides
-// {2d, 2dN} bytes, box {64, 128 (q, tq) or BC (k, v, tk, tv), 1}, 128-byte swizzle, zero fill;
-// passed by value):
-//   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale)
-//   attention_jvp_nokv_sm90_{dt}_d{D} (map q, map k, map v, map tq, o, to, lse, tlse, Nq, Nk, scale)
-//   attention_fwd_sm90_{dt}_d{D}      (map q, map k, map v, o, lse, Nq, Nk, scale)
-//   o/to [B,H,Nq,d] storage dtype, lse/tlse [B,H,Nq] f32; tensors contiguous, 16-byte aligned.
+// PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 4-D {d, N, H, B} over the
+// operand viewed as [B, H, N, d] with element strides (sb, sh, sn), byte strides {sn, sh, sb} * 2, box
+// {64, 128 (q, tq) or BC (k, v, tk, tv), 1, 1}, 128-byte swizzle, zero fill; passed by value; a
+// tangent's map has its primal's strides):
+//   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale,
+//                                      H, o_sb, o_sh, o_sn)
+//   attention_jvp_nokv_sm90_{dt}_d{D} (map q, map k, map v, map tq, o, to, lse, tlse, Nq, Nk, scale, H, o_sb, o_sh,
+//                                      o_sn)
+//   attention_fwd_sm90_{dt}_d{D}      (map q, map k, map v, o, lse, Nq, Nk, scale, H, o_sb, o_sh, o_sn)
+//   o/to [B,H,Nq,d] storage dtype at element offset b*o_sb + h*o_sh + row*o_sn (long long strides, multiples
+//   of 8), lse/tlse contiguous [B,H,Nq] f32; blockIdx.y = b*H + h (int H); maps' addresses and o, to 16-byte
+//   aligned.
 //
 // STATUS: compiled for sm_90a with NVRTC 13.0 (no spills, see README.md); its indexing (descriptors,
 // swizzle, fragments) replayed in f64 by attention_sm90_emulate.py; the kernel itself runs on the CPU
@@ -129,11 +138,12 @@ __device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity) {
                      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
     } while (!done);
 }
-// 3-D tiled TMA load of the box at (c0, c1, c2) into shared memory; completes bytes on `bar`.
-__device__ __forceinline__ void tma_load3(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2) {
+// 4-D tiled TMA load of the box at (c0, c1, c2, c3) into shared memory; completes bytes on `bar`.
+__device__ __forceinline__ void tma_load4(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2,
+                                          int c3) {
     asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
-        ::"r"(dst), "l"((fj_u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+        ::"r"(dst), "l"((fj_u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
 }
 __device__ __forceinline__ void tma_prefetch_map(const FjTensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"((fj_u64)map) : "memory");
@@ -167,8 +177,8 @@ inline void mbar_expect_tx(fj_u32 bar, fj_u32 bytes, FJ_SITE) {
 }
 inline void mbar_arrive(fj_u32 bar, FJ_SITE) { fj_sm90::mbar_arrive(bar, fj_file, fj_line); }
 inline void mbar_wait(fj_u32 bar, fj_u32 parity, FJ_SITE) { fj_sm90::mbar_wait_parity(bar, parity, fj_file, fj_line); }
-inline void tma_load3(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2, FJ_SITE) {
-    fj_sm90::tma_load_3d(dst, map, bar, c0, c1, c2, fj_file, fj_line);
+inline void tma_load4(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2, int c3, FJ_SITE) {
+    fj_sm90::tma_load_4d(dst, map, bar, c0, c1, c2, c3, fj_file, fj_line);
 }
 inline void tma_prefetch_map(const FjTensorMap* map, FJ_SITE) { fj_sm90::prefetch_tensormap(map, fj_file, fj_line); }
 inline void named_sync(int id, FJ_SITE) { fj_sm90::bar_sync(id, 256, fj_file, fj_line); }
@@ -310,7 +320,8 @@ template <class ST, int D, int MODE>
 __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
                                           const FjTensorMap* mtq, const FjTensorMap* mtk, const FjTensorMap* mtv,
                                           fj_u16* __restrict__ o, fj_u16* __restrict__ to, float* __restrict__ lse,
-                                          float* __restrict__ tlse, int Nq, int Nk, float scale) {
+                                          float* __restrict__ tlse, int Nq, int Nk, float scale, int H,
+                                          fj_i64 o_sb, fj_i64 o_sh, fj_i64 o_sn) {
     typedef Cfg<D, MODE> C;
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = C::TAN, KVT = C::KVT;
@@ -338,7 +349,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
-    const int bh = blockIdx.y;
+    const int bh = blockIdx.y;  // b*H + h
     const int q0 = blockIdx.x * BR;
     const int ntiles = (Nk + BC - 1) / BC;
 
@@ -377,6 +388,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         fj_sm90::setmaxnreg(false, PRODUCER_REGS, __FILE__, __LINE__);
 #endif
         if (tid == 0) {
+            const int bb = bh / H, hh = bh - bb * H;  // TMA coordinates of this head: (col, row, hh, bb)
             tma_prefetch_map(mq);
             tma_prefetch_map(mk);
             tma_prefetch_map(mv);
@@ -388,8 +400,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_expect_tx(qfull, C::Q_BYTES);
 #pragma unroll
             for (int s = 0; s < SLABS; ++s) {
-                tma_load3(sQ + s * SLAB_Q, mq, qfull, 64 * s, q0, bh);
-                if (TAN) tma_load3(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, 64 * s, q0, bh);
+                tma_load4(sQ + s * SLAB_Q, mq, qfull, 64 * s, q0, hh, bb);
+                if (TAN) tma_load4(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, 64 * s, q0, hh, bb);
             }
             for (int j = 0; j < ntiles; ++j) {
                 const int st = j % STAGES;
@@ -400,16 +412,16 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 const fj_u32 kd = sK + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load3(kd + s * SLAB_K, mk, kfull(st), 64 * s, k0, bh);
-                    if (KVT) tma_load3(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), 64 * s, k0, bh);
+                    tma_load4(kd + s * SLAB_K, mk, kfull(st), 64 * s, k0, hh, bb);
+                    if (KVT) tma_load4(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), 64 * s, k0, hh, bb);
                 }
                 if (use > 0) mbar_wait(vempty(st), (use - 1) & 1);
                 mbar_expect_tx(vfull(st), KST);
                 const fj_u32 vd = sV + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load3(vd + s * SLAB_K, mv, vfull(st), 64 * s, k0, bh);
-                    if (KVT) tma_load3(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), 64 * s, k0, bh);
+                    tma_load4(vd + s * SLAB_K, mv, vfull(st), 64 * s, k0, hh, bb);
+                    if (KVT) tma_load4(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), 64 * s, k0, hh, bb);
                 }
             }
         }
@@ -635,14 +647,15 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 r_run[h] += __shfl_xor_sync(0xffffffffu, r_run[h], 2);
             }
         }
-        const fj_i64 qoff = (fj_i64)bh * Nq * D;
+        const int bb = bh / H, hh = bh - bb * H;
+        const fj_i64 ooff = (fj_i64)bb * o_sb + (fj_i64)hh * o_sh;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = q0 + cw * 64 + warp * 16 + g + 8 * h;
             if (row >= Nq) continue;
             const float inv_l = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
             const float mu = TAN ? r_run[h] * inv_l : 0.f;
-            const fj_i64 roff = qoff + (fj_i64)row * D;
+            const fj_i64 roff = ooff + (fj_i64)row * o_sn;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
                 const int col = n * 8 + 2 * t4;
@@ -670,24 +683,29 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 // ---------------------------------------------------------------------------------------------
 // Entry points: one per (variant, dtype, head dim). Tensor maps by value (__grid_constant__).
 #define FJ_TM const __grid_constant__ FjTensorMap
+// After scale: the number of heads H (blockIdx.y = b*H + h) and the [B, H, Nq, d] element strides of o
+// (and to); q, k, v and their tangents are addressed through their tensor maps.
+#define FJ_SM90_LAYOUT int H, fj_i64 o_sb, fj_i64 o_sh, fj_i64 o_sn
+#define FJ_SM90_LAYOUT_ARGS H, o_sb, o_sh, o_sn
 #define FJ_SM90(DT, ST, D)                                                                                         \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_sm90_##DT##_d##D(                \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, FJ_TM mtk, FJ_TM mtv, fj_u16* o, fj_u16* to, float* lse,          \
-        float* tlse, int Nq, int Nk, float scale) {                                                                \
-        fj_h::attn_sm90<ST, D, fj_h::FULL>(&mq, &mk, &mv, &mtq, &mtk, &mtv, o, to, lse, tlse, Nq, Nk, scale);      \
+        float* tlse, int Nq, int Nk, float scale, FJ_SM90_LAYOUT) {                                                \
+        fj_h::attn_sm90<ST, D, fj_h::FULL>(&mq, &mk, &mv, &mtq, &mtk, &mtv, o, to, lse, tlse, Nq, Nk, scale,       \
+                                           FJ_SM90_LAYOUT_ARGS);                                                   \
     }                                                                                                              \
     FJ_REGISTER(attention_jvp_sm90_##DT##_d##D)                                                                    \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_nokv_sm90_##DT##_d##D(           \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,   \
-        float scale) {                                                                                             \
+        float scale, FJ_SM90_LAYOUT) {                                                                             \
         fj_h::attn_sm90<ST, D, fj_h::NOKV>(&mq, &mk, &mv, &mtq, nullptr, nullptr, o, to, lse, tlse, Nq, Nk,       \
-                                           scale);                                                                 \
+                                           scale, FJ_SM90_LAYOUT_ARGS);                                            \
     }                                                                                                              \
     FJ_REGISTER(attention_jvp_nokv_sm90_##DT##_d##D)                                                               \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_fwd_sm90_##DT##_d##D(                \
-        FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* o, float* lse, int Nq, int Nk, float scale) {                        \
+        FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* o, float* lse, int Nq, int Nk, float scale, FJ_SM90_LAYOUT) {        \
         fj_h::attn_sm90<ST, D, fj_h::FWD>(&mq, &mk, &mv, nullptr, nullptr, nullptr, o, nullptr, lse, nullptr, Nq,  \
-                                          Nk, scale);                                                              \
+                                          Nk, scale, FJ_SM90_LAYOUT_ARGS);                                         \
     }                                                                                                              \
     FJ_REGISTER(attention_fwd_sm90_##DT##_d##D)
 

@@ -2,7 +2,8 @@
 //! sm_80 kernels it replaces, run on the same Hopper GPU through their own plans, against the same
 //! reference (so that the fallback stays tested where the dispatcher no longer picks it).
 //!
-//! Shapes: d64 and d128, query and key tails (not multiples of 128 / 64 / 48), Nq ≠ Nk both ways,
+//! Also the packed layout (q, k, v in place in a [B, N, 3, H, d] projection, o token-major) on both
+//! paths. Shapes: d64 and d128, query and key tails (not multiples of 128 / 64 / 48), Nq ≠ Nk both ways,
 //! B·H > 1, a single query and key, key counts of exactly one and two tiles. Variants: tangents on q,
 //! k, v (six products), constant k, v (four), primal forward (two); bf16 and f16.
 //!
@@ -167,10 +168,11 @@ fn run_plan(
         tlse: tlse.ptr(),
     };
     let scale = attn::resolve_scale(None, dims.d).unwrap();
+    let lay = attn::Layout::contiguous(dims);
     let plan = match path {
-        Some(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, p, scale).unwrap(),
-        Some(Path::Sm90a) => sm90::plan(variant, dtype, dims, p, scale).unwrap(),
-        None => sm90::plan_for(gpu.arch(), variant, dtype, dims, p, scale).unwrap(),
+        Some(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, lay, p, scale).unwrap(),
+        Some(Path::Sm90a) => sm90::plan(variant, dtype, dims, lay, p, scale).unwrap(),
+        None => sm90::plan_for(gpu.arch(), variant, dtype, dims, lay, p, scale).unwrap(),
     };
     gpu.run(&plan).unwrap();
     gpu.synchronize().unwrap();
@@ -303,5 +305,159 @@ fn host_ops_take_the_hopper_path() {
             &want.lse.primal,
             tol(dtype),
         );
+    }
+}
+
+/// q, k, v ([B, H, N, d] each) packed into [B, N, 3, H, d].
+fn pack_qkv(dims: attn::AttnDims, ts: [&Tensor; 3]) -> Tensor {
+    let s = attn::Layout::packed_qkv(dims).q;
+    let mut buf = vec![f64::NAN; dims.b * dims.nq * 3 * dims.h * dims.d];
+    for (j, t) in ts.into_iter().enumerate() {
+        common::scatter_bhnd(t, &mut buf, j * dims.h * dims.d, [s.b, s.h, s.n]);
+    }
+    assert!(buf.iter().all(|x| x.is_finite()), "q, k, v cover qkv");
+    Tensor::from_f64_vec(buf, &[dims.b, dims.nq, 3, dims.h, dims.d], DType::F64).unwrap()
+}
+
+/// A token-major [B, N, H, d] output as [B, H, N, d].
+fn unpack_o(dims: attn::AttnDims, o: &Tensor) -> Tensor {
+    assert_eq!(o.shape(), attn::packed_o_shape(dims));
+    let s = attn::Layout::packed_qkv(dims).o;
+    common::gather_bhnd(&o.to_f64_vec(), 0, [s.b, s.h, s.n], dims.o_shape())
+}
+
+/// The DiT's layout on the Hopper kernels: q, k, v read in place from a packed [B, N, 3, H, d]
+/// projection through 4-D tensor maps, o and its tangent written token-major [B, N, H, d]. The full
+/// JVP and the forward through the public packed entry points (which dispatch to the Hopper path);
+/// the nokv kernel through its plan with the packed layout, on both paths.
+#[test]
+fn packed_qkv_on_the_hopper_path() {
+    let Some(gpu) = hopper() else { return };
+    let shapes = [
+        (2, 3, 77, 64),
+        (1, 2, 130, 128),
+        (2, 2, 200, 64),
+        (1, 1, 1, 128),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for (i, &(b, h, n, d)) in shapes.iter().enumerate() {
+            let x = inputs((b, h, n, n, d), 1100 + i as u64, true);
+            let dims = attn::check_shapes(&[b, h, n, d], &[b, h, n, d], &[b, h, n, d]).unwrap();
+            assert_eq!(sm90::path_for(gpu.arch(), dtype, dims), Path::Sm90a);
+            let tan = |x: &Dual| x.tangent.clone().unwrap();
+            let qkv = pack_qkv(dims, [&x.q.primal, &x.k.primal, &x.v.primal]);
+            let tqkv = pack_qkv(dims, [&tan(&x.q), &tan(&x.k), &tan(&x.v)]);
+            let (qkv_d, tqkv_d) = (
+                gpu.upload(&qkv, dtype).unwrap(),
+                gpu.upload(&tqkv, dtype).unwrap(),
+            );
+            let r = |d: &Dual| Dual {
+                primal: rd(&d.primal, dtype),
+                tangent: d.tangent.as_ref().map(|t| rd(t, dtype)),
+            };
+            let want = ops::attention_jvp(&r(&x.q), &r(&x.k), &r(&x.v), None).unwrap();
+            let label = format!("{dtype} [B{b} H{h} N{n} d{d}]");
+            let got = attn::jvp_packed(&qkv_d, Some(&tqkv_d), None).unwrap();
+            let o = unpack_o(dims, &got.o.download().unwrap());
+            let to = unpack_o(dims, &got.to.as_ref().unwrap().download().unwrap());
+            check(&format!("packed o {label}"), &o, &want.o.primal, tol(dtype));
+            worst = worst.max(check(
+                &format!("packed to {label}"),
+                &to,
+                want.o.tangent.as_ref().unwrap(),
+                TOL_TANGENT,
+            ));
+            worst = worst.max(check(
+                &format!("packed tlse {label}"),
+                &got.tlse.as_ref().unwrap().download().unwrap(),
+                want.lse.tangent.as_ref().unwrap(),
+                TOL_TANGENT,
+            ));
+            let (fo, flse) = attn::forward_packed(&qkv_d, None).unwrap();
+            let fo = unpack_o(dims, &fo.download().unwrap());
+            check(
+                &format!("packed fwd o {label}"),
+                &fo,
+                &want.o.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("packed fwd lse {label}"),
+                &flse.download().unwrap(),
+                &want.lse.primal,
+                tol(dtype),
+            );
+
+            // nokv: the tangent of q only, still read from the packed tangent buffer.
+            let kv_const = Dual::constant(x.k.primal.clone());
+            let v_const = Dual::constant(x.v.primal.clone());
+            let want_nokv =
+                ops::attention_jvp(&r(&x.q), &r(&kv_const), &r(&v_const), None).unwrap();
+            let lay = attn::Layout::packed_qkv(dims);
+            let step = (h * d * dtype.size_in_bytes()) as u64;
+            for path in [Path::Sm90a, Path::Sm80] {
+                let o = gpu.poisoned(&attn::packed_o_shape(dims), dtype).unwrap();
+                let to = gpu.poisoned(&attn::packed_o_shape(dims), dtype).unwrap();
+                let lse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+                let tlse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+                let p = JvpPtrs {
+                    q: qkv_d.ptr(),
+                    k: qkv_d.ptr() + step,
+                    v: qkv_d.ptr() + 2 * step,
+                    tq: tqkv_d.ptr(),
+                    tk: 0,
+                    tv: 0,
+                    o: o.ptr(),
+                    to: to.ptr(),
+                    lse: lse.ptr(),
+                    tlse: tlse.ptr(),
+                };
+                let scale = attn::resolve_scale(None, d).unwrap();
+                let plan = match path {
+                    Path::Sm90a => sm90::plan(Variant::JvpNoKv, dtype, dims, lay, p, scale),
+                    Path::Sm80 => attn::plan_jvp(Variant::JvpNoKv, dtype, dims, lay, p, scale),
+                }
+                .unwrap();
+                gpu.run(&plan).unwrap();
+                let l = format!("{} nokv {label}", path.name());
+                let o = unpack_o(dims, &o.download().unwrap());
+                let to = unpack_o(dims, &to.download().unwrap());
+                check(
+                    &format!("packed o {l}"),
+                    &o,
+                    &want_nokv.o.primal,
+                    tol(dtype),
+                );
+                let e = if n == 1 {
+                    // One key, constant k and v: the o tangent is exactly zero.
+                    check_small(
+                        &format!("packed to (zero) {l}"),
+                        &to,
+                        &want_nokv.o.primal,
+                        TOL_TANGENT,
+                    )
+                } else {
+                    check(
+                        &format!("packed to {l}"),
+                        &to,
+                        want_nokv.o.tangent.as_ref().unwrap(),
+                        TOL_TANGENT,
+                    )
+                };
+                let e2 = check(
+                    &format!("packed tlse {l}"),
+                    &tlse.download().unwrap(),
+                    want_nokv.lse.tangent.as_ref().unwrap(),
+                    TOL_TANGENT,
+                );
+                if path == Path::Sm90a {
+                    worst = worst.max(e).max(e2);
+                }
+            }
+        }
+        report(&format!(
+            "MAX sm90a packed {dtype}: largest tangent error {worst:.3e} (bound {TOL_TANGENT:.0e})"
+        ));
     }
 }

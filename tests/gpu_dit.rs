@@ -850,11 +850,23 @@ mod emulate {
                 name.starts_with("attention_fwd"),
             );
             let bwd = name.starts_with("attention_bwd");
-            let (nq, nk, c) = {
-                // The backward kernels end with H and the 12 strides of q, k, v, o (contiguous
-                // in the DiT).
-                let n = l.args.len() - if bwd { 13 } else { 0 };
-                (int(n - 3), int(n - 2), fl(n - 1))
+            // Every attention kernel but the preprocess ends with Nq, Nk, scale, H and the [B, H, N, d]
+            // strides of q, k, v, o (tangents and gradients in their primal's). The forward/JVP
+            // replay below honours them; the backward's assumes them contiguous (as the DiT has them).
+            let n = l.args.len();
+            let (nq, nk, c) = (int(n - 16), int(n - 15), fl(n - 14));
+            let heads = int(n - 13);
+            let stride = |t: usize| -> [usize; 3] {
+                [
+                    int(n - 12 + 3 * t),
+                    int(n - 11 + 3 * t),
+                    int(n - 10 + 3 * t),
+                ]
+            };
+            let (qs, ks, vs, os) = (stride(0), stride(1), stride(2), stride(3));
+            // Element offset of row `row` of head `bh` (= b*H + h) of an operand with strides `s`.
+            let at = |s: [usize; 3], bh: usize, row: usize| {
+                (bh / heads) * s[0] + (bh % heads) * s[1] + row * s[2]
             };
             let (q, k, v) = (p(0), p(1), p(2));
             for h in 0..bh {
@@ -866,30 +878,30 @@ mod emulate {
                         .sum::<f64>()
                 };
                 for i in 0..nq {
-                    let s: Vec<f64> = (0..nk)
-                        .map(|j| c * dot(self, q, qo + i * d, k, ko + j * d))
-                        .collect();
                     if bwd {
                         continue;
                     }
+                    let s: Vec<f64> = (0..nk)
+                        .map(|j| c * dot(self, q, at(qs, h, i), k, at(ks, h, j)))
+                        .collect();
                     let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                     let z: f64 = e.iter().sum();
                     let pr: Vec<f64> = e.iter().map(|x| x / z).collect();
                     let o: Vec<f64> = (0..d)
-                        .map(|a| (0..nk).map(|j| pr[j] * self.get(v, ko + j * d + a)).sum())
+                        .map(|a| (0..nk).map(|j| pr[j] * self.get(v, at(vs, h, j) + a)).sum())
                         .collect();
                     let (op, lp) = if fwd { (p(3), p(4)) } else { (p(6), p(8)) };
                     for (a, ov) in o.iter().enumerate() {
-                        self.set(op, qo + i * d + a, *ov);
+                        self.set(op, at(os, h, i) + a, *ov);
                     }
                     self.set(lp, h * nq + i, mx + z.ln());
                     if jvp {
                         let (tq, tk, tv, to, tl) = (p(3), p(4), p(5), p(7), p(9));
                         let sd: Vec<f64> = (0..nk)
                             .map(|j| {
-                                c * (dot(self, tq, qo + i * d, k, ko + j * d)
-                                    + dot(self, q, qo + i * d, tk, ko + j * d))
+                                c * (dot(self, tq, at(qs, h, i), k, at(ks, h, j))
+                                    + dot(self, q, at(qs, h, i), tk, at(ks, h, j)))
                             })
                             .collect();
                         let mu: f64 = (0..nk).map(|j| pr[j] * sd[j]).sum();
@@ -897,11 +909,11 @@ mod emulate {
                             let t: f64 = (0..nk)
                                 .map(|j| {
                                     pr[j]
-                                        * (self.get(tv, ko + j * d + a)
-                                            + sd[j] * self.get(v, ko + j * d + a))
+                                        * (self.get(tv, at(vs, h, j) + a)
+                                            + sd[j] * self.get(v, at(vs, h, j) + a))
                                 })
                                 .sum();
-                            self.set(to, qo + i * d + a, t - mu * o[a]);
+                            self.set(to, at(os, h, i) + a, t - mu * o[a]);
                         }
                         self.set(tl, h * nq + i, mu);
                     }

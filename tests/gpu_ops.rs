@@ -666,6 +666,293 @@ gpu_test!(attention_device_outputs_are_fully_written, |dtype| {
 });
 
 // ---------------------------------------------------------------------------------------------
+// Strided layouts: q, k, v read in place from a packed projection [B, N, 3, H, d], o written
+// token-major [B, N, H, d] (the DiT's layout), and a mix of other strides through the plan
+// functions. The host scatters the inputs into the strided buffers and gathers the outputs back
+// to [B, H, N, d] for the reference.
+
+/// (B, H, N, d) of the packed cases: tails (77, 130, 65, 200), d72 (padded head dim), B·H > 1, a
+/// single token.
+const PACKED_JVP: &[(usize, usize, usize, usize)] = &[
+    (2, 3, 77, 72),
+    (1, 2, 130, 64),
+    (2, 2, 65, 128),
+    (1, 1, 1, 32),
+    (2, 1, 200, 96),
+];
+
+fn strides(s: cuda::attention::Strides) -> [usize; 3] {
+    [s.b, s.h, s.n]
+}
+
+/// q, k, v ([B, H, N, d] each) packed into [B, N, 3, H, d].
+fn pack_qkv(dims: cuda::attention::AttnDims, ts: [&Tensor; 3]) -> Tensor {
+    let lay = cuda::attention::Layout::packed_qkv(dims);
+    let mut buf = vec![f64::NAN; dims.b * dims.nq * 3 * dims.h * dims.d];
+    for (j, t) in ts.into_iter().enumerate() {
+        common::scatter_bhnd(t, &mut buf, j * dims.h * dims.d, strides(lay.q));
+    }
+    assert!(buf.iter().all(|x| x.is_finite()), "q, k, v cover qkv");
+    Tensor::from_f64_vec(buf, &[dims.b, dims.nq, 3, dims.h, dims.d], DType::F64).unwrap()
+}
+
+/// A token-major [B, N, H, d] output as [B, H, N, d].
+fn unpack_o(dims: cuda::attention::AttnDims, o: &Tensor) -> Tensor {
+    assert_eq!(o.shape(), cuda::attention::packed_o_shape(dims));
+    let lay = cuda::attention::Layout::packed_qkv(dims);
+    common::gather_bhnd(&o.to_f64_vec(), 0, strides(lay.o), dims.o_shape())
+}
+
+// The full JVP and the forward on a packed projection (`jvp_packed`, `forward_packed`).
+gpu_test!(attention_packed_qkv, |dtype| {
+    for (i, &(b, h, n, d)) in PACKED_JVP.iter().enumerate() {
+        let mut r = rng(700 + i as u64);
+        let shape = [b, h, n, d];
+        let (q, k, v) = (
+            dual(&mut r, &shape, true),
+            dual(&mut r, &shape, true),
+            dual(&mut r, &shape, true),
+        );
+        let dims = cuda::attention::check_shapes(&shape, &shape, &shape).unwrap();
+        fn tan(x: &Dual) -> &Tensor {
+            x.tangent.as_ref().unwrap()
+        }
+        let qkv = pack_qkv(dims, [&q.primal, &k.primal, &v.primal]);
+        let tqkv = pack_qkv(dims, [tan(&q), tan(&k), tan(&v)]);
+        let gpu = cuda::Gpu::get().unwrap();
+        let (qkv_d, tqkv_d) = (
+            gpu.upload(&qkv, dtype).unwrap(),
+            gpu.upload(&tqkv, dtype).unwrap(),
+        );
+        let got = cuda::attention::jvp_packed(&qkv_d, Some(&tqkv_d), None).unwrap();
+        let want =
+            ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None).unwrap();
+        let label = format!("[B{b} H{h} N{n} d{d}]");
+        let o = got.o.download().unwrap();
+        let to = got.to.as_ref().unwrap().download().unwrap();
+        check(
+            &format!("attention packed o {label}"),
+            dtype,
+            &unpack_o(dims, &o),
+            &want.o.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("attention packed tangent o {label}"),
+            dtype,
+            &unpack_o(dims, &to),
+            want.o.tangent.as_ref().unwrap(),
+            tol_tangent(dtype),
+        );
+        check(
+            &format!("attention packed lse {label}"),
+            dtype,
+            &got.lse.download().unwrap(),
+            &want.lse.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("attention packed tangent lse {label}"),
+            dtype,
+            &got.tlse.as_ref().unwrap().download().unwrap(),
+            want.lse.tangent.as_ref().unwrap(),
+            tol_tangent(dtype),
+        );
+        let (fo, flse) = cuda::attention::forward_packed(&qkv_d, None).unwrap();
+        check(
+            &format!("attention packed fwd o {label}"),
+            dtype,
+            &unpack_o(dims, &fo.download().unwrap()),
+            &want.o.primal,
+            tol(dtype),
+        );
+        check(
+            &format!("attention packed fwd lse {label}"),
+            dtype,
+            &flse.download().unwrap(),
+            &want.lse.primal,
+            tol(dtype),
+        );
+    }
+});
+
+/// (B, H, Nq, Nk, d, dv) of the mixed-stride plan cases: dv ≠ d both ways, d72, tails, and the
+/// head dims the Hopper kernels take (64 and 128 with dv == d).
+const STRIDED: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (2, 3, 77, 130, 72, 96),
+    (2, 2, 130, 65, 64, 64),
+    (1, 2, 65, 200, 128, 128),
+    (2, 1, 33, 17, 128, 32),
+];
+
+/// A layout of every kind at once: q token-major [B, Nq, H, d]; k [B, H, Nk, d] with rows padded
+/// to d + 8; v head-outermost [H, B, Nk, dv]; o token-major [B, Nq, H, dv].
+fn mixed_layout(dims: cuda::attention::AttnDims) -> cuda::attention::Layout {
+    use cuda::attention::Strides;
+    let (b, h, nq, nk, d, dv) = (dims.b, dims.h, dims.nq, dims.nk, dims.d, dims.dv);
+    cuda::attention::Layout {
+        q: Strides::token_major(nq, h, d),
+        k: Strides {
+            b: h * nk * (d + 8),
+            h: nk * (d + 8),
+            n: d + 8,
+        },
+        v: Strides {
+            b: nk * dv,
+            h: b * nk * dv,
+            n: dv,
+        },
+        o: Strides::token_major(nq, h, dv),
+    }
+}
+
+// All three variants (the nokv one included) through the plan functions with `mixed_layout`:
+// every operand strided differently, tangents in their primal's layout, outputs poisoned.
+gpu_test!(attention_strided_plans, |dtype| {
+    use cuda::attention::{self as attn, JvpPtrs, Variant};
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &s) in STRIDED.iter().enumerate() {
+        let [qs, ks, vs] = attn_shape(s);
+        let dims = attn::check_shapes(&qs, &ks, &vs).unwrap();
+        let lay = mixed_layout(dims);
+        lay.check(dtype, dims).unwrap();
+        // One strided buffer per operand; elements the layout skips hold NaN (never read).
+        let put = |t: &Tensor, st: attn::Strides, shape: [usize; 4]| {
+            let len = st.span(shape[0], shape[1], shape[2], shape[3]);
+            let mut buf = vec![f64::NAN; len];
+            common::scatter_bhnd(t, &mut buf, 0, strides(st));
+            let nan = Tensor::from_f64_vec(buf, &[len], DType::F64).unwrap();
+            gpu.upload(&nan, dtype).unwrap()
+        };
+        let take = |t: &cuda::DeviceTensor, st: attn::Strides, shape: [usize; 4]| {
+            common::gather_bhnd(&t.download().unwrap().to_f64_vec(), 0, strides(st), shape)
+        };
+        let o_len = lay.o.span(dims.b, dims.h, dims.nq, dims.dv);
+        for (variant, kv_tangent) in [
+            (Variant::JvpNoKv, false),
+            (Variant::Jvp, true),
+            (Variant::Fwd, false),
+        ] {
+            let mut r = rng(800 + i as u64);
+            let q = dual(&mut r, &qs, variant != Variant::Fwd);
+            let k = dual(&mut r, &ks, kv_tangent);
+            let v = dual(&mut r, &vs, kv_tangent);
+            let zero = |x: &Dual| {
+                x.tangent
+                    .clone()
+                    .unwrap_or_else(|| Tensor::zeros(x.primal.shape(), DType::F64))
+            };
+            let sh = |t: &[usize]| [t[0], t[1], t[2], t[3]];
+            let (qd, kd, vd) = (
+                put(&q.primal, lay.q, qs),
+                put(&k.primal, lay.k, ks),
+                put(&v.primal, lay.v, vs),
+            );
+            let (tqd, tkd, tvd) = (
+                put(&zero(&q), lay.q, qs),
+                put(&zero(&k), lay.k, ks),
+                put(&zero(&v), lay.v, vs),
+            );
+            let o = gpu.poisoned(&[o_len], dtype).unwrap();
+            let to = gpu.poisoned(&[o_len], dtype).unwrap();
+            let lse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+            let tlse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+            let p = JvpPtrs {
+                q: qd.ptr(),
+                k: kd.ptr(),
+                v: vd.ptr(),
+                tq: tqd.ptr(),
+                tk: tkd.ptr(),
+                tv: tvd.ptr(),
+                o: o.ptr(),
+                to: to.ptr(),
+                lse: lse.ptr(),
+                tlse: tlse.ptr(),
+            };
+            let scale = attn::resolve_scale(None, dims.d).unwrap();
+            let plan =
+                cuda::attention_sm90::plan_for(gpu.arch(), variant, dtype, dims, lay, p, scale)
+                    .unwrap();
+            gpu.run(&plan).unwrap();
+            let want = ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None)
+                .unwrap();
+            let path = cuda::attention_sm90::path_for(gpu.arch(), dtype, dims).name();
+            let label = format!("{variant:?} {path} [{}]", name(s));
+            check(
+                &format!("attention strided o {label}"),
+                dtype,
+                &take(&o, lay.o, sh(&dims.o_shape())),
+                &want.o.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("attention strided lse {label}"),
+                dtype,
+                &lse.download().unwrap(),
+                &want.lse.primal,
+                tol(dtype),
+            );
+            if variant != Variant::Fwd {
+                check(
+                    &format!("attention strided tangent o {label}"),
+                    dtype,
+                    &take(&to, lay.o, sh(&dims.o_shape())),
+                    want.o.tangent.as_ref().unwrap(),
+                    tol_tangent(dtype),
+                );
+                check(
+                    &format!("attention strided tangent lse {label}"),
+                    dtype,
+                    &tlse.download().unwrap(),
+                    want.lse.tangent.as_ref().unwrap(),
+                    tol_tangent(dtype),
+                );
+            }
+        }
+    }
+});
+
+// Bad packed inputs are errors naming `qkv` and the shapes.
+#[test]
+fn packed_qkv_errors_name_the_tensor() {
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    let mut r = rng(12);
+    let bad = gpu
+        .upload(&randn(&[2, 5, 4, 1, 64], &mut r), DType::BF16)
+        .unwrap();
+    let e = cuda::attention::forward_packed(&bad, None).unwrap_err();
+    assert!(
+        e.to_string().contains("`qkv`") && e.to_string().contains("[2, 5, 4, 1, 64]"),
+        "{e}"
+    );
+    let q4 = gpu
+        .upload(&randn(&[2, 5, 3, 64], &mut r), DType::BF16)
+        .unwrap();
+    let e = cuda::attention::forward_packed(&q4, None).unwrap_err();
+    assert!(e.to_string().contains("`qkv`"), "{e}");
+    let qkv = gpu
+        .upload(&randn(&[1, 5, 3, 2, 48], &mut r), DType::BF16)
+        .unwrap();
+    let e = cuda::attention::forward_packed(&qkv, None).unwrap_err();
+    assert!(
+        e.to_string().contains("`qkv`") && e.to_string().contains("48"),
+        "{e}"
+    );
+    let qkv = gpu
+        .upload(&randn(&[1, 5, 3, 2, 64], &mut r), DType::BF16)
+        .unwrap();
+    let t = gpu
+        .upload(&randn(&[1, 5, 3, 2, 64], &mut r), DType::F16)
+        .unwrap();
+    let Err(e) = cuda::attention::jvp_packed(&qkv, Some(&t), None) else {
+        panic!("a tangent of another dtype is an error");
+    };
+    assert!(e.to_string().contains("qkv"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // LayerNorm with modulation.
 
 /// (T, C, G of scale, G of shift); G = 0 means the plain [C]. Vector and scalar paths (C a

@@ -54,8 +54,18 @@ fn all_plans() -> Vec<Step> {
                 lse: p(9),
                 tlse: p(10),
             };
+            let lay = attn::Layout::contiguous(dims);
             for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
-                s.extend(attn::plan_jvp(v, dtype, dims, jp, 0.125).unwrap());
+                s.extend(attn::plan_jvp(v, dtype, dims, lay, jp, 0.125).unwrap());
+            }
+            if d == dv {
+                // q, k, v in place in a packed [B, N, 3, H, d] projection, o token-major.
+                let pd =
+                    attn::check_shapes(&[2, 3, 77, d], &[2, 3, 77, d], &[2, 3, 77, d]).unwrap();
+                let packed = attn::Layout::packed_qkv(pd);
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    s.extend(sm90::plan_for("sm_90a", v, dtype, pd, packed, jp, 0.125).unwrap());
+                }
             }
             let bp = attn::BwdPtrs {
                 q: p(1),
@@ -84,20 +94,20 @@ fn all_plans() -> Vec<Step> {
                 // The Hopper kernels take dv == d only: the plan refuses, the dispatcher falls
                 // back to attention_jvp_dv.cu's kernel.
                 for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
-                    assert!(sm90::plan(v, dtype, dims, jp, 0.125).is_err());
+                    assert!(sm90::plan(v, dtype, dims, lay, jp, 0.125).is_err());
                     assert_eq!(
-                        sm90::plan_for("sm_90a", v, dtype, dims, jp, 0.125).unwrap(),
-                        attn::plan_jvp(v, dtype, dims, jp, 0.125).unwrap()
+                        sm90::plan_for("sm_90a", v, dtype, dims, lay, jp, 0.125).unwrap(),
+                        attn::plan_jvp(v, dtype, dims, lay, jp, 0.125).unwrap()
                     );
                 }
             }
             if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) && dims.dv == d {
                 for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
-                    s.extend(sm90::plan(v, dtype, dims, jp, 0.125).unwrap());
+                    s.extend(sm90::plan(v, dtype, dims, lay, jp, 0.125).unwrap());
                     // The dispatcher on Hopper picks the same plan.
                     assert_eq!(
-                        sm90::plan_for("sm_90a", v, dtype, dims, jp, 0.125).unwrap(),
-                        sm90::plan(v, dtype, dims, jp, 0.125).unwrap()
+                        sm90::plan_for("sm_90a", v, dtype, dims, lay, jp, 0.125).unwrap(),
+                        sm90::plan(v, dtype, dims, lay, jp, 0.125).unwrap()
                     );
                 }
             }
@@ -376,7 +386,7 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
         "wgmma.fence.sync.aligned",
         "wgmma.commit_group.sync.aligned",
         "wgmma.wait_group.sync.aligned",
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes",
         "mbarrier.try_wait.parity",
         "setmaxnreg.inc.sync.aligned.u32 240",
         "setmaxnreg.dec.sync.aligned.u32 24",

@@ -436,7 +436,11 @@ static void test_errors() {
     float* pl = lse.data();
     int N = 256;  // four key tiles: the second pipeline stage lies past 40000 bytes
     float sc = 0.125f;
-    expect_error("attention_fwd_bf16_d64", 128, 40000, {&pq, &pq, &pq, &o, &pl, &N, &N, &sc}, "out of range",
+    int H1 = 1;
+    long long sb = 256 * 64, sh = 256 * 64, sn = 64;
+    expect_error("attention_fwd_bf16_d64", 128, 40000,
+                 {&pq, &pq, &pq, &o, &pl, &N, &N, &sc, &H1, &sb, &sh, &sn, &sb, &sh, &sn, &sb, &sh, &sn, &sb, &sh, &sn},
+                 "out of range",
                  "attention_fwd with too little dynamic shared memory -> cp.async out of the window");
     int rc = launch("no_such_kernel", 1, 1, 32, 1, 0, {});
     check(rc != 0 && std::string(fj_emu_error()).find("no registered kernel") != std::string::npos,
@@ -671,6 +675,12 @@ static AttnOutcome test_attention(int dt, int mode, int B, int H, int Nq, int Nk
     params.push_back(&Nq);
     params.push_back(&Nk);
     params.push_back(&scale);
+    // Layout parameters: H, then contiguous [B, H, N, d] strides of q, k, v, o.
+    int Hp = H;
+    long long st[12] = {(long long)H * Nq * D, (long long)Nq * D, D,  (long long)H * Nk * D,   (long long)Nk * D,   D,
+                        (long long)H * Nk * DV, (long long)Nk * DV, DV, (long long)H * Nq * DV, (long long)Nq * DV, DV};
+    params.push_back(&Hp);
+    for (auto& x : st) params.push_back(&x);
 
     // Launch shape and shared memory per attention_jvp.cuh.
     const int DP = (D + 15) / 16 * 16, DVP = (DV + 15) / 16 * 16;
@@ -868,13 +878,32 @@ static bool test_attention_bwd(int dt, int D, int DV, int BH, int Nq, int Nk, st
     float *pl = flse.data(), *pd = fdelta.data();
     int rows = BH * Nq;
     float scale = (float)c;
-    const unsigned smem = 4 * (2 * 32 * (D + 1) + 2 * 32 * (DV + 1) + 2 * 32 * 33 + 64);
-    int rc = launch(pre, (rows + 3) / 4, 1, 128, 1, 0, {&po, &pdo, &pd, &rows, &DV});
-    if (!rc)
-        rc = launch(kdkdv.c_str(), (Nk + 31) / 32, BH, 128, 1, smem,
-                    {&pq, &pk, &pv, &pdo, &pl, &pd, &pdk, &pdv, &Nq, &Nk, &scale});
-    if (!rc)
-        rc = launch(kdq.c_str(), (Nq + 31) / 32, BH, 128, 1, smem, {&pq, &pk, &pv, &pdo, &pl, &pd, &pdq, &Nq, &Nk, &scale});
+    // Launch shapes and shared memory per attention_bwd.cuh (f32) and attention_bwd_tc.cuh (bf16/f16,
+    // src/cuda/attention.rs: bwd_block_rows, bwd_shared_bytes); B = 1, H = BH, contiguous strides.
+    unsigned smem_kv, smem_q, rows_kv, rows_q;
+    if (dt == 2) {
+        smem_kv = smem_q = 4 * (2 * 32 * (D + 1) + 2 * 32 * (DV + 1) + 2 * 32 * 33 + 64);
+        rows_kv = rows_q = 32;
+    } else {
+        const unsigned dp = (D + 15) / 16 * 16, dvp = (DV + 15) / 16 * 16, srow = dp + 8 + dvp + 8;
+        const unsigned bm = dp + dvp > 192 ? 32 : 64, bn = (D == 128 || DV == 128) ? 32 : 64;
+        smem_kv = 2 * (64 + 2 * bm) * srow + 16 * bm;
+        smem_q = 2 * (64 + 2 * bn) * srow;
+        rows_kv = rows_q = 64;
+    }
+    int H = BH;
+    long long st[12] = {(long long)Nq * D, (long long)Nq * D, D,  (long long)Nk * D,   (long long)Nk * D,   D,
+                        (long long)Nk * DV, (long long)Nk * DV, DV, (long long)Nq * DV, (long long)Nq * DV, DV};
+    std::vector<void*> pp = {&po, &pdo, &pd, &rows, &DV, &Nq, &H, &st[9], &st[10], &st[11]};
+    std::vector<void*> pkv = {&pq, &pk, &pv, &pdo, &pl, &pd, &pdk, &pdv, &Nq, &Nk, &scale, &H};
+    std::vector<void*> pqq = {&pq, &pk, &pv, &pdo, &pl, &pd, &pdq, &Nq, &Nk, &scale, &H};
+    for (auto& x : st) {
+        pkv.push_back(&x);
+        pqq.push_back(&x);
+    }
+    int rc = launch(pre, (rows + 3) / 4, 1, 128, 1, 0, pp);
+    if (!rc) rc = launch(kdkdv.c_str(), (Nk + rows_kv - 1) / rows_kv, BH, 128, 1, smem_kv, pkv);
+    if (!rc) rc = launch(kdq.c_str(), (Nq + rows_q - 1) / rows_q, BH, 128, 1, smem_q, pqq);
     if (rc) {
         detail += std::string(" [") + fj_emu_error() + "]";
         return false;

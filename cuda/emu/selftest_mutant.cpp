@@ -11,14 +11,15 @@
 #if FJ_MUT_F32
 extern "C" __global__ void FJ_MUT_NAME(const float* q, const float* k, const float* v, const float* tq, const float* tk,
                                        const float* tv, float* o, float* to, float* lse, float* tlse, int Nq, int Nk,
-                                       float scale) {
-    fj_attn::attn_f32<72, 72, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);
+                                       float scale, FJ_ATTN_LAYOUT) {
+    fj_attn::attn_f32<72, 72, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale, FJ_ATTN_LAYOUT_ARGS);
 }
 #else
 extern "C" __global__ void FJ_MUT_NAME(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,
                                        const fj_u16* tk, const fj_u16* tv, fj_u16* o, fj_u16* to, float* lse,
-                                       float* tlse, int Nq, int Nk, float scale) {
-    fj_attn::attn_tc<FjBF16, 72, 72, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale);
+                                       float* tlse, int Nq, int Nk, float scale, FJ_ATTN_LAYOUT) {
+    fj_attn::attn_tc<FjBF16, 72, 72, fj_attn::FULL>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale,
+                                                    FJ_ATTN_LAYOUT_ARGS);
 }
 #endif
 FJ_MUT_REGISTER(FJ_MUT_NAME)

@@ -1,5 +1,5 @@
 // sm90.h: host emulation of the Hopper (sm_90a) PTX of attention_jvp_sm90.cu for flashjvp's CPU
-// emulator (README.md in this folder): mbarrier, TMA (cp.async.bulk.tensor.3d), named barriers, wgmma
+// emulator (README.md in this folder): mbarrier, TMA (cp.async.bulk.tensor.{3,4}d), named barriers, wgmma
 // (warpgroup MMA from shared-memory descriptors and from registers), setmaxnreg, %dynamic_smem_size.
 //
 // Three layers:
@@ -230,14 +230,17 @@ inline std::string wgmma_product(const unsigned char* smem, u32 smem_bytes, int 
 }
 
 // The emulator's tensor map (src/cuda/emulator.rs, encode_tensor_map): u64 words [magic, global
-// address, dims 0..2 (elements, innermost first), strides of dims 1 and 2 in bytes, box dims 0|1 (u32
-// each), box dim 2 | element bytes, swizzle bytes].
+// address, rank | element bytes << 32, swizzle bytes, dims 0..4 (elements, innermost first; words
+// 4..8), strides of dims 1..4 in bytes (words 9..12), box dims 0|1, 2|3, 4 (u32 pairs, words 13..15)].
+// Dims and box dims at or past the rank are 1 in the decoded map.
 constexpr u64 kTensorMapMagic = 0x000050414d544a46ull;  // "FJTMAP\0\0"
+constexpr int kMaxRank = 5;
 struct TensorMap {
     u64 addr;
-    u64 dims[3];
-    u64 strides[2];
-    u32 box[3];
+    int rank;
+    u64 dims[kMaxRank];
+    u64 strides[kMaxRank - 1];  // of dims 1..4, bytes
+    u32 box[kMaxRank];
     u32 elem;
     u32 swizzle;
 };
@@ -253,46 +256,64 @@ inline std::string decode_tensor_map(const void* p, TensorMap& m) {
         return buf;
     }
     m.addr = w[1];
-    for (int i = 0; i < 3; ++i) m.dims[i] = w[2 + i];
-    m.strides[0] = w[5];
-    m.strides[1] = w[6];
-    m.box[0] = (u32)w[7];
-    m.box[1] = (u32)(w[7] >> 32);
-    m.box[2] = (u32)w[8];
-    m.elem = (u32)(w[8] >> 32);
-    m.swizzle = (u32)w[9];
+    m.rank = (int)(u32)w[2];
+    m.elem = (u32)(w[2] >> 32);
+    m.swizzle = (u32)w[3];
+    if (m.rank < 1 || m.rank > kMaxRank) return "tensor map: rank " + std::to_string(m.rank) + " (1..5)";
+    for (int i = 0; i < kMaxRank; ++i) {
+        const bool in = i < m.rank;
+        m.dims[i] = in ? w[4 + i] : 1;
+        if (i > 0) m.strides[i - 1] = in ? w[8 + i] : 0;
+        m.box[i] = in ? (u32)(w[13 + i / 2] >> (32 * (i % 2))) : 1;
+    }
     if (m.elem != 1 && m.elem != 2 && m.elem != 4 && m.elem != 8) return "tensor map: element size " + std::to_string(m.elem);
     if (m.swizzle != 0 && m.swizzle != 32 && m.swizzle != 64 && m.swizzle != 128)
         return "tensor map: swizzle " + std::to_string(m.swizzle) + " bytes";
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < m.rank; ++i) {
+        if (m.dims[i] < 1 || m.dims[i] > (1ull << 32))
+            return "tensor map: dimension " + std::to_string(i) + " is " + std::to_string(m.dims[i]) + " (1..2^32)";
         if (m.box[i] < 1 || m.box[i] > 256) return "tensor map: box dimension " + std::to_string(i) + " is " + std::to_string(m.box[i]) + " (1..256)";
+    }
     if (m.swizzle != 0 && (u64)m.box[0] * m.elem != m.swizzle)
         return "tensor map: the inner box dimension is " + std::to_string(m.box[0] * m.elem) + " bytes, the swizzle " +
                std::to_string(m.swizzle) + " (the emulator supports inner box = swizzle span)";
-    if (m.addr % 16 || m.strides[0] % 16 || m.strides[1] % 16) return "tensor map: address or strides not multiples of 16";
+    if (m.addr % 16) return "tensor map: address not a multiple of 16";
+    for (int i = 1; i < m.rank; ++i)
+        if (m.strides[i - 1] % 16 || m.strides[i - 1] >= (1ull << 40))
+            return "tensor map: stride of dimension " + std::to_string(i) + " is " + std::to_string(m.strides[i - 1]) +
+                   " bytes (a multiple of 16 below 2^40)";
     return "";
 }
-inline u32 tma_box_bytes(const TensorMap& m) { return m.box[0] * m.box[1] * m.box[2] * m.elem; }
+inline u32 tma_box_bytes(const TensorMap& m) {
+    u32 n = m.elem;
+    for (int i = 0; i < kMaxRank; ++i) n *= m.box[i];
+    return n;
+}
 
-// One TMA tiled load of the box at element coordinates c (innermost first): element (x, y, z) of the
-// box is byte ((z * box1 + y) * box0 + x) * elem of the box in shared memory, at the swizzled address;
-// elements outside [0, dims) are zero. `staged` receives the box bytes indexed by shared address - dst
-// (dst must be aligned to the swizzle's 1024/512/256-byte repeat so that this stays inside the box).
-inline void tma_box_read(const TensorMap& m, const int c[3], u32 dst, std::vector<unsigned char>& staged) {
+// One TMA tiled load of the box at element coordinates c[0..rank) (innermost first): element
+// (x0, x1, ...) of the box is byte (((x4 * box3 + x3) * box2 + x2) * box1 + x1) * box0 + x0, times elem,
+// of the box in shared memory, at the swizzled address; elements outside [0, dims) are zero. `staged`
+// receives the box bytes indexed by shared address - dst (dst must be aligned to the swizzle's
+// 1024/512/256-byte repeat so that this stays inside the box).
+inline void tma_box_read(const TensorMap& m, const int* c, u32 dst, std::vector<unsigned char>& staged) {
     const u32 bytes = tma_box_bytes(m);
     staged.assign(bytes, 0);
-    u32 off = 0;
-    for (u32 z = 0; z < m.box[2]; ++z)
-        for (u32 y = 0; y < m.box[1]; ++y)
-            for (u32 x = 0; x < m.box[0]; ++x, off += m.elem) {
-                const long long gx = (long long)c[0] + x, gy = (long long)c[1] + y, gz = (long long)c[2] + z;
-                const u32 at = swizzle_addr(dst + off, (int)m.swizzle) - dst;
-                if (gx < 0 || gy < 0 || gz < 0 || (u64)gx >= m.dims[0] || (u64)gy >= m.dims[1] || (u64)gz >= m.dims[2])
-                    continue;  // zero fill
-                const unsigned char* src = reinterpret_cast<const unsigned char*>(
-                    (uintptr_t)(m.addr + (u64)gx * m.elem + (u64)gy * m.strides[0] + (u64)gz * m.strides[1]));
-                std::memcpy(&staged[at], src, m.elem);
-            }
+    const u32 n = bytes / m.elem;
+    for (u32 e = 0; e < n; ++e) {
+        const u32 off = e * m.elem;
+        const u32 at = swizzle_addr(dst + off, (int)m.swizzle) - dst;
+        u32 rest = e;
+        bool inside = true;
+        u64 addr = m.addr;
+        for (int i = 0; i < kMaxRank; ++i) {
+            const long long x = (long long)(i < m.rank ? c[i] : 0) + (long long)(rest % m.box[i]);
+            rest /= m.box[i];
+            if (x < 0 || (u64)x >= m.dims[i]) inside = false;
+            else addr += i == 0 ? (u64)x * m.elem : (u64)x * m.strides[i - 1];
+        }
+        if (!inside) continue;  // zero fill
+        std::memcpy(&staged[at], reinterpret_cast<const unsigned char*>((uintptr_t)addr), m.elem);
+    }
 }
 
 // =============================================================================================
@@ -304,7 +325,16 @@ FJ_SM90_API void mbar_arrive_expect_tx(u32 bar, u32 bytes, const char* file, int
 // mbarrier.try_wait.parity in a loop until true: returns when the phase of parity `parity` completed.
 FJ_SM90_API void mbar_wait_parity(u32 bar, u32 parity, const char* file, int line);
 FJ_SM90_API void fence_mbarrier_init(const char* file, int line);
-FJ_SM90_API void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, const char* file, int line);
+// cp.async.bulk.tensor.{rank}d: a tiled load of the box at coordinates c[0..rank) of a map of that rank.
+FJ_SM90_API void tma_load(u32 dst, const void* map, u32 bar, int rank, const int* c, const char* file, int line);
+inline void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, const char* file, int line) {
+    const int c[3] = {c0, c1, c2};
+    tma_load(dst, map, bar, 3, c, file, line);
+}
+inline void tma_load_4d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, int c3, const char* file, int line) {
+    const int c[4] = {c0, c1, c2, c3};
+    tma_load(dst, map, bar, 4, c, file, line);
+}
 FJ_SM90_API void prefetch_tensormap(const void* map, const char* file, int line);
 FJ_SM90_API void bar_sync(int id, int count, const char* file, int line);
 FJ_SM90_API void bar_arrive(int id, int count, const char* file, int line);
@@ -825,12 +855,16 @@ void prefetch_tensormap(const void* map, const char* file, int line) {
     if (!e.empty()) fail("prefetch.tensormap: " + e, file, line);
 }
 
-void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, const char* file, int line) {
+void tma_load(u32 dst, const void* map, u32 bar, int rank, const int* c, const char* file, int line) {
     Block& B = blk();
-    const char* op = "cp.async.bulk.tensor.3d";
+    const std::string op = "cp.async.bulk.tensor." + std::to_string(rank) + "d";
     TensorMap m;
     std::string e = decode_tensor_map(map, m);
-    if (!e.empty()) fail(std::string(op) + ": " + e, file, line);
+    if (!e.empty()) fail(op + ": " + e, file, line);
+    if (m.rank != rank)
+        fail(op + ": the tensor map has rank " + std::to_string(m.rank) + " (a ." + std::to_string(m.rank) +
+                 "d copy reads it)",
+             file, line);
     const u32 bytes = tma_box_bytes(m);
     const u32 align = m.swizzle == 128 ? 1024 : m.swizzle == 64 ? 512 : m.swizzle == 32 ? 256 : 128;
     if (dst % align != 0 || (u64)dst + bytes > B.smem_bytes)
@@ -838,7 +872,7 @@ void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, cons
                  std::to_string(align) + "-byte aligned (" + std::to_string(m.swizzle) +
                  "-byte swizzle) or not inside the " + std::to_string(B.smem_bytes) + "-byte dynamic shared memory",
              file, line);
-    MBar& mb = bar_of(B, bar, op, file, line);
+    MBar& mb = bar_of(B, bar, op.c_str(), file, line);
     for (auto& p : B.bars)
         if (p.first + 8 > dst && p.first < dst + bytes)
             fail(std::string(op) + ": the destination [" + hex(dst) + ", +" + std::to_string(bytes) +
@@ -889,7 +923,6 @@ void tma_load_3d(u32 dst, const void* map, u32 bar, int c0, int c1, int c2, cons
     }
     Staged s;
     s.dst = dst;
-    const int c[3] = {c0, c1, c2};
     tma_box_read(m, c, dst, s.data);
     std::memset(B.smem + dst, 0xff, bytes);  // poison until the copy lands
     for (u32 l = dst / 128; l < (dst + bytes + 127) / 128; ++l) {

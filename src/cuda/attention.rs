@@ -5,6 +5,11 @@
 //! Limits checked here (errors, never a launch): head dims d (q, k) and dv (v) each 32, 64, 72, 96
 //! or 128, any pair; 16-bit tensors 16-byte aligned (cp.async); B·H ≤ 65535 (grid y); Nq, Nk and
 //! B·H·Nq fit an `int`; dynamic shared memory within the device's opt-in limit (checked at launch).
+//!
+//! Every kernel reads q, k, v and writes o (and their tangents / gradients) in any [`Layout`] of
+//! per-operand [B, H, N, d] strides; the plan functions take one. [`forward_packed`],
+//! [`jvp_packed`] and [`backward_packed`] run on a packed projection qkv [B, N, 3, H, d] in place,
+//! with o token-major [B, N, H, d] (the DiT's layout: no permutation around attention).
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
@@ -378,15 +383,18 @@ pub struct JvpPtrs {
     pub tlse: u64,
 }
 
-/// The launch of one attention_jvp.cu kernel.
+/// The launch of one attention_jvp.cu kernel over q, k, v and o in `layout` (tangents in their
+/// primal's layout, lse and tlse contiguous).
 pub fn plan_jvp(
     variant: Variant,
     dtype: DType,
     dims: AttnDims,
+    layout: Layout,
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    layout.check(dtype, dims)?;
     let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)];
     if variant != Variant::Fwd {
         named.extend([("tq", p.tq), ("to", p.to)]);
@@ -399,7 +407,7 @@ pub fn plan_jvp(
         return Err(Error::Cuda("attention: null pointer in a launch".into()));
     }
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
-    let args = match variant {
+    let mut args = match variant {
         Variant::Jvp => vec![
             Arg::Ptr(p.q),
             Arg::Ptr(p.k),
@@ -439,6 +447,10 @@ pub fn plan_jvp(
             Arg::F32(scale),
         ],
     };
+    args.push(int_arg(OP, "H", dims.h)?);
+    for s in [layout.q, layout.k, layout.v, layout.o] {
+        args.extend(s.args());
+    }
     let grid = (
         dims.nq.div_ceil(block_rows(dtype)) as u64,
         (dims.b * dims.h) as u64,
@@ -676,12 +688,12 @@ pub fn forward_into(
         lse: lse.ptr(),
         tlse: 0,
     };
-    let arch = gpu.arch();
     gpu.run(&super::attention_sm90::plan_for(
-        arch,
+        gpu.arch(),
         Variant::Fwd,
         q.dtype(),
         dims,
+        Layout::contiguous(dims),
         p,
         scale,
     )?)
@@ -804,6 +816,191 @@ pub fn jvp_into(
         variant,
         dtype,
         dims,
+        Layout::contiguous(dims),
+        p,
+        scale,
+    )?)
+}
+
+/// Checks a packed projection `qkv` [B, N, 3, H, d] (q, k, v interleaved per token, the DiT's
+/// layout) and its tangent, and returns the attention's dims (Nq = Nk = N, dv = d).
+pub fn check_packed(qkv: &DeviceTensor, tqkv: Option<&DeviceTensor>) -> Result<AttnDims> {
+    let s = qkv.shape();
+    if s.len() != 5 {
+        return Err(Error::Rank {
+            op: OP,
+            tensor: "qkv".into(),
+            expected: 5,
+            actual: s.to_vec(),
+        });
+    }
+    if s[2] != 3 {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "qkv".into(),
+            expected: format!(
+                "[B, N, 3, H, d] = [{}, {}, 3, {}, {}]",
+                s[0], s[1], s[3], s[4]
+            ),
+            actual: s.to_vec(),
+        });
+    }
+    if let Some(t) = tqkv {
+        if t.shape() != s || t.dtype() != qkv.dtype() {
+            return Err(Error::TangentMismatch {
+                op: OP,
+                tensor: "qkv".into(),
+                primal_shape: s.to_vec(),
+                primal_dtype: qkv.dtype(),
+                tangent_shape: t.shape().to_vec(),
+                tangent_dtype: t.dtype(),
+            });
+        }
+    }
+    let one = [s[0], s[3], s[1], s[4]];
+    let dims = check_shapes(&one, &one, &one).map_err(|e| {
+        Error::invalid(
+            OP,
+            format!("packed `qkv` {s:?} (q, k, v each [B, H, N, d] = {one:?}): {e}"),
+        )
+    })?;
+    Layout::packed_qkv(dims).check(qkv.dtype(), dims)?;
+    Ok(dims)
+}
+
+/// The shape of a token-major output o (or its tangent) of a packed attention: [B, N, H, dv].
+pub fn packed_o_shape(dims: AttnDims) -> [usize; 4] {
+    [dims.b, dims.nq, dims.h, dims.dv]
+}
+
+/// Addresses of q, k, v inside a packed [B, N, 3, H, d] projection at `base`.
+fn packed_ptrs(base: u64, dtype: DType, dims: AttnDims) -> [u64; 3] {
+    let step = (dims.h * dims.d * dtype.size_in_bytes()) as u64;
+    [base, base + step, base + 2 * step]
+}
+
+/// o [B, N, H, d] (token-major) and lse [B, H, N] of the attention of a packed projection `qkv`
+/// [B, N, 3, H, d], read in place (no permutation kernels).
+pub fn forward_packed(
+    qkv: &DeviceTensor,
+    scale: Option<f64>,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let dims = check_packed(qkv, None)?;
+    let scale = resolve_scale(scale, dims.d)?;
+    let gpu = qkv.gpu();
+    let o = gpu.alloc_out(&packed_o_shape(dims), qkv.dtype())?;
+    let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    forward_packed_into(gpu, qkv, &o, &lse, scale)?;
+    Ok((o, lse))
+}
+
+/// [`forward_packed`] into existing outputs o [B, N, H, d] and lse f32 [B, H, N].
+pub fn forward_packed_into(
+    gpu: &Gpu,
+    qkv: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    scale: f32,
+) -> Result<()> {
+    let dims = check_packed(qkv, None)?;
+    let dtype = qkv.dtype();
+    check_out("o", o, &packed_o_shape(dims), dtype)?;
+    check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    let [q, k, v] = packed_ptrs(qkv.ptr(), dtype, dims);
+    let p = JvpPtrs {
+        q,
+        k,
+        v,
+        tq: 0,
+        tk: 0,
+        tv: 0,
+        o: o.ptr(),
+        to: 0,
+        lse: lse.ptr(),
+        tlse: 0,
+    };
+    gpu.run(&super::attention_sm90::plan_for(
+        gpu.arch(),
+        Variant::Fwd,
+        dtype,
+        dims,
+        Layout::packed_qkv(dims),
+        p,
+        scale,
+    )?)
+}
+
+/// The JVP of the attention of a packed projection `qkv` [B, N, 3, H, d] with tangent `tqkv` (the
+/// same shape; q, k and v all carry theirs): o and its tangent token-major [B, N, H, d], lse and its
+/// tangent f32 [B, H, N]. Without a tangent, the forward alone (`to`, `tlse` are `None`).
+pub fn jvp_packed(
+    qkv: &DeviceTensor,
+    tqkv: Option<&DeviceTensor>,
+    scale: Option<f64>,
+) -> Result<DeviceAttentionJvp> {
+    let dims = check_packed(qkv, tqkv)?;
+    let c = resolve_scale(scale, dims.d)?;
+    let gpu = qkv.gpu();
+    let dtype = qkv.dtype();
+    let o = gpu.alloc_out(&packed_o_shape(dims), dtype)?;
+    let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
+    let Some(tqkv) = tqkv else {
+        forward_packed_into(gpu, qkv, &o, &lse, c)?;
+        return Ok(DeviceAttentionJvp {
+            o,
+            to: None,
+            lse,
+            tlse: None,
+        });
+    };
+    let out = DeviceAttentionJvp {
+        o,
+        to: Some(gpu.alloc_out(&packed_o_shape(dims), dtype)?),
+        lse,
+        tlse: Some(gpu.alloc_out(&dims.lse_shape(), DType::F32)?),
+    };
+    jvp_packed_into(gpu, qkv, tqkv, &out, c)?;
+    Ok(out)
+}
+
+/// [`jvp_packed`] into existing outputs (`out.to` and `out.tlse` must be present).
+pub fn jvp_packed_into(
+    gpu: &Gpu,
+    qkv: &DeviceTensor,
+    tqkv: &DeviceTensor,
+    out: &DeviceAttentionJvp,
+    scale: f32,
+) -> Result<()> {
+    let dims = check_packed(qkv, Some(tqkv))?;
+    let dtype = qkv.dtype();
+    let (Some(to), Some(tlse)) = (&out.to, &out.tlse) else {
+        return Err(Error::invalid(OP, "jvp_packed_into needs tangent outputs"));
+    };
+    let o_shape = packed_o_shape(dims);
+    check_out("o", &out.o, &o_shape, dtype)?;
+    check_out("to", to, &o_shape, dtype)?;
+    check_out("lse", &out.lse, &dims.lse_shape(), DType::F32)?;
+    check_out("tlse", tlse, &dims.lse_shape(), DType::F32)?;
+    let [q, k, v] = packed_ptrs(qkv.ptr(), dtype, dims);
+    let [tq, tk, tv] = packed_ptrs(tqkv.ptr(), dtype, dims);
+    let p = JvpPtrs {
+        q,
+        k,
+        v,
+        tq,
+        tk,
+        tv,
+        o: out.o.ptr(),
+        to: to.ptr(),
+        lse: out.lse.ptr(),
+        tlse: tlse.ptr(),
+    };
+    gpu.run(&super::attention_sm90::plan_for(
+        gpu.arch(),
+        Variant::Jvp,
+        dtype,
+        dims,
+        Layout::packed_qkv(dims),
         p,
         scale,
     )?)
@@ -1072,7 +1269,17 @@ mod tests {
                 })
                 .collect()
         };
-        let got = name(plan_jvp(Variant::JvpNoKv, DType::F16, dims, p, 0.1).unwrap());
+        let got = name(
+            plan_jvp(
+                Variant::JvpNoKv,
+                DType::F16,
+                dims,
+                Layout::contiguous(dims),
+                p,
+                0.1,
+            )
+            .unwrap(),
+        );
         assert_eq!(
             got,
             [(
@@ -1111,7 +1318,17 @@ mod tests {
             ]
         );
         let same = check_shapes(&[1, 2, 8, 72], &[1, 2, 9, 72], &[1, 2, 9, 72]).unwrap();
-        let got = name(plan_jvp(Variant::Fwd, DType::BF16, same, p, 0.1).unwrap());
+        let got = name(
+            plan_jvp(
+                Variant::Fwd,
+                DType::BF16,
+                same,
+                Layout::contiguous(same),
+                p,
+                0.1,
+            )
+            .unwrap(),
+        );
         assert_eq!(
             got,
             [("attention_fwd_bf16_d72".to_string(), "attention_jvp.cu")]
@@ -1154,6 +1371,7 @@ mod tests {
     #[test]
     fn misaligned_16_bit_tensors_are_refused() {
         let dims = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap();
+        let c = Layout::contiguous(dims);
         let mut p = JvpPtrs {
             q: 0x1000,
             k: 0x2000,
@@ -1166,12 +1384,51 @@ mod tests {
             lse: 0x9000,
             tlse: 0xa000,
         };
-        assert!(plan_jvp(Variant::Jvp, DType::BF16, dims, p, 0.1).is_ok());
+        assert!(plan_jvp(Variant::Jvp, DType::BF16, dims, c, p, 0.1).is_ok());
         p.tv = 0x6008;
-        let e = plan_jvp(Variant::Jvp, DType::BF16, dims, p, 0.1).unwrap_err();
+        let e = plan_jvp(Variant::Jvp, DType::BF16, dims, c, p, 0.1).unwrap_err();
         assert!(e.to_string().contains("`tv`"), "{e}");
         // The nokv kernel does not read tv; f32 has no alignment requirement.
-        assert!(plan_jvp(Variant::JvpNoKv, DType::BF16, dims, p, 0.1).is_ok());
-        assert!(plan_jvp(Variant::Jvp, DType::F32, dims, p, 0.1).is_ok());
+        assert!(plan_jvp(Variant::JvpNoKv, DType::BF16, dims, c, p, 0.1).is_ok());
+        assert!(plan_jvp(Variant::Jvp, DType::F32, dims, c, p, 0.1).is_ok());
+    }
+
+    #[test]
+    fn plans_end_with_heads_and_strides() {
+        let dims = check_shapes(&[2, 3, 40, 72], &[2, 3, 40, 72], &[2, 3, 40, 72]).unwrap();
+        let p = JvpPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            tq: 0x4000,
+            tk: 0x5000,
+            tv: 0x6000,
+            o: 0x7000,
+            to: 0x8000,
+            lse: 0x9000,
+            tlse: 0xa000,
+        };
+        let packed = Layout::packed_qkv(dims);
+        for (v, nptr) in [(Variant::Jvp, 10), (Variant::JvpNoKv, 8), (Variant::Fwd, 5)] {
+            let steps = plan_jvp(v, DType::BF16, dims, packed, p, 0.1).unwrap();
+            let Step::Kernel(l) = &steps[0] else { panic!() };
+            assert_eq!(l.grid, (1, 6, 1));
+            assert_eq!(l.args.len(), nptr + 3 + 1 + 12, "{v:?}");
+            assert_eq!(l.args[nptr + 3], Arg::I32(3));
+            let tail: Vec<Arg> = [packed.q, packed.k, packed.v, packed.o]
+                .iter()
+                .flat_map(|s| s.args())
+                .collect();
+            assert_eq!(&l.args[nptr + 4..], &tail[..]);
+            assert_eq!(tail[0], Arg::I64(40 * 9 * 72));
+            assert_eq!(tail[1], Arg::I64(72));
+            assert_eq!(tail[2], Arg::I64(9 * 72));
+            assert_eq!(tail[11], Arg::I64(3 * 72));
+        }
+        // A layout the kernels cannot take is an error of the plan.
+        let mut bad = packed;
+        bad.q.n = 9 * 72 + 4;
+        let e = plan_jvp(Variant::Fwd, DType::F16, dims, bad, p, 0.1).unwrap_err();
+        assert!(e.to_string().contains("`q`"), "{e}");
     }
 }

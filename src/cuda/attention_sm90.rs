@@ -13,7 +13,7 @@
 //!
 //! Status: compiled and plan-checked without a GPU; never run on one.
 
-use super::attention::{AttnDims, JvpPtrs, Variant};
+use super::attention::{AttnDims, JvpPtrs, Layout, Strides, Variant};
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -72,28 +72,31 @@ pub fn shared_bytes(variant: Variant, d: usize) -> usize {
     1024 + q_bytes + 2 * stages * stage_bytes + 8 * (1 + 4 * stages)
 }
 
-/// A 3-D tiled TMA tensor map over a contiguous [B, H, N, d] 16-bit tensor: dims {d, N, B*H}
-/// (innermost first), byte strides {2d, 2dN}, box {64, rows, 1}, 128-byte swizzle, zero fill of
-/// out-of-bounds rows, no interleave, L2 promotion 128 bytes.
+/// A 4-D tiled TMA tensor map over a 16-bit operand viewed as [B, H, N, d] with element strides
+/// (b, h, n) (its head dim contiguous): dims {d, N, H, B} (innermost first), byte strides
+/// {n, h, b}·2, box {64, rows, 1, 1}, 128-byte swizzle, zero fill of out-of-bounds rows, no
+/// interleave, L2 promotion 128 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorMapDesc {
     pub ptr: u64,
     pub dtype: DType,
-    pub dims: [u64; 3],
-    pub strides: [u64; 2],
-    pub boxdim: [u32; 3],
+    pub dims: [u64; 4],
+    pub strides: [u64; 3],
+    pub boxdim: [u32; 4],
 }
 
 impl TensorMapDesc {
-    /// The map of a [B, H, n, d] tensor at `ptr`, read in boxes of 64 columns x `rows` rows.
-    pub fn attention(ptr: u64, dtype: DType, bh: usize, n: usize, d: usize, rows: usize) -> Self {
+    /// The map of an operand of shape `[B, H, n, d]` and element strides `s` at `ptr`, read in boxes
+    /// of 64 columns x `rows` rows of one head.
+    pub fn attention(ptr: u64, dtype: DType, shape: [usize; 4], s: Strides, rows: usize) -> Self {
         let e = dtype.size_in_bytes() as u64;
+        let [b, h, n, d] = shape.map(|x| x as u64);
         TensorMapDesc {
             ptr,
             dtype,
-            dims: [d as u64, n as u64, bh as u64],
-            strides: [d as u64 * e, d as u64 * n as u64 * e],
-            boxdim: [64, rows as u32, 1],
+            dims: [d, n, h, b],
+            strides: [s.n as u64 * e, s.h as u64 * e, s.b as u64 * e],
+            boxdim: [64, rows as u32, 1, 1],
         }
     }
 
@@ -146,14 +149,14 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
         _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    let element_strides = [1u32; 3];
-    // SAFETY: every pointer refers to a live local array of the length the rank (3) implies; the
+    let element_strides = [1u32; 4];
+    // SAFETY: every pointer refers to a live local array of the length the rank (4) implies; the
     // global address is only recorded, not dereferenced.
     unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map,
             dtype,
-            3,
+            4,
             d.ptr as *mut std::ffi::c_void,
             d.dims.as_ptr(),
             d.strides.as_ptr(),
@@ -191,27 +194,30 @@ pub fn path_for(arch: &str, dtype: DType, dims: AttnDims) -> Path {
     }
 }
 
-/// The plan of a forward/JVP on a device of arch `arch`: the Hopper kernel where [`path_for`] says
-/// so, else attention_jvp.cu's ([`super::attention::plan_jvp`]).
+/// The plan of a forward/JVP over q, k, v, o in `layout` on a device of arch `arch`: the Hopper
+/// kernel where [`path_for`] says so, else attention_jvp.cu's ([`super::attention::plan_jvp`]).
 pub fn plan_for(
     arch: &str,
     variant: Variant,
     dtype: DType,
     dims: AttnDims,
+    layout: Layout,
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
     match path_for(arch, dtype, dims) {
-        Path::Sm90a => plan(variant, dtype, dims, p, scale),
-        Path::Sm80 => super::attention::plan_jvp(variant, dtype, dims, p, scale),
+        Path::Sm90a => plan(variant, dtype, dims, layout, p, scale),
+        Path::Sm80 => super::attention::plan_jvp(variant, dtype, dims, layout, p, scale),
     }
 }
 
-/// The launch of one attention_jvp_sm90.cu kernel (errors for a dtype or head dim it lacks).
+/// The launch of one attention_jvp_sm90.cu kernel over q, k, v, o in `layout` (errors for a dtype
+/// or head dim it lacks).
 pub fn plan(
     variant: Variant,
     dtype: DType,
     dims: AttnDims,
+    layout: Layout,
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
@@ -247,19 +253,37 @@ pub fn plan(
             )));
         }
     }
+    layout.check(dtype, dims)?;
     let bh = dims.b * dims.h;
     let bc = key_tile(variant, dims.d);
     let qmap = |ptr| {
         Arg::TensorMap(TensorMapDesc::attention(
-            ptr, dtype, bh, dims.nq, dims.d, BLOCK_ROWS,
+            ptr,
+            dtype,
+            dims.q_shape(),
+            layout.q,
+            BLOCK_ROWS,
         ))
     };
     let kmap = |ptr| {
         Arg::TensorMap(TensorMapDesc::attention(
-            ptr, dtype, bh, dims.nk, dims.d, bc,
+            ptr,
+            dtype,
+            dims.k_shape(),
+            layout.k,
+            bc,
         ))
     };
-    for a in [qmap(p.q), kmap(p.k)] {
+    let vmap = |ptr| {
+        Arg::TensorMap(TensorMapDesc::attention(
+            ptr,
+            dtype,
+            dims.v_shape(),
+            layout.v,
+            bc,
+        ))
+    };
+    for a in [qmap(p.q), kmap(p.k), vmap(p.v)] {
         if let Arg::TensorMap(d) = a {
             d.check()?;
         }
@@ -271,17 +295,17 @@ pub fn plan(
             vec![
                 qmap(p.q),
                 kmap(p.k),
-                kmap(p.v),
+                vmap(p.v),
                 qmap(p.tq),
                 kmap(p.tk),
-                kmap(p.tv),
+                vmap(p.tv),
             ],
         ),
         Variant::JvpNoKv => (
             "attention_jvp_nokv_sm90",
-            vec![qmap(p.q), kmap(p.k), kmap(p.v), qmap(p.tq)],
+            vec![qmap(p.q), kmap(p.k), vmap(p.v), qmap(p.tq)],
         ),
-        Variant::Fwd => ("attention_fwd_sm90", vec![qmap(p.q), kmap(p.k), kmap(p.v)]),
+        Variant::Fwd => ("attention_fwd_sm90", vec![qmap(p.q), kmap(p.k), vmap(p.v)]),
     };
     if variant == Variant::Fwd {
         args.extend([Arg::Ptr(p.o), Arg::Ptr(p.lse)]);
@@ -293,7 +317,8 @@ pub fn plan(
             Arg::Ptr(p.tlse),
         ]);
     }
-    args.extend([nq, nk, Arg::F32(scale)]);
+    args.extend([nq, nk, Arg::F32(scale), int_arg(OP, "H", dims.h)?]);
+    args.extend(layout.o.args());
     let grid = (dims.nq.div_ceil(BLOCK_ROWS) as u64, bh as u64, 1);
     Ok(vec![Step::Kernel(Launch::new(
         OP,
@@ -356,10 +381,28 @@ mod tests {
         assert!(!supported("sm_80", DType::BF16, d64));
         assert!(!supported("sm_89", DType::BF16, d64));
         let p = ptrs();
-        let steps = plan_for("sm_80", Variant::Jvp, DType::BF16, d64, p, 0.125).unwrap();
+        let steps = plan_for(
+            "sm_80",
+            Variant::Jvp,
+            DType::BF16,
+            d64,
+            Layout::contiguous(d64),
+            p,
+            0.125,
+        )
+        .unwrap();
         let Step::Kernel(l) = &steps[0] else { panic!() };
         assert_eq!(l.file, "attention_jvp.cu");
-        let steps = plan_for("sm_90a", Variant::Jvp, DType::F32, d64, p, 0.125).unwrap();
+        let steps = plan_for(
+            "sm_90a",
+            Variant::Jvp,
+            DType::F32,
+            d64,
+            Layout::contiguous(d64),
+            p,
+            0.125,
+        )
+        .unwrap();
         let Step::Kernel(l) = &steps[0] else { panic!() };
         assert_eq!(l.file, "attention_jvp.cu");
     }
@@ -367,36 +410,77 @@ mod tests {
     #[test]
     fn plans_carry_tensor_maps_with_the_kernel_tiles() {
         let dims = check_shapes(&[2, 3, 300, 128], &[2, 3, 77, 128], &[2, 3, 77, 128]).unwrap();
-        let steps = plan(Variant::Jvp, DType::BF16, dims, ptrs(), 0.1).unwrap();
+        let contiguous = Layout::contiguous(dims);
+        let steps = plan(Variant::Jvp, DType::BF16, dims, contiguous, ptrs(), 0.1).unwrap();
         let Step::Kernel(l) = &steps[0] else { panic!() };
         assert_eq!(l.kernel, "attention_jvp_sm90_bf16_d128");
         assert_eq!(l.grid, (3, 6, 1));
         assert_eq!(l.block, (384, 1, 1));
-        assert_eq!(l.args.len(), 13);
+        assert_eq!(l.args.len(), 17);
         let Arg::TensorMap(q) = l.args[0] else {
             panic!()
         };
-        assert_eq!(q.dims, [128, 300, 6]);
-        assert_eq!(q.strides, [256, 256 * 300]);
-        assert_eq!(q.boxdim, [64, 128, 1]);
+        assert_eq!(q.dims, [128, 300, 3, 2]);
+        assert_eq!(q.strides, [256, 256 * 300, 256 * 300 * 3]);
+        assert_eq!(q.boxdim, [64, 128, 1, 1]);
         let Arg::TensorMap(k) = l.args[4] else {
             panic!()
         };
         assert_eq!(
             (k.ptr, k.dims, k.boxdim),
-            (0x50000, [128, 77, 6], [64, 48, 1])
+            (0x50000, [128, 77, 3, 2], [64, 48, 1, 1])
         );
         let Arg::TensorMap(v) = l.args[2] else {
             panic!()
         };
-        assert_eq!(v.boxdim, [64, 48, 1]);
-        let fwd = plan(Variant::Fwd, DType::F16, dims, ptrs(), 0.1).unwrap();
+        assert_eq!(v.boxdim, [64, 48, 1, 1]);
+        // H, then o's strides.
+        assert_eq!(l.args[13], Arg::I32(3));
+        assert_eq!(&l.args[14..], &contiguous.o.args()[..]);
+        let fwd = plan(Variant::Fwd, DType::F16, dims, contiguous, ptrs(), 0.1).unwrap();
         let Step::Kernel(l) = &fwd[0] else { panic!() };
         let Arg::TensorMap(k) = l.args[1] else {
             panic!()
         };
-        assert_eq!(k.boxdim, [64, 64, 1]);
-        assert_eq!(l.args.len(), 8);
+        assert_eq!(k.boxdim, [64, 64, 1, 1]);
+        assert_eq!(l.args.len(), 12);
+    }
+
+    #[test]
+    fn packed_layouts_become_strided_maps() {
+        // qkv [B=2, N=300, 3, H=3, d=64]: every map's dims {d, N, H, B}, byte strides
+        // {3Hd, d, N 3Hd} * 2; o token-major [B, N, H, d].
+        let dims = check_shapes(&[2, 3, 300, 64], &[2, 3, 300, 64], &[2, 3, 300, 64]).unwrap();
+        let packed = Layout::packed_qkv(dims);
+        let steps = plan_for(
+            "sm_90a",
+            Variant::Jvp,
+            DType::BF16,
+            dims,
+            packed,
+            ptrs(),
+            0.1,
+        );
+        let steps = steps.unwrap();
+        let Step::Kernel(l) = &steps[0] else { panic!() };
+        assert_eq!(l.file, FILE);
+        for i in 0..6 {
+            let Arg::TensorMap(m) = l.args[i] else {
+                panic!()
+            };
+            assert_eq!(m.dims, [64, 300, 3, 2]);
+            assert_eq!(m.strides, [9 * 64 * 2, 64 * 2, 300 * 9 * 64 * 2]);
+            m.check().unwrap();
+        }
+        assert_eq!(
+            &l.args[14..],
+            &[Arg::I64(300 * 3 * 64), Arg::I64(64), Arg::I64(3 * 64)]
+        );
+        // A 16-bit row stride that TMA cannot take is refused before any map is built.
+        let mut bad = packed;
+        bad.v.n += 4;
+        let e = plan(Variant::Fwd, DType::BF16, dims, bad, ptrs(), 0.1).unwrap_err();
+        assert!(e.to_string().contains("`v`"), "{e}");
     }
 
     #[test]
@@ -404,18 +488,20 @@ mod tests {
         let d64 = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap();
         let d96 = check_shapes(&[1, 1, 8, 96], &[1, 1, 8, 96], &[1, 1, 8, 96]).unwrap();
         let mut p = ptrs();
-        assert!(plan(Variant::Jvp, DType::BF16, d96, p, 0.1).is_err());
-        assert!(plan(Variant::Jvp, DType::F32, d64, p, 0.1).is_err());
+        let (c64, c96) = (Layout::contiguous(d64), Layout::contiguous(d96));
+        assert!(plan(Variant::Jvp, DType::BF16, d96, c96, p, 0.1).is_err());
+        assert!(plan(Variant::Jvp, DType::F32, d64, c64, p, 0.1).is_err());
         p.tk = 0x50008;
-        let e = plan(Variant::Jvp, DType::BF16, d64, p, 0.1).unwrap_err();
+        let e = plan(Variant::Jvp, DType::BF16, d64, c64, p, 0.1).unwrap_err();
         assert!(e.to_string().contains("`tk`"), "{e}");
         // The nokv kernel does not read tk.
-        assert!(plan(Variant::JvpNoKv, DType::BF16, d64, p, 0.1).is_ok());
-        let mut d = TensorMapDesc::attention(0x1000, DType::BF16, 2, 10, 64, 128);
+        assert!(plan(Variant::JvpNoKv, DType::BF16, d64, c64, p, 0.1).is_ok());
+        let s = Strides::contiguous(1, 10, 64);
+        let mut d = TensorMapDesc::attention(0x1000, DType::BF16, [2, 1, 10, 64], s, 128);
         assert!(d.check().is_ok());
         d.boxdim[0] = 128; // 256 bytes: wider than the 128-byte swizzle
         assert!(d.check().is_err());
-        let mut d = TensorMapDesc::attention(0x1000, DType::BF16, 2, 10, 64, 300);
+        let mut d = TensorMapDesc::attention(0x1000, DType::BF16, [2, 1, 10, 64], s, 300);
         assert!(d.check().is_err());
         d.boxdim[1] = 64;
         d.ptr = 0x1008;

@@ -12,7 +12,9 @@
 //!
 //! Attention rows say which kernels ran (`path`: sm80 or sm90a, as the dispatcher picks them on
 //! this GPU); where the Hopper path runs, the sm_80 kernels are timed too (passes `fwd_sm80`,
-//! `jvp_sm80`), so that one run shows both.
+//! `jvp_sm80`), so that one run shows both. With Nq = Nk the packed layout is timed too (passes
+//! `fwd_packed`, `jvp_packed`: q, k, v read in place from a [B, N, 3, H, d] projection, o written
+//! token-major [B, N, H, d], as the DiT runs it), on the dispatcher's path.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -351,6 +353,7 @@ fn bench_attention(
     let flops = |mult: f64| mult * (b * h) as f64 * nq as f64 * nk as f64 * d as f64;
     let mut rows = Vec::new();
     let path = sm90::path_for(gpu.arch(), dtype, dims);
+    let layout = attn::Layout::contiguous(dims);
     let mut passes = vec![
         ("fwd", Variant::Fwd, 4.0, path),
         ("jvp", Variant::Jvp, 12.0, path),
@@ -365,8 +368,8 @@ fn bench_attention(
         let plans = inputs
             .iter()
             .map(|x| match path {
-                Path::Sm90a => sm90::plan(variant, dtype, dims, ptrs(x), scale),
-                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, ptrs(x), scale),
+                Path::Sm90a => sm90::plan(variant, dtype, dims, layout, ptrs(x), scale),
+                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, layout, ptrs(x), scale),
             })
             .collect::<Result<Vec<_>>>()?;
         let t = time_plans(gpu, &plans, BUDGET_MS)?;
@@ -374,6 +377,43 @@ fn bench_attention(
         r.tflops = Some(flops(mult) / (t.0 * 1e-3) / 1e12);
         r.path = Some(path.name().into());
         rows.push(r);
+    }
+    if nq == nk {
+        let packed = attn::Layout::packed_qkv(dims);
+        let step = (h * d * s) as u64;
+        let mut sets = Vec::new();
+        for _ in 0..inputs.len() {
+            sets.push((
+                pool.tensor(gpu, &[b, nq, 3, h, d], dtype, 1.0)?,
+                pool.tensor(gpu, &[b, nq, 3, h, d], dtype, 1.0)?,
+            ));
+        }
+        let pptrs = |(x, t): &(DeviceTensor, DeviceTensor)| attn::JvpPtrs {
+            q: x.ptr(),
+            k: x.ptr() + step,
+            v: x.ptr() + 2 * step,
+            tq: t.ptr(),
+            tk: t.ptr() + step,
+            tv: t.ptr() + 2 * step,
+            o: o.ptr(),
+            to: to.ptr(),
+            lse: lse.ptr(),
+            tlse: tlse.ptr(),
+        };
+        for (pass, variant, mult) in [
+            ("fwd_packed", Variant::Fwd, 4.0),
+            ("jvp_packed", Variant::Jvp, 12.0),
+        ] {
+            let plans = sets
+                .iter()
+                .map(|x| sm90::plan_for(gpu.arch(), variant, dtype, dims, packed, pptrs(x), scale))
+                .collect::<Result<Vec<_>>>()?;
+            let t = time_plans(gpu, &plans, BUDGET_MS)?;
+            let mut r = row(BenchOp::Attention, pass, &shape, dtype, t);
+            r.tflops = Some(flops(mult) / (t.0 * 1e-3) / 1e12);
+            r.path = Some(path.name().into());
+            rows.push(r);
+        }
     }
     // Backward: o and lse of each set from its own forward, kept per set.
     let mut saved = Vec::new();

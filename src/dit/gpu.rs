@@ -496,7 +496,15 @@ pub fn plan_block_forward(
             lse: a.lse,
             tlse: 0,
         };
-        s.extend(sm90::plan_for(arch, Variant::Fwd, dtype, adims, jp, scale)?);
+        s.extend(sm90::plan_for(
+            arch,
+            Variant::Fwd,
+            dtype,
+            adims,
+            attn::Layout::contiguous(adims),
+            jp,
+            scale,
+        )?);
         s.extend(permute(
             dtype,
             a.o,
@@ -573,7 +581,15 @@ pub fn plan_block_forward(
         lse: a.lse,
         tlse: t.lse,
     };
-    s.extend(sm90::plan_for(arch, Variant::Jvp, dtype, adims, jp, scale)?);
+    s.extend(sm90::plan_for(
+        arch,
+        Variant::Jvp,
+        dtype,
+        adims,
+        attn::Layout::contiguous(adims),
+        jp,
+        scale,
+    )?);
     let merge = moves::merge_heads(d.b, d.n, d.heads, adims.d);
     s.extend(permute(dtype, a.o, a.o_rows, merge.clone())?);
     s.extend(permute(dtype, t.o, t.o_rows, merge)?);

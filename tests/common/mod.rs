@@ -98,3 +98,36 @@ pub fn assert_adjoint(what: &str, lhs: f64, rhs: f64, tol: f64) {
         "{what}: adjoint identity off: <w, Jv> = {lhs:.15e}, <J^T w, v> = {rhs:.15e}, relative {rel:.3e} > {tol:.1e}"
     );
 }
+
+/// Writes `t` (a [B, H, N, d] tensor) into `buf` the way a strided attention operand holds it:
+/// element (b, h, n, j) at `base + b·s[0] + h·s[1] + n·s[2] + j`.
+pub fn scatter_bhnd(t: &Tensor, buf: &mut [f64], base: usize, s: [usize; 3]) {
+    let sh = t.shape();
+    assert_eq!(sh.len(), 4, "scatter_bhnd: [B, H, N, d], got {sh:?}");
+    let v = t.to_f64_vec();
+    let mut i = 0;
+    for b in 0..sh[0] {
+        for h in 0..sh[1] {
+            for n in 0..sh[2] {
+                let at = base + b * s[0] + h * s[1] + n * s[2];
+                buf[at..at + sh[3]].copy_from_slice(&v[i..i + sh[3]]);
+                i += sh[3];
+            }
+        }
+    }
+}
+
+/// The [B, H, N, d] tensor `shape` that `buf` holds at `base` with strides `s` (the inverse of
+/// [`scatter_bhnd`]), in f64.
+pub fn gather_bhnd(buf: &[f64], base: usize, s: [usize; 3], shape: [usize; 4]) -> Tensor {
+    let mut v = Vec::with_capacity(shape.iter().product());
+    for b in 0..shape[0] {
+        for h in 0..shape[1] {
+            for n in 0..shape[2] {
+                let at = base + b * s[0] + h * s[1] + n * s[2];
+                v.extend_from_slice(&buf[at..at + shape[3]]);
+            }
+        }
+    }
+    Tensor::from_f64_vec(v, &shape, DType::F64).expect("shape matches the data")
+}
