@@ -836,10 +836,14 @@ mod emulate {
             let bh = l.grid.1 as usize;
             let d: usize = name.rsplit("_d").next().unwrap().parse().unwrap_or(0);
             if name == "attention_bwd_preprocess_f32" {
-                let (rows, dd) = (int(3), int(4));
+                // (o, dout, delta, rows, dv, Nq, H, o strides): row r = (b·H + h)·Nq + n.
+                let (rows, dd, nq, heads) = (int(3), int(4), int(5), int(6));
+                let (sb, sh, sn) = (int(7), int(8), int(9));
                 for r in 0..rows {
+                    let (bh, row) = (r / nq, r % nq);
+                    let off = (bh / heads) * sb + (bh % heads) * sh + row * sn;
                     let v = (0..dd)
-                        .map(|j| self.get(p(0), r * dd + j) * self.get(p(1), r * dd + j))
+                        .map(|j| self.get(p(0), off + j) * self.get(p(1), off + j))
                         .sum();
                     self.set(p(2), r, v);
                 }
@@ -851,8 +855,7 @@ mod emulate {
             );
             let bwd = name.starts_with("attention_bwd");
             // Every attention kernel but the preprocess ends with Nq, Nk, scale, H and the [B, H, N, d]
-            // strides of q, k, v, o (tangents and gradients in their primal's). The forward/JVP
-            // replay below honours them; the backward's assumes them contiguous (as the DiT has them).
+            // strides of q, k, v, o (tangents and gradients in their primal's), honoured below.
             let n = l.args.len();
             let (nq, nk, c) = (int(n - 16), int(n - 15), fl(n - 14));
             let heads = int(n - 13);
@@ -870,8 +873,6 @@ mod emulate {
             };
             let (q, k, v) = (p(0), p(1), p(2));
             for h in 0..bh {
-                let qo = h * nq * d;
-                let ko = h * nk * d;
                 let dot = |m: &Mem, a: u64, ai: usize, b: u64, bi: usize| {
                     (0..d)
                         .map(|e| m.get(a, ai + e) * m.get(b, bi + e))
@@ -921,10 +922,11 @@ mod emulate {
                 if bwd {
                     let (dout, lse, delta) = (p(3), p(4), p(5));
                     let pm = |m: &Mem, i: usize, j: usize| {
-                        (c * dot(m, q, qo + i * d, k, ko + j * d) - m.get(lse, h * nq + i)).exp()
+                        (c * dot(m, q, at(qs, h, i), k, at(ks, h, j)) - m.get(lse, h * nq + i))
+                            .exp()
                     };
                     let ds = |m: &Mem, i: usize, j: usize| {
-                        let dp = dot(m, dout, qo + i * d, v, ko + j * d);
+                        let dp = dot(m, dout, at(os, h, i), v, at(vs, h, j));
                         pm(m, i, j) * (dp - m.get(delta, h * nq + i))
                     };
                     if name.contains("dkdv") {
@@ -932,13 +934,13 @@ mod emulate {
                         for j in 0..nk {
                             for a in 0..d {
                                 let kv: f64 = (0..nq)
-                                    .map(|i| c * ds(self, i, j) * self.get(q, qo + i * d + a))
+                                    .map(|i| c * ds(self, i, j) * self.get(q, at(qs, h, i) + a))
                                     .sum();
                                 let vv: f64 = (0..nq)
-                                    .map(|i| pm(self, i, j) * self.get(dout, qo + i * d + a))
+                                    .map(|i| pm(self, i, j) * self.get(dout, at(os, h, i) + a))
                                     .sum();
-                                self.set(dk, ko + j * d + a, kv);
-                                self.set(dv, ko + j * d + a, vv);
+                                self.set(dk, at(ks, h, j) + a, kv);
+                                self.set(dv, at(vs, h, j) + a, vv);
                             }
                         }
                     } else {
@@ -946,9 +948,9 @@ mod emulate {
                         for i in 0..nq {
                             for a in 0..d {
                                 let qv: f64 = (0..nk)
-                                    .map(|j| c * ds(self, i, j) * self.get(k, ko + j * d + a))
+                                    .map(|j| c * ds(self, i, j) * self.get(k, at(ks, h, j) + a))
                                     .sum();
-                                self.set(dq, qo + i * d + a, qv);
+                                self.set(dq, at(qs, h, i) + a, qv);
                             }
                         }
                     }
@@ -1002,8 +1004,6 @@ mod emulated_block {
         BlockTangents {
             x,
             qkv: mem.alloc(3 * tn * c),
-            heads: mem.alloc(3 * tn * c),
-            o: mem.alloc(tn * c),
             lse: mem.alloc(D.b * D.heads * D.n),
             o_rows: mem.alloc(tn * c),
             attn_out: mem.alloc(tn * c),
@@ -1065,8 +1065,6 @@ mod emulated_block {
             rstd1: mem.alloc(t),
             h1: mem.alloc(k * t * c),
             qkv: mem.alloc(3 * t * c),
-            heads: mem.alloc(3 * t * c),
-            o: mem.alloc(t * c),
             lse: mem.alloc(D.b * D.heads * D.n),
             o_rows: mem.alloc(t * c),
             attn_out: mem.alloc(t * c),
@@ -1241,8 +1239,6 @@ mod emulated_block {
                 dln: mem.alloc(tn * c),
                 dg: mem.alloc(tn * hd),
                 do_rows: mem.alloc(tn * c),
-                d_o: mem.alloc(tn * c),
-                dheads: mem.alloc(3 * tn * c),
                 dqkv: mem.alloc(3 * tn * c),
                 delta: mem.alloc(D.b * D.heads * D.n),
                 ones,

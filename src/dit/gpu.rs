@@ -232,30 +232,18 @@ pub mod moves {
         )
     }
 
-    /// Fused rows [B·N, 3C] (q | k | v, heads inside) → [3, B, H, N, dh].
+    /// Fused rows [B·N, 3C] (q | k | v, heads inside) → [3, B, H, N, dh]. The block no longer moves
+    /// data this way (attention reads the rows in place, [`attn::Layout::packed_qkv`]); the tests
+    /// use it as the reference of that layout.
     pub fn split_qkv(b: usize, n: usize, h: usize, dh: usize) -> (Vec<usize>, Vec<usize>) {
         let c = h * dh;
         (vec![3, b, h, n, dh], vec![c, n * 3 * c, dh, 3 * c, 1])
     }
 
-    /// [3, B, H, N, dh] → fused rows [B·N, 3C].
-    pub fn merge_qkv(b: usize, n: usize, h: usize, dh: usize) -> (Vec<usize>, Vec<usize>) {
-        (
-            vec![b, n, 3, h, dh],
-            vec![h * n * dh, dh, b * h * n * dh, n * dh, 1],
-        )
-    }
-
-    /// Heads [B, H, N, dh] → rows [B·N, C].
+    /// Heads [B, H, N, dh] → rows [B·N, C] (as [`split_qkv`], the reference of the token-major o).
     pub fn merge_heads(b: usize, n: usize, h: usize, dh: usize) -> (Vec<usize>, Vec<usize>) {
         let _ = b;
         (vec![b, n, h, dh], vec![h * n * dh, dh, n * dh, 1])
-    }
-
-    /// Rows [B·N, C] → heads [B, H, N, dh].
-    pub fn split_heads(b: usize, n: usize, h: usize, dh: usize) -> (Vec<usize>, Vec<usize>) {
-        let c = h * dh;
-        (vec![b, h, n, dh], vec![n * c, dh, c, 1])
     }
 
     /// Modulation rows [B, K·C] → chunk-major [K, B, C].
@@ -365,7 +353,8 @@ impl Mods {
 
 /// The primal buffers of one block (what its backward reads). In a dual forward `h1` and `h2` are
 /// [2T, C] and `pre` is [2T, Hd] (tangent rows after the primal rows); otherwise [T, C] / [T, Hd].
-/// mean/rstd f32 [T], lse f32 [B, H, N], heads [3, B, H, N, dh] (q, k, v).
+/// mean/rstd f32 [T], lse f32 [B, H, N]; qkv [T, 3C] = [B, N, 3, H, dh] and o_rows [T, C] =
+/// [B, N, H, dh] are also attention's q, k, v and o.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockBufs {
     pub x: u64,
@@ -373,8 +362,6 @@ pub struct BlockBufs {
     pub rstd1: u64,
     pub h1: u64,
     pub qkv: u64,
-    pub heads: u64,
-    pub o: u64,
     pub lse: u64,
     pub o_rows: u64,
     pub attn_out: u64,
@@ -394,8 +381,6 @@ pub struct BlockBufs {
 pub struct BlockTangents {
     pub x: u64,
     pub qkv: u64,
-    pub heads: u64,
-    pub o: u64,
     pub lse: u64,
     pub o_rows: u64,
     pub attn_out: u64,
@@ -404,9 +389,11 @@ pub struct BlockTangents {
     pub out: u64,
 }
 
-fn head_ptrs(dtype: DType, d: BlockDims, heads: u64) -> (u64, u64, u64) {
-    let part = (d.t() * d.c * dtype.size_in_bytes()) as u64;
-    (heads, heads + part, heads + 2 * part)
+/// q, k and v inside packed qkv rows [B·N, 3C] = [B, N, 3, H, dh] at `qkv`: the attention kernels
+/// read them in place ([`attn::Layout::packed_qkv`]), so no permutation surrounds attention.
+fn qkv_ptrs(dtype: DType, d: BlockDims, qkv: u64) -> (u64, u64, u64) {
+    let part = (d.c * dtype.size_in_bytes()) as u64;
+    (qkv, qkv + part, qkv + 2 * part)
 }
 
 impl BlockParams {
@@ -462,7 +449,9 @@ pub fn plan_block_forward(
     let (tn, c, hd) = (d.t(), d.c, d.hd);
     let sz = dtype.size_in_bytes() as u64;
     let scale = attn::resolve_scale(None, adims.d)?;
-    let (q, k, v) = head_ptrs(dtype, d, a.heads);
+    let (q, k, v) = qkv_ptrs(dtype, d, a.qkv);
+    // Attention reads q, k, v from the qkv rows and writes o as rows [B·N, C] ([B, N, H, dh]).
+    let layout = attn::Layout::packed_qkv(adims);
     let (qkv, proj, fc1, fc2) = (p.qkv(c), p.proj(c), p.fc1(c, hd), p.fc2(c, hd));
     let mut s = Vec::new();
     let Some(t) = t else {
@@ -478,12 +467,6 @@ pub fn plan_block_forward(
             EPS,
         )?);
         s.push(qkv.fwd(dtype, tn, a.h1, a.qkv, true));
-        s.extend(permute(
-            dtype,
-            a.qkv,
-            a.heads,
-            moves::split_qkv(d.b, d.n, d.heads, adims.d),
-        )?);
         let jp = attn::JvpPtrs {
             q,
             k,
@@ -491,7 +474,7 @@ pub fn plan_block_forward(
             tq: 0,
             tk: 0,
             tv: 0,
-            o: a.o,
+            o: a.o_rows,
             to: 0,
             lse: a.lse,
             tlse: 0,
@@ -501,15 +484,9 @@ pub fn plan_block_forward(
             Variant::Fwd,
             dtype,
             adims,
-            attn::Layout::contiguous(adims),
+            layout,
             jp,
             scale,
-        )?);
-        s.extend(permute(
-            dtype,
-            a.o,
-            a.o_rows,
-            moves::merge_heads(d.b, d.n, d.heads, adims.d),
         )?);
         s.push(proj.fwd(dtype, tn, a.o_rows, a.attn_out, true));
         // x1 = x + gate1 ⊙ attn_out and h2 = modulated layernorm(x1) in one pass.
@@ -565,10 +542,7 @@ pub fn plan_block_forward(
     )?);
     s.push(qkv.fwd(dtype, tn, a.h1, a.qkv, true));
     s.push(qkv.fwd(dtype, tn, th1, t.qkv, false));
-    let split = moves::split_qkv(d.b, d.n, d.heads, adims.d);
-    s.extend(permute(dtype, a.qkv, a.heads, split.clone())?);
-    s.extend(permute(dtype, t.qkv, t.heads, split)?);
-    let (tq, tk, tv) = head_ptrs(dtype, d, t.heads);
+    let (tq, tk, tv) = qkv_ptrs(dtype, d, t.qkv);
     let jp = attn::JvpPtrs {
         q,
         k,
@@ -576,8 +550,8 @@ pub fn plan_block_forward(
         tq,
         tk,
         tv,
-        o: a.o,
-        to: t.o,
+        o: a.o_rows,
+        to: t.o_rows,
         lse: a.lse,
         tlse: t.lse,
     };
@@ -586,13 +560,10 @@ pub fn plan_block_forward(
         Variant::Jvp,
         dtype,
         adims,
-        attn::Layout::contiguous(adims),
+        layout,
         jp,
         scale,
     )?);
-    let merge = moves::merge_heads(d.b, d.n, d.heads, adims.d);
-    s.extend(permute(dtype, a.o, a.o_rows, merge.clone())?);
-    s.extend(permute(dtype, t.o, t.o_rows, merge)?);
     s.push(proj.fwd(dtype, tn, a.o_rows, a.attn_out, true));
     s.push(proj.fwd(dtype, tn, t.o_rows, t.attn_out, false));
     // x1 = x + gate1 ⊙ attn_out and h2 = modulated layernorm(x1), with tangents, in one pass.
@@ -671,10 +642,8 @@ pub struct BlockGrads {
     pub dln: u64,
     /// [T, Hd] scratch.
     pub dg: u64,
-    /// [T, C], [B, H, N, dh], [3, B, H, N, dh], [T, 3C] scratch; delta f32 [B, H, N].
+    /// [T, C] (dO as rows [B, N, H, dh]) and [T, 3C] (dq, dk, dv packed) scratch; delta f32 [B, H, N].
     pub do_rows: u64,
-    pub d_o: u64,
-    pub dheads: u64,
     pub dqkv: u64,
     pub delta: u64,
     pub ones: u64,
@@ -748,37 +717,27 @@ pub fn plan_block_backward(
         g.dmods.gate1,
     )?);
     s.extend(proj.bwd(dtype, tn, a.o_rows, g.dy, g.ones, dp.proj(c), g.do_rows));
-    s.extend(permute(
-        dtype,
-        g.do_rows,
-        g.d_o,
-        moves::split_heads(d.b, d.n, d.heads, adims.d),
-    )?);
-    let (q, k, v) = head_ptrs(dtype, d, a.heads);
-    let (dq, dk, dv) = head_ptrs(dtype, d, g.dheads);
+    // dq, dk, dv straight into the packed rows dqkv [B·N, 3C], from q, k, v in the qkv rows and o,
+    // dO as rows (no permutation).
+    let (q, k, v) = qkv_ptrs(dtype, d, a.qkv);
+    let (dq, dk, dv) = qkv_ptrs(dtype, d, g.dqkv);
     s.extend(attn::plan_backward(
         dtype,
         adims,
-        attn::Layout::contiguous(adims),
+        attn::Layout::packed_qkv(adims),
         attn::BwdPtrs {
             q,
             k,
             v,
-            o: a.o,
+            o: a.o_rows,
             lse: a.lse,
-            dout: g.d_o,
+            dout: g.do_rows,
             delta: g.delta,
             dq,
             dk,
             dv,
         },
         scale,
-    )?);
-    s.extend(permute(
-        dtype,
-        g.dheads,
-        g.dqkv,
-        moves::merge_qkv(d.b, d.n, d.heads, adims.d),
     )?);
     s.extend(qkv.bwd(dtype, tn, a.h1, g.dqkv, g.ones, dp.qkv(c), g.dh));
     s.extend(ln::plan_backward(
@@ -828,8 +787,6 @@ impl BlockAlloc {
             &[
                 &[rows, c],
                 &[tn, 3 * c],
-                &[3 * tn * c],
-                &[tn * c],
                 &[tn, c],
                 &[tn, c],
                 &[tn, c],
@@ -849,21 +806,19 @@ impl BlockAlloc {
             rstd1: stats[1].ptr(),
             h1: main[0].ptr(),
             qkv: main[1].ptr(),
-            heads: main[2].ptr(),
-            o: main[3].ptr(),
             lse: stats[4].ptr(),
-            o_rows: main[4].ptr(),
-            attn_out: main[5].ptr(),
-            x1: main[6].ptr(),
+            o_rows: main[2].ptr(),
+            attn_out: main[3].ptr(),
+            x1: main[4].ptr(),
             mean2: stats[2].ptr(),
             rstd2: stats[3].ptr(),
-            h2: main[7].ptr(),
-            pre: main[8].ptr(),
-            g: main[9].ptr(),
-            mlp_out: main[10].ptr(),
-            out: main[11].ptr(),
+            h2: main[5].ptr(),
+            pre: main[6].ptr(),
+            g: main[7].ptr(),
+            mlp_out: main[8].ptr(),
+            out: main[9].ptr(),
         };
-        let out = main[11].clone();
+        let out = main[9].clone();
         let mut keep = main;
         keep.extend(stats);
         keep.push(x.clone());
@@ -880,15 +835,7 @@ impl BlockAlloc {
         // Tangent buffers are not needed by the backward: a separate allocation, dropped with
         // the block unless kept.
         let tb = gpu.alloc_stacked(
-            &[
-                &[tn, 3 * c],
-                &[3 * tn * c],
-                &[tn * c],
-                &[tn, c],
-                &[tn, c],
-                &[tn, c],
-                &[tn, c],
-            ],
+            &[&[tn, 3 * c], &[tn, c], &[tn, c], &[tn, c], &[tn, c]],
             dtype,
         )?;
         let tlse = gpu.alloc_out(&lse, F32)?;
@@ -896,13 +843,11 @@ impl BlockAlloc {
         let tangents = BlockTangents {
             x: tx.map_or(0, |t| t.ptr()),
             qkv: tb[0].ptr(),
-            heads: tb[1].ptr(),
-            o: tb[2].ptr(),
             lse: tlse.ptr(),
-            o_rows: tb[3].ptr(),
-            attn_out: tb[4].ptr(),
-            x1: tb[5].ptr(),
-            mlp_out: tb[6].ptr(),
+            o_rows: tb[1].ptr(),
+            attn_out: tb[2].ptr(),
+            x1: tb[3].ptr(),
+            mlp_out: tb[4].ptr(),
             out: tout.ptr(),
         };
         let mut tkeep = tb;
@@ -953,8 +898,6 @@ impl BlockGradAlloc {
                 &[tn, c],
                 &[tn, hd],
                 &[tn, c],
-                &[tn * c],
-                &[3 * tn * c],
                 &[tn, 3 * c],
             ],
             dtype,
@@ -967,9 +910,7 @@ impl BlockGradAlloc {
             dln: s[2].ptr(),
             dg: s[3].ptr(),
             do_rows: s[4].ptr(),
-            d_o: s[5].ptr(),
-            dheads: s[6].ptr(),
-            dqkv: s[7].ptr(),
+            dqkv: s[5].ptr(),
             delta: delta.ptr(),
             ones,
             dmods: Mods::default(),
@@ -1774,22 +1715,37 @@ mod tests {
                 want.to_f64_vec().as_slice()
             );
         }
-        let heads_t = Tensor::from_vec(heads, &[3 * part]).unwrap();
-        assert_eq!(
-            apply(&heads_t, moves::merge_qkv(b, n, h, dh)),
-            qkv.to_f64_vec()
-        );
-        // One tensor of heads to rows and back.
+        // The packed layout the attention kernels read is that permutation: element [b, h, n, e] of
+        // q (k, v) sits at offset j·C + b·sb + h·sh + n·sn + e of the rows.
+        let dims = attn::AttnDims {
+            b,
+            h,
+            nq: n,
+            nk: n,
+            d: dh,
+            dv: dh,
+        };
+        let l = attn::Layout::packed_qkv(dims);
+        let q = qkv.to_f64_vec();
+        for (j, st) in [l.q, l.k, l.v].into_iter().enumerate() {
+            for (i, want) in heads[j * part..(j + 1) * part].iter().enumerate() {
+                let (bi, hi, ni, e) = (i / (h * n * dh), i / (n * dh) % h, i / dh % n, i % dh);
+                let off = j * h * dh + bi * st.b + hi * st.h + ni * st.n + e;
+                assert_eq!(q[off], *want, "operand {j} element {i}");
+            }
+        }
+        // One tensor of heads to rows, and the token-major o layout is that permutation too.
         let o = arange(&[b, h, n, dh]);
         let rows = shuffle::merge_heads(&[&o], b, n, h, dh).unwrap();
         assert_eq!(
             apply(&o, moves::merge_heads(b, n, h, dh)),
             rows.to_f64_vec()
         );
-        assert_eq!(
-            apply(&rows, moves::split_heads(b, n, h, dh)),
-            o.to_f64_vec()
-        );
+        let r = rows.to_f64_vec();
+        for (i, want) in o.to_f64_vec().iter().enumerate() {
+            let (bi, hi, ni, e) = (i / (h * n * dh), i / (n * dh) % h, i / dh % n, i % dh);
+            assert_eq!(r[bi * l.o.b + hi * l.o.h + ni * l.o.n + e], *want);
+        }
         // Modulation rows [B, K·C] to chunks [K, B, C] and back.
         let mrows = arange(&[3, 4 * 5]);
         let chunks = shuffle::split_cols(&mrows, 4).unwrap();
