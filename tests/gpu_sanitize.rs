@@ -4,14 +4,15 @@
 //! sm_90a kernels: TMA, wgmma, mbarriers) and N130 d128 (the sm_90a kernels at d128 with 48-key
 //! tiles and a ring of three stages on Hopper), forward, JVP, JVP with
 //! constant K and V, backward; layernorm, activations, gated residual, timestep embedding and the
-//! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`). Each output must be
-//! finite (outputs are NaN-poisoned first); correctness against the reference is gpu_ops' job.
+//! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); attention on a packed
+//! qkv projection (strided copies, 4-D tensor maps) and the residual fused into the layernorm.
+//! Each output must be finite (outputs are NaN-poisoned first); correctness is gpu_ops' job.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::{randn, rng};
-use flashjvp::cuda::{ops as gops, require_gpu_or_skip};
+use flashjvp::cuda::{attention, layernorm, ops as gops, require_gpu_or_skip, Gpu};
 use flashjvp::ops::Mlp;
 use flashjvp::{DType, Dual, Tensor};
 
@@ -59,6 +60,34 @@ fn sanitize_attention() {
     }
 }
 
+// Attention on a packed [B, N, 3, H, d] projection with o token-major (the DiT's layout): strided
+// cp.async copies on sm_80, 4-D tensor maps on Hopper; forward, JVP and backward.
+#[test]
+fn sanitize_packed_attention() {
+    if require_gpu_or_skip().is_none() {
+        return;
+    }
+    let gpu = Gpu::get().unwrap();
+    for dtype in DTYPES {
+        for (n, d) in [(300, 72), (77, 64), (130, 128)] {
+            let s = [1, n, 3, 2, d];
+            let qkv = dual(&s, 21);
+            let (x, tx) = (
+                gpu.upload(&qkv.primal, dtype).unwrap(),
+                gpu.upload(qkv.tangent.as_ref().unwrap(), dtype).unwrap(),
+            );
+            let r = attention::jvp_packed(&x, Some(&tx), None).unwrap();
+            finite("packed o", &r.o.download().unwrap());
+            finite("packed to", &r.to.as_ref().unwrap().download().unwrap());
+            let (o, lse) = attention::forward_packed(&x, None).unwrap();
+            finite("packed o (forward)", &o.download().unwrap());
+            let go = gpu.upload(&dual(o.shape(), 22).primal, dtype).unwrap();
+            let g = attention::backward_packed(&x, &o, &lse, &go, None).unwrap();
+            finite("packed dqkv", &g.download().unwrap());
+        }
+    }
+}
+
 #[test]
 fn sanitize_layernorm_and_elementwise() {
     if require_gpu_or_skip().is_none() {
@@ -98,6 +127,51 @@ fn sanitize_layernorm_and_elementwise() {
         finite("residual tout", out.tangent.as_ref().unwrap());
         let rg = gops::gated_residual_backward(&gate.primal, &x.primal, &gy, dtype).unwrap();
         finite("residual dgate", &rg.dgate);
+        // The gated residual fused in front of the layernorm (the DiT block's x1 and h2).
+        let gpu = Gpu::get().unwrap();
+        let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
+        let f = DType::F32;
+        let yv = dual(&[t, c], 11);
+        let (xd, txd, yd, tyd) = (
+            up(&x.primal, dtype),
+            up(x.tangent.as_ref().unwrap(), dtype),
+            up(&yv.primal, dtype),
+            up(yv.tangent.as_ref().unwrap(), dtype),
+        );
+        let (gd, tgd, sd, tsd) = (
+            up(&gate.primal, f),
+            up(gate.tangent.as_ref().unwrap(), f),
+            up(&sc.primal, f),
+            up(sc.tangent.as_ref().unwrap(), f),
+        );
+        let out = || gpu.alloc_out(&[t, c], dtype).unwrap();
+        let (x1, tx1, h, th) = (out(), out(), out(), out());
+        let p = layernorm::JvpPtrs {
+            x: xd.ptr(),
+            tx: txd.ptr(),
+            scale: sd.ptr(),
+            tscale: tsd.ptr(),
+            y: h.ptr(),
+            ty: th.ptr(),
+            ..Default::default()
+        };
+        let rp = layernorm::ResPtrs {
+            y: yd.ptr(),
+            ty: tyd.ptr(),
+            gate: gd.ptr(),
+            tgate: tgd.ptr(),
+            x1: x1.ptr(),
+            tx1: tx1.ptr(),
+        };
+        let dims = layernorm::LnDims { t, c, g };
+        gpu.run(&layernorm::plan_residual_jvp(dtype, dims, p, rp, 1e-6).unwrap())
+            .unwrap();
+        for (what, t) in [("x1", &x1), ("tx1", &tx1), ("h", &h), ("th", &th)] {
+            finite(
+                &format!("residual+layernorm {what}"),
+                &t.download().unwrap(),
+            );
+        }
     }
     let e = gops::timestep_embedding_jvp(&dual(&[5], 12), 64, 10000.0).unwrap();
     finite("timestep te", e.tangent.as_ref().unwrap());
