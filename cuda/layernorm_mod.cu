@@ -28,8 +28,13 @@
 // LAUNCH:
 //   layernorm_mod_fwd_{dt}(x, scale, shift, y, mean, rstd, T, C, G, eps)
 //   layernorm_mod_jvp_{dt}(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps)
-//   layernorm_mod_bwd_{dt}(dy, x, scale, mean, rstd, dx, T, C, G)
-//       grid = (ceil(T / 8), 1, 1), block = (256, 1, 1), no shared memory.
+//   residual_layernorm_mod_fwd_{dt}(x, y, gate, x1, scale, shift, h, mean, rstd, T, C, G, eps)
+//   residual_layernorm_mod_jvp_{dt}(x, tx, y, ty, gate, tgate, x1, tx1, scale, shift, tscale, tshift, h, th,
+//                                   mean, rstd, T, C, G, eps): the gated residual x1 = x + gate y fused in
+//       front (gate, tgate f32 [G, C]; ty, tgate may be null), x1 (tx1) written, h = layernorm(x1).
+//   layernorm_mod_bwd_{dt}(dy, x, scale, mean, rstd, dres, dx, T, C, G): dx = dres + the layernorm's
+//       input cotangent (dres may be null, or equal to dx: accumulated in place).
+//       grid = (ceil(T / 8), 1, 1), block = (256, 1, 1), no shared memory (all four row kernels).
 //   layernorm_mod_bwd_params_{dt}(dy, x, mean, rstd, dscale, dshift, T, C, G)
 //       grid = (ceil(C / 32), G, S), block = (32, 8, 1), no dynamic shared memory.
 //       S >= 1 splits the T/G rows of each group into S slices (S = ceil((T/G) / 256) keeps every SM
@@ -246,10 +251,20 @@ __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, 
     }
 }
 
+// o += chunk i of the row `drr` (when not null).
+template <class ST>
+__device__ __forceinline__ void add_res(const typename ST::T* drr, int i, int C, bool vec, float (&o)[ST::V]) {
+    if (!drr) return;
+    float r[ST::V];
+    fj_load_chunk<ST>(drr, i, C, vec, r);
+#pragma unroll
+    for (int e = 0; e < ST::V; ++e) o[e] += r[e];
+}
+
 template <class ST, int NCH>
 __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr, const typename ST::T* __restrict__ xr,
                                          const float* __restrict__ sr, float mu, float rs,
-                                         typename ST::T* __restrict__ dxr, int lane, int C) {
+                                         const typename ST::T* drr, typename ST::T* dxr, int lane, int C) {
     constexpr int V = ST::V;
     uint4 ga[NCH], xa[NCH];
     load_row<ST, NCH>(dyr, C, lane, ga);
@@ -283,6 +298,7 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
         load_mod<V>(sr, i, C, true, s);
 #pragma unroll
         for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
+        add_res<ST>(drr, i, C, true, o);
         fj_store_chunk<ST>(dxr, i, C, true, o);
     }
 }
@@ -407,11 +423,14 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
     }
 }
 
+// dres (may be null, may equal dx: each element is read before the same thread writes it, hence no
+// __restrict__ on either) is added to the input cotangent: dx = dres + (the layernorm's), the residual
+// stream's gradient accumulated in one pass.
 template <class ST>
 __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const typename ST::T* __restrict__ x,
                                     const float* __restrict__ scale, const float* __restrict__ mean,
-                                    const float* __restrict__ rstd, typename ST::T* __restrict__ dx, int T, int C,
-                                    int G) {
+                                    const float* __restrict__ rstd, const typename ST::T* dres, typename ST::T* dx,
+                                    int T, int C, int G) {
     constexpr int V = ST::V;
     const int row = blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -422,10 +441,11 @@ __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const
     const typename ST::T* xr = x + off;
     const float* sr = scale ? scale + (fj_i64)grp * C : nullptr;
     typename ST::T* dxr = dx + off;
-    const bool vec = vec_ok<ST>(C, dyr, xr, sr, dxr, nullptr, nullptr, nullptr, nullptr);
+    const typename ST::T* drr = dres ? dres + off : nullptr;
+    const bool vec = vec_ok<ST>(C, dyr, xr, sr, dxr, drr, nullptr, nullptr, nullptr);
     const float mu = mean[row], rs = rstd[row];
     if (fits_regs<ST, Chunks<false>::N>(C, vec)) {
-        bwd_regs<ST, Chunks<false>::N>(dyr, xr, sr, mu, rs, dxr, lane, C);
+        bwd_regs<ST, Chunks<false>::N>(dyr, xr, sr, mu, rs, drr, dxr, lane, C);
         return;
     }
 
@@ -454,6 +474,7 @@ __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const
         load_mod<V>(sr, i, C, vec, s);
 #pragma unroll
         for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
+        add_res<ST>(drr, i, C, vec, o);
         fj_store_chunk<ST>(dxr, i, C, vec, o);
     }
 }
@@ -533,8 +554,8 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
     FJ_REGISTER(residual_layernorm_mod_jvp_##DT)                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_##DT(const ST::T* dy, const ST::T* x, const float* scale, const float* mean,         \
-                               const float* rstd, ST::T* dx, int T, int C, int G) {                            \
-        fj_ln::bwd<ST>(dy, x, scale, mean, rstd, dx, T, C, G);                                                 \
+                               const float* rstd, const ST::T* dres, ST::T* dx, int T, int C, int G) {         \
+        fj_ln::bwd<ST>(dy, x, scale, mean, rstd, dres, dx, T, C, G);                                           \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_bwd_##DT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                          \

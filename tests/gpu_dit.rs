@@ -784,8 +784,18 @@ mod emulate {
                     }
                 }
                 "layernorm_mod_bwd_f32" => {
-                    let (dy, x, sc, mean, rstd, dx, t, c, g) =
-                        (p(0), p(1), p(2), p(3), p(4), p(5), int(6), int(7), int(8));
+                    let (dy, x, sc, mean, rstd, dres, dx, t, c, g) = (
+                        p(0),
+                        p(1),
+                        p(2),
+                        p(3),
+                        p(4),
+                        p(5),
+                        p(6),
+                        int(7),
+                        int(8),
+                        int(9),
+                    );
                     for r in 0..t {
                         let grp = r / (t / g);
                         let (mu, rs) = (self.get(mean, r), self.get(rstd, r));
@@ -797,7 +807,8 @@ mod emulate {
                         let mg = gv.iter().sum::<f64>() / c as f64;
                         let mgx = gv.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64;
                         for j in 0..c {
-                            self.set(dx, r * c + j, (gv[j] - mg - xh[j] * mgx) * rs);
+                            let v = self.opt(dres, r * c + j) + (gv[j] - mg - xh[j] * mgx) * rs;
+                            self.set(dx, r * c + j, v);
                         }
                     }
                 }

@@ -1040,6 +1040,83 @@ gpu_test!(layernorm_jvp, |dtype| {
     }
 });
 
+// The backward accumulating into the residual stream's cotangent in place (dres = dx, as the DiT
+// block's backward runs it): dx = r + the layernorm's input cotangent.
+gpu_test!(layernorm_backward_accumulates_in_place, |dtype| {
+    use flashjvp::cuda::layernorm::{self as lnk, BwdPtrs, LnDims};
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &(t, c, g)) in [(8, 256, 2), (9, 300, 3), (6, 3200, 2)].iter().enumerate() {
+        let mut r = rng(490 + i as u64);
+        let x = rd(&randn(&[t, c], &mut r), dtype);
+        let sc = rd(&randn(&[g, c], &mut r), DType::F32);
+        let sh = rd(&randn(&[g, c], &mut r), DType::F32);
+        let gy = rd(&randn(&[t, c], &mut r), dtype);
+        let res = rd(&randn(&[t, c], &mut r), dtype);
+        let want = ops::layernorm_mod_backward(&x, &sc, &sh, EPS, &gy).unwrap();
+        let want_dx = Tensor::from_vec(
+            want.dx
+                .to_f64_vec()
+                .iter()
+                .zip(res.to_f64_vec())
+                .map(|(a, b)| a + b)
+                .collect(),
+            &[t, c],
+        )
+        .unwrap();
+        let (xd, gyd, dxd) = (
+            gpu.upload(&x, dtype).unwrap(),
+            gpu.upload(&gy, dtype).unwrap(),
+            gpu.upload(&res, dtype).unwrap(),
+        );
+        let scd = gpu.upload(&sc, DType::F32).unwrap();
+        let (mean, rstd) = (
+            gpu.alloc_out(&[t], DType::F32).unwrap(),
+            gpu.alloc_out(&[t], DType::F32).unwrap(),
+        );
+        let d = LnDims { t, c, g };
+        // mean and rstd from the forward, then the backward into dx = res in place.
+        let y = gpu.alloc_out(&[t, c], dtype).unwrap();
+        let mut steps = lnk::plan_forward(
+            dtype,
+            d,
+            xd.ptr(),
+            scd.ptr(),
+            0,
+            y.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            EPS,
+        )
+        .unwrap();
+        steps.extend(
+            lnk::plan_backward(
+                dtype,
+                d,
+                BwdPtrs {
+                    dy: gyd.ptr(),
+                    x: xd.ptr(),
+                    scale: scd.ptr(),
+                    mean: mean.ptr(),
+                    rstd: rstd.ptr(),
+                    dres: dxd.ptr(),
+                    dx: dxd.ptr(),
+                    dscale: 0,
+                    dshift: 0,
+                },
+            )
+            .unwrap(),
+        );
+        gpu.run(&steps).unwrap();
+        check(
+            &format!("layernorm bwd dx += [T{t} C{c} G{g}]"),
+            dtype,
+            &dxd.download().unwrap(),
+            &want_dx,
+            tol(dtype),
+        );
+    }
+});
+
 // The gated residual fused in front of the layernorm (residual_layernorm_mod_*, the DiT block's
 // x1 = x + gate1 ⊙ attn followed by its second layernorm): x1 and the normalised output, with
 // tangents, against the CPU ops composed (x1 rounded to the dtype before it is normalised, as the

@@ -138,6 +138,7 @@ fn all_plans() -> Vec<Step> {
             scale: p(3),
             mean: p(4),
             rstd: p(5),
+            dres: p(9),
             dx: p(6),
             dscale: p(7),
             dshift: p(8),

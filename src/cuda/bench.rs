@@ -568,6 +568,7 @@ fn bench_layernorm(
                     scale: x.m[0].ptr(),
                     mean: stats[0].ptr(),
                     rstd: stats[1].ptr(),
+                    dres: 0,
                     dx: dx.ptr(),
                     dscale: grads[0].ptr(),
                     dshift: grads[1].ptr(),

@@ -281,6 +281,9 @@ pub struct BwdPtrs {
     pub scale: u64,
     pub mean: u64,
     pub rstd: u64,
+    /// Added to the input cotangent (0: nothing); may be `dx` itself, accumulating in place (the
+    /// residual stream's gradient in a block's backward).
+    pub dres: u64,
     pub dx: u64,
     pub dscale: u64,
     pub dshift: u64,
@@ -303,6 +306,7 @@ pub fn plan_backward(dtype: DType, d: LnDims, p: BwdPtrs) -> Result<Vec<Step>> {
             Arg::Ptr(p.scale),
             Arg::Ptr(p.mean),
             Arg::Ptr(p.rstd),
+            Arg::Ptr(p.dres),
             Arg::Ptr(p.dx),
             t,
             c,
@@ -549,6 +553,7 @@ pub fn backward(
             scale: ptr(&m[0]),
             mean: mean.ptr(),
             rstd: rstd.ptr(),
+            dres: 0,
             dx: dx.ptr(),
             dscale: grads[0].ptr(),
             dshift: grads[1].ptr(),
@@ -591,6 +596,7 @@ mod tests {
                 scale: 0,
                 mean: 48,
                 rstd: 64,
+                dres: 0,
                 dx: 80,
                 dscale: 96,
                 dshift: 0,

@@ -699,12 +699,13 @@ pub fn plan_block_backward(
             scale: m.scale2,
             mean: a.mean2,
             rstd: a.rstd2,
-            dx: g.dln,
+            // The residual stream's cotangent plus the layernorm's, in place.
+            dres: g.dx,
+            dx: g.dx,
             dscale: g.dmods.scale2,
             dshift: g.dmods.shift2,
         },
     )?);
-    s.extend(kd::plan_add_rows(dtype, g.dx, g.dln, tn * c, tn * c)?);
     // x1 = x + gate1 ⊙ proj(attention(split(qkv(h1)))).
     s.extend(ew::plan_residual_bwd(
         dtype,
@@ -749,12 +750,13 @@ pub fn plan_block_backward(
             scale: m.scale1,
             mean: a.mean1,
             rstd: a.rstd1,
-            dx: g.dln,
+            // The residual stream's cotangent plus the layernorm's, in place.
+            dres: g.dx,
+            dx: g.dx,
             dscale: g.dmods.scale1,
             dshift: g.dmods.shift1,
         },
     )?);
-    s.extend(kd::plan_add_rows(dtype, g.dx, g.dln, tn * c, tn * c)?);
     Ok(s)
 }
 
@@ -1498,6 +1500,7 @@ impl GpuDit {
                 scale: fm(mods.ptr(), 1),
                 mean: cache.final_stats[0].ptr(),
                 rstd: cache.final_stats[1].ptr(),
+                dres: 0,
                 dx: dx.ptr(),
                 dscale: fm(dmods.ptr(), 1),
                 dshift: fm(dmods.ptr(), 0),
