@@ -16,7 +16,8 @@
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
 #   5. compare  scripts/gpu/compare.py: the CLI on cuda against cpu, `flashjvp bench --json`
 #               against PyTorch's cuDNN attention forward (path per row, sm90a beside sm80, the
-#               issue's JVP/cuDNN targets), a device copy and the MLP's forward
+#               issue's JVP/cuDNN targets) and our backward against PyTorch's fused SDPA backward,
+#               a device copy and the MLP's forward
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
 # Files back: gpu_ops.log mlp_unfused.log gpu_dit.log gpu_attention_sm90.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
 # compare.json summary.txt

@@ -142,6 +142,24 @@ def cudnn_forward_ms(b, h, nq, nk, d):
     return float("nan"), "none"
 
 
+def sdpa_backward_ms(b, h, nq, nk, d):
+    """PyTorch's fused SDPA backward (dq, dk, dv from dO; cuDNN, else flash) at one shape, bf16."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (nq, nk, nk))
+    for backend, label in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
+        try:
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, k, v)
+                do = torch.randn_like(o)
+                ms = time_cuda(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+            return ms, label
+        except RuntimeError as e:
+            log(f"  {label} SDPA backward at {(b, h, nq, nk, d)} failed: {str(e).splitlines()[0]}")
+    return float("nan"), "none"
+
+
 def copy_gbps():
     x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
     y = torch.empty_like(x)
@@ -175,11 +193,12 @@ def main():
         by_shape.setdefault(tuple(r["shape"]), {})[r["pass"]] = r
     log("")
     log("attention (bf16)          path   ours: fwd ms   jvp ms (TF/s)   nokv ms   bwd ms (TF/s)  jvp sm80 ms | torch fwd ms"
-        "  jvp/torch fwd  target | H200 anchors: cuDNN fwd, rCM JVP")
+        "  jvp/torch fwd  target | torch bwd ms  bwd/torch bwd | H200 anchors: cuDNN fwd, rCM JVP")
     table = []
     for shape, p in by_shape.items():
         b, h, nq, nk, d = shape
         ref_ms, label = cudnn_forward_ms(b, h, nq, nk, d)
+        ref_bwd_ms, bwd_label = sdpa_backward_ms(b, h, nq, nk, d)
         jvp = p.get("jvp", {}).get("ms", float("nan"))
         anchor = ANCHORS.get((b, h, nq, d)) if nq == nk else None
         ratio = jvp / ref_ms
@@ -192,6 +211,8 @@ def main():
                "bwd_ms": p.get("bwd", {}).get("ms"), "bwd_tflops": p.get("bwd", {}).get("tflops"),
                "jvp_sm80_ms": p.get("jvp_sm80", {}).get("ms"), "fwd_sm80_ms": p.get("fwd_sm80", {}).get("ms"),
                "torch_fwd_ms": ref_ms, "torch_backend": label, "jvp_over_torch_fwd": ratio,
+               "torch_bwd_ms": ref_bwd_ms, "torch_bwd_backend": bwd_label,
+               "bwd_over_torch_bwd": (p.get("bwd", {}).get("ms") or float("nan")) / ref_bwd_ms,
                "target": bound, "target_verdict": verdict,
                "anchor_cudnn_fwd_ms": anchor[0] if anchor else None,
                "anchor_rcm_jvp_ms": anchor[1] if anchor else None}
@@ -200,6 +221,7 @@ def main():
         log(f"{str(shape):26} {str(row['path']):6} {f(row['fwd_ms'])} {f(jvp)} ({f(row['jvp_tflops'], 5, 0)})"
             f" {f(row['nokv_ms'])} {f(row['bwd_ms'])} ({f(row['bwd_tflops'], 5, 0)}) {f(row['jvp_sm80_ms'])}"
             f" | {f(ref_ms)} {label:5} {f(ratio, 6, 2)}x {verdict:8}"
+            f" | {f(ref_bwd_ms)} {bwd_label:5} {f(row['bwd_over_torch_bwd'], 6, 2)}x"
             f" | {f(row['anchor_cudnn_fwd_ms'])} {f(row['anchor_rcm_jvp_ms'])}")
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0
     log(f"best effective JVP rate: {best:.0f} TF/s (moonshot 600)")
