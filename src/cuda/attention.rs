@@ -1084,39 +1084,29 @@ pub fn backward_packed(
     dout: &DeviceTensor,
     scale: Option<f64>,
 ) -> Result<DeviceTensor> {
-    let s = qkv.shape();
-    if s.len() != 5 || s[2] != 3 {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: "qkv".into(),
-            expected: "[B, N, 3, H, d]".into(),
-            actual: s.to_vec(),
-        });
-    }
-    let (b, n, h, d) = (s[0], s[1], s[3], s[4]);
-    let qs = [b, h, n, d];
-    let dims = check_shapes(&qs, &qs, &qs)?;
+    let dims = check_packed(qkv, None)?;
     let dtype = qkv.dtype();
-    check_out("o", o, &[b, n, h, d], dtype)?;
-    check_out("dout", dout, &[b, n, h, d], dtype)?;
+    let o_shape = packed_o_shape(dims);
+    check_out("o", o, &o_shape, dtype)?;
+    check_out("dout", dout, &o_shape, dtype)?;
     check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
-    let c = resolve_scale(scale, d)?;
+    let c = resolve_scale(scale, dims.d)?;
     let gpu = qkv.gpu();
-    let dqkv = gpu.alloc_out(s, dtype)?;
+    let dqkv = gpu.alloc_out(qkv.shape(), dtype)?;
     let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
-    // k and v start H·d and 2·H·d elements into each token's row.
-    let step = (h * d * dtype.size_in_bytes()) as u64;
+    let [q, k, v] = packed_ptrs(qkv.ptr(), dtype, dims);
+    let [dq, dk, dv] = packed_ptrs(dqkv.ptr(), dtype, dims);
     let p = BwdPtrs {
-        q: qkv.ptr(),
-        k: qkv.ptr() + step,
-        v: qkv.ptr() + 2 * step,
+        q,
+        k,
+        v,
         o: o.ptr(),
         lse: lse.ptr(),
         dout: dout.ptr(),
         delta: delta.ptr(),
-        dq: dqkv.ptr(),
-        dk: dqkv.ptr() + step,
-        dv: dqkv.ptr() + 2 * step,
+        dq,
+        dk,
+        dv,
     };
     gpu.run(&plan_backward(dtype, dims, Layout::packed_qkv(dims), p, c)?)?;
     Ok(dqkv)
