@@ -233,8 +233,8 @@ pub mod moves {
     }
 
     /// Fused rows [B·N, 3C] (q | k | v, heads inside) → [3, B, H, N, dh]. The block no longer moves
-    /// data this way (attention reads the rows in place, [`attn::Layout::packed_qkv`]); the tests
-    /// use it as the reference of that layout.
+    /// data this way (attention reads the rows in place: `Layout::packed_qkv`); the tests use it as
+    /// the reference of that layout.
     pub fn split_qkv(b: usize, n: usize, h: usize, dh: usize) -> (Vec<usize>, Vec<usize>) {
         let c = h * dh;
         (vec![3, b, h, n, dh], vec![c, n * 3 * c, dh, 3 * c, 1])
