@@ -1247,7 +1247,6 @@ mod emulated_block {
                 dx: mem.put(&gout),
                 dy: mem.alloc(tn * c),
                 dh: mem.alloc(tn * c),
-                dln: mem.alloc(tn * c),
                 dg: mem.alloc(tn * hd),
                 do_rows: mem.alloc(tn * c),
                 dqkv: mem.alloc(3 * tn * c),

@@ -280,7 +280,6 @@ fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
         dx: p(40),
         dy: p(41),
         dh: p(42),
-        dln: p(43),
         dg: p(44),
         do_rows: p(45),
         dqkv: p(48),

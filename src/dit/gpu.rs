@@ -638,8 +638,6 @@ pub struct BlockGrads {
     pub dy: u64,
     /// [T, C] scratch: the cotangent of h2, then of h1.
     pub dh: u64,
-    /// [T, C] scratch: the layernorms' input cotangent.
-    pub dln: u64,
     /// [T, Hd] scratch.
     pub dg: u64,
     /// [T, C] (dO as rows [B, N, H, dh]) and [T, 3C] (dq, dk, dv packed) scratch; delta f32 [B, H, N].
@@ -897,7 +895,6 @@ impl BlockGradAlloc {
             &[
                 &[tn, c],
                 &[tn, c],
-                &[tn, c],
                 &[tn, hd],
                 &[tn, c],
                 &[tn, 3 * c],
@@ -909,10 +906,9 @@ impl BlockGradAlloc {
             dx,
             dy: s[0].ptr(),
             dh: s[1].ptr(),
-            dln: s[2].ptr(),
-            dg: s[3].ptr(),
-            do_rows: s[4].ptr(),
-            dqkv: s[5].ptr(),
+            dg: s[2].ptr(),
+            do_rows: s[3].ptr(),
+            dqkv: s[4].ptr(),
             delta: delta.ptr(),
             ones,
             dmods: Mods::default(),
