@@ -892,13 +892,7 @@ impl BlockGradAlloc {
     ) -> Result<BlockGradAlloc> {
         let (tn, c, hd) = (d.t(), d.c, d.hd);
         let s = gpu.alloc_stacked(
-            &[
-                &[tn, c],
-                &[tn, c],
-                &[tn, hd],
-                &[tn, c],
-                &[tn, 3 * c],
-            ],
+            &[&[tn, c], &[tn, c], &[tn, hd], &[tn, c], &[tn, 3 * c]],
             dtype,
         )?;
         let delta = gpu.alloc_out(&[d.b * d.heads * d.n], F32)?;
