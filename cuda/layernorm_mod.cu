@@ -103,6 +103,59 @@ __device__ __forceinline__ void load_row(const typename ST::T* row, int C, int l
     }
 }
 
+// The row statistics the outputs need: mean, 1/std, and with a tangent mean(x_dot) and mean(xhat x_dot).
+struct RowStats {
+    float mu, rstd, mu_t, mean_xhat_t;
+};
+
+// Chunk i of y (and, with JVP, of y_dot) from the chunk's x values `a` and x_dot values `b` (zeros when
+// x carries no tangent); the register and streaming paths both end here.
+template <class ST, bool JVP>
+__device__ __forceinline__ void out_chunk(const float (&a)[ST::V], const float (&b)[ST::V], const RowStats& r,
+                                          const float* sr, const float* hr, const float* tsr, const float* thr,
+                                          typename ST::T* yr, typename ST::T* tyr, int i, int C, bool vec) {
+    constexpr int V = ST::V;
+    float s[V], h[V], o[V];
+    load_mod<V>(sr, i, C, vec, s);
+    load_mod<V>(hr, i, C, vec, h);
+#pragma unroll
+    for (int e = 0; e < V; ++e) o[e] = (a[e] - r.mu) * r.rstd * (1.f + s[e]) + h[e];
+    fj_store_chunk<ST>(yr, i, C, vec, o);
+    if (JVP) {
+        float ts[V], th[V];
+        load_mod<V>(tsr, i, C, vec, ts);
+        load_mod<V>(thr, i, C, vec, th);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float xh = (a[e] - r.mu) * r.rstd;
+            const float xh_t = (b[e] - r.mu_t - xh * r.mean_xhat_t) * r.rstd;
+            o[e] = xh_t * (1.f + s[e]) + xh * ts[e] + th[e];
+        }
+        fj_store_chunk<ST>(tyr, i, C, vec, o);
+    }
+}
+
+// Chunk i of dx = dres + (g - mean(g) - xhat mean(g xhat)) rstd, g = dy (1 + scale), from the chunk's dy
+// values `a` and x values `b` (both paths of the backward end here).
+template <class ST>
+__device__ __forceinline__ void bwd_out_chunk(const float (&a)[ST::V], const float (&b)[ST::V], const float* sr,
+                                              float mu, float rs, float mean_g, float mean_gx,
+                                              const typename ST::T* drr, typename ST::T* dxr, int i, int C,
+                                              bool vec) {
+    constexpr int V = ST::V;
+    float s[V], o[V];
+    load_mod<V>(sr, i, C, vec, s);
+#pragma unroll
+    for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
+    if (drr) {
+        float r[V];
+        fj_load_chunk<ST>(drr, i, C, vec, r);
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] += r[e];
+    }
+    fj_store_chunk<ST>(dxr, i, C, vec, o);
+}
+
 // The gated residual in front of the fused kernels, one row of each (pointers already offset to the
 // row; gate and tgate to the row's group): x1 = x + gate y, x1_dot = x_dot + gate_dot y + gate y_dot,
 // computed in f32 and rounded to the storage type, exactly as gated_residual_{fwd,jvp} do.
@@ -220,45 +273,18 @@ __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, 
     }
 
     // outputs
+    const RowStats st{mu, rstd, mu_t, mean_xhat_t};
 #pragma unroll
     for (int ch = 0; ch < NCH; ++ch) {
         const int i = (ch * 32 + lane) * V;
         if (i >= C) continue;
-        float a[V], s[V], h[V], o[V];
+        float a[V], b[V];
         unpack<ST>(xa[ch], a);
-        load_mod<V>(sr, i, C, true, s);
-        load_mod<V>(hr, i, C, true, h);
 #pragma unroll
-        for (int e = 0; e < V; ++e) o[e] = (a[e] - mu) * rstd * (1.f + s[e]) + h[e];
-        fj_store_chunk<ST>(yr, i, C, true, o);
-        if (JVP) {
-            float b[V], ts[V], th[V];
-            if (txr) unpack<ST>(ta[ch], b);
-            else {
-#pragma unroll
-                for (int e = 0; e < V; ++e) b[e] = 0.f;
-            }
-            load_mod<V>(tsr, i, C, true, ts);
-            load_mod<V>(thr, i, C, true, th);
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-                const float xh = (a[e] - mu) * rstd;
-                const float xh_t = (b[e] - mu_t - xh * mean_xhat_t) * rstd;
-                o[e] = xh_t * (1.f + s[e]) + xh * ts[e] + th[e];
-            }
-            fj_store_chunk<ST>(tyr, i, C, true, o);
-        }
+        for (int e = 0; e < V; ++e) b[e] = 0.f;
+        if (JVP && txr) unpack<ST>(ta[ch], b);
+        out_chunk<ST, JVP>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, true);
     }
-}
-
-// o += chunk i of the row `drr` (when not null).
-template <class ST>
-__device__ __forceinline__ void add_res(const typename ST::T* drr, int i, int C, bool vec, float (&o)[ST::V]) {
-    if (!drr) return;
-    float r[ST::V];
-    fj_load_chunk<ST>(drr, i, C, vec, r);
-#pragma unroll
-    for (int e = 0; e < ST::V; ++e) o[e] += r[e];
 }
 
 template <class ST, int NCH>
@@ -292,14 +318,10 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
     for (int ch = 0; ch < NCH; ++ch) {
         const int i = (ch * 32 + lane) * V;
         if (i >= C) continue;
-        float a[V], b[V], s[V], o[V];
+        float a[V], b[V];
         unpack<ST>(ga[ch], a);
         unpack<ST>(xa[ch], b);
-        load_mod<V>(sr, i, C, true, s);
-#pragma unroll
-        for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
-        add_res<ST>(drr, i, C, true, o);
-        fj_store_chunk<ST>(dxr, i, C, true, o);
+        bwd_out_chunk<ST>(a, b, sr, mu, rs, mean_g, mean_gx, drr, dxr, i, C, true);
     }
 }
 
@@ -395,31 +417,14 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
     }
 
     // pass 3: outputs
+    const RowStats st{mu, rstd, mu_t, mean_xhat_t};
     for (int i = lane * V; i < C; i += 32 * V) {
-        float a[V], s[V], h[V], o[V];
+        float a[V], b[V];
         fj_load_chunk<ST>(xr, i, C, vec, a);
-        load_mod<V>(sr, i, C, vec, s);
-        load_mod<V>(hr, i, C, vec, h);
 #pragma unroll
-        for (int e = 0; e < V; ++e) o[e] = (a[e] - mu) * rstd * (1.f + s[e]) + h[e];
-        fj_store_chunk<ST>(yr, i, C, vec, o);
-        if (JVP) {
-            float b[V], ts[V], th[V];
-            if (txr) fj_load_chunk<ST>(txr, i, C, vec, b);
-            else {
-#pragma unroll
-                for (int e = 0; e < V; ++e) b[e] = 0.f;
-            }
-            load_mod<V>(tsr, i, C, vec, ts);
-            load_mod<V>(thr, i, C, vec, th);
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-                const float xh = (a[e] - mu) * rstd;
-                const float xh_t = (b[e] - mu_t - xh * mean_xhat_t) * rstd;
-                o[e] = xh_t * (1.f + s[e]) + xh * ts[e] + th[e];
-            }
-            fj_store_chunk<ST>(tyr, i, C, vec, o);
-        }
+        for (int e = 0; e < V; ++e) b[e] = 0.f;
+        if (JVP && txr) fj_load_chunk<ST>(txr, i, C, vec, b);
+        out_chunk<ST, JVP>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, vec);
     }
 }
 
@@ -468,14 +473,10 @@ __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const
     const float mean_gx = fj_warp_sum(sgx) * inv_c;
 
     for (int i = lane * V; i < C; i += 32 * V) {
-        float a[V], b[V], s[V], o[V];
+        float a[V], b[V];
         fj_load_chunk<ST>(dyr, i, C, vec, a);
         fj_load_chunk<ST>(xr, i, C, vec, b);
-        load_mod<V>(sr, i, C, vec, s);
-#pragma unroll
-        for (int e = 0; e < V; ++e) o[e] = (a[e] * (1.f + s[e]) - mean_g - (b[e] - mu) * rs * mean_gx) * rs;
-        add_res<ST>(drr, i, C, vec, o);
-        fj_store_chunk<ST>(dxr, i, C, vec, o);
+        bwd_out_chunk<ST>(a, b, sr, mu, rs, mean_g, mean_gx, drr, dxr, i, C, vec);
     }
 }
 
