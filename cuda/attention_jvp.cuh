@@ -11,16 +11,22 @@
 //   l     = sum_j p_j                       O = sum_j p_j v_j
 //   r     = sum_j p_j sdot_j                T = sum_j p_j (vdot_j + sdot_j v_j)
 //   finish: o = O/l, mu = r/l, odot = T/l - mu o, lse = m + ln l, tlse (the tangent of lse) = mu.
-// CENTRED T (full JVP, 16-bit storage): P.Sdot is rounded to bf16/f16 for the tensor cores, and
-// odot = T/l - mu o cancels those rounding errors against mu o, badly when one key dominates a row
-// (Nk = 1 gave a bf16 tangent error of 3.9e-3 under the emulator). The full JVP therefore keeps T
-// centred on the running mu: T = sum_j p_j (vdot_j + (sdot_j - mu) v_j) with the tile's products fed
-// P.(Sdot - mu_new), and when a tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first;
-// then odot = T/l. mu needs whole-row sums of p and p.sdot every tile (two quad shuffles each). The
-// nokv variant keeps the uncentred form: centring it pushed it past 255 registers (d128 on sm_80 spilled
-// even with 32-key tiles; so did feeding P.Sdot as a bf16 pair hi + lo instead), so its bf16 tangent
-// error grows when a few keys carry each row (7.7e-3 at scale 1 under the emulator, tests/gpu_ops.rs
-// attention_jvp_peaked_softmax; the full JVP: 2.2e-3). The Hopper kernel centres nokv too.
+// CENTRED T (full JVP and nokv, 16-bit storage): P.Sdot is rounded to bf16/f16 for the tensor cores,
+// and odot = T/l - mu o cancels those rounding errors against mu o, badly when one key dominates a row
+// (Nk = 1 gave a bf16 tangent error of 3.9e-3 under the emulator; the nokv kernels, uncentred until
+// 2026-11, 7.7e-3 at scale 1). T is therefore kept centred on the running mu:
+// T = sum_j p_j (vdot_j + (sdot_j - mu) v_j) with the tile's products fed P.(Sdot - mu_new), and when a
+// tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first; then odot = T/l. mu needs
+// whole-row sums of p and p.sdot every tile (two quad shuffles each).
+// NOKV REGISTERS: ptxas schedules the nokv kernels more greedily than the full ones, and centring them
+// as the full JVP does spilled at many (d, dv). They fit 255 registers because (P_EARLY) P is packed to
+// 16 bits as soon as it is known, so the f32 tile dies before the shuffles; l, r, mu and P.(Sdot - mu)
+// then take the rounded p~ that the products see, which keeps the centring exact for those weights
+// (sum p~ (sdot - mu) = 0; mixing f32 sums with p~ products gave 3.3e-3 at d72 against 2.7e-3), while
+// the per-thread sums of p - p~ and (p - p~) sdot restore lse and tlse of the f32 p. Also: 32-key tiles
+// at dv = 96, and the score loop over head-dim chunks unrolled 2 at a time (1 at dv = 128) when Q is
+// re-read from shared memory. Those last two were found with the resource report (NVRTC 13.0); the CI's
+// spill check catches a compiler that disagrees.
 // Six matrix products per tile: Q K^T, Qdot K^T, Q Kdot^T, P V, P Vdot, (P.Sdot) V; T holds both P Vdot
 // and (P.Sdot) V. Variants:
 //   attention_jvp_*      the full JVP above (tangents on q, k and v).
@@ -30,8 +36,9 @@
 // and lse = m ln2 + ln l.
 //
 // TILING (bf16/f16, tensor cores): a block of 4 warps owns BR = 64 query rows, 16 per warp; each warp
-// runs mma.sync m16n8k16 (16-bit in, f32 accumulate). Key tiles of BC rows (64; 32 when d or dv is 128)
-// of K, V (and Kdot, Vdot) stream through shared memory with cp.async, double buffered. Q and Qdot are
+// runs mma.sync m16n8k16 (16-bit in, f32 accumulate). Key tiles of BC rows (64; 32 when d or dv is 128,
+// and in nokv at dv = 96) of K, V (and Kdot, Vdot) stream through shared memory with cp.async, double
+// buffered. Q and Qdot are
 // staged in shared memory once; when d <= 64 and dv <= 64 they are then held as mma operand fragments
 // in registers, otherwise re-read with ldmatrix every tile (register budget, DESIGN.md section 3: with
 // dv = 96 and Q in registers the d = 32 JVP spills on sm_90a). The score tiles S and Sdot stay in registers; P and P.Sdot are rounded to the storage
@@ -58,7 +65,7 @@
 //   dynamic shared memory bytes (set cudaFuncAttributeMaxDynamicSharedMemorySize when > 48 KiB):
 //     bf16/f16: 2 * (NQ * 64 * (DP + 8) + 2 * (NKV / 2) * BC * (DP + 8 + DVP + 8))
 //               NQ = 2 (jvp, jvp_nokv) or 1 (fwd); NKV = 4 (jvp) or 2 (jvp_nokv, fwd);
-//               DP, DVP = d, dv rounded up to a multiple of 16; BC = 32 if d or dv is 128, else 64
+//               DP, DVP = d, dv rounded up to a multiple of 16; BC = 32 if d or dv is 128 or (nokv) dv is 96, else 64
 //     f32:      4 * (NQ * 16 * d + NK * 32 * (d + 1) + NK * 32 * VS),  VS = 32 * ceil(dv / 32),
 //               NQ = 2 (jvp, jvp_nokv) or 1 (fwd); NK = 2 (jvp) or 1 (jvp_nokv, fwd)
 //   README.md lists the resulting byte counts.
@@ -100,11 +107,11 @@ constexpr int NTHREADS = 128;
 constexpr int BR = 64;  // query rows per block, tensor-core path
 
 // Per (d, dv): padded head dims, key tile, whether Q/Qdot fragments live in registers.
-template <int D, int DV> struct Cfg {
+template <int D, int DV, int MODE> struct Cfg {
     enum {
         DP = (D + 15) / 16 * 16,
         DVP = (DV + 15) / 16 * 16,
-        BC = (D == 128 || DV == 128) ? 32 : 64,
+        BC = (D == 128 || DV == 128 || (MODE == NOKV && DV == 96)) ? 32 : 64,
         QREG = (D <= 64 && DV <= 64) ? 1 : 0,
     };
 };
@@ -121,13 +128,18 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = MODE != FWD;   // a tangent is carried (qdot at least)
     constexpr bool KVT = MODE == FULL;  // k and v carry tangents
-    constexpr bool CENTER = MODE == FULL;  // T centred on the running mu (see the header)
-    constexpr int DP = Cfg<D, DV>::DP, DVP = Cfg<D, DV>::DVP, BC = Cfg<D, DV>::BC;
-    constexpr bool QREG = Cfg<D, DV>::QREG;
+    constexpr bool P_EARLY = MODE == NOKV;  // P packed to 16 bits early (header: NOKV REGISTERS)
+    typedef Cfg<D, DV, MODE> C;
+    constexpr int DP = C::DP, DVP = C::DVP, BC = C::BC;
+    constexpr bool QREG = C::QREG;
     constexpr int SS = DP + 8;       // shared row stride of Q, K tiles (16-byte padding against bank conflicts)
     constexpr int SV = DVP + 8;      // shared row stride of V tiles
     constexpr int NT = DVP / 8;      // 8-column n-tiles of the output accumulators
     constexpr int KC = DP / 16;      // 16-wide k-chunks of the head dim
+    // The score loop over head-dim chunks is unrolled fully, except in nokv with Q re-read from shared
+    // memory: 2 chunks at a time (1 at dv = 128 past d = 32) keep ptxas from hoisting every chunk's
+    // loads, which spilled on sm_90a (header: NOKV REGISTERS).
+    constexpr int KC_UNROLL = (QREG || MODE != NOKV) ? KC : (DV == 128 && KC > 2) ? 1 : 2;
     constexpr int NS = BC / 8;       // 8-key n-tiles of the score tile
     constexpr int NQ = TAN ? 2 : 1;  // Q (and Qdot) tiles
     constexpr int NKV = KVT ? 4 : 2; // K, V (and Kdot, Vdot) tiles per stage
@@ -246,12 +258,19 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             if (TAN) acc_t[n][e] = 0.f;
         }
     // Two query rows per thread: row g (fragment elements 0,1) and row g+8 (elements 2,3).
-    // Uncentred (nokv, fwd): l_run, r_run are this thread's partial row sums of p and p.sdot, reduced
-    // over the quad at the end. Centred (full JVP): whole-row sums, reduced every tile, and mu_run =
-    // r_run / l_run is the centre of T.
+    // With a tangent, l_run and r_run are whole-row sums of p and p.sdot, reduced over the quad every
+    // tile, and mu_run = r_run / l_run is the centre of T. The primal forward keeps this thread's
+    // partial sum of p in l_run and reduces it over the quad at the end.
     float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
     float mu_run[2] = {0.f, 0.f};
+    // P_EARLY: this thread's partial sums of (p - p~) and (p - p~) sdot, p~ the rounded p.
+    float dl[2] = {0.f, 0.f}, dr[2] = {0.f, 0.f};
     const float sl2 = scale * FJ_LOG2E;
+    // Element h (0: low half) of a packed pair of storage values, as f32.
+    auto half_of = [](fj_u32 w, int h) {
+        if (F16) return fj_f16_to_f32(h ? (fj_u16)(w >> 16) : (fj_u16)(w & 0xffffu));
+        return __uint_as_float(__byte_perm(w, 0u, h ? 0x3244u : 0x1044u));  // bf16: an f32's top half
+    };
 
     fj_u32 qf[QREG ? KC : 1][4], qdf[(QREG && TAN) ? KC : 1][4];
 
@@ -287,6 +306,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         const fj_u32 sVd_v = sV_v + PAIR * 2;
         // ---- scores: S = Q K^T, Sdot = Qdot K^T (+ Q Kdot^T) ----
         float s[NS][4], sd[TAN ? NS : 1][4];
+        // With a tangent, P and P.(Sdot - mu) are packed to 16-bit mma operands during the softmax.
+        fj_u32 pk[TAN ? BC / 16 : 1][4], psk[TAN ? BC / 16 : 1][4];
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
@@ -294,7 +315,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                 s[n][e] = 0.f;
                 if (TAN) sd[n][e] = 0.f;
             }
-#pragma unroll
+#pragma unroll KC_UNROLL
         for (int kc = 0; kc < KC; ++kc) {
             fj_u32 a[4], ad[4];
             if (QREG) {
@@ -358,24 +379,42 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             m_use[i] = (mx[i] == -FJ_INF) ? 0.f : mx[i];
             alpha[i] = fj_exp2(m_run[i] - m_use[i]);
             m_run[i] = mx[i];
-            if (!CENTER) {
-                l_run[i] *= alpha[i];
-                if (TAN) r_run[i] *= alpha[i];
-            }
+            if (!TAN) l_run[i] *= alpha[i];
         }
-        if (CENTER) {
+        if (TAN) {
             // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
             // give the new centre mu, then T moves from the old centre: T += (mu_old - mu_new) O.
+            // P_EARLY (nokv, for registers; see the header): P is packed at once and the f32 tile dies;
+            // the sums and P.(Sdot - mu) then take the rounded p~ the products see. Else the f32 p.
             float lt[2] = {0.f, 0.f}, rt[2] = {0.f, 0.f};
 #pragma unroll
-            for (int n = 0; n < NS; ++n)
+            for (int i = 0; i < 2 && P_EARLY; ++i) {
+                dl[i] *= alpha[i];
+                dr[i] *= alpha[i];
+            }
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] = fj_exp2(s[n][e] - m_use[e >> 1]);
+                if (P_EARLY) {
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(s[n][0], s[n][1]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(s[n][2], s[n][3]);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
-                    s[n][e] = p;
+                    const float p = P_EARLY ? half_of(pk[TAN ? n >> 1 : 0][(n & 1) * 2 + (e >> 1)], e & 1) : s[n][e];
                     lt[e >> 1] += p;
                     rt[e >> 1] += p * sd[TAN ? n : 0][e];
+                    if (P_EARLY) {  // what rounding took from p, for lse and tlse
+                        const float dp = s[n][e] - p;
+                        dl[e >> 1] += dp;
+                        dr[e >> 1] += dp * sd[TAN ? n : 0][e];
+                    }
                 }
+            }
             float dmu[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
@@ -397,17 +436,25 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                     acc_t[TAN ? n : 0][e] = fmaf(acc_t[TAN ? n : 0][e], alpha[e >> 1], dmu[e >> 1] * acc_o[n][e]);
                 }
 #pragma unroll
-            for (int n = 0; n < NS; ++n)
+            for (int n = 0; n < NS; ++n) {
+                float ps[4];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) sd[TAN ? n : 0][e] = s[n][e] * (sd[TAN ? n : 0][e] - mu_run[e >> 1]);
-        } else {
+                for (int e = 0; e < 4; ++e) {
+                    const float p = P_EARLY ? half_of(pk[TAN ? n >> 1 : 0][(n & 1) * 2 + (e >> 1)], e & 1) : s[n][e];
+                    ps[e] = p * (sd[TAN ? n : 0][e] - mu_run[e >> 1]);
+                }
+                if (!P_EARLY) {
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(s[n][0], s[n][1]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(s[n][2], s[n][3]);
+                }
+                psk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(ps[0], ps[1]);
+                psk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(ps[2], ps[3]);
+            }
+        } else {  // primal forward
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    acc_o[n][e] *= alpha[e >> 1];
-                    if (TAN) acc_t[n][e] *= alpha[e >> 1];
-                }
+                for (int e = 0; e < 4; ++e) acc_o[n][e] *= alpha[e >> 1];
 #pragma unroll
             for (int n = 0; n < NS; ++n)
 #pragma unroll
@@ -415,11 +462,6 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                     const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
                     s[n][e] = p;
                     l_run[e >> 1] += p;
-                    if (TAN) {
-                        const float ps = p * sd[n][e];
-                        sd[n][e] = ps;
-                        r_run[e >> 1] += ps;
-                    }
                 }
         }
 
@@ -427,15 +469,17 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 #pragma unroll
         for (int kc2 = 0; kc2 < BC / 16; ++kc2) {
             fj_u32 pa[4], psa[4];
-            pa[0] = fj_pack2<F16>(s[2 * kc2][0], s[2 * kc2][1]);
-            pa[1] = fj_pack2<F16>(s[2 * kc2][2], s[2 * kc2][3]);
-            pa[2] = fj_pack2<F16>(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
-            pa[3] = fj_pack2<F16>(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
             if (TAN) {
-                psa[0] = fj_pack2<F16>(sd[TAN ? 2 * kc2 : 0][0], sd[TAN ? 2 * kc2 : 0][1]);
-                psa[1] = fj_pack2<F16>(sd[TAN ? 2 * kc2 : 0][2], sd[TAN ? 2 * kc2 : 0][3]);
-                psa[2] = fj_pack2<F16>(sd[TAN ? 2 * kc2 + 1 : 0][0], sd[TAN ? 2 * kc2 + 1 : 0][1]);
-                psa[3] = fj_pack2<F16>(sd[TAN ? 2 * kc2 + 1 : 0][2], sd[TAN ? 2 * kc2 + 1 : 0][3]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    pa[e] = pk[TAN ? kc2 : 0][e];
+                    psa[e] = psk[TAN ? kc2 : 0][e];
+                }
+            } else {
+                pa[0] = fj_pack2<F16>(s[2 * kc2][0], s[2 * kc2][1]);
+                pa[1] = fj_pack2<F16>(s[2 * kc2][2], s[2 * kc2][3]);
+                pa[2] = fj_pack2<F16>(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
+                pa[3] = fj_pack2<F16>(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
             }
 #pragma unroll
             for (int n2 = 0; n2 < DVP / 16; ++n2) {
@@ -459,23 +503,25 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     }
     fj_cp_async_wait<0>();
 
-    // ---- finish: quad-reduce l and r unless centred (each thread summed its own columns), normalise,
+    // ---- finish: quad-reduce l for the primal forward (each thread summed its own columns), normalise,
     // store ----
 #pragma unroll
-    for (int i = 0; i < 2 && !CENTER; ++i) {
+    for (int i = 0; i < 2 && !TAN; ++i) {
         l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
         l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-        if (TAN) {
-            r_run[i] += __shfl_xor_sync(0xffffffffu, r_run[i], 1);
-            r_run[i] += __shfl_xor_sync(0xffffffffu, r_run[i], 2);
-        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2 && P_EARLY; ++i) {
+        dl[i] += __shfl_xor_sync(0xffffffffu, dl[i], 1);
+        dl[i] += __shfl_xor_sync(0xffffffffu, dl[i], 2);
+        dr[i] += __shfl_xor_sync(0xffffffffu, dr[i], 1);
+        dr[i] += __shfl_xor_sync(0xffffffffu, dr[i], 2);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int row = q0 + warp * 16 + g + 8 * i;
         if (row >= Nq) continue;
         const float inv_l = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
-        const float mu = TAN ? r_run[i] * inv_l : 0.f;
         const fj_i64 roff = head_offset(os, bh, H) + (fj_i64)row * os.n;
 #pragma unroll
         for (int n = 0; n < DV / 8; ++n) {  // n-tiles at or past dv (padding) are not stored
@@ -484,16 +530,17 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
             if (TAN) {
                 // Centred, T/l is odot itself: no cancellation against mu o.
-                const float c = CENTER ? 0.f : mu;
-                const float t0 = acc_t[TAN ? n : 0][2 * i] * inv_l - c * o0;
-                const float t1 = acc_t[TAN ? n : 0][2 * i + 1] * inv_l - c * o1;
+                const float t0 = acc_t[TAN ? n : 0][2 * i] * inv_l;
+                const float t1 = acc_t[TAN ? n : 0][2 * i + 1] * inv_l;
                 *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(t0) | ((fj_u32)ST::store(t1) << 16);
             }
         }
         if (t4 == 0) {
+            // lse and tlse of the f32 p (P_EARLY: l and r summed the rounded p; add back the rest).
+            const float lf = l_run[i] + dl[i], rf = r_run[i] + dr[i];
             const fj_i64 li = (fj_i64)bh * Nq + row;
-            lse[li] = l_run[i] > 0.f ? m_run[i] * FJ_LN2 + logf(l_run[i]) : -FJ_INF;
-            if (TAN) tlse[li] = mu;
+            lse[li] = lf > 0.f ? m_run[i] * FJ_LN2 + logf(lf) : -FJ_INF;
+            if (TAN) tlse[li] = lf > 0.f ? rf / lf : 0.f;
         }
     }
 }

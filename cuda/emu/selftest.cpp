@@ -400,8 +400,12 @@ static void test_cvt() {
     bad += !std::isnan(fj_f16_to_f32(fj_f32_to_f16(NAN)));
     bad += (fj_pack2<false>(NAN, 0.f) & 0xffffu) != 0x7fffu;
     bad += fj_exp2(-INFINITY) != 0.f || fj_exp2(3.f) != 8.f;
-    check(bad == 0, "cvt.rn.{bf16x2,f16x2} operand order and rounding, cvt f16<->f32, ex2",
-          std::to_string(bad) + " wrong of 10");
+    // prmt as __byte_perm (CUDA's example values; the bf16 unpacking of attention_jvp.cuh's half_of).
+    bad += __byte_perm(0x33221100u, 0x77665544u, 0x5410u) != 0x55441100u;
+    bad += __byte_perm(0x33221100u, 0x77665544u, 0x1044u) != 0x11004444u;
+    bad += __byte_perm(0x3f803f82u, 0u, 0x1044u) != 0x3f820000u || __byte_perm(0x3f803f82u, 0u, 0x3244u) != 0x3f800000u;
+    check(bad == 0, "cvt.rn.{bf16x2,f16x2} operand order and rounding, cvt f16<->f32, ex2, prmt",
+          std::to_string(bad) + " wrong of 13");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -321,7 +321,13 @@ pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize, dv: usize) -> 
         // K and V tile pairs per stage: (K, V) or (K, V, Kdot, Vdot).
         let pairs = if variant == Variant::Jvp { 2 } else { 1 };
         let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
-        let bc = if d == 128 || dv == 128 { 32 } else { 64 };
+        // Key tile: 32 at head dim 128, and for the constant-K/V JVP at dv 96 (register room for
+        // its centred tangent); else 64.
+        let bc = if d == 128 || dv == 128 || (variant == Variant::JvpNoKv && dv == 96) {
+            32
+        } else {
+            64
+        };
         2 * (nq * 64 * (dp + 8) + 2 * pairs * bc * (dp + 8 + dvp + 8))
     }
 }
