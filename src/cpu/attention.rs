@@ -16,8 +16,8 @@
 //! Measured (1 core of the shared AMD EPYC build machine, f32, B1 H4 N1024 d64, 12·N²d flops for
 //! the JVP): JVP 130 GFLOP/s, the GEMM crate alone 200 GFLOP/s at 1024³; 64×64 blocks gave 115.
 //!
-//! Layouts (row-major, contiguous): q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv], o [B,H,Nq,dv],
-//! lse [B,H,Nq]. The functions trust their inputs: shapes were checked at the public boundary.
+//! Layouts (row-major, contiguous): q \[B,H,Nq,d\], k \[B,H,Nk,d\], v \[B,H,Nk,dv\], o \[B,H,Nq,dv\],
+//! lse \[B,H,Nq\]. The functions trust their inputs: shapes were checked at the public boundary.
 
 use std::any::TypeId;
 
@@ -76,7 +76,7 @@ pub fn forward<T: Real>(
     stream(dims, q, k, v, Tangents::none(), scale, o, lse, None);
 }
 
-/// o, lse and their tangents `to` ([B,H,Nq,dv]) and `tlse` ([B,H,Nq]) in one streaming pass:
+/// o, lse and their tangents `to` (\[B,H,Nq,dv\]) and `tlse` (\[B,H,Nq\]) in one streaming pass:
 /// running max m, sum l and accumulators O = Σ p v, T = Σ p (v̇ + ṡ v), r = Σ p ṡ per query row,
 /// finished as o = O/l, μ = r/l, ȯ = T/l − μ·o, lse = m + ln l, l̇se = μ.
 #[allow(clippy::too_many_arguments)]

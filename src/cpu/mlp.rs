@@ -10,7 +10,7 @@ use super::Real;
 /// Elements per rayon task in the activation pass.
 const BLOCK: usize = 1 << 14;
 
-/// The MLP's parameters: w1 [hd, c], b1 [hd], w2 [c, hd], b2 [c].
+/// The MLP's parameters: w1 [hd, c], b1 \[hd\], w2 [c, hd], b2 \[c\].
 #[derive(Clone, Copy)]
 pub struct Params<'a, T> {
     pub w1: &'a [T],

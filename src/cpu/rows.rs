@@ -14,7 +14,7 @@ pub fn rows_per_task(c: usize) -> usize {
     (ELEMS_PER_TASK / c.max(1)).max(1)
 }
 
-/// A modulation tensor [G, C] (G = 1 for [C]) broadcast over `rows` rows: row r reads vector
+/// A modulation tensor [G, C] (G = 1 for \[C\]) broadcast over `rows` rows: row r reads vector
 /// r / (rows / G). G divides `rows` (checked at the op boundary).
 #[derive(Clone, Copy, Debug)]
 pub struct Groups<'a, T> {

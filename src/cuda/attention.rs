@@ -84,7 +84,7 @@ impl AttnDims {
     }
 }
 
-/// Checks q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv] (naming the tensor in errors, as the CPU op
+/// Checks q \[B,H,Nq,d\], k \[B,H,Nk,d\], v \[B,H,Nk,dv\] (naming the tensor in errors, as the CPU op
 /// does) and what the kernels support (head dims, grid and int limits).
 pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     let rank4 = |name: &str, s: &[usize]| -> Result<()> {
@@ -478,7 +478,7 @@ pub fn plan_jvp(
     )?)])
 }
 
-/// Pointers of the backward. `delta` is an f32 [B,H,Nq] scratch buffer.
+/// Pointers of the backward. `delta` is an f32 \[B,H,Nq\] scratch buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct BwdPtrs {
     pub q: u64,
@@ -609,8 +609,8 @@ pub fn plan_backward(
     ])
 }
 
-/// Outputs of the device-resident JVP: o [B,H,Nq,dv] and its tangent in the inputs' dtype, lse and
-/// its tangent f32 [B,H,Nq]. The tangents are `None` when no input carried one.
+/// Outputs of the device-resident JVP: o \[B,H,Nq,dv\] and its tangent in the inputs' dtype, lse and
+/// its tangent f32 \[B,H,Nq\]. The tangents are `None` when no input carried one.
 pub struct DeviceAttentionJvp {
     pub o: DeviceTensor,
     pub to: Option<DeviceTensor>,
@@ -1012,8 +1012,8 @@ pub fn jvp_packed_into(
     )?)
 }
 
-/// dq, dk, dv given the forward's o [B,H,Nq,dv] and lse (f32) and the output cotangent dout
-/// [B,H,Nq,dv].
+/// dq, dk, dv given the forward's o \[B,H,Nq,dv\] and lse (f32) and the output cotangent dout
+/// \[B,H,Nq,dv\].
 pub fn backward(
     q: &DeviceTensor,
     k: &DeviceTensor,
@@ -1035,7 +1035,7 @@ pub fn backward(
     Ok((dq, dk, dv))
 }
 
-/// The backward into existing outputs; `delta` is an f32 [B,H,Nq] scratch buffer.
+/// The backward into existing outputs; `delta` is an f32 \[B,H,Nq\] scratch buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(
     gpu: &Gpu,

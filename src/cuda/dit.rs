@@ -14,7 +14,7 @@ fn pointwise(kernel: String, n: usize, args: Vec<Arg>) -> Result<Vec<Step>> {
 }
 
 /// y = x permuted: y is row-major of shape `out_dims` (at most six axes) and its element
-/// (i0, .., ik) is x[Σ i_j · in_strides[j]] (strides in elements). y must not alias x.
+/// (i0, .., ik) is x[Σ i_j · in_strides\[j\]] (strides in elements). y must not alias x.
 pub fn plan_permute(
     dtype: DType,
     x: u64,
@@ -45,7 +45,7 @@ pub fn plan_permute(
     pointwise(format!("dit_permute_{dt}"), n, args)
 }
 
-/// y[i] += x[i mod period] for i < n (the position embedding over a batch; with period n, y += x).
+/// y\[i\] += x[i mod period] for i < n (the position embedding over a batch; with period n, y += x).
 pub fn plan_add_rows(dtype: DType, y: u64, x: u64, n: usize, period: usize) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     if period == 0 {
@@ -63,7 +63,7 @@ pub fn plan_add_rows(dtype: DType, y: u64, x: u64, n: usize, period: usize) -> R
     )
 }
 
-/// y[r, :] += table[idx[r], :] for y [rows, w]; idx is an i32 device vector of `rows` indices.
+/// y[r, :] += table[idx\[r\], :] for y [rows, w]; idx is an i32 device vector of `rows` indices.
 pub fn plan_add_class(
     dtype: DType,
     y: u64,
@@ -86,7 +86,7 @@ pub fn plan_add_class(
     )
 }
 
-/// dtable[k, :] = Σ_{r: idx[r] = k} dy[r, :] for dtable [table_rows, w] (every row written).
+/// dtable[k, :] = Σ_{r: idx\[r\] = k} dy[r, :] for dtable [table_rows, w] (every row written).
 pub fn plan_class_grad(
     dtype: DType,
     dy: u64,

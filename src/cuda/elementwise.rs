@@ -347,7 +347,7 @@ pub fn activation_backward(
     Ok(du)
 }
 
-/// Checks x [T, C], y and the gate ([C] or [G, C]); returns the dims.
+/// Checks x [T, C], y and the gate (\[C\] or [G, C]); returns the dims.
 pub fn residual_dims(x: &[usize], gate: &[usize], y: &[usize], lead: &str) -> Result<ResDims> {
     const OP: &str = "gated_residual";
     if x.len() != 2 {
@@ -472,7 +472,7 @@ pub fn residual_backward(
     Ok((dx, dgate, dy))
 }
 
-/// Checks t [N] and the scalars as the CPU op does.
+/// Checks t \[N\] and the scalars as the CPU op does.
 pub fn timestep_check(t: &[usize], dim: usize, max_period: f64) -> Result<usize> {
     const OP: &str = "timestep_embedding";
     if t.len() != 1 {

@@ -113,7 +113,7 @@ pub enum GemmAct {
     DGelu { aux: u64 },
 }
 
-/// A matrix product on row-major matrices, C[m, n] = act(op(A) op(B) (+ bias[n] on every row)),
+/// A matrix product on row-major matrices, C[m, n] = act(op(A) op(B) (+ bias\[n\] on every row)),
 /// with f32 accumulation. A is stored [m, k] (or [k, m] when `trans_a`), B is stored [k, n] (or
 /// [n, k] when `trans_b`); all three are contiguous and in `dtype`, as are the bias and any aux.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -4,7 +4,7 @@
 //! The kernels take the modulation vectors (scale, shift, their tangents and gradients) in f32
 //! [G, C] with one G for all of them, G dividing T (row t uses group t / (T/G)); device tensors of
 //! another dtype are converted to f32 here, and the host-level entry points (see [`super::ops`])
-//! also bring [C] and [G, C] of different G to a common G.
+//! also bring \[C\] and [G, C] of different G to a common G.
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
@@ -75,7 +75,7 @@ fn row_launch(kernel: String, d: LnDims, args: Vec<Arg>) -> Result<Step> {
     )?))
 }
 
-/// y (and, when the pointers are non-null, mean and rstd f32 [T]). Null scale/shift mean zero.
+/// y (and, when the pointers are non-null, mean and rstd f32 \[T\]). Null scale/shift mean zero.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_forward(
     dtype: DType,

@@ -26,7 +26,7 @@ pub struct MlpDims {
     pub hd: usize,
 }
 
-/// Device addresses of the parameters: w1 [Hd, C], b1 [Hd], w2 [C, Hd], b2 [C].
+/// Device addresses of the parameters: w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
 #[derive(Clone, Copy, Debug)]
 pub struct ParamPtrs {
     pub w1: u64,
@@ -55,7 +55,7 @@ impl DeviceMlp<'_> {
     }
 }
 
-/// Checks x [T, C], w1 [Hd, C], b1 [Hd], w2 [C, Hd], b2 [C] by shape (errors name the tensor).
+/// Checks x [T, C], w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\] by shape (errors name the tensor).
 pub fn check_shapes(
     x: &[usize],
     w1: &[usize],
@@ -211,7 +211,7 @@ pub struct BwdPtrs {
     pub g: u64,
     /// [T, Hd]: dpre = gelu'(pre) ⊙ (gy W2).
     pub dg: u64,
-    /// [T] of ones (filled by the plan).
+    /// \[T\] of ones (filled by the plan).
     pub ones: u64,
     pub dx: u64,
     pub dw1: u64,

@@ -15,7 +15,7 @@
 //! - One file per op family, mirroring cuda/: [`attention`], [`layernorm`], [`elementwise`],
 //!   [`mlp`] (GEMMs in [`gemm`]): shape checks, plans and device-resident entry points.
 //! - [`ops`]: host-level entry points (host tensors in, host tensors out) for the CLI and tests.
-//! - [`bench`]: CUDA-event timings of forward, JVP and backward.
+//! - [`bench`](mod@bench): CUDA-event timings of forward, JVP and backward.
 
 pub mod attention;
 pub mod attention_sm90;

@@ -215,7 +215,7 @@ fn check_layernorm(
     })
 }
 
-/// y on the GPU; scale and shift ([C] or [G, C]) are converted to f32.
+/// y on the GPU; scale and shift (\[C\] or [G, C]) are converted to f32.
 pub fn layernorm_mod_forward(
     x: &Tensor,
     scale: &Tensor,
@@ -346,7 +346,7 @@ pub fn silu_backward(x: &Tensor, gy: &Tensor, dtype: DType) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Gated residual.
 
-/// x + gate ⊙ y on the GPU (gate [C] or [G, C], converted to f32).
+/// x + gate ⊙ y on the GPU (gate \[C\] or [G, C], converted to f32).
 pub fn gated_residual_forward(
     x: &Tensor,
     gate: &Tensor,

@@ -15,7 +15,7 @@
 //! parameter generation (see `Dit::generation`): the host optimizer (AdamW, EMA in src/rcm) keeps
 //! the master copy, and a changed network is uploaded again, once, on its next GPU pass. The layout
 //! puts every adaLN weight (all blocks' and the final layer's) into one contiguous [M, C] matrix, and
-//! their biases into one [M] vector, M = (6·depth + 2)·C: all modulation vectors depend on c alone, so
+//! their biases into one \[M\] vector, M = (6·depth + 2)·C: all modulation vectors depend on c alone, so
 //! one GEMM gives every block's modulation, and in the backward one GEMM gives dW, one db and one
 //! dc summed over the blocks (no accumulation across blocks).
 //!
@@ -295,7 +295,7 @@ pub struct BlockParams {
 
 impl BlockParams {
     /// The shapes of one block's parameters, in the canonical order [`BlockParams::of`] takes:
-    /// qkv [3C, C], [3C]; proj [C, C], [C]; fc1 [Hd, C], [Hd]; fc2 [C, Hd], [C].
+    /// qkv [3C, C], \[3C\]; proj [C, C], \[C\]; fc1 [Hd, C], \[Hd\]; fc2 [C, Hd], \[C\].
     pub fn shapes(c: usize, hd: usize) -> [Vec<usize>; 8] {
         [
             vec![3 * c, c],
@@ -353,7 +353,7 @@ impl Mods {
 
 /// The primal buffers of one block (what its backward reads). In a dual forward `h1` and `h2` are
 /// [2T, C] and `pre` is [2T, Hd] (tangent rows after the primal rows); otherwise [T, C] / [T, Hd].
-/// mean/rstd f32 [T], lse f32 [B, H, N]; qkv [T, 3C] = [B, N, 3, H, dh] and o_rows [T, C] =
+/// mean/rstd f32 \[T\], lse f32 [B, H, N]; qkv [T, 3C] = [B, N, 3, H, dh] and o_rows [T, C] =
 /// [B, N, H, dh] are also attention's q, k, v and o.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockBufs {
@@ -943,7 +943,7 @@ const ALIGN: usize = 64;
 
 /// Where each parameter (canonical order) lives in the device buffer, in f32 elements. All adaLN
 /// weights (blocks in order, then the final layer) form one contiguous [M, C] matrix at
-/// `ada_w`, their biases one [M] vector at `ada_b`.
+/// `ada_w`, their biases one \[M\] vector at `ada_b`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamLayout {
     pub offsets: Vec<usize>,
@@ -1121,7 +1121,7 @@ impl GpuDit {
         6 * self.config.depth + 2
     }
 
-    /// The (dual) forward on device tensors: x f32 [B, Cin, S, S], t f32 [B], tangents optional.
+    /// The (dual) forward on device tensors: x f32 [B, Cin, S, S], t f32 \[B\], tangents optional.
     /// Returns the output, its tangent (when any input carried one) and the cache.
     pub fn run_device(
         &self,
@@ -1391,7 +1391,7 @@ impl GpuDit {
         Ok((out, tout, cache))
     }
 
-    /// Parameter gradients, f32 in the device layout ([`ParamLayout`]: [total] elements), given
+    /// Parameter gradients, f32 in the device layout ([`ParamLayout`]: \[total\] elements), given
     /// the output cotangent f32 [B, Cin, S, S].
     pub fn backward_device(
         &self,

@@ -218,7 +218,7 @@ impl Dit {
         self.params.iter().map(Tensor::numel).sum()
     }
 
-    /// The velocity F(x, t, class): x [B, C, H, W], t [B], class indices (≤ num_classes) → [B, C, H, W].
+    /// The velocity F(x, t, class): x [B, C, H, W], t \[B\], class indices (≤ num_classes) → [B, C, H, W].
     pub fn forward(&self, x: &Tensor, t: &Tensor, class: &[usize]) -> Result<Tensor> {
         self.forward_train(x, t, class).map(|(y, _)| y)
     }

@@ -1,5 +1,5 @@
 //! Attention O = softmax(c·Q Kᵀ) V per (batch, head), non-causal, Nq may differ from Nk, dv may
-//! differ from d. q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv]; c defaults to 1/√d.
+//! differ from d. q \[B,H,Nq,d\], k \[B,H,Nk,d\], v \[B,H,Nk,dv\]; c defaults to 1/√d.
 //! The JVP streams over key blocks with the online softmax of DESIGN.md section 3 (memory O(N·d),
 //! never an Nq×Nk buffer) and returns o, lse and their tangents. The backward recomputes P from lse.
 
@@ -36,7 +36,7 @@ pub struct AttentionGrads {
     pub dv: Tensor,
 }
 
-/// o [B,H,Nq,dv] and lse [B,H,Nq] in the inputs' dtype (f32 or f64).
+/// o \[B,H,Nq,dv\] and lse \[B,H,Nq\] in the inputs' dtype (f32 or f64).
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -107,7 +107,7 @@ pub fn attention_jvp(q: &Dual, k: &Dual, v: &Dual, scale: Option<f64>) -> Result
     })
 }
 
-/// dq, dk, dv given the forward's o and lse and the output cotangent go [B,H,Nq,dv].
+/// dq, dk, dv given the forward's o and lse and the output cotangent go \[B,H,Nq,dv\].
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,

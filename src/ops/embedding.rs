@@ -1,4 +1,4 @@
-//! Sinusoidal timestep embedding of t [B] into [B, dim] (dim even):
+//! Sinusoidal timestep embedding of t \[B\] into [B, dim] (dim even):
 //! e = [cos(ω_i τ), sin(ω_i τ)], ω_i = max_period^(−i/half), i < half = dim/2.
 //! Tangent with respect to t: ė = [−ω sin(ωτ), ω cos(ωτ)]·τ̇.
 
@@ -52,7 +52,7 @@ pub fn timestep_embedding_jvp(t: &Dual, dim: usize, max_period: f64) -> Result<D
     })
 }
 
-/// dt [B] given the cotangent ge [B, dim].
+/// dt \[B\] given the cotangent ge [B, dim].
 pub fn timestep_embedding_backward(
     t: &Tensor,
     dim: usize,

@@ -1,7 +1,7 @@
 //! LayerNorm without affine, with adaLN modulation: y = x̂·(1 + scale) + shift, x̂ = (x − μ)/σ,
 //! σ = √(var + eps). Tangents on x, scale and shift (DESIGN.md section 3):
 //! x̂̇ = (ẋ − mean(ẋ) − x̂·mean(x̂⊙ẋ))/σ ; ẏ = x̂̇(1+s) + x̂ṡ + ḣ.
-//! scale and shift are [C] or [G, C] with G dividing the rows (see `expect_groups`).
+//! scale and shift are \[C\] or [G, C] with G dividing the rows (see `expect_groups`).
 
 use crate::cpu;
 use crate::cpu::rows::Groups;
@@ -50,7 +50,7 @@ fn check(
     Ok((rows, c, gs, gh))
 }
 
-/// y [T, C] from x [T, C], scale and shift ([C] or [G, C]).
+/// y [T, C] from x [T, C], scale and shift (\[C\] or [G, C]).
 pub fn layernorm_mod_forward(
     x: &Tensor,
     scale: &Tensor,

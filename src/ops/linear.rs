@@ -34,7 +34,7 @@ fn check(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(usize, usize, us
     Ok((rows, cin, cout))
 }
 
-/// y [T, Cout] = x [T, Cin] · wᵀ ([Cout, Cin]) + b [Cout].
+/// y [T, Cout] = x [T, Cin] · wᵀ ([Cout, Cin]) + b \[Cout\].
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (rows, cin, cout) = check(x, w, b)?;
     with_real!(OP, "x", x.dtype(), T => {

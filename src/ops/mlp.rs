@@ -12,7 +12,7 @@ use crate::tensor::{Element, Tensor};
 
 const OP: &str = "mlp";
 
-/// The MLP's parameters: w1 [Hd, C], b1 [Hd], w2 [C, Hd], b2 [C].
+/// The MLP's parameters: w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
 #[derive(Clone, Copy, Debug)]
 pub struct Mlp<'a> {
     pub w1: &'a Tensor,

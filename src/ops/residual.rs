@@ -1,4 +1,4 @@
-//! Gated residual out = x + gate ⊙ y (adaLN-zero), x and y [T, C], gate [C] or [G, C].
+//! Gated residual out = x + gate ⊙ y (adaLN-zero), x and y [T, C], gate \[C\] or [G, C].
 //! Tangent: ẋ + ġ⊙y + g⊙ẏ.
 
 use crate::cpu;

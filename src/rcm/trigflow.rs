@@ -5,7 +5,7 @@
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Per-sample scalars broadcast over `dim` values: out[i·dim + k] = a[i]·x[i·dim + k] + b[i]·y[..].
+/// Per-sample scalars broadcast over `dim` values: out[i·dim + k] = a\[i\]·x[i·dim + k] + b\[i\]·y[..].
 pub fn combine(a: &[f64], x: &[f64], b: &[f64], y: &[f64], dim: usize) -> Vec<f64> {
     debug_assert_eq!(x.len(), a.len() * dim);
     debug_assert_eq!(y.len(), x.len());
