@@ -192,7 +192,7 @@ def main():
     for r in attn:
         by_shape.setdefault(tuple(r["shape"]), {})[r["pass"]] = r
     log("")
-    log("attention (bf16)          path   ours: fwd ms   jvp ms (TF/s)   nokv ms   bwd ms (TF/s)  jvp sm80 ms | torch fwd ms"
+    log("attention (bf16)          path   ours: fwd ms   jvp ms (TF/s)   nokv ms   bwd ms (TF/s)  jvp sm80 ms nokv sm80 ms | torch fwd ms"
         "  jvp/torch fwd  target | torch bwd ms  bwd/torch bwd | H200 anchors: cuDNN fwd, rCM JVP")
     table = []
     for shape, p in by_shape.items():
@@ -210,6 +210,7 @@ def main():
                "nokv_ms": p.get("jvp_nokv", {}).get("ms"),
                "bwd_ms": p.get("bwd", {}).get("ms"), "bwd_tflops": p.get("bwd", {}).get("tflops"),
                "jvp_sm80_ms": p.get("jvp_sm80", {}).get("ms"), "fwd_sm80_ms": p.get("fwd_sm80", {}).get("ms"),
+               "nokv_sm80_ms": p.get("jvp_nokv_sm80", {}).get("ms"),
                "torch_fwd_ms": ref_ms, "torch_backend": label, "jvp_over_torch_fwd": ratio,
                "torch_bwd_ms": ref_bwd_ms, "torch_bwd_backend": bwd_label,
                "bwd_over_torch_bwd": (p.get("bwd", {}).get("ms") or float("nan")) / ref_bwd_ms,
@@ -220,7 +221,7 @@ def main():
         f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
         log(f"{str(shape):26} {str(row['path']):6} {f(row['fwd_ms'])} {f(jvp)} ({f(row['jvp_tflops'], 5, 0)})"
             f" {f(row['nokv_ms'])} {f(row['bwd_ms'])} ({f(row['bwd_tflops'], 5, 0)}) {f(row['jvp_sm80_ms'])}"
-            f" | {f(ref_ms)} {label:5} {f(ratio, 6, 2)}x {verdict:8}"
+            f" {f(row['nokv_sm80_ms'], 12)} | {f(ref_ms)} {label:5} {f(ratio, 6, 2)}x {verdict:8}"
             f" | {f(ref_bwd_ms)} {bwd_label:5} {f(row['bwd_over_torch_bwd'], 6, 2)}x"
             f" | {f(row['anchor_cudnn_fwd_ms'])} {f(row['anchor_rcm_jvp_ms'])}")
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0

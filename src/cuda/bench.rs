@@ -12,7 +12,7 @@
 //!
 //! Attention rows say which kernels ran (`path`: sm80 or sm90a, as the dispatcher picks them on
 //! this GPU); where the Hopper path runs, the sm_80 kernels are timed too (passes `fwd_sm80`,
-//! `jvp_sm80`), so that one run shows both. With Nq = Nk the packed layout is timed too (passes
+//! `jvp_sm80`, `jvp_nokv_sm80`), so that one run shows both. With Nq = Nk the packed layout is timed too (passes
 //! `fwd_packed`, `jvp_packed`: q, k, v read in place from a [B, N, 3, H, d] projection, o written
 //! token-major [B, N, H, d], as the DiT runs it), on the dispatcher's path.
 
@@ -363,6 +363,7 @@ fn bench_attention(
         // The fallback on the same GPU, for the speed-up.
         passes.push(("fwd_sm80", Variant::Fwd, 4.0, Path::Sm80));
         passes.push(("jvp_sm80", Variant::Jvp, 12.0, Path::Sm80));
+        passes.push(("jvp_nokv_sm80", Variant::JvpNoKv, 8.0, Path::Sm80));
     }
     for (pass, variant, mult, path) in passes {
         let plans = inputs
