@@ -8,7 +8,7 @@
 //   o = O/l, mu = r/l, odot = T/l - mu o, lse = m + ln l, tlse = mu.
 // Variants (the same as the sm_80 file): attention_jvp_sm90_* (tangents on q, k, v),
 // attention_jvp_nokv_sm90_* (k, v constant: sdot = c qdot.k, T = sum p sdot v), attention_fwd_sm90_*
-// (primal o and lse). bf16 and f16 storage, head dims 64 and 128, dv == d.
+// (primal o and lse). bf16 and f16 storage, head dims 64, 72, 96 and 128, dv == d.
 //
 // FOLDED PRODUCTS. Per key tile the scores are two wgmma chains: S = Q K^T over d, and
 // Sdot = [Qdot Q] [K Kdot]^T over 2d (one accumulator: Qdot K^T then Q Kdot^T, k-chunk by k-chunk).
@@ -30,15 +30,21 @@
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
 // (registers raised to 240), each owning 64 query rows (the M of wgmma.m64nNk16).
 //
-// SHARED MEMORY (all tiles stored as 64-column slabs [rows][64] of 128-byte rows in the TMA/wgmma
-// 128-byte swizzle; every slab starts on a 1024-byte boundary):
+// SHARED MEMORY (all tiles stored as slabs [rows][SC] of SWZ-byte rows in the TMA/wgmma SWZ-byte
+// swizzle, SC = SWZ/2 columns; every slab starts on a multiple of the swizzle's 8-row repeat):
+//   SWZ = 128 (64-column slabs) at d 64 and 128, 64 (32 columns) at d 96, 32 (16 columns) at d 72,
+//   whose fifth slab holds columns 64..79: TMA fills 72..79 with zeros (past the map's d), so the
+//   score products run over DP = 80 columns and the value products have N = 80, of which the store
+//   writes 72. (The swizzle must divide the head dim: wgmma's MN-major operand spans whole swizzle
+//   atoms, so V at d 96 cannot use the 128-byte swizzle.)
 //   Q (and Qdot): [128 rows] x d, loaded once.
 //   a ring of STAGES K stages (K and Kdot of BC keys) and a ring of STAGES V stages (V and Vdot), each
 //   with a "full" mbarrier (TMA completes bytes on it) and an "empty" mbarrier (8 consumer warps arrive
 //   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
-//   fragments within 240); STAGES = 3 for the full JVP at d = 128 (214 KiB), 4 otherwise.
+//   fragments within 240); STAGES = 3 for the full JVP at d = 96 (193 KiB) and 128 (214 KiB), 4
+//   otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
@@ -56,11 +62,11 @@
 // sdot to 0; query rows >= Nq are computed on zeros and never stored.
 //
 // LAUNCH: grid (ceil(Nq/128), B*H, 1), block (384,1,1), dynamic shared memory
-//   1024 (alignment slack) + NQ*128*d*2 + 2*STAGES*NKT*BC*d*2 + 8*(1 + 4*STAGES) bytes
+//   1024 (alignment slack) + NQ*128*DP*2 + 2*STAGES*NKT*BC*DP*2 + 8*(1 + 4*STAGES) bytes
 //   (NQ = 2 with a tangent else 1; NKT = 2 for the full JVP else 1): README.md lists them.
 // PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 4-D {d, N, H, B} over the
 // operand viewed as [B, H, N, d] with element strides (sb, sh, sn), byte strides {sn, sh, sb} * 2, box
-// {64, 128 (q, tq) or BC (k, v, tk, tv), 1, 1}, 128-byte swizzle, zero fill; passed by value; a
+// {SC, 128 (q, tq) or BC (k, v, tk, tv), 1, 1}, SWZ-byte swizzle, zero fill; passed by value; a
 // tangent's map has its primal's strides):
 //   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale,
 //                                      H, o_sb, o_sh, o_sn)
@@ -96,7 +102,6 @@ template <bool B> struct FjBool {
 constexpr int NCONS = 2;                   // consumer warpgroups
 constexpr int BR = 64 * NCONS;             // query rows per block
 constexpr int NTHREADS = 128 * (NCONS + 1);
-constexpr int SLAB_Q = BR * 128;           // bytes of one 64-column slab of the Q tile
 constexpr int PRODUCER_REGS = 24;
 constexpr int CONSUMER_REGS = 240;
 
@@ -106,12 +111,20 @@ template <int D, int MODE> struct Cfg {
         KVT = MODE == FULL,
         NQ = TAN ? 2 : 1,               // Q, Qdot
         NKT = KVT ? 2 : 1,              // tensors per K stage (K, Kdot) and per V stage (V, Vdot)
-        SLABS = D / 64,
+        // Swizzle (bytes per slab row) and slab width: the widest whose slab divides the head dim
+        // (128 B = 64 columns at d 64/128, 64 B = 32 at d 96); d 72 takes 32-byte slabs of 16
+        // columns, the last half filled with zeros by TMA (columns past d are out of bounds).
+        SWZ = D % 64 == 0 ? 128 : D % 32 == 0 ? 64 : 32,
+        SC = SWZ / 2,
+        SLABS = (D + SC - 1) / SC,
+        DP = SLABS * SC,                // the head dim the products see (80 at d 72)
+        CPS = SC / 16,                  // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
         // previous tile must fit 240 registers), else 64.
         BC = (D == 128 && TAN) ? 48 : 64,
-        SLAB_K = BC * 128,                  // bytes of one 64-column slab of a K/V tile
-        STAGES = (MODE == FULL && D == 128) ? 3 : 4,
+        SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
+        SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
+        STAGES = (MODE == FULL && DP >= 96) ? 3 : 4,
         Q_BYTES = NQ * SLABS * SLAB_Q,
         KST_BYTES = NKT * SLABS * SLAB_K,  // one K stage (same for a V stage)
         BAR_OFF = Q_BYTES + 2 * STAGES * KST_BYTES,
@@ -192,19 +205,23 @@ inline fj_u64 opaque64(fj_u64 x) { return x; }
 #endif  // FJ_HOST_EMU
 
 // Shared-memory matrix descriptor (PTX "matrix descriptor format"): start address, leading and
-// stride byte offsets (each >> 4, 14 bits), base offset 0 (every slab is 1024-byte aligned), swizzle
-// mode 1 = 128-byte swizzle (bits 62-63).
-__device__ __forceinline__ fj_u64 smem_desc(fj_u32 addr, fj_u32 lbo, fj_u32 sbo) {
+// stride byte offsets (each >> 4, 14 bits), base offset 0 (every slab starts on a multiple of its
+// swizzle's 8-row repeat), swizzle mode in bits 62-63: 1 = 128-byte, 2 = 64-byte, 3 = 32-byte.
+template <int SWZ> __device__ __forceinline__ fj_u64 smem_desc(fj_u32 addr, fj_u32 lbo, fj_u32 sbo) {
+    constexpr fj_u64 mode = SWZ == 128 ? 1 : SWZ == 64 ? 2 : 3;
     return (fj_u64)((addr & 0x3FFFF) >> 4) | ((fj_u64)((lbo & 0x3FFFF) >> 4) << 16) |
-           ((fj_u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+           ((fj_u64)((sbo & 0x3FFFF) >> 4) << 32) | (mode << 62);
 }
-// K-major operand (rows = M or N, the k = head dim contiguous), 64-column slabs of 128-byte rows:
-// 8-row groups 1024 bytes apart (SBO); LBO unused for swizzled K-major layouts ("assumed 1").
-// Column chunk kc (16 columns) of a slab starts kc*32 bytes into it.
-__device__ __forceinline__ fj_u64 desc_kmajor(fj_u32 addr) { return smem_desc(addr, 16, 1024); }
-// MN-major B operand (V: rows = keys = k, the n = head dim contiguous): 8-key groups 1024 bytes apart
-// (SBO), the next 64 columns one slab further (LBO = slab bytes). Key chunk kc starts kc*16*128 bytes in.
-__device__ __forceinline__ fj_u64 desc_mnmajor(fj_u32 addr, fj_u32 slab) { return smem_desc(addr, slab, 1024); }
+// K-major operand (rows = M or N, the k = head dim contiguous), slabs of SWZ-byte rows: 8-row groups
+// 8*SWZ bytes apart (SBO); LBO unused for swizzled K-major layouts ("assumed 1"). Column chunk kc
+// (16 columns) of a slab starts kc*32 bytes into it.
+template <int SWZ> __device__ __forceinline__ fj_u64 desc_kmajor(fj_u32 addr) { return smem_desc<SWZ>(addr, 16, 8 * SWZ); }
+// MN-major B operand (V: rows = keys = k, the n = head dim contiguous): 8-key groups 8*SWZ bytes
+// apart (SBO), the next SWZ/2 columns one slab further (LBO = slab bytes). Key chunk kc starts
+// kc*16*SWZ bytes in.
+template <int SWZ> __device__ __forceinline__ fj_u64 desc_mnmajor(fj_u32 addr, fj_u32 slab) {
+    return smem_desc<SWZ>(addr, slab, 8 * SWZ);
+}
 
 #ifndef FJ_HOST_EMU
 template <bool F16>
@@ -264,6 +281,34 @@ __device__ __forceinline__ void fj_wgmma_rs_n64(float (&d)[32], const fj_u32 (&a
     }
 }
 template <bool F16>
+__device__ __forceinline__ void fj_wgmma_rs_n80(float (&d)[40], const fj_u32 (&a)[4], fj_u64 db) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, {%40,%41,%42,%43}, %44, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, {%40,%41,%42,%43}, %44, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+}
+template <bool F16>
+__device__ __forceinline__ void fj_wgmma_rs_n96(float (&d)[48], const fj_u32 (&a)[4], fj_u64 db) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, {%48,%49,%50,%51}, %52, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, {%48,%49,%50,%51}, %52, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+}
+template <bool F16>
 __device__ __forceinline__ void fj_wgmma_ss_n128(float (&d)[64], fj_u64 da, fj_u64 db, int scale_d) {
     if (F16) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -302,6 +347,8 @@ template <int N, bool F16>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b) {
     if constexpr (N == 48) fj_wgmma_rs_n48<F16>(d, a, b);
     else if constexpr (N == 64) fj_wgmma_rs_n64<F16>(d, a, b);
+    else if constexpr (N == 80) fj_wgmma_rs_n80<F16>(d, a, b);
+    else if constexpr (N == 96) fj_wgmma_rs_n96<F16>(d, a, b);
     else fj_wgmma_rs_n128<F16>(d, a, b);
 }
 #else  // FJ_HOST_EMU: "p, 1, 1, 0, 0" (scale-d, scale-a, scale-b, trans-a, trans-b) and "p = 1, 1, 1, 1" as above.
@@ -310,7 +357,7 @@ template <int N, bool F16> inline void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_
     fj_sm90::wgmma_ss(d, N, F16, a, b, scale_d, 1, 1, 0, 0, fj_file, fj_line);
 }
 template <int N, bool F16> inline void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b, FJ_SITE) {
-    static_assert(N == 48 || N == 64 || N == 128, "the shapes the device code instantiates");
+    static_assert(N == 48 || N == 64 || N == 80 || N == 96 || N == 128, "the shapes the device code instantiates");
     fj_sm90::wgmma_rs(d, N, F16, a, b, 1, 1, 1, 1, fj_file, fj_line);
 }
 #endif  // FJ_HOST_EMU
@@ -328,14 +375,16 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     constexpr bool CENTER = TAN;  // T centred on the running mu (full JVP and nokv; see the header)
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
-    constexpr int BC = C::BC, SLAB_K = C::SLAB_K;
+    constexpr int BC = C::BC, SLAB_Q = C::SLAB_Q, SLAB_K = C::SLAB_K;
+    constexpr int SWZ = C::SWZ, SC = C::SC, CPS = C::CPS, DP = C::DP;
 
 #ifndef FJ_HOST_EMU
     extern __shared__ __align__(1024) unsigned char fj_smem[];
 #else
     FJ_DYN_SMEM(fj_smem);
 #endif
-    // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume base offset 0: align.
+    // The swizzles repeat every 8 rows (at most 1024 bytes) and the descriptors assume base offset 0:
+    // align.
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
     const fj_u32 sQ = base;                         // tensor t (Q, Qdot), slab s: sQ + (t*SLABS + s)*SLAB_Q
     const fj_u32 sK = base + C::Q_BYTES;            // stage st, tensor t (K, Kdot), slab s: sK + st*KST + (t*SLABS + s)*SLAB_K
@@ -400,8 +449,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_expect_tx(qfull, C::Q_BYTES);
 #pragma unroll
             for (int s = 0; s < SLABS; ++s) {
-                tma_load4(sQ + s * SLAB_Q, mq, qfull, 64 * s, q0, hh, bb);
-                if (TAN) tma_load4(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, 64 * s, q0, hh, bb);
+                tma_load4(sQ + s * SLAB_Q, mq, qfull, SC * s, q0, hh, bb);
+                if (TAN) tma_load4(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, SC * s, q0, hh, bb);
             }
             for (int j = 0; j < ntiles; ++j) {
                 const int st = j % STAGES;
@@ -412,16 +461,16 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 const fj_u32 kd = sK + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load4(kd + s * SLAB_K, mk, kfull(st), 64 * s, k0, hh, bb);
-                    if (KVT) tma_load4(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), 64 * s, k0, hh, bb);
+                    tma_load4(kd + s * SLAB_K, mk, kfull(st), SC * s, k0, hh, bb);
+                    if (KVT) tma_load4(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), SC * s, k0, hh, bb);
                 }
                 if (use > 0) mbar_wait(vempty(st), (use - 1) & 1);
                 mbar_expect_tx(vfull(st), KST);
                 const fj_u32 vd = sV + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load4(vd + s * SLAB_K, mv, vfull(st), 64 * s, k0, hh, bb);
-                    if (KVT) tma_load4(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), 64 * s, k0, hh, bb);
+                    tma_load4(vd + s * SLAB_K, mv, vfull(st), SC * s, k0, hh, bb);
+                    if (KVT) tma_load4(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), SC * s, k0, hh, bb);
                 }
             }
         }
@@ -438,7 +487,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         const int my_bar = 1 + cw, other_bar = 2 - cw;
         if (cw == 1) named_arrive(1);  // consumer 0 takes the first turn
 
-        constexpr int NO = D / 2, NS = BC / 2, KC = D / 16, KC2 = BC / 16;
+        constexpr int NO = DP / 2, NS = BC / 2, KC = DP / 16, KC2 = BC / 16;
         float acc_o[NO], acc_t[TAN ? NO : 1], s[NS], sd[TAN ? NS : 1];
         fj_u32 pa[KC2][4], psa[TAN ? KC2 : 1][4];
 #pragma unroll
@@ -465,7 +514,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
         float mu_run[2] = {0.f, 0.f};
         const float sl2 = scale * FJ_LOG2E;
-        const fj_u32 qa = sQ + cw * 64 * 128;  // this warpgroup's 64 rows of every Q slab
+        const fj_u32 qa = sQ + cw * 64 * SWZ;  // this warpgroup's 64 rows of every Q slab
 
         // One turn: the wgmma batch of the score products of tile j (SC) and the value products of
         // tile j-1 (VA), issued while this warpgroup holds the tensor cores. Peeled into three
@@ -484,11 +533,11 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 // Descriptors as a base plus an offset (in 16-byte units) added right at the use: the
                 // base is made opaque per turn so that the compiler cannot hoist one 64-bit descriptor
                 // per k-chunk out of the loop (that would cost 2 registers each).
-                const fj_u64 dq = opaque64(desc_kmajor(qa));
-                const fj_u64 dk = opaque64(desc_kmajor(sK + st * KST));
-                // Column chunk kc of a K-major tile: slab kc/4, 32 bytes per chunk inside the slab.
-                auto qo = [&](int t, int kc) { return (fj_u64)(((t * SLABS + (kc >> 2)) * SLAB_Q + (kc & 3) * 32) >> 4); };
-                auto ko = [&](int t, int kc) { return (fj_u64)(((t * SLABS + (kc >> 2)) * SLAB_K + (kc & 3) * 32) >> 4); };
+                const fj_u64 dq = opaque64(desc_kmajor<SWZ>(qa));
+                const fj_u64 dk = opaque64(desc_kmajor<SWZ>(sK + st * KST));
+                // Column chunk kc of a K-major tile: slab kc/CPS, 32 bytes per chunk inside the slab.
+                auto qo = [&](int t, int kc) { return (fj_u64)(((t * SLABS + kc / CPS) * SLAB_Q + (kc % CPS) * 32) >> 4); };
+                auto ko = [&](int t, int kc) { return (fj_u64)(((t * SLABS + kc / CPS) * SLAB_K + (kc % CPS) * 32) >> 4); };
 #pragma unroll
                 for (int kc = 0; kc < KC; ++kc)  // S = Q K^T
                     wgmma_ss<BC, F16>(s, dq + qo(0, kc), dk + ko(0, kc), kc > 0);
@@ -504,18 +553,18 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 }
             }
             if constexpr (values) {
-                const fj_u64 dv = opaque64(desc_mnmajor(sV + pst * KST, SLAB_K));
-                // Key chunk kc2 of an MN-major V tile: 16 rows of 128 bytes each.
-                auto vo = [&](int t, int kc2) { return (fj_u64)((t * SLABS * SLAB_K + kc2 * 16 * 128) >> 4); };
+                const fj_u64 dv = opaque64(desc_mnmajor<SWZ>(sV + pst * KST, SLAB_K));
+                // Key chunk kc2 of an MN-major V tile: 16 rows of SWZ bytes each.
+                auto vo = [&](int t, int kc2) { return (fj_u64)((t * SLABS * SLAB_K + kc2 * 16 * SWZ) >> 4); };
 #pragma unroll
                 for (int kc2 = 0; kc2 < KC2; ++kc2) {  // O += P V ; T += (P.Sdot) V
-                    wgmma_rs<D, F16>(acc_o, pa[kc2], dv + vo(0, kc2));
-                    if constexpr (TAN) wgmma_rs<D, F16>(acc_t, psa[kc2], dv + vo(0, kc2));
+                    wgmma_rs<DP, F16>(acc_o, pa[kc2], dv + vo(0, kc2));
+                    if constexpr (TAN) wgmma_rs<DP, F16>(acc_t, psa[kc2], dv + vo(0, kc2));
                 }
                 if constexpr (KVT) {
 #pragma unroll
                     for (int kc2 = 0; kc2 < KC2; ++kc2)  // T += P Vdot
-                        wgmma_rs<D, F16>(acc_t, pa[kc2], dv + vo(1, kc2));
+                        wgmma_rs<DP, F16>(acc_t, pa[kc2], dv + vo(1, kc2));
                 }
             }
             wgmma_commit();
@@ -710,6 +759,10 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     FJ_REGISTER(attention_fwd_sm90_##DT##_d##D)
 
 FJ_SM90(bf16, FjBF16, 64)
+FJ_SM90(bf16, FjBF16, 72)
+FJ_SM90(bf16, FjBF16, 96)
 FJ_SM90(bf16, FjBF16, 128)
 FJ_SM90(f16, FjF16, 64)
+FJ_SM90(f16, FjF16, 72)
+FJ_SM90(f16, FjF16, 96)
 FJ_SM90(f16, FjF16, 128)

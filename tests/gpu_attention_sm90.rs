@@ -3,7 +3,8 @@
 //! reference (so that the fallback stays tested where the dispatcher no longer picks it).
 //!
 //! Also the packed layout (q, k, v in place in a [B, N, 3, H, d] projection, o token-major) on both
-//! paths. Shapes: d64 and d128, query and key tails (not multiples of 128 / 64 / 48), Nq ≠ Nk both ways,
+//! paths. Shapes: d64, d72 (32-byte swizzle, the last slab half past d), d96 (64-byte swizzle) and d128,
+//! query and key tails (not multiples of 128 / 64 / 48), Nq ≠ Nk both ways,
 //! B·H > 1, a single query and key, key counts of exactly one and two tiles. Variants: tangents on q,
 //! k, v (six products), constant k, v (four), primal forward (two); bf16 and f16.
 //!
@@ -39,6 +40,12 @@ const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (1, 1, 257, 48, 128),
     (1, 1, 64, 96, 128),
     (1, 2, 257, 513, 64),
+    (2, 3, 77, 300, 72),
+    (1, 2, 130, 129, 72),
+    (1, 1, 1, 1, 72),
+    (1, 2, 300, 77, 96),
+    (2, 1, 129, 200, 96),
+    (1, 1, 1, 1, 96),
 ];
 
 fn report(line: &str) {
@@ -270,9 +277,13 @@ hopper_test!(fwd_f16, DType::F16, Variant::Fwd);
 #[test]
 fn host_ops_take_the_hopper_path() {
     let Some(_gpu) = hopper() else { return };
-    for (i, &s) in [(2, 3, 77, 300, 64), (1, 2, 130, 77, 128)]
-        .iter()
-        .enumerate()
+    for (i, &s) in [
+        (2, 3, 77, 300, 64),
+        (1, 2, 130, 77, 128),
+        (1, 2, 65, 130, 72),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut x = inputs(s, 900 + i as u64, true);
         x.v = Dual::constant(x.v.primal.clone());
@@ -338,6 +349,8 @@ fn packed_qkv_on_the_hopper_path() {
         (1, 2, 130, 128),
         (2, 2, 200, 64),
         (1, 1, 1, 128),
+        (2, 3, 77, 72),
+        (1, 2, 130, 96),
     ];
     for dtype in [DType::BF16, DType::F16] {
         let mut worst = 0.0f64;

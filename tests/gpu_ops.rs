@@ -775,12 +775,13 @@ gpu_test!(attention_packed_qkv, |dtype| {
 });
 
 /// (B, H, Nq, Nk, d, dv) of the mixed-stride plan cases: dv ≠ d both ways, d72, tails, and the
-/// head dims the Hopper kernels take (64 and 128 with dv == d).
+/// head dims the Hopper kernels take (64, 72, 96, 128 with dv == d).
 const STRIDED: &[(usize, usize, usize, usize, usize, usize)] = &[
     (2, 3, 77, 130, 72, 96),
     (2, 2, 130, 65, 64, 64),
     (1, 2, 65, 200, 128, 128),
     (2, 1, 33, 17, 128, 32),
+    (1, 2, 65, 77, 96, 96),
 ];
 
 /// A layout of every kind at once: q token-major [B, Nq, H, d]; k [B, H, Nk, d] with rows padded

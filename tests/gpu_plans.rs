@@ -293,7 +293,7 @@ fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
 }
 
 /// On a Hopper the DiT block's attention takes the sm_90a kernels where they apply (bf16/f16 at
-/// head dim 64 or 128), the sm_80 ones elsewhere, and always the sm_80 ones on an Ampere.
+/// head dim 64, 72, 96 or 128), the sm_80 ones elsewhere, and always the sm_80 ones on an Ampere.
 #[test]
 fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
     let kernels = |arch: &str, dtype: DType, c: usize| -> Vec<String> {
@@ -323,8 +323,11 @@ fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
         "{ampere:?}"
     );
     assert!(!ampere.iter().any(|k| k.contains("sm90")), "{ampere:?}");
-    // Head dim 72 and f32 have no Hopper kernel: sm_80's on a Hopper too.
-    assert!(!kernels("sm_90a", DType::BF16, 144)
+    // Head dim 72 (DiT-XL's) has Hopper kernels; head dim 32 and f32 do not: sm_80's on a Hopper too.
+    assert!(
+        kernels("sm_90a", DType::BF16, 144).contains(&"attention_jvp_sm90_bf16_d72".to_string())
+    );
+    assert!(!kernels("sm_90a", DType::BF16, 64)
         .iter()
         .any(|k| k.contains("sm90")));
     assert!(!kernels("sm_90a", DType::F32, 128)
@@ -377,6 +380,8 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
         "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16",
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16",
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16",
         "wgmma.fence.sync.aligned",
         "wgmma.commit_group.sync.aligned",
         "wgmma.wait_group.sync.aligned",
@@ -395,7 +400,7 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
     let sigs = ptx_signatures(&ptx);
     assert_eq!(
         sigs.len(),
-        12,
+        24,
         "{:?}",
         sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
     );

@@ -3,8 +3,8 @@
 //! and the dispatch predicate that picks it over the sm_80 kernels of attention_jvp.cu.
 //!
 //! The sm_90a path runs when the device is compute capability 9.0 (NVRTC arch `sm_90a`), the storage
-//! dtype is bf16 or f16 and the head dim is 64 or 128 (dv == d is required everywhere already); every
-//! other case (f32, d 32/72/96, any other GPU) takes the sm_80 kernels. `FLASHJVP_ATTENTION_PATH=sm80`
+//! dtype is bf16 or f16, the head dim is 64, 72, 96 or 128 and dv == d; every other case (f32, d 32,
+//! dv != d, any other GPU) takes the sm_80 kernels. `FLASHJVP_ATTENTION_PATH=sm80`
 //! forces the sm_80 kernels on Hopper too (for comparisons and as an escape hatch).
 //!
 //! Plans stay pure data: a tensor-map argument is a [`TensorMapDesc`] (pointer, dims, strides, box),
@@ -24,7 +24,7 @@ const OP: &str = "attention";
 pub const FILE: &str = "attention_jvp_sm90.cu";
 
 /// The head dims the Hopper kernels are instantiated for.
-pub const HEAD_DIMS: [usize; 2] = [64, 128];
+pub const HEAD_DIMS: [usize; 4] = [64, 72, 96, 128];
 
 /// Query rows per block (two consumer warpgroups of 64 rows).
 pub const BLOCK_ROWS: usize = 128;
@@ -37,7 +37,7 @@ pub const THREADS: u32 = 384;
 pub enum Path {
     /// attention_jvp.cu (mma.sync, cp.async): every GPU of compute capability 8.0 or newer.
     Sm80,
-    /// attention_jvp_sm90.cu (wgmma, TMA): Hopper, bf16/f16, d 64 or 128.
+    /// attention_jvp_sm90.cu (wgmma, TMA): Hopper, bf16/f16, d 64, 72, 96 or 128 with dv == d.
     Sm90a,
 }
 
@@ -59,23 +59,36 @@ fn key_tile(variant: Variant, d: usize) -> usize {
     }
 }
 
+/// The shared-memory swizzle at head dim `d` in bytes (the kernel's `Cfg::SWZ`): the widest whose
+/// slab of `swizzle / 2` columns divides d; 32 at d 72, whose last slab TMA half fills with zeros.
+pub fn swizzle_bytes(d: usize) -> usize {
+    if d % 64 == 0 {
+        128
+    } else if d % 32 == 0 {
+        64
+    } else {
+        32
+    }
+}
+
 /// Dynamic shared memory of a Hopper kernel (the kernel's `Cfg::SMEM`): 1024 bytes of alignment
-/// slack, Q (and Qdot), the K and V rings, the mbarriers.
+/// slack, Q (and Qdot), the K and V rings, the mbarriers; head dim padded to whole slabs.
 pub fn shared_bytes(variant: Variant, d: usize) -> usize {
     let tangent = variant != Variant::Fwd;
     let full = variant == Variant::Jvp;
-    let slabs = d / 64;
+    let swz = swizzle_bytes(d);
+    let slabs = d.div_ceil(swz / 2);
     let bc = key_tile(variant, d);
-    let stages = if full && d == 128 { 3 } else { 4 };
-    let q_bytes = if tangent { 2 } else { 1 } * slabs * BLOCK_ROWS * 128;
-    let stage_bytes = if full { 2 } else { 1 } * slabs * bc * 128;
+    let stages = if full && slabs * swz / 2 >= 96 { 3 } else { 4 };
+    let q_bytes = if tangent { 2 } else { 1 } * slabs * BLOCK_ROWS * swz;
+    let stage_bytes = if full { 2 } else { 1 } * slabs * bc * swz;
     1024 + q_bytes + 2 * stages * stage_bytes + 8 * (1 + 4 * stages)
 }
 
 /// A 4-D tiled TMA tensor map over a 16-bit operand viewed as [B, H, N, d] with element strides
 /// (b, h, n) (its head dim contiguous): dims {d, N, H, B} (innermost first), byte strides
-/// {n, h, b}·2, box {64, rows, 1, 1}, 128-byte swizzle, zero fill of out-of-bounds rows, no
-/// interleave, L2 promotion 128 bytes.
+/// {n, h, b}·2, box {swizzle/2, rows, 1, 1}, swizzle of [`swizzle_bytes`]`(d)`, zero fill out of
+/// bounds (rows past n, columns past d), no interleave, L2 promotion 128 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorMapDesc {
     pub ptr: u64,
@@ -83,26 +96,30 @@ pub struct TensorMapDesc {
     pub dims: [u64; 4],
     pub strides: [u64; 3],
     pub boxdim: [u32; 4],
+    /// Shared-memory swizzle in bytes: 32, 64 or 128, the inner box's width.
+    pub swizzle: u32,
 }
 
 impl TensorMapDesc {
     /// The map of an operand of shape `[B, H, n, d]` and element strides `s` at `ptr`, read in boxes
-    /// of 64 columns x `rows` rows of one head.
+    /// of one slab (`swizzle_bytes(d) / 2` columns) x `rows` rows of one head.
     pub fn attention(ptr: u64, dtype: DType, shape: [usize; 4], s: Strides, rows: usize) -> Self {
         let e = dtype.size_in_bytes() as u64;
         let [b, h, n, d] = shape.map(|x| x as u64);
+        let swizzle = swizzle_bytes(shape[3]) as u32;
         TensorMapDesc {
             ptr,
             dtype,
             dims: [d, n, h, b],
             strides: [s.n as u64 * e, s.h as u64 * e, s.b as u64 * e],
-            boxdim: [64, rows as u32, 1, 1],
+            boxdim: [swizzle / e as u32, rows as u32, 1, 1],
+            swizzle,
         }
     }
 
     /// What cuTensorMapEncodeTiled requires (an error naming the violated rule, never a launch):
     /// 16-byte aligned address, strides multiples of 16 below 2^40, dims in 1..=2^32, box dims in
-    /// 1..=256 with the inner box 128 bytes wide at most (the swizzle span) and a multiple of 16 bytes.
+    /// 1..=256 with the inner box as wide as the swizzle (32, 64 or 128 bytes).
     pub fn check(&self) -> Result<()> {
         let e = self.dtype.size_in_bytes() as u64;
         let bad = |why: String| Err(Error::Unsupported(format!("attention (sm_90a): {why}")));
@@ -121,11 +138,16 @@ impl TensorMapDesc {
         if self.strides.iter().any(|&s| s % 16 != 0 || s >= 1 << 40) {
             return bad(format!("tensor-map strides {:?} bytes", self.strides));
         }
+        if !matches!(self.swizzle, 32 | 64 | 128) {
+            return bad(format!("tensor-map swizzle of {} bytes", self.swizzle));
+        }
         if self.boxdim.iter().any(|&b| b == 0 || b > 256)
-            || self.boxdim[0] as u64 * e > 128
-            || (self.boxdim[0] as u64 * e) % 16 != 0
+            || self.boxdim[0] as u64 * e != self.swizzle as u64
         {
-            return bad(format!("tensor-map box {:?}", self.boxdim));
+            return bad(format!(
+                "tensor-map box {:?} (the inner box must span the {}-byte swizzle)",
+                self.boxdim, self.swizzle
+            ));
         }
         Ok(())
     }
@@ -148,6 +170,11 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
+    let swizzle = match d.swizzle {
+        32 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+        64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        _ => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+    };
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     let element_strides = [1u32; 4];
     // SAFETY: every pointer refers to a live local array of the length the rank (4) implies; the
@@ -163,7 +190,7 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
             d.boxdim.as_ptr(),
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -353,11 +380,11 @@ mod tests {
 
     #[test]
     fn shared_memory_matches_the_readme_table() {
-        // (variant, d64, d128): cuda/README.md, attention_jvp_sm90.cu.
+        // (variant, d64, d72, d96, d128): cuda/README.md, attention_jvp_sm90.cu.
         for (v, want) in [
-            (Variant::Jvp, [165000, 214120]),
-            (Variant::JvpNoKv, [99464, 165000]),
-            (Variant::Fwd, [83080, 165000]),
+            (Variant::Jvp, [165000, 205960, 197736, 214120]),
+            (Variant::JvpNoKv, [99464, 124040, 148616, 165000]),
+            (Variant::Fwd, [83080, 103560, 124040, 165000]),
         ] {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
                 let got = shared_bytes(v, d);
@@ -374,10 +401,14 @@ mod tests {
     fn dispatch_takes_hopper_only_where_supported() {
         let d64 = check_shapes(&[1, 2, 300, 64], &[1, 2, 77, 64], &[1, 2, 77, 64]).unwrap();
         let d72 = check_shapes(&[1, 2, 300, 72], &[1, 2, 77, 72], &[1, 2, 77, 72]).unwrap();
+        let d32 = check_shapes(&[1, 2, 300, 32], &[1, 2, 77, 32], &[1, 2, 77, 32]).unwrap();
+        let dv96 = check_shapes(&[1, 2, 300, 64], &[1, 2, 77, 64], &[1, 2, 77, 96]).unwrap();
         assert!(supported("sm_90a", DType::BF16, d64));
         assert!(supported("sm_90a", DType::F16, d64));
+        assert!(supported("sm_90a", DType::BF16, d72));
         assert!(!supported("sm_90a", DType::F32, d64));
-        assert!(!supported("sm_90a", DType::BF16, d72));
+        assert!(!supported("sm_90a", DType::BF16, d32));
+        assert!(!supported("sm_90a", DType::BF16, dv96));
         assert!(!supported("sm_80", DType::BF16, d64));
         assert!(!supported("sm_89", DType::BF16, d64));
         let p = ptrs();
@@ -444,6 +475,30 @@ mod tests {
         };
         assert_eq!(k.boxdim, [64, 64, 1, 1]);
         assert_eq!(l.args.len(), 12);
+        // Narrower swizzles where 64 columns do not divide d: 16-column boxes of 32 bytes at d 72
+        // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96.
+        for (d, swizzle) in [(72, 32), (96, 64)] {
+            let dims = check_shapes(&[1, 2, 300, d], &[1, 2, 77, d], &[1, 2, 77, d]).unwrap();
+            let steps = plan(
+                Variant::Jvp,
+                DType::BF16,
+                dims,
+                Layout::contiguous(dims),
+                ptrs(),
+                0.1,
+            )
+            .unwrap();
+            let Step::Kernel(l) = &steps[0] else { panic!() };
+            assert_eq!(l.kernel, format!("attention_jvp_sm90_bf16_d{d}"));
+            for (i, rows) in [(0, 128), (1, 64), (5, 64)] {
+                let Arg::TensorMap(m) = l.args[i] else {
+                    panic!()
+                };
+                assert_eq!((m.swizzle, m.boxdim), (swizzle, [swizzle / 2, rows, 1, 1]));
+                assert_eq!(m.dims[0], d as u64);
+                m.check().unwrap();
+            }
+        }
     }
 
     #[test]
@@ -486,10 +541,10 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let d64 = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap();
-        let d96 = check_shapes(&[1, 1, 8, 96], &[1, 1, 8, 96], &[1, 1, 8, 96]).unwrap();
+        let d32 = check_shapes(&[1, 1, 8, 32], &[1, 1, 8, 32], &[1, 1, 8, 32]).unwrap();
         let mut p = ptrs();
-        let (c64, c96) = (Layout::contiguous(d64), Layout::contiguous(d96));
-        assert!(plan(Variant::Jvp, DType::BF16, d96, c96, p, 0.1).is_err());
+        let (c64, c32) = (Layout::contiguous(d64), Layout::contiguous(d32));
+        assert!(plan(Variant::Jvp, DType::BF16, d32, c32, p, 0.1).is_err());
         assert!(plan(Variant::Jvp, DType::F32, d64, c64, p, 0.1).is_err());
         p.tk = 0x50008;
         let e = plan(Variant::Jvp, DType::BF16, d64, c64, p, 0.1).unwrap_err();
@@ -500,6 +555,12 @@ mod tests {
         let mut d = TensorMapDesc::attention(0x1000, DType::BF16, [2, 1, 10, 64], s, 128);
         assert!(d.check().is_ok());
         d.boxdim[0] = 128; // 256 bytes: wider than the 128-byte swizzle
+        assert!(d.check().is_err());
+        d.boxdim[0] = 32; // 64 bytes: narrower than the swizzle
+        assert!(d.check().is_err());
+        d.swizzle = 64;
+        assert!(d.check().is_ok());
+        d.swizzle = 16;
         assert!(d.check().is_err());
         let mut d = TensorMapDesc::attention(0x1000, DType::BF16, [2, 1, 10, 64], s, 300);
         assert!(d.check().is_err());

@@ -66,8 +66,8 @@ impl BenchOp {
     }
 
     /// The shapes timed when none is given: for attention every anchor of DESIGN.md section 7, then
-    /// d72 and d96 variants of the (16,16,1024) and (1,12,4096) anchors (head dims the Hopper
-    /// kernels do not take: the sm_80 path) and the DiT-like (2,16,4096,d72).
+    /// d72 and d96 variants of the (16,16,1024) and (1,12,4096) anchors (on Hopper the sm_90a kernels
+    /// with narrower swizzles, the sm_80 ones timed beside them) and the DiT-like (2,16,4096,d72).
     pub fn default_shapes(self) -> Vec<Vec<usize>> {
         match self {
             BenchOp::Attention => vec![

@@ -259,16 +259,15 @@ pub const TENSOR_MAP_MAGIC: u64 = 0x0000_5041_4d54_4a46;
 
 /// The emulator's stand-in for cuTensorMapEncodeTiled's 128 opaque bytes (cuda/emu/sm90.h,
 /// `decode_tensor_map`): u64 words [magic, global address, rank | element bytes << 32, swizzle
-/// bytes (128), dims 0..4 (words 4..8), strides of dims 1..4 in bytes (words 9..12), box dims
-/// 0|1, 2|3, 4 as u32 pairs (words 13..15)]; words past the rank (4) are 0. Always a 128-byte
-/// swizzle and zero fill out of bounds, as [`super::attention_sm90::encode_tensor_map`] asks of the
-/// driver.
+/// bytes (32, 64 or 128), dims 0..4 (words 4..8), strides of dims 1..4 in bytes (words 9..12), box
+/// dims 0|1, 2|3, 4 as u32 pairs (words 13..15)]; words past the rank (4) are 0. Zero fill out of
+/// bounds, as [`super::attention_sm90::encode_tensor_map`] asks of the driver.
 pub fn encode_tensor_map(d: &super::attention_sm90::TensorMapDesc) -> [u64; 16] {
     let mut w = [0u64; 16];
     w[0] = TENSOR_MAP_MAGIC;
     w[1] = d.ptr;
     w[2] = d.dims.len() as u64 | (d.dtype.size_in_bytes() as u64) << 32;
-    w[3] = 128;
+    w[3] = d.swizzle as u64;
     w[4..8].copy_from_slice(&d.dims);
     w[9..12].copy_from_slice(&d.strides);
     w[13] = d.boxdim[0] as u64 | (d.boxdim[1] as u64) << 32;
