@@ -1,8 +1,9 @@
 //! A small workload at odd sizes through every CUDA kernel, for compute-sanitizer (memcheck,
 //! racecheck) on the GPU machine: attention B1 H2 N300 d72 (tensor-core path with the padded head
-//! dim and Q re-read from shared memory), N77 d64 (Q held in registers; on Hopper in bf16 the
-//! sm_90a kernels: TMA, wgmma, mbarriers) and N130 d128 (the sm_90a kernels at d128 with 48-key
-//! tiles and a ring of three stages on Hopper), forward, JVP, JVP with
+//! dim and Q re-read from shared memory; on Hopper in bf16 the sm_90a kernels with 32-byte swizzled
+//! slabs, the last half past d), N77 d64 (Q held in registers; on Hopper in bf16 the sm_90a kernels:
+//! TMA, wgmma, mbarriers), N129 d96 (64-byte swizzle on Hopper) and N130 d128 (the sm_90a kernels at
+//! d128 with 48-key tiles and a ring of three stages on Hopper), forward, JVP, JVP with
 //! constant K and V, backward; layernorm, activations, gated residual, timestep embedding and the
 //! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); attention on a packed
 //! qkv projection (strided copies, 4-D tensor maps) and the residual fused into the layernorm.
@@ -34,7 +35,7 @@ fn sanitize_attention() {
         return;
     }
     for dtype in DTYPES {
-        for (n, d) in [(300, 72), (77, 64), (130, 128)] {
+        for (n, d) in [(300, 72), (77, 64), (129, 96), (130, 128)] {
             let s = [1, 2, n, d];
             let (q, k, v) = (dual(&s, 1), dual(&s, 2), dual(&s, 3));
             let r = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();

@@ -23,6 +23,8 @@
 #               issue's JVP/cuDNN targets) and our backward against PyTorch's fused SDPA backward,
 #               a device copy and the MLP's forward
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
+#   7. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
+#      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
 # Files back: gpu_ops.log mlp_unfused.log gpu_dit.log gpu_attention_sm90.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
 # compare.json summary.txt
 set -uo pipefail
@@ -123,6 +125,16 @@ step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin
 # ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
 #         backward, forward+backward against dual forward+backward (~10 s; its lines in compare.log)
 step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16
+
+# ---- 7. on Hopper, the sm_80 attention kernels under the sanitizers too (the dispatcher gives bf16/f16
+#         at d64/d72/d96/d128 to the sm_90a kernels, so steps 3/4 do not reach the sm_80 ones there)
+if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ] \
+   && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
+  step memcheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool memcheck \
+    --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+  step racecheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool racecheck \
+    --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+fi
 
 # ---- summary
 {
