@@ -226,6 +226,13 @@ def main():
             f" | {f(row['anchor_cudnn_fwd_ms'])} {f(row['anchor_rcm_jvp_ms'])}")
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0
     log(f"best effective JVP rate: {best:.0f} TF/s (moonshot 600)")
+    # Issue 3's floor: at least 250 effective TF/s (12 B H N^2 d) at these two shapes.
+    for want in [(1, 12, 4096, 4096, 128), (1, 12, 16384, 16384, 64)]:
+        row = next((r for r in table if tuple(r["shape"]) == want), None)
+        tf = row["jvp_tflops"] if row else None
+        verdict = "not run" if not tf else ("MET" if tf >= 250 else "MISS")
+        log(f"JVP at {want}: {tf or float('nan'):.0f} TF/s, target >= 250: {verdict}")
+        out.setdefault("jvp_250_target", []).append({"shape": want, "tflops": tf, "verdict": verdict})
     out["attention"] = table
 
     # LayerNorm JVP against a device copy.
