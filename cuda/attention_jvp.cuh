@@ -32,8 +32,9 @@
 //   attention_jvp_*      the full JVP above (tangents on q, k and v).
 //   attention_jvp_nokv_* K and V carry no tangent: sdot = c qdot.k, T = sum p sdot v (four products).
 //   attention_fwd_*      primal only: o and lse (two products).
-// Exponentials are taken as 2^x with c*log2(e) folded into the scores; m is kept in that log2 domain
-// and lse = m ln2 + ln l.
+// Exponentials are taken as 2^x: p = 2^(s*c*log2(e) - m*c*log2(e)), one FFMA and an ex2 per score
+// on tensor cores, where the running max m stays in raw score units and lse = m c + ln l; the f32
+// kernels fold c*log2(e) into the scores, keep m in that log2 domain and take lse = m ln2 + ln l.
 //
 // TILING (bf16/f16, tensor cores): a block of 4 warps owns BR = 64 query rows, 16 per warp; each warp
 // runs mma.sync m16n8k16 (16-bit in, f32 accumulate). Key tiles of BC rows (64; 32 when d or dv is 128,
@@ -348,14 +349,13 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         }
 
         // ---- scale, mask key tail, online softmax ----
+        // The running max stays in raw score units; p = exp2(s*c*log2e - m*c*log2e) is one FFMA
+        // and an ex2 per element (the scores are never scaled on their own).
         const int kv0 = j * BC;
 #pragma unroll
-        for (int n = 0; n < NS; ++n)
+        for (int n = 0; n < NS && TAN; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] *= sl2;
-                if (TAN) sd[n][e] *= scale;
-            }
+            for (int e = 0; e < 4; ++e) sd[TAN ? n : 0][e] *= scale;
         if (kv0 + BC > Nk) {  // key tail (last tile only)
 #pragma unroll
             for (int n = 0; n < NS; ++n)
@@ -371,13 +371,14 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         for (int n = 0; n < NS; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-        float m_use[2], alpha[2];
+        float m_off[2], alpha[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            m_use[i] = (mx[i] == -FJ_INF) ? 0.f : mx[i];
-            alpha[i] = fj_exp2(m_run[i] - m_use[i]);
+            const float m_new = (mx[i] == -FJ_INF) ? 0.f : mx[i];
+            alpha[i] = fj_exp2((m_run[i] - m_new) * sl2);
+            m_off[i] = -m_new * sl2;  // the exponent's offset: p = exp2(s*sl2 + m_off)
             m_run[i] = mx[i];
             if (!TAN) l_run[i] *= alpha[i];
         }
@@ -395,7 +396,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 #pragma unroll
             for (int n = 0; n < NS; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] = fj_exp2(s[n][e] - m_use[e >> 1]);
+                for (int e = 0; e < 4; ++e) s[n][e] = fj_exp2(fmaf(s[n][e], sl2, m_off[e >> 1]));
                 if (P_EARLY) {
                     pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(s[n][0], s[n][1]);
                     pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(s[n][2], s[n][3]);
@@ -459,7 +460,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             for (int n = 0; n < NS; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = fj_exp2(s[n][e] - m_use[e >> 1]);
+                    const float p = fj_exp2(fmaf(s[n][e], sl2, m_off[e >> 1]));
                     s[n][e] = p;
                     l_run[e >> 1] += p;
                 }
@@ -539,7 +540,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             // lse and tlse of the f32 p (P_EARLY: l and r summed the rounded p; add back the rest).
             const float lf = l_run[i] + dl[i], rf = r_run[i] + dr[i];
             const fj_i64 li = (fj_i64)bh * Nq + row;
-            lse[li] = lf > 0.f ? m_run[i] * FJ_LN2 + logf(lf) : -FJ_INF;
+            lse[li] = lf > 0.f ? m_run[i] * scale + logf(lf) : -FJ_INF;  // m_run in raw score units
             if (TAN) tlse[li] = lf > 0.f ? rf / lf : 0.f;
         }
     }

@@ -51,7 +51,8 @@
 // P.Sdot the warpgroup holds in registers), then hands the tensor cores to the other warpgroup (named
 // barriers 1 and 2, bar.sync/bar.arrive over 256 threads) and waits for its batch; its softmax of
 // tile j then overlaps the other warpgroup's batch. One more turn after the last tile issues the last
-// value products. Online softmax in the log2 domain (c log2 e folded into the scores), as on sm_80.
+// value products. Online softmax as on sm_80's tensor-core kernels: p = 2^(s c log2e - m c log2e), one
+// FFMA and an ex2 per score, the running max m in raw score units, lse = m c + ln l.
 //
 // LAYOUT: any strided layout of q, k, v (each viewed as [B, H, N, d] with the head dim contiguous, e.g.
 // read in place from a packed qkv projection [B, N, 3, H, d]); the tensor maps carry the strides. o and
@@ -586,10 +587,9 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         // Softmax of tile j (overlaps the other warpgroup's turn), then P and P.Sdot as A fragments.
         auto softmax = [&](int j) {
             const int kv0 = j * BC;
+            if constexpr (TAN) {
 #pragma unroll
-            for (int i = 0; i < NS; ++i) {
-                s[i] *= sl2;
-                if constexpr (TAN) sd[i] *= scale;
+                for (int i = 0; i < NS; ++i) sd[i] *= scale;
             }
             if (kv0 + BC > Nk) {  // key tail (last tile only)
 #pragma unroll
@@ -602,13 +602,14 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
             for (int i = 0; i < NS; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-            float m_use[2], alpha[2];
+            float m_off[2], alpha[2];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                m_use[h] = (mx[h] == -FJ_INF) ? 0.f : mx[h];
-                alpha[h] = fj_exp2(m_run[h] - m_use[h]);
+                const float m_new = (mx[h] == -FJ_INF) ? 0.f : mx[h];
+                alpha[h] = fj_exp2((m_run[h] - m_new) * sl2);
+                m_off[h] = -m_new * sl2;  // the exponent's offset: p = exp2(s*sl2 + m_off)
                 m_run[h] = mx[h];
                 if constexpr (!CENTER) {
                     l_run[h] *= alpha[h];
@@ -622,7 +623,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 float lt[2] = {0.f, 0.f}, rt[2] = {0.f, 0.f};
 #pragma unroll
                 for (int i = 0; i < NS; ++i) {
-                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    const float p = fj_exp2(fmaf(s[i], sl2, m_off[(i >> 1) & 1]));
                     s[i] = p;
                     lt[(i >> 1) & 1] += p;
                     rt[(i >> 1) & 1] += p * sd[TAN ? i : 0];
@@ -655,7 +656,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 }
 #pragma unroll
                 for (int i = 0; i < NS; ++i) {
-                    const float p = fj_exp2(s[i] - m_use[(i >> 1) & 1]);
+                    const float p = fj_exp2(fmaf(s[i], sl2, m_off[(i >> 1) & 1]));
                     s[i] = p;
                     l_run[(i >> 1) & 1] += p;
                     if constexpr (TAN) {
@@ -720,7 +721,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             }
             if (t4 == 0) {
                 const fj_i64 li = (fj_i64)bh * Nq + row;
-                lse[li] = l_run[h] > 0.f ? m_run[h] * FJ_LN2 + logf(l_run[h]) : -FJ_INF;
+                lse[li] = l_run[h] > 0.f ? m_run[h] * scale + logf(l_run[h]) : -FJ_INF;  // m_run: raw units
                 if (TAN) tlse[li] = mu;
             }
         }
