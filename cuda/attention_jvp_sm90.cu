@@ -30,8 +30,8 @@
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
 // (registers raised to 240), each owning 64 query rows (the M of wgmma.m64nNk16).
 //
-// SHARED MEMORY (all tiles stored as slabs [rows][SC] of SWZ-byte rows in the TMA/wgmma SWZ-byte
-// swizzle, SC = SWZ/2 columns; every slab starts on a multiple of the swizzle's 8-row repeat):
+// SHARED MEMORY (all tiles stored as slabs [rows][SCOL] of SWZ-byte rows in the TMA/wgmma SWZ-byte
+// swizzle, SCOL = SWZ/2 columns; every slab starts on a multiple of the swizzle's 8-row repeat):
 //   SWZ = 128 (64-column slabs) at d 64 and 128, 64 (32 columns) at d 96, 32 (16 columns) at d 72,
 //   whose fifth slab holds columns 64..79: TMA fills 72..79 with zeros (past the map's d), so the
 //   score products run over DP = 80 columns and the value products have N = 80, of which the store
@@ -67,7 +67,7 @@
 //   (NQ = 2 with a tangent else 1; NKT = 2 for the full JVP else 1): README.md lists them.
 // PARAMETERS (tensor maps encoded on the host with cuTensorMapEncodeTiled: 4-D {d, N, H, B} over the
 // operand viewed as [B, H, N, d] with element strides (sb, sh, sn), byte strides {sn, sh, sb} * 2, box
-// {SC, 128 (q, tq) or BC (k, v, tk, tv), 1, 1}, SWZ-byte swizzle, zero fill; passed by value; a
+// {SCOL, 128 (q, tq) or BC (k, v, tk, tv), 1, 1}, SWZ-byte swizzle, zero fill; passed by value; a
 // tangent's map has its primal's strides):
 //   attention_jvp_sm90_{dt}_d{D}      (map q, map k, map v, map tq, map tk, map tv, o, to, lse, tlse, Nq, Nk, scale,
 //                                      H, o_sb, o_sh, o_sn)
@@ -116,10 +116,10 @@ template <int D, int MODE> struct Cfg {
         // (128 B = 64 columns at d 64/128, 64 B = 32 at d 96); d 72 takes 32-byte slabs of 16
         // columns, the last half filled with zeros by TMA (columns past d are out of bounds).
         SWZ = D % 64 == 0 ? 128 : D % 32 == 0 ? 64 : 32,
-        SC = SWZ / 2,
-        SLABS = (D + SC - 1) / SC,
-        DP = SLABS * SC,                // the head dim the products see (80 at d 72)
-        CPS = SC / 16,                  // 16-column k-chunks per slab
+        SCOL = SWZ / 2,
+        SLABS = (D + SCOL - 1) / SCOL,
+        DP = SLABS * SCOL,              // the head dim the products see (80 at d 72)
+        CPS = SCOL / 16,                // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
         // previous tile must fit 240 registers), else 64.
         BC = (D == 128 && TAN) ? 48 : 64,
@@ -377,7 +377,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_Q = C::SLAB_Q, SLAB_K = C::SLAB_K;
-    constexpr int SWZ = C::SWZ, SC = C::SC, CPS = C::CPS, DP = C::DP;
+    constexpr int SWZ = C::SWZ, SCOL = C::SCOL, CPS = C::CPS, DP = C::DP;
 
 #ifndef FJ_HOST_EMU
     extern __shared__ __align__(1024) unsigned char fj_smem[];
@@ -450,8 +450,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_expect_tx(qfull, C::Q_BYTES);
 #pragma unroll
             for (int s = 0; s < SLABS; ++s) {
-                tma_load4(sQ + s * SLAB_Q, mq, qfull, SC * s, q0, hh, bb);
-                if (TAN) tma_load4(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, SC * s, q0, hh, bb);
+                tma_load4(sQ + s * SLAB_Q, mq, qfull, SCOL * s, q0, hh, bb);
+                if (TAN) tma_load4(sQ + (SLABS + s) * SLAB_Q, mtq, qfull, SCOL * s, q0, hh, bb);
             }
             for (int j = 0; j < ntiles; ++j) {
                 const int st = j % STAGES;
@@ -462,16 +462,16 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 const fj_u32 kd = sK + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load4(kd + s * SLAB_K, mk, kfull(st), SC * s, k0, hh, bb);
-                    if (KVT) tma_load4(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), SC * s, k0, hh, bb);
+                    tma_load4(kd + s * SLAB_K, mk, kfull(st), SCOL * s, k0, hh, bb);
+                    if (KVT) tma_load4(kd + (SLABS + s) * SLAB_K, mtk, kfull(st), SCOL * s, k0, hh, bb);
                 }
                 if (use > 0) mbar_wait(vempty(st), (use - 1) & 1);
                 mbar_expect_tx(vfull(st), KST);
                 const fj_u32 vd = sV + st * KST;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s) {
-                    tma_load4(vd + s * SLAB_K, mv, vfull(st), SC * s, k0, hh, bb);
-                    if (KVT) tma_load4(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), SC * s, k0, hh, bb);
+                    tma_load4(vd + s * SLAB_K, mv, vfull(st), SCOL * s, k0, hh, bb);
+                    if (KVT) tma_load4(vd + (SLABS + s) * SLAB_K, mtv, vfull(st), SCOL * s, k0, hh, bb);
                 }
             }
         }

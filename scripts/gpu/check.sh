@@ -25,7 +25,7 @@
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
 #   7. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
-# Files back: gpu_ops.log mlp_unfused.log gpu_dit.log gpu_attention_sm90.log gpu_plans.log gpu_sanitize.log sanitize.log compare.log
+# Files back: gpu_attention_sm90.log gpu_ops.log gpu_dit.log gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
 # compare.json summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
