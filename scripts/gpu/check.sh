@@ -6,7 +6,8 @@
 #
 # Steps (each bounded by `timeout` and all together by a 570 s deadline so that the summary always
 # prints inside the device tool's 600 s; each log under $OUT, a summary table at the end, ~8 minutes):
-#   1. info     the GPU, driver, libraries; `flashjvp info` and `flashjvp kernels` (resources)
+#   1. info     the GPU, driver, libraries; `flashjvp info` and `flashjvp kernels` (resources; it also
+#               loads every module on the GPU and fills the kernel cache, so the tests start warm)
 #   2. tests    every staged gpu_* test binary as its own step (so that a hang costs its own limit,
 #               not the other binaries' time), FLASHJVP_REQUIRE_GPU=1: first gpu_attention_sm90 (the
 #               Hopper attention path and the sm80 fallback against the reference, MAX lines); if it

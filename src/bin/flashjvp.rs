@@ -45,7 +45,8 @@ enum Command {
     Vjp(OpArgs),
     /// Version, CPU threads, which CUDA libraries this machine has and its GPU
     Info,
-    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print its resources
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print its resources; without
+    /// --arch, for the GPU's arch, also load them on it and keep them in the kernel cache
     Kernels(KernelsArgs),
     /// Time forward, JVP and backward of an op on the GPU
     Bench(BenchArgs),
@@ -360,6 +361,19 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
             "{failed} of {} kernel compilations failed (first: {first_error})",
             jobs.len()
         )));
+    }
+    if args.arch.is_empty() {
+        // The GPU's own arch: load what was just compiled (NVRTC's in-process cache, no second
+        // compile) onto the device and into the disk kernel cache, so that later processes skip
+        // the compile and a module the driver refuses is reported here.
+        let gpu = flashjvp::cuda::Gpu::get()?;
+        if !gpu.is_emulated() {
+            gpu.preload()?;
+            eprintln!(
+                "kernels: every module loaded on the GPU ({}) and kept in the kernel cache",
+                gpu.arch()
+            );
+        }
     }
     Ok(())
 }
