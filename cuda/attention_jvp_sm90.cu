@@ -373,7 +373,6 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     typedef Cfg<D, MODE> C;
     constexpr bool F16 = ST::IS_F16;
     constexpr bool TAN = C::TAN, KVT = C::KVT;
-    constexpr bool CENTER = TAN;  // T centred on the running mu (full JVP and nokv; see the header)
     constexpr int SLABS = C::SLABS, STAGES = C::STAGES;
     constexpr int KST = C::KST_BYTES;
     constexpr int BC = C::BC, SLAB_Q = C::SLAB_Q, SLAB_K = C::SLAB_K;
@@ -509,9 +508,9 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 if (TAN) psa[TAN ? i : 0][e] = 0u;
             }
         // Rows g and g+8 of this warp's 16 (accumulator elements with (i >> 1) & 1 = 0 and 1).
-        // Uncentred (fwd): l_run, r_run are this thread's partial row sums of p and p.sdot,
-        // reduced over the quad at the end. Centred (full JVP, nokv): whole-row sums, reduced every tile, and
-        // mu_run = r_run / l_run is the centre of T.
+        // With a tangent, l_run and r_run are whole-row sums of p and p.sdot, reduced over the quad every
+        // tile, and mu_run = r_run / l_run is the centre of T. The primal forward keeps this thread's
+        // partial sum of p in l_run and reduces it over the quad at the end.
         float m_run[2] = {-FJ_INF, -FJ_INF}, l_run[2] = {0.f, 0.f}, r_run[2] = {0.f, 0.f};
         float mu_run[2] = {0.f, 0.f};
         const float sl2 = scale * FJ_LOG2E;
@@ -611,12 +610,9 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 alpha[h] = fj_exp2((m_run[h] - m_new) * sl2);
                 m_off[h] = -m_new * sl2;  // the exponent's offset: p = exp2(s*sl2 + m_off)
                 m_run[h] = mx[h];
-                if constexpr (!CENTER) {
-                    l_run[h] *= alpha[h];
-                    if constexpr (TAN) r_run[h] *= alpha[h];
-                }
+                if constexpr (!TAN) l_run[h] *= alpha[h];
             }
-            if constexpr (CENTER) {
+            if constexpr (TAN) {  // T centred on the running mu (see the header)
                 // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
                 // give the new centre mu, then T (tiles < j) moves from the old centre:
                 // T = alpha T + (mu_old - mu_new) alpha O. Tile j's products come centred on mu_new.
@@ -648,22 +644,14 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 }
 #pragma unroll
                 for (int i = 0; i < NS; ++i) sd[TAN ? i : 0] = s[i] * (sd[TAN ? i : 0] - mu_run[(i >> 1) & 1]);
-            } else {
+            } else {  // primal forward
 #pragma unroll
-                for (int i = 0; i < NO; ++i) {
-                    acc_o[i] *= alpha[(i >> 1) & 1];
-                    if constexpr (TAN) acc_t[i] *= alpha[(i >> 1) & 1];
-                }
+                for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i >> 1) & 1];
 #pragma unroll
                 for (int i = 0; i < NS; ++i) {
                     const float p = fj_exp2(fmaf(s[i], sl2, m_off[(i >> 1) & 1]));
                     s[i] = p;
                     l_run[(i >> 1) & 1] += p;
-                    if constexpr (TAN) {
-                        const float ps = p * sd[i];
-                        sd[i] = ps;
-                        r_run[(i >> 1) & 1] += ps;
-                    }
                 }
             }
             // Accumulator elements 8c..8c+7 (two 8-key blocks) are the A fragment of key chunk c.
@@ -686,16 +674,12 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         }
         turn(ntiles, FjBool<false>(), FjBool<true>());
 
-        // ---- finish: quad-reduce l and r unless centred (then they are whole-row sums), normalise,
-        // store ----
+        // ---- finish: quad-reduce l for the primal forward (with a tangent l and r are whole-row sums
+        // already), normalise, store ----
 #pragma unroll
-        for (int h = 0; h < 2 && !CENTER; ++h) {
+        for (int h = 0; h < 2 && !TAN; ++h) {
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
             l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-            if (TAN) {
-                r_run[h] += __shfl_xor_sync(0xffffffffu, r_run[h], 1);
-                r_run[h] += __shfl_xor_sync(0xffffffffu, r_run[h], 2);
-            }
         }
         const int bb = bh / H, hh = bh - bb * H;
         const fj_i64 ooff = (fj_i64)bb * o_sb + (fj_i64)hh * o_sh;
@@ -713,9 +697,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 *reinterpret_cast<fj_u32*>(o + roff + col) = (fj_u32)ST::store(o0) | ((fj_u32)ST::store(o1) << 16);
                 if (TAN) {
                     // Centred, T/l is odot itself: no cancellation against mu o.
-                    const float c = CENTER ? 0.f : mu;
-                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l - c * o0;
-                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l - c * o1;
+                    const float a0 = acc_t[TAN ? 4 * n + 2 * h : 0] * inv_l;
+                    const float a1 = acc_t[TAN ? 4 * n + 2 * h + 1 : 0] * inv_l;
                     *reinterpret_cast<fj_u32*>(to + roff + col) = (fj_u32)ST::store(a0) | ((fj_u32)ST::store(a1) << 16);
                 }
             }
