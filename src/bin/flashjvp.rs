@@ -380,7 +380,7 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
 
 #[cfg(feature = "cuda")]
 fn bench(args: BenchArgs) -> flashjvp::Result<()> {
-    use flashjvp::cuda::bench::{bench, BenchOp};
+    use flashjvp::cuda::bench::{bench, ratio_lines, BenchOp};
     let op = BenchOp::parse(&args.op)?;
     let dtype = match args.dtype {
         GpuDTypeArg::Bf16 => DType::BF16,
@@ -397,11 +397,17 @@ fn bench(args: BenchArgs) -> flashjvp::Result<()> {
         println!("# {}", g.info());
     }
     for shape in shapes {
-        for row in bench(op, &shape, dtype)? {
+        let rows = bench(op, &shape, dtype)?;
+        for row in &rows {
             if args.json {
                 println!("{}", row.json());
             } else {
                 println!("{}", row.line());
+            }
+        }
+        if !args.json {
+            for line in ratio_lines(op, &rows) {
+                println!("{line}");
             }
         }
     }

@@ -155,6 +155,42 @@ impl BenchRow {
     }
 }
 
+/// The ratios a shape's rows answer (printed after them in text mode): the JVP over its own forward
+/// for every op, with the issues' ceilings where they set one (MLP 2.3x; DiT block 2.5x at B2 N4096
+/// C1536 12 heads), and for the DiT block the rCM training step (dual forward + backward) over a
+/// plain one (forward + backward). Only rows of one op and shape are expected.
+pub fn ratio_lines(op: BenchOp, rows: &[BenchRow]) -> Vec<String> {
+    let ms = |pass: &str| rows.iter().find(|r| r.pass == pass).map(|r| r.ms);
+    let Some(shape) = rows.first().map(|r| &r.shape) else {
+        return Vec::new();
+    };
+    let ceiling = match op {
+        BenchOp::Mlp => Some(2.3),
+        BenchOp::DitBlock if shape[..] == [2, 4096, 1536, 12] => Some(2.5),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let mut ratio = |label: &str, num: &str, den: &str, ceiling: Option<f64>| {
+        if let (Some(a), Some(b)) = (ms(num), ms(den)) {
+            let verdict = match ceiling {
+                Some(c) if a / b <= c => format!("  (target <= {c}x: met)"),
+                Some(c) => format!("  (target <= {c}x: MISSED)"),
+                None => String::new(),
+            };
+            out.push(format!(
+                "{:14} {label:>22} {shape:?}: {:.2}x{verdict}",
+                op.name(),
+                a / b
+            ));
+        }
+    };
+    ratio("jvp / fwd", "jvp", "fwd", ceiling);
+    if op == BenchOp::DitBlock {
+        ratio("(jvp+bwd) / (fwd+bwd)", "jvp+bwd", "fwd+bwd", None);
+    }
+    out
+}
+
 /// Random normal values to cut inputs from.
 pub(crate) struct Pool {
     values: Vec<f32>,
@@ -674,6 +710,58 @@ fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratio_lines_name_the_targets() {
+        let row = |op: &str, pass: &str, shape: &[usize], ms: f64| BenchRow {
+            op: op.into(),
+            pass: pass.into(),
+            shape: shape.to_vec(),
+            dtype: "bf16".into(),
+            ms,
+            ms_p10: ms,
+            ms_p90: ms,
+            runs: 10,
+            tflops: None,
+            gbps: None,
+            path: None,
+        };
+        let block = [2, 4096, 1536, 12];
+        let rows: Vec<BenchRow> = [
+            ("fwd", 1.0),
+            ("jvp", 2.4),
+            ("fwd+bwd", 3.0),
+            ("jvp+bwd", 4.5),
+        ]
+        .iter()
+        .map(|&(p, ms)| row("dit_block", p, &block, ms))
+        .collect();
+        let lines = ratio_lines(BenchOp::DitBlock, &rows);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].contains("2.40x") && lines[0].contains("met"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("1.50x") && !lines[1].contains("target"),
+            "{}",
+            lines[1]
+        );
+        // Another block shape has no target; the MLP's ceiling is 2.3x.
+        let other = [
+            row("dit_block", "fwd", &[8, 1024, 1152, 16], 1.0),
+            row("dit_block", "jvp", &[8, 1024, 1152, 16], 3.0),
+        ];
+        assert!(!ratio_lines(BenchOp::DitBlock, &other)[0].contains("target"));
+        let mlp = [
+            row("mlp", "fwd", &[8192, 1536, 6144], 1.0),
+            row("mlp", "jvp", &[8192, 1536, 6144], 2.5),
+        ];
+        assert!(ratio_lines(BenchOp::Mlp, &mlp)[0].contains("MISSED"));
+        assert!(ratio_lines(BenchOp::Mlp, &mlp[..1]).is_empty());
+        assert!(ratio_lines(BenchOp::Mlp, &[]).is_empty());
+    }
 
     #[test]
     fn rows_print_as_json() {
