@@ -18,7 +18,7 @@
 // TILING: one warp per row, 8 rows per block of 256 threads. Each lane walks the row in chunks of 16
 // bytes (8 bf16/f16 values, 4 f32); when C is a multiple of the chunk and every row pointer is 16-byte
 // aligned the chunk is one vector access, otherwise element by element with the tail masked. When the
-// row is vector-accessible and fits (C <= 2048 for the bf16/f16 JVP, 3072 for the forward and backward;
+// row is vector-accessible and fits (C <= 1536 for the bf16/f16 JVP, 3072 for the forward and backward;
 // half that in f32) each lane keeps its chunks in registers and every input is read from memory once;
 // otherwise the row is streamed three times (sum, squared deviations, output; the backward twice), the
 // later reads mostly from L1/L2. Both give the same results (same sums in the same order).
@@ -73,11 +73,14 @@ __device__ __forceinline__ void load_mod(const float* row, int i, int C, bool ve
 // Register-resident rows: lane `lane` holds the 16-byte chunks ch*32 + lane (ch < NCH) of the row, so
 // each input is read from memory once. Taken when the row fits (C <= 32 * V * NCH) and every row is
 // vector-accessible; the same sums in the same order as the streaming path, so the same results.
-// Chunks per lane N: 12 for the forward and backward (C <= 3072 in bf16/f16, 1536 in f32), 8 for the
-// JVP, which holds two rows (C <= 2048 / 1024; with 12 it took 215 registers on sm_90a).
+// Chunks per lane N: 12 for the forward and backward (C <= 3072 in bf16/f16, 1536 in f32), 6 for the
+// JVP, which holds two rows (C <= 1536 / 768: DiT-XL's 1152 and the 1536 of the block benchmark). With 8
+// chunks the JVP kernels took 180-190 registers on sm_90a, one block (8 warps) per SM, so a block's
+// reductions and stores could not overlap another's loads; with 6 and __launch_bounds__(256, 2) they fit
+// 128 (bf16: 4-24 bytes of spill on one arch each, in L1), two blocks per SM. Not yet timed on a GPU.
 template <bool JVP>
 struct Chunks {
-    enum { N = JVP ? 8 : 12 };
+    enum { N = JVP ? 6 : 12 };
 };
 
 template <class ST, int N>
@@ -528,7 +531,7 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                               eps);                                                                            \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_fwd_##DT)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                       \
         layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,        \
                                const float* tscale, const float* tshift, ST::T* y, ST::T* ty, float* mean,     \
                                float* rstd, int T, int C, int G, float eps) {                                  \
@@ -543,7 +546,7 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                                     eps, fj_ln::ResRow<ST>{y, nullptr, gate, nullptr, x1, nullptr});             \
     }                                                                                                          \
     FJ_REGISTER(residual_layernorm_mod_fwd_##DT)                                                               \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                       \
         residual_layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const ST::T* y, const ST::T* ty,       \
                                         const float* gate, const float* tgate, ST::T* x1, ST::T* tx1,            \
                                         const float* scale, const float* shift, const float* tscale,             \

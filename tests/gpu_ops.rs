@@ -964,8 +964,11 @@ const LN: &[(usize, usize, usize, usize)] = &[
     (16, 1152, 16, 0),
     (12, 72, 3, 4),
     (5, 7, 0, 5),
-    // Rows past the register-resident limits of layernorm_mod.cu (C <= 2048 for the 16-bit JVP, 3072
-    // for the forward and backward, half in f32): the streaming path with vector access.
+    // The register-resident limits of layernorm_mod.cu (C <= 1536 for the 16-bit JVP, 3072 for the
+    // forward and backward, half in f32): at the JVP's limit, past it, and past every limit (the
+    // streaming path with vector access).
+    (4, 1536, 2, 2),
+    (3, 2048, 1, 0),
     (9, 2560, 3, 3),
     (6, 3200, 2, 0),
 ];
