@@ -711,6 +711,101 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// LAYOUT PROBE (sm90_layout_probe_bf16_d{D}_bc{BC}): one warpgroup runs this file's own primitives once
+// on one tile, so that a wrong reading of the hardware (TMA's swizzle and zero fill, the descriptor
+// fields, the accumulator and A-fragment layouts) shows up on a GPU as a mismatch of one named stage
+// rather than as a wrong attention output (tests/gpu_attention_sm90.rs runs it first):
+//   1. TMA: Q [64 rows x d] -> shared memory as the kernel stores it (SLABS slabs of SWZ-byte rows, zero
+//      fill past d); the raw shared bytes go to q_smem (u16 [SLABS * 64 * SCOL]).
+//   2. S = Q K^T over DP (wgmma_ss, K-major descriptors), written as f32 [64, BC] through the
+//      accumulator layout the kernel's softmax and masking assume.
+//   3. O = bf16(S) V (wgmma_rs: S's accumulators packed into A fragments as the kernel packs P; MN-major
+//      V descriptor), written as f32 [64, DP] the way the kernel's finish reads it.
+// q, k, v: contiguous bf16 [64, d], [BC, d], [BC, d] behind 4-D maps of the kernel's kind ({d, rows, 1,
+// 1}, boxes of one slab x all rows). Launch: grid (1,1,1), block (128,1,1), dynamic shared memory
+// 1024 + SLABS*SWZ*(64 + 2*BC) + 8 bytes.
+template <int D, int BC>
+__device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
+                                             fj_u16* __restrict__ q_smem, float* __restrict__ s_out,
+                                             float* __restrict__ o_out) {
+    typedef Cfg<D, FWD> C;
+    constexpr int SWZ = C::SWZ, SCOL = C::SCOL, SLABS = C::SLABS, DP = C::DP, CPS = C::CPS;
+    constexpr int SLAB_Q = 64 * SWZ, SLAB_K = BC * SWZ;
+    constexpr int Q_BYTES = SLABS * SLAB_Q, K_BYTES = SLABS * SLAB_K;
+#ifndef FJ_HOST_EMU
+    extern __shared__ __align__(1024) unsigned char fj_smem[];
+#else
+    FJ_DYN_SMEM(fj_smem);
+#endif
+    const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
+    const fj_u32 sQ = base, sK = base + Q_BYTES, sV = sK + K_BYTES, bar = sV + K_BYTES;
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        mbar_init(bar, 1);
+#ifndef FJ_HOST_EMU
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+        fj_sm90::fence_mbarrier_init(__FILE__, __LINE__);
+#endif
+    }
+    __syncthreads();
+    if (tid == 0) {
+        mbar_expect_tx(bar, Q_BYTES + 2 * K_BYTES);
+#pragma unroll
+        for (int s = 0; s < SLABS; ++s) {
+            tma_load4(sQ + s * SLAB_Q, mq, bar, SCOL * s, 0, 0, 0);
+            tma_load4(sK + s * SLAB_K, mk, bar, SCOL * s, 0, 0, 0);
+            tma_load4(sV + s * SLAB_K, mv, bar, SCOL * s, 0, 0, 0);
+        }
+    }
+    mbar_wait(bar, 0);
+
+    // 1. Q's shared bytes as TMA left them.
+    const fj_u16* q_sh = reinterpret_cast<const fj_u16*>(fj_smem + (sQ - fj_smem_addr(fj_smem)));
+    for (int i = tid; i < Q_BYTES / 2; i += 128) q_smem[i] = q_sh[i];
+
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    // Accumulator element i of this thread: row warp*16 + g + 8*((i>>1)&1), column 8*(i>>2) + 2*t4 + (i&1).
+    auto row_of = [&](int i) { return warp * 16 + g + 8 * ((i >> 1) & 1); };
+    auto col_of = [&](int i) { return 8 * (i >> 2) + 2 * t4 + (i & 1); };
+
+    // 2. S = Q K^T.
+    float s[BC / 2];
+#pragma unroll
+    for (int i = 0; i < BC / 2; ++i) s[i] = 0.f;
+    const fj_u64 dq = desc_kmajor<SWZ>(sQ), dk = desc_kmajor<SWZ>(sK);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < DP / 16; ++kc)
+        wgmma_ss<BC, false>(s, dq + (fj_u64)(((kc / CPS) * SLAB_Q + (kc % CPS) * 32) >> 4),
+                            dk + (fj_u64)(((kc / CPS) * SLAB_K + (kc % CPS) * 32) >> 4), kc > 0);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(s);
+#pragma unroll
+    for (int i = 0; i < BC / 2; ++i) s_out[row_of(i) * BC + col_of(i)] = s[i];
+
+    // 3. O = bf16(S) V.
+    fj_u32 pa[BC / 16][4];
+#pragma unroll
+    for (int c = 0; c < BC / 16; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pa[c][e] = fj_pack2<false>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
+    float o[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+    const fj_u64 dv = desc_mnmajor<SWZ>(sV, SLAB_K);
+    wgmma_fence();
+#pragma unroll
+    for (int kc2 = 0; kc2 < BC / 16; ++kc2) wgmma_rs<DP, false>(o, pa[kc2], dv + (fj_u64)((kc2 * 16 * SWZ) >> 4));
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(o);
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) o_out[row_of(i) * DP + col_of(i)] = o[i];
+}
+
 }  // namespace fj_h
 
 // ---------------------------------------------------------------------------------------------
@@ -750,3 +845,18 @@ FJ_SM90(f16, FjF16, 64)
 FJ_SM90(f16, FjF16, 72)
 FJ_SM90(f16, FjF16, 96)
 FJ_SM90(f16, FjF16, 128)
+
+// The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
+// both key tiles of d 128.
+#define FJ_SM90_PROBE(D, BC)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128, 1) sm90_layout_probe_bf16_d##D##_bc##BC(                     \
+        FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* q_smem, float* s_out, float* o_out) {                                \
+        fj_h::layout_probe<D, BC>(&mq, &mk, &mv, q_smem, s_out, o_out);                                            \
+    }                                                                                                              \
+    FJ_REGISTER(sm90_layout_probe_bf16_d##D##_bc##BC)
+
+FJ_SM90_PROBE(64, 64)
+FJ_SM90_PROBE(72, 64)
+FJ_SM90_PROBE(96, 64)
+FJ_SM90_PROBE(128, 48)
+FJ_SM90_PROBE(128, 64)

@@ -8,6 +8,10 @@
 //! B·H > 1, a single query and key, key counts of exactly one and two tiles. Variants: tangents on q,
 //! k, v (six products), constant k, v (four), primal forward (two); bf16 and f16.
 //!
+//! First, the layout probe: the Hopper file's own TMA load, descriptors and wgmma wrappers on one tile
+//! per swizzle, each stage against an independent host model (`PROBE` lines), so that a failure below
+//! on a GPU comes with the reading of the hardware that is wrong.
+//!
 //! Tolerances as gpu_ops: o and lse 1e-2 (bf16) / 5e-3 (f16), the o tangent and the lse tangent 3e-3
 //! (the issue's bound for bf16). Every relative error is printed as an `ERR` line, the largest tangent
 //! error per dtype as a `MAX` line. Outputs are NaN-poisoned first, so an unwritten element fails.
@@ -135,6 +139,170 @@ fn inputs(s: (usize, usize, usize, usize, usize), seed: u64, kv_tangent: bool) -
 
 fn name(s: (usize, usize, usize, usize, usize)) -> String {
     format!("B{} H{} Nq{} Nk{} d{}", s.0, s.1, s.2, s.3, s.4)
+}
+
+/// Where each mismatching element's value sits in `want` (values of random products are all but
+/// unique, so the position tells which layout the hardware used); the first `n` mismatches.
+fn locate(got: &[f64], want: &[f64], cols: usize, tol: f64, n: usize) -> Vec<String> {
+    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-300);
+    let mut out = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if (g - w).abs() <= tol * scale {
+            continue;
+        }
+        let (j, dist) = want
+            .iter()
+            .enumerate()
+            .map(|(j, &x)| (j, (x - g).abs()))
+            .fold((0, f64::INFINITY), |b, c| if c.1 < b.1 { c } else { b });
+        let from = if dist <= tol * scale {
+            format!("the value of ({}, {})", j / cols, j % cols)
+        } else {
+            "no expected value".to_string()
+        };
+        out.push(format!(
+            "({}, {}): got {g:.5} want {w:.5}, holds {from}",
+            i / cols,
+            i % cols
+        ));
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}
+
+/// Q's shared-memory image as the Hopper kernels assume TMA writes it: slab `s` holds columns
+/// s·scol.. of every row, one row per `slab_bytes` (the swizzle width) bytes, with the 16-byte chunks
+/// of each row permuted by `pattern` (byte offset o → o ^ (((o >> 7) & (pattern/16 − 1)) << 4):
+/// CUTLASS's Swizzle<log2(pattern/16), 4, 3>; 0: none) and columns past d zero.
+fn q_smem_image(q: &[f64], rows: usize, d: usize, slab_bytes: usize, pattern: usize) -> Vec<f64> {
+    let scol = slab_bytes / 2;
+    let slabs = d.div_ceil(scol);
+    let mask = (pattern / 16).max(1) - 1;
+    let mut img = vec![f64::NAN; slabs * rows * scol];
+    for sl in 0..slabs {
+        for row in 0..rows {
+            for c in 0..scol {
+                let off = row * slab_bytes + c * 2;
+                let phys = off ^ (((off >> 7) & mask) << 4);
+                let col = sl * scol + c;
+                img[sl * rows * scol + phys / 2] = if col < d { q[row * d + col] } else { 0.0 };
+            }
+        }
+    }
+    img
+}
+
+/// The layout probe (cuda/attention_jvp_sm90.cu, LAYOUT PROBE): the Hopper kernels' own TMA copies,
+/// descriptors and fragment layouts run once on one tile at every swizzle, each stage against what
+/// the kernels assume: Q's shared-memory image (swizzle, zero fill past d), S = Q Kᵀ through the
+/// accumulator layout, O = bf16(S) V through the A-fragment packing and the MN-major V descriptor.
+/// Named `a_…` so that it runs and reports first: if the attention tests below fail on a GPU, its
+/// messages say which reading of the hardware is wrong (which element landed where).
+#[test]
+fn a_layout_probe_matches_the_assumed_layouts() {
+    let Some(gpu) = hopper() else { return };
+    let bf = DType::BF16;
+    let mut failures = Vec::new();
+    for (i, &(d, bc)) in sm90::PROBES.iter().enumerate() {
+        let (rows, dp, swz) = (
+            sm90::PROBE_ROWS,
+            sm90::padded_head_dim(d),
+            sm90::swizzle_bytes(d),
+        );
+        let mut r = rng(900 + i as u64);
+        let q = rd(&common::randn(&[rows, d], &mut r), bf);
+        let k = rd(&common::randn(&[bc, d], &mut r), bf);
+        let v = rd(&common::randn(&[bc, d], &mut r), bf);
+        let up = |t: &Tensor| gpu.upload(t, bf).unwrap();
+        let (qd, kd, vd) = (up(&q), up(&k), up(&v));
+        let q_smem = gpu.poisoned(&[dp * rows], bf).unwrap();
+        let s_out = gpu.poisoned(&[rows, bc], DType::F32).unwrap();
+        let o_out = gpu.poisoned(&[rows, dp], DType::F32).unwrap();
+        let p = sm90::ProbePtrs {
+            q: qd.ptr(),
+            k: kd.ptr(),
+            v: vd.ptr(),
+            q_smem: q_smem.ptr(),
+            s: s_out.ptr(),
+            o: o_out.ptr(),
+        };
+        gpu.run(&sm90::plan_layout_probe(d, bc, p).unwrap())
+            .unwrap();
+        gpu.synchronize().unwrap();
+        let label = format!("layout probe d{d} bc{bc} ({swz}-byte swizzle)");
+        let (qv, kv, vv) = (q.to_f64_vec(), k.to_f64_vec(), v.to_f64_vec());
+
+        // 1. TMA's image of Q.
+        let img = q_smem.download().unwrap().to_f64_vec();
+        let want = q_smem_image(&qv, rows, d, swz, swz);
+        let wrong = img.iter().zip(&want).filter(|(g, w)| g != w).count();
+        report(&format!(
+            "PROBE {label}: TMA image of Q, {wrong} of {} elements differ",
+            img.len()
+        ));
+        if wrong > 0 {
+            let alt: Vec<usize> = [0, 32, 64, 128]
+                .into_iter()
+                .filter(|&pat| q_smem_image(&qv, rows, d, swz, pat) == img)
+                .collect();
+            failures.push(format!(
+                "{label}: TMA image of Q differs in {wrong} elements (it matches the swizzle \
+                 patterns {alt:?} of 0/32/64/128 bytes); first: {:?}",
+                locate(&img, &want, swz / 2, 0.0, 6)
+            ));
+        }
+
+        // 2. S = Q Kᵀ through the accumulator layout.
+        let sv = s_out.download().unwrap().to_f64_vec();
+        let want_s: Vec<f64> = (0..rows * bc)
+            .map(|e| {
+                let (row, c) = (e / bc, e % bc);
+                (0..d).map(|j| qv[row * d + j] * kv[c * d + j]).sum()
+            })
+            .collect();
+        let es = rel_err(&sv, &want_s);
+        report(&format!("PROBE {label}: S = Q K^T rel {es:.2e}"));
+        if es.is_nan() || es > 1e-5 {
+            failures.push(format!(
+                "{label}: S = Q K^T rel {es:.2e}; first: {:?}",
+                locate(&sv, &want_s, bc, 1e-4, 6)
+            ));
+        }
+
+        // 3. O = bf16(S) V (the GPU's S, so that this stage is judged apart from the last).
+        let p16 = rd(
+            &Tensor::from_f64_vec(sv, &[rows, bc], DType::F64).unwrap(),
+            bf,
+        )
+        .to_f64_vec();
+        let want_o: Vec<f64> = (0..rows * dp)
+            .map(|e| {
+                let (row, c) = (e / dp, e % dp);
+                if c >= d {
+                    return 0.0;
+                }
+                (0..bc).map(|j| p16[row * bc + j] * vv[j * d + c]).sum()
+            })
+            .collect();
+        let ov = o_out.download().unwrap().to_f64_vec();
+        let eo = rel_err(&ov, &want_o);
+        let pad_nonzero = (0..rows * dp)
+            .filter(|e| e % dp >= d && ov[*e] != 0.0)
+            .count();
+        report(&format!(
+            "PROBE {label}: O = bf16(S) V rel {eo:.2e}, {pad_nonzero} nonzero padded columns"
+        ));
+        if eo.is_nan() || eo > 1e-5 || pad_nonzero > 0 {
+            failures.push(format!(
+                "{label}: O = bf16(S) V rel {eo:.2e}, {pad_nonzero} nonzero padded elements; \
+                 first: {:?}",
+                locate(&ov, &want_o, dp, 1e-4, 6)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// The outputs of one plan (`Some(Path::Sm80)`: attention_jvp.cu's plan forced; `None`: the

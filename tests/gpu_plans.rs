@@ -197,6 +197,17 @@ fn all_plans() -> Vec<Step> {
     }
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), 0, p(2), 0).unwrap());
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), p(3), p(2), p(4)).unwrap());
+    for (d, bc) in sm90::PROBES {
+        let pp = sm90::ProbePtrs {
+            q: p(1),
+            k: p(2),
+            v: p(3),
+            q_smem: p(4),
+            s: p(5),
+            o: p(6),
+        };
+        s.extend(sm90::plan_layout_probe(d, bc, pp).unwrap());
+    }
     s
 }
 
@@ -400,7 +411,7 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
     let sigs = ptx_signatures(&ptx);
     assert_eq!(
         sigs.len(),
-        24,
+        24 + sm90::PROBES.len(),
         "{:?}",
         sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
     );

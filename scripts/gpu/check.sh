@@ -10,7 +10,8 @@
 #               loads every module on the GPU and fills the kernel cache, so the tests start warm)
 #   2. tests    every staged gpu_* test binary as its own step (so that a hang costs its own limit,
 #               not the other binaries' time), FLASHJVP_REQUIRE_GPU=1: first gpu_attention_sm90 (the
-#               Hopper attention path and the sm80 fallback against the reference, MAX lines); if it
+#               Hopper attention path and the sm80 fallback against the reference, MAX lines, after
+#               the layout probe's PROBE lines: TMA image, S, O of one tile per swizzle); if it
 #               hangs or a kernel faults (a CUDA error, not merely a tolerance missed), every later
 #               step runs with FLASHJVP_ATTENTION_PATH=sm80, so that the rest is still checked on
 #               this GPU (the summary says so). Then gpu_ops (every op
@@ -158,7 +159,7 @@ for line in nonfinite[:10]:
     print(line)
 for _, line in sorted(rows, reverse=True)[:15]:
     print(line)
-for line in re.findall(r"^MAX .*$", text, re.M):
+for line in re.findall(r"^(?:MAX|PROBE) .*$", text, re.M):
     print(line)
 PY
   echo

@@ -358,6 +358,88 @@ pub fn plan(
     )?)])
 }
 
+/// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
+/// swizzle (128 bytes at d 64 and 128, 32 with zero fill at d 72, 64 at d 96) and both key tiles of
+/// d 128.
+pub const PROBES: [(usize, usize); 5] = [(64, 64), (72, 64), (96, 64), (128, 48), (128, 64)];
+
+/// Query rows of the layout probe's tile (one warpgroup).
+pub const PROBE_ROWS: usize = 64;
+
+/// The head dim the Hopper kernels' products see: `d` padded to whole slabs (80 at d 72).
+pub fn padded_head_dim(d: usize) -> usize {
+    let cols = swizzle_bytes(d) / 2;
+    d.div_ceil(cols) * cols
+}
+
+/// Device addresses of one layout probe: inputs contiguous bf16 q [64, d], k and v [bc, d];
+/// outputs `q_smem` (u16, [`padded_head_dim`]`(d)·64`: Q's shared-memory bytes as TMA stored them,
+/// slab after slab), `s` (f32 [64, bc]: Q Kᵀ) and `o` (f32 [64, padded d]: bf16(S) V).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbePtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub q_smem: u64,
+    pub s: u64,
+    pub o: u64,
+}
+
+/// The launch of the layout probe (cuda/attention_jvp_sm90.cu, LAYOUT PROBE): the Hopper kernels'
+/// TMA copies, descriptors and fragment layouts run once on one tile, each stage written out, so
+/// that the first GPU run can tell which reading of the hardware is wrong if the attention kernels
+/// disagree with the reference (tests/gpu_attention_sm90.rs).
+pub fn plan_layout_probe(d: usize, bc: usize, p: ProbePtrs) -> Result<Vec<Step>> {
+    if !PROBES.contains(&(d, bc)) {
+        return Err(Error::Unsupported(format!(
+            "layout probe at head dim {d}, key tile {bc}: built for {PROBES:?}"
+        )));
+    }
+    for (name, ptr) in [
+        ("q", p.q),
+        ("k", p.k),
+        ("v", p.v),
+        ("q_smem", p.q_smem),
+        ("s", p.s),
+        ("o", p.o),
+    ] {
+        if ptr == 0 || ptr % 16 != 0 {
+            return Err(Error::Unsupported(format!(
+                "layout probe: `{name}` at {ptr:#x} is null or not 16-byte aligned"
+            )));
+        }
+    }
+    let map = |ptr, rows| {
+        let m = TensorMapDesc::attention(
+            ptr,
+            DType::BF16,
+            [1, 1, rows, d],
+            Strides::contiguous(1, rows, d),
+            rows,
+        );
+        m.check().map(|_| Arg::TensorMap(m))
+    };
+    let args = vec![
+        map(p.q, PROBE_ROWS)?,
+        map(p.k, bc)?,
+        map(p.v, bc)?,
+        Arg::Ptr(p.q_smem),
+        Arg::Ptr(p.s),
+        Arg::Ptr(p.o),
+    ];
+    // Q, K and V tiles of padded_head_dim(d) columns, 2 bytes each, and one mbarrier.
+    let shared = 1024 + padded_head_dim(d) * 2 * (PROBE_ROWS + 2 * bc) + 8;
+    Ok(vec![Step::Kernel(Launch::new(
+        OP,
+        FILE,
+        format!("sm90_layout_probe_bf16_d{d}_bc{bc}"),
+        (1, 1, 1),
+        (128, 1, 1),
+        shared,
+        args,
+    )?)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +618,37 @@ mod tests {
         bad.v.n += 4;
         let e = plan(Variant::Fwd, DType::BF16, dims, bad, ptrs(), 0.1).unwrap_err();
         assert!(e.to_string().contains("`v`"), "{e}");
+    }
+
+    #[test]
+    fn layout_probe_plans() {
+        let p = ProbePtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            q_smem: 0x4000,
+            s: 0x5000,
+            o: 0x6000,
+        };
+        for (d, bc) in PROBES {
+            let steps = plan_layout_probe(d, bc, p).unwrap();
+            let Step::Kernel(l) = &steps[0] else {
+                panic!("not a kernel launch")
+            };
+            assert_eq!(l.kernel, format!("sm90_layout_probe_bf16_d{d}_bc{bc}"));
+            assert_eq!(l.block, (128, 1, 1));
+            let Arg::TensorMap(k) = l.args[1] else {
+                panic!("k is not a tensor map")
+            };
+            assert_eq!(k.dims, [d as u64, bc as u64, 1, 1]);
+            assert_eq!(k.boxdim[1] as usize, bc);
+            assert_eq!(k.swizzle as usize, swizzle_bytes(d));
+        }
+        assert_eq!(padded_head_dim(72), 80);
+        assert_eq!(padded_head_dim(96), 96);
+        assert!(plan_layout_probe(72, 48, p).is_err());
+        let e = plan_layout_probe(64, 64, ProbePtrs { s: 0x5004, ..p }).unwrap_err();
+        assert!(e.to_string().contains("`s`"), "{e}");
     }
 
     #[test]
