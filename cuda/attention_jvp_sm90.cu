@@ -92,6 +92,13 @@ struct __align__(128) FjTensorMap {
     fj_u64 opaque[16];
 };
 
+// The dynamic shared memory, 1024-byte aligned on the GPU (the swizzles repeat every 1024 bytes).
+#ifndef FJ_HOST_EMU
+#define FJ_SM90_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
+#else
+#define FJ_SM90_SMEM(name) FJ_DYN_SMEM(name)
+#endif
+
 namespace fj_h {
 
 enum { FULL = 0, NOKV = 1, FWD = 2 };
@@ -139,6 +146,8 @@ template <int D, int MODE> struct Cfg {
 __device__ __forceinline__ void mbar_init(fj_u32 bar, fj_u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+// Makes the mbarrier initialisations visible to the other threads and to the TMA unit.
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 __device__ __forceinline__ void mbar_expect_tx(fj_u32 bar, fj_u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
@@ -186,6 +195,7 @@ __device__ __forceinline__ fj_u64 opaque64(fj_u64 x) {
 #else  // FJ_HOST_EMU: the same wrappers on the CPU emulator (cuda/emu/sm90.h), call sites named in errors.
 #define FJ_SITE const char *fj_file = __builtin_FILE(), int fj_line = __builtin_LINE()
 inline void mbar_init(fj_u32 bar, fj_u32 count, FJ_SITE) { fj_sm90::mbar_init(bar, count, fj_file, fj_line); }
+inline void mbar_fence_init(FJ_SITE) { fj_sm90::fence_mbarrier_init(fj_file, fj_line); }
 inline void mbar_expect_tx(fj_u32 bar, fj_u32 bytes, FJ_SITE) {
     fj_sm90::mbar_arrive_expect_tx(bar, bytes, fj_file, fj_line);
 }
@@ -378,11 +388,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
     constexpr int BC = C::BC, SLAB_Q = C::SLAB_Q, SLAB_K = C::SLAB_K;
     constexpr int SWZ = C::SWZ, SCOL = C::SCOL, CPS = C::CPS, DP = C::DP;
 
-#ifndef FJ_HOST_EMU
-    extern __shared__ __align__(1024) unsigned char fj_smem[];
-#else
-    FJ_DYN_SMEM(fj_smem);
-#endif
+    FJ_SM90_SMEM(fj_smem);
     // The swizzles repeat every 8 rows (at most 1024 bytes) and the descriptors assume base offset 0:
     // align.
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
@@ -421,11 +427,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             mbar_init(vfull(st), 1);
             mbar_init(vempty(st), 4 * NCONS);
         }
-#ifndef FJ_HOST_EMU
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#else
-        fj_sm90::fence_mbarrier_init(__FILE__, __LINE__);
-#endif
+        mbar_fence_init();
     }
     __syncthreads();
 
@@ -733,21 +735,13 @@ __device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTens
     constexpr int SWZ = C::SWZ, SCOL = C::SCOL, SLABS = C::SLABS, DP = C::DP, CPS = C::CPS;
     constexpr int SLAB_Q = 64 * SWZ, SLAB_K = BC * SWZ;
     constexpr int Q_BYTES = SLABS * SLAB_Q, K_BYTES = SLABS * SLAB_K;
-#ifndef FJ_HOST_EMU
-    extern __shared__ __align__(1024) unsigned char fj_smem[];
-#else
-    FJ_DYN_SMEM(fj_smem);
-#endif
+    FJ_SM90_SMEM(fj_smem);
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
     const fj_u32 sQ = base, sK = base + Q_BYTES, sV = sK + K_BYTES, bar = sV + K_BYTES;
     const int tid = threadIdx.x;
     if (tid == 0) {
         mbar_init(bar, 1);
-#ifndef FJ_HOST_EMU
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#else
-        fj_sm90::fence_mbarrier_init(__FILE__, __LINE__);
-#endif
+        mbar_fence_init();
     }
     __syncthreads();
     if (tid == 0) {
