@@ -27,8 +27,10 @@
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
 #   7. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
+#   8. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
+#      JVP at the issue's two shapes and of the layernorm JVP (ncu.log)
 # Files back: gpu_attention_sm90.log gpu_ops.log gpu_dit.log gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
-# compare.json summary.txt
+# compare.json ncu.log summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
 export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -136,6 +138,25 @@ if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheade
     --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
   step racecheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool racecheck \
     --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+fi
+
+# ---- 8. with the time left, hardware counters of the kernels the targets hang on, for tuning without
+#         a GPU afterwards (ncu reads them on Firecracker machines, not on gVisor; clocks left alone):
+#         one launch each of the JVP at (1,12,4096,d128) and (1,12,16384,d64), the layernorm JVP
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  ncu_step() { # name, kernel regex, bench args...
+    local name=$1 kern=$2; shift 2
+    step "$name" 60 "$OUT/ncu.log" "$NCU" --clock-control none -k "regex:$kern" --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section Occupancy --section SchedulerStats --section WarpStateStats --section LaunchStats \
+      "$G/bin/flashjvp" bench "$@"
+  }
+  ncu_step ncu_jvp128 '^attention_jvp_(sm90_)?bf16_d128' attention --shape 1,12,4096,4096,128 --dtype bf16
+  ncu_step ncu_jvp64 '^attention_jvp_(sm90_)?bf16_d64' attention --shape 1,12,16384,16384,64 --dtype bf16
+  ncu_step ncu_ln '^layernorm_mod_jvp_bf16' layernorm_mod --shape 8192,1536,2 --dtype bf16
+else
+  rows+=("ncu        not run (no ncu)")
 fi
 
 # ---- summary
