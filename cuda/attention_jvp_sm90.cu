@@ -718,22 +718,23 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 // on one tile, so that a wrong reading of the hardware (TMA's swizzle and zero fill, the descriptor
 // fields, the accumulator and A-fragment layouts) shows up on a GPU as a mismatch of one named stage
 // rather than as a wrong attention output (tests/gpu_attention_sm90.rs runs it first):
-//   1. TMA: Q [64 rows x d] -> shared memory as the kernel stores it (SLABS slabs of SWZ-byte rows, zero
-//      fill past d); the raw shared bytes go to q_smem (u16 [SLABS * 64 * SCOL]).
-//   2. S = Q K^T over DP (wgmma_ss, K-major descriptors), written as f32 [64, BC] through the
-//      accumulator layout the kernel's softmax and masking assume.
+//   1. TMA: Q [128 rows x d] -> shared memory as the kernel stores it (SLABS slabs of SWZ-byte rows, zero
+//      fill past d); the raw shared bytes go to q_smem (u16 [SLABS * 128 * SCOL]).
+//   2. S = Q K^T over DP (wgmma_ss, K-major descriptors), written as f32 [128, BC] through the
+//      accumulator layout the kernel's softmax and masking assume; rows 64..127 through a Q descriptor
+//      64 rows in, as the kernel's second consumer warpgroup reads them.
 //   3. O = bf16(S) V (wgmma_rs: S's accumulators packed into A fragments as the kernel packs P; MN-major
-//      V descriptor), written as f32 [64, DP] the way the kernel's finish reads it.
-// q, k, v: contiguous bf16 [64, d], [BC, d], [BC, d] behind 4-D maps of the kernel's kind ({d, rows, 1,
+//      V descriptor), written as f32 [128, DP] the way the kernel's finish reads it.
+// q, k, v: contiguous bf16 [128, d], [BC, d], [BC, d] behind 4-D maps of the kernel's kind ({d, rows, 1,
 // 1}, boxes of one slab x all rows). Launch: grid (1,1,1), block (128,1,1), dynamic shared memory
-// 1024 + SLABS*SWZ*(64 + 2*BC) + 8 bytes.
+// 1024 + SLABS*SWZ*(128 + 2*BC) + 8 bytes.
 template <int D, int BC>
 __device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
                                              fj_u16* __restrict__ q_smem, float* __restrict__ s_out,
                                              float* __restrict__ o_out) {
     typedef Cfg<D, FWD> C;
     constexpr int SWZ = C::SWZ, SCOL = C::SCOL, SLABS = C::SLABS, DP = C::DP, CPS = C::CPS;
-    constexpr int SLAB_Q = 64 * SWZ, SLAB_K = BC * SWZ;
+    constexpr int SLAB_Q = BR * SWZ, SLAB_K = BC * SWZ;
     constexpr int Q_BYTES = SLABS * SLAB_Q, K_BYTES = SLABS * SLAB_K;
     FJ_SM90_SMEM(fj_smem);
     const fj_u32 base = (fj_smem_addr(fj_smem) + 1023u) & ~1023u;
@@ -764,40 +765,43 @@ __device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTens
     auto row_of = [&](int i) { return warp * 16 + g + 8 * ((i >> 1) & 1); };
     auto col_of = [&](int i) { return 8 * (i >> 2) + 2 * t4 + (i & 1); };
 
-    // 2. S = Q K^T.
-    float s[BC / 2];
+#pragma unroll 1
+    for (int half = 0; half < BR / 64; ++half) {
+        // 2. S = Q K^T (this half's 64 rows).
+        float s[BC / 2];
 #pragma unroll
-    for (int i = 0; i < BC / 2; ++i) s[i] = 0.f;
-    const fj_u64 dq = desc_kmajor<SWZ>(sQ), dk = desc_kmajor<SWZ>(sK);
-    wgmma_fence();
+        for (int i = 0; i < BC / 2; ++i) s[i] = 0.f;
+        const fj_u64 dq = desc_kmajor<SWZ>(sQ + half * 64 * SWZ), dk = desc_kmajor<SWZ>(sK);
+        wgmma_fence();
 #pragma unroll
-    for (int kc = 0; kc < DP / 16; ++kc)
-        wgmma_ss<BC, false>(s, dq + (fj_u64)(((kc / CPS) * SLAB_Q + (kc % CPS) * 32) >> 4),
-                            dk + (fj_u64)(((kc / CPS) * SLAB_K + (kc % CPS) * 32) >> 4), kc > 0);
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs(s);
+        for (int kc = 0; kc < DP / 16; ++kc)
+            wgmma_ss<BC, false>(s, dq + (fj_u64)(((kc / CPS) * SLAB_Q + (kc % CPS) * 32) >> 4),
+                                dk + (fj_u64)(((kc / CPS) * SLAB_K + (kc % CPS) * 32) >> 4), kc > 0);
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(s);
 #pragma unroll
-    for (int i = 0; i < BC / 2; ++i) s_out[row_of(i) * BC + col_of(i)] = s[i];
+        for (int i = 0; i < BC / 2; ++i) s_out[(half * 64 + row_of(i)) * BC + col_of(i)] = s[i];
 
-    // 3. O = bf16(S) V.
-    fj_u32 pa[BC / 16][4];
+        // 3. O = bf16(S) V.
+        fj_u32 pa[BC / 16][4];
 #pragma unroll
-    for (int c = 0; c < BC / 16; ++c)
+        for (int c = 0; c < BC / 16; ++c)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pa[c][e] = fj_pack2<false>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
-    float o[DP / 2];
+            for (int e = 0; e < 4; ++e) pa[c][e] = fj_pack2<false>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
+        float o[DP / 2];
 #pragma unroll
-    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
-    const fj_u64 dv = desc_mnmajor<SWZ>(sV, SLAB_K);
-    wgmma_fence();
+        for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+        const fj_u64 dv = desc_mnmajor<SWZ>(sV, SLAB_K);
+        wgmma_fence();
 #pragma unroll
-    for (int kc2 = 0; kc2 < BC / 16; ++kc2) wgmma_rs<DP, false>(o, pa[kc2], dv + (fj_u64)((kc2 * 16 * SWZ) >> 4));
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs(o);
+        for (int kc2 = 0; kc2 < BC / 16; ++kc2) wgmma_rs<DP, false>(o, pa[kc2], dv + (fj_u64)((kc2 * 16 * SWZ) >> 4));
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(o);
 #pragma unroll
-    for (int i = 0; i < DP / 2; ++i) o_out[row_of(i) * DP + col_of(i)] = o[i];
+        for (int i = 0; i < DP / 2; ++i) o_out[(half * 64 + row_of(i)) * DP + col_of(i)] = o[i];
+    }
 }
 
 }  // namespace fj_h

@@ -103,8 +103,35 @@ macro_rules! element {
 }
 element!(f32, F32, |x: f32| x as f64, |x: f64| x as f32);
 element!(f64, F64, |x: f64| x, |x: f64| x);
-element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
-element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
+element!(bf16, BF16, |x: bf16| x.to_f64(), bf16_from_f64);
+element!(f16, F16, |x: f16| x.to_f64(), f16_from_f64);
+
+/// f64 → f32 rounded to odd: the f32 next toward zero, with its last bit set when x is not exact.
+/// Rounding that to nearest in a format at least two bits shorter gives x correctly rounded.
+fn f64_to_f32_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if !r.is_finite() || r as f64 == x {
+        return r;
+    }
+    let toward_zero = if (r as f64).abs() > x.abs() {
+        f32::from_bits(r.to_bits() - 1)
+    } else {
+        r
+    };
+    f32::from_bits(toward_zero.to_bits() | 1)
+}
+
+/// f64 → bf16, to nearest with ties to even. `half`'s `bf16::from_f64` drops the low 32 bits of
+/// the f64 before rounding, so a value just past a halfway point can round the wrong way (rare, but
+/// visible to a bit-exact check); rounding to odd in f32 first is exact.
+pub fn bf16_from_f64(x: f64) -> bf16 {
+    bf16::from_f32(f64_to_f32_odd(x))
+}
+
+/// f64 → f16, to nearest with ties to even (as [`bf16_from_f64`]).
+pub fn f16_from_f64(x: f64) -> f16 {
+    f16::from_f32(f64_to_f32_odd(x))
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -257,15 +284,12 @@ impl Tensor {
             (_, DType::BF16) => Storage::BF16(
                 self.to_f64_vec()
                     .iter()
-                    .map(|&x| bf16::from_f64(x))
+                    .map(|&x| bf16_from_f64(x))
                     .collect(),
             ),
-            (_, DType::F16) => Storage::F16(
-                self.to_f64_vec()
-                    .iter()
-                    .map(|&x| f16::from_f64(x))
-                    .collect(),
-            ),
+            (_, DType::F16) => {
+                Storage::F16(self.to_f64_vec().iter().map(|&x| f16_from_f64(x)).collect())
+            }
         };
         Tensor {
             shape: self.shape.clone(),
@@ -288,5 +312,74 @@ impl Tensor {
         }
         self.shape = shape.to_vec();
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// x rounded to nearest, ties to even, among the positive values of a 16-bit format: the
+    /// neighbours of `near` (any value within an ulp) decided by exact midpoints (each midpoint of
+    /// two 16-bit values is exact in f64).
+    fn reference(x: f64, near: u16, value: impl Fn(u16) -> f64) -> u16 {
+        let lo = (near.saturating_sub(2)..=near + 2)
+            .rev()
+            .find(|&b| value(b) <= x)
+            .unwrap();
+        let (a, b) = (value(lo), value(lo + 1));
+        let mid = (a + b) / 2.0;
+        if x < mid || (x == mid && lo % 2 == 0) {
+            lo
+        } else {
+            lo + 1
+        }
+    }
+
+    #[test]
+    fn f64_to_16_bit_formats_round_to_nearest_even() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut xs: Vec<f64> = Vec::new();
+        for _ in 0..20000 {
+            // Random magnitudes, and values at and just off the halfway points of both formats,
+            // among them f32-exact ones whose low 16 bits are 0x8000 plus a little (where dropping
+            // low bits before rounding goes wrong).
+            let e = rng.random_range(-20..20);
+            xs.push(rng.random::<f64>() * 2f64.powi(e));
+            let b = rng.random_range(0x3000u16..0x4f00);
+            let mid = (bf16::from_bits(b).to_f64() + bf16::from_bits(b + 1).to_f64()) / 2.0;
+            let h = rng.random_range(0x0400u16..0x7000);
+            let hmid = (f16::from_bits(h).to_f64() + f16::from_bits(h + 1).to_f64()) / 2.0;
+            for m in [mid, hmid] {
+                xs.extend([m, m * (1.0 + 1e-12), m * (1.0 - 1e-12)]);
+            }
+            let k = rng.random_range(1u32..8);
+            xs.push(f32::from_bits(((b as u32) << 16) | 0x8000 | k) as f64);
+        }
+        for x in xs {
+            let want = reference(x, bf16::from_f64(x).to_bits(), |b| {
+                bf16::from_bits(b).to_f64()
+            });
+            assert_eq!(bf16_from_f64(x).to_bits(), want, "bf16 of {x:e}");
+            assert_eq!(
+                bf16_from_f64(-x).to_bits(),
+                want | 0x8000,
+                "bf16 of {:e}",
+                -x
+            );
+            if x < 65000.0 {
+                let want = reference(x, f16::from_f64(x).to_bits(), |b| {
+                    f16::from_bits(b).to_f64()
+                });
+                assert_eq!(f16_from_f64(x).to_bits(), want, "f16 of {x:e}");
+            }
+        }
+        // Specials: overflow, NaN, zero signs, the smallest magnitudes.
+        assert!(bf16_from_f64(1e300).is_infinite() && f16_from_f64(1e6).is_infinite());
+        assert!(bf16_from_f64(f64::NAN).is_nan() && f16_from_f64(f64::NAN).is_nan());
+        assert_eq!(bf16_from_f64(-0.0).to_bits(), 0x8000);
+        assert_eq!(bf16_from_f64(1e-300).to_bits(), 0);
+        assert_eq!(f16_from_f64(-1e-300).to_bits(), 0x8000);
     }
 }

@@ -363,8 +363,9 @@ pub fn plan(
 /// d 128.
 pub const PROBES: [(usize, usize); 5] = [(64, 64), (72, 64), (96, 64), (128, 48), (128, 64)];
 
-/// Query rows of the layout probe's tile (one warpgroup).
-pub const PROBE_ROWS: usize = 64;
+/// Query rows of the layout probe's Q tile (the kernels' [`BLOCK_ROWS`]; one warpgroup does both
+/// halves).
+pub const PROBE_ROWS: usize = BLOCK_ROWS;
 
 /// The head dim the Hopper kernels' products see: `d` padded to whole slabs (80 at d 72).
 pub fn padded_head_dim(d: usize) -> usize {
@@ -372,9 +373,9 @@ pub fn padded_head_dim(d: usize) -> usize {
     d.div_ceil(cols) * cols
 }
 
-/// Device addresses of one layout probe: inputs contiguous bf16 q [64, d], k and v [bc, d];
-/// outputs `q_smem` (u16, [`padded_head_dim`]`(d)·64`: Q's shared-memory bytes as TMA stored them,
-/// slab after slab), `s` (f32 [64, bc]: Q Kᵀ) and `o` (f32 [64, padded d]: bf16(S) V).
+/// Device addresses of one layout probe: inputs contiguous bf16 q [128, d], k and v [bc, d];
+/// outputs `q_smem` (u16, [`padded_head_dim`]`(d)·128`: Q's shared-memory bytes as TMA stored them,
+/// slab after slab), `s` (f32 [128, bc]: Q Kᵀ) and `o` (f32 [128, padded d]: bf16(S) V).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProbePtrs {
     pub q: u64,
