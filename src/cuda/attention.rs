@@ -10,6 +10,29 @@
 //! per-operand [B, H, N, d] strides; the plan functions take one. [`forward_packed`],
 //! [`jvp_packed`] and [`backward_packed`] run on a packed projection qkv [B, N, 3, H, d] in place,
 //! with o token-major [B, N, H, d] (the DiT's layout: no permutation around attention).
+//!
+//! On device tensors (no host round trip; every failure, a missing driver or GPU included, is an
+//! error value):
+//!
+//! ```no_run
+//! use flashjvp::cuda::{attention, Gpu};
+//! use flashjvp::{DType, Tensor};
+//! use rand::{rngs::StdRng, SeedableRng};
+//!
+//! fn main() -> flashjvp::Result<()> {
+//!     let gpu = Gpu::get()?;
+//!     let mut rng = StdRng::seed_from_u64(0);
+//!     let shape = [1, 12, 4096, 128]; // [B, H, N, d]
+//!     let mut randn = || gpu.upload(&Tensor::randn(&shape, DType::F32, &mut rng), DType::BF16);
+//!     let (q, k, v, tq) = (randn()?, randn()?, randn()?, randn()?);
+//!     // Tangent on q only (k and v constant): the four-product kernel; on Hopper the sm_90a one.
+//!     let r = attention::jvp(&q, &k, &v, Some(&tq), None, None, None)?;
+//!     let o_dot = r.to.expect("q carries a tangent").download()?; // bf16 [1, 12, 4096, 128]
+//!     let lse_dot = r.tlse.expect("q carries a tangent").download()?; // f32 [1, 12, 4096]
+//!     println!("{:?} {:?}", o_dot.shape(), lse_dot.shape());
+//!     Ok(())
+//! }
+//! ```
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
