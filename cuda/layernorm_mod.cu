@@ -32,6 +32,8 @@
 //   residual_layernorm_mod_jvp_{dt}(x, tx, y, ty, gate, tgate, x1, tx1, scale, shift, tscale, tshift, h, th,
 //                                   mean, rstd, T, C, G, eps): the gated residual x1 = x + gate y fused in
 //       front (gate, tgate f32 [G, C]; ty, tgate may be null), x1 (tx1) written, h = layernorm(x1).
+//   layernorm_mod_jvp_wide_{dt}, residual_layernorm_mod_jvp_wide_{dt}: the same parameters, 8 register
+//       chunks per lane instead of 6 (see Chunks), for rows between the two register limits.
 //   layernorm_mod_bwd_{dt}(dy, x, scale, mean, rstd, dres, dx, T, C, G): dx = dres + the layernorm's
 //       input cotangent (dres may be null, or equal to dx: accumulated in place).
 //       grid = (ceil(T / 8), 1, 1), block = (256, 1, 1), no shared memory (all four row kernels).
@@ -75,12 +77,15 @@ __device__ __forceinline__ void load_mod(const float* row, int i, int C, bool ve
 // vector-accessible; the same sums in the same order as the streaming path, so the same results.
 // Chunks per lane N: 12 for the forward and backward (C <= 3072 in bf16/f16, 1536 in f32), 6 for the
 // JVP, which holds two rows (C <= 1536 / 768: DiT-XL's 1152 and the 1536 of the block benchmark). With 8
-// chunks the JVP kernels took 180-190 registers on sm_90a, one block (8 warps) per SM, so a block's
-// reductions and stores could not overlap another's loads; with 6 and __launch_bounds__(256, 2) they fit
-// 128 (bf16: 4-24 bytes of spill on one arch each, in L1), two blocks per SM. Not yet timed on a GPU.
+// chunks the JVP kernels take 180-190 registers on sm_90a, one block (8 warps) per SM, so a block's
+// reductions and stores cannot overlap another's loads; with 6 and __launch_bounds__(256, 2) they fit
+// 128 (bf16: 4-24 bytes of spill on one arch each, in L1), two blocks per SM. The *_jvp_wide kernels keep
+// 8 chunks (C <= 2048 / 1024, one block per SM) for rows between the two limits; the host picks by C
+// (layernorm.rs: JvpRows), and FLASHJVP_LN_JVP_ROWS=wide|narrow forces one, so that a GPU run can time
+// both on the same rows. Neither timed on a GPU yet.
 template <bool JVP>
 struct Chunks {
-    enum { N = JVP ? 6 : 12 };
+    enum { N = JVP ? 6 : 12, JVP_WIDE = 8 };
 };
 
 template <class ST, int N>
@@ -334,7 +339,7 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
 // RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
 // gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
 // normalised: the fused kernels below, which save reading x1 (and tx1) back.
-template <class ST, bool JVP, bool RES = false>
+template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N>
 __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
                                     const float* __restrict__ scale, const float* __restrict__ shift,
                                     const float* __restrict__ tscale, const float* __restrict__ tshift,
@@ -366,9 +371,9 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
         vec = vec && vec_ok<ST>(C, res.y, res.ty, res.gate, res.tgate, res.x1, JVP ? res.tx1 : nullptr, nullptr,
                                 nullptr);
     }
-    if (fits_regs<ST, Chunks<JVP>::N>(C, vec)) {
-        fwd_regs<ST, JVP, RES, Chunks<JVP>::N>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row,
-                                               lane, C, eps);
+    if (fits_regs<ST, NCH>(C, vec)) {
+        fwd_regs<ST, JVP, RES, NCH>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row, lane, C,
+                                    eps);
         return;
     }
     if (RES) {
@@ -538,6 +543,14 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
         fj_ln::fwd<ST, true>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps);            \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_##DT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+        layernorm_mod_jvp_wide_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,   \
+                                    const float* tscale, const float* tshift, ST::T* y, ST::T* ty, float* mean, \
+                                    float* rstd, int T, int C, int G, float eps) {                             \
+        fj_ln::fwd<ST, true, false, fj_ln::Chunks<true>::JVP_WIDE>(x, tx, scale, shift, tscale, tshift, y, ty,  \
+                                                                   mean, rstd, T, C, G, eps);                  \
+    }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_jvp_wide_##DT)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
                                         const float* scale, const float* shift, ST::T* h, float* mean,           \
@@ -556,6 +569,17 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                                    fj_ln::ResRow<ST>{y, ty, gate, tgate, x1, tx1});                             \
     }                                                                                                          \
     FJ_REGISTER(residual_layernorm_mod_jvp_##DT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+        residual_layernorm_mod_jvp_wide_##DT(                                                                   \
+            const ST::T* x, const ST::T* tx, const ST::T* y, const ST::T* ty, const float* gate,               \
+            const float* tgate, ST::T* x1, ST::T* tx1, const float* scale, const float* shift,                 \
+            const float* tscale, const float* tshift, ST::T* h, ST::T* th, float* mean, float* rstd, int T,    \
+            int C, int G, float eps) {                                                                         \
+        fj_ln::fwd<ST, true, true, fj_ln::Chunks<true>::JVP_WIDE>(                                             \
+            x, tx, scale, shift, tscale, tshift, h, th, mean, rstd, T, C, G, eps,                              \
+            fj_ln::ResRow<ST>{y, ty, gate, tgate, x1, tx1});                                                   \
+    }                                                                                                          \
+    FJ_REGISTER(residual_layernorm_mod_jvp_wide_##DT)                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         layernorm_mod_bwd_##DT(const ST::T* dy, const ST::T* x, const float* scale, const float* mean,         \
                                const float* rstd, const ST::T* dres, ST::T* dx, int T, int C, int G) {         \

@@ -964,9 +964,9 @@ const LN: &[(usize, usize, usize, usize)] = &[
     (16, 1152, 16, 0),
     (12, 72, 3, 4),
     (5, 7, 0, 5),
-    // The register-resident limits of layernorm_mod.cu (C <= 1536 for the 16-bit JVP, 3072 for the
-    // forward and backward, half in f32): at the JVP's limit, past it, and past every limit (the
-    // streaming path with vector access).
+    // The register-resident limits of layernorm_mod.cu (C <= 1536 for the 16-bit JVP's narrow kernel,
+    // 2048 for its wide one, 3072 for the forward and backward; half in f32): at the narrow limit, on
+    // the wide kernel, and past every limit (the streaming path with vector access).
     (4, 1536, 2, 2),
     (3, 2048, 1, 0),
     (9, 2560, 3, 3),
@@ -1122,8 +1122,8 @@ gpu_test!(layernorm_backward_accumulates_in_place, |dtype| {
 // The gated residual fused in front of the layernorm (residual_layernorm_mod_*, the DiT block's
 // x1 = x + gate1 ⊙ attn followed by its second layernorm): x1 and the normalised output, with
 // tangents, against the CPU ops composed (x1 rounded to the dtype before it is normalised, as the
-// kernels store and normalise it). Rows in registers (C256, C1152), element-wise (C300, C7) and
-// streamed (C3200: past the register limits).
+// kernels store and normalise it). Rows in registers (C256, C1152; C2000 in 16 bits on the wide
+// kernel), element-wise (C300, C7) and streamed (C3200: past the register limits; C2000 in f32).
 gpu_test!(residual_layernorm_fused, |dtype| {
     use flashjvp::cuda::layernorm::{self as lnk, JvpPtrs, LnDims, ResPtrs};
     let gpu = cuda::Gpu::get().unwrap();
@@ -1131,6 +1131,7 @@ gpu_test!(residual_layernorm_fused, |dtype| {
         (8, 256, 2),
         (9, 300, 3),
         (16, 1152, 4),
+        (4, 2000, 2),
         (6, 3200, 2),
         (5, 7, 5),
     ]

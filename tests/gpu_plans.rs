@@ -132,6 +132,23 @@ fn all_plans() -> Vec<Step> {
             rstd: 0,
         };
         s.extend(ln::plan_jvp(dtype, d, jp, 1e-6).unwrap());
+        // Rows between the narrow and the wide register limits take the *_jvp_wide kernels.
+        let wide = LnDims {
+            t: 6,
+            c: if dtype == DType::F32 { 1000 } else { 2000 },
+            g: 2,
+        };
+        assert_eq!(ln::JvpRows::by_width(dtype, wide.c), ln::JvpRows::Wide);
+        s.extend(ln::plan_jvp(dtype, wide, jp, 1e-6).unwrap());
+        let rp = ln::ResPtrs {
+            y: p(10),
+            ty: p(11),
+            gate: p(12),
+            tgate: p(13),
+            x1: p(14),
+            tx1: p(15),
+        };
+        s.extend(ln::plan_residual_jvp(dtype, wide, jp, rp, 1e-6).unwrap());
         let bp = ln::BwdPtrs {
             dy: p(1),
             x: p(2),

@@ -124,6 +124,47 @@ pub struct JvpPtrs {
     pub rstd: u64,
 }
 
+/// Which register-resident JVP kernel rows of width C take (cuda/layernorm_mod.cu, `Chunks`): the
+/// narrow one (6 chunks of 16 bytes per lane: C <= 1536 in 16 bits, 768 in f32; 128 registers, two
+/// blocks per SM) or the wide one (8 chunks: C <= 2048 / 1024; one block per SM), which takes only
+/// the widths between the two limits. Longer rows stream in either (the narrow one runs them).
+/// `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both on the same rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JvpRows {
+    Narrow,
+    Wide,
+}
+
+impl JvpRows {
+    pub fn for_width(dtype: DType, c: usize) -> JvpRows {
+        static FORCED: std::sync::OnceLock<Option<JvpRows>> = std::sync::OnceLock::new();
+        let forced =
+            *FORCED.get_or_init(|| match std::env::var("FLASHJVP_LN_JVP_ROWS").as_deref() {
+                Ok("narrow") => Some(JvpRows::Narrow),
+                Ok("wide") => Some(JvpRows::Wide),
+                _ => None,
+            });
+        forced.unwrap_or_else(|| Self::by_width(dtype, c))
+    }
+
+    /// The choice by width alone (no override).
+    pub fn by_width(dtype: DType, c: usize) -> JvpRows {
+        let per_chunk = 16 / dtype.size_in_bytes(); // elements per 16-byte chunk
+        if c > 32 * per_chunk * 6 && c <= 32 * per_chunk * 8 {
+            JvpRows::Wide
+        } else {
+            JvpRows::Narrow
+        }
+    }
+
+    fn infix(self) -> &'static str {
+        match self {
+            JvpRows::Narrow => "",
+            JvpRows::Wide => "_wide",
+        }
+    }
+}
+
 pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     let [t, c, g] = dims_args(d)?;
@@ -144,7 +185,10 @@ pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Ste
         eps_arg(eps)?,
     ];
     Ok(vec![row_launch(
-        format!("layernorm_mod_jvp_{dt}"),
+        format!(
+            "layernorm_mod_jvp{}_{dt}",
+            JvpRows::for_width(dtype, d.c).infix()
+        ),
         d,
         args,
     )?])
@@ -266,7 +310,10 @@ pub fn plan_residual_jvp(
         eps_arg(eps)?,
     ];
     Ok(vec![row_launch(
-        format!("residual_layernorm_mod_jvp_{dt}"),
+        format!(
+            "residual_layernorm_mod_jvp{}_{dt}",
+            JvpRows::for_width(dtype, d.c).infix()
+        ),
         d,
         args,
     )?])
@@ -569,6 +616,19 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jvp_rows_by_width() {
+        use JvpRows::*;
+        for (dtype, narrow) in [(DType::BF16, 1536), (DType::F16, 1536), (DType::F32, 768)] {
+            let wide = narrow / 6 * 8;
+            assert_eq!(JvpRows::by_width(dtype, 72), Narrow);
+            assert_eq!(JvpRows::by_width(dtype, narrow), Narrow);
+            assert_eq!(JvpRows::by_width(dtype, narrow + 1), Wide);
+            assert_eq!(JvpRows::by_width(dtype, wide), Wide);
+            assert_eq!(JvpRows::by_width(dtype, wide + 1), Narrow);
+        }
+    }
 
     #[test]
     fn groups_follow_the_cpu_rules() {
