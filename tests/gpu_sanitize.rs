@@ -5,7 +5,8 @@
 //! TMA, wgmma, mbarriers), N129 d96 (64-byte swizzle on Hopper) and N130 d128 (the sm_90a kernels at
 //! d128 with 48-key tiles and a ring of three stages on Hopper), forward, JVP, JVP with
 //! constant K and V, backward; layernorm, activations, gated residual, timestep embedding and the
-//! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); attention on a packed
+//! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); the layernorm JVP with
+//! rows in registers (C 1152; C 2000 on the wide kernel in 16 bits); attention on a packed
 //! qkv projection (strided copies, 4-D tensor maps) and the residual fused into the layernorm.
 //! Each output must be finite (outputs are NaN-poisoned first); correctness is gpu_ops' job.
 #![cfg(feature = "cuda")]
@@ -101,6 +102,14 @@ fn sanitize_layernorm_and_elementwise() {
         let sh = dual(&[c], 7);
         let y = gops::layernorm_mod_jvp(&x, &sc, &sh, 1e-6, dtype).unwrap();
         finite("layernorm ty", y.tangent.as_ref().unwrap());
+        // Rows held in registers: the narrow JVP kernel (C 1152) and, in 16 bits, the wide one (C 2000;
+        // streamed in f32). C 300 above is the element-wise path.
+        for (c, seed) in [(1152, 20), (2000, 21)] {
+            let x = dual(&[9, c], seed);
+            let m = dual(&[3, c], seed + 10);
+            let y = gops::layernorm_mod_jvp(&x, &m, &m, 1e-6, dtype).unwrap();
+            finite("layernorm ty (register rows)", y.tangent.as_ref().unwrap());
+        }
         let gy = dual(&[t, c], 8).primal;
         let gr = gops::layernorm_mod_backward(&x.primal, &sc.primal, &sh.primal, 1e-6, &gy, dtype)
             .unwrap();
