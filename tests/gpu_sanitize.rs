@@ -6,8 +6,8 @@
 //! d128 with 48-key tiles and a ring of three stages on Hopper), forward, JVP, JVP with
 //! constant K and V, backward; layernorm, activations, gated residual, timestep embedding and the
 //! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); the layernorm JVP with
-//! rows in registers (C 1152; C 2000 on the wide kernel in 16 bits); attention on a packed
-//! qkv projection (strided copies, 4-D tensor maps) and the residual fused into the layernorm.
+//! rows in registers (C 1152; C 2000 on the wide kernel in 16 bits), alone and with the gated
+//! residual fused in front; attention on a packed qkv projection (strided copies, 4-D tensor maps).
 //! Each output must be finite (outputs are NaN-poisoned first); correctness is gpu_ops' job.
 #![cfg(feature = "cuda")]
 
@@ -137,54 +137,63 @@ fn sanitize_layernorm_and_elementwise() {
         finite("residual tout", out.tangent.as_ref().unwrap());
         let rg = gops::gated_residual_backward(&gate.primal, &x.primal, &gy, dtype).unwrap();
         finite("residual dgate", &rg.dgate);
-        // The gated residual fused in front of the layernorm (the DiT block's x1 and h2).
-        let gpu = Gpu::get().unwrap();
-        let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
-        let f = DType::F32;
-        let yv = dual(&[t, c], 11);
-        let (xd, txd, yd, tyd) = (
-            up(&x.primal, dtype),
-            up(x.tangent.as_ref().unwrap(), dtype),
-            up(&yv.primal, dtype),
-            up(yv.tangent.as_ref().unwrap(), dtype),
-        );
-        let (gd, tgd, sd, tsd) = (
-            up(&gate.primal, f),
-            up(gate.tangent.as_ref().unwrap(), f),
-            up(&sc.primal, f),
-            up(sc.tangent.as_ref().unwrap(), f),
-        );
-        let out = || gpu.alloc_out(&[t, c], dtype).unwrap();
-        let (x1, tx1, h, th) = (out(), out(), out(), out());
-        let p = layernorm::JvpPtrs {
-            x: xd.ptr(),
-            tx: txd.ptr(),
-            scale: sd.ptr(),
-            tscale: tsd.ptr(),
-            y: h.ptr(),
-            ty: th.ptr(),
-            ..Default::default()
-        };
-        let rp = layernorm::ResPtrs {
-            y: yd.ptr(),
-            ty: tyd.ptr(),
-            gate: gd.ptr(),
-            tgate: tgd.ptr(),
-            x1: x1.ptr(),
-            tx1: tx1.ptr(),
-        };
-        let dims = layernorm::LnDims { t, c, g };
-        gpu.run(&layernorm::plan_residual_jvp(dtype, dims, p, rp, 1e-6).unwrap())
-            .unwrap();
-        for (what, t) in [("x1", &x1), ("tx1", &tx1), ("h", &h), ("th", &th)] {
-            finite(
-                &format!("residual+layernorm {what}"),
-                &t.download().unwrap(),
-            );
+        // The gated residual fused in front of the layernorm (the DiT block's x1 and h2): element-wise
+        // rows (C 300), rows in registers (C 1152) and, in 16 bits, on the wide kernel (C 2000).
+        for (t, c, g, seed) in [(t, c, g, 30), (9, 1152, 3, 31), (9, 2000, 3, 32)] {
+            residual_layernorm(dtype, t, c, g, seed);
         }
     }
     let e = gops::timestep_embedding_jvp(&dual(&[5], 12), 64, 10000.0).unwrap();
     finite("timestep te", e.tangent.as_ref().unwrap());
+}
+
+/// The fused residual + layernorm JVP (residual_layernorm_mod_jvp*) on [t, c] rows, g groups.
+fn residual_layernorm(dtype: DType, t: usize, c: usize, g: usize, seed: u64) {
+    let gpu = Gpu::get().unwrap();
+    let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
+    let f = DType::F32;
+    let (x, yv) = (dual(&[t, c], seed), dual(&[t, c], seed + 100));
+    let (gate, sc) = (dual(&[g, c], seed + 200), dual(&[g, c], seed + 300));
+    let (xd, txd, yd, tyd) = (
+        up(&x.primal, dtype),
+        up(x.tangent.as_ref().unwrap(), dtype),
+        up(&yv.primal, dtype),
+        up(yv.tangent.as_ref().unwrap(), dtype),
+    );
+    let (gd, tgd, sd, tsd) = (
+        up(&gate.primal, f),
+        up(gate.tangent.as_ref().unwrap(), f),
+        up(&sc.primal, f),
+        up(sc.tangent.as_ref().unwrap(), f),
+    );
+    let out = || gpu.alloc_out(&[t, c], dtype).unwrap();
+    let (x1, tx1, h, th) = (out(), out(), out(), out());
+    let p = layernorm::JvpPtrs {
+        x: xd.ptr(),
+        tx: txd.ptr(),
+        scale: sd.ptr(),
+        tscale: tsd.ptr(),
+        y: h.ptr(),
+        ty: th.ptr(),
+        ..Default::default()
+    };
+    let rp = layernorm::ResPtrs {
+        y: yd.ptr(),
+        ty: tyd.ptr(),
+        gate: gd.ptr(),
+        tgate: tgd.ptr(),
+        x1: x1.ptr(),
+        tx1: tx1.ptr(),
+    };
+    let dims = layernorm::LnDims { t, c, g };
+    gpu.run(&layernorm::plan_residual_jvp(dtype, dims, p, rp, 1e-6).unwrap())
+        .unwrap();
+    for (what, t) in [("x1", &x1), ("tx1", &tx1), ("h", &h), ("th", &th)] {
+        finite(
+            &format!("residual+layernorm {what} [C{c}]"),
+            &t.download().unwrap(),
+        );
+    }
 }
 
 #[test]
