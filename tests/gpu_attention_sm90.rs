@@ -264,7 +264,9 @@ fn a_layout_probe_matches_the_assumed_layouts() {
             .collect();
         let es = rel_err(&sv, &want_s);
         report(&format!("PROBE {label}: S = Q K^T rel {es:.2e}"));
-        if es.is_nan() || es > 1e-5 {
+        // A layout error moves whole values (relative errors of order 1); 1e-3 leaves the tensor
+        // cores' own f32 accumulation room (its error is printed above).
+        if es.is_nan() || es > 1e-3 {
             failures.push(format!(
                 "{label}: S = Q K^T rel {es:.2e}; first: {:?}",
                 locate(&sv, &want_s, bc, 1e-4, 6)
@@ -294,7 +296,7 @@ fn a_layout_probe_matches_the_assumed_layouts() {
         report(&format!(
             "PROBE {label}: O = bf16(S) V rel {eo:.2e}, {pad_nonzero} nonzero padded columns"
         ));
-        if eo.is_nan() || eo > 1e-5 || pad_nonzero > 0 {
+        if eo.is_nan() || eo > 1e-3 || pad_nonzero > 0 {
             failures.push(format!(
                 "{label}: O = bf16(S) V rel {eo:.2e}, {pad_nonzero} nonzero padded elements; \
                  first: {:?}",
