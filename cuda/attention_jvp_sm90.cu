@@ -373,6 +373,17 @@ template <int N, bool F16> inline void wgmma_rs(float (&d)[N / 2], const fj_u32 
 }
 #endif  // FJ_HOST_EMU
 
+// Score accumulators (a 64 x 16*KC2 wgmma tile) as the A fragments of the value products: elements
+// 8c..8c+7 (two 8-key blocks) are the fragment of key chunk c, rounded to the storage type.
+template <bool F16, int NACC, int KC2>
+__device__ __forceinline__ void pack_a(const float (&acc)[NACC], fj_u32 (&a)[KC2][4]) {
+    static_assert(NACC == 8 * KC2, "one fragment per 16 keys");
+#pragma unroll
+    for (int c = 0; c < KC2; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[c][e] = fj_pack2<F16>(acc[8 * c + 2 * e], acc[8 * c + 2 * e + 1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 template <class ST, int D, int MODE>
 __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
@@ -656,14 +667,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                     l_run[(i >> 1) & 1] += p;
                 }
             }
-            // Accumulator elements 8c..8c+7 (two 8-key blocks) are the A fragment of key chunk c.
-#pragma unroll
-            for (int c = 0; c < KC2; ++c)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    pa[c][e] = fj_pack2<F16>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
-                    if constexpr (TAN) psa[c][e] = fj_pack2<F16>(sd[8 * c + 2 * e], sd[8 * c + 2 * e + 1]);
-                }
+            pack_a<F16>(s, pa);
+            if constexpr (TAN) pack_a<F16>(sd, psa);
             mbar_wait(vfull(j % STAGES), (j / STAGES) & 1);  // V of tile j, for the next turn
         };
 
@@ -785,10 +790,7 @@ __device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTens
 
         // 3. O = bf16(S) V.
         fj_u32 pa[BC / 16][4];
-#pragma unroll
-        for (int c = 0; c < BC / 16; ++c)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pa[c][e] = fj_pack2<false>(s[8 * c + 2 * e], s[8 * c + 2 * e + 1]);
+        pack_a<false>(s, pa);
         float o[DP / 2];
 #pragma unroll
         for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;

@@ -200,6 +200,18 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
     Ok(TensorMap(map.opaque))
 }
 
+/// Errors unless every named device pointer is non-null and 16-byte aligned (TMA reads 16-byte
+/// aligned tensors; the outputs are written in 16-byte-aligned pairs and rows). `what` names the op.
+fn check_tma_ptrs(what: &str, ptrs: &[(&str, u64)]) -> Result<()> {
+    match ptrs.iter().find(|(_, p)| *p == 0 || p % 16 != 0) {
+        Some((name, ptr)) => Err(Error::Unsupported(format!(
+            "{what}: `{name}` at {ptr:#x} is null or not 16-byte aligned (TMA reads 16-byte \
+             aligned tensors)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether the Hopper kernels take this problem on a device of NVRTC arch `arch` (ignoring the
 /// `FLASHJVP_ATTENTION_PATH` override; see [`path_for`]).
 pub fn supported(arch: &str, dtype: DType, dims: AttnDims) -> bool {
@@ -272,14 +284,7 @@ pub fn plan(
     if variant == Variant::Jvp {
         named.extend([("tk", p.tk), ("tv", p.tv)]);
     }
-    for (name, ptr) in &named {
-        if *ptr == 0 || ptr % 16 != 0 {
-            return Err(Error::Unsupported(format!(
-                "attention on the GPU (sm_90a): `{name}` at {ptr:#x} is null or not 16-byte aligned \
-                 (TMA reads 16-byte aligned tensors)"
-            )));
-        }
-    }
+    check_tma_ptrs("attention on the GPU (sm_90a)", &named)?;
     layout.check(dtype, dims)?;
     let bh = dims.b * dims.h;
     let bc = key_tile(variant, dims.d);
@@ -396,20 +401,17 @@ pub fn plan_layout_probe(d: usize, bc: usize, p: ProbePtrs) -> Result<Vec<Step>>
             "layout probe at head dim {d}, key tile {bc}: built for {PROBES:?}"
         )));
     }
-    for (name, ptr) in [
-        ("q", p.q),
-        ("k", p.k),
-        ("v", p.v),
-        ("q_smem", p.q_smem),
-        ("s", p.s),
-        ("o", p.o),
-    ] {
-        if ptr == 0 || ptr % 16 != 0 {
-            return Err(Error::Unsupported(format!(
-                "layout probe: `{name}` at {ptr:#x} is null or not 16-byte aligned"
-            )));
-        }
-    }
+    check_tma_ptrs(
+        "layout probe",
+        &[
+            ("q", p.q),
+            ("k", p.k),
+            ("v", p.v),
+            ("q_smem", p.q_smem),
+            ("s", p.s),
+            ("o", p.o),
+        ],
+    )?;
     let map = |ptr, rows| {
         let m = TensorMapDesc::attention(
             ptr,
