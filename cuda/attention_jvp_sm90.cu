@@ -154,13 +154,42 @@ __device__ __forceinline__ void mbar_expect_tx(fj_u32 bar, fj_u32 bytes) {
 __device__ __forceinline__ void mbar_arrive(fj_u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity) {
+__device__ __forceinline__ fj_u32 mbar_try_wait(fj_u32 bar, fj_u32 parity) {
     fj_u32 done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    return done;
 }
+#ifndef FJ_SM90_WATCHDOG_MS
+__device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+#else
+// The diagnostic build (FLASHJVP_SM90_WATCHDOG=<ms> on the host defines FJ_SM90_WATCHDOG_MS): a wait
+// that lasts longer than that prints where it hangs (source line of the wait, barrier, parity, block,
+// warp) and traps, so that a wrong byte count or phase shows up as a message instead of a hang. Its
+// printf costs stack and spills, so the normal build leaves it out.
+__device__ __forceinline__ fj_u64 globaltimer_ns() {
+    fj_u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity, int line = __builtin_LINE()) {
+    if (mbar_try_wait(bar, parity)) return;
+    const fj_u64 t0 = globaltimer_ns();
+    while (!mbar_try_wait(bar, parity)) {
+        if (globaltimer_ns() - t0 > (fj_u64)FJ_SM90_WATCHDOG_MS * 1000000ull) {
+            if ((threadIdx.x & 31) == 0)
+                printf("flashjvp sm90 watchdog: block (%d, %d) warp %d waited over %d ms at attention_jvp_sm90.cu "
+                       "line %d for parity %u of the mbarrier at shared address %u\n",
+                       (int)blockIdx.x, (int)blockIdx.y, (int)(threadIdx.x >> 5), (int)FJ_SM90_WATCHDOG_MS, line,
+                       parity, bar);
+            __trap();
+        }
+    }
+}
+#endif
 // 4-D tiled TMA load of the box at (c0, c1, c2, c3) into shared memory; completes bytes on `bar`.
 __device__ __forceinline__ void tma_load4(fj_u32 dst, const FjTensorMap* map, fj_u32 bar, int c0, int c1, int c2,
                                           int c3) {

@@ -1,5 +1,5 @@
 //! Every embedded kernel compiles with NVRTC for sm_80 and sm_90a (the `*_sm90.cu` files for sm_90a
-//! only), and no attention kernel spills.
+//! only), and no attention kernel spills; the Hopper file's watchdog build compiles too.
 //! Needs NVRTC only (no GPU). Without it the test says "skipped: no NVRTC"; with
 //! FLASHJVP_REQUIRE_NVRTC=1 (set by .ci/run) it fails instead.
 #![cfg(feature = "cuda")]
@@ -20,7 +20,9 @@ fn every_kernel_compiles_for_sm80_and_sm90a() {
                 println!("{arch} {file}: skipped (built for sm_90a only)");
                 continue;
             }
-            match nvrtc::compile(file, arch) {
+            // The normal build whatever FLASHJVP_SM90_WATCHDOG says (its diagnostic build spills).
+            let source = nvrtc::source_text_with(file, None).expect("embedded");
+            match nvrtc::compile_text(file, &source, arch) {
                 Ok(c) => {
                     assert!(
                         !c.kernels.is_empty(),
@@ -48,4 +50,41 @@ fn every_kernel_compiles_for_sm80_and_sm90a() {
         "kernel failures:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn the_sm90_watchdog_build_compiles_with_its_report() {
+    // The diagnostic build check.sh falls back to after a hang: the same kernels, plus the report
+    // (its format string lands in the CUBIN). Other files are never changed by the watchdog.
+    assert!(nvrtc::parse_watchdog_ms("0").is_err());
+    assert!(nvrtc::parse_watchdog_ms("2s").is_err());
+    assert_eq!(nvrtc::parse_watchdog_ms(" 2000 ").unwrap(), 2000);
+    let plain = nvrtc::source_text_with("layernorm_mod.cu", Some(2000)).unwrap();
+    assert_eq!(
+        plain,
+        nvrtc::source_text_with("layernorm_mod.cu", None).unwrap()
+    );
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let file = "attention_jvp_sm90.cu";
+    let watchdog = nvrtc::source_text_with(file, Some(2000)).unwrap();
+    assert!(watchdog.starts_with("#define FJ_SM90_WATCHDOG_MS 2000\n"));
+    let normal = nvrtc::compile_text(
+        file,
+        &nvrtc::source_text_with(file, None).unwrap(),
+        "sm_90a",
+    )
+    .expect("normal build");
+    let diag = nvrtc::compile_text(file, &watchdog, "sm_90a").expect("watchdog build");
+    let names = |c: &nvrtc::CompiledFile| {
+        let mut v: Vec<String> = c.kernels.iter().map(|k| k.kernel.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&normal), names(&diag), "the same kernels");
+    let needle = b"flashjvp sm90 watchdog";
+    let has = |c: &nvrtc::CompiledFile| c.cubin.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&diag), "the watchdog build carries its report");
+    assert!(!has(&normal), "the normal build has no watchdog");
 }

@@ -14,7 +14,9 @@
 #               the layout probe's PROBE lines: TMA image, S, O of one tile per swizzle); if it
 #               hangs or a kernel faults (a CUDA error, not merely a tolerance missed), every later
 #               step runs with FLASHJVP_ATTENTION_PATH=sm80, so that the rest is still checked on
-#               this GPU (the summary says so). Then gpu_ops (every op
+#               this GPU (the summary says so); after a hang it first reruns them on the kernels'
+#               watchdog build (FLASHJVP_SM90_WATCHDOG=2000: a stuck mbarrier wait prints where and
+#               traps). Then gpu_ops (every op
 #               against the f64 CPU reference, ERR lines), gpu_dit (the GPU DiT against the CPU DiT,
 #               the toy rCM pipeline on cuda), gpu_sanitize. gpu_plans needs NVRTC only: CI runs it.
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
@@ -29,7 +31,7 @@
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
 #   8. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
 #      JVP at the issue's two shapes and of the layernorm JVP (ncu.log)
-# Files back: gpu_attention_sm90.log gpu_ops.log gpu_dit.log gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
+# Files back: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
 # compare.json ncu.log summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
@@ -93,9 +95,17 @@ test_step() { # binary name, limit seconds
   step "$1" "$2" "$OUT/$1.log" "$G/bin/tests/$1" --test-threads=1
 }
 test_step gpu_attention_sm90 90
-if [ "$last_rc" = 124 ] || [ "$last_rc" = 137 ] || grep -q "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
+sm90_rc=$last_rc
+if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ]; then
+  # A hang: the same tests again on the kernels' diagnostic build, where a wait on an mbarrier longer
+  # than 2 s prints its source line, barrier, parity, block and warp ("flashjvp sm90 watchdog" lines)
+  # and traps instead of hanging.
+  step sm90_watchdog 75 "$OUT/gpu_attention_sm90_watchdog.log" env FLASHJVP_SM90_WATCHDOG=2000 \
+    "$G/bin/tests/gpu_attention_sm90" --test-threads=1
+fi
+if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ] || grep -q "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
   export FLASHJVP_ATTENTION_PATH=sm80
-  msg="gpu_attention_sm90 hung or faulted (rc=$last_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
+  msg="gpu_attention_sm90 hung or faulted (rc=$sm90_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
   echo "$msg" | tee -a "$SUMMARY"
   rows+=("$msg")
 fi
@@ -163,7 +173,7 @@ fi
 {
   echo
   echo "=== relative errors (gpu_ops, gpu_dit and gpu_attention_sm90 ERR lines): worst 15 by error / tolerance"
-  python3 - "$OUT/gpu_ops.log" "$OUT/gpu_dit.log" "$OUT/gpu_attention_sm90.log" <<'PY'
+  python3 - "$OUT/gpu_ops.log" "$OUT/gpu_dit.log" "$OUT/gpu_attention_sm90.log" "$OUT/gpu_attention_sm90_watchdog.log" <<'PY'
 import re, sys
 rows = []
 text = ""
@@ -182,6 +192,11 @@ for _, line in sorted(rows, reverse=True)[:15]:
     print(line)
 for line in re.findall(r"^(?:MAX|PROBE) .*$", text, re.M):
     print(line)
+watchdog = re.findall(r"^flashjvp sm90 watchdog: .*$", text, re.M)
+if watchdog:
+    print(f"{len(watchdog)} sm90 watchdog reports (where the Hopper kernels hung; the first 10):")
+    for line in watchdog[:10]:
+        print(line)
 PY
   echo
   echo "=== test results"

@@ -664,10 +664,7 @@ pub(crate) fn cache_dir() -> Option<PathBuf> {
 /// The CUBIN of one kernel file for `arch`: from the disk cache, else compiled by NVRTC (and then
 /// written to the disk cache; a cache that cannot be written is skipped silently).
 fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
-    let (_, source) = SOURCES
-        .iter()
-        .find(|(n, _)| *n == file)
-        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    let source = nvrtc::source_text(file)?;
     let (major, minor) = nvrtc_version();
     let mut h = fnv(0xcbf29ce484222325, source.as_bytes());
     for (name, text) in SOURCES.iter().filter(|(n, _)| n.ends_with(".cuh")) {

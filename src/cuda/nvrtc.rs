@@ -2,6 +2,7 @@
 //! architecture, with the assembler's resource report parsed per kernel. Compiled modules are
 //! cached in memory per (source hash, arch); `flashjvp kernels` uses `compile` for every file.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -101,13 +102,65 @@ fn nvrtc_err(what: &str, file: &str, r: sys::nvrtcResult) -> Error {
     Error::Cuda(format!("NVRTC {what} failed for {file}: {r:?}"))
 }
 
+/// The environment variable that asks for the Hopper kernels' diagnostic build: a wait on an
+/// mbarrier longer than this many milliseconds prints where it hangs and traps (see
+/// cuda/attention_jvp_sm90.cu). Unset (the normal build): no watchdog.
+pub const SM90_WATCHDOG_ENV: &str = "FLASHJVP_SM90_WATCHDOG";
+
+/// The watchdog's limit in milliseconds from [`SM90_WATCHDOG_ENV`]: None when unset, else
+/// [`parse_watchdog_ms`] of its value.
+pub fn sm90_watchdog_ms() -> Result<Option<u32>> {
+    std::env::var(SM90_WATCHDOG_ENV)
+        .ok()
+        .map(|v| parse_watchdog_ms(&v))
+        .transpose()
+}
+
+/// A watchdog limit: a whole number of milliseconds in 1..=600000, else an error naming the variable.
+pub fn parse_watchdog_ms(v: &str) -> Result<u32> {
+    match v.trim().parse::<u32>() {
+        Ok(ms @ 1..=600_000) => Ok(ms),
+        _ => Err(Error::Unsupported(format!(
+            "{SM90_WATCHDOG_ENV}={v:?}: expected milliseconds, 1 to 600000"
+        ))),
+    }
+}
+
+fn embedded(file: &str) -> Result<&'static str> {
+    SOURCES
+        .iter()
+        .find(|(name, _)| *name == file)
+        .map(|(_, text)| *text)
+        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))
+}
+
+/// The text NVRTC compiles for `file`: the embedded source, or, for a Hopper file (`*_sm90.cu`) with
+/// a watchdog limit, its diagnostic build: the watchdog's define in front (a different text, so the
+/// caches keep the two builds apart) and `#line 1` to keep the file's line numbers.
+pub fn source_text_with(file: &str, watchdog_ms: Option<u32>) -> Result<Cow<'static, str>> {
+    let source = embedded(file)?;
+    match watchdog_ms {
+        Some(ms) if file.ends_with("_sm90.cu") => {
+            Ok(format!("#define FJ_SM90_WATCHDOG_MS {ms}\n#line 1 \"{file}\"\n{source}").into())
+        }
+        _ => Ok(source.into()),
+    }
+}
+
+/// [`source_text_with`] the watchdog limit the environment asks for ([`SM90_WATCHDOG_ENV`]).
+pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
+    source_text_with(file, sm90_watchdog_ms()?)
+}
+
 /// Compiles one embedded kernel file for `arch` (e.g. "sm_80", "sm_90a"), cached per (source hash,
 /// arch). A compile error comes back as an error carrying NVRTC's log.
 pub fn compile(file: &str, arch: &str) -> Result<Arc<CompiledFile>> {
-    let (_, source) = SOURCES
-        .iter()
-        .find(|(name, _)| *name == file)
-        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
+    compile_text(file, &source_text(file)?, arch)
+}
+
+/// Compiles `source` (the text of the embedded kernel file `file`, as [`source_text_with`] gives
+/// it) for `arch`, cached per (source hash, arch).
+pub fn compile_text(file: &str, source: &str, arch: &str) -> Result<Arc<CompiledFile>> {
     if !arch.starts_with("sm_") || arch.len() < 5 {
         return Err(Error::Unsupported(format!(
             "architecture `{arch}`: expected a name like sm_80 or sm_90a"
