@@ -13,7 +13,9 @@
    - the MLP's own forward: its JVP over its forward (ideal 2x; PyTorch eager measured 3.0-3.3x).
 3. Precision: the bf16 attention error of o and its tangent against f64 on the same inputs, ours
    beside PyTorch's math SDPA backend (under torch.func.jvp) and the bf16 rounding floor.
-Everything is printed as tables, and written as JSON to --json.
+Everything is printed as tables, and written as JSON to --json. Attention is timed one bench process
+per shape within --time-limit-s (check.sh's limit for this script), after layernorm and the MLP: a hang
+costs that shape's limit, and it and the later shapes then run on the sm_80 kernels.
 """
 import argparse
 import json
@@ -25,6 +27,15 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+# `flashjvp bench attention`'s default shapes (src/cuda/bench.rs: BenchOp::default_shapes), timed one
+# process each (see bench_attention).
+DEFAULT_ATTENTION_SHAPES = [
+    (16, 16, 1024, 1024, 64), (1, 12, 4096, 4096, 64), (1, 12, 16384, 16384, 64),
+    (16, 16, 1024, 1024, 128), (1, 12, 4096, 4096, 128), (1, 12, 16384, 16384, 128),
+    (1, 12, 32768, 32768, 128), (16, 16, 1024, 1024, 72), (1, 12, 4096, 4096, 72),
+    (16, 16, 1024, 1024, 96), (1, 12, 4096, 4096, 96), (2, 16, 4096, 4096, 72),
+]
 
 # DESIGN.md section 7, measured on an H200 (bf16): cuDNN forward ms, rCM Triton JVP ms.
 ANCHORS = {
@@ -115,16 +126,50 @@ def cli_check(binary, results):
 # ------------------------------------------------------------------------------------------------
 # 2. Benchmarks.
 
-def bench(binary, op, dtype="bf16", shape=None, env=None):
+def bench(binary, op, dtype="bf16", shape=None, env=None, timeout=600, timed_out=None):
+    """The rows of `flashjvp bench OP --json`. Past `timeout` seconds (a hung kernel) the process is
+    killed and the rows it printed so far are kept; `timed_out` (a list), if given, gets True."""
     cmd = [binary, "bench", op, "--json", "--dtype", dtype]
     if shape:
         cmd += ["--shape", ",".join(map(str, shape))]
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | (env or {}))
-    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-    log(f"# {' '.join(cmd[1:])}: {len(rows)} rows in {time.time() - t0:.1f}s (rc {r.returncode})")
-    if r.returncode != 0:
-        log(r.stderr.strip()[-2000:])
+    text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ | (env or {}))
+        stdout, stderr, rc = r.stdout, r.stderr, r.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, stderr, rc = text(e.stdout), text(e.stderr), f"killed after {timeout:.0f} s: a hang?"
+        if timed_out is not None:
+            timed_out.append(True)
+    rows = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+    extra = f" with {env}" if env else ""
+    log(f"# {' '.join(cmd[1:])}{extra}: {len(rows)} rows in {time.time() - t0:.1f}s (rc {rc})")
+    if rc != 0:
+        log(stderr.strip()[-2000:])
+    return rows
+
+
+def bench_attention(binary, deadline):
+    """The attention rows, one `flashjvp bench` process per default shape with its own time limit,
+    so that a hang (on Hopper: the sm_90a kernels on their first GPU) costs one shape's limit, not
+    the table: the shape that hung and every later one then run on the sm_80 kernels
+    (FLASHJVP_ATTENTION_PATH=sm80)."""
+    rows, env = [], None
+    for i, shape in enumerate(DEFAULT_ATTENTION_SHAPES):
+        left = deadline - time.time() - 30
+        if left < 10:
+            log(f"# attention {shape}: not run (time)")
+            continue
+        hung = []
+        # The first process may compile the kernels (NVRTC, without check.sh's warm cache).
+        limit = min(120 if i == 0 else 45, left)
+        got = bench(binary, "attention", shape=shape, env=env, timeout=limit, timed_out=hung)
+        if hung and env is None and os.environ.get("FLASHJVP_ATTENTION_PATH") != "sm80":
+            env = {"FLASHJVP_ATTENTION_PATH": "sm80"}
+            log(f"attention bench hung at {shape}: it and every later shape on the sm_80 kernels")
+            left = deadline - time.time() - 30
+            got = bench(binary, "attention", shape=shape, env=env, timeout=min(45, left)) if left >= 10 else []
+        rows += got
     return rows
 
 
@@ -233,6 +278,9 @@ def main():
     ap.add_argument("--bin", default=".gpu/bin/flashjvp")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--time-limit-s", type=float, default=200,
+                    help="the time this script is given (check.sh's limit): the attention bench and its "
+                         "sm_80 retries after a hang stay inside it")
     ap.add_argument("--precision-after-s", type=float, default=150,
                     help="run the precision section only if less time than this has passed")
     args = ap.parse_args()
@@ -246,12 +294,13 @@ def main():
         out["cli_ok"] = cli_check(binary, cli)
     out["cli"] = cli
 
-    attn = bench(binary, "attention")
-    ln = bench(binary, "layernorm_mod")
+    # Layernorm and MLP first (short; no Hopper kernels), then attention within the time left.
+    ln = bench(binary, "layernorm_mod", timeout=60)
     # The same rows on the wide layernorm JVP kernels (8 register chunks per lane, one block per SM:
     # the configuration before the narrow one), to tell which is faster.
-    ln_wide = bench(binary, "layernorm_mod", env={"FLASHJVP_LN_JVP_ROWS": "wide"})
-    mlp = bench(binary, "mlp")
+    ln_wide = bench(binary, "layernorm_mod", env={"FLASHJVP_LN_JVP_ROWS": "wide"}, timeout=60)
+    mlp = bench(binary, "mlp", timeout=60)
+    attn = bench_attention(binary, t_start + args.time_limit_s)
     out["bench"] = attn + ln + mlp
 
     # Attention: our passes next to cuDNN's forward at the same shapes.

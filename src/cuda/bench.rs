@@ -712,6 +712,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn compare_py_times_the_default_attention_shapes() {
+        // scripts/gpu/compare.py runs one bench process per shape from its own copy of the list.
+        let script = include_str!("../../scripts/gpu/compare.py");
+        let start = script
+            .find("DEFAULT_ATTENTION_SHAPES = [")
+            .expect("the list in compare.py");
+        let body = &script[start..];
+        let body = &body[body.find('[').unwrap() + 1..body.find("]\n").unwrap()];
+        let listed: Vec<Vec<usize>> = body
+            .split('(')
+            .skip(1)
+            .map(|t| {
+                t[..t.find(')').unwrap()]
+                    .split(',')
+                    .map(|v| v.trim().parse().unwrap())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(listed, BenchOp::Attention.default_shapes());
+    }
+
+    #[test]
     fn ratio_lines_name_the_targets() {
         let row = |op: &str, pass: &str, shape: &[usize], ms: f64| BenchRow {
             op: op.into(),
