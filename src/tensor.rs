@@ -133,6 +133,24 @@ pub fn f16_from_f64(x: f64) -> f16 {
     f16::from_f32(f64_to_f32_odd(x))
 }
 
+/// The number of elements of `shape`, or an error naming `op` when the product (or, with
+/// `elem_bytes`, the byte count) overflows: a shape from outside must never wrap to a small size.
+pub fn checked_numel(op: &'static str, shape: &[usize], elem_bytes: usize) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|n| {
+            n.checked_mul(elem_bytes.max(1))
+                .is_some_and(|b| b <= isize::MAX as usize)
+        })
+        .ok_or_else(|| {
+            Error::invalid(
+                op,
+                format!("shape {shape:?} holds more elements than memory can address"),
+            )
+        })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
@@ -142,7 +160,7 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor over `data` in row-major order; `data.len()` must equal the product of `shape`.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("tensor", shape, 1)?;
         if numel != data.len() {
             return Err(Error::invalid(
                 "tensor",
@@ -160,7 +178,7 @@ impl Tensor {
 
     /// A tensor over existing storage; its length must equal the product of `shape`.
     pub fn from_storage(storage: Storage, shape: &[usize]) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("tensor", shape, 1)?;
         let len = match &storage {
             Storage::F32(v) => v.len(),
             Storage::F64(v) => v.len(),
@@ -299,7 +317,7 @@ impl Tensor {
 
     /// The same elements under another shape with the same number of elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
+        let n = checked_numel("reshape", shape, 1)?;
         if n != self.numel() {
             return Err(Error::invalid(
                 "reshape",
@@ -318,6 +336,19 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shapes_that_overflow_are_errors() {
+        // 2^64 elements would wrap to 0 and match an empty buffer.
+        let e = Tensor::from_vec(Vec::<f32>::new(), &[1 << 32, 1 << 32]).unwrap_err();
+        assert!(e.to_string().contains("more elements than memory"), "{e}");
+        assert!(Tensor::from_storage(Storage::F32(vec![]), &[1 << 32, 1 << 32]).is_err());
+        let x = Tensor::from_vec(vec![1.0f32; 6], &[2, 3]).unwrap();
+        assert!(x.clone().reshape(&[usize::MAX, 2]).is_err());
+        assert_eq!(x.reshape(&[3, 2]).unwrap().shape(), &[3, 2]);
+        assert_eq!(checked_numel("t", &[], 4).unwrap(), 1);
+        assert!(checked_numel("t", &[1 << 62], 4).is_err());
+    }
     use rand::{Rng, SeedableRng};
 
     /// x rounded to nearest, ties to even, among the positive values of a 16-bit format: the

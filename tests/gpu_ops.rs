@@ -1775,3 +1775,27 @@ fn require_gpu_env_turns_a_skip_into_a_failure() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped: no CUDA device"));
 }
+
+#[test]
+fn impossible_allocations_are_errors() {
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    // A shape whose element count overflows: refused before any allocation.
+    let e = gpu.alloc(&[1 << 40, 1 << 40], DType::F32).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    let e = gpu
+        .alloc_stacked(&[&[4], &[1 << 62, 4]], DType::F32)
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    // 2^60 bytes: a valid size no GPU (nor the emulator's host) has, so the allocation itself
+    // fails, as an error naming the size.
+    let e = gpu.alloc(&[1 << 30, 1 << 29], DType::BF16).unwrap_err();
+    assert!(e.to_string().contains("allocating"), "{e}");
+    // The GPU still works afterwards.
+    let x = gpu.upload(&t(&[3, 5]), DType::F32).unwrap();
+    assert_eq!(x.download().unwrap().shape(), &[3, 5]);
+    // A view past the end, even by overflow, is an error.
+    assert!(x.view(usize::MAX, &[2]).is_err());
+    assert!(x.reshape(&[usize::MAX, 2]).is_err());
+}

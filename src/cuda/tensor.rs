@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use super::context::{DeviceBuf, Gpu};
 use super::launch::{dtype_suffix, pointwise_steps, Arg, Step};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::{checked_numel, DType, Storage, Tensor};
 
 /// A contiguous row-major tensor in GPU memory.
 #[derive(Clone)]
@@ -96,7 +96,7 @@ impl Gpu {
     /// An uninitialised tensor (poison or write it before reading).
     pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
         dtype_suffix(dtype)?;
-        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let bytes = checked_numel("alloc", shape, dtype.size_in_bytes())? * dtype.size_in_bytes();
         Ok(DeviceTensor {
             shape: shape.to_vec(),
             dtype,
@@ -188,9 +188,16 @@ impl Gpu {
         // Each slot starts 256-byte aligned, like a separate allocation (cuBLASLt, vector loads).
         let sizes: Vec<usize> = shapes
             .iter()
-            .map(|s| (s.iter().product::<usize>() * dtype.size_in_bytes()).next_multiple_of(256))
-            .collect();
-        let buf = Arc::new(self.alloc_bytes(sizes.iter().sum())?);
+            .map(|s| {
+                let n = checked_numel("alloc_stacked", s, dtype.size_in_bytes())?;
+                Ok((n * dtype.size_in_bytes()).next_multiple_of(256))
+            })
+            .collect::<Result<_>>()?;
+        let total = sizes
+            .iter()
+            .try_fold(0usize, |a, &b| a.checked_add(b))
+            .ok_or_else(|| Error::invalid("alloc_stacked", format!("{shapes:?} overflow")))?;
+        let buf = Arc::new(self.alloc_bytes(total)?);
         let mut offset = 0;
         let ts: Vec<DeviceTensor> = shapes
             .iter()
@@ -249,7 +256,7 @@ impl DeviceTensor {
 
     /// The same memory under another shape with as many elements.
     pub fn reshape(&self, shape: &[usize]) -> Result<DeviceTensor> {
-        if shape.iter().product::<usize>() != self.numel() {
+        if checked_numel("reshape", shape, 1)? != self.numel() {
             return Err(Error::invalid(
                 "reshape",
                 format!("cannot view {:?} as {shape:?}", self.shape),
@@ -263,8 +270,8 @@ impl DeviceTensor {
     /// A view of `shape` starting `offset` elements into this tensor (same memory, same dtype);
     /// errors unless it lies within this tensor.
     pub fn view(&self, offset: usize, shape: &[usize]) -> Result<DeviceTensor> {
-        let n: usize = shape.iter().product();
-        if offset + n > self.numel() {
+        let n = checked_numel("view", shape, 1)?;
+        if offset.checked_add(n).is_none_or(|end| end > self.numel()) {
             return Err(Error::invalid(
                 "view",
                 format!(
