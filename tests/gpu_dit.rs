@@ -221,6 +221,36 @@ fn a_cache_of_other_parameters_is_refused() {
     assert!(e.to_string().contains("gout"), "{e}");
 }
 
+#[test]
+fn inference_passes_match_the_training_ones_and_serve_no_backward() {
+    // forward and jvp free each block's buffers as they go: the same kernels on the same inputs as
+    // forward_train / forward_dual (the same bits on the emulator; on a GPU cuBLASLt may pick
+    // another algorithm for other addresses, hence 1e-6); their cache cannot serve a backward.
+    let Some(dev) = require_gpu_or_skip() else {
+        return;
+    };
+    let (_, gpu, x, t, class, mut r) = setup(8, 2);
+    let (want, _) = gpu.forward_train(&x, &t, &class).unwrap();
+    let got = gpu.forward(&x, &t, &class).unwrap();
+    let same = |what: &str, a: &Tensor, b: &Tensor| {
+        let e = rel_err(&a.to_f64_vec(), &b.to_f64_vec());
+        assert!(e <= 1e-6, "{what}: rel {e:.3e}");
+    };
+    same("forward", &got, &want);
+    let xd = Dual::new(x.clone(), randn(x.shape(), &mut r)).unwrap();
+    let td = Dual::new(t.clone(), randn(t.shape(), &mut r)).unwrap();
+    let (want, _) = gpu.forward_dual(&xd, &td, &class).unwrap();
+    let got = gpu.jvp(&xd, &td, &class).unwrap();
+    same("jvp primal", &got.primal, &want.primal);
+    same("jvp tangent", &got.tangent.unwrap(), &want.tangent.unwrap());
+    let up = |v: &Tensor| dev.upload(v, DType::F32).unwrap();
+    let (y, _, cache) = gpu
+        .run_device_with(&up(&x), None, &up(&t), None, &class, false)
+        .unwrap();
+    let e = gpu.backward_device(&cache, &y).unwrap_err();
+    assert!(e.to_string().contains("inference pass"), "{e}");
+}
+
 /// The pipeline on the GPU at toy size, with a DiT the kernels take (patch 2, head dim 32).
 #[test]
 fn toy_rcm_pipeline_runs_on_cuda() {

@@ -1131,6 +1131,21 @@ impl GpuDit {
         tt: Option<&DeviceTensor>,
         class: &[usize],
     ) -> Result<(DeviceTensor, Option<DeviceTensor>, GpuDitCache)> {
+        self.run_device_with(x, tx, t, tt, class, true)
+    }
+
+    /// [`GpuDit::run_device`] for inference when `keep_blocks` is false: each block's buffers are
+    /// released (stream-ordered) once the next block has read its output, so activation memory
+    /// holds about two blocks instead of all of them; the returned cache then serves no backward.
+    pub fn run_device_with(
+        &self,
+        x: &DeviceTensor,
+        tx: Option<&DeviceTensor>,
+        t: &DeviceTensor,
+        tt: Option<&DeviceTensor>,
+        class: &[usize],
+        keep_blocks: bool,
+    ) -> Result<(DeviceTensor, Option<DeviceTensor>, GpuDitCache)> {
         let c = &self.config;
         let b = class.len();
         let (cin, sz) = (c.in_channels, c.image_size);
@@ -1312,7 +1327,11 @@ impl GpuDit {
             )?)?;
             xcur = alloc.out.clone();
             txcur = alloc.tout.clone();
-            blocks.push(alloc.into_cache());
+            if keep_blocks {
+                blocks.push(alloc.into_cache());
+            }
+            // Otherwise `alloc` drops here: its buffers are freed after the queued kernels, except
+            // the output, which `xcur` (and `txcur`) hold until the next block has read it.
         }
 
         // Final layer: modulated layernorm, linear, unpatchify.
@@ -1401,10 +1420,17 @@ impl GpuDit {
         let c = &self.config;
         let b = cache.batch;
         let (cin, sz) = (c.in_channels, c.image_size);
-        if cache.generation != self.generation || cache.blocks.len() != c.depth {
+        if cache.generation != self.generation {
             return Err(Error::invalid(
                 OP,
                 "the cache comes from a forward with other parameters (another generation)",
+            ));
+        }
+        if cache.blocks.len() != c.depth {
+            return Err(Error::invalid(
+                OP,
+                "the cache comes from an inference pass (forward or jvp), which keeps no block \
+                 activations: run forward_train or forward_dual for a backward",
             ));
         }
         let want = [b, cin, sz, sz];
@@ -1602,8 +1628,25 @@ impl GpuDit {
     // -----------------------------------------------------------------------------------------
     // Host-level entry points, mirroring `Dit`'s (inputs and outputs in the host network's dtype).
 
-    /// The dual forward from host tensors: tangents on x and t (either may be absent).
+    /// The dual forward from host tensors: tangents on x and t (either may be absent); the cache
+    /// serves [`GpuDit::backward`].
     pub fn forward_dual(&self, x: &Dual, t: &Dual, class: &[usize]) -> Result<(Dual, GpuDitCache)> {
+        self.dual_pass(x, t, class, true)
+    }
+
+    /// The output and its tangent without a backward to serve (the JVP a distillation target
+    /// needs, sampling): block activations are freed as the pass goes.
+    pub fn jvp(&self, x: &Dual, t: &Dual, class: &[usize]) -> Result<Dual> {
+        self.dual_pass(x, t, class, false).map(|(y, _)| y)
+    }
+
+    fn dual_pass(
+        &self,
+        x: &Dual,
+        t: &Dual,
+        class: &[usize],
+        keep_blocks: bool,
+    ) -> Result<(Dual, GpuDitCache)> {
         check_inputs(&self.config, self.host_dtype, x, t, class)?;
         let gpu = &self.gpu;
         let up = |v: &Tensor| gpu.upload(v, F32);
@@ -1611,7 +1654,8 @@ impl GpuDit {
         let td = up(&t.primal)?;
         let txd = x.tangent.as_ref().map(up).transpose()?;
         let ttd = t.tangent.as_ref().map(up).transpose()?;
-        let (y, ty, cache) = self.run_device(&xd, txd.as_ref(), &td, ttd.as_ref(), class)?;
+        let (y, ty, cache) =
+            self.run_device_with(&xd, txd.as_ref(), &td, ttd.as_ref(), class, keep_blocks)?;
         let host = |d: &DeviceTensor| -> Result<Tensor> {
             let v = d.download()?;
             Ok(if self.host_dtype == F32 {
@@ -1640,9 +1684,14 @@ impl GpuDit {
         Ok((y.primal, cache))
     }
 
-    /// The velocity F(x, t, class).
+    /// The velocity F(x, t, class), keeping no activations for a backward (inference).
     pub fn forward(&self, x: &Tensor, t: &Tensor, class: &[usize]) -> Result<Tensor> {
-        self.forward_train(x, t, class).map(|(y, _)| y)
+        self.jvp(
+            &Dual::constant(x.clone()),
+            &Dual::constant(t.clone()),
+            class,
+        )
+        .map(|y| y.primal)
     }
 
     /// Parameter gradients (canonical order, host dtype) for the output cotangent `gout`.

@@ -127,6 +127,23 @@ fn run(net: &Dit, x: &Dual, t: &Dual, class: &[usize]) -> Result<(Dual, NetCache
     }
 }
 
+/// The forward alone (no backward will follow): on the GPU, block activations are freed as the
+/// pass goes.
+fn run_inference(net: &Dit, x: &Dual, t: &Dual, class: &[usize]) -> Result<Dual> {
+    match device() {
+        Device::Cpu => net.forward_dual(x, t, class).map(|(y, _)| y),
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let (g, _calls) = gpu::net(net)?;
+                g.jvp(x, t, class)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(crate::device::cuda_not_built())
+        }
+    }
+}
+
 /// The class index that means "no class" (classifier-free guidance's unconditional branch).
 pub const NULL_CLASS: usize = NUM_CLASSES;
 
@@ -149,7 +166,7 @@ pub fn velocity(net: &Dit, x: &[f64], t: &[f64], class: &[usize]) -> Result<Vec<
     let dt = dtype(net);
     let x = Dual::constant(image_tensor(x, dt)?);
     let t = Dual::constant(time_tensor(t, dt)?);
-    let (y, _) = run(net, &x, &t, class)?;
+    let y = run_inference(net, &x, &t, class)?;
     Ok(y.primal.to_f64_vec())
 }
 
