@@ -336,6 +336,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn shapes_that_overflow_are_errors() {
@@ -349,7 +350,6 @@ mod tests {
         assert_eq!(checked_numel("t", &[], 4).unwrap(), 1);
         assert!(checked_numel("t", &[1 << 62], 4).is_err());
     }
-    use rand::{Rng, SeedableRng};
 
     /// x rounded to nearest, ties to even, among the positive values of a 16-bit format: the
     /// neighbours of `near` (any value within an ulp) decided by exact midpoints (each midpoint of

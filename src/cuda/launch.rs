@@ -265,11 +265,7 @@ pub fn kernel_ptx(file: &str, arch: &'static str) -> Result<String> {
     if !super::nvrtc_present() {
         return Err(Error::Unsupported("NVRTC not found".into()));
     }
-    let (_, source) = SOURCES
-        .iter()
-        .find(|(n, _)| *n == file)
-        .ok_or_else(|| Error::Unsupported(format!("no embedded kernel file `{file}`")))?;
-    let mut text = source.to_string();
+    let mut text = super::nvrtc::embedded(file)?.to_string();
     for (name, body) in SOURCES.iter().filter(|(n, _)| n.ends_with(".cuh")) {
         text = text.replace(&format!("#include \"{name}\""), body);
     }

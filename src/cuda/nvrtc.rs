@@ -126,7 +126,8 @@ pub fn parse_watchdog_ms(v: &str) -> Result<u32> {
     }
 }
 
-fn embedded(file: &str) -> Result<&'static str> {
+/// The embedded source of the kernel file `file`.
+pub(crate) fn embedded(file: &str) -> Result<&'static str> {
     SOURCES
         .iter()
         .find(|(name, _)| *name == file)
