@@ -148,9 +148,15 @@ pub fn source_text_with(file: &str, watchdog_ms: Option<u32>) -> Result<Cow<'sta
     }
 }
 
-/// [`source_text_with`] the watchdog limit the environment asks for ([`SM90_WATCHDOG_ENV`]).
+/// [`source_text_with`] the watchdog limit the environment asks for ([`SM90_WATCHDOG_ENV`], read
+/// for the Hopper files only).
 pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
-    source_text_with(file, sm90_watchdog_ms()?)
+    let watchdog = if file.ends_with("_sm90.cu") {
+        sm90_watchdog_ms()?
+    } else {
+        None
+    };
+    source_text_with(file, watchdog)
 }
 
 /// Compiles one embedded kernel file for `arch` (e.g. "sm_80", "sm_90a"), cached per (source hash,
