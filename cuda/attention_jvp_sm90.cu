@@ -169,7 +169,8 @@ __device__ __forceinline__ void mbar_wait(fj_u32 bar, fj_u32 parity) {
 // The diagnostic build (FLASHJVP_SM90_WATCHDOG=<ms> on the host defines FJ_SM90_WATCHDOG_MS): a wait
 // that lasts longer than that prints where it hangs (source line of the wait, barrier, parity, block,
 // warp) and traps, so that a wrong byte count or phase shows up as a message instead of a hang. Its
-// printf costs stack and spills, so the normal build leaves it out.
+// printf costs stack and spills, and the call makes ptxas serialize the wgmma pipeline (C7510): the
+// same synchronisation protocol, other timing. So the normal build leaves it out.
 __device__ __forceinline__ fj_u64 globaltimer_ns() {
     fj_u64 t;
     asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
