@@ -159,13 +159,14 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
              and dv (v) in {HEAD_DIMS:?}, any pair"
         )));
     }
-    if b * h > 65535 {
+    // Saturating: dims from outside may be anything, and a wrapped product would pass.
+    let bh = b.saturating_mul(h);
+    if bh > 65535 {
         return Err(Error::Unsupported(format!(
-            "attention on the GPU: B*H = {} exceeds 65535 (the grid's y dimension)",
-            b * h
+            "attention on the GPU: B*H = {b}*{h} exceeds 65535 (the grid's y dimension)"
         )));
     }
-    for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", b * h * nq)] {
+    for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", bh.saturating_mul(nq))] {
         int_arg("attention on the GPU", name, n)?;
     }
     Ok(AttnDims {

@@ -101,7 +101,7 @@ pub fn check_shapes(
             format!("empty dimension: x {x:?}, w1 {w1:?}"),
         ));
     }
-    for (name, v) in [("T", t), ("C", c), ("Hd", hd), ("2T", 2 * t)] {
+    for (name, v) in [("T", t), ("C", c), ("Hd", hd), ("2T", t.saturating_mul(2))] {
         int_arg(OP, name, v)?;
     }
     Ok(MlpDims { t, c, hd })

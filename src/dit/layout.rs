@@ -184,6 +184,22 @@ pub(super) fn validate(c: &DitConfig) -> Result<()> {
     if !c.time_scale.is_finite() {
         return bad(format!("time_scale {} is not finite", c.time_scale));
     }
+    // Bounds far above any DiT, so that every parameter shape, the token count and the parameter
+    // total are products that cannot overflow (a config from outside gets an error, not a panic).
+    for (name, v, max) in [
+        ("image_size", c.image_size, 1 << 16),
+        ("in_channels", c.in_channels, 1 << 12),
+        ("patch", c.patch, 1 << 10),
+        ("hidden", c.hidden, 1 << 16),
+        ("depth", c.depth, 1 << 12),
+        ("mlp_ratio", c.mlp_ratio, 64),
+        ("num_classes", c.num_classes, 1 << 24),
+        ("freq_dim", c.freq_dim, 1 << 16),
+    ] {
+        if v > max {
+            return bad(format!("{name} {v} exceeds {max}"));
+        }
+    }
     Ok(())
 }
 
