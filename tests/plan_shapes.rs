@@ -98,3 +98,74 @@ fn an_absurd_dit_config_is_an_error_naming_the_field() {
     assert!(e.to_string().contains("hidden 1048576 exceeds"), "{e}");
     assert!(flashjvp::dit::Dit::validate_config(&DitConfig { hidden: 64, ..cfg }).is_ok());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The plans take AttnDims built by hand too (its fields are public), not only from
+    /// check_shapes: any dims give a plan or an error, and a plan only for dims check_shapes takes.
+    #[test]
+    fn attention_plans_take_any_dims(b in dim(), h in dim(), nq in dim(), nk in dim(), d in dim(),
+                                     dv in dim(), packed in any::<bool>(), arch90 in any::<bool>()) {
+        let dims = attn::AttnDims { b, h, nq, nk, d, dv };
+        let layout = if packed {
+            attn::Layout::packed_qkv(dims)
+        } else {
+            attn::Layout::contiguous(dims)
+        };
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let ptrs = attn::JvpPtrs {
+            q: p(0), k: p(1), v: p(2), tq: p(3), tk: p(4), tv: p(5), o: p(6), to: p(7), lse: p(8),
+            tlse: p(9),
+        };
+        let valid = attn::check_shapes(&dims.q_shape(), &dims.k_shape(), &[b, h, nk, dv]).is_ok();
+        let arch = if arch90 { "sm_90a" } else { "sm_80" };
+        for variant in [attn::Variant::Jvp, attn::Variant::JvpNoKv, attn::Variant::Fwd] {
+            let planned = flashjvp::cuda::attention_sm90::plan_for(
+                arch, variant, flashjvp::DType::BF16, dims, layout, ptrs, 0.1,
+            );
+            prop_assert!(valid || planned.is_err(), "planned {dims:?}");
+        }
+        let bwd = attn::BwdPtrs {
+            q: p(0), k: p(1), v: p(2), o: p(3), lse: p(4), dout: p(5), delta: p(6), dq: p(7),
+            dk: p(8), dv: p(9),
+        };
+        let planned = attn::plan_backward(flashjvp::DType::BF16, dims, layout, bwd, 0.1);
+        prop_assert!(valid || planned.is_err(), "planned backward {dims:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Layernorm and gated-residual plans from hand-built dims: a plan only when T, C, G >= 1, G
+    /// divides T and the sizes fit the kernels' ints (any other G makes rows read past the
+    /// modulation vectors); never a panic.
+    #[test]
+    fn row_plans_take_any_dims(t in dim(), c in dim(), g in dim()) {
+        use flashjvp::cuda::elementwise as ew;
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let valid = t >= 1 && c >= 1 && g >= 1 && t % g == 0 && t <= i32::MAX as usize
+            && c <= i32::MAX as usize;
+        let d = ln::LnDims { t, c, g };
+        let dt = flashjvp::DType::BF16;
+        let planned = [
+            ln::plan_forward(dt, d, p(0), p(1), p(2), p(3), p(4), p(5), 1e-6).is_ok(),
+            ln::plan_jvp(dt, d, ln::JvpPtrs {
+                x: p(0), tx: p(1), scale: p(2), shift: p(3), tscale: p(4), tshift: p(5), y: p(6),
+                ty: p(7), mean: p(8), rstd: p(9),
+            }, 1e-6).is_ok(),
+            ln::plan_backward(dt, d, ln::BwdPtrs {
+                dy: p(0), x: p(1), scale: p(2), mean: p(3), rstd: p(4), dres: 0, dx: p(5),
+                dscale: p(6), dshift: p(7),
+            }).is_ok(),
+        ];
+        prop_assert!(valid || !planned.iter().any(|&ok| ok), "planned {d:?}");
+        let _ = ln::param_slices(d);
+        let r = ew::ResDims { t, c, g };
+        let planned = ew::plan_residual_jvp(dt, r, ew::ResJvpPtrs {
+            x: p(0), tx: p(1), y: p(2), ty: p(3), gate: p(4), tgate: p(5), out: p(6), tout: p(7),
+        });
+        prop_assert!(valid || planned.is_err(), "planned {r:?}");
+    }
+}

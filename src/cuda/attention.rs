@@ -139,44 +139,66 @@ pub fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
     };
     shape("k", k, [b, h, nk, d])?;
     shape("v", v, [b, h, nk, dv])?;
-    if [b, h, nq, nk, d, dv].contains(&0) {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "empty dimension: q {q:?}, k {k:?}, v {v:?} (B, H, Nq, Nk, d and dv must all be at least 1)"
-            ),
-        ));
-    }
-    if !HEAD_DIMS.contains(&d) || !HEAD_DIMS.contains(&dv) {
-        let bad = match (HEAD_DIMS.contains(&d), HEAD_DIMS.contains(&dv)) {
-            (false, false) if d == dv => format!("head dim {d} of q, k and v is"),
-            (false, false) => format!("head dims {d} of q and {dv} of v are"),
-            (false, true) => format!("head dim {d} of q (and k) is"),
-            _ => format!("head dim {dv} of v is"),
-        };
-        return Err(Error::Unsupported(format!(
-            "attention on the GPU: q {q:?}, v {v:?}: {bad} not supported; the kernels take d (q, k) \
-             and dv (v) in {HEAD_DIMS:?}, any pair"
-        )));
-    }
-    // Saturating: dims from outside may be anything, and a wrapped product would pass.
-    let bh = b.saturating_mul(h);
-    if bh > 65535 {
-        return Err(Error::Unsupported(format!(
-            "attention on the GPU: B*H = {b}*{h} exceeds 65535 (the grid's y dimension)"
-        )));
-    }
-    for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", bh.saturating_mul(nq))] {
-        int_arg("attention on the GPU", name, n)?;
-    }
-    Ok(AttnDims {
+    let dims = AttnDims {
         b,
         h,
         nq,
         nk,
         d,
         dv,
-    })
+    };
+    dims.check()?;
+    Ok(dims)
+}
+
+impl AttnDims {
+    /// Errors unless the kernels take these sizes: every dim at least 1, head dims among
+    /// [`HEAD_DIMS`], B·H within the grid's y dimension, Nq, Nk and B·H·Nq within the kernels'
+    /// 32-bit ints. [`check_shapes`] runs it; so does every plan, for dims built by hand.
+    pub fn check(&self) -> Result<()> {
+        let AttnDims {
+            b,
+            h,
+            nq,
+            nk,
+            d,
+            dv,
+        } = *self;
+        let (q, v) = (self.q_shape(), [b, h, nk, dv]);
+        if [b, h, nq, nk, d, dv].contains(&0) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "empty dimension: q {q:?}, k {:?}, v {v:?} (B, H, Nq, Nk, d and dv must all be \
+                     at least 1)",
+                    self.k_shape()
+                ),
+            ));
+        }
+        if !HEAD_DIMS.contains(&d) || !HEAD_DIMS.contains(&dv) {
+            let bad = match (HEAD_DIMS.contains(&d), HEAD_DIMS.contains(&dv)) {
+                (false, false) if d == dv => format!("head dim {d} of q, k and v is"),
+                (false, false) => format!("head dims {d} of q and {dv} of v are"),
+                (false, true) => format!("head dim {d} of q (and k) is"),
+                _ => format!("head dim {dv} of v is"),
+            };
+            return Err(Error::Unsupported(format!(
+                "attention on the GPU: q {q:?}, v {v:?}: {bad} not supported; the kernels take d \
+                 (q, k) and dv (v) in {HEAD_DIMS:?}, any pair"
+            )));
+        }
+        // Saturating: dims from outside may be anything, and a wrapped product would pass.
+        let bh = b.saturating_mul(h);
+        if bh > 65535 {
+            return Err(Error::Unsupported(format!(
+                "attention on the GPU: B*H = {b}*{h} exceeds 65535 (the grid's y dimension)"
+            )));
+        }
+        for (name, n) in [("Nq", nq), ("Nk", nk), ("B*H*Nq", bh.saturating_mul(nq))] {
+            int_arg("attention on the GPU", name, n)?;
+        }
+        Ok(())
+    }
 }
 
 /// Element strides of one attention operand viewed as [B, H, N, d] (its last axis contiguous): a
@@ -192,9 +214,10 @@ pub struct Strides {
 impl Strides {
     /// A contiguous [B, H, N, d] tensor.
     pub fn contiguous(h: usize, n: usize, d: usize) -> Self {
+        // Saturating, so that any dims make a layout (which the plans then refuse, with the dims).
         Strides {
-            b: h * n * d,
-            h: n * d,
+            b: h.saturating_mul(n).saturating_mul(d),
+            h: n.saturating_mul(d),
             n: d,
         }
     }
@@ -203,9 +226,9 @@ impl Strides {
     /// [B, N, 3, H, d] projection has `group = 3·H`; a merged [B, N, H, d] output `group = H`).
     pub fn token_major(n: usize, group: usize, d: usize) -> Self {
         Strides {
-            b: n * group * d,
+            b: n.saturating_mul(group).saturating_mul(d),
             h: d,
-            n: group * d,
+            n: group.saturating_mul(d),
         }
     }
 
@@ -249,7 +272,7 @@ impl Layout {
     /// q, k and v read in place from a packed [B, N, 3, H, d] projection (Nq = Nk = N, dv = d), o
     /// written token-major [B, N, H, d]: the DiT's layout, with no permutation around attention.
     pub fn packed_qkv(dims: AttnDims) -> Self {
-        let qkv = Strides::token_major(dims.nq, 3 * dims.h, dims.d);
+        let qkv = Strides::token_major(dims.nq, dims.h.saturating_mul(3), dims.d);
         Layout {
             q: qkv,
             k: qkv,
@@ -424,6 +447,7 @@ pub fn plan_jvp(
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    dims.check()?;
     layout.check(dtype, dims)?;
     let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)];
     if variant != Variant::Fwd {
@@ -527,6 +551,7 @@ pub fn plan_backward(
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    dims.check()?;
     layout.check(dtype, dims)?;
     check_aligned(
         dtype,

@@ -261,6 +261,7 @@ pub fn plan(
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    dims.check()?;
     if !matches!(dtype, DType::BF16 | DType::F16)
         || !HEAD_DIMS.contains(&dims.d)
         || dims.dv != dims.d

@@ -3,7 +3,7 @@
 //! Pointwise kernels are grid-stride loops (block 256, any grid); counts are `long long`,
 //! row/column counts `int`. Gates and the time path are f32.
 
-use super::launch::{dtype_suffix, int_arg, pointwise_steps, Arg, Launch, Step};
+use super::launch::{check_groups, dtype_suffix, int_arg, pointwise_steps, Arg, Launch, Step};
 use super::layernorm::groups_of;
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
@@ -114,6 +114,7 @@ pub struct ResDims {
 
 fn res_args(d: ResDims) -> Result<[Arg; 3]> {
     const OP: &str = "gated_residual";
+    check_groups(OP, d.t, d.c, d.g)?;
     if d.g > 65535 {
         return Err(Error::Unsupported(format!(
             "gated_residual on the GPU: {} gate groups exceed 65535",

@@ -250,6 +250,18 @@ pub fn pointwise_steps(
 }
 
 /// `v` as an `int` kernel argument, or an error naming it.
+/// Errors unless rows T, width C and groups G (of per-group vectors, row t using group
+/// t / (T / G)) are each at least 1 and G divides T: plan dims may be built by hand.
+pub fn check_groups(what: &'static str, t: usize, c: usize, g: usize) -> Result<()> {
+    if t == 0 || c == 0 || g == 0 || t % g != 0 {
+        return Err(Error::invalid(
+            what,
+            format!("rows T = {t}, width C = {c}, groups G = {g}: each must be at least 1 and G must divide T"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn int_arg(what: &str, name: &str, v: usize) -> Result<Arg> {
     i32::try_from(v).map(Arg::I32).map_err(|_| {
         Error::Unsupported(format!(

@@ -7,7 +7,7 @@
 //! also bring \[C\] and [G, C] of different G to a common G.
 
 use super::context::Gpu;
-use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
+use super::launch::{check_groups, dtype_suffix, int_arg, Arg, Launch, Step};
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -55,7 +55,10 @@ fn eps_arg(eps: f64) -> Result<Arg> {
     Ok(Arg::F32(eps as f32))
 }
 
+/// The kernels' (T, C, G) arguments; errors unless T, C, G >= 1 and G divides T (row t reads group
+/// t / (T / G): any other G would read past the modulation vectors).
 fn dims_args(d: LnDims) -> Result<[Arg; 3]> {
+    check_groups(OP, d.t, d.c, d.g)?;
     Ok([
         int_arg(OP, "T", d.t)?,
         int_arg(OP, "C", d.c)?,
@@ -338,7 +341,7 @@ pub struct BwdPtrs {
 
 /// Slices per group of the parameter reduction (cuda/README.md: ceil((T/G)/256)).
 pub fn param_slices(d: LnDims) -> usize {
-    (d.t / d.g).div_ceil(256).clamp(1, 65535)
+    (d.t / d.g.max(1)).div_ceil(256).clamp(1, 65535)
 }
 
 pub fn plan_backward(dtype: DType, d: LnDims, p: BwdPtrs) -> Result<Vec<Step>> {
