@@ -169,3 +169,46 @@ proptest! {
         prop_assert!(valid || planned.is_err(), "planned {r:?}");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Elementwise plans over any element count (and the timestep embedding over any N x dim):
+    /// a plan or an error, never a panic.
+    #[test]
+    fn elementwise_plans_take_any_sizes(n in dim(), dim2 in dim(), gelu in any::<bool>()) {
+        use flashjvp::cuda::elementwise as ew;
+        let act = if gelu { ew::Activation::Gelu } else { ew::Activation::Silu };
+        let dt = flashjvp::DType::BF16;
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let _ = ew::plan_activation_fwd(act, dt, n, p(0), p(1));
+        let _ = ew::plan_activation_jvp(act, dt, n, p(0), p(1), p(2), p(3));
+        let _ = ew::plan_activation_bwd(act, dt, n, p(0), p(1), p(2));
+        let _ = ew::plan_gelu_tangent(dt, n, p(0), p(1), p(2));
+        let _ = ew::plan_timestep(n, dim2, 10000.0, p(0), 0, p(1), 0);
+        let _ = ew::plan_timestep(n, dim2, 10000.0, p(0), p(2), p(1), p(3));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// MLP plans from hand-built dims: a plan only for dims check_shapes takes; never a panic.
+    #[test]
+    fn mlp_plans_take_any_dims(t in dim(), c in dim(), hd in dim()) {
+        let d = mlp::MlpDims { t, c, hd };
+        let valid = mlp::check_shapes(&[t, c], &[hd, c], &[hd], &[c, hd], &[c]).is_ok();
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let w = mlp::ParamPtrs { w1: p(0), b1: p(1), w2: p(2), b2: p(3) };
+        let dt = flashjvp::DType::BF16;
+        let planned = [
+            mlp::plan_forward(dt, d, p(4), w, p(5), p(6)).is_ok(),
+            mlp::plan_jvp(dt, d, p(4), p(5), w, p(6), p(7), p(8), p(9)).is_ok(),
+            mlp::plan_backward(dt, d, p(4), w, p(5), mlp::BwdPtrs {
+                pre: p(6), g: p(7), dg: p(8), ones: p(9), dx: p(10), dw1: p(11), db1: p(12),
+                dw2: p(13), db2: p(14),
+            }).is_ok(),
+        ];
+        prop_assert!(valid || !planned.iter().any(|&ok| ok), "planned {d:?}");
+    }
+}

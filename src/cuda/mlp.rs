@@ -95,16 +95,27 @@ pub fn check_shapes(
             });
         }
     }
-    if t == 0 || c == 0 || hd == 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("empty dimension: x {x:?}, w1 {w1:?}"),
-        ));
+    let d = MlpDims { t, c, hd };
+    d.check()?;
+    Ok(d)
+}
+
+impl MlpDims {
+    /// Errors unless T, C and Hd are at least 1 and 2T, C and Hd fit the 32-bit sizes of the
+    /// GEMMs; [`check_shapes`] runs it, and so does every plan, for dims built by hand.
+    pub fn check(&self) -> Result<()> {
+        let MlpDims { t, c, hd } = *self;
+        if t == 0 || c == 0 || hd == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("empty dimension: T {t}, C {c}, Hd {hd} (x [T, C], w1 [Hd, C])"),
+            ));
+        }
+        for (name, v) in [("T", t), ("C", c), ("Hd", hd), ("2T", t.saturating_mul(2))] {
+            int_arg(OP, name, v)?;
+        }
+        Ok(())
     }
-    for (name, v) in [("T", t), ("C", c), ("Hd", hd), ("2T", t.saturating_mul(2))] {
-        int_arg(OP, name, v)?;
-    }
-    Ok(MlpDims { t, c, hd })
 }
 
 fn gemm(
@@ -138,6 +149,7 @@ pub fn plan_forward(
     h: u64,
     y: u64,
 ) -> Result<Vec<Step>> {
+    d.check()?;
     Ok(vec![
         // h = gelu(x W1ᵀ + b1).
         Gemm::step_act(
@@ -170,6 +182,7 @@ pub fn plan_jvp(
     y: u64,
     ty: u64,
 ) -> Result<Vec<Step>> {
+    d.check()?;
     let s_bytes = dtype.size_in_bytes() as u64;
     let th = h2 + (d.t * d.hd) as u64 * s_bytes;
     let dims = (d.t, d.hd, d.c);
@@ -228,6 +241,7 @@ pub fn plan_backward(
     gy: u64,
     b: BwdPtrs,
 ) -> Result<Vec<Step>> {
+    d.check()?;
     let (width, bits) = one_bits(dtype);
     let mut s = vec![
         Step::Fill {
