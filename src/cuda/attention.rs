@@ -33,6 +33,37 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! On memory another library owns (a framework's tensors, by device address): a plan is a list of
+//! launches built from addresses and sizes, checked like the tensor entry points, and
+//! [`Gpu::run`] queues it on the legacy default stream of device 0's primary context, which is
+//! ordered with the other blocking streams of the process (PyTorch's default stream among them);
+//! work on a non-blocking stream of your own needs a synchronisation on each side.
+//!
+//! ```no_run
+//! use flashjvp::cuda::{attention as attn, attention_sm90, Gpu};
+//! use flashjvp::DType;
+//!
+//! /// o, ȯ (bf16, [B, H, N, d] contiguous) and lse, its tangent (f32 [B, H, N]) at addresses the
+//! /// caller owns, from q, k, v and their tangents there.
+//! fn attention_jvp_in_place(shape: [usize; 4], ptrs: attn::JvpPtrs) -> flashjvp::Result<()> {
+//!     let gpu = Gpu::get()?;
+//!     let dims = attn::check_shapes(&shape, &shape, &shape)?;
+//!     let scale = 1.0 / (shape[3] as f32).sqrt();
+//!     // The sm_90a kernels on Hopper where they apply, the sm_80 ones elsewhere.
+//!     let plan = attention_sm90::plan_for(
+//!         gpu.arch(),
+//!         attn::Variant::Jvp,
+//!         DType::BF16,
+//!         dims,
+//!         attn::Layout::contiguous(dims),
+//!         ptrs,
+//!         scale,
+//!     )?;
+//!     gpu.run(&plan)?; // asynchronous: a kernel's failure surfaces at the next synchronisation
+//!     gpu.synchronize()
+//! }
+//! ```
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
