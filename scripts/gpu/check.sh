@@ -95,6 +95,12 @@ step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
 test_step() { # binary name, limit seconds
   step "$1" "$2" "$OUT/$1.log" "$G/bin/tests/$1" --test-threads=1
 }
+# Every later step on the sm_80 attention kernels, saying why in the summary.
+use_sm80() {
+  export FLASHJVP_ATTENTION_PATH=sm80
+  echo "$1" | tee -a "$SUMMARY"
+  rows+=("$1")
+}
 test_step gpu_attention_sm90 90
 sm90_rc=$last_rc
 if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ]; then
@@ -105,10 +111,7 @@ if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ]; then
     "$G/bin/tests/gpu_attention_sm90" --test-threads=1
 fi
 if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ] || grep -q "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
-  export FLASHJVP_ATTENTION_PATH=sm80
-  msg="gpu_attention_sm90 hung or faulted (rc=$sm90_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
-  echo "$msg" | tee -a "$SUMMARY"
-  rows+=("$msg")
+  use_sm80 "gpu_attention_sm90 hung or faulted (rc=$sm90_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
 fi
 test_step gpu_ops 150
 test_step gpu_dit 90
@@ -147,10 +150,7 @@ cmp_limit=$((DEADLINE - SECONDS - 15)); [ "$cmp_limit" -gt 200 ] && cmp_limit=20
 step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json" \
   --time-limit-s "$cmp_limit"
 if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
-  export FLASHJVP_ATTENTION_PATH=sm80
-  msg="the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
-  echo "$msg" | tee -a "$SUMMARY"
-  rows+=("$msg")
+  use_sm80 "the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
 fi
 
 # ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
