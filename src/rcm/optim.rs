@@ -5,17 +5,24 @@
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
 
+/// AdamW's hyperparameters and learning-rate schedule.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Decay of the first moment (0: no momentum).
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to √v̂ in the denominator.
     pub eps: f64,
+    /// Decoupled weight decay: each step subtracts lr·weight_decay·p.
     pub weight_decay: f64,
     /// Linear learning-rate warmup over this many steps (0: none).
     pub warmup: usize,
     /// Cosine decay of the learning rate to `final_lr_ratio`·lr over this many steps (0: constant).
     pub decay_steps: usize,
+    /// The learning rate at the end of the decay, as a fraction of `lr`.
     pub final_lr_ratio: f64,
 }
 
@@ -38,15 +45,20 @@ impl AdamWConfig {
     }
 }
 
+/// AdamW over a list of parameter tensors, with its moments (checkpointed as they are).
 pub struct AdamW {
+    /// Hyperparameters and schedule.
     pub config: AdamWConfig,
     /// Steps taken so far (bias correction and warmup use it).
     pub step: usize,
+    /// First moments, one per parameter (same shape and dtype).
     pub m: Vec<Tensor>,
+    /// Second moments, one per parameter (same shape and dtype).
     pub v: Vec<Tensor>,
 }
 
 impl AdamW {
+    /// Zero moments shaped like `params`, step 0.
     pub fn new(config: AdamWConfig, params: &[Tensor]) -> Self {
         let zeros = || {
             params
@@ -62,18 +74,35 @@ impl AdamW {
         }
     }
 
-    /// One update of `params` by `grads` (same order, shapes and dtype).
+    /// One update of `params` by `grads` (same order, shapes and dtype). [`Error::Invalid`] when
+    /// the counts or a gradient's or moment's shape or dtype differ, [`Error::Unsupported`] for
+    /// parameters other than f32 or f64; after an error nothing has changed (step count included).
     pub fn update(&mut self, params: &mut [Tensor], grads: &[Tensor]) -> Result<()> {
-        if grads.len() != params.len() || self.m.len() != params.len() {
+        let n = params.len();
+        if grads.len() != n || self.m.len() != n || self.v.len() != n {
             return Err(Error::invalid(
                 "adamw",
                 format!(
-                    "{} parameters, {} gradients, {} moments",
-                    params.len(),
+                    "{n} parameters, {} gradients, {} first and {} second moments",
                     grads.len(),
-                    self.m.len()
+                    self.m.len(),
+                    self.v.len()
                 ),
             ));
+        }
+        // Everything is checked before anything moves: an error leaves the parameters, the
+        // moments and the step count as they were.
+        for (i, p) in params.iter().enumerate() {
+            check_like(
+                "adamw",
+                p,
+                i,
+                &[
+                    ("gradient", &grads[i]),
+                    ("first moment", &self.m[i]),
+                    ("second moment", &self.v[i]),
+                ],
+            )?;
         }
         self.step += 1;
         let c = self.config;
@@ -87,31 +116,39 @@ impl AdamW {
             bc2: 1.0 - c.beta2.powi(self.step as i32),
         };
         for (i, p) in params.iter_mut().enumerate() {
-            let g = &grads[i];
-            if g.shape() != p.shape() || g.dtype() != p.dtype() {
-                return Err(Error::invalid(
-                    "adamw",
-                    format!(
-                        "gradient {i} is {:?} {} but its parameter is {:?} {}",
-                        g.shape(),
-                        g.dtype(),
-                        p.shape(),
-                        p.dtype()
-                    ),
-                ));
-            }
+            let (g, m, v) = (&grads[i], &mut self.m[i], &mut self.v[i]);
             match p.dtype() {
-                DType::F32 => step_one::<f32>(p, g, &mut self.m[i], &mut self.v[i], &k)?,
-                DType::F64 => step_one::<f64>(p, g, &mut self.m[i], &mut self.v[i], &k)?,
-                other => {
-                    return Err(Error::Unsupported(format!(
-                        "adamw: parameters in {other}; train in f32 or f64"
-                    )))
-                }
+                DType::F32 => step_one::<f32>(p, g, m, v, &k)?,
+                _ => step_one::<f64>(p, g, m, v, &k)?,
             }
         }
         Ok(())
     }
+}
+
+/// Parameter `i` is f32 or f64 and each tensor of `others` has its shape and dtype.
+fn check_like(op: &'static str, p: &Tensor, i: usize, others: &[(&str, &Tensor)]) -> Result<()> {
+    if !matches!(p.dtype(), DType::F32 | DType::F64) {
+        return Err(Error::Unsupported(format!(
+            "{op}: parameter {i} is {}; train in f32 or f64",
+            p.dtype()
+        )));
+    }
+    for (what, t) in others {
+        if t.shape() != p.shape() || t.dtype() != p.dtype() {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{what} {i} is {:?} {} but its parameter is {:?} {}",
+                    t.shape(),
+                    t.dtype(),
+                    p.shape(),
+                    p.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct Coeffs {
@@ -150,12 +187,16 @@ fn step_one<T: Element>(
 /// An exponential moving average with the usual warmup: β_n = min(decay, (1 + n)/(10 + n)), so the
 /// average of a short run is not dominated by its initial weights.
 pub struct Ema {
+    /// The largest β (the decay once the warmup is over).
     pub decay: f64,
+    /// Updates so far (the n of β_n).
     pub updates: usize,
+    /// The averaged parameters (same order, shapes and dtypes as the tracked ones).
     pub params: Vec<Tensor>,
 }
 
 impl Ema {
+    /// An average that starts at a copy of `params`.
     pub fn new(decay: f64, params: &[Tensor]) -> Self {
         Ema {
             decay,
@@ -164,15 +205,30 @@ impl Ema {
         }
     }
 
+    /// Moves the average towards `params`: e ← β_n·e + (1 − β_n)·p. [`Error::Invalid`] when the
+    /// count, a shape or a dtype differs from the average's, [`Error::Unsupported`] for parameters
+    /// other than f32 or f64; after an error nothing has changed.
     pub fn update(&mut self, params: &[Tensor]) -> Result<()> {
+        if params.len() != self.params.len() {
+            return Err(Error::invalid(
+                "ema",
+                format!(
+                    "{} parameters for an average of {}",
+                    params.len(),
+                    self.params.len()
+                ),
+            ));
+        }
+        for (i, p) in params.iter().enumerate() {
+            check_like("ema", p, i, &[("average", &self.params[i])])?;
+        }
         let n = self.updates as f64;
         let beta = self.decay.min((1.0 + n) / (10.0 + n));
         self.updates += 1;
         for (e, p) in self.params.iter_mut().zip(params) {
             match p.dtype() {
                 DType::F32 => ema_one::<f32>(e, p, beta)?,
-                DType::F64 => ema_one::<f64>(e, p, beta)?,
-                other => return Err(Error::Unsupported(format!("ema: parameters in {other}"))),
+                _ => ema_one::<f64>(e, p, beta)?,
             }
         }
         Ok(())
@@ -190,6 +246,44 @@ fn ema_one<T: Element>(e: &mut Tensor, p: &Tensor, beta: f64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mismatched_updates_are_errors_that_change_nothing() {
+        let p0 = vec![
+            Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap(),
+            Tensor::from_vec(vec![3.0f32; 3], &[3]).unwrap(),
+        ];
+        let config = AdamWConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup: 0,
+            decay_steps: 0,
+            final_lr_ratio: 1.0,
+        };
+        let mut opt = AdamW::new(config, &p0);
+        let mut p = p0.clone();
+        // The second gradient has the wrong shape: the first parameter must not move either.
+        let bad = vec![
+            Tensor::from_vec(vec![0.5f32, 0.5], &[2]).unwrap(),
+            Tensor::from_vec(vec![0.5f32; 2], &[2]).unwrap(),
+        ];
+        let e = opt.update(&mut p, &bad).unwrap_err();
+        assert!(e.to_string().contains("gradient 1"), "{e}");
+        assert_eq!((p.as_slice(), opt.step), (p0.as_slice(), 0));
+        // Moments that do not match (as from another network's checkpoint) are named too.
+        opt.v.pop();
+        let e = opt.update(&mut p, &p0).unwrap_err();
+        assert!(e.to_string().contains("1 second moments"), "{e}");
+        let mut ema = Ema::new(0.99, &p0);
+        assert!(ema.update(&p0[..1]).is_err());
+        assert!(ema.update(&[p0[1].clone(), p0[0].clone()]).is_err());
+        assert_eq!((ema.params.as_slice(), ema.updates), (p0.as_slice(), 0));
+        let f64s: Vec<Tensor> = p0.iter().map(|t| t.to_dtype(DType::F64)).collect();
+        assert!(ema.update(&f64s).is_err());
+    }
 
     #[test]
     fn adamw_minimises_a_quadratic() {
