@@ -59,10 +59,15 @@ const F32: DType = DType::F32;
 /// Sizes of one DiT block pass: batch B, tokens per image N, width C, heads, MLP width Hd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockDims {
+    /// Batch B (images).
     pub b: usize,
+    /// Tokens per image N = (S/p)².
     pub n: usize,
+    /// Token width C (hidden).
     pub c: usize,
+    /// Attention heads; C must be a multiple.
     pub heads: usize,
+    /// MLP hidden width Hd = mlp_ratio · C.
     pub hd: usize,
 }
 
@@ -72,6 +77,7 @@ impl BlockDims {
         self.b * self.n
     }
 
+    /// Head dim dh = C / heads.
     pub fn dh(&self) -> usize {
         self.c / self.heads
     }
@@ -283,13 +289,21 @@ fn permute(dtype: DType, x: u64, y: u64, m: (Vec<usize>, Vec<usize>)) -> Result<
 /// Device addresses of one block's weights (all in the activations' dtype).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockParams {
+    /// Fused q | k | v projection weight [3C, C].
     pub qkv_w: u64,
+    /// Its bias \[3C\].
     pub qkv_b: u64,
+    /// Attention output projection weight [C, C].
     pub proj_w: u64,
+    /// Its bias \[C\].
     pub proj_b: u64,
+    /// First MLP layer weight [Hd, C].
     pub fc1_w: u64,
+    /// Its bias \[Hd\].
     pub fc1_b: u64,
+    /// Second MLP layer weight [C, Hd].
     pub fc2_w: u64,
+    /// Its bias \[C\].
     pub fc2_b: u64,
 }
 
@@ -328,11 +342,17 @@ impl BlockParams {
 /// Addresses of one block's six modulation vectors, each f32 [B, C]; 0 means zero (tangents).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Mods {
+    /// Shift of the layernorm before attention: h1 = x̂·(1 + scale1) + shift1.
     pub shift1: u64,
+    /// Scale of the layernorm before attention.
     pub scale1: u64,
+    /// Gate of the attention residual: x1 = x + gate1 ⊙ attn_out.
     pub gate1: u64,
+    /// Shift of the layernorm before the MLP.
     pub shift2: u64,
+    /// Scale of the layernorm before the MLP.
     pub scale2: u64,
+    /// Gate of the MLP residual: out = x1 + gate2 ⊙ mlp_out.
     pub gate2: u64,
 }
 
@@ -357,21 +377,38 @@ impl Mods {
 /// [B, N, H, dh] are also attention's q, k, v and o.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockBufs {
+    /// The block's input [T, C] (read).
     pub x: u64,
+    /// Mean of each row of x, f32 \[T\].
     pub mean1: u64,
+    /// Reciprocal standard deviation of each row of x, f32 \[T\].
     pub rstd1: u64,
+    /// Modulated layernorm of x, the qkv input [T, C] ([2T, C] in a dual forward).
     pub h1: u64,
+    /// q | k | v rows [T, 3C].
     pub qkv: u64,
+    /// Attention's log-sum-exp per query, f32 [B, H, N].
     pub lse: u64,
+    /// Attention output o [T, C], the projection's input.
     pub o_rows: u64,
+    /// Projection output [T, C].
     pub attn_out: u64,
+    /// x + gate1 ⊙ attn_out [T, C].
     pub x1: u64,
+    /// Mean of each row of x1, f32 \[T\].
     pub mean2: u64,
+    /// Reciprocal standard deviation of each row of x1, f32 \[T\].
     pub rstd2: u64,
+    /// Modulated layernorm of x1, the MLP input [T, C] ([2T, C] in a dual forward).
     pub h2: u64,
+    /// First MLP layer pre-activation (bias added) [T, Hd], kept for the GELU's gradient; in a
+    /// dual forward [2T, Hd] with the hidden activation's tangent in rows T..2T.
     pub pre: u64,
+    /// GELU(pre) [T, Hd], the second MLP layer's input.
     pub g: u64,
+    /// Second MLP layer output [T, C].
     pub mlp_out: u64,
+    /// The block's output x1 + gate2 ⊙ mlp_out [T, C].
     pub out: u64,
 }
 
@@ -379,13 +416,21 @@ pub struct BlockBufs {
 /// h1, h2 and the MLP hidden layer live in the stacked primal buffers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockTangents {
+    /// Tangent of the input x [T, C] (read; 0: none).
     pub x: u64,
+    /// Tangent of the qkv rows [T, 3C].
     pub qkv: u64,
+    /// Tangent of the lse, f32 [B, H, N].
     pub lse: u64,
+    /// Tangent of o [T, C].
     pub o_rows: u64,
+    /// Tangent of the projection output [T, C].
     pub attn_out: u64,
+    /// Tangent of x1 [T, C].
     pub x1: u64,
+    /// Tangent of the MLP output [T, C].
     pub mlp_out: u64,
+    /// Tangent of the block's output [T, C].
     pub out: u64,
 }
 
@@ -633,6 +678,7 @@ pub fn plan_block_forward(
 /// written), `dp` the weight gradients, `ones` at least T ones.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockGrads {
+    /// The running cotangent [T, C] (read and written in place).
     pub dx: u64,
     /// [T, C] scratch: the cotangent of the MLP's, then of the attention projection's, output.
     pub dy: u64,
@@ -640,12 +686,17 @@ pub struct BlockGrads {
     pub dh: u64,
     /// [T, Hd] scratch.
     pub dg: u64,
-    /// [T, C] (dO as rows [B, N, H, dh]) and [T, 3C] (dq, dk, dv packed) scratch; delta f32 [B, H, N].
+    /// [T, C] scratch: dO as rows [B, N, H, dh].
     pub do_rows: u64,
+    /// [T, 3C] scratch: dq, dk, dv packed as the qkv rows.
     pub dqkv: u64,
+    /// f32 [B, H, N] scratch of the attention backward (rowsum(dO ⊙ O)).
     pub delta: u64,
+    /// At least T ones (the bias gradients' GEMMs), read.
     pub ones: u64,
+    /// Where the six modulation gradients go, each f32 [B, C].
     pub dmods: Mods,
+    /// Where the weight gradients go (written, not accumulated), shaped as [`BlockParams::shapes`].
     pub dp: BlockParams,
 }
 
@@ -761,10 +812,13 @@ pub fn plan_block_backward(
 /// One block's buffers, allocated (NaN-poisoned while poisoning is on). The allocations stay alive
 /// as long as this value (or a clone of one of its tensors) does.
 pub struct BlockAlloc {
+    /// The primal buffers' addresses; `bufs.x` is the given input.
     pub bufs: BlockBufs,
+    /// The tangent buffers' addresses with `dual` (`x`: the given tangent or 0), else None.
     pub tangents: Option<BlockTangents>,
     /// The output x2 (and its tangent): the next block's input.
     pub out: DeviceTensor,
+    /// The output's tangent [T, C] with `dual`, else None.
     pub tout: Option<DeviceTensor>,
     keep: Vec<DeviceTensor>,
     /// Tangent scratch (not needed by the backward).
@@ -876,6 +930,8 @@ impl BlockAlloc {
 
 /// Scratch for one block's backward (gradient outputs are given separately).
 pub struct BlockGradAlloc {
+    /// The scratch addresses with the given `dx` and `ones`; `dmods` and `dp` are zero, for the
+    /// caller to set per block.
     pub grads: BlockGrads,
     _keep: Vec<DeviceTensor>,
 }
@@ -946,16 +1002,23 @@ const ALIGN: usize = 64;
 /// `ada_w`, their biases one \[M\] vector at `ada_b`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamLayout {
+    /// Offset of each parameter (canonical order), in f32 elements.
     pub offsets: Vec<usize>,
+    /// Shape of each parameter (canonical order).
     pub shapes: Vec<Vec<usize>>,
+    /// Buffer length in f32 elements (a multiple of 64, i.e. of 256 bytes).
     pub total: usize,
+    /// Offset of the stacked adaLN weight [M, C] (0: it opens the buffer).
     pub ada_w: usize,
+    /// Offset of the stacked adaLN bias \[M\] (256-byte aligned).
     pub ada_b: usize,
     /// M = (6·depth + 2)·hidden.
     pub ada_rows: usize,
 }
 
 impl ParamLayout {
+    /// The layout of `c`'s parameters: the stacked adaLN weights, the stacked adaLN biases, then
+    /// every other parameter in canonical order, each of these starting 256-byte aligned.
     pub fn new(c: &DitConfig) -> ParamLayout {
         let shapes: Vec<Vec<usize>> = Dit::param_layout(c).into_iter().map(|(_, s)| s).collect();
         let numel = |i: usize| shapes[i].iter().product::<usize>();
@@ -1026,6 +1089,7 @@ pub struct GpuDitCache {
 }
 
 impl GpuDitCache {
+    /// The batch size of the forward that filled this cache.
     pub fn batch(&self) -> usize {
         self.batch
     }
@@ -1035,7 +1099,7 @@ impl GpuDit {
     /// Uploads `dit`'s parameters (converted to f32) and position embedding.
     pub fn upload(dit: &Dit) -> Result<GpuDit> {
         let gpu = Gpu::get()?;
-        let layout = ParamLayout::new(&dit.config);
+        let layout = ParamLayout::new(dit.config());
         let mut host = vec![0f32; layout.total];
         for (i, p) in dit.params().iter().enumerate() {
             let dst = &mut host[layout.offsets[i]..][..p.numel()];
@@ -1051,7 +1115,7 @@ impl GpuDit {
         let params = gpu.upload(&Tensor::from_vec(host, &[layout.total])?, F32)?;
         let pos = gpu.upload(dit.position_embedding(), F32)?;
         Ok(GpuDit {
-            config: dit.config.clone(),
+            config: dit.config().clone(),
             host_dtype: dit.dtype(),
             generation: dit.generation(),
             layout,
@@ -1066,10 +1130,13 @@ impl GpuDit {
         self.generation
     }
 
+    /// The device holding the parameters; every pass runs on it.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
 
+    /// Where each parameter lives in the device buffer; [`GpuDit::backward_device`]'s gradients
+    /// share it.
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
     }

@@ -27,16 +27,20 @@ use crate::io::{load_safetensors, save_safetensors};
 use crate::tensor::{DType, Tensor};
 use layout::Init;
 
+/// The architecture of a [`Dit`]; [`Dit::validate_config`] says which configs are accepted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DitConfig {
     /// Square image side, e.g. 16.
     pub image_size: usize,
+    /// Image channels C of x [B, C, H, W].
     pub in_channels: usize,
     /// Patch side, e.g. 2 (so 16×16 → 64 tokens).
     pub patch: usize,
     /// Width of the token stream.
     pub hidden: usize,
+    /// Number of adaLN-zero blocks (0 allowed: stem and final layer only).
     pub depth: usize,
+    /// Attention heads; head dim = hidden / heads.
     pub heads: usize,
     /// MLP hidden width = mlp_ratio · hidden.
     pub mlp_ratio: usize,
@@ -51,7 +55,9 @@ pub struct DitConfig {
 /// The network and its parameters, in the canonical order of `Dit::param_layout`.
 #[derive(Clone, Debug)]
 pub struct Dit {
-    pub config: DitConfig,
+    /// The architecture the parameters follow; private, since the position embedding and the
+    /// device copy are built from it once (see [`Dit::config`]).
+    config: DitConfig,
     params: Vec<Tensor>,
     /// The network dtype (f32 or f64): every parameter and input holds it.
     dtype: DType,
@@ -82,6 +88,12 @@ fn expect_real(what: &str, dtype: DType) -> Result<()> {
 }
 
 impl Dit {
+    /// The architecture the parameters follow. Read-only: the position embedding is computed from
+    /// it at construction, so another configuration means another network.
+    pub fn config(&self) -> &DitConfig {
+        &self.config
+    }
+
     /// Names and shapes of every parameter, in canonical order: the one place that knows the layout.
     pub fn param_layout(config: &DitConfig) -> Vec<(String, Vec<usize>)> {
         layout::layout(config)
@@ -187,6 +199,7 @@ impl Dit {
         Ok(())
     }
 
+    /// The parameters in canonical order (see [`Dit::param_layout`]).
     pub fn params(&self) -> &[Tensor] {
         &self.params
     }
