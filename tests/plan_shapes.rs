@@ -187,6 +187,25 @@ proptest! {
         let _ = ew::plan_gelu_tangent(dt, n, p(0), p(1), p(2));
         let _ = ew::plan_timestep(n, dim2, 10000.0, p(0), 0, p(1), 0);
         let _ = ew::plan_timestep(n, dim2, 10000.0, p(0), p(2), p(1), p(3));
+        let _ = flashjvp::cuda::tensor::plan_cast(dt, flashjvp::DType::F32, n, p(0), p(1));
+    }
+
+    /// The DiT's movement plans over any sizes and strides: a plan or an error, never a panic
+    /// (an overflowing element count or stride is an error, not a wrapped launch).
+    #[test]
+    fn dit_plans_take_any_sizes(a in dim(), b in dim(), c in dim(), s0 in dim(), s1 in dim(),
+                                s2 in dim()) {
+        use flashjvp::cuda::dit as kd;
+        let dt = flashjvp::DType::BF16;
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        if let Ok(steps) = kd::plan_permute(dt, p(0), p(1), &[a, b, c], &[s0, s1, s2]) {
+            prop_assert!(a.checked_mul(b).and_then(|x| x.checked_mul(c)).is_some(), "{a} {b} {c}");
+            prop_assert!(steps.len() <= 1);
+        }
+        let _ = kd::plan_add_rows(dt, p(0), p(1), a, b);
+        let _ = kd::plan_add_class(dt, p(0), p(1), p(2), a, b);
+        let _ = kd::plan_class_grad(dt, p(0), p(1), p(2), a, b, c);
+        let _ = kd::plan_scale_f32(p(0), p(1), 0.5, a);
     }
 }
 
@@ -211,4 +230,239 @@ proptest! {
         ];
         prop_assert!(valid || !planned.iter().any(|&ok| ok), "planned {d:?}");
     }
+}
+
+/// The plans built from raw addresses refuse a null pointer their kernels dereference, naming it,
+/// and take 0 where it means "absent" (a zero tangent, an output not wanted).
+#[test]
+fn null_required_pointers_are_errors_naming_them() {
+    use flashjvp::DType::BF16;
+    let p = |i: u64| 0x1000_0000 * (i + 1);
+    let refused =
+        |what: &str, name: &str, r: flashjvp::Result<Vec<flashjvp::cuda::launch::Step>>| {
+            let e = r.expect_err(&format!("{what} planned with a null `{name}`"));
+            assert!(e.to_string().contains(&format!("`{name}`")), "{what}: {e}");
+        };
+
+    // Attention (sm_80 kernels; the Hopper plan has its own check): every pointer of each variant.
+    let dims = attn::check_shapes(&[1, 2, 100, 64], &[1, 2, 80, 64], &[1, 2, 80, 64]).unwrap();
+    let layout = attn::Layout::contiguous(dims);
+    let all = attn::JvpPtrs {
+        q: p(0),
+        k: p(1),
+        v: p(2),
+        tq: p(3),
+        tk: p(4),
+        tv: p(5),
+        o: p(6),
+        to: p(7),
+        lse: p(8),
+        tlse: p(9),
+    };
+    let jvp = |v: attn::Variant, ptrs: attn::JvpPtrs| {
+        flashjvp::cuda::attention_sm90::plan_for("sm_80", v, BF16, dims, layout, ptrs, 0.125)
+    };
+    type Knock = fn(&mut attn::JvpPtrs);
+    let knocks: [(&str, Knock); 10] = [
+        ("q", |x| x.q = 0),
+        ("k", |x| x.k = 0),
+        ("v", |x| x.v = 0),
+        ("tq", |x| x.tq = 0),
+        ("tk", |x| x.tk = 0),
+        ("tv", |x| x.tv = 0),
+        ("o", |x| x.o = 0),
+        ("to", |x| x.to = 0),
+        ("lse", |x| x.lse = 0),
+        ("tlse", |x| x.tlse = 0),
+    ];
+    for (variant, reads) in [
+        (
+            attn::Variant::Jvp,
+            &["q", "k", "v", "tq", "tk", "tv", "o", "to", "lse", "tlse"][..],
+        ),
+        (
+            attn::Variant::JvpNoKv,
+            &["q", "k", "v", "tq", "o", "to", "lse", "tlse"][..],
+        ),
+        (attn::Variant::Fwd, &["q", "k", "v", "o", "lse"][..]),
+    ] {
+        assert!(jvp(variant, all).is_ok(), "{variant:?}");
+        for (name, knock) in knocks {
+            let mut ptrs = all;
+            knock(&mut ptrs);
+            let r = jvp(variant, ptrs);
+            if reads.contains(&name) {
+                refused(&format!("attention {variant:?}"), name, r);
+            } else {
+                assert!(
+                    r.is_ok(),
+                    "attention {variant:?} without `{name}`, which it never reads"
+                );
+            }
+        }
+    }
+    let bwd = attn::BwdPtrs {
+        q: p(0),
+        k: p(1),
+        v: p(2),
+        o: p(3),
+        lse: p(4),
+        dout: p(5),
+        delta: p(6),
+        dq: p(7),
+        dk: p(8),
+        dv: p(9),
+    };
+    assert!(attn::plan_backward(BF16, dims, layout, bwd, 0.125).is_ok());
+    refused(
+        "attention backward",
+        "delta",
+        attn::plan_backward(BF16, dims, layout, attn::BwdPtrs { delta: 0, ..bwd }, 0.125),
+    );
+    refused(
+        "attention backward",
+        "lse",
+        attn::plan_backward(BF16, dims, layout, attn::BwdPtrs { lse: 0, ..bwd }, 0.125),
+    );
+    refused(
+        "attention backward",
+        "dq",
+        attn::plan_backward(BF16, dims, layout, attn::BwdPtrs { dq: 0, ..bwd }, 0.125),
+    );
+
+    // Layernorm: x, y (and ty) required; modulation, tangents and statistics optional.
+    let d = ln::LnDims { t: 64, c: 96, g: 2 };
+    assert!(ln::plan_forward(BF16, d, p(0), 0, 0, p(1), 0, 0, 1e-6).is_ok());
+    refused(
+        "layernorm forward",
+        "x",
+        ln::plan_forward(BF16, d, 0, 0, 0, p(1), 0, 0, 1e-6),
+    );
+    refused(
+        "layernorm forward",
+        "y",
+        ln::plan_forward(BF16, d, p(0), 0, 0, 0, 0, 0, 1e-6),
+    );
+    let lj = ln::JvpPtrs {
+        x: p(0),
+        y: p(1),
+        ty: p(2),
+        ..Default::default()
+    };
+    assert!(ln::plan_jvp(BF16, d, lj, 1e-6).is_ok());
+    refused(
+        "layernorm jvp",
+        "ty",
+        ln::plan_jvp(BF16, d, ln::JvpPtrs { ty: 0, ..lj }, 1e-6),
+    );
+    let lb = ln::BwdPtrs {
+        dy: p(0),
+        x: p(1),
+        scale: 0,
+        mean: p(2),
+        rstd: p(3),
+        dres: 0,
+        dx: p(4),
+        dscale: 0,
+        dshift: 0,
+    };
+    assert!(ln::plan_backward(BF16, d, lb).is_ok());
+    refused(
+        "layernorm backward",
+        "rstd",
+        ln::plan_backward(BF16, d, ln::BwdPtrs { rstd: 0, ..lb }),
+    );
+    refused(
+        "layernorm backward",
+        "dx",
+        ln::plan_backward(BF16, d, ln::BwdPtrs { dx: 0, ..lb }),
+    );
+
+    // MLP: everything is required.
+    let md = mlp::MlpDims {
+        t: 64,
+        c: 96,
+        hd: 384,
+    };
+    let w = mlp::ParamPtrs {
+        w1: p(0),
+        b1: p(1),
+        w2: p(2),
+        b2: p(3),
+    };
+    assert!(mlp::plan_forward(BF16, md, p(4), w, p(5), p(6)).is_ok());
+    refused(
+        "mlp forward",
+        "b2",
+        mlp::plan_forward(BF16, md, p(4), mlp::ParamPtrs { b2: 0, ..w }, p(5), p(6)),
+    );
+    refused(
+        "mlp jvp",
+        "tx",
+        mlp::plan_jvp(BF16, md, p(4), 0, w, p(6), p(7), p(8), p(9)),
+    );
+    let mb = mlp::BwdPtrs {
+        pre: p(6),
+        g: p(7),
+        dg: p(8),
+        ones: p(9),
+        dx: p(10),
+        dw1: p(11),
+        db1: p(12),
+        dw2: p(13),
+        db2: p(14),
+    };
+    assert!(mlp::plan_backward(BF16, md, p(4), w, p(5), mb).is_ok());
+
+    // Elementwise and DiT movement: outputs and primal inputs required, absent tangents allowed.
+    use flashjvp::cuda::{dit as kd, elementwise as ew};
+    let r = ew::ResDims { t: 64, c: 96, g: 2 };
+    let rj = ew::ResJvpPtrs {
+        y: p(0),
+        gate: p(1),
+        tout: p(2),
+        ..Default::default()
+    };
+    assert!(
+        ew::plan_residual_jvp(BF16, r, rj).is_ok(),
+        "tangent only: x and out unused"
+    );
+    refused(
+        "residual jvp",
+        "x",
+        ew::plan_residual_jvp(BF16, r, ew::ResJvpPtrs { out: p(3), ..rj }),
+    );
+    refused(
+        "residual jvp",
+        "tout",
+        ew::plan_residual_jvp(BF16, r, ew::ResJvpPtrs { tout: 0, ..rj }),
+    );
+    let gelu = ew::Activation::Gelu;
+    assert!(ew::plan_activation_jvp(gelu, BF16, 100, p(0), p(1), 0, p(2)).is_ok());
+    refused(
+        "gelu jvp",
+        "tu",
+        ew::plan_activation_jvp(gelu, BF16, 100, p(0), 0, p(1), p(2)),
+    );
+    assert!(ew::plan_timestep(8, 64, 1e4, p(0), p(1), 0, p(2)).is_ok());
+    refused(
+        "timestep jvp",
+        "te",
+        ew::plan_timestep(8, 64, 1e4, p(0), p(1), p(2), 0),
+    );
+    refused(
+        "timestep",
+        "e",
+        ew::plan_timestep(8, 64, 1e4, p(0), 0, 0, 0),
+    );
+    refused(
+        "permute",
+        "y",
+        kd::plan_permute(BF16, p(0), 0, &[2, 3], &[1, 2]),
+    );
+    refused(
+        "mlp backward",
+        "ones",
+        mlp::plan_backward(BF16, md, p(4), w, p(5), mlp::BwdPtrs { ones: 0, ..mb }),
+    );
 }

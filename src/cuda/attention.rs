@@ -66,8 +66,8 @@
 //! ```
 
 use super::context::Gpu;
-use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
-use super::tensor::DeviceTensor;
+use super::launch::{dtype_suffix, int_arg, require_ptrs, Arg, Launch, Step};
+use super::tensor::{expect_tensor, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -109,9 +109,13 @@ impl Variant {
 /// Sizes of one attention problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnDims {
+    /// Batch size B.
     pub b: usize,
+    /// Heads H.
     pub h: usize,
+    /// Query rows Nq (of q and o).
     pub nq: usize,
+    /// Key rows Nk (of k and v).
     pub nk: usize,
     /// Head dim of q and k.
     pub d: usize,
@@ -120,12 +124,15 @@ pub struct AttnDims {
 }
 
 impl AttnDims {
+    /// The shape of q, its tangent and its gradient: [B, H, Nq, d].
     pub fn q_shape(&self) -> [usize; 4] {
         [self.b, self.h, self.nq, self.d]
     }
+    /// The shape of k, its tangent and its gradient: [B, H, Nk, d].
     pub fn k_shape(&self) -> [usize; 4] {
         [self.b, self.h, self.nk, self.d]
     }
+    /// The shape of v, its tangent and its gradient: [B, H, Nk, dv].
     pub fn v_shape(&self) -> [usize; 4] {
         [self.b, self.h, self.nk, self.dv]
     }
@@ -133,6 +140,7 @@ impl AttnDims {
     pub fn o_shape(&self) -> [usize; 4] {
         [self.b, self.h, self.nq, self.dv]
     }
+    /// The shape of lse, its tangent and the backward's delta (f32): [B, H, Nq].
     pub fn lse_shape(&self) -> [usize; 3] {
         [self.b, self.h, self.nq]
     }
@@ -237,8 +245,11 @@ impl AttnDims {
 /// [B, N, 3, H, d] have `b = N·3·H·d, h = d, n = 3·H·d` (with k and v at offsets H·d and 2·H·d).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Strides {
+    /// Elements from one batch entry to the next.
     pub b: usize,
+    /// Elements from one head to the next.
     pub h: usize,
+    /// Elements from one row (token) to the next.
     pub n: usize,
 }
 
@@ -283,9 +294,13 @@ impl Strides {
 /// delta are always contiguous f32 [B, H, Nq].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// Strides of q [B, H, Nq, d] (and of tq, dq).
     pub q: Strides,
+    /// Strides of k [B, H, Nk, d] (and of tk, dk).
     pub k: Strides,
+    /// Strides of v [B, H, Nk, dv] (and of tv, dv).
     pub v: Strides,
+    /// Strides of o [B, H, Nq, dv] (and of to, dout).
     pub o: Strides,
 }
 
@@ -455,15 +470,25 @@ fn check_aligned(dtype: DType, ptrs: &[(&str, u64)]) -> Result<()> {
 /// Pointers of a forward/JVP launch. Tangent pointers are used by the JVP variants only.
 #[derive(Clone, Copy, Debug)]
 pub struct JvpPtrs {
+    /// q [B, H, Nq, d] in the plan's dtype.
     pub q: u64,
+    /// k [B, H, Nk, d].
     pub k: u64,
+    /// v [B, H, Nk, dv].
     pub v: u64,
+    /// Tangent of q (q's layout); read by [`Variant::Jvp`] and [`Variant::JvpNoKv`].
     pub tq: u64,
+    /// Tangent of k (k's layout); read by [`Variant::Jvp`] only.
     pub tk: u64,
+    /// Tangent of v (v's layout); read by [`Variant::Jvp`] only.
     pub tv: u64,
+    /// Output o [B, H, Nq, dv] in the plan's dtype.
     pub o: u64,
+    /// Output tangent of o (o's layout); written by the JVP variants.
     pub to: u64,
+    /// Output lse, f32 [B, H, Nq] contiguous: the natural log-sum-exp of each row's scaled scores.
     pub lse: u64,
+    /// Output tangent of lse, f32 [B, H, Nq] contiguous; written by the JVP variants.
     pub tlse: u64,
 }
 
@@ -488,9 +513,11 @@ pub fn plan_jvp(
         named.extend([("tk", p.tk), ("tv", p.tv)]);
     }
     check_aligned(dtype, &named)?;
-    if named.iter().any(|(_, ptr)| *ptr == 0) || p.lse == 0 {
-        return Err(Error::Cuda("attention: null pointer in a launch".into()));
+    named.push(("lse", p.lse));
+    if variant != Variant::Fwd {
+        named.push(("tlse", p.tlse));
     }
+    require_ptrs(OP, &named)?;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let mut args = match variant {
         Variant::Jvp => vec![
@@ -560,15 +587,25 @@ pub fn plan_jvp(
 /// Pointers of the backward. `delta` is an f32 \[B,H,Nq\] scratch buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct BwdPtrs {
+    /// q [B, H, Nq, d] in the plan's dtype.
     pub q: u64,
+    /// k [B, H, Nk, d].
     pub k: u64,
+    /// v [B, H, Nk, dv].
     pub v: u64,
+    /// The forward's output o [B, H, Nq, dv].
     pub o: u64,
+    /// The forward's lse, f32 [B, H, Nq] contiguous.
     pub lse: u64,
+    /// Cotangent of o (o's layout).
     pub dout: u64,
+    /// Scratch f32 [B, H, Nq] contiguous, written by the preprocess and read by dK/dV and dQ.
     pub delta: u64,
+    /// Output gradient of q (q's layout), overwritten.
     pub dq: u64,
+    /// Output gradient of k (k's layout), overwritten.
     pub dk: u64,
+    /// Output gradient of v (v's layout), overwritten.
     pub dv: u64,
 }
 
@@ -584,19 +621,19 @@ pub fn plan_backward(
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
     layout.check(dtype, dims)?;
-    check_aligned(
-        dtype,
-        &[
-            ("q", p.q),
-            ("k", p.k),
-            ("v", p.v),
-            ("o", p.o),
-            ("dout", p.dout),
-            ("dq", p.dq),
-            ("dk", p.dk),
-            ("dv", p.dv),
-        ],
-    )?;
+    let named = [
+        ("q", p.q),
+        ("k", p.k),
+        ("v", p.v),
+        ("o", p.o),
+        ("dout", p.dout),
+        ("dq", p.dq),
+        ("dk", p.dk),
+        ("dv", p.dv),
+    ];
+    check_aligned(dtype, &named)?;
+    require_ptrs(OP, &named)?;
+    require_ptrs(OP, &[("lse", p.lse), ("delta", p.delta)])?;
     let h = int_arg(OP, "H", dims.h)?;
     let strides: Vec<Arg> = [layout.q, layout.k, layout.v, layout.o]
         .iter()
@@ -692,9 +729,13 @@ pub fn plan_backward(
 /// Outputs of the device-resident JVP: o \[B,H,Nq,dv\] and its tangent in the inputs' dtype, lse and
 /// its tangent f32 \[B,H,Nq\]. The tangents are `None` when no input carried one.
 pub struct DeviceAttentionJvp {
+    /// o [B, H, Nq, dv] (token-major [B, N, H, d] from the packed entry points).
     pub o: DeviceTensor,
+    /// The tangent of o, o's shape and dtype.
     pub to: Option<DeviceTensor>,
+    /// lse, f32 [B, H, Nq].
     pub lse: DeviceTensor,
+    /// The tangent of lse, f32 [B, H, Nq].
     pub tlse: Option<DeviceTensor>,
 }
 
@@ -786,15 +827,7 @@ pub fn forward_into(
 }
 
 fn check_out(name: &str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
-    if t.shape() != shape || t.dtype() != dtype {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: name.into(),
-            expected: format!("{shape:?} in {dtype}"),
-            actual: t.shape().to_vec(),
-        });
-    }
-    Ok(())
+    expect_tensor(OP, name, t, shape, dtype)
 }
 
 /// o, lse and their tangents on device tensors. K and V without tangents take the four-product

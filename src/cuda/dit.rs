@@ -2,9 +2,11 @@
 //! periodic add, the class embedding and its gradient, and the time scale. The DiT passes built
 //! from them and the other op families live in [`crate::dit::gpu`].
 
-use super::launch::{dtype_suffix, int_arg, pointwise_steps, Arg, Step};
+use super::launch::{
+    dtype_suffix, int_arg, pointwise_steps, require_ptrs, Arg, Step, MAX_POINTWISE,
+};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{checked_numel, DType};
 
 const FILE: &str = "dit.cu";
 const OP: &str = "dit";
@@ -23,6 +25,7 @@ pub fn plan_permute(
     in_strides: &[usize],
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(OP, &[("x", x), ("y", y)])?;
     if out_dims.len() != in_strides.len() || out_dims.len() > 6 || out_dims.is_empty() {
         return Err(Error::invalid(
             OP,
@@ -36,21 +39,29 @@ pub fn plan_permute(
     let strides: Vec<usize> = std::iter::repeat_n(0, pad)
         .chain(in_strides.iter().copied())
         .collect();
-    let n: usize = dims.iter().product();
+    let n = checked_numel(OP, &dims, 1)?;
     let mut args = vec![Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)];
     for (i, d) in dims.iter().enumerate() {
         args.push(int_arg(OP, &format!("permute axis {i}"), *d)?);
     }
-    args.extend(strides.iter().map(|&s| Arg::I64(s as i64)));
+    for &s in &strides {
+        let s = i64::try_from(s)
+            .map_err(|_| Error::invalid(OP, format!("permute stride {s} exceeds i64")))?;
+        args.push(Arg::I64(s));
+    }
     pointwise(format!("dit_permute_{dt}"), n, args)
 }
 
 /// y\[i\] += x[i mod period] for i < n (the position embedding over a batch; with period n, y += x).
 pub fn plan_add_rows(dtype: DType, y: u64, x: u64, n: usize, period: usize) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
-    if period == 0 {
-        return Err(Error::invalid(OP, "add_rows with period 0"));
+    if period == 0 || period > MAX_POINTWISE {
+        return Err(Error::invalid(
+            OP,
+            format!("add_rows with period {period} (1 to 2^60)"),
+        ));
     }
+    require_ptrs(OP, &[("y", y), ("x", x)])?;
     pointwise(
         format!("dit_add_rows_{dt}"),
         n,
@@ -73,16 +84,12 @@ pub fn plan_add_class(
     w: usize,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(OP, &[("y", y), ("table", table), ("idx", idx)])?;
+    let (r, wi) = (int_arg(OP, "rows", rows)?, int_arg(OP, "width", w)?);
     pointwise(
         format!("dit_add_class_{dt}"),
         rows * w,
-        vec![
-            Arg::Ptr(y),
-            Arg::Ptr(table),
-            Arg::Ptr(idx),
-            int_arg(OP, "rows", rows)?,
-            int_arg(OP, "width", w)?,
-        ],
+        vec![Arg::Ptr(y), Arg::Ptr(table), Arg::Ptr(idx), r, wi],
     )
 }
 
@@ -97,17 +104,16 @@ pub fn plan_class_grad(
     w: usize,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(OP, &[("dy", dy), ("idx", idx), ("dtable", dtable)])?;
+    let (r, tr, wi) = (
+        int_arg(OP, "rows", rows)?,
+        int_arg(OP, "table rows", table_rows)?,
+        int_arg(OP, "width", w)?,
+    );
     pointwise(
         format!("dit_class_grad_{dt}"),
         table_rows * w,
-        vec![
-            Arg::Ptr(dy),
-            Arg::Ptr(idx),
-            Arg::Ptr(dtable),
-            int_arg(OP, "rows", rows)?,
-            int_arg(OP, "table rows", table_rows)?,
-            int_arg(OP, "width", w)?,
-        ],
+        vec![Arg::Ptr(dy), Arg::Ptr(idx), Arg::Ptr(dtable), r, tr, wi],
     )
 }
 
@@ -119,6 +125,7 @@ pub fn plan_scale_f32(x: u64, y: u64, a: f64, n: usize) -> Result<Vec<Step>> {
             format!("scale {a} is not finite in f32"),
         ));
     }
+    require_ptrs(OP, &[("x", x), ("y", y)])?;
     pointwise(
         "dit_scale_f32".into(),
         n,

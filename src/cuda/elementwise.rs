@@ -3,9 +3,11 @@
 //! Pointwise kernels are grid-stride loops (block 256, any grid); counts are `long long`,
 //! row/column counts `int`. Gates and the time path are f32.
 
-use super::launch::{check_groups, dtype_suffix, int_arg, pointwise_steps, Arg, Launch, Step};
+use super::launch::{
+    check_groups, dtype_suffix, int_arg, pointwise_steps, require_ptrs, Arg, Launch, Step,
+};
 use super::layernorm::groups_of;
-use super::tensor::DeviceTensor;
+use super::tensor::{expect_tensor, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -14,7 +16,9 @@ const FILE: &str = "elementwise.cu";
 /// SiLU or GELU (tanh form).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// u sigmoid(u) (kernels `silu_*`).
     Silu,
+    /// 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u³))) (kernels `gelu_*`).
     Gelu,
 }
 
@@ -44,6 +48,7 @@ pub fn plan_activation_fwd(
     y: u64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(act.name(), &[("u", u), ("y", y)])?;
     let k = format!("{}_fwd_{dt}", act.name());
     pointwise(act.name(), k, n, vec![Arg::Ptr(u), Arg::Ptr(y), count(n)])
 }
@@ -59,6 +64,7 @@ pub fn plan_activation_jvp(
     ty: u64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(act.name(), &[("u", u), ("tu", tu), ("ty", ty)])?;
     let k = format!("{}_jvp_{dt}", act.name());
     pointwise(
         act.name(),
@@ -84,6 +90,7 @@ pub fn plan_activation_bwd(
     du: u64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(act.name(), &[("u", u), ("dy", dy), ("du", du)])?;
     let k = format!("{}_bwd_{dt}", act.name());
     pointwise(
         act.name(),
@@ -96,6 +103,7 @@ pub fn plan_activation_bwd(
 /// ty = gelu'(pre) tu (the tangent GEMM's epilogue; ty may alias tu).
 pub fn plan_gelu_tangent(dtype: DType, n: usize, pre: u64, tu: u64, ty: u64) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs("mlp", &[("pre", pre), ("tu", tu), ("ty", ty)])?;
     pointwise(
         "mlp",
         format!("gelu_tangent_{dt}"),
@@ -107,8 +115,11 @@ pub fn plan_gelu_tangent(dtype: DType, n: usize, pre: u64, tu: u64, ty: u64) -> 
 /// Rows T, columns C, gate groups G of a gated residual.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResDims {
+    /// Rows T of x, y and out.
     pub t: usize,
+    /// Columns C.
     pub c: usize,
+    /// Gate groups G: row t uses gate row t / (T / G); G divides T, at most 65535.
     pub g: usize,
 }
 
@@ -139,6 +150,10 @@ pub fn plan_residual_fwd(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     let [t, c, g] = res_args(d)?;
+    require_ptrs(
+        "gated_residual",
+        &[("x", x), ("y", y), ("gate", gate), ("out", out)],
+    )?;
     pointwise(
         "gated_residual",
         format!("gated_residual_fwd_{dt}"),
@@ -158,19 +173,36 @@ pub fn plan_residual_fwd(
 /// Pointers of the residual JVP; 0 means a zero tangent, or `out` not written.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ResJvpPtrs {
+    /// [T, C], storage dtype.
     pub x: u64,
+    /// [T, C] tangent of x; 0: zero.
     pub tx: u64,
+    /// [T, C], storage dtype.
     pub y: u64,
+    /// [T, C] tangent of y; 0: zero.
     pub ty: u64,
+    /// f32 [G, C].
     pub gate: u64,
+    /// f32 [G, C] tangent of the gate; 0: zero.
     pub tgate: u64,
+    /// [T, C] output x + gate ⊙ y; 0: not written.
     pub out: u64,
+    /// [T, C] output tangent tx + tgate ⊙ y + gate ⊙ ty (always written).
     pub tout: u64,
 }
 
+/// out = x + gate ⊙ y (when `out` is non-null) and tout = tx + tgate ⊙ y + gate ⊙ ty, one
+/// pointwise launch over T * C elements.
 pub fn plan_residual_jvp(dtype: DType, d: ResDims, p: ResJvpPtrs) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     let [t, c, g] = res_args(d)?;
+    require_ptrs(
+        "gated_residual",
+        &[("y", p.y), ("gate", p.gate), ("tout", p.tout)],
+    )?;
+    if p.out != 0 {
+        require_ptrs("gated_residual", &[("x", p.x)])?;
+    }
     pointwise(
         "gated_residual",
         format!("gated_residual_jvp_{dt}"),
@@ -206,6 +238,16 @@ pub fn plan_residual_bwd(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     let [t, c, g] = res_args(d)?;
+    require_ptrs(
+        "gated_residual",
+        &[
+            ("dout", dout),
+            ("gate", gate),
+            ("y", y),
+            ("dy", dy),
+            ("dgate", dgate),
+        ],
+    )?;
     let mut steps = pointwise(
         "gated_residual",
         format!("gated_residual_bwd_{dt}"),
@@ -245,6 +287,9 @@ pub fn plan_timestep(
     te: u64,
 ) -> Result<Vec<Step>> {
     const OP: &str = "timestep_embedding";
+    // With a tangent, e is optional (the JVP kernel writes it when non-null).
+    let out = if tt == 0 { ("e", e) } else { ("te", te) };
+    require_ptrs(OP, &[("t", t), out])?;
     let mp = Arg::F32(max_period as f32);
     let (ni, di) = (int_arg(OP, "N", n)?, int_arg(OP, "dim", dim)?);
     if tt == 0 {
@@ -276,23 +321,7 @@ pub fn plan_timestep(
 // Device-resident entry points.
 
 fn same(op: &'static str, name: &str, t: &DeviceTensor, like: &DeviceTensor) -> Result<()> {
-    if t.shape() != like.shape() {
-        return Err(Error::Shape {
-            op,
-            tensor: name.into(),
-            expected: format!("{:?}", like.shape()),
-            actual: t.shape().to_vec(),
-        });
-    }
-    if t.dtype() != like.dtype() {
-        return Err(Error::DType {
-            op,
-            tensor: name.into(),
-            expected: like.dtype().to_string(),
-            actual: t.dtype(),
-        });
-    }
-    Ok(())
+    expect_tensor(op, name, t, like.shape(), like.dtype())
 }
 
 /// f(u) on the GPU.
@@ -507,20 +536,20 @@ pub fn timestep_embedding(
     max_period: f64,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
     let n = timestep_check(t.shape(), dim, max_period)?;
-    let t = gate_f32(t)?;
-    let tt = tt.map(gate_f32).transpose()?;
-    if let Some(tt) = &tt {
+    if let Some(tt) = tt {
         if tt.shape() != t.shape() {
             return Err(Error::TangentMismatch {
                 op: "timestep_embedding",
                 tensor: "t".into(),
                 primal_shape: t.shape().to_vec(),
-                primal_dtype: DType::F32,
+                primal_dtype: t.dtype(),
                 tangent_shape: tt.shape().to_vec(),
                 tangent_dtype: tt.dtype(),
             });
         }
     }
+    let t = gate_f32(t)?;
+    let tt = tt.map(gate_f32).transpose()?;
     let gpu = t.gpu();
     let e = gpu.alloc_out(&[n, dim], DType::F32)?;
     let te = tt

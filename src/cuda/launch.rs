@@ -12,9 +12,13 @@ use crate::tensor::DType;
 /// One kernel argument, by value. Pointers are raw device addresses (0 is a null "opt" pointer).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Arg {
+    /// A pointer parameter: a device address, 0 for a null "opt" pointer.
     Ptr(u64),
+    /// An `int` parameter.
     I32(i32),
+    /// A `long long` (i64) parameter.
     I64(i64),
+    /// A `float` parameter.
     F32(f32),
     /// A TMA tensor map passed by value (`const __grid_constant__` 128-byte struct), described here
     /// and encoded with cuTensorMapEncodeTiled at launch (see [`super::attention_sm90`]).
@@ -35,6 +39,7 @@ pub enum ArgKind {
 }
 
 impl Arg {
+    /// The PTX parameter class this argument must meet in the kernel's signature.
     pub fn kind(&self) -> ArgKind {
         match self {
             Arg::Ptr(_) | Arg::I64(_) => ArgKind::B64,
@@ -49,11 +54,17 @@ impl Arg {
 /// arguments in parameter order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Launch {
+    /// The embedded kernel file (e.g. `attention_jvp.cu`), compiled by NVRTC on first use.
     pub file: &'static str,
+    /// The kernel's entry name in `file` (e.g. `attention_jvp_bf16_d64`).
     pub kernel: String,
+    /// Blocks in x, y, z, each within 1..=[`MAX_GRID`] when built by [`Launch::new`].
     pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes (above 48 KiB the launcher raises the kernel's opt-in limit).
     pub shared_bytes: u32,
+    /// The kernel's arguments, in parameter order.
     pub args: Vec<Arg>,
 }
 
@@ -107,10 +118,16 @@ pub enum GemmAct {
     Gelu,
     /// C = gelu(P), and P itself (the pre-activation) into `aux`, [m, n] row-major in `dtype`
     /// (GELU_AUX_BIAS / GELU_AUX).
-    GeluAux { aux: u64 },
+    GeluAux {
+        /// Device address of the pre-activation output, [m, n] in the product's dtype.
+        aux: u64,
+    },
     /// C = gelu'(aux) ⊙ P, `aux` a saved pre-activation [m, n] (DGELU; no bias): the tangent
     /// ġ = gelu'(h) ⊙ ẋW1ᵀ, or the gradient gelu'(h) ⊙ (dy W2).
-    DGelu { aux: u64 },
+    DGelu {
+        /// Device address of the saved pre-activation h, [m, n] in the product's dtype.
+        aux: u64,
+    },
 }
 
 /// A matrix product on row-major matrices, C[m, n] = act(op(A) op(B) (+ bias\[n\] on every row)),
@@ -118,16 +135,27 @@ pub enum GemmAct {
 /// [n, k] when `trans_b`); all three are contiguous and in `dtype`, as are the bias and any aux.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
+    /// Storage dtype of A, B, C, the bias and the aux matrix.
     pub dtype: DType,
+    /// Rows of C (and of op(A)).
     pub m: usize,
+    /// Columns of C (and of op(B)).
     pub n: usize,
+    /// The contracted dimension: columns of op(A), rows of op(B).
     pub k: usize,
+    /// Device address of A.
     pub a: u64,
+    /// A is stored [k, m] and op(A) = Aᵀ.
     pub trans_a: bool,
+    /// Device address of B.
     pub b: u64,
+    /// B is stored [n, k] and op(B) = Bᵀ.
     pub trans_b: bool,
+    /// Device address of C [m, n], overwritten.
     pub c: u64,
+    /// Device address of the bias \[n\] added to every row of C; `None`: no bias.
     pub bias: Option<u64>,
+    /// The epilogue's activation ([`GemmAct::None`]: C is the product itself).
     pub act: GemmAct,
 }
 
@@ -179,19 +207,29 @@ impl Gemm {
 /// One step of a plan, executed in order on the GPU's stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
+    /// A kernel launch.
     Kernel(Launch),
+    /// A matrix product through cuBLASLt (cuBLAS, then the elementwise kernels for the GELU, where
+    /// cuBLASLt has no algorithm for it).
     Gemm(Gemm),
     /// Set `count` elements of `width` bytes (1, 2 or 4) at `ptr` to `bits`.
     Fill {
+        /// Device address of the first element.
         ptr: u64,
+        /// Element size in bytes: 1, 2 or 4 (any other is an error when the step runs).
         width: usize,
+        /// Number of elements (0: nothing is done).
         count: usize,
+        /// The value, of which the low `width` bytes are written.
         bits: u32,
     },
     /// Copy `bytes` bytes from `src` to `dst` (device to device).
     Copy {
+        /// Device address read.
         src: u64,
+        /// Device address written.
         dst: u64,
+        /// Bytes to copy (0: nothing is done).
         bytes: usize,
     },
 }
@@ -226,8 +264,12 @@ pub fn pointwise_grid(n: usize) -> (u64, u64, u64) {
     ((n as u64).div_ceil(256).clamp(1, 65535 * 16), 1, 1)
 }
 
+/// The most elements a pointwise launch takes: more than any device buffer holds, and small
+/// enough that the kernels' 64-bit counts and indices never wrap.
+pub const MAX_POINTWISE: usize = 1 << 60;
+
 /// The one launch of a grid-stride pointwise `kernel` of `file` over `n` elements (no launch at
-/// all for n = 0).
+/// all for n = 0; an error above [`MAX_POINTWISE`]).
 pub fn pointwise_steps(
     op: &str,
     file: &'static str,
@@ -237,6 +279,11 @@ pub fn pointwise_steps(
 ) -> Result<Vec<Step>> {
     if n == 0 {
         return Ok(vec![]);
+    }
+    if n > MAX_POINTWISE {
+        return Err(Error::Unsupported(format!(
+            "{op}: {n} elements in one pointwise launch (at most 2^60)"
+        )));
     }
     Ok(vec![Step::Kernel(Launch::new(
         op,
@@ -249,7 +296,6 @@ pub fn pointwise_steps(
     )?)])
 }
 
-/// `v` as an `int` kernel argument, or an error naming it.
 /// Errors unless rows T, width C and groups G (of per-group vectors, row t using group
 /// t / (T / G)) are each at least 1 and G divides T: plan dims may be built by hand.
 pub fn check_groups(what: &'static str, t: usize, c: usize, g: usize) -> Result<()> {
@@ -262,6 +308,21 @@ pub fn check_groups(what: &'static str, t: usize, c: usize, g: usize) -> Result<
     Ok(())
 }
 
+/// Errors unless every named device pointer is non-null: the plans built from raw addresses list
+/// the pointers their kernels always dereference (the optional ones, where 0 means a zero tangent
+/// or "not written", are left out), so a null one is an error naming it instead of a fault.
+pub fn require_ptrs(what: &'static str, ptrs: &[(&str, u64)]) -> Result<()> {
+    match ptrs.iter().find(|(_, p)| *p == 0) {
+        Some((name, _)) => Err(Error::invalid(
+            what,
+            format!("`{name}` is a null device pointer, and this launch needs it"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `v` as an `int` kernel argument ([`Arg::I32`]), or an [`Error::Unsupported`] naming `what`
+/// and `name` when it exceeds `i32::MAX`.
 pub fn int_arg(what: &str, name: &str, v: usize) -> Result<Arg> {
     i32::try_from(v).map(Arg::I32).map_err(|_| {
         Error::Unsupported(format!(

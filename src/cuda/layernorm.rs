@@ -7,8 +7,8 @@
 //! also bring \[C\] and [G, C] of different G to a common G.
 
 use super::context::Gpu;
-use super::launch::{check_groups, dtype_suffix, int_arg, Arg, Launch, Step};
-use super::tensor::DeviceTensor;
+use super::launch::{check_groups, dtype_suffix, int_arg, require_ptrs, Arg, Launch, Step};
+use super::tensor::{expect_tensor, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -18,8 +18,11 @@ const FILE: &str = "layernorm_mod.cu";
 /// Rows T, columns C and modulation groups G.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LnDims {
+    /// Rows T of x [T, C].
     pub t: usize,
+    /// Columns C: the normalised width.
     pub c: usize,
+    /// Modulation groups G, dividing T (row t uses group t / (T/G)).
     pub g: usize,
 }
 
@@ -92,6 +95,7 @@ pub fn plan_forward(
     eps: f64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(OP, &[("x", x), ("y", y)])?;
     let [t, c, g] = dims_args(d)?;
     let args = vec![
         Arg::Ptr(x),
@@ -115,15 +119,25 @@ pub fn plan_forward(
 /// Pointers of the JVP; 0 means zero (inputs) or not written (mean, rstd).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JvpPtrs {
+    /// x [T, C] in the plan's dtype (required).
     pub x: u64,
+    /// Tangent of x, [T, C] (0: zero).
     pub tx: u64,
+    /// scale, f32 [G, C] (0: zero).
     pub scale: u64,
+    /// shift, f32 [G, C] (0: zero).
     pub shift: u64,
+    /// Tangent of scale, f32 [G, C] (0: zero).
     pub tscale: u64,
+    /// Tangent of shift, f32 [G, C] (0: zero).
     pub tshift: u64,
+    /// Output y [T, C] (required).
     pub y: u64,
+    /// Output tangent of y, [T, C] (required).
     pub ty: u64,
+    /// Output row means of the normalised rows, f32 \[T\] (0: not written).
     pub mean: u64,
+    /// Output 1/sqrt(var + eps) of the normalised rows, f32 \[T\] (0: not written).
     pub rstd: u64,
 }
 
@@ -134,11 +148,15 @@ pub struct JvpPtrs {
 /// `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both on the same rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JvpRows {
+    /// `layernorm_mod_jvp_{dt}` (6 chunks, two blocks per SM); also the kernel of streamed rows.
     Narrow,
+    /// `layernorm_mod_jvp_wide_{dt}` (8 chunks, one block per SM).
     Wide,
 }
 
 impl JvpRows {
+    /// The kernel for rows of width `c` in `dtype`: [`JvpRows::by_width`], unless
+    /// `FLASHJVP_LN_JVP_ROWS` forces one (read once per process; other values are ignored).
     pub fn for_width(dtype: DType, c: usize) -> JvpRows {
         static FORCED: std::sync::OnceLock<Option<JvpRows>> = std::sync::OnceLock::new();
         let forced =
@@ -168,8 +186,12 @@ impl JvpRows {
     }
 }
 
+/// The JVP: y = layernorm(x)·(1 + scale) + shift and its tangent ty, by the kernel
+/// [`JvpRows::for_width`] picks. Errors unless T, C, G >= 1 with G dividing T and eps is finite
+/// and >= 0.
 pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(OP, &[("x", p.x), ("y", p.y), ("ty", p.ty)])?;
     let [t, c, g] = dims_args(d)?;
     let args = vec![
         Arg::Ptr(p.x),
@@ -204,28 +226,22 @@ pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Ste
 /// and, for the JVP, `tx1` are required.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ResPtrs {
+    /// The residual branch's output y [T, C] in the plan's dtype (required).
     pub y: u64,
+    /// Tangent of y, [T, C] (0: zero).
     pub ty: u64,
+    /// gate, f32 [G, C] (required).
     pub gate: u64,
+    /// Tangent of gate, f32 [G, C] (0: zero).
     pub tgate: u64,
+    /// Output x1 [T, C] (required).
     pub x1: u64,
+    /// Output ẋ1 [T, C] (required by the JVP; ignored by the forward).
     pub tx1: u64,
 }
 
-fn require(ptrs: &[(&str, u64)]) -> Result<()> {
-    for (name, p) in ptrs {
-        if *p == 0 {
-            return Err(Error::invalid(
-                OP,
-                format!("the fused residual needs `{name}` (a null pointer was given)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// x1 = x + gate ⊙ y, then y_out = layernorm(x1) modulated (the `y` of [`JvpPtrs`] is the output
-/// here too); mean and rstd of x1 when non-null.
+/// x1 = x + gate ⊙ r.y (written to r.x1), then the argument `y` = layernorm(x1) modulated by
+/// scale and shift (0: zero); mean and rstd of x1 when non-null.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_residual_forward(
     dtype: DType,
@@ -240,13 +256,16 @@ pub fn plan_residual_forward(
     eps: f64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
-    require(&[
-        ("x", x),
-        ("y", r.y),
-        ("gate", r.gate),
-        ("x1", r.x1),
-        ("out", y),
-    ])?;
+    require_ptrs(
+        OP,
+        &[
+            ("x", x),
+            ("y", r.y),
+            ("gate", r.gate),
+            ("x1", r.x1),
+            ("out", y),
+        ],
+    )?;
     let [t, c, g] = dims_args(d)?;
     let args = vec![
         Arg::Ptr(x),
@@ -280,15 +299,18 @@ pub fn plan_residual_jvp(
     eps: f64,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
-    require(&[
-        ("x", p.x),
-        ("y", r.y),
-        ("gate", r.gate),
-        ("x1", r.x1),
-        ("tx1", r.tx1),
-        ("out", p.y),
-        ("tout", p.ty),
-    ])?;
+    require_ptrs(
+        OP,
+        &[
+            ("x", p.x),
+            ("y", r.y),
+            ("gate", r.gate),
+            ("x1", r.x1),
+            ("tx1", r.tx1),
+            ("out", p.y),
+            ("tout", p.ty),
+        ],
+    )?;
     let [t, c, g] = dims_args(d)?;
     let args = vec![
         Arg::Ptr(p.x),
@@ -326,16 +348,24 @@ pub fn plan_residual_jvp(
 /// not wanted) are zeroed and accumulated into.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BwdPtrs {
+    /// Cotangent of y, [T, C] in the plan's dtype.
     pub dy: u64,
+    /// The forward's input x [T, C].
     pub x: u64,
+    /// scale, f32 [G, C] (0: zero).
     pub scale: u64,
+    /// The forward's row means, f32 \[T\].
     pub mean: u64,
+    /// The forward's 1/sqrt(var + eps), f32 \[T\].
     pub rstd: u64,
     /// Added to the input cotangent (0: nothing); may be `dx` itself, accumulating in place (the
     /// residual stream's gradient in a block's backward).
     pub dres: u64,
+    /// Output gradient of x, [T, C] (plus `dres`).
     pub dx: u64,
+    /// Output gradient of scale, f32 [G, C] (0: not computed).
     pub dscale: u64,
+    /// Output gradient of shift, f32 [G, C] (0: not computed).
     pub dshift: u64,
 }
 
@@ -344,8 +374,22 @@ pub fn param_slices(d: LnDims) -> usize {
     (d.t / d.g.max(1)).div_ceil(256).clamp(1, 65535)
 }
 
+/// dx from dy (`layernorm_mod_bwd`), then, when `dscale` or `dshift` is non-null, those zeroed
+/// and summed over each group's rows (`layernorm_mod_bwd_params`: [`param_slices`] slices per
+/// group, each adding its partial atomically). Errors unless T, C, G >= 1 and G divides T (and,
+/// for the reduction, G <= 65535).
 pub fn plan_backward(dtype: DType, d: LnDims, p: BwdPtrs) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
+    require_ptrs(
+        OP,
+        &[
+            ("dy", p.dy),
+            ("x", p.x),
+            ("mean", p.mean),
+            ("rstd", p.rstd),
+            ("dx", p.dx),
+        ],
+    )?;
     let [t, c, g] = dims_args(d)?;
     let mut steps = vec![row_launch(
         format!("layernorm_mod_bwd_{dt}"),
@@ -481,9 +525,13 @@ pub fn forward(
 /// The modulation inputs of the JVP (any may be absent = zero).
 #[derive(Clone, Copy, Default)]
 pub struct Modulation<'a> {
+    /// scale, \[C\] or [G, C] in any dtype (converted to f32); every input given has the same G.
     pub scale: Option<&'a DeviceTensor>,
+    /// shift, \[C\] or [G, C].
     pub shift: Option<&'a DeviceTensor>,
+    /// Tangent of scale, scale's shape.
     pub tscale: Option<&'a DeviceTensor>,
+    /// Tangent of shift, shift's shape.
     pub tshift: Option<&'a DeviceTensor>,
 }
 
@@ -569,14 +617,7 @@ pub fn backward(
     dy: &DeviceTensor,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
     let (d, m) = check_device(x, &[("scale", scale), ("shift", shift)])?;
-    if dy.shape() != x.shape() || dy.dtype() != x.dtype() {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: "gy".into(),
-            expected: format!("{:?} in {}", x.shape(), x.dtype()),
-            actual: dy.shape().to_vec(),
-        });
-    }
+    expect_tensor(OP, "dy", dy, x.shape(), x.dtype())?;
     let gpu = x.gpu();
     let y = gpu.alloc_out(x.shape(), x.dtype())?;
     let stats = gpu.alloc_stacked(&[&[d.t], &[d.t]], DType::F32)?;

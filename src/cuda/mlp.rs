@@ -11,8 +11,8 @@
 //! no algorithm for an epilogue, [`super::gemm`] runs the product and then the elementwise kernels.
 
 use super::context::Gpu;
-use super::launch::{int_arg, Gemm, GemmAct, Step};
-use super::tensor::{one_bits, DeviceTensor};
+use super::launch::{int_arg, require_ptrs, Gemm, GemmAct, Step};
+use super::tensor::{expect_tensor, one_bits, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -21,26 +21,52 @@ const OP: &str = "mlp";
 /// Rows T, model width C, hidden width Hd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MlpDims {
+    /// Rows T of x and y.
     pub t: usize,
+    /// Model width C: columns of x and y.
     pub c: usize,
+    /// Hidden width Hd: rows of w1, columns of w2.
     pub hd: usize,
 }
 
 /// Device addresses of the parameters: w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
 #[derive(Clone, Copy, Debug)]
 pub struct ParamPtrs {
+    /// w1 [Hd, C], first layer (x W1ᵀ).
     pub w1: u64,
+    /// b1 \[Hd\], first-layer bias.
     pub b1: u64,
+    /// w2 [C, Hd], second layer (g W2ᵀ).
     pub w2: u64,
+    /// b2 \[C\], second-layer bias.
     pub b2: u64,
+}
+
+impl ParamPtrs {
+    /// Errors unless all four parameters are given (non-null).
+    fn require(&self) -> Result<()> {
+        require_ptrs(
+            OP,
+            &[
+                ("w1", self.w1),
+                ("b1", self.b1),
+                ("w2", self.w2),
+                ("b2", self.b2),
+            ],
+        )
+    }
 }
 
 /// The parameters as device tensors (all in the dtype of x).
 #[derive(Clone, Copy)]
 pub struct DeviceMlp<'a> {
+    /// [Hd, C].
     pub w1: &'a DeviceTensor,
+    /// \[Hd\].
     pub b1: &'a DeviceTensor,
+    /// [C, Hd].
     pub w2: &'a DeviceTensor,
+    /// \[C\].
     pub b2: &'a DeviceTensor,
 }
 
@@ -150,6 +176,8 @@ pub fn plan_forward(
     y: u64,
 ) -> Result<Vec<Step>> {
     d.check()?;
+    require_ptrs(OP, &[("x", x), ("h", h), ("y", y)])?;
+    p.require()?;
     Ok(vec![
         // h = gelu(x W1ᵀ + b1).
         Gemm::step_act(
@@ -183,6 +211,18 @@ pub fn plan_jvp(
     ty: u64,
 ) -> Result<Vec<Step>> {
     d.check()?;
+    require_ptrs(
+        OP,
+        &[
+            ("x", x),
+            ("tx", tx),
+            ("h2", h2),
+            ("g", g),
+            ("y", y),
+            ("ty", ty),
+        ],
+    )?;
+    p.require()?;
     let s_bytes = dtype.size_in_bytes() as u64;
     let th = h2 + (d.t * d.hd) as u64 * s_bytes;
     let dims = (d.t, d.hd, d.c);
@@ -226,13 +266,20 @@ pub struct BwdPtrs {
     pub dg: u64,
     /// \[T\] of ones (filled by the plan).
     pub ones: u64,
+    /// [T, C]: gradient of x, dpre W1.
     pub dx: u64,
+    /// [Hd, C]: gradient of w1, dpreᵀ x.
     pub dw1: u64,
+    /// \[Hd\]: gradient of b1, column sums of dpre.
     pub db1: u64,
+    /// [C, Hd]: gradient of w2, gyᵀ g.
     pub dw2: u64,
+    /// \[C\]: gradient of b2, column sums of gy.
     pub db2: u64,
 }
 
+/// Backward from the output gradient `gy` [T, C]: recomputes pre and g, then writes the five
+/// gradients of `b` (every output is overwritten, nothing accumulated).
 pub fn plan_backward(
     dtype: DType,
     d: MlpDims,
@@ -242,6 +289,23 @@ pub fn plan_backward(
     b: BwdPtrs,
 ) -> Result<Vec<Step>> {
     d.check()?;
+    p.require()?;
+    require_ptrs(
+        OP,
+        &[
+            ("x", x),
+            ("gy", gy),
+            ("pre", b.pre),
+            ("g", b.g),
+            ("dg", b.dg),
+            ("ones", b.ones),
+            ("dx", b.dx),
+            ("dw1", b.dw1),
+            ("db1", b.db1),
+            ("dw2", b.dw2),
+            ("db2", b.db2),
+        ],
+    )?;
     let (width, bits) = one_bits(dtype);
     let mut s = vec![
         Step::Fill {
@@ -388,23 +452,24 @@ pub fn jvp(
 
 /// Gradients on the GPU, in the dtype of x.
 pub struct DeviceMlpGrads {
+    /// [T, C].
     pub dx: DeviceTensor,
+    /// [Hd, C].
     pub dw1: DeviceTensor,
+    /// \[Hd\].
     pub db1: DeviceTensor,
+    /// [C, Hd].
     pub dw2: DeviceTensor,
+    /// \[C\].
     pub db2: DeviceTensor,
 }
 
+/// Gradients of x and the parameters from `gy` [T, C] on the GPU (scratch: three [T, Hd] buffers
+/// and a \[T\] row of ones). Errors on a shape or dtype mismatch, `gy` included (its shape and
+/// dtype must be those of x).
 pub fn backward(x: &DeviceTensor, p: &DeviceMlp, gy: &DeviceTensor) -> Result<DeviceMlpGrads> {
     let d = check_device(x, p)?;
-    if gy.shape() != x.shape() || gy.dtype() != x.dtype() {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: "gy".into(),
-            expected: format!("{:?} in {}", x.shape(), x.dtype()),
-            actual: gy.shape().to_vec(),
-        });
-    }
+    expect_tensor(OP, "gy", gy, x.shape(), x.dtype())?;
     let gpu = x.gpu();
     let dtype = x.dtype();
     let th = [d.t, d.hd];

@@ -224,22 +224,27 @@ impl Gpu {
 }
 
 impl DeviceTensor {
+    /// The shape, outermost dimension first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The storage dtype: bf16, f16 or f32.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The number of elements (1 for shape []).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// The size of the data in bytes (numel times the dtype's size; no alignment padding).
     pub fn bytes(&self) -> usize {
         self.numel() * self.dtype.size_in_bytes()
     }
 
+    /// The GPU whose memory holds this tensor.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
@@ -362,4 +367,32 @@ pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec
         n,
         vec![Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
     )
+}
+
+/// Errors unless `t` has `shape` and `dtype`: an [`Error::DType`] or an [`Error::Shape`] naming
+/// `op` and the tensor `name`.
+pub(crate) fn expect_tensor(
+    op: &'static str,
+    name: &str,
+    t: &DeviceTensor,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DType {
+            op,
+            tensor: name.into(),
+            expected: dtype.to_string(),
+            actual: t.dtype(),
+        });
+    }
+    if t.shape() != shape {
+        return Err(Error::Shape {
+            op,
+            tensor: name.into(),
+            expected: format!("{shape:?}"),
+            actual: t.shape().to_vec(),
+        });
+    }
+    Ok(())
 }
