@@ -2,21 +2,28 @@
 
 use crate::error::{Error, Result};
 
+/// The device an op runs on, once a [`DeviceRequest`] is resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
+    /// The CPU reference ops (f32/f64).
     Cpu,
+    /// The CUDA backend on GPU 0 (bf16/f16/f32).
     Cuda,
 }
 
 /// What the user asked for on the command line: `auto` means the GPU when one is usable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceRequest {
+    /// The GPU when one is usable, else the CPU.
     Auto,
+    /// The CPU, even with a GPU present.
     Cpu,
+    /// The GPU, or an error saying why it cannot be used.
     Cuda,
 }
 
 impl DeviceRequest {
+    /// `auto`, `cpu`, or `cuda` (also `gpu`); anything else is an error naming the value.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(DeviceRequest::Auto),
@@ -72,12 +79,14 @@ pub fn cuda_not_built() -> Error {
 pub struct CudaProbe {
     /// The soname that opened, e.g. `libcuda.so.1`.
     pub driver: Option<&'static str>,
+    /// The NVRTC soname that opened, e.g. `libnvrtc.so.13`.
     pub nvrtc: Option<&'static str>,
 }
 
 /// Sonames tried in order: the versioned name a driver or wheel installs first, the bare
 /// development symlink second.
 pub const CUDA_DRIVER_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+/// NVRTC's sonames, tried in order (13.x: the version the kernels are built for).
 pub const NVRTC_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so"];
 
 /// Looks for the CUDA driver and NVRTC with dlopen. Never panics: a missing library is `None`.

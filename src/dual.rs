@@ -6,9 +6,13 @@
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
+/// A tensor and its tangent along the JVP direction, same shape and dtype (checked by the
+/// constructors and by every op).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dual {
+    /// The value.
     pub primal: Tensor,
+    /// Its tangent; `None` is a zero tangent (a constant along the direction).
     pub tangent: Option<Tensor>,
 }
 
@@ -31,14 +35,17 @@ impl Dual {
         }
     }
 
+    /// The primal's shape (the tangent's too).
     pub fn shape(&self) -> &[usize] {
         self.primal.shape()
     }
 
+    /// The primal's dtype (the tangent's too).
     pub fn dtype(&self) -> DType {
         self.primal.dtype()
     }
 
+    /// Whether a tangent is present (`false`: zero tangent).
     pub fn has_tangent(&self) -> bool {
         self.tangent.is_some()
     }

@@ -4,6 +4,8 @@
 //! to its plain `*_forward` and the `*_backward` a training loop needs. The CPU reference (`cpu`) is
 //! the specification every kernel is checked against. See DESIGN.md for the math.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod cpu;
 #[cfg(feature = "cuda")]

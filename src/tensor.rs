@@ -9,15 +9,21 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
 
+/// The element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32: a CPU compute type, the GPU's f32 storage.
     F32,
+    /// IEEE binary64: the CPU reference's exact-as-possible compute type (no GPU kernels).
     F64,
+    /// bfloat16 (8-bit exponent, 8-bit significand): the GPU's usual storage type.
     BF16,
+    /// IEEE binary16 (5-bit exponent, 11-bit significand): GPU storage.
     F16,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -26,6 +32,7 @@ impl DType {
         }
     }
 
+    /// The short name (`f32`, `f64`, `bf16`, `f16`), as the CLI and `Display` spell it.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -35,6 +42,7 @@ impl DType {
         }
     }
 
+    /// A dtype from its short name or PyTorch's (`float32`, `bfloat16` ...), any case.
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(DType::F32),
@@ -57,19 +65,29 @@ impl std::fmt::Display for DType {
 /// Host storage, one variant per dtype. Device storage joins this enum with the CUDA backend.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Storage {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// f64 elements.
     F64(Vec<f64>),
+    /// bf16 elements.
     BF16(Vec<bf16>),
+    /// f16 elements.
     F16(Vec<f16>),
 }
 
 /// A scalar type that a tensor can hold.
 pub trait Element: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// The dtype of a tensor of `Self`.
     const DTYPE: DType;
+    /// The storage variant holding `v`.
     fn into_storage(v: Vec<Self>) -> Storage;
+    /// The elements when `s` holds `Self`, else `None`.
     fn slice(s: &Storage) -> Option<&[Self]>;
+    /// The elements, mutably, when `s` holds `Self`, else `None`.
     fn slice_mut(s: &mut Storage) -> Option<&mut [Self]>;
+    /// Widened to f64 (exact).
     fn to_f64(self) -> f64;
+    /// Rounded from f64 to nearest, ties to even.
     fn from_f64(x: f64) -> Self;
 }
 
@@ -133,6 +151,15 @@ pub fn f16_from_f64(x: f64) -> f16 {
     f16::from_f32(f64_to_f32_odd(x))
 }
 
+/// The number of elements of `shape` for constructors that return no `Result`; the panic of
+/// `vec!` with a capacity overflow, but naming the shape.
+fn numel_or_panic(op: &'static str, shape: &[usize]) -> usize {
+    match checked_numel(op, shape, 8) {
+        Ok(n) => n,
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// The number of elements of `shape`, or an error naming `op` when the product (or, with
 /// `elem_bytes`, the byte count) overflows: a shape from outside must never wrap to a small size.
 pub fn checked_numel(op: &'static str, shape: &[usize], elem_bytes: usize) -> Result<usize> {
@@ -151,6 +178,8 @@ pub fn checked_numel(op: &'static str, shape: &[usize], elem_bytes: usize) -> Re
         })
 }
 
+/// A host tensor: a shape and row-major storage of its dtype whose length is the product of the
+/// shape (every constructor checks it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
@@ -197,12 +226,17 @@ impl Tensor {
         })
     }
 
+    /// A tensor of `dtype` from f64 values (rounded to nearest, ties to even).
     pub fn from_f64_vec(data: Vec<f64>, shape: &[usize], dtype: DType) -> Result<Self> {
         Tensor::from_vec(data, shape).map(|t| t.to_dtype(dtype))
     }
 
+    /// A tensor of zeros.
+    ///
+    /// # Panics
+    /// When the shape holds more elements than memory can address (as `vec!` does).
     pub fn zeros(shape: &[usize], dtype: DType) -> Self {
-        let n: usize = shape.iter().product();
+        let n = numel_or_panic("Tensor::zeros", shape);
         let storage = match dtype {
             DType::F32 => Storage::F32(vec![0.0; n]),
             DType::F64 => Storage::F64(vec![0.0; n]),
@@ -215,9 +249,12 @@ impl Tensor {
         }
     }
 
-    /// Standard normal entries drawn from `rng`.
+    /// Standard normal entries drawn from `rng` (in f64, then rounded to `dtype`).
+    ///
+    /// # Panics
+    /// When the shape holds more elements than memory can address.
     pub fn randn(shape: &[usize], dtype: DType, rng: &mut impl Rng) -> Self {
-        let n: usize = shape.iter().product();
+        let n = numel_or_panic("Tensor::randn", shape);
         let data: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
         Tensor {
             shape: shape.to_vec(),
@@ -226,18 +263,22 @@ impl Tensor {
         .to_dtype(dtype)
     }
 
+    /// The sizes of the dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The number of dimensions.
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
 
+    /// The number of elements (1 for a scalar of rank 0).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::F32(_) => DType::F32,
@@ -247,6 +288,7 @@ impl Tensor {
         }
     }
 
+    /// The elements, row-major.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -262,6 +304,7 @@ impl Tensor {
         })
     }
 
+    /// The elements as `T`, mutably, or a dtype error naming `T`.
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         let dtype = self.dtype();
         T::slice_mut(&mut self.storage).ok_or_else(|| Error::DType {

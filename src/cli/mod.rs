@@ -17,13 +17,17 @@ use crate::tensor::{DType, Tensor};
 /// Forward mode (primal and tangent outputs) or reverse mode (gradients of the inputs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// The outputs and their tangents.
     Jvp,
+    /// The gradients of the inputs from the outputs' cotangents.
     Vjp,
 }
 
 impl Mode {
+    /// Both modes, in the order the CLI lists them.
     pub const ALL: [Mode; 2] = [Mode::Jvp, Mode::Vjp];
 
+    /// The mode's name on the command line (`jvp`, `vjp`).
     pub fn name(self) -> &'static str {
         match self {
             Mode::Jvp => "jvp",
@@ -35,15 +39,20 @@ impl Mode {
 /// The ops the command line exposes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OpKind {
+    /// Softmax attention: q, k, v [B, H, N, d] (tangents tq, tk, tv).
     Attention,
+    /// Layernorm with adaLN modulation: x [T, C], scale and shift \[C\] or [G, C] (G groups of rows).
     #[value(name = "layernorm_mod")]
     LayerNormMod,
+    /// The GELU MLP: x [T, C], w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
     Mlp,
 }
 
 impl OpKind {
+    /// Every op, in the order the CLI lists them.
     pub const ALL: [OpKind; 3] = [OpKind::Attention, OpKind::LayerNormMod, OpKind::Mlp];
 
+    /// The op's name on the command line.
     pub fn name(self) -> &'static str {
         match self {
             OpKind::Attention => "attention",
@@ -52,6 +61,7 @@ impl OpKind {
         }
     }
 
+    /// The op named `s` (as [`OpKind::name`] spells it); an unknown name is an error listing them.
     pub fn parse(s: &str) -> Result<Self> {
         OpKind::ALL
             .into_iter()

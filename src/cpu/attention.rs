@@ -37,7 +37,9 @@ pub const BLOCK_K: usize = 128;
 pub struct Dims {
     /// Batch × heads: the independent problems.
     pub bh: usize,
+    /// Query rows per problem.
     pub nq: usize,
+    /// Key (and value) rows per problem.
     pub nk: usize,
     /// Head dim of q and k.
     pub d: usize,
@@ -48,12 +50,16 @@ pub struct Dims {
 /// The tangents of q, k and v; `None` means zero and its work is skipped.
 #[derive(Clone, Copy, Debug)]
 pub struct Tangents<'a, T> {
+    /// q̇, laid out as q.
     pub q: Option<&'a [T]>,
+    /// k̇, laid out as k.
     pub k: Option<&'a [T]>,
+    /// v̇, laid out as v.
     pub v: Option<&'a [T]>,
 }
 
 impl<T> Tangents<'_, T> {
+    /// No tangent at all (the primal forward).
     pub fn none() -> Self {
         Tangents {
             q: None,

@@ -69,6 +69,7 @@ pub fn jvp<T: Real>(
     }
 }
 
+/// The embedding [t.len(), 2·half] of the times `t`.
 pub fn forward<T: Real>(t: &[T], half: usize, max_period: f64) -> Vec<T> {
     jvp(t, None, half, max_period).0
 }

@@ -7,10 +7,15 @@ use super::Real;
 /// A read-only matrix view: `rows × cols`, element (i, j) at `data[i*rs + j*cs]`.
 #[derive(Clone, Copy)]
 pub struct Mat<'a, T> {
+    /// The elements; every (i, j) in range must index inside it.
     pub data: &'a [T],
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
+    /// Row stride, in elements.
     pub rs: usize,
+    /// Column stride, in elements.
     pub cs: usize,
 }
 

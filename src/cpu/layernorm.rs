@@ -320,8 +320,11 @@ impl<T: Real> RowIn<'_, T> {
 
 /// Gradients of layernorm_mod; dscale and dshift have the shapes of scale and shift.
 pub struct Grads<T> {
+    /// [rows, c]
     pub dx: Vec<T>,
+    /// [G, c] of scale.
     pub dscale: Vec<T>,
+    /// [G, c] of shift.
     pub dshift: Vec<T>,
 }
 

@@ -34,6 +34,7 @@ pub fn stack<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
     s
 }
 
+/// y [rows, cout] = x·Wᵀ + b for x [rows, cin], w [cout, cin], b \[cout\] (optional).
 pub fn forward<T: Real>(
     x: &[T],
     w: &[T],
@@ -81,7 +82,9 @@ pub fn jvp<T: Real>(
 
 /// Gradients of the linear layer.
 pub struct Grads<T> {
+    /// [rows, cin]
     pub dx: Vec<T>,
+    /// [cout, cin]
     pub dw: Vec<T>,
     /// Σ_rows gy, the bias gradient (cheap next to the GEMMs; dropped when there is no bias).
     pub db: Vec<T>,

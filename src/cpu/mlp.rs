@@ -13,11 +13,17 @@ const BLOCK: usize = 1 << 14;
 /// The MLP's parameters: w1 [hd, c], b1 \[hd\], w2 [c, hd], b2 \[c\].
 #[derive(Clone, Copy)]
 pub struct Params<'a, T> {
+    /// [hd, c], row-major.
     pub w1: &'a [T],
+    /// \[hd\]
     pub b1: &'a [T],
+    /// [c, hd], row-major.
     pub w2: &'a [T],
+    /// \[c\]
     pub b2: &'a [T],
+    /// Model width (input and output features).
     pub c: usize,
+    /// Hidden width.
     pub hd: usize,
 }
 
@@ -47,6 +53,7 @@ fn output<T: Real>(a: &[T], p: &Params<T>, rows: usize, bias_rows: usize) -> Vec
     y
 }
 
+/// y [rows, c] = W2·gelu(W1·x + b1) + b2 for x [rows, c].
 pub fn forward<T: Real>(x: &[T], p: &Params<T>, rows: usize) -> Vec<T> {
     let a = activation::forward(gelu, &hidden(x, p, rows));
     output(&a, p, rows, rows)
@@ -89,11 +96,17 @@ pub fn jvp<T: Real>(
     (ys, Some(y_dot))
 }
 
+/// Gradients of the MLP's input and parameters, each laid out as its tensor.
 pub struct Grads<T> {
+    /// [rows, c]
     pub dx: Vec<T>,
+    /// [hd, c]
     pub dw1: Vec<T>,
+    /// \[hd\]
     pub db1: Vec<T>,
+    /// [c, hd]
     pub dw2: Vec<T>,
+    /// \[c\]
     pub db2: Vec<T>,
 }
 

@@ -55,6 +55,7 @@ pub trait Real:
         csc: isize,
     );
 
+    /// A constant, rounded from f64.
     fn c(x: f64) -> Self {
         <Self as Element>::from_f64(x)
     }

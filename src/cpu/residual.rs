@@ -5,6 +5,7 @@ use rayon::prelude::*;
 use super::rows::{group_row_sums, rows_per_task, Groups};
 use super::Real;
 
+/// out = x + gate ⊙ y, x and y [gate.rows, gate.c].
 pub fn forward<T: Real>(x: &[T], gate: Groups<T>, y: &[T]) -> Vec<T> {
     let c = gate.c;
     let mut out = x.to_vec();
@@ -60,9 +61,13 @@ pub fn jvp<T: Real>(
     (out, Some(out_dot))
 }
 
+/// Gradients of the gated residual.
 pub struct Grads<T> {
+    /// [rows, c] (the output's cotangent).
     pub dx: Vec<T>,
+    /// [G, c], as the gate.
     pub dgate: Vec<T>,
+    /// [rows, c]
     pub dy: Vec<T>,
 }
 

@@ -18,13 +18,18 @@ pub fn rows_per_task(c: usize) -> usize {
 /// r / (rows / G). G divides `rows` (checked at the op boundary).
 #[derive(Clone, Copy, Debug)]
 pub struct Groups<'a, T> {
+    /// The vectors, [G, C] row-major.
     pub data: &'a [T],
+    /// G.
     pub groups: usize,
+    /// The rows they are broadcast over (a multiple of G).
     pub rows: usize,
+    /// C, the width of a vector and of a row.
     pub c: usize,
 }
 
 impl<'a, T> Groups<'a, T> {
+    /// The view; `data` holds `groups` vectors of `c`.
     pub fn new(data: &'a [T], groups: usize, rows: usize, c: usize) -> Self {
         Groups {
             data,

@@ -42,6 +42,7 @@ pub enum Path {
 }
 
 impl Path {
+    /// The path's short name, as the benchmark reports it: `sm80` or `sm90a`.
     pub fn name(self) -> &'static str {
         match self {
             Path::Sm80 => "sm80",
@@ -91,10 +92,15 @@ pub fn shared_bytes(variant: Variant, d: usize) -> usize {
 /// bounds (rows past n, columns past d), no interleave, L2 promotion 128 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorMapDesc {
+    /// Device address of element (0, 0, 0, 0); 16-byte aligned, non-null.
     pub ptr: u64,
+    /// Element type: bf16 or f16 (any other fails [`TensorMapDesc::check`]).
     pub dtype: DType,
+    /// Extents {d, N, H, B} in elements, innermost first.
     pub dims: [u64; 4],
+    /// Byte strides of the N, H and B axes (the head dim is contiguous).
     pub strides: [u64; 3],
+    /// Box extents in elements, innermost first: {swizzle / element size, rows, 1, 1}.
     pub boxdim: [u32; 4],
     /// Shared-memory swizzle in bytes: 32, 64 or 128, the inner box's width.
     pub swizzle: u32,
@@ -384,11 +390,17 @@ pub fn padded_head_dim(d: usize) -> usize {
 /// slab after slab), `s` (f32 [128, bc]: Q Kᵀ) and `o` (f32 [128, padded d]: bf16(S) V).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProbePtrs {
+    /// Input q, bf16 [128, d] contiguous.
     pub q: u64,
+    /// Input k, bf16 [bc, d] contiguous.
     pub k: u64,
+    /// Input v, bf16 [bc, d] contiguous.
     pub v: u64,
+    /// Output: Q's shared-memory image, u16 [`padded_head_dim`]`(d)·128`.
     pub q_smem: u64,
+    /// Output S = Q Kᵀ, f32 [128, bc].
     pub s: u64,
+    /// Output O = bf16(S) V, f32 [128, [`padded_head_dim`]`(d)`].
     pub o: u64,
 }
 

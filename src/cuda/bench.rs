@@ -44,6 +44,8 @@ pub enum BenchOp {
 }
 
 impl BenchOp {
+    /// The op named on the command line: `attention`, `layernorm_mod` (or `layernorm`), `mlp`,
+    /// `dit_block`; anything else is an `Error::Unsupported` listing them.
     pub fn parse(s: &str) -> Result<BenchOp> {
         match s {
             "attention" => Ok(BenchOp::Attention),
@@ -56,6 +58,8 @@ impl BenchOp {
         }
     }
 
+    /// The name in rows and ratio lines (what [`BenchOp::parse`] accepts; `layernorm_mod` for
+    /// [`BenchOp::LayerNorm`]).
     pub fn name(self) -> &'static str {
         match self {
             BenchOp::Attention => "attention",
@@ -94,23 +98,34 @@ impl BenchOp {
 /// One timed pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchRow {
+    /// The op's name ([`BenchOp::name`]).
     pub op: String,
+    /// What was timed: `fwd`, `jvp`, `bwd`, and per op `jvp_nokv`, `*_sm80`, `*_packed`,
+    /// `fwd+bwd`, `jvp+bwd`.
     pub pass: String,
+    /// The benchmark shape; attention's always as B,H,Nq,Nk,d (a B,H,N,d request expanded).
     pub shape: Vec<usize>,
+    /// The storage dtype's name (`bf16`, `f16`, `f32`).
     pub dtype: String,
     /// Median milliseconds.
     pub ms: f64,
     /// Spread: the 10th and 90th percentile, milliseconds.
     pub ms_p10: f64,
+    /// The 90th percentile, milliseconds.
     pub ms_p90: f64,
+    /// Timed runs (5 to 200, sized to the time budget).
     pub runs: usize,
+    /// Effective TFLOP/s at the median time, from the op's flop count (module docs); `None` for
+    /// layernorm.
     pub tflops: Option<f64>,
+    /// Effective GB/s at the median time (layernorm only; `None` elsewhere).
     pub gbps: Option<f64>,
     /// Attention: which kernels ran (`sm80` or `sm90a`).
     pub path: Option<String>,
 }
 
 impl BenchRow {
+    /// The row as one line of JSON; `tflops`, `gbps` and `path` only when set.
     pub fn json(&self) -> String {
         let mut v = serde_json::json!({
             "op": self.op,
@@ -134,6 +149,8 @@ impl BenchRow {
         v.to_string()
     }
 
+    /// The row as one aligned text line: op, pass, path, shape, dtype, median and spread in ms,
+    /// runs, then the rate (TFLOP/s, else GB/s) if any.
     pub fn line(&self) -> String {
         let rate = match (self.tflops, self.gbps) {
             (Some(t), _) => format!("{t:8.1} TFLOP/s"),

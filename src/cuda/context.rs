@@ -76,12 +76,17 @@ impl DeviceBuf {
 /// What `flashjvp info` reports about the GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
+    /// The driver's device name ("flashjvp kernel emulator (CPU)" under the emulator).
     pub name: String,
     /// NVRTC's architecture name for the device (sm_90a on Hopper).
     pub arch: String,
+    /// Compute capability (major, minor); (8, 0) or (9, 0) under the emulator, after its arch.
     pub capability: (u32, u32),
+    /// Device memory in bytes (a nominal 8 GiB under the emulator).
     pub total_mem_bytes: usize,
+    /// Streaming multiprocessors (the host's CPU threads under the emulator).
     pub multiprocessors: u32,
+    /// L2 cache in bytes (0 under the emulator).
     pub l2_bytes: usize,
     /// The most dynamic shared memory one block may ask for (after raising the limit).
     pub max_shared_per_block: usize,
@@ -115,13 +120,14 @@ static GPU: OnceLock<std::result::Result<Gpu, Error>> = OnceLock::new();
 
 static POISON_OUTPUTS: AtomicBool = AtomicBool::new(true);
 
-/// Whether the device-level entry points fill the outputs they allocate with NaN before the
+/// Sets whether the device-level entry points fill the outputs they allocate with NaN before the
 /// kernels write them (on by default: an element a kernel misses then shows up as NaN instead of
 /// stale memory; one memset per output). The benchmark replays plans and never pays for it.
 pub fn set_poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, Ordering::Relaxed);
 }
 
+/// Whether outputs are NaN-poisoned now (see [`set_poison_outputs`]; on unless switched off).
 pub fn poison_outputs() -> bool {
     POISON_OUTPUTS.load(Ordering::Relaxed)
 }
@@ -145,10 +151,12 @@ impl Gpu {
         }
     }
 
+    /// The device's description, read once at creation.
     pub fn info(&self) -> &GpuInfo {
         &self.inner.info
     }
 
+    /// NVRTC's architecture name the kernels are compiled for (`sm_80`, `sm_90a`, ...).
     pub fn arch(&self) -> &str {
         &self.inner.info.arch
     }

@@ -455,10 +455,12 @@ impl HostBuffer {
         self.ptr
     }
 
+    /// The usable size in bytes (at least 1: [`HostBuffer::new`] rounds 0 up).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether `len` is 0 (never, as `new` allocates at least one byte).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -15,11 +15,15 @@ use crate::error::{Error, Result};
 /// What the assembler reported for one kernel on one architecture.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelResources {
+    /// The kernel's (`extern "C"`, unmangled) entry name.
     pub kernel: String,
+    /// The architecture it was compiled for (`sm_80`, `sm_90a`, ...).
     pub arch: String,
+    /// Registers per thread (0 when the report had no `Used N registers` line).
     pub registers: u32,
     /// Spill stores plus spill loads, in bytes.
     pub spill_bytes: u64,
+    /// Stack frame per thread, in bytes.
     pub stack_bytes: u64,
     /// Static shared memory; dynamic shared memory is set per launch (see each kernel's header).
     pub shared_bytes: u64,
@@ -28,10 +32,15 @@ pub struct KernelResources {
 /// One source file compiled for one architecture.
 #[derive(Clone, Debug)]
 pub struct CompiledFile {
+    /// The kernel file's name (`elementwise.cu`, ...).
     pub file: String,
+    /// The architecture it was compiled for (`sm_80`, `sm_90a`, ...).
     pub arch: String,
+    /// The machine code, ready for the driver's module loader.
     pub cubin: Vec<u8>,
+    /// NVRTC's program log (warnings and the assembler's `-v` report; may be empty).
     pub log: String,
+    /// Per-kernel resources parsed from `log`, in the order the assembler reported them.
     pub kernels: Vec<KernelResources>,
 }
 

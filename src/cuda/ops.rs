@@ -324,21 +324,29 @@ fn act_backward(act: Activation, x: &Tensor, gy: &Tensor, dtype: DType) -> Resul
     ew::activation_backward(act, &gpu.upload(x, dtype)?, &gpu.upload(gy, dtype)?)?.download()
 }
 
+/// gelu(x) (tanh form) elementwise on the GPU, any shape, as [`crate::ops::gelu_forward`].
 pub fn gelu_forward(x: &Tensor, dtype: DType) -> Result<Tensor> {
     act_forward(Activation::Gelu, x, dtype)
 }
+/// gelu(x) and gelu'(x) ẋ on the GPU; without a tangent only the forward runs and the tangent is
+/// `None`.
 pub fn gelu_jvp(x: &Dual, dtype: DType) -> Result<Dual> {
     act_jvp(Activation::Gelu, x, dtype)
 }
+/// dx = gelu'(x) ⊙ gy on the GPU; gy must have x's shape.
 pub fn gelu_backward(x: &Tensor, gy: &Tensor, dtype: DType) -> Result<Tensor> {
     act_backward(Activation::Gelu, x, gy, dtype)
 }
+/// silu(x) = x sigmoid(x) elementwise on the GPU, any shape, as [`crate::ops::silu_forward`].
 pub fn silu_forward(x: &Tensor, dtype: DType) -> Result<Tensor> {
     act_forward(Activation::Silu, x, dtype)
 }
+/// silu(x) and silu'(x) ẋ on the GPU; without a tangent only the forward runs and the tangent is
+/// `None`.
 pub fn silu_jvp(x: &Dual, dtype: DType) -> Result<Dual> {
     act_jvp(Activation::Silu, x, dtype)
 }
+/// dx = silu'(x) ⊙ gy on the GPU; gy must have x's shape.
 pub fn silu_backward(x: &Tensor, gy: &Tensor, dtype: DType) -> Result<Tensor> {
     act_backward(Activation::Silu, x, gy, dtype)
 }
@@ -364,6 +372,8 @@ pub fn gated_residual_forward(
     .download()
 }
 
+/// x + gate ⊙ y and its tangent tx + tgate ⊙ y + gate ⊙ ty on the GPU (gate and its tangent
+/// converted to f32); absent tangents are zero, and with none at all the tangent is `None`.
 pub fn gated_residual_jvp(x: &Dual, gate: &Dual, y: &Dual, dtype: DType) -> Result<Dual> {
     dtype_suffix(dtype)?;
     ew::residual_dims(x.shape(), gate.shape(), y.shape(), "x")?;
@@ -413,6 +423,8 @@ pub fn gated_residual_backward(
 // ---------------------------------------------------------------------------------------------
 // Timestep embedding (f32: the time path).
 
+/// The sinusoidal embedding e [N, dim] (f32) of t \[N\] (converted to f32) on the GPU, as
+/// [`crate::ops::timestep_embedding_forward`]; max_period must also be finite in f32.
 pub fn timestep_embedding_forward(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
     ew::timestep_check(t.shape(), dim, max_period)?;
     let gpu = Gpu::get()?;
@@ -420,6 +432,7 @@ pub fn timestep_embedding_forward(t: &Tensor, dim: usize, max_period: f64) -> Re
     e.download()
 }
 
+/// e [N, dim] and, when t has a tangent, ė = [−ω sin(ωt), ω cos(ωt)] ṫ (both f32) on the GPU.
 pub fn timestep_embedding_jvp(t: &Dual, dim: usize, max_period: f64) -> Result<Dual> {
     ew::timestep_check(t.shape(), dim, max_period)?;
     t.check("timestep_embedding", "t")?;

@@ -16,11 +16,15 @@ use rand_distr::{Distribution, StandardNormal};
 pub const SIZE: usize = 16;
 /// Pixels per image.
 pub const PIXELS: usize = SIZE * SIZE;
+/// Classes: the digits 0–9.
 pub const NUM_CLASSES: usize = 10;
 /// Placements per class: (x, y) offsets (1, 0), (5, 0), (1, 2), (5, 2), in that order.
 pub const NUM_POSITIONS: usize = 4;
+/// Mixture modes, one per (class, position): 40, indexed by [`mode_index`].
 pub const NUM_MODES: usize = NUM_CLASSES * NUM_POSITIONS;
+/// Centre pixel value where the scaled glyph has ink.
 pub const STROKE: f64 = 0.8;
+/// Centre pixel value everywhere else.
 pub const BACKGROUND: f64 = -0.8;
 /// The noise around every centre.
 pub const SIGMA: f64 = 0.1;
@@ -106,8 +110,11 @@ pub fn centres() -> Vec<Vec<f64>> {
 /// A batch of samples: `images` holds `classes.len()` images of PIXELS values each.
 #[derive(Clone, Debug)]
 pub struct Batch {
+    /// The images one after another, each row-major [SIZE, SIZE].
     pub images: Vec<f64>,
+    /// The class (digit) of each image.
     pub classes: Vec<usize>,
+    /// The mode of each image ([`mode_index`] of its class and position).
     pub modes: Vec<usize>,
 }
 
@@ -138,7 +145,8 @@ pub fn sample_with_sigma(n: usize, sigma: f64, rng: &mut impl Rng) -> Batch {
     }
 }
 
-/// `n` real samples of the given classes (position uniform): the data of a class-conditional batch.
+/// One real sample per entry of `classes` (position uniform), [classes.len(), PIXELS] row-major:
+/// the data of a class-conditional batch.
 pub fn sample_classes(classes: &[usize], rng: &mut impl Rng) -> Vec<f64> {
     let mut images = Vec::with_capacity(classes.len() * PIXELS);
     for &class in classes {

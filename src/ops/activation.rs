@@ -70,27 +70,32 @@ fn backward<A: Activation>(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// GELU (tanh form) of every element, same shape and dtype (f32 or f64).
 pub fn gelu_forward(x: &Tensor) -> Result<Tensor> {
     forward::<Gelu>(x)
 }
 
+/// GELU of x and its tangent g'(x)·ẋ (absent when x has none).
 pub fn gelu_jvp(x: &Dual) -> Result<Dual> {
     jvp::<Gelu>(x)
 }
 
-/// dx = g'(x)·gy.
+/// dx = g'(x)·gy, gy of x's shape and dtype.
 pub fn gelu_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     backward::<Gelu>(x, gy)
 }
 
+/// SiLU x·σ(x) of every element, same shape and dtype (f32 or f64).
 pub fn silu_forward(x: &Tensor) -> Result<Tensor> {
     forward::<Silu>(x)
 }
 
+/// SiLU of x and its tangent s'(x)·ẋ (absent when x has none).
 pub fn silu_jvp(x: &Dual) -> Result<Dual> {
     jvp::<Silu>(x)
 }
 
+/// dx = s'(x)·gy, gy of x's shape and dtype.
 pub fn silu_backward(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     backward::<Silu>(x, gy)
 }

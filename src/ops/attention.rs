@@ -13,6 +13,7 @@ use num_traits::Zero;
 
 const OP: &str = "attention";
 
+/// The primal outputs of attention (the backward takes both).
 #[derive(Clone, Debug)]
 pub struct AttentionOutput {
     /// [B, H, Nq, dv]
@@ -21,6 +22,7 @@ pub struct AttentionOutput {
     pub lse: Tensor,
 }
 
+/// The outputs of attention with their tangents.
 #[derive(Clone, Debug)]
 pub struct AttentionJvp {
     /// o and ȯ, [B, H, Nq, dv]; the tangent is absent only when no input had one.
@@ -29,10 +31,14 @@ pub struct AttentionJvp {
     pub lse: Dual,
 }
 
+/// Gradients of q, k and v, each of its input's shape and dtype.
 #[derive(Clone, Debug)]
 pub struct AttentionGrads {
+    /// [B, H, Nq, d]
     pub dq: Tensor,
+    /// [B, H, Nk, d]
     pub dk: Tensor,
+    /// [B, H, Nk, dv]
     pub dv: Tensor,
 }
 

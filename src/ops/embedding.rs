@@ -33,6 +33,7 @@ fn check(t: &Tensor, dim: usize, max_period: f64) -> Result<(usize, usize)> {
     Ok((t.shape()[0], dim / 2))
 }
 
+/// The embedding [B, dim] of t \[B\] (f32 or f64); dim even and > 0, max_period finite and > 0.
 pub fn timestep_embedding_forward(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
     let (b, half) = check(t, dim, max_period)?;
     with_real!(OP, "t", t.dtype(), T => {
@@ -40,6 +41,7 @@ pub fn timestep_embedding_forward(t: &Tensor, dim: usize, max_period: f64) -> Re
     })
 }
 
+/// The embedding and its tangent with respect to t (absent when t has none).
 pub fn timestep_embedding_jvp(t: &Dual, dim: usize, max_period: f64) -> Result<Dual> {
     let (b, half) = check(&t.primal, dim, max_period)?;
     expect_dual(OP, "t", t, t.dtype())?;

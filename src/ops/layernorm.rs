@@ -18,8 +18,10 @@ const OP: &str = "layernorm_mod";
 /// The default eps of the CLI contract.
 pub const DEFAULT_EPS: f64 = 1e-6;
 
+/// Gradients of layernorm with modulation.
 #[derive(Clone, Debug)]
 pub struct LayerNormModGrads {
+    /// [T, C]
     pub dx: Tensor,
     /// Same shape as `scale`.
     pub dscale: Tensor,

@@ -14,8 +14,11 @@ const OP: &str = "linear";
 /// Gradients of a linear layer; `db` is present when the layer has a bias.
 #[derive(Clone, Debug)]
 pub struct LinearGrads {
+    /// [T, Cin]
     pub dx: Tensor,
+    /// [Cout, Cin]
     pub dw: Tensor,
+    /// \[Cout\]
     pub db: Option<Tensor>,
 }
 

@@ -15,18 +15,28 @@ const OP: &str = "mlp";
 /// The MLP's parameters: w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
 #[derive(Clone, Copy, Debug)]
 pub struct Mlp<'a> {
+    /// The first layer's weight [Hd, C].
     pub w1: &'a Tensor,
+    /// Its bias \[Hd\].
     pub b1: &'a Tensor,
+    /// The second layer's weight [C, Hd].
     pub w2: &'a Tensor,
+    /// Its bias \[C\].
     pub b2: &'a Tensor,
 }
 
+/// Gradients of the MLP's input and parameters, each of its tensor's shape.
 #[derive(Clone, Debug)]
 pub struct MlpGrads {
+    /// [T, C]
     pub dx: Tensor,
+    /// [Hd, C]
     pub dw1: Tensor,
+    /// \[Hd\]
     pub db1: Tensor,
+    /// [C, Hd]
     pub dw2: Tensor,
+    /// \[C\]
     pub db2: Tensor,
 }
 
@@ -58,6 +68,7 @@ fn params<'a, T: Element>(p: &Mlp<'a>, c: usize, hd: usize) -> Params<'a, T> {
     }
 }
 
+/// y [T, C] from x [T, C] (f32 or f64; the parameters in x's dtype).
 pub fn mlp_forward(x: &Tensor, p: &Mlp) -> Result<Tensor> {
     let (rows, c, hd) = check(x, p)?;
     with_real!(OP, "x", x.dtype(), T => {
@@ -65,6 +76,7 @@ pub fn mlp_forward(x: &Tensor, p: &Mlp) -> Result<Tensor> {
     })
 }
 
+/// y and its tangent from x's tangent; the parameters are constant along the direction.
 pub fn mlp_jvp(x: &Dual, p: &Mlp) -> Result<Dual> {
     let (rows, c, hd) = check(&x.primal, p)?;
     expect_dual(OP, "x", x, x.dtype())?;

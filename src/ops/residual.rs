@@ -13,11 +13,14 @@ use crate::tensor::Tensor;
 
 const OP: &str = "gated_residual";
 
+/// Gradients of the gated residual.
 #[derive(Clone, Debug)]
 pub struct GatedResidualGrads {
+    /// [T, C] (equal to the output's cotangent).
     pub dx: Tensor,
     /// Same shape as `gate`.
     pub dgate: Tensor,
+    /// [T, C]
     pub dy: Tensor,
 }
 
@@ -40,6 +43,7 @@ fn check(x: Option<&Tensor>, gate: &Tensor, y: &Tensor) -> Result<(usize, usize,
     Ok((rows, c, groups))
 }
 
+/// x + gate ⊙ y, [T, C], in x's dtype (f32 or f64).
 pub fn gated_residual_forward(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     let (rows, c, groups) = check(Some(x), gate, y)?;
     with_real!(OP, "x", x.dtype(), T => {
@@ -48,6 +52,7 @@ pub fn gated_residual_forward(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<T
     })
 }
 
+/// The output and its tangent ẋ + ġ⊙y + g⊙ẏ; any input may lack a tangent.
 pub fn gated_residual_jvp(x: &Dual, gate: &Dual, y: &Dual) -> Result<Dual> {
     let (rows, c, groups) = check(Some(&x.primal), &gate.primal, &y.primal)?;
     expect_dual(OP, "x", x, x.dtype())?;

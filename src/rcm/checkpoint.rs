@@ -17,7 +17,8 @@ pub fn param_names(config: &crate::dit::DitConfig) -> Vec<String> {
         .collect()
 }
 
-/// Writes groups of tensors (each named prefix + parameter name) and the counters.
+/// Writes groups of tensors (each named `prefix.name`) and the counters to `path`.
+/// [`Error::Invalid`] when a group does not hold one tensor per name.
 pub fn save(
     path: &Path,
     names: &[String],
@@ -45,12 +46,14 @@ pub fn save(
     io::save_safetensors(path, owned.iter().map(|(n, t)| (n.as_str(), *t)))
 }
 
+/// A checkpoint read back from disk.
 pub struct Checkpoint {
     map: TensorMap,
     label: String,
 }
 
 impl Checkpoint {
+    /// Reads every tensor of the checkpoint file at `path`.
     pub fn load(path: &Path) -> Result<Self> {
         Ok(Checkpoint {
             map: io::load_safetensors(path)?,
@@ -58,7 +61,8 @@ impl Checkpoint {
         })
     }
 
-    /// The tensors saved under `prefix`, in the order of `names`.
+    /// The tensors saved under `prefix`, in the order of `names`; [`Error::Format`] when one is
+    /// missing.
     pub fn group(&self, prefix: &str, names: &[String]) -> Result<Vec<Tensor>> {
         names
             .iter()
@@ -72,11 +76,13 @@ impl Checkpoint {
             .collect()
     }
 
+    /// True when any tensor is saved under `prefix`.
     pub fn has_group(&self, prefix: &str) -> bool {
         let p = format!("{prefix}.");
         self.map.keys().any(|k| k.starts_with(&p))
     }
 
+    /// The phase's counters as saved; [`Error::Format`] when the file has none.
     pub fn counters(&self) -> Result<Vec<f64>> {
         self.map
             .get("counters")
@@ -108,6 +114,7 @@ pub fn read_fingerprint(path: &Path) -> Option<String> {
     v.get("fingerprint")?.as_str().map(str::to_string)
 }
 
+/// Writes `{"fingerprint": fingerprint, "info": extra}` to `path` as JSON, atomically.
 pub fn write_fingerprint(path: &Path, fingerprint: &str, extra: serde_json::Value) -> Result<()> {
     let v = serde_json::json!({ "fingerprint": fingerprint, "info": extra });
     let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Io {

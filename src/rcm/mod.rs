@@ -37,11 +37,14 @@ pub enum Method {
     Scm,
     /// Distribution matching (reverse divergence) alone.
     Dmd,
-    /// sCM + λ·DMD, λ = dmd_scale / scm_scale (the reference uses 0.01; the presets 0.5).
+    /// sCM + λ·DMD, λ = dmd_scale / scm_scale (the reference uses 0.01; the default and gpu
+    /// presets 0.5, the toy preset of the tests 0.01).
     Rcm,
 }
 
 impl Method {
+    /// The lowercase name ("scm", "dmd", "rcm"): the `--methods` spelling, the model's name in
+    /// the report and the stem of its output files.
     pub fn name(self) -> &'static str {
         match self {
             Method::Scm => "scm",
@@ -50,6 +53,8 @@ impl Method {
         }
     }
 
+    /// The method named `s` (surrounding whitespace ignored); [`Error::Unsupported`] for any
+    /// other name.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
             "scm" => Ok(Method::Scm),
@@ -98,6 +103,7 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// "default", "gpu" or "toy" (exact spelling); [`Error::Unsupported`] for anything else.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "default" => Ok(Preset::Default),
@@ -110,16 +116,22 @@ impl Preset {
     }
 }
 
+/// The teacher's flow-matching phase.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TeacherConfig {
+    /// Optimizer steps.
     pub steps: usize,
+    /// Images per step.
     pub batch: usize,
+    /// The teacher's optimizer.
     pub adam: AdamWConfig,
+    /// EMA decay (the teacher is the EMA of its weights).
     pub ema: f64,
     /// Share of labels replaced by the null class (for classifier-free guidance).
     pub label_dropout: f64,
 }
 
+/// A student's distillation phase (shared by every method).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StudentConfig {
     /// Student updates.
@@ -127,14 +139,21 @@ pub struct StudentConfig {
     /// sCM times: log tan t ~ N(p_mean, p_std²). The few-step sampler starts at arctan σ_max, so
     /// the student's consistency map must be trained out there too.
     pub p_mean: f64,
+    /// Standard deviation of log tan t for the sCM times.
     pub p_std: f64,
+    /// Images per student update (and per fake-score update).
     pub batch: usize,
+    /// The student's optimizer.
     pub adam: AdamWConfig,
+    /// The fake score's optimizer (DMD and rCM only).
     pub fake_adam: AdamWConfig,
+    /// EMA decay (the student returned is the EMA of its weights).
     pub ema: f64,
     /// Student updates over which the sCM tangent weight r grows from 0 to 1; rCM adds DMD after.
     pub tangent_warmup: usize,
+    /// Weight of the sCM loss.
     pub scm_scale: f64,
+    /// Weight of the DMD loss (rCM's λ is dmd_scale / scm_scale).
     pub dmd_scale: f64,
     /// Guidance weight of the teacher's x̂₀ in the DMD gradient (the sCM tangent uses `guidance`).
     pub dmd_guidance: f64,
@@ -146,6 +165,7 @@ pub struct StudentConfig {
     pub dmd_shift: f64,
 }
 
+/// The evaluation: samplers, their times, and the sample count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalConfig {
     /// Samples per model and step count.
@@ -154,6 +174,7 @@ pub struct EvalConfig {
     pub steps: Vec<usize>,
     /// Heun steps of the teacher's ODE solver (2·steps − 1 evaluations).
     pub teacher_steps: usize,
+    /// The last nonzero noise level of the teacher's ODE solver.
     pub sigma_min: f64,
     /// Every sampler starts from pure noise taken as x at t = arctan σ_max (the teacher's ODE
     /// solver, the few-step sampler, and DMD's training rollouts).
@@ -179,24 +200,33 @@ impl EvalConfig {
     }
 }
 
+/// A whole run's settings: the network, the teacher, the students and the evaluation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RcmConfig {
+    /// The DiT of the teacher and of every student and fake score (16×16 glyphs, one channel,
+    /// 10 classes, else `run` fails with [`Error::Invalid`]).
     pub dit: DitConfig,
+    /// The teacher's parameter dtype at initialisation (students copy the teacher's).
     pub dtype: DType,
     /// Training times: log tan t ~ N(p_mean, p_std²) (tan t is σ for σ_d = 1).
     pub p_mean: f64,
+    /// Standard deviation of log tan t for the teacher's training times.
     pub p_std: f64,
     /// Classifier-free guidance weight w of F_u + w·(F_c − F_u), for the teacher's samples and for
     /// the teacher inside distillation (students are not guided at sampling time).
     pub guidance: f64,
+    /// The teacher phase.
     pub teacher: TeacherConfig,
+    /// Every student phase.
     pub student: StudentConfig,
+    /// The evaluation.
     pub eval: EvalConfig,
     /// Steps between checkpoints of a phase.
     pub checkpoint_every: usize,
 }
 
 impl RcmConfig {
+    /// The settings of a named preset (its source notes the measurements behind the values).
     pub fn preset(preset: Preset) -> Self {
         let adam = |lr: f64, beta1: f64, warmup: usize, decay_steps: usize| AdamWConfig {
             lr,
@@ -387,10 +417,16 @@ impl RcmConfig {
 /// Everything a run needs.
 #[derive(Clone, Debug)]
 pub struct RcmOptions {
+    /// The settings (checked by `run`).
     pub config: RcmConfig,
+    /// The students to distil, in this order (each measured after the teacher in this order).
     pub methods: Vec<Method>,
+    /// Where the DiT runs: `auto` falls back to the CPU when the GPU or its kernels cannot take
+    /// the DiT.
     pub device: DeviceRequest,
+    /// The seed of every random number of the run (initialisation, batches, noise, evaluation).
     pub seed: u64,
+    /// The output folder (created if missing).
     pub out: PathBuf,
     /// Continue interrupted phases from their checkpoints and reuse finished students.
     pub resume: bool,
@@ -405,11 +441,13 @@ pub struct RcmOptions {
 /// What a phase did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PhaseInfo {
+    /// "teacher" or the method's name.
     pub name: String,
     /// Steps the finished phase has (student updates for students).
     pub steps: usize,
     /// Steps this run took (0 when reused, fewer when resumed).
     pub steps_run: usize,
+    /// Wall-clock seconds of the phase in this run (0 when reused).
     pub seconds: f64,
     /// A finished model was found in the output folder and reused.
     pub reused: bool,
@@ -430,22 +468,32 @@ impl PhaseInfo {
 /// One measured model at one step count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
+    /// "teacher" or the method's name.
     pub model: String,
     /// Sampler steps (for the teacher's ODE solver: its Heun steps).
     pub steps: usize,
     /// Network evaluations per sample (doubled in batch when guided).
     pub evaluations: usize,
+    /// The glyph metrics of the `eval.n` samples.
     pub metrics: Metrics,
+    /// Wall-clock sampling time (all cores together) per sample, in ms.
     pub ms_per_sample: f64,
 }
 
+/// What `run` measured (also written to results.json and results.md).
 #[derive(Clone, Debug)]
 pub struct Report {
     /// False when `stop_after` ended the run before evaluation (nothing else is filled then).
     pub complete: bool,
+    /// The teacher at each `eval.steps` count, then its ODE solver, then each student at each
+    /// `eval.steps` count, in `methods` order.
     pub rows: Vec<Row>,
+    /// `cpu`, or `cuda (<GPU name>)`.
     pub device: String,
+    /// Wall-clock seconds of training and evaluation.
     pub seconds: f64,
+    /// The finished phases (trained or reused), in order; when the run stopped early, those
+    /// finished before the stop.
     pub phases: Vec<PhaseInfo>,
 }
 

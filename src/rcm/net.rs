@@ -68,7 +68,9 @@ pub fn gpu_takes(dit: &crate::dit::DitConfig) -> Result<()> {
 
 /// What the backward needs from a forward, on the device that ran it.
 pub enum NetCache {
+    /// From the CPU passes.
     Cpu(Box<DitCache>),
+    /// From the GPU passes (`crate::dit::gpu::GpuDitCache`).
     #[cfg(feature = "cuda")]
     Gpu(Box<crate::dit::gpu::GpuDitCache>),
 }
@@ -147,6 +149,7 @@ fn run_inference(net: &Dit, x: &Dual, t: &Dual, class: &[usize]) -> Result<Dual>
 /// The class index that means "no class" (classifier-free guidance's unconditional branch).
 pub const NULL_CLASS: usize = NUM_CLASSES;
 
+/// The dtype of the network's parameters (f32 when it has none).
 pub fn dtype(net: &Dit) -> DType {
     net.params().first().map_or(DType::F32, |p| p.dtype())
 }
@@ -157,6 +160,7 @@ pub fn image_tensor(x: &[f64], dtype: DType) -> Result<Tensor> {
     Tensor::from_f64_vec(x.to_vec(), &[b, 1, SIZE, SIZE], dtype)
 }
 
+/// Times as the network's input \[B\].
 pub fn time_tensor(t: &[f64], dtype: DType) -> Result<Tensor> {
     Tensor::from_f64_vec(t.to_vec(), &[t.len()], dtype)
 }

@@ -17,11 +17,16 @@ const PANEL_GAP: usize = 12;
 
 /// The first samples of one model at one step count.
 pub struct Panel {
+    /// "teacher" or the method's name: the row of samples.png the panel goes to.
     pub model: String,
+    /// The step count of the samples.
     pub steps: usize,
+    /// Up to [`PANEL_SAMPLES`] images [n, 16, 16] row-major (−1..1 drawn black to white).
     pub images: Vec<f64>,
 }
 
+/// The contents of results.json: rows, device, seconds, phases, seed and the config (as its
+/// `Debug` text).
 pub fn json(report: &Report, opts: &RcmOptions) -> serde_json::Value {
     let rows: Vec<serde_json::Value> = report
         .rows
@@ -59,6 +64,7 @@ pub fn json(report: &Report, opts: &RcmOptions) -> serde_json::Value {
     })
 }
 
+/// The contents of results.md: the rows and the phases as tables, with notes on reading them.
 pub fn markdown(report: &Report, opts: &RcmOptions) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -152,6 +158,8 @@ pub fn render(panels: &[Panel]) -> (usize, usize, Vec<u8>) {
     (width, height, img)
 }
 
+/// An 8-bit grayscale PNG of `gray` (`width`·`height` bytes, row-major); [`Error::Format`] when
+/// the encoder fails.
 pub fn png_bytes(width: usize, height: usize, gray: &[u8]) -> Result<Vec<u8>> {
     let err = |e: png::EncodingError| Error::Format {
         path: "samples.png".into(),

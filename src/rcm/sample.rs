@@ -17,22 +17,30 @@ use super::{net, trigflow};
 pub enum Sampler {
     /// x̂₀ = f(x, t_n), then x = cos t_{n+1}·x̂₀ + sin t_{n+1}·ε with fresh noise; `times` starts at
     /// arctan σ_max.
-    FewStep { times: Vec<f64> },
+    FewStep {
+        /// The times t_n in sampling order, one network evaluation each.
+        times: Vec<f64>,
+    },
     /// Heun steps on the PF-ODE between σ_max and σ_min (ρ = 7 spacing), then a last step to 0:
     /// 2·steps − 1 network evaluations.
     Heun {
+        /// Steps, one from each of `steps` noise levels σ_max … σ_min to the next (the last
+        /// to 0).
         steps: usize,
+        /// The smallest nonzero noise level.
         sigma_min: f64,
+        /// The starting noise level.
         sigma_max: f64,
     },
 }
 
 impl Sampler {
-    /// Network evaluations per sample (each doubled in batch when guided).
+    /// Network evaluations per sample (each doubled in batch when guided): 2·steps − 1 for Heun
+    /// (the last step is an Euler step), 0 for zero steps.
     pub fn evaluations(&self) -> usize {
         match self {
             Sampler::FewStep { times } => times.len(),
-            Sampler::Heun { steps, .. } => 2 * steps - 1,
+            Sampler::Heun { steps, .. } => (2 * steps).saturating_sub(1),
         }
     }
 }
@@ -126,9 +134,13 @@ pub fn sample_with(
 
 /// One evaluated model at one sampler setting.
 pub struct Evaluation {
+    /// The samples [n, 16, 16], row-major.
     pub images: Vec<f64>,
+    /// The requested class of each sample (i mod 10).
     pub classes: Vec<usize>,
+    /// The glyph metrics of the samples against their requested classes.
     pub metrics: Metrics,
+    /// Wall-clock sampling time (all cores together) per sample, in ms; the metrics excluded.
     pub ms_per_sample: f64,
 }
 

@@ -20,10 +20,16 @@ use super::{mix_seed, trigflow, Method, PhaseInfo, RcmConfig};
 
 /// What every phase needs to know about the run.
 pub struct Ctx<'a> {
+    /// The run's settings.
     pub cfg: &'a RcmConfig,
+    /// The output folder: checkpoints, fingerprints and finished models.
     pub out: &'a Path,
+    /// The run's seed, from which every step's random numbers are derived.
     pub seed: u64,
+    /// Continue phases from their checkpoints and reuse finished students (a finished teacher
+    /// with a matching fingerprint is reused either way).
     pub resume: bool,
+    /// Progress bars and phase summaries on stderr.
     pub progress: bool,
     /// Training steps this run may still take before it stops as if killed (None: no limit).
     pub budget: std::cell::Cell<Option<usize>>,
@@ -91,7 +97,7 @@ fn random_classes(n: usize, rng: &mut impl Rng) -> Vec<usize> {
     (0..n).map(|_| rng.random_range(0..NUM_CLASSES)).collect()
 }
 
-/// Indices of the samples (of `dim` values each) that are finite in every listed vector.
+/// Per sample (of `dim` values each, `n` samples): whether it is finite in every listed vector.
 fn finite_mask(vs: &[&[f64]], n: usize, dim: usize) -> Vec<bool> {
     (0..n)
         .map(|i| {
@@ -596,7 +602,6 @@ pub fn student(
     )))
 }
 
-/// The teacher's fingerprint, which a student's includes (a new teacher means new students).
 /// The end of a training phase: the EMA weights become the phase's network, saved atomically with
 /// the fingerprint that lets a later run reuse it. Returns the network and the phase's seconds.
 #[allow(clippy::too_many_arguments)]
@@ -621,6 +626,8 @@ fn finish_phase(
     Ok((model, seconds))
 }
 
+/// The settings that determine the teacher (DiT, teacher phase, training times, seed) as text; a
+/// student's fingerprint includes it, so a new teacher means new students.
 pub fn teacher_fingerprint(cfg: &RcmConfig, seed: u64) -> String {
     format!(
         "teacher|{:?}|{:?}|{:?}|seed {}",

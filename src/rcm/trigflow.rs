@@ -39,6 +39,7 @@ pub fn denoise(x: &[f64], f: &[f64], t: &[f64], dim: usize) -> Vec<f64> {
     combine(&c, x, &ms, f, dim)
 }
 
+/// (cos t, sin t) per time.
 pub fn cos_sin(t: &[f64]) -> (Vec<f64>, Vec<f64>) {
     (
         t.iter().map(|v| v.cos()).collect(),
@@ -76,6 +77,7 @@ pub fn sample_t_shifted(n: usize, shift: f64, rng: &mut impl Rng) -> Vec<f64> {
         .collect()
 }
 
+/// `n` standard normal values.
 pub fn randn(n: usize, rng: &mut impl Rng) -> Vec<f64> {
     (0..n).map(|_| StandardNormal.sample(rng)).collect()
 }
