@@ -42,22 +42,44 @@ impl<'a, T> Mat<'a, T> {
         }
     }
 
+    /// Every element the view reaches lies in `data`, and the strides fit `isize` (checked
+    /// arithmetic: a wrapped sum must not pass for a small one).
     fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.rs)
+            .zip((self.cols - 1).checked_mul(self.cs))
+            .and_then(|(r, c)| r.checked_add(c));
+        last.is_some_and(|l| l < self.data.len())
+            && isize::try_from(self.rs).is_ok()
+            && isize::try_from(self.cs).is_ok()
     }
 }
 
+/// C (`m × n` row-major with leading dimension `ldc` ≥ n) lies in a slice of `len` elements.
+fn c_fits(m: usize, n: usize, ldc: usize, len: usize) -> bool {
+    m == 0
+        || n == 0
+        || (ldc >= n
+            && isize::try_from(ldc).is_ok()
+            && (m - 1)
+                .checked_mul(ldc)
+                .and_then(|x| x.checked_add(n))
+                .is_some_and(|end| end <= len))
+}
+
 /// C ← α·A·B + β·C with C row-major (`a.rows × b.cols`, leading dimension `ldc`), one thread.
+///
+/// # Panics
+/// When the inner dimensions differ, a view reaches outside its slice, `ldc < b.cols` or C does not
+/// fit `c` (the ops check their shapes first; this keeps the unsafe call below sound for any input).
 pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions differ");
     assert!(a.fits() && b.fits(), "gemm: view outside its slice");
-    assert!(
-        m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(),
-        "gemm: C too small"
-    );
+    assert!(c_fits(m, n, ldc, c.len()), "gemm: C too small");
     if m == 0 || n == 0 {
         return;
     }
@@ -98,9 +120,15 @@ pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: 
 const PAR_ROWS: usize = 64;
 
 /// C ← α·A·B + β·C with C row-major and contiguous (`ldc = b.cols`), rows split across rayon threads.
+///
+/// # Panics
+/// As [`gemm`].
 pub fn gemm_par<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T]) {
     let (m, n) = (a.rows, b.cols);
-    if m * n * a.cols < 1 << 18 || m < 2 * PAR_ROWS {
+    // Checked before the row split below slices by these sizes.
+    assert!(a.fits() && b.fits(), "gemm: view outside its slice");
+    assert!(c_fits(m, n, n, c.len()), "gemm: C too small");
+    if m.saturating_mul(n).saturating_mul(a.cols) < 1 << 18 || m < 2 * PAR_ROWS {
         return gemm(alpha, a, b, beta, c, n);
     }
     let chunk = m.div_ceil(rayon::current_num_threads() * 2).max(PAR_ROWS);
@@ -122,6 +150,34 @@ pub fn gemm_par<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Strides whose reach wraps around usize must not pass for small ones (the unsafe GEMM
+    /// would read and write outside the slices).
+    #[test]
+    fn wrapping_strides_are_refused() {
+        let a = [1.0f64, 2.0];
+        let wrapped = Mat {
+            data: &a,
+            rows: 2,
+            cols: 2,
+            rs: usize::MAX,
+            cs: 1,
+        };
+        assert!(!wrapped.fits());
+        assert!(!c_fits(2, 2, usize::MAX, 1));
+        assert!(!c_fits(2, 2, 1, 100), "ldc < n overlaps rows");
+        assert!(c_fits(2, 3, 4, 7) && !c_fits(2, 3, 4, 6));
+        let huge_ldc = std::panic::catch_unwind(|| {
+            let mut c = [0.0f64; 1];
+            gemm(1.0, Mat::rows(&a, 1, 2), Mat::rows(&a, 2, 1), 0.0, &mut c, usize::MAX);
+        });
+        assert!(huge_ldc.is_err());
+        let wrapped_a = std::panic::catch_unwind(|| {
+            let mut c = [0.0f64; 4];
+            gemm(1.0, wrapped, Mat::rows(&a, 2, 1), 0.0, &mut c, 1);
+        });
+        assert!(wrapped_a.is_err());
+    }
 
     #[test]
     fn gemm_matches_naive_with_transposes() {

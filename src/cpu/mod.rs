@@ -1,6 +1,11 @@
 //! CPU reference implementations, generic over f32 and f64 (`Real`). These are the specification:
 //! every CUDA kernel is checked against them. Inner functions trust their inputs (shapes are checked
 //! once, at the public boundary in `crate::ops`).
+//!
+//! # Panics
+//! Called directly, these functions take slices and sizes on trust: sizes that disagree with the
+//! slices panic on an index (never undefined behaviour: the one unsafe call, the GEMM, checks its
+//! views itself). Use [`crate::ops`] for checked entry points with error values.
 
 pub mod activation;
 pub mod attention;
