@@ -312,6 +312,21 @@ fn bad_inputs_are_errors_naming_the_tensor() {
         let b = layernorm_mod_backward(&p.x, &p.s, &p.h, eps, &gy);
         assert_err(b, is_invalid, "eps");
     }
+    // Outside the compute type's normal range: 1/sqrt(var + eps) of a constant row would
+    // overflow f32 (NaN where the f64 math is finite), or eps itself would not be an f32.
+    let x32 = f32(&p.x);
+    for eps in [1e-80, 1e-39, 1e39] {
+        assert_err(
+            layernorm_mod_forward(&x32, &f32(&p.s), &f32(&p.h), eps),
+            is_invalid,
+            "eps",
+        );
+    }
+    assert!(layernorm_mod_forward(&p.x, &p.s, &p.h, 1e-80).is_ok(), "f64 takes it");
+    let constant = Tensor::from_vec(vec![3.0f32; 8], &[2, 4]).unwrap();
+    let zero = Tensor::from_vec(vec![0.0f32; 4], &[4]).unwrap();
+    let y = layernorm_mod_forward(&constant, &zero, &zero, f32::MIN_POSITIVE as f64).unwrap();
+    assert!(y.to_f64_vec().iter().all(|v| *v == 0.0), "{y:?}");
 }
 
 /// Row counts with their divisors, for modulation groups in property tests.

@@ -3,7 +3,10 @@
 //! The JVP streams over key blocks with the online softmax of DESIGN.md section 3 (memory O(N·d),
 //! never an Nq×Nk buffer) and returns o, lse and their tangents. The backward recomputes P from lse.
 
-use super::{data, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data, with_real};
+use super::{
+    data, expect_allocatable, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data,
+    with_real,
+};
 use crate::cpu::attention::{self as cpu, Dims, Tangents};
 use crate::cpu::Real;
 use crate::dual::Dual;
@@ -193,6 +196,8 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, Dims)>
             ),
         ));
     }
+    // o and its tangent: [B, H, Nq, dv] is not bounded by any one input.
+    expect_allocatable(OP, "the output o", &[b, h, nq, dv], dtype, 2)?;
     Ok((
         b,
         h,

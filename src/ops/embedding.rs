@@ -6,7 +6,8 @@ use crate::cpu;
 use crate::dual::Dual;
 use crate::error::{Error, Result};
 use crate::ops::{
-    data, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data, with_real,
+    data, expect_allocatable, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data,
+    with_real,
 };
 use crate::tensor::Tensor;
 
@@ -30,6 +31,8 @@ fn check(t: &Tensor, dim: usize, max_period: f64) -> Result<(usize, usize)> {
             format!("max_period must be finite and > 0, got {max_period}"),
         ));
     }
+    // The embedding and its tangent, [B, dim]: dim comes from the caller, not from a tensor.
+    expect_allocatable(OP, "the embedding", &[t.shape()[0], dim], t.dtype(), 2)?;
     Ok((t.shape()[0], dim / 2))
 }
 

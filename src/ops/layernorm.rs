@@ -11,7 +11,7 @@ use crate::ops::{
     data, expect_dtype, expect_dual, expect_groups, expect_rank, expect_shape, tangent_data,
     with_real,
 };
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 const OP: &str = "layernorm_mod";
 
@@ -43,10 +43,21 @@ fn check(
     let gs = expect_groups(OP, "scale", scale, rows, c)?;
     expect_dtype(OP, "shift", shift, x.dtype())?;
     let gh = expect_groups(OP, "shift", shift, rows, c)?;
-    if !(eps.is_finite() && eps >= 0.0) {
+    // A positive eps below the compute type's smallest normal number would make
+    // 1/sqrt(var + eps) overflow on a constant row in that type (NaN where the f64 math is finite).
+    let (smallest, largest) = if x.dtype() == DType::F64 {
+        (f64::MIN_POSITIVE, f64::MAX)
+    } else {
+        (f32::MIN_POSITIVE as f64, f32::MAX as f64)
+    };
+    if !(eps == 0.0 || (smallest..=largest).contains(&eps)) {
         return Err(Error::invalid(
             OP,
-            format!("eps must be finite and >= 0, got {eps}"),
+            format!(
+                "eps must be 0 or between {smallest:e} and {largest:e} (the normal range of \
+                 {}), got {eps}",
+                if x.dtype() == DType::F64 { "f64" } else { "f32" }
+            ),
         ));
     }
     Ok((rows, c, gs, gh))

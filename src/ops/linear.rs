@@ -5,7 +5,8 @@ use crate::cpu;
 use crate::dual::Dual;
 use crate::error::Result;
 use crate::ops::{
-    data, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data, with_real,
+    data, expect_allocatable, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data,
+    with_real,
 };
 use crate::tensor::Tensor;
 
@@ -34,6 +35,8 @@ fn check(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(usize, usize, us
         expect_dtype(OP, "b", b, x.dtype())?;
         expect_shape(OP, "b", b, &[cout])?;
     }
+    // y and its tangent, [T, Cout]: as large as x's rows times w's.
+    expect_allocatable(OP, "the output y", &[rows, cout], x.dtype(), 2)?;
     Ok((rows, cin, cout))
 }
 

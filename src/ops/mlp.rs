@@ -6,7 +6,8 @@ use crate::cpu::mlp::Params;
 use crate::dual::Dual;
 use crate::error::Result;
 use crate::ops::{
-    data, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data, with_real,
+    data, expect_allocatable, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data,
+    with_real,
 };
 use crate::tensor::{Element, Tensor};
 
@@ -54,6 +55,8 @@ fn check(x: &Tensor, p: &Mlp) -> Result<(usize, usize, usize)> {
     expect_shape(OP, "w2", p.w2, &[c, hd])?;
     expect_dtype(OP, "b2", p.b2, x.dtype())?;
     expect_shape(OP, "b2", p.b2, &[c])?;
+    // The hidden layer [T, Hd]: the JVP holds pre-activations and tangents of both rows (4x).
+    expect_allocatable(OP, "the hidden layer", &[rows, hd], x.dtype(), 4)?;
     Ok((rows, c, hd))
 }
 

@@ -33,7 +33,7 @@ pub use residual::{
 
 use crate::dual::Dual;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Element, Tensor};
+use crate::tensor::{checked_numel, DType, Element, Tensor};
 
 /// Run `$body` with `$T` bound to the CPU compute type of `$dtype` (f32 or f64), else a dtype error
 /// naming `$name`.
@@ -82,6 +82,40 @@ pub(crate) fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize)
         ));
     }
     Ok(())
+}
+
+/// Errors unless `count` tensors of `shape` in `dtype` can be allocated: the byte count does not
+/// overflow and the allocator grants it (asked and released at once). An output or intermediate
+/// far larger than the op's inputs (attention's o from a long q and a wide v, the MLP's hidden
+/// layer from a wide w1) is then an error naming it, instead of an allocation failure that aborts
+/// the process.
+pub(crate) fn expect_allocatable(
+    op: &'static str,
+    what: &str,
+    shape: &[usize],
+    dtype: DType,
+    count: usize,
+) -> Result<()> {
+    let bytes = checked_numel(op, shape, dtype.size_in_bytes())
+        .ok()
+        .and_then(|n| n.checked_mul(dtype.size_in_bytes() * count.max(1)))
+        .filter(|&b| b <= isize::MAX as usize);
+    let granted = bytes.is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok());
+    if granted {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        op,
+        format!(
+            "{what} of shape {shape:?} ({dtype}{}) needs {}, more memory than this machine can \
+             allocate",
+            if count > 1 { format!(", {count} of them") } else { String::new() },
+            match bytes {
+                Some(b) => format!("{b} bytes"),
+                None => "more bytes than memory can address".into(),
+            }
+        ),
+    ))
 }
 
 pub(crate) fn expect_shape(
