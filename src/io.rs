@@ -16,12 +16,28 @@ use crate::tensor::{DType, Storage, Tensor};
 /// Named tensors, sorted by name.
 pub type TensorMap = BTreeMap<String, Tensor>;
 
-/// Reads every tensor of a safetensors file.
+/// Reads every tensor of a safetensors file. Only a regular file is read (a device such as
+/// /dev/zero or a pipe could grow the buffer without end), into a buffer reserved at its size.
 pub fn load_safetensors(path: &Path) -> Result<TensorMap> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+    use std::io::Read;
+    let io = |message: String| Error::Io {
         path: path.display().to_string(),
-        message: format!("cannot read: {e}"),
-    })?;
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| io(format!("cannot read: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| io(format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(io("not a regular file".into()));
+    }
+    let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len)
+        .map_err(|_| io(format!("a file of {} bytes does not fit in memory", meta.len())))?;
+    file.read_to_end(&mut bytes)
+        .map_err(|e| io(format!("cannot read: {e}")))?;
     parse_safetensors(&bytes, &path.display().to_string())
 }
 
@@ -119,8 +135,12 @@ pub fn save_safetensors<'a>(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, &bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // On any failure the temporary file goes too: nothing is left beside the target.
+    let written = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 #[cfg(test)]
@@ -161,5 +181,23 @@ mod tests {
         bytes.extend_from_slice(&[0; 4]);
         let err = parse_safetensors(&bytes, "int").unwrap_err().to_string();
         assert!(err.contains("`x`") && err.contains("I32"), "{err}");
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_failed_writes_leave_nothing() {
+        // A device would be read without end; a folder is no file either.
+        let e = load_safetensors(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("flashjvp-io-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("taken")).unwrap();
+        assert!(load_safetensors(&dir).is_err());
+        // The rename onto a folder fails: no temporary file stays beside it.
+        let a = Tensor::from_vec(vec![1.0f32], &[1]).unwrap();
+        assert!(save_safetensors(&dir.join("taken"), [("a", &a)]).is_err());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        save_safetensors(&dir.join("ok.safetensors"), [("a", &a)]).unwrap();
+        assert_eq!(load_safetensors(&dir.join("ok.safetensors")).unwrap()["a"], a);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

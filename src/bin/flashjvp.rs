@@ -276,7 +276,14 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
             }
         }
     } else {
-        args.arch.clone()
+        // Each architecture once, in the order given.
+        let mut seen = Vec::new();
+        for a in &args.arch {
+            if !seen.contains(a) {
+                seen.push(a.clone());
+            }
+        }
+        seen
     };
     for a in &archs {
         let digits = a.strip_prefix("sm_").map(|r| r.trim_end_matches('a'));
@@ -306,17 +313,35 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
             println!("skip {a:7} {f} (built for sm_90a only)");
         }
     }
-    // NVRTC compiles one file per thread; the files are independent.
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|&(f, a)| s.spawn(move || nvrtc::compile(f, a)))
+    // NVRTC compiles one file per thread (the files are independent), as many at once as the
+    // machine has cores.
+    let width = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<_> = (0..jobs.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..width)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(f, a)) = jobs.get(i) else {
+                            break done;
+                        };
+                        done.push((i, nvrtc::compile(f, a)));
+                    }
+                })
+            })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("compile thread"))
-            .collect()
+        for w in workers {
+            for (i, r) in w.join().expect("compile thread") {
+                results[i] = Some(r);
+            }
+        }
     });
+    let results = results.into_iter().map(|r| r.expect("every job ran"));
     let mut rows = Vec::new();
     let mut failed = 0;
     let mut first_error = String::new();

@@ -322,6 +322,26 @@ struct Inputs<'a> {
     dtype: DType,
 }
 
+/// `t` converted to the computation dtype; a finite value that overflows it (an f64 above
+/// f32's range, say) is an error naming the tensor, not a silent infinity.
+fn narrow(op: &'static str, name: &str, t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let c = t.to_dtype(dtype);
+    if c.dtype() != t.dtype() {
+        let (from, to) = (t.to_f64_vec(), c.to_f64_vec());
+        if let Some(i) = (0..from.len()).find(|&i| from[i].is_finite() && !to[i].is_finite()) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "tensor `{name}` holds {} (element {i}), beyond the range of {dtype}, the \
+                     computation dtype",
+                    from[i]
+                ),
+            ));
+        }
+    }
+    Ok(c)
+}
+
 impl Inputs<'_> {
     /// A tensor the op uses, converted. An empty dimension is refused here: an empty input can
     /// still ask for a huge output ([2^40, 0] rows through an MLP), which no file should be able to.
@@ -335,7 +355,7 @@ impl Inputs<'_> {
                 actual: t.shape().to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype))
+        narrow(self.op, name, t, self.dtype)
     }
 
     /// A primal with its optional tangent; a tangent of another shape is an error naming it.
@@ -351,7 +371,7 @@ impl Inputs<'_> {
                     actual: t.shape().to_vec(),
                 })
             }
-            Some(t) => Some(t.to_dtype(self.dtype)),
+            Some(t) => Some(narrow(self.op, tangent, t, self.dtype)?),
         };
         Ok(Dual { primal, tangent })
     }
@@ -406,5 +426,22 @@ fn expected_shape(name: &str) -> &'static str {
         "w2" => "[C, Hd]",
         "b2" => "[C]",
         _ => "a tensor",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrowing_that_overflows_is_an_error_naming_the_tensor() {
+        let t = Tensor::from_vec(vec![1.0f64, 1e39, f64::INFINITY], &[3]).unwrap();
+        let e = narrow("attention", "q", &t, DType::F32).unwrap_err().to_string();
+        assert!(e.contains("`q`") && e.contains("element 1") && e.contains("f32"), "{e}");
+        // An infinity that was already there is the caller's value, not an overflow.
+        let t = Tensor::from_vec(vec![1.0f64, f64::INFINITY, -3e38], &[3]).unwrap();
+        let c = narrow("attention", "q", &t, DType::F32).unwrap();
+        assert_eq!(c.dtype(), DType::F32);
+        assert!(narrow("attention", "q", &t, DType::F64).is_ok());
     }
 }
