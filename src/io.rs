@@ -33,9 +33,12 @@ pub fn load_safetensors(path: &Path) -> Result<TensorMap> {
     }
     let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     let mut bytes = Vec::new();
-    bytes
-        .try_reserve_exact(len)
-        .map_err(|_| io(format!("a file of {} bytes does not fit in memory", meta.len())))?;
+    bytes.try_reserve_exact(len).map_err(|_| {
+        io(format!(
+            "a file of {} bytes does not fit in memory",
+            meta.len()
+        ))
+    })?;
     file.read_to_end(&mut bytes)
         .map_err(|e| io(format!("cannot read: {e}")))?;
     parse_safetensors(&bytes, &path.display().to_string())
@@ -186,7 +189,9 @@ mod tests {
     #[test]
     fn only_regular_files_are_read_and_failed_writes_leave_nothing() {
         // A device would be read without end; a folder is no file either.
-        let e = load_safetensors(Path::new("/dev/zero")).unwrap_err().to_string();
+        let e = load_safetensors(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a regular file"), "{e}");
         let dir = std::env::temp_dir().join(format!("flashjvp-io-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("taken")).unwrap();
@@ -197,7 +202,10 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 1, "{left:?}");
         save_safetensors(&dir.join("ok.safetensors"), [("a", &a)]).unwrap();
-        assert_eq!(load_safetensors(&dir.join("ok.safetensors")).unwrap()["a"], a);
+        assert_eq!(
+            load_safetensors(&dir.join("ok.safetensors")).unwrap()["a"],
+            a
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

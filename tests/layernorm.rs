@@ -322,7 +322,10 @@ fn bad_inputs_are_errors_naming_the_tensor() {
             "eps",
         );
     }
-    assert!(layernorm_mod_forward(&p.x, &p.s, &p.h, 1e-80).is_ok(), "f64 takes it");
+    assert!(
+        layernorm_mod_forward(&p.x, &p.s, &p.h, 1e-80).is_ok(),
+        "f64 takes it"
+    );
     let constant = Tensor::from_vec(vec![3.0f32; 8], &[2, 4]).unwrap();
     let zero = Tensor::from_vec(vec![0.0f32; 4], &[4]).unwrap();
     let y = layernorm_mod_forward(&constant, &zero, &zero, f32::MIN_POSITIVE as f64).unwrap();

@@ -65,9 +65,15 @@ fn linear_output_larger_than_memory_is_an_error() {
 #[test]
 fn timestep_embedding_wider_than_memory_is_an_error() {
     let t = filled(&[4]);
-    assert_too_large(ops::timestep_embedding_forward(&t, 1 << 46, 1e4), "the embedding");
+    assert_too_large(
+        ops::timestep_embedding_forward(&t, 1 << 46, 1e4),
+        "the embedding",
+    );
     // Beyond what usize can count: the same error, not a capacity-overflow panic.
-    assert_too_large(ops::timestep_embedding_forward(&t, 1 << 62, 1e4), "the embedding");
+    assert_too_large(
+        ops::timestep_embedding_forward(&t, 1 << 62, 1e4),
+        "the embedding",
+    );
 }
 
 #[test]

@@ -436,8 +436,13 @@ mod tests {
     #[test]
     fn narrowing_that_overflows_is_an_error_naming_the_tensor() {
         let t = Tensor::from_vec(vec![1.0f64, 1e39, f64::INFINITY], &[3]).unwrap();
-        let e = narrow("attention", "q", &t, DType::F32).unwrap_err().to_string();
-        assert!(e.contains("`q`") && e.contains("element 1") && e.contains("f32"), "{e}");
+        let e = narrow("attention", "q", &t, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`q`") && e.contains("element 1") && e.contains("f32"),
+            "{e}"
+        );
         // An infinity that was already there is the caller's value, not an overflow.
         let t = Tensor::from_vec(vec![1.0f64, f64::INFINITY, -3e38], &[3]).unwrap();
         let c = narrow("attention", "q", &t, DType::F32).unwrap();

@@ -169,7 +169,14 @@ mod tests {
         assert!(c_fits(2, 3, 4, 7) && !c_fits(2, 3, 4, 6));
         let huge_ldc = std::panic::catch_unwind(|| {
             let mut c = [0.0f64; 1];
-            gemm(1.0, Mat::rows(&a, 1, 2), Mat::rows(&a, 2, 1), 0.0, &mut c, usize::MAX);
+            gemm(
+                1.0,
+                Mat::rows(&a, 1, 2),
+                Mat::rows(&a, 2, 1),
+                0.0,
+                &mut c,
+                usize::MAX,
+            );
         });
         assert!(huge_ldc.is_err());
         let wrapped_a = std::panic::catch_unwind(|| {

@@ -56,7 +56,11 @@ fn check(
             format!(
                 "eps must be 0 or between {smallest:e} and {largest:e} (the normal range of \
                  {}), got {eps}",
-                if x.dtype() == DType::F64 { "f64" } else { "f32" }
+                if x.dtype() == DType::F64 {
+                    "f64"
+                } else {
+                    "f32"
+                }
             ),
         ));
     }

@@ -109,7 +109,11 @@ pub(crate) fn expect_allocatable(
         format!(
             "{what} of shape {shape:?} ({dtype}{}) needs {}, more memory than this machine can \
              allocate",
-            if count > 1 { format!(", {count} of them") } else { String::new() },
+            if count > 1 {
+                format!(", {count} of them")
+            } else {
+                String::new()
+            },
             match bytes {
                 Some(b) => format!("{b} bytes"),
                 None => "more bytes than memory can address".into(),
