@@ -130,8 +130,8 @@ fn dual_primal_equals_forward_and_its_cache_gives_the_same_gradients() {
     let gout = randn(y.shape(), &mut rng);
     let g_dual = dit.backward(&cache_dual, &gout).unwrap();
     let g = dit.backward(&cache, &gout).unwrap();
-    assert_eq!(g.len(), Dit::param_layout(&c).len());
-    let layout = Dit::param_layout(&c);
+    assert_eq!(g.len(), Dit::param_layout(&c).unwrap().len());
+    let layout = Dit::param_layout(&c).unwrap();
     for ((a, b), (name, shape)) in g_dual.iter().zip(&g).zip(&layout) {
         assert_eq!(a.shape(), shape.as_slice(), "{name}");
         assert_eq!(a, b, "gradient of {name} differs between the two caches");
@@ -148,7 +148,7 @@ fn backward_matches_parameter_finite_differences() {
     let (y, cache) = dit.forward_train(&x, &t, &class).unwrap();
     let gout = randn(y.shape(), &mut rng);
     let grads = dit.backward(&cache, &gout).unwrap();
-    for (i, (name, shape)) in Dit::param_layout(&c).iter().enumerate() {
+    for (i, (name, shape)) in Dit::param_layout(&c).unwrap().iter().enumerate() {
         let v = randn(shape, &mut rng);
         let fd = central_difference(
             |h| {
@@ -179,13 +179,13 @@ fn fresh_network_is_adaln_zero() {
     assert!(y.to_f64_vec().iter().all(|&v| v == 0.0));
     // Only the final linear (and, through its zero weights, nothing upstream) gets a gradient.
     let grads = dit.backward(&cache, &randn(y.shape(), &mut rng)).unwrap();
-    for ((name, _), g) in Dit::param_layout(&c).iter().zip(&grads) {
+    for ((name, _), g) in Dit::param_layout(&c).unwrap().iter().zip(&grads) {
         let nonzero = g.to_f64_vec().iter().any(|&v| v != 0.0);
         let expect = name.starts_with("final_layer.linear");
         assert_eq!(nonzero, expect, "{name}");
     }
     // Xavier-initialised weights are random, not zero.
-    let layout = Dit::param_layout(&c);
+    let layout = Dit::param_layout(&c).unwrap();
     let qkv = layout
         .iter()
         .position(|(n, _)| n == "blocks.0.attn.qkv.weight")
@@ -243,7 +243,7 @@ fn load_errors_name_the_tensor() {
     let mut rng = rng(10);
     let c = tiny();
     let dit = random_dit(c.clone(), &mut rng);
-    let layout = Dit::param_layout(&c);
+    let layout = Dit::param_layout(&c).unwrap();
     let write = |path: &std::path::Path, tensors: Vec<(String, Tensor)>| {
         flashjvp::io::save_safetensors(path, tensors.iter().map(|(n, t)| (n.as_str(), t))).unwrap();
     };
@@ -399,13 +399,139 @@ fn bad_inputs_are_errors() {
     // A cache from a network of another depth.
     let other = random_dit(DitConfig { depth: 1, ..c }, &mut rng);
     let e = other.backward(&cache, &y).unwrap_err().to_string();
-    assert!(e.contains("depth"), "{e}");
+    assert!(e.contains("another network"), "{e}");
 
     // A parameter replaced with a wrong shape through params_mut.
     let mut broken = dit.clone();
     broken.params_mut()[3] = randn(&[5], &mut rng);
     let e = msg(broken.forward(&x, &t, &class));
     assert!(e.contains("t_embedder.mlp.0.bias"), "{e}");
+}
+
+#[test]
+fn a_cache_of_another_network_or_generation_is_refused() {
+    let mut rng = rng(13);
+    // Net A with 20 classes, net B with 10: A's cache holds class indices B's table lacks (this
+    // panicked in the class-table gradient).
+    let a = random_dit(
+        DitConfig {
+            num_classes: 20,
+            ..tiny()
+        },
+        &mut rng,
+    );
+    let b = random_dit(
+        DitConfig {
+            num_classes: 10,
+            ..tiny()
+        },
+        &mut rng,
+    );
+    let c = a.config().clone();
+    let (x, t, _) = inputs(&c, 2, &mut rng);
+    let (y, cache) = a.forward_train(&x, &t, &[19, 20]).unwrap();
+    let e = b.backward(&cache, &y).unwrap_err().to_string();
+    assert!(e.contains("another network"), "{e}");
+
+    // The same config, other weights: the gradient would mix A's activations with B's weights.
+    let b = random_dit(c.clone(), &mut rng);
+    let e = b.backward(&cache, &y).unwrap_err().to_string();
+    assert!(e.contains("generation"), "{e}");
+
+    // A clone holds the same values: its backward takes the cache and agrees.
+    let a2 = a.clone();
+    assert_eq!(a2.generation(), cache.generation());
+    assert_eq!(
+        a2.backward(&cache, &y).unwrap(),
+        a.backward(&cache, &y).unwrap()
+    );
+
+    // Parameters changed since the forward (params_mut hands them out): refused.
+    let mut a3 = a.clone();
+    let _ = a3.params_mut();
+    let e = a3.backward(&cache, &y).unwrap_err().to_string();
+    assert!(e.contains("generation"), "{e}");
+    let (_, fresh) = a3.forward_train(&x, &t, &[0, 1]).unwrap();
+    assert!(a3.backward(&fresh, &y).is_ok());
+}
+
+#[test]
+fn configs_out_of_bounds_are_errors_everywhere() {
+    let mut rng = rng(14);
+    // Sizes whose shapes would overflow (or whose layout would not fit in memory): the public
+    // layout refuses them as `new` does, instead of overflowing or aborting.
+    for c in [
+        DitConfig {
+            depth: usize::MAX / 4,
+            ..tiny()
+        },
+        DitConfig {
+            hidden: usize::MAX / 2 + 1,
+            heads: 1,
+            ..tiny()
+        },
+        DitConfig {
+            patch: 1 << 40,
+            image_size: 1 << 40,
+            ..tiny()
+        },
+        DitConfig {
+            in_channels: usize::MAX / 3,
+            ..tiny()
+        },
+        DitConfig {
+            mlp_ratio: usize::MAX / 7,
+            ..tiny()
+        },
+        DitConfig { heads: 0, ..tiny() },
+    ] {
+        let e = Dit::param_layout(&c).unwrap_err().to_string();
+        assert!(e.contains("bad config"), "{c:?}: {e}");
+    }
+
+    // time_scale finite in f64 but not in f32 gave c_noise = inf and NaN outputs in f32.
+    for ts in [1e39, -1e39, 1e7, f64::INFINITY] {
+        let c = DitConfig {
+            time_scale: ts,
+            ..tiny()
+        };
+        let e = Dit::validate_config(&c).unwrap_err().to_string();
+        assert!(e.contains("time_scale"), "{ts}: {e}");
+        assert!(Dit::new(c.clone(), DType::F32, &mut rng).is_err());
+        assert!(Dit::param_layout(&c).is_err());
+    }
+    assert!(Dit::validate_config(&DitConfig {
+        time_scale: -1e6,
+        ..tiny()
+    })
+    .is_ok());
+
+    // A t whose c_noise overflows the network dtype is refused, naming it.
+    let c = DitConfig {
+        time_scale: 1e3,
+        ..tiny()
+    };
+    let mut dit = Dit::new(c.clone(), DType::F32, &mut rng).unwrap();
+    dit.randomize_for_tests(&mut rng, 1.0).unwrap();
+    let (x, _, class) = inputs(&c, 2, &mut rng);
+    let x = x.to_dtype(DType::F32);
+    let t = Tensor::from_vec(vec![0.5f32, 1e37], &[2]).unwrap();
+    let e = dit.forward(&x, &t, &class).unwrap_err().to_string();
+    assert!(e.contains("t[1]") && e.contains("c_noise"), "{e}");
+    let tt = Tensor::from_vec(vec![1e37f32, 0.0], &[2]).unwrap();
+    let t = Tensor::from_vec(vec![0.5f32, 0.7], &[2]).unwrap();
+    let e = dit
+        .forward_dual(
+            &Dual::constant(x.clone()),
+            &Dual::new(t.clone(), tt).unwrap(),
+            &class,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tangent of t[0]"), "{e}");
+    let y = dit.forward(&x, &t, &class).unwrap();
+    assert!(y.to_f64_vec().iter().all(|v| v.is_finite()));
 }
 
 mod props {
@@ -444,7 +570,7 @@ mod props {
             prop_assert_eq!(y.shape(), x.shape());
             prop_assert_eq!(&yd.primal, &y);
             let grads = dit.backward(&cache, &randn(y.shape(), &mut rng)).unwrap();
-            let layout = Dit::param_layout(&c);
+            let layout = Dit::param_layout(&c).unwrap();
             prop_assert_eq!(grads.len(), layout.len());
             for (g, (_, shape)) in grads.iter().zip(&layout) {
                 prop_assert_eq!(g.shape(), shape.as_slice());

@@ -166,7 +166,7 @@ fn backward_case(dual: bool, seed: u64) {
             gpu.backward(&gc, &gout).unwrap(),
         )
     };
-    let names = Dit::param_layout(&config());
+    let names = Dit::param_layout(&config()).unwrap();
     assert_eq!(got.len(), names.len());
     let mut worst = (0.0f64, String::new());
     for ((name, _), (g, w)) in names.iter().zip(got.iter().zip(&want)) {
@@ -219,6 +219,106 @@ fn a_cache_of_other_parameters_is_refused() {
     // A gout of the wrong shape names the tensor.
     let e = gpu.backward(&cache, &t).unwrap_err();
     assert!(e.to_string().contains("gout"), "{e}");
+}
+
+#[test]
+fn bad_parameters_and_buffers_are_errors() {
+    use flashjvp::dit::gpu::{BlockAlloc, BlockDims, BlockGradAlloc, BlockParams, ParamLayout};
+    let Some(dev) = require_gpu_or_skip() else {
+        return;
+    };
+    let (dit, gpu, x, t, class, mut r) = setup(9, 2);
+    let names = Dit::param_layout(&config()).unwrap();
+    let last = names.len() - 1;
+    // Parameters swapped through params_mut for tensors of another size: a larger last one
+    // panicked in the upload, a smaller one left zeros, a larger middle one overwrote its
+    // neighbours. The upload refuses them as the CPU passes do, naming the parameter.
+    for (i, shape) in [(last, vec![1000]), (3, vec![3]), (3, vec![65])] {
+        let mut bad = dit.clone();
+        bad.params_mut()[i] = randn(&shape, &mut r);
+        let e = GpuDit::upload(&bad).err().unwrap().to_string();
+        assert!(e.contains(&names[i].0), "{i}: {e}");
+    }
+    let mut bad = dit.clone();
+    bad.params_mut()[0] = bad.params()[0].to_dtype(DType::F32);
+    let e = GpuDit::upload(&bad).err().unwrap().to_string();
+    assert!(e.contains(&names[0].0) && e.contains("f32"), "{e}");
+
+    // A config no network can have.
+    let e = ParamLayout::new(&DitConfig {
+        depth: usize::MAX / 4,
+        ..config()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("depth"), "{e}");
+
+    // Gradients in a buffer other than the layout's: refused, not read past.
+    let up = |v: &Tensor| dev.upload(v, DType::F32).unwrap();
+    let short = up(&randn(&[gpu.layout().total - 64], &mut r));
+    let e = gpu.grads_to_host(&short).unwrap_err().to_string();
+    assert!(e.contains("`grads`"), "{e}");
+    let wrong_dtype = dev
+        .upload(&randn(&[gpu.layout().total], &mut r), DType::BF16)
+        .unwrap();
+    let e = gpu.grads_to_host(&wrong_dtype).unwrap_err().to_string();
+    assert!(e.contains("`grads`") && e.contains("bf16"), "{e}");
+    let (_, cache) = gpu.forward_train(&x, &t, &class).unwrap();
+    let grads = gpu
+        .backward_device(&cache, &up(&randn(x.shape(), &mut r)))
+        .unwrap();
+    assert_eq!(gpu.grads_to_host(&grads).unwrap().len(), names.len());
+
+    // Block buffers: dims the kernels refuse, an input of another shape or dtype, a tangent
+    // without tangent buffers, a parameter list of the wrong count or shapes.
+    let d = gpu.dims(2);
+    let xt = up(&randn(&[d.t(), d.c], &mut r));
+    assert!(BlockAlloc::new(&dev, DType::F32, d, &xt, Some(&xt), true).is_ok());
+    let e = BlockAlloc::new(
+        &dev,
+        DType::F32,
+        d,
+        &up(&randn(&[d.t() - 1, d.c], &mut r)),
+        None,
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("`x`"), "{e}");
+    let e = BlockAlloc::new(&dev, DType::BF16, d, &xt, None, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("`x`") && e.contains("bf16"), "{e}");
+    let e = BlockAlloc::new(&dev, DType::F32, d, &xt, Some(&xt), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("dual"), "{e}");
+    let huge = BlockDims {
+        b: usize::MAX / 2,
+        ..d
+    };
+    assert!(BlockAlloc::new(&dev, DType::F32, huge, &xt, None, false).is_err());
+    let odd = BlockDims { heads: 3, ..d };
+    assert!(BlockAlloc::new(&dev, DType::F32, odd, &xt, None, false).is_err());
+    assert!(BlockGradAlloc::new(&dev, DType::F32, huge, xt.ptr(), xt.ptr()).is_err());
+    let e = BlockGradAlloc::new(&dev, DType::F32, d, xt.ptr(), 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("ones"), "{e}");
+    let w: Vec<_> = BlockParams::shapes(d.c, d.hd)
+        .iter()
+        .map(|s| dev.alloc_out(s, DType::F32).unwrap())
+        .collect();
+    assert!(BlockParams::of(&w).is_ok());
+    let e = BlockParams::of(&w[..7]).unwrap_err().to_string();
+    assert!(e.contains("7 tensors"), "{e}");
+    let mut swapped = w.clone();
+    swapped.swap(4, 6);
+    let e = BlockParams::of(&swapped).unwrap_err().to_string();
+    assert!(e.contains("fc1_w"), "{e}");
 }
 
 #[test]
@@ -358,7 +458,7 @@ fn bf16_block_plans_agree_with_f32() {
     let run = |dtype: DType| -> Vec<Tensor> {
         let up = |h: &Tensor, dt: DType| gpu.upload(h, dt).unwrap();
         let w: Vec<_> = weights.iter().map(|h| up(h, dtype)).collect();
-        let p = BlockParams::of(&w);
+        let p = BlockParams::of(&w).unwrap();
         let (mods_d, tmods_d) = (up(&mods, DType::F32), up(&tmods, DType::F32));
         let m = Mods::chunks(mods_d.ptr(), 0, b, c);
         let tm = Mods::chunks(tmods_d.ptr(), 0, b, c);
@@ -388,7 +488,7 @@ fn bf16_block_plans_agree_with_f32() {
         let scratch = BlockGradAlloc::new(&gpu, dtype, d, dx.ptr(), ones.ptr()).unwrap();
         let mut g = scratch.grads;
         g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
-        g.dp = BlockParams::of(&grads[..8]);
+        g.dp = BlockParams::of(&grads[..8]).unwrap();
         let mut steps = vec![
             Step::Fill {
                 ptr: ones.ptr(),

@@ -817,7 +817,7 @@ gpu_test!(attention_strided_plans, |dtype| {
         lay.check(dtype, dims).unwrap();
         // One strided buffer per operand; elements the layout skips hold NaN (never read).
         let put = |t: &Tensor, st: attn::Strides, shape: [usize; 4]| {
-            let len = st.span(shape[0], shape[1], shape[2], shape[3]);
+            let len = st.span(shape[0], shape[1], shape[2], shape[3]).unwrap();
             let mut buf = vec![f64::NAN; len];
             common::scatter_bhnd(t, &mut buf, 0, strides(st));
             let nan = Tensor::from_f64_vec(buf, &[len], DType::F64).unwrap();
@@ -826,7 +826,7 @@ gpu_test!(attention_strided_plans, |dtype| {
         let take = |t: &cuda::DeviceTensor, st: attn::Strides, shape: [usize; 4]| {
             common::gather_bhnd(&t.download().unwrap().to_f64_vec(), 0, strides(st), shape)
         };
-        let o_len = lay.o.span(dims.b, dims.h, dims.nq, dims.dv);
+        let o_len = lay.o.span(dims.b, dims.h, dims.nq, dims.dv).unwrap();
         for (variant, kv_tangent) in [
             (Variant::JvpNoKv, false),
             (Variant::Jvp, true),
@@ -1788,6 +1788,28 @@ fn impossible_allocations_are_errors() {
         .alloc_stacked(&[&[4], &[1 << 62, 4]], DType::F32)
         .unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    // Each slot within isize::MAX bytes, the total 2^64 - 256: refused (it used to reach the
+    // emulator's page rounding, which wrapped in release builds and overflowed in debug ones).
+    let n = 1usize << 60;
+    let e = gpu
+        .alloc_stacked(&[&[n], &[n], &[n], &[n - 64]], DType::F32)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Invalid { .. }) && e.to_string().contains("alloc_stacked"),
+        "{e}"
+    );
+    let e = gpu.alloc_stacked(&[&[n], &[n]], DType::F32).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    // upload_packed's alignment: a power of two of at most a page (1 << 62 used to size a
+    // host buffer of 2^62 bytes, and abort).
+    let x = t(&[3, 5]).to_dtype(DType::F32);
+    for align in [0, 3, 8192, 1 << 62] {
+        let e = gpu.upload_packed(&[&x, &x], DType::F32, align).unwrap_err();
+        assert!(e.to_string().contains(&format!("align {align}")), "{e}");
+    }
+    let packed = gpu.upload_packed(&[&x, &x], DType::F32, 4096).unwrap();
+    assert_eq!(packed[1].ptr() - packed[0].ptr(), 4096);
+    assert_eq!(packed[1].download().unwrap(), x);
     // 2^60 bytes: a valid size no GPU (nor the emulator's host) has, so the allocation itself
     // fails, as an error naming the size.
     let e = gpu.alloc(&[1 << 30, 1 << 29], DType::BF16).unwrap_err();
@@ -1798,4 +1820,136 @@ fn impossible_allocations_are_errors() {
     // A view past the end, even by overflow, is an error.
     assert!(x.view(usize::MAX, &[2]).is_err());
     assert!(x.reshape(&[usize::MAX, 2]).is_err());
+}
+
+/// The `*_into` entry points refuse outputs whose memory overlaps an input or another output
+/// (naming both): a kernel would read what it, or an earlier step, writes (the backward's
+/// preprocess overwrites `delta` before dK/dV reads `lse`), or two outputs would land in one place.
+#[test]
+fn outputs_sharing_memory_with_inputs_or_outputs_are_errors() {
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    use cuda::attention::{self as attn, DeviceAttentionJvp};
+    use cuda::layernorm as ln;
+    let dt = DType::F32;
+    let s = [1, 2, 8, 32];
+    let ls = [1, 2, 8];
+    let up = |x: &Tensor| gpu.upload(x, dt).unwrap();
+    let out = |shape: &[usize]| gpu.alloc_out(shape, dt).unwrap();
+    let (q, k, v, tq) = (up(&t(&s)), up(&t(&s)), up(&t(&s)), up(&t(&s)));
+    let (o, lse, to, tlse) = (out(&s), out(&ls), out(&s), out(&ls));
+    let c = attn::resolve_scale(None, 32).unwrap();
+    let refused = |r: flashjvp::Result<()>, a: &str, b: &str| {
+        let m = r.expect_err("aliased output").to_string();
+        assert!(
+            m.contains(&format!("`{a}`"))
+                && m.contains(&format!("`{b}`"))
+                && m.contains("overlaps"),
+            "{a}/{b}: {m}"
+        );
+    };
+    // Forward: o over q; lse in o's first bytes.
+    refused(attn::forward_into(&gpu, &q, &k, &v, &q, &lse, c), "o", "q");
+    let lse_in_o = o.view(0, &ls).unwrap();
+    refused(
+        attn::forward_into(&gpu, &q, &k, &v, &o, &lse_in_o, c),
+        "o",
+        "lse",
+    );
+    attn::forward_into(&gpu, &q, &k, &v, &o, &lse, c).unwrap();
+    // JVP: o and its tangent in one place; the tangent over tq.
+    let jvp_out = |o: &cuda::DeviceTensor, to: &cuda::DeviceTensor| DeviceAttentionJvp {
+        o: o.clone(),
+        to: Some(to.clone()),
+        lse: lse.clone(),
+        tlse: Some(tlse.clone()),
+    };
+    let jvp =
+        |r: &DeviceAttentionJvp| attn::jvp_into(&gpu, &q, &k, &v, Some(&tq), None, None, r, c);
+    refused(jvp(&jvp_out(&o, &o)), "o", "to");
+    refused(jvp(&jvp_out(&o, &tq)), "to", "tq");
+    jvp(&jvp_out(&o, &to)).unwrap();
+    // Backward: delta (scratch the preprocess writes) on lse; two gradients in one place; a
+    // gradient over its primal.
+    let (fo, flse) = attn::forward(&q, &k, &v, None).unwrap();
+    let (dout, delta) = (up(&t(&s)), out(&ls));
+    let (dq, dk, dv) = (out(&s), out(&s), out(&s));
+    let bwd = |delta: &cuda::DeviceTensor, g: [&cuda::DeviceTensor; 3]| {
+        attn::backward_into(&gpu, &q, &k, &v, &fo, &flse, &dout, delta, g, c)
+    };
+    refused(bwd(&flse, [&dq, &dk, &dv]), "delta", "lse");
+    refused(bwd(&delta, [&dq, &dk, &dk]), "dk", "dv");
+    refused(bwd(&delta, [&q, &dk, &dv]), "dq", "q");
+    refused(bwd(&delta, [&dq, &dk, &dout]), "dv", "go");
+    bwd(&delta, [&dq, &dk, &dv]).unwrap();
+    // Packed: o written into the projection it reads; its tangent over the tangent's.
+    let (qkv, tqkv) = (up(&t(&[1, 8, 3, 2, 32])), up(&t(&[1, 8, 3, 2, 32])));
+    let po_shape = [1, 8, 2, 32];
+    let (po, pto) = (out(&po_shape), out(&po_shape));
+    let o_in_qkv = qkv.view(64, &po_shape).unwrap();
+    refused(
+        attn::forward_packed_into(&gpu, &qkv, &o_in_qkv, &lse, c),
+        "o",
+        "qkv",
+    );
+    attn::forward_packed_into(&gpu, &qkv, &po, &lse, c).unwrap();
+    let to_in_tqkv = tqkv.view(0, &po_shape).unwrap();
+    refused(
+        attn::jvp_packed_into(&gpu, &qkv, &tqkv, &jvp_out(&po, &to_in_tqkv), c),
+        "to",
+        "tqkv",
+    );
+    attn::jvp_packed_into(&gpu, &qkv, &tqkv, &jvp_out(&po, &pto), c).unwrap();
+    // Layernorm: y over x; y and its tangent in one place; ty over the tangent of scale.
+    let x = up(&t(&[6, 64]));
+    let (y, ty) = (out(&[6, 64]), out(&[6, 64]));
+    let none = ln::Modulation::default();
+    refused(ln::jvp_into(&gpu, &x, None, none, EPS, &x, &ty), "y", "x");
+    refused(ln::jvp_into(&gpu, &x, None, none, EPS, &y, &y), "y", "ty");
+    let (scale, tscale) = (up(&t(&[64])), up(&t(&[64])));
+    let m = ln::Modulation {
+        scale: Some(&scale),
+        tscale: Some(&tscale),
+        ..none
+    };
+    ln::jvp_into(&gpu, &x, None, m, EPS, &y, &ty).unwrap();
+    let tscale_in_ty = ty.view(64, &[64]).unwrap();
+    let m = ln::Modulation {
+        tscale: Some(&tscale_in_ty),
+        ..m
+    };
+    refused(
+        ln::jvp_into(&gpu, &x, None, m, EPS, &y, &ty),
+        "ty",
+        "tscale",
+    );
+}
+
+/// `flashjvp bench` checks the shape before anything else (a 13-dim shape is an error, not an
+/// overflowing seed), and refuses a working set larger than the GPU's memory before building any
+/// tensor (the MLP's 4 TB input used to be built on the host first, and abort).
+#[test]
+fn bench_refuses_shapes_before_building_anything() {
+    use cuda::bench::{bench, BenchOp};
+    for op in [
+        BenchOp::Attention,
+        BenchOp::Mlp,
+        BenchOp::DitBlock,
+        BenchOp::LayerNorm,
+    ] {
+        let e = bench(op, &[usize::MAX; 13], DType::BF16).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+    }
+    if require_gpu_or_skip().is_none() {
+        return;
+    }
+    let e = bench(BenchOp::Mlp, &[1_000_000, 1_000_000, 1], DType::BF16).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("[1000000, 1000000, 1]") && m.contains("GiB of GPU memory"),
+        "{m}"
+    );
+    let e = bench(BenchOp::LayerNorm, &[1 << 30, 1 << 20], DType::F32).unwrap_err();
+    assert!(e.to_string().contains("GiB of GPU memory"), "{e}");
 }

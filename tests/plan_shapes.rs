@@ -466,3 +466,109 @@ fn null_required_pointers_are_errors_naming_them() {
         mlp::plan_backward(BF16, md, p(4), w, p(5), mlp::BwdPtrs { ones: 0, ..mb }),
     );
 }
+
+/// Element offsets of a [b, h, n, d] view in `s`, all distinct?
+fn distinct(s: attn::Strides, [b, h, n, d]: [usize; 4]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..b {
+        for j in 0..h {
+            for r in 0..n {
+                for c in 0..d {
+                    if !seen.insert(i * s.b + j * s.h + r * s.n + c) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Small strides, often 0 (an operand shared across heads or batches), often a multiple of 32.
+fn small_stride() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1 => Just(0usize),
+        3 => prop::sample::select(vec![32usize, 64, 96, 128, 192, 256, 512, 1024, 2048]),
+        1 => 0usize..600,
+    ]
+}
+
+/// Any strides, from small ones to ones whose spans pass usize::MAX.
+fn any_stride() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => small_stride(),
+        1 => prop::sample::select(vec![
+            1usize << 31,
+            1 << 40,
+            1 << 61,
+            1 << 62,
+            (1 << 63) - 8,
+            usize::MAX / 2,
+            usize::MAX,
+        ]),
+    ]
+}
+
+fn strides<S: Strategy<Value = usize>>(s: fn() -> S) -> impl Strategy<Value = attn::Strides> {
+    (s(), s(), s()).prop_map(|(b, h, n)| attn::Strides { b, h, n })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// With any strides, a plan comes only for layouts whose writes cannot collide: the forward
+    /// and JVP write o (and its tangent) with o's layout, the backward dq, dk and dv with q's,
+    /// k's and v's, each element once and without atomics. Brute force over small dims.
+    #[test]
+    fn plans_only_for_layouts_whose_outputs_are_distinct(
+        b in 1usize..4, h in 1usize..4, nq in 1usize..5, nk in 1usize..5,
+        dv in prop::sample::select(vec![32usize, 64]),
+        q in strides(small_stride), k in strides(small_stride), v in strides(small_stride),
+        o in strides(small_stride), f32 in any::<bool>(),
+    ) {
+        let dims = attn::AttnDims { b, h, nq, nk, d: 32, dv };
+        let layout = attn::Layout { q, k, v, o };
+        let dt = if f32 { flashjvp::DType::F32 } else { flashjvp::DType::BF16 };
+        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let ptrs = attn::JvpPtrs {
+            q: p(0), k: p(1), v: p(2), tq: p(3), tk: p(4), tv: p(5), o: p(6), to: p(7), lse: p(8),
+            tlse: p(9),
+        };
+        let bwd = attn::BwdPtrs {
+            q: p(0), k: p(1), v: p(2), o: p(3), lse: p(4), dout: p(5), delta: p(6), dq: p(7),
+            dk: p(8), dv: p(9),
+        };
+        if attn::plan_jvp(attn::Variant::Jvp, dt, dims, layout, ptrs, 0.1).is_ok() {
+            prop_assert!(distinct(o, dims.o_shape()), "o {o:?} {dims:?}");
+        }
+        if attn::plan_backward(dt, dims, layout, bwd, 0.1).is_ok() {
+            prop_assert!(distinct(o, dims.o_shape()), "o {o:?} {dims:?}");
+            prop_assert!(distinct(q, dims.q_shape()), "dq {q:?} {dims:?}");
+            prop_assert!(distinct(k, dims.k_shape()), "dk {k:?} {dims:?}");
+            prop_assert!(distinct(v, dims.v_shape()), "dv {v:?} {dims:?}");
+        }
+    }
+
+    /// Layout checks take any strides: an error, or a layout whose every operand lies within
+    /// isize::MAX bytes of its start (no span, nor the overlap check's running sum, wraps).
+    #[test]
+    fn layout_checks_take_any_strides(
+        b in dim(), h in dim(), nq in dim(), nk in dim(),
+        q in strides(any_stride), k in strides(any_stride), v in strides(any_stride),
+        o in strides(any_stride),
+    ) {
+        let Ok(dims) = attn::check_shapes(&[b, h, nq, 64], &[b, h, nk, 64], &[b, h, nk, 64]) else {
+            return Ok(());
+        };
+        let layout = attn::Layout { q, k, v, o };
+        let dt = flashjvp::DType::BF16;
+        if layout.check(dt, dims).is_ok() {
+            for (s, shape) in [(q, dims.q_shape()), (k, dims.k_shape()), (v, dims.v_shape()),
+                               (o, dims.o_shape())] {
+                let span = s.span(shape[0], shape[1], shape[2], shape[3]);
+                prop_assert!(span.is_some_and(|e| e <= isize::MAX as usize / 2), "{s:?} {dims:?}");
+            }
+        }
+        let _ = layout.check_gradients(dims);
+    }
+}

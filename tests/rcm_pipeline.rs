@@ -185,6 +185,283 @@ fn cuda_and_bad_options_are_errors() {
     opts.config.eval.n = 0;
     assert!(rcm::run(&opts).is_err());
     let _ = std::fs::remove_dir_all(&out);
+
+    // What the rcm example's options can set, each refused before anything is written (these
+    // used to abort on allocation, overflow, divide by zero or train NaN weights).
+    type Edit = fn(&mut RcmConfig);
+    let cases: [(&str, Edit); 9] = [
+        ("depth", |c| c.dit.depth = 1_000_000_000),
+        ("depth", |c| c.dit.depth = usize::MAX),
+        ("--ode-steps", |c| c.eval.teacher_steps = usize::MAX),
+        ("--eval-n", |c| c.eval.n = 1 << 61),
+        ("--teacher-batch", |c| c.teacher.batch = usize::MAX / 16),
+        ("--sigma-max", |c| c.eval.sigma_max = 0.0),
+        ("--teacher-lr", |c| c.teacher.adam.lr = f64::NAN),
+        ("--dmd-shift", |c| c.student.dmd_shift = 0.0),
+        ("--mid4", |c| c.eval.mid4 = vec![5.0, 5.0, 5.0]),
+    ];
+    for (want, edit) in cases {
+        let mut opts = options(&out, &[Method::Rcm]);
+        edit(&mut opts.config);
+        let e = rcm::run(&opts).expect_err(want).to_string();
+        assert!(e.contains(want), "want `{want}` in: {e}");
+        assert!(!out.exists(), "{want}: the run wrote to {}", out.display());
+    }
+    let e = rcm::run(&options(&out, &[Method::Scm, Method::Rcm, Method::Scm]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scm is listed twice"), "{e}");
+}
+
+/// The toy settings with `teacher_steps` teacher steps.
+fn toy_teacher(out: &Path, teacher_steps: usize, seed: u64) -> RcmOptions {
+    let mut o = options(out, &[]);
+    o.config.teacher.steps = teacher_steps;
+    o.seed = seed;
+    o
+}
+
+/// A checkpoint left by one run is never resumed by another: run A (seed 7, 8 steps) stops at
+/// step 6; run B (seed 1, 4 steps) starts fresh and is killed before its first checkpoint; run
+/// C resumes B. C used to load A's step-6 state under B's fingerprint and compute 4 − 6 steps
+/// run. Now B removes A's checkpoint before writing its fingerprint, and a checkpoint that
+/// survives all the same (as from an older build) carries A's fingerprint tag and is ignored.
+#[test]
+fn stale_checkpoints_are_never_resumed() {
+    let out = temp_dir("stale");
+    let ckpt = out.join("teacher.ckpt.safetensors");
+    let a = rcm::run(&RcmOptions {
+        stop_after: Some(6),
+        ..toy_teacher(&out, 8, 7)
+    })
+    .expect("run A");
+    assert!(!a.complete && ckpt.exists());
+    let a_ckpt = std::fs::read(&ckpt).unwrap();
+
+    let b = rcm::run(&RcmOptions {
+        stop_after: Some(0),
+        ..toy_teacher(&out, 4, 1)
+    })
+    .expect("run B");
+    assert!(!b.complete && b.phases.is_empty());
+    assert!(out.join("teacher.run.json").exists());
+    assert!(
+        !ckpt.exists(),
+        "run B left run A's checkpoint beside its fingerprint"
+    );
+
+    // As an older build would have left the folder: A's checkpoint under B's fingerprint.
+    std::fs::write(&ckpt, &a_ckpt).unwrap();
+    let c = rcm::run(&RcmOptions {
+        resume: true,
+        ..toy_teacher(&out, 4, 1)
+    })
+    .expect("run C");
+    assert!(c.complete);
+    assert_eq!((c.phases[0].steps, c.phases[0].steps_run), (4, 4));
+    let text = std::fs::read_to_string(out.join("results.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["phases"][0]["steps_run"], 4, "{v}");
+
+    // C's teacher is the one a clean run with its settings trains.
+    let clean = temp_dir("stale-clean");
+    rcm::run(&toy_teacher(&clean, 4, 1)).expect("the clean run");
+    let x = flashjvp::io::load_safetensors(&out.join("teacher.safetensors")).unwrap();
+    let y = flashjvp::io::load_safetensors(&clean.join("teacher.safetensors")).unwrap();
+    assert_eq!(x, y, "run C did not train from scratch");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&clean);
+}
+
+/// Rewrites the tensor `name` of the safetensors file at `path` with `f`.
+fn edit_tensor(path: &Path, name: &str, f: impl FnOnce(&flashjvp::Tensor) -> flashjvp::Tensor) {
+    let mut map = flashjvp::io::load_safetensors(path).unwrap();
+    let t = f(&map[name]);
+    map.insert(name.to_string(), t);
+    flashjvp::io::save_safetensors(path, map.iter().map(|(n, t)| (n.as_str(), t))).unwrap();
+}
+
+fn counters(c: &[f64]) -> flashjvp::Tensor {
+    flashjvp::Tensor::from_vec(c.to_vec(), &[c.len()]).unwrap()
+}
+
+/// Edited, truncated or foreign checkpoints are errors naming the file and what is wrong, never
+/// a panic, a silent restart or NaN weights.
+#[test]
+fn edited_checkpoints_are_errors() {
+    let out = temp_dir("edited");
+    let cfg = RcmConfig::preset(Preset::Toy);
+    let nt = cfg.teacher.steps;
+    // Stop at teacher step 3 (saved there although checkpoint_every is 2).
+    let first = rcm::run(&RcmOptions {
+        stop_after: Some(3),
+        ..options(&out, &[Method::Rcm])
+    })
+    .unwrap();
+    assert!(!first.complete);
+    let ckpt = out.join("teacher.ckpt.safetensors");
+    let good = std::fs::read(&ckpt).unwrap();
+    let saved = flashjvp::io::load_safetensors(&ckpt).unwrap()["counters"].to_f64_vec();
+    assert_eq!(saved[..3], [3.0, 3.0, 3.0]);
+    let tag = saved[3];
+    let resume = || {
+        rcm::run(&RcmOptions {
+            resume: true,
+            ..options(&out, &[Method::Rcm])
+        })
+    };
+    type Edit = Box<dyn Fn(&Path)>;
+    let set = |c: Vec<f64>| -> Edit {
+        Box::new(move |p: &Path| edit_tensor(p, "counters", |_| counters(&c)))
+    };
+    let cases: Vec<(&str, Edit)> = vec![
+        // Short counters used to panic on indexing.
+        ("has 2 counters, expected 4", set(vec![3.0, 3.0])),
+        // NaN and −1 used to become step 0 (a silent restart on trained weights), 1e300
+        // usize::MAX (an overflow on the next step).
+        ("counter `step` is NaN", set(vec![f64::NAN, 3.0, 3.0, tag])),
+        ("counter `adam step` is -1", set(vec![3.0, -1.0, 3.0, tag])),
+        (
+            "counter `ema updates` is 2.5",
+            set(vec![3.0, 3.0, 2.5, tag]),
+        ),
+        (
+            "counter `step` is 1000000000",
+            set(vec![1e300, 3.0, 3.0, tag]),
+        ),
+        // 2^32 − 1 used to wrap to −1 in the bias correction: NaN weights.
+        (
+            "adam step 4294967295",
+            set(vec![3.0, 4294967295.0, 3.0, tag]),
+        ),
+        // Beyond the phase's steps: 8 − 100 steps run used to wrap.
+        ("step 100", set(vec![100.0, 100.0, 100.0, tag])),
+        // A tensor in another dtype used to build a network of mixed dtypes.
+        (
+            "net.",
+            Box::new(|p: &Path| {
+                let map = flashjvp::io::load_safetensors(p).unwrap();
+                let name = map.keys().find(|k| k.starts_with("net.")).unwrap().clone();
+                edit_tensor(p, &name, |t| t.to_dtype(flashjvp::DType::F64))
+            }),
+        ),
+        (
+            "ema.",
+            Box::new(|p: &Path| {
+                let map = flashjvp::io::load_safetensors(p).unwrap();
+                let name = map
+                    .iter()
+                    .find(|(k, t)| k.starts_with("ema.") && t.rank() >= 2)
+                    .unwrap()
+                    .0
+                    .clone();
+                edit_tensor(p, &name, |t| t.clone().reshape(&[t.numel()]).unwrap())
+            }),
+        ),
+        (
+            "",
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p).unwrap();
+                std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+        ),
+    ];
+    for (want, edit) in &cases {
+        std::fs::write(&ckpt, &good).unwrap();
+        edit(&ckpt);
+        let e = resume().expect_err(want).to_string();
+        assert!(
+            e.contains("teacher.ckpt.safetensors") && e.contains(want),
+            "want `{want}` in: {e}"
+        );
+    }
+
+    // The unedited checkpoint resumes; stop one update into the student and edit its counters:
+    // the fake-score step must match the updates taken with DMD on (none yet, in the warmup).
+    std::fs::write(&ckpt, &good).unwrap();
+    let second = rcm::run(&RcmOptions {
+        stop_after: Some(nt - 3 + 1),
+        resume: true,
+        ..options(&out, &[Method::Rcm])
+    })
+    .unwrap();
+    assert_eq!(second.phases[0].steps_run, nt - 3);
+    let student = out.join("rcm.ckpt.safetensors");
+    let c = flashjvp::io::load_safetensors(&student).unwrap()["counters"].to_f64_vec();
+    assert_eq!(c[..5], [1.0, 1.0, 1.0, 0.0, 0.0]);
+    edit_tensor(&student, "counters", |_| {
+        counters(&[1.0, 1.0, 1.0, 5.0, 5.0, c[5]])
+    });
+    let e = resume().unwrap_err().to_string();
+    assert!(
+        e.contains("rcm.ckpt.safetensors") && e.contains("fake-score step 5"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `stop_after: Some(0)` takes no step at all (it used to take one), and a budget that ends with
+/// the teacher leaves the student untouched.
+#[test]
+fn a_spent_budget_takes_no_step() {
+    let out = temp_dir("budget");
+    let nt = RcmConfig::preset(Preset::Toy).teacher.steps;
+    let r = rcm::run(&RcmOptions {
+        stop_after: Some(0),
+        ..options(&out, &[Method::Rcm])
+    })
+    .unwrap();
+    assert!(!r.complete && r.phases.is_empty());
+    assert!(!out.join("teacher.ckpt.safetensors").exists());
+    let r = rcm::run(&RcmOptions {
+        stop_after: Some(nt),
+        ..options(&out, &[Method::Rcm])
+    })
+    .unwrap();
+    assert!(!r.complete);
+    assert_eq!(r.phases.len(), 1);
+    assert_eq!(r.phases[0].steps_run, nt);
+    assert!(out.join("teacher.safetensors").exists());
+    assert!(
+        !out.join("rcm.ckpt.safetensors").exists(),
+        "a student step was taken"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A finished teacher is reused only under the settings that trained it, dtype included; and
+/// its old fingerprint goes before the new model is written, so a failure in between leaves no
+/// fingerprint naming the wrong model.
+#[test]
+fn the_finished_teacher_and_its_fingerprint() {
+    let out = temp_dir("fingerprint");
+    rcm::run(&toy_teacher(&out, 2, 7)).expect("an f32 teacher");
+    let mut f64_opts = RcmOptions {
+        stop_after: Some(0),
+        ..toy_teacher(&out, 2, 7)
+    };
+    f64_opts.config.dtype = flashjvp::DType::F64;
+    let r = rcm::run(&f64_opts).unwrap();
+    assert!(
+        r.phases.is_empty(),
+        "the f32 teacher was reused for f64: {:?}",
+        r.phases
+    );
+    let r = rcm::run(&RcmOptions {
+        stop_after: Some(0),
+        ..toy_teacher(&out, 2, 7)
+    })
+    .unwrap();
+    assert!(r.phases[0].reused);
+
+    // The model cannot be written (its path is a folder): the old fingerprint is gone anyway.
+    let out2 = temp_dir("fingerprint-order");
+    std::fs::create_dir_all(out2.join("teacher.safetensors")).unwrap();
+    std::fs::write(out2.join("teacher.json"), r#"{"fingerprint": "old"}"#).unwrap();
+    assert!(rcm::run(&toy_teacher(&out2, 2, 7)).is_err());
+    assert!(!out2.join("teacher.json").exists());
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&out2);
 }
 
 /// The samplers with the mixture's exact denoiser: the ODE solver reproduces the data, while
@@ -198,8 +475,9 @@ fn samplers_with_the_exact_denoiser() {
         Ok(x.chunks(glyph::PIXELS)
             .zip(t)
             .zip(c)
-            .flat_map(|((xi, &ti), &ci)| glyph::posterior_mean(xi, ti, Some(ci)))
-            .collect())
+            .map(|((xi, &ti), &ci)| glyph::posterior_mean(xi, ti, Some(ci)))
+            .collect::<flashjvp::Result<Vec<_>>>()?
+            .concat())
     };
     let cfg = RcmConfig::preset(Preset::Default);
     let heun = Sampler::Heun {
@@ -212,12 +490,12 @@ fn samplers_with_the_exact_denoiser() {
     assert!((m.spread - 1.0).abs() < 0.05, "{m:?}");
     assert_eq!(m.class_accuracy, 1.0, "{m:?}");
     let four = Sampler::FewStep {
-        times: cfg.eval.times(4),
+        times: cfg.eval.times(4).unwrap(),
     };
     let m = evaluate_with(&exact, &four, 512, 2).unwrap().metrics;
     assert!(m.precision >= 0.99 && m.spread < 0.5, "{m:?}");
     let one = Sampler::FewStep {
-        times: cfg.eval.times(1),
+        times: cfg.eval.times(1).unwrap(),
     };
     let m = evaluate_with(&exact, &one, 512, 3).unwrap().metrics;
     assert!(m.precision == 0.0 && m.spread > 3.0, "{m:?}");

@@ -67,7 +67,7 @@
 
 use super::context::Gpu;
 use super::launch::{dtype_suffix, int_arg, require_ptrs, Arg, Launch, Step};
-use super::tensor::{expect_tensor, DeviceTensor};
+use super::tensor::{check_disjoint, expect_tensor, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -274,9 +274,55 @@ impl Strides {
         }
     }
 
-    /// One past the largest element offset the [b, h, n, d] view touches.
-    pub fn span(&self, b: usize, h: usize, n: usize, d: usize) -> usize {
-        (b - 1) * self.b + (h - 1) * self.h + (n - 1) * self.n + d
+    /// One past the largest element offset the [b, h, n, d] view touches: 0 when any extent is 0
+    /// (the view touches nothing), `None` when it does not fit a `usize`.
+    pub fn span(&self, b: usize, h: usize, n: usize, d: usize) -> Option<usize> {
+        if [b, h, n, d].contains(&0) {
+            return Some(0);
+        }
+        [(b, self.b), (h, self.h), (n, self.n)]
+            .into_iter()
+            .try_fold(d, |acc, (extent, stride)| {
+                acc.checked_add((extent - 1).checked_mul(stride)?)
+            })
+    }
+
+    /// Errors unless the [b, h, n, d] elements (the last axis contiguous) of this layout are
+    /// distinct, so that a kernel writing them without atomics writes each once: its axes sorted
+    /// by stride, each must step past everything the smaller ones span. The error names the
+    /// tensor (`name`), the strides, the axes (`axes`, e.g. "[B, H, Nq, dv]") and the shape.
+    fn check_distinct(&self, name: &str, axes: &str, shape: [usize; 4]) -> Result<()> {
+        let [b, h, n, d] = shape;
+        let mut sorted = [(self.n, n), (self.h, h), (self.b, b)];
+        sorted.sort();
+        let mut covered = d;
+        for (stride, extent) in sorted {
+            if extent > 1 {
+                if stride < covered {
+                    return Err(Error::invalid(
+                        OP,
+                        format!(
+                            "layout of `{name}` {self:?} overlaps itself for {axes} = {shape:?}"
+                        ),
+                    ));
+                }
+                // Within the span (checked by Layout::check), but checked all the same: a wrapped
+                // sum would pass the next comparison.
+                covered = stride
+                    .checked_mul(extent - 1)
+                    .and_then(|x| covered.checked_add(x))
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            OP,
+                            format!(
+                                "layout of `{name}` {self:?} spans more elements than a usize \
+                                 holds for {axes} = {shape:?}"
+                            ),
+                        )
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// The kernels' arguments: batch, head and row strides as `long long`.
@@ -329,19 +375,35 @@ impl Layout {
 
     /// Errors unless the kernels can take this layout: 16-bit rows start 16-byte aligned (every
     /// stride a multiple of 8 elements: cp.async and TMA move 16-byte chunks), strides fit an i64,
-    /// and o's [B, H, Nq, dv] elements are distinct (two rows of o in one place would race).
+    /// each operand's elements lie within isize::MAX bytes of its start (the kernels' 64-bit
+    /// offsets never wrap), and o's [B, H, Nq, dv] elements are distinct (two rows of o in one
+    /// place would race). The backward writes dq, dk and dv with q's, k's and v's layouts too, so
+    /// [`plan_backward`] asks the same of them ([`Layout::check_gradients`]).
     pub fn check(&self, dtype: DType, dims: AttnDims) -> Result<()> {
         let named = [
-            ("q", self.q, dims.nq, dims.d),
-            ("k", self.k, dims.nk, dims.d),
-            ("v", self.v, dims.nk, dims.dv),
-            ("o", self.o, dims.nq, dims.dv),
+            ("q", self.q, dims.q_shape()),
+            ("k", self.k, dims.k_shape()),
+            ("v", self.v, dims.v_shape()),
+            ("o", self.o, dims.o_shape()),
         ];
-        for (name, s, n, d) in named {
+        for (name, s, shape) in named {
+            let [_, _, n, d] = shape;
             if [s.b, s.h, s.n].iter().any(|&x| i64::try_from(x).is_err()) {
                 return Err(Error::invalid(
                     OP,
                     format!("strides of `{name}` {s:?} do not fit an i64"),
+                ));
+            }
+            let bytes = s
+                .span(shape[0], shape[1], n, d)
+                .and_then(|e| e.checked_mul(dtype.size_in_bytes()));
+            if bytes.is_none_or(|b| b > isize::MAX as usize) {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "layout of `{name}` {s:?} spans more than isize::MAX bytes of {dtype} for \
+                         {shape:?}"
+                    ),
                 ));
             }
             if dtype != DType::F32 && [s.b, s.h, s.n].iter().any(|x| x % 8 != 0) {
@@ -358,24 +420,30 @@ impl Layout {
                 ));
             }
         }
-        // o: sort its axes by stride; each must step past everything the smaller ones span.
-        let o = self.o;
-        let mut axes = [(o.n, dims.nq), (o.h, dims.h), (o.b, dims.b)];
-        axes.sort();
-        let mut covered = dims.dv;
-        for (stride, extent) in axes {
-            if extent > 1 {
-                if stride < covered {
-                    return Err(Error::invalid(
-                        OP,
-                        format!(
-                            "layout of `o` {o:?} overlaps itself for [B, H, Nq, dv] = {:?}",
-                            dims.o_shape()
-                        ),
-                    ));
-                }
-                covered += stride * (extent - 1);
-            }
+        self.o.check_distinct("o", "[B, H, Nq, dv]", dims.o_shape())
+    }
+
+    /// Errors unless q's, k's and v's elements are distinct in their layouts, as o's must be: the
+    /// backward writes dq, dk and dv with them, each element once and without atomics, so a
+    /// layout that maps two heads (or rows) to one place, legal for the forward, which only reads
+    /// q, k and v, would keep the last writer's gradient instead of the sum.
+    pub fn check_gradients(&self, dims: AttnDims) -> Result<()> {
+        for (name, grad, s, axes, shape) in [
+            ("q", "dq", self.q, "[B, H, Nq, d]", dims.q_shape()),
+            ("k", "dk", self.k, "[B, H, Nk, d]", dims.k_shape()),
+            ("v", "dv", self.v, "[B, H, Nk, dv]", dims.v_shape()),
+        ] {
+            s.check_distinct(name, axes, shape).map_err(|e| match e {
+                Error::Invalid { op, message } => Error::invalid(
+                    op,
+                    format!(
+                        "{message}: the backward writes its gradient `{grad}` with this layout, \
+                         so its elements must be distinct (a layout shared across heads or rows \
+                         suits the forward only)"
+                    ),
+                ),
+                other => other,
+            })?;
         }
         Ok(())
     }
@@ -621,6 +689,7 @@ pub fn plan_backward(
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
     layout.check(dtype, dims)?;
+    layout.check_gradients(dims)?;
     let named = [
         ("q", p.q),
         ("k", p.k),
@@ -803,6 +872,11 @@ pub fn forward_into(
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     check_out("o", o, &dims.o_shape(), q.dtype())?;
     check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    check_disjoint(
+        OP,
+        &[("o", o), ("lse", lse)],
+        &[("q", q), ("k", k), ("v", v)],
+    )?;
     let p = JvpPtrs {
         q: q.ptr(),
         k: k.ptr(),
@@ -890,6 +964,22 @@ pub fn jvp_into(
     check_out("to", to, &dims.o_shape(), dtype)?;
     check_out("lse", &out.lse, &dims.lse_shape(), DType::F32)?;
     check_out("tlse", tlse, &dims.lse_shape(), DType::F32)?;
+    let inputs: Vec<(&str, &DeviceTensor)> = [
+        ("q", Some(q)),
+        ("k", Some(k)),
+        ("v", Some(v)),
+        ("tq", tq),
+        ("tk", tk),
+        ("tv", tv),
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| Some((name, t?)))
+    .collect();
+    check_disjoint(
+        OP,
+        &[("o", &out.o), ("to", to), ("lse", &out.lse), ("tlse", tlse)],
+        &inputs,
+    )?;
     let variant = if tk.is_none() && tv.is_none() {
         Variant::JvpNoKv
     } else {
@@ -1025,6 +1115,7 @@ pub fn forward_packed_into(
     let dtype = qkv.dtype();
     check_out("o", o, &packed_o_shape(dims), dtype)?;
     check_out("lse", lse, &dims.lse_shape(), DType::F32)?;
+    check_disjoint(OP, &[("o", o), ("lse", lse)], &[("qkv", qkv)])?;
     let [q, k, v] = packed_ptrs(qkv.ptr(), dtype, dims);
     let p = JvpPtrs {
         q,
@@ -1100,6 +1191,11 @@ pub fn jvp_packed_into(
     check_out("to", to, &o_shape, dtype)?;
     check_out("lse", &out.lse, &dims.lse_shape(), DType::F32)?;
     check_out("tlse", tlse, &dims.lse_shape(), DType::F32)?;
+    check_disjoint(
+        OP,
+        &[("o", &out.o), ("to", to), ("lse", &out.lse), ("tlse", tlse)],
+        &[("qkv", qkv), ("tqkv", tqkv)],
+    )?;
     let [q, k, v] = packed_ptrs(qkv.ptr(), dtype, dims);
     let [tq, tk, tv] = packed_ptrs(tqkv.ptr(), dtype, dims);
     let p = JvpPtrs {
@@ -1171,6 +1267,24 @@ pub fn backward_into(
     check_out("dq", grads[0], &dims.q_shape(), dtype)?;
     check_out("dk", grads[1], &dims.k_shape(), dtype)?;
     check_out("dv", grads[2], &dims.v_shape(), dtype)?;
+    // delta is written by the preprocess and read by the other two kernels: an output too.
+    check_disjoint(
+        OP,
+        &[
+            ("delta", delta),
+            ("dq", grads[0]),
+            ("dk", grads[1]),
+            ("dv", grads[2]),
+        ],
+        &[
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("o", o),
+            ("lse", lse),
+            ("go", dout),
+        ],
+    )?;
     let p = BwdPtrs {
         q: q.ptr(),
         k: k.ptr(),
@@ -1246,7 +1360,7 @@ mod tests {
             dv: 64,
         };
         let c = Layout::contiguous(dims);
-        assert_eq!(c.q.span(2, 3, 5, 64), 2 * 3 * 5 * 64);
+        assert_eq!(c.q.span(2, 3, 5, 64), Some(2 * 3 * 5 * 64));
         c.check(DType::BF16, dims).unwrap();
         let p = Layout::packed_qkv(dims);
         assert_eq!(
@@ -1257,7 +1371,7 @@ mod tests {
                 n: 3 * 3 * 64
             }
         );
-        assert_eq!(p.o.span(2, 3, 5, 64), 2 * 5 * 3 * 64);
+        assert_eq!(p.o.span(2, 3, 5, 64), Some(2 * 5 * 3 * 64));
         p.check(DType::BF16, dims).unwrap();
         // Rows of o on top of each other, a misaligned 16-bit stride, a row shorter than d.
         let mut bad = p;
@@ -1274,6 +1388,109 @@ mod tests {
         let mut bad = c;
         bad.v.n = 32;
         assert!(bad.check(DType::F32, dims).is_err());
+    }
+
+    #[test]
+    fn spans_and_overlap_checks_never_wrap() {
+        let s = Strides {
+            b: 64,
+            h: 64,
+            n: 1 << 62,
+        };
+        // An empty view touches nothing; one past usize is None, not a wrapped count.
+        assert_eq!(s.span(0, 3, 5, 64), Some(0));
+        assert_eq!(s.span(2, 3, 0, 64), Some(0));
+        assert_eq!(s.span(1, 1, 5, 64), None);
+        assert_eq!(s.span(1, 1, 2, 64), Some((1 << 62) + 64));
+        let dims = AttnDims {
+            b: 2,
+            h: 3,
+            nq: 5,
+            nk: 5,
+            d: 64,
+            dv: 64,
+        };
+        // o's rows 2^62 elements apart: its span passes usize (the overlap sum used to wrap and
+        // pass the check in release, and panic in debug).
+        let mut bad = Layout::contiguous(dims);
+        bad.o = s;
+        let e = bad.check(DType::F32, dims).unwrap_err().to_string();
+        assert!(e.contains("`o`") && e.contains("isize::MAX"), "{e}");
+        // Within usize but past isize::MAX bytes: the kernels' 64-bit offsets would wrap.
+        bad.o = Strides {
+            b: 1 << 61,
+            h: 64,
+            n: 192,
+        };
+        let e = bad.check(DType::F32, dims).unwrap_err().to_string();
+        assert!(e.contains("`o`") && e.contains("isize::MAX"), "{e}");
+        bad.o
+            .check_distinct("o", "[B, H, Nq, dv]", [2, 3, 5, 64])
+            .unwrap();
+        let e = Strides {
+            b: usize::MAX / 2,
+            h: 64,
+            n: 192,
+        }
+        .check_distinct("o", "[B, H, Nq, dv]", [4, 3, 5, 64])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("usize"), "{e}");
+    }
+
+    /// The backward writes dq, dk, dv with q's, k's, v's layouts, without atomics: a layout that
+    /// shares k and v across heads, which the forward takes, is refused there.
+    #[test]
+    fn backward_refuses_gradient_layouts_that_overlap() {
+        let dims = check_shapes(&[2, 4, 16, 64], &[2, 4, 16, 64], &[2, 4, 16, 64]).unwrap();
+        let mut shared = Layout::contiguous(dims);
+        let kv = Strides {
+            b: 16 * 64,
+            h: 0,
+            n: 64,
+        };
+        shared.k = kv;
+        shared.v = kv;
+        let p = JvpPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            tq: 0x4000,
+            tk: 0x5000,
+            tv: 0x6000,
+            o: 0x7000,
+            to: 0x8000,
+            lse: 0x9000,
+            tlse: 0xa000,
+        };
+        plan_jvp(Variant::Fwd, DType::BF16, dims, shared, p, 0.1).unwrap();
+        let bp = BwdPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            o: 0x4000,
+            lse: 0x5000,
+            dout: 0x6000,
+            delta: 0x7000,
+            dq: 0x8000,
+            dk: 0x9000,
+            dv: 0xa000,
+        };
+        let e = plan_backward(DType::BF16, dims, shared, bp, 0.1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`k`") && e.contains("`dk`") && e.contains("overlaps"),
+            "{e}"
+        );
+        let mut q_heads = Layout::contiguous(dims);
+        q_heads.q.h = 0;
+        let e = plan_backward(DType::F32, dims, q_heads, bp, 0.1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`dq`"), "{e}");
+        plan_backward(DType::BF16, dims, Layout::contiguous(dims), bp, 0.1).unwrap();
+        plan_backward(DType::BF16, dims, Layout::packed_qkv(dims), bp, 0.1).unwrap();
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::layernorm::{self as ln, LnDims};
 use super::mlp::{self, MlpDims, ParamPtrs};
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::DType;
 
 /// The ops the benchmark knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,7 +223,8 @@ impl Pool {
         Pool { values, rng }
     }
 
-    /// A fresh random tensor (values times `scale`) on the GPU.
+    /// A fresh random tensor (values times `scale`) on the GPU, copied a chunk at a time (the
+    /// host never holds the whole tensor; its size is checked by [`Gpu::alloc`]).
     pub(crate) fn tensor(
         &mut self,
         gpu: &Gpu,
@@ -231,21 +232,9 @@ impl Pool {
         dtype: DType,
         scale: f32,
     ) -> Result<DeviceTensor> {
-        let n: usize = shape.iter().product();
         let start = self.rng.random_range(0..self.values.len());
-        let vals = self
-            .values
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(n)
-            .map(|v| v * scale);
-        let storage = match dtype {
-            DType::BF16 => Storage::BF16(vals.map(half::bf16::from_f32).collect()),
-            DType::F16 => Storage::F16(vals.map(half::f16::from_f32).collect()),
-            _ => Storage::F32(vals.collect()),
-        };
-        gpu.upload(&Tensor::from_storage(storage, shape)?, dtype)
+        let vals = self.values.iter().cycle().skip(start).map(|v| v * scale);
+        gpu.upload_values(shape, dtype, vals)
     }
 }
 
@@ -306,12 +295,19 @@ fn sets_for(gpu: &Gpu, set_bytes: usize) -> usize {
     want.min(fit)
 }
 
-/// Times forward, JVP and backward of `op` at `shape` in `dtype`.
+/// Times forward, JVP and backward of `op` at `shape` in `dtype`. The shape is checked first
+/// ([`working_set`]), then against the GPU's memory, before any kernel is compiled or any tensor
+/// built.
 pub fn bench(op: BenchOp, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>> {
-    dtype_suffix(dtype)?;
+    let need = working_set(op, shape, dtype)?;
     let gpu = Gpu::get()?;
+    check_fits(op, shape, dtype, need, gpu.info().total_mem_bytes)?;
     gpu.preload()?;
-    let mut pool = Pool::new(0x5eed ^ shape.iter().fold(17u64, |h, &s| h * 31 + s as u64));
+    // Wrapping: any number of dims of any size makes a seed.
+    let seed = shape
+        .iter()
+        .fold(17u64, |h, &s| h.wrapping_mul(31).wrapping_add(s as u64));
+    let mut pool = Pool::new(0x5eed ^ seed);
     let rows = match op {
         BenchOp::Attention => bench_attention(&gpu, &mut pool, shape, dtype)?,
         BenchOp::LayerNorm => bench_layernorm(&gpu, &mut pool, shape, dtype)?,
@@ -319,6 +315,153 @@ pub fn bench(op: BenchOp, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>
         BenchOp::DitBlock => super::bench_dit::bench_block(&gpu, &mut pool, shape, dtype)?,
     };
     Ok(rows)
+}
+
+/// Bytes of tensors of these shapes and element sizes, each rounded up to 256 bytes (an
+/// allocation's alignment); `None` if the sum does not fit a `usize`.
+pub(crate) fn bytes_of(tensors: &[(&[usize], usize)]) -> Option<usize> {
+    tensors.iter().try_fold(0usize, |acc, &(shape, size)| {
+        let n = shape
+            .iter()
+            .try_fold(size, |n, &d| n.checked_mul(d))?
+            .checked_next_multiple_of(256)?;
+        acc.checked_add(n)
+    })
+}
+
+/// The dims of an attention benchmark shape B,H,Nq,Nk,d (or B,H,N,d), checked as the kernels
+/// take them.
+fn attention_dims(shape: &[usize]) -> Result<AttnDims> {
+    let (b, h, nq, nk, d) = match *shape {
+        [b, h, nq, nk, d] => (b, h, nq, nk, d),
+        [b, h, n, d] => (b, h, n, n, d),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "attention benchmark shape {shape:?}: expected B,H,Nq,Nk,d or B,H,N,d"
+            )))
+        }
+    };
+    attn::check_shapes(&[b, h, nq, d], &[b, h, nk, d], &[b, h, nk, d])
+}
+
+/// The dims of a layernorm benchmark shape T,C (or T,C,G), checked as the kernels take them.
+fn layernorm_dims(shape: &[usize]) -> Result<LnDims> {
+    let (t, c, g) = match *shape {
+        [t, c] => (t, c, 1),
+        [t, c, g] => (t, c, g),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "layernorm benchmark shape {shape:?}: expected T,C or T,C,G"
+            )))
+        }
+    };
+    ln::check_x(&[t, c])?;
+    if g == 0 || t % g != 0 {
+        return Err(Error::Unsupported(format!(
+            "layernorm benchmark: G = {g} must divide T = {t}"
+        )));
+    }
+    Ok(LnDims { t, c, g })
+}
+
+/// The dims of an MLP benchmark shape T,C,Hd, checked as the GEMMs take them.
+fn mlp_dims(shape: &[usize]) -> Result<MlpDims> {
+    let [t, c, hd] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "mlp benchmark shape {shape:?}: expected T,C,Hd"
+        )));
+    };
+    mlp::check_shapes(&[t, c], &[hd, c], &[hd], &[c, hd], &[c])
+}
+
+/// `(one input set, everything)`: the bytes of the input set the timing loop rotates (what the
+/// L2-cache rule of [`sets_for`] weighs), and of every buffer the benchmark allocates with one
+/// set, both in checked arithmetic over dims the op's checks accepted.
+fn sizes(op: BenchOp, shape: &[usize], dtype: DType) -> Result<(usize, usize)> {
+    let s = dtype.size_in_bytes();
+    let sizes = match op {
+        BenchOp::Attention => {
+            let d = attention_dims(shape)?;
+            let (q, k, l) = (d.q_shape(), d.k_shape(), d.lse_shape());
+            let packed = [d.b, d.nq, 3, d.h, d.d];
+            let mut all: Vec<(&[usize], usize)> = vec![(&q, s); 6];
+            all.extend([(&k[..], s); 6]);
+            all.extend([(&l[..], 4); 4]);
+            if d.nq == d.nk {
+                all.extend([(&packed[..], s); 2]);
+            }
+            let set = bytes_of(&[(&q, 3 * s), (&k, 3 * s)]);
+            set.zip(bytes_of(&all))
+        }
+        BenchOp::LayerNorm => {
+            let LnDims { t, c, g } = layernorm_dims(shape)?;
+            let set = bytes_of(&[(&[t, c], 3 * s)]);
+            let all = bytes_of(&[(&[t, c], 6 * s), (&[g, c], 6 * 4), (&[t], 2 * 4)]);
+            set.zip(all)
+        }
+        BenchOp::Mlp => {
+            let MlpDims { t, c, hd } = mlp_dims(shape)?;
+            let set = bytes_of(&[(&[t, c], 3 * s)]);
+            let all = bytes_of(&[
+                // Parameters and their gradients.
+                (&[hd, c], 4 * s),
+                (&[hd], 2 * s),
+                (&[c], 2 * s),
+                // [x; tx], gy, y, ty, dx.
+                (&[t, c], 6 * s),
+                // Scratch: [2T, Hd], two [T, Hd], T ones.
+                (&[t, hd], 4 * s),
+                (&[t], s),
+            ]);
+            set.zip(all)
+        }
+        BenchOp::DitBlock => {
+            let all = super::bench_dit::working_set(shape, dtype)?;
+            all.map(|a| (0, a))
+        }
+    };
+    sizes.ok_or_else(|| {
+        Error::invalid(
+            "bench",
+            format!(
+                "{} benchmark shape {shape:?} in {dtype} needs more bytes than a usize holds",
+                op.name()
+            ),
+        )
+    })
+}
+
+/// Checks `shape` for `op` as the op's kernels take it and returns the bytes of GPU memory the
+/// benchmark allocates for it (its working set with one input set). [`bench()`] refuses a shape
+/// whose working set exceeds the GPU's memory before building any tensor.
+pub fn working_set(op: BenchOp, shape: &[usize], dtype: DType) -> Result<usize> {
+    dtype_suffix(dtype)?;
+    Ok(sizes(op, shape, dtype)?.1)
+}
+
+/// Errors unless a working set of `need` bytes (from [`working_set`]) fits in `mem` bytes of GPU
+/// memory, naming the op, the shape and both sizes.
+pub fn check_fits(
+    op: BenchOp,
+    shape: &[usize],
+    dtype: DType,
+    need: usize,
+    mem: usize,
+) -> Result<()> {
+    if need > mem {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::invalid(
+            "bench",
+            format!(
+                "{} benchmark shape {shape:?} in {dtype} needs {:.1} GiB of GPU memory, more than \
+                 the GPU's {:.1} GiB",
+                op.name(),
+                gib(need),
+                gib(mem)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) const BUDGET_MS: f64 = 300.0;
@@ -351,20 +494,14 @@ fn bench_attention(
     shape: &[usize],
     dtype: DType,
 ) -> Result<Vec<BenchRow>> {
-    let (b, h, nq, nk, d) = match *shape {
-        [b, h, nq, nk, d] => (b, h, nq, nk, d),
-        [b, h, n, d] => (b, h, n, n, d),
-        _ => {
-            return Err(Error::Unsupported(format!(
-                "attention benchmark shape {shape:?}: expected B,H,Nq,Nk,d or B,H,N,d"
-            )))
-        }
-    };
+    let dims = attention_dims(shape)?;
+    let AttnDims {
+        b, h, nq, nk, d, ..
+    } = dims;
+    let (set_bytes, _) = sizes(BenchOp::Attention, shape, dtype)?;
     let shape = [b, h, nq, nk, d];
-    let dims: AttnDims = attn::check_shapes(&[b, h, nq, d], &[b, h, nk, d], &[b, h, nk, d])?;
     let scale = attn::resolve_scale(None, d)?;
     let s = dtype.size_in_bytes();
-    let set_bytes = (3 * b * h * nq * d + 3 * b * h * nk * d) * s;
     let sets = sets_for(gpu, set_bytes);
     struct Set {
         q: DeviceTensor,
@@ -517,25 +654,13 @@ fn bench_layernorm(
     shape: &[usize],
     dtype: DType,
 ) -> Result<Vec<BenchRow>> {
-    let (t, c, g) = match *shape {
-        [t, c] => (t, c, 1),
-        [t, c, g] => (t, c, g),
-        _ => {
-            return Err(Error::Unsupported(format!(
-                "layernorm benchmark shape {shape:?}: expected T,C or T,C,G"
-            )))
-        }
-    };
-    ln::check_x(&[t, c])?;
-    if g == 0 || t % g != 0 {
-        return Err(Error::Unsupported(format!(
-            "layernorm benchmark: G = {g} must divide T = {t}"
-        )));
-    }
-    let d = LnDims { t, c, g };
-    let s = dtype.size_in_bytes();
-    let tc = t * c;
-    let sets = sets_for(gpu, 3 * tc * s);
+    let d = layernorm_dims(shape)?;
+    let LnDims { t, c, g } = d;
+    let (set_bytes, _) = sizes(BenchOp::LayerNorm, shape, dtype)?;
+    let sets = sets_for(gpu, set_bytes);
+    // Bytes moved, for the rates (f64: no overflow to check).
+    let (tc, s) = ((t * c) as f64, dtype.size_in_bytes() as f64);
+    let mod_bytes = |n: usize| (n * g * c * 4) as f64;
     struct Set {
         x: DeviceTensor,
         tx: DeviceTensor,
@@ -560,7 +685,6 @@ fn bench_layernorm(
     let stats = gpu.alloc_stacked(&[&[t], &[t]], DType::F32)?;
     let grads = gpu.alloc_stacked(&[&[g, c], &[g, c]], DType::F32)?;
     let dx = gpu.alloc(&[t, c], dtype)?;
-    let mod_bytes = |n: usize| n * g * c * 4;
     let mut rows = Vec::new();
     // forward (also saving the statistics the backward reads)
     let fwd = inputs
@@ -581,7 +705,7 @@ fn bench_layernorm(
         .collect::<Result<Vec<_>>>()?;
     let tm = time_plans(gpu, &fwd, BUDGET_MS)?;
     let mut r = row(BenchOp::LayerNorm, "fwd", shape, dtype, tm);
-    r.gbps = Some((2 * tc * s + mod_bytes(2) + 8 * t) as f64 / (tm.0 * 1e-3) / 1e9);
+    r.gbps = Some((2.0 * tc * s + mod_bytes(2) + 8.0 * t as f64) / (tm.0 * 1e-3) / 1e9);
     rows.push(r);
     let jvp = inputs
         .iter()
@@ -607,7 +731,7 @@ fn bench_layernorm(
         .collect::<Result<Vec<_>>>()?;
     let tm = time_plans(gpu, &jvp, BUDGET_MS)?;
     let mut r = row(BenchOp::LayerNorm, "jvp", shape, dtype, tm);
-    r.gbps = Some((4 * tc * s + mod_bytes(4)) as f64 / (tm.0 * 1e-3) / 1e9);
+    r.gbps = Some((4.0 * tc * s + mod_bytes(4)) / (tm.0 * 1e-3) / 1e9);
     rows.push(r);
     // backward with the statistics of the last forward (the timing does not depend on them)
     let bwd = inputs
@@ -632,18 +756,15 @@ fn bench_layernorm(
         .collect::<Result<Vec<_>>>()?;
     let tm = time_plans(gpu, &bwd, BUDGET_MS)?;
     let mut r = row(BenchOp::LayerNorm, "bwd", shape, dtype, tm);
-    r.gbps = Some((3 * tc * s + mod_bytes(3) + 8 * t) as f64 / (tm.0 * 1e-3) / 1e9);
+    r.gbps = Some((3.0 * tc * s + mod_bytes(3) + 8.0 * t as f64) / (tm.0 * 1e-3) / 1e9);
     rows.push(r);
     Ok(rows)
 }
 
 fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>> {
-    let [t, c, hd] = *shape else {
-        return Err(Error::Unsupported(format!(
-            "mlp benchmark shape {shape:?}: expected T,C,Hd"
-        )));
-    };
-    let d: MlpDims = mlp::check_shapes(&[t, c], &[hd, c], &[hd], &[c, hd], &[c])?;
+    let d = mlp_dims(shape)?;
+    let MlpDims { t, c, hd } = d;
+    let (set_bytes, _) = sizes(BenchOp::Mlp, shape, dtype)?;
     let wscale = 1.0 / (c as f32).sqrt();
     let w1 = pool.tensor(gpu, &[hd, c], dtype, wscale)?;
     let b1 = pool.tensor(gpu, &[hd], dtype, 0.1)?;
@@ -656,7 +777,7 @@ fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Resul
         b2: b2.ptr(),
     };
     let s = dtype.size_in_bytes();
-    let sets = sets_for(gpu, 3 * t * c * s);
+    let sets = sets_for(gpu, set_bytes);
     let mut inputs = Vec::new();
     for _ in 0..sets {
         // x and its tangent stacked (one first-layer GEMM), and a cotangent.
@@ -800,6 +921,60 @@ mod tests {
         assert!(ratio_lines(BenchOp::Mlp, &mlp)[0].contains("MISSED"));
         assert!(ratio_lines(BenchOp::Mlp, &mlp[..1]).is_empty());
         assert!(ratio_lines(BenchOp::Mlp, &[]).is_empty());
+    }
+
+    /// Shapes are checked, and their working sets counted, in checked arithmetic: any number of
+    /// dims of any size is a shape or an error naming it, never a panic or a wrapped size.
+    #[test]
+    fn bench_shapes_are_checked_without_overflow() {
+        let big = i32::MAX as usize;
+        let ops = [
+            BenchOp::Attention,
+            BenchOp::LayerNorm,
+            BenchOp::Mlp,
+            BenchOp::DitBlock,
+        ];
+        for op in ops {
+            for shape in [
+                vec![usize::MAX; 13],
+                vec![big; 13],
+                vec![usize::MAX; 4],
+                vec![big; 3],
+                vec![big, big],
+                vec![1, 1, usize::MAX / 2, 1],
+                vec![],
+            ] {
+                let e = working_set(op, &shape, DType::BF16);
+                assert!(e.is_err(), "{op:?} {shape:?}: {e:?}");
+            }
+            for shape in op.default_shapes() {
+                let need = working_set(op, &shape, DType::BF16).unwrap();
+                assert!(need > 0 && need < 80 << 30, "{op:?} {shape:?}: {need}");
+                check_fits(op, &shape, DType::BF16, need, 80 << 30).unwrap();
+            }
+        }
+        // What the fold of the seed does with many dims: wrapping, not a panic.
+        let seed = [usize::MAX; 13]
+            .iter()
+            .fold(17u64, |h, &s| h.wrapping_mul(31).wrapping_add(s as u64));
+        assert_ne!(seed, 0);
+        // The 4 TB MLP input of the audit: valid dims, refused for the memory it needs (naming
+        // the shape) before any tensor is built.
+        let shape = [1_000_000, 1_000_000, 1];
+        let need = working_set(BenchOp::Mlp, &shape, DType::BF16).unwrap();
+        assert!(need > 1 << 42, "{need}");
+        let e = check_fits(BenchOp::Mlp, &shape, DType::BF16, need, 80 << 30).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("[1000000, 1000000, 1]") && m.contains("GiB"),
+            "{m}"
+        );
+        // A DiT block with C near usize::MAX: its MLP width 4C overflows, an error.
+        let e = working_set(BenchOp::DitBlock, &[1, 1, usize::MAX / 2, 1], DType::BF16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4C"), "{e}");
+        assert!(working_set(BenchOp::Mlp, &[4, 8, 16], DType::F64).is_err());
     }
 
     #[test]

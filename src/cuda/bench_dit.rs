@@ -32,6 +32,54 @@ pub fn default_shapes() -> Vec<Vec<usize>> {
     vec![vec![2, 4096, 1536, 12], vec![8, 1024, 1152, 16]]
 }
 
+/// The block of a benchmark shape B,N,C,heads (MLP width 4C), checked as the block's kernels
+/// take it.
+fn block_dims(shape: &[usize]) -> Result<BlockDims> {
+    let [b, n, c, heads] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "dit_block benchmark shape {shape:?}: expected B,N,C,heads"
+        )));
+    };
+    let hd = c.checked_mul(4).ok_or_else(|| {
+        Error::invalid(
+            "bench",
+            format!("dit_block benchmark shape {shape:?}: the MLP width 4C = 4*{c} overflows"),
+        )
+    })?;
+    let d = BlockDims { b, n, c, heads, hd };
+    d.check()?;
+    Ok(d)
+}
+
+/// The bytes [`bench_block`] allocates at `shape` (checked first; `None` if they do not fit a
+/// `usize`): weights and their gradients, the modulation vectors, the primal and the dual
+/// forward's buffers, the backward's scratch.
+pub(crate) fn working_set(shape: &[usize], dtype: DType) -> Result<Option<usize>> {
+    let d = block_dims(shape)?;
+    let (b, c, hd, t) = (d.b, d.c, d.hd, d.t());
+    let s = dtype.size_in_bytes();
+    // Within the block's checks: 3C and 2T fit an int, B·heads·N the attention's grid.
+    let (c3, t2, rows) = (3 * c, 2 * t, d.b * d.heads * d.n);
+    let params = BlockParams::shapes(c, hd);
+    let mut all: Vec<(&[usize], usize)> = params.iter().map(|p| (&p[..], 2 * s)).collect();
+    let (tc, t3c, thd, t2c, t2hd) = ([t, c], [t, c3], [t, hd], [t2, c], [t2, hd]);
+    let (mods, tn, lse) = ([6, b, c], [t], [rows]);
+    all.extend([
+        (&mods[..], 3 * 4),
+        // x, tx, dout, dx; the forward's [T, C] buffers, the dual one's, its tangents', the
+        // backward's.
+        (&tc[..], (4 + 7 + 5 + 5 + 3) * s),
+        (&t3c[..], 4 * s),
+        (&thd[..], 4 * s),
+        (&t2c[..], 2 * s),
+        (&t2hd[..], s),
+        // Statistics (f32) and the ones row.
+        (&tn[..], 8 * 4 + s),
+        (&lse[..], 4 * 4),
+    ]);
+    Ok(super::bench::bytes_of(&all))
+}
+
 /// Times one block at `shape` = B,N,C,heads (MLP width 4C) in `dtype`.
 pub(crate) fn bench_block(
     gpu: &Gpu,
@@ -39,19 +87,8 @@ pub(crate) fn bench_block(
     shape: &[usize],
     dtype: DType,
 ) -> Result<Vec<BenchRow>> {
-    let [b, n, c, heads] = *shape else {
-        return Err(Error::Unsupported(format!(
-            "dit_block benchmark shape {shape:?}: expected B,N,C,heads"
-        )));
-    };
-    let d = BlockDims {
-        b,
-        n,
-        c,
-        heads,
-        hd: 4 * c,
-    };
-    d.check()?;
+    let d = block_dims(shape)?;
+    let (b, n, c) = (d.b, d.n, d.c);
     let (t, hd) = (d.t(), d.hd);
     // Weights at 1/sqrt(fan-in), biases at 0.1.
     let shapes = BlockParams::shapes(c, hd);
@@ -66,7 +103,7 @@ pub(crate) fn bench_block(
             pool.tensor(gpu, s, dtype, scale)
         })
         .collect::<Result<Vec<_>>>()?;
-    let p = BlockParams::of(&w);
+    let p = BlockParams::of(&w)?;
     let mods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
     let tmods = pool.tensor(gpu, &[6, b, c], DType::F32, 0.3)?;
     let m = Mods::chunks(mods.ptr(), 0, b, c);
@@ -109,7 +146,7 @@ pub(crate) fn bench_block(
     let scratch = BlockGradAlloc::new(gpu, dtype, d, dx.ptr(), ones.ptr())?;
     let mut g = scratch.grads;
     g.dmods = Mods::chunks(dmods.ptr(), 0, b, c);
-    g.dp = BlockParams::of(&grads[..8]);
+    g.dp = BlockParams::of(&grads[..8])?;
     let bwd_of = |a: &BlockAlloc| -> Result<Vec<Step>> {
         let mut s = vec![Step::Copy {
             src: dout.ptr(),

@@ -249,10 +249,7 @@ impl Gpu {
                         bytes.len()
                     )))
             }
-            DeviceBuf::Host(h) => {
-                h.write(offset, bytes);
-                Ok(())
-            }
+            DeviceBuf::Host(h) => h.write(offset, bytes),
         }
     }
 
@@ -273,7 +270,7 @@ impl Gpu {
                         out.len()
                     )))?;
                 }
-                DeviceBuf::Host(h) => h.read(offset, out),
+                DeviceBuf::Host(h) => h.read(offset, out)?,
             }
         }
         self.synchronize()

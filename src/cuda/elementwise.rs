@@ -290,7 +290,7 @@ pub fn plan_timestep(
     // With a tangent, e is optional (the JVP kernel writes it when non-null).
     let out = if tt == 0 { ("e", e) } else { ("te", te) };
     require_ptrs(OP, &[("t", t), out])?;
-    let mp = Arg::F32(max_period as f32);
+    let mp = Arg::F32(max_period_f32(max_period)?);
     let (ni, di) = (int_arg(OP, "N", n)?, int_arg(OP, "dim", dim)?);
     if tt == 0 {
         pointwise(
@@ -519,13 +519,21 @@ pub fn timestep_check(t: &[usize], dim: usize, max_period: f64) -> Result<usize>
             format!("dim must be even and > 0, got {dim}"),
         ));
     }
-    if !(max_period.is_finite() && max_period > 0.0 && (max_period as f32).is_finite()) {
+    max_period_f32(max_period)?;
+    Ok(t[0])
+}
+
+/// max_period as the kernels take it: finite and > 0 in f32 too (beyond f32's range it becomes
+/// inf, below its smallest value 0, and the frequencies NaN or inf).
+fn max_period_f32(max_period: f64) -> Result<f32> {
+    let mp = max_period as f32;
+    if !(max_period.is_finite() && max_period > 0.0 && mp.is_finite() && mp > 0.0) {
         return Err(Error::invalid(
-            OP,
-            format!("max_period must be finite and > 0, got {max_period}"),
+            "timestep_embedding",
+            format!("max_period must be finite and > 0 in f32, got {max_period}"),
         ));
     }
-    Ok(t[0])
+    Ok(mp)
 }
 
 /// The embedding (f32 [N, dim]) and, with tt, its tangent, on the GPU.
@@ -566,4 +574,28 @@ pub fn timestep_embedding(
         te.as_ref().map_or(0, |t| t.ptr()),
     )?)?;
     Ok((e, te))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_period_must_be_finite_and_positive_in_f32() {
+        for mp in [10000.0, 1.0, 1e-30, 3.0e38] {
+            plan_timestep(4, 8, mp, 16, 0, 32, 0).unwrap();
+            plan_timestep(4, 8, mp, 16, 48, 0, 32).unwrap();
+            timestep_check(&[4], 8, mp).unwrap();
+        }
+        // Out of f32's range (inf), below its smallest value (0), or not a positive number.
+        for mp in [3.5e38, 1e-50, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            for e in [
+                plan_timestep(4, 8, mp, 16, 0, 32, 0).unwrap_err(),
+                plan_timestep(4, 8, mp, 16, 48, 0, 32).unwrap_err(),
+                timestep_check(&[4], 8, mp).unwrap_err(),
+            ] {
+                assert!(e.to_string().contains("max_period"), "{mp}: {e}");
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use half::{bf16, f16};
 
-use super::gemm::col_major;
+use super::gemm::{check_gemm_dtype, col_major};
 use super::launch::{Arg, Gemm, GemmAct, Launch, Step};
 use crate::cpu::activation::{gelu, gelu_grad};
 use crate::error::{Error, Result};
@@ -376,7 +376,8 @@ fn live() -> &'static Mutex<BTreeMap<u64, usize>> {
 fn check_range(what: &str, ptr: u64, bytes: usize) -> Result<()> {
     let map = live().lock().expect("emulator buffer registry");
     if let Some((&start, &len)) = map.range(..=ptr).next_back() {
-        if ptr + bytes as u64 <= start + len as u64 {
+        // In u128: an end past u64::MAX must not wrap to an address inside the buffer.
+        if ptr as u128 + bytes as u128 <= start as u128 + len as u128 {
             return Ok(());
         }
         return Err(Error::Cuda(format!(
@@ -409,8 +410,21 @@ impl HostBuffer {
     /// `len` bytes (at least 1), filled with 0xFF (NaN in every float dtype) until written.
     pub fn new(len: usize) -> Result<HostBuffer> {
         let len = len.max(1);
-        let body = len.next_multiple_of(256).next_multiple_of(PAGE);
-        let map_len = body + PAGE;
+        // Rounded up to whole pages plus the guard page, without wrapping (and, like any
+        // allocation, within isize::MAX).
+        let sizes = len.checked_next_multiple_of(256).and_then(|slot| {
+            let body = slot.checked_next_multiple_of(PAGE)?;
+            let map_len = body
+                .checked_add(PAGE)
+                .filter(|&m| m <= isize::MAX as usize)?;
+            Some((slot, body, map_len))
+        });
+        let Some((slot, body, map_len)) = sizes else {
+            return Err(Error::Cuda(format!(
+                "emulator: allocating {len} bytes of host memory failed (more than memory can \
+                 address)"
+            )));
+        };
         // SAFETY: an anonymous private mapping; the guard page is the last page of it.
         let map = unsafe {
             libc::mmap(
@@ -435,7 +449,7 @@ impl HostBuffer {
                 libc::PROT_NONE,
             );
         }
-        let ptr = map as u64 + (body - len.next_multiple_of(256)) as u64;
+        let ptr = map as u64 + (body - slot) as u64;
         // SAFETY: [ptr, ptr + len) lies in the readable part of the mapping.
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, len) };
         live()
@@ -465,13 +479,23 @@ impl HostBuffer {
         self.len == 0
     }
 
-    /// Copies `bytes` in at byte `offset`.
-    pub fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset + bytes.len() <= self.len,
-            "HostBuffer::write past its end"
-        );
-        // SAFETY: in bounds (asserted); the buffer is live.
+    /// Errors unless `[offset, offset + bytes)` lies within the buffer (the end computed without
+    /// wrapping).
+    fn check_within(&self, what: &str, offset: usize, bytes: usize) -> Result<()> {
+        if offset.checked_add(bytes).is_none_or(|end| end > self.len) {
+            return Err(Error::Cuda(format!(
+                "emulator: {what} of {bytes} bytes at offset {offset} runs past the end of a \
+                 {}-byte buffer",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` in at byte `offset`; errors (writing nothing) unless they fit.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.check_within("a write", offset, bytes.len())?;
+        // SAFETY: in bounds (checked); the buffer is live.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -479,15 +503,14 @@ impl HostBuffer {
                 bytes.len(),
             )
         };
+        Ok(())
     }
 
-    /// Copies `out.len()` bytes out from byte `offset`.
-    pub fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(
-            offset + out.len() <= self.len,
-            "HostBuffer::read past its end"
-        );
-        // SAFETY: in bounds (asserted); the buffer is live.
+    /// Copies `out.len()` bytes out from byte `offset`; errors (reading nothing) unless they lie
+    /// within the buffer.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check_within("a read", offset, out.len())?;
+        // SAFETY: in bounds (checked); the buffer is live.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 (self.ptr as *const u8).add(offset),
@@ -495,6 +518,7 @@ impl HostBuffer {
                 out.len(),
             )
         };
+        Ok(())
     }
 }
 
@@ -516,10 +540,15 @@ fn fill(ptr: u64, width: usize, count: usize, bits: u32) -> Result<()> {
     if !matches!(width, 1 | 2 | 4) {
         return Err(Error::Cuda(format!("memset of width {width}")));
     }
-    check_range("fill", ptr, width * count)?;
+    let Some(total) = width.checked_mul(count) else {
+        return Err(Error::Cuda(format!(
+            "emulator: fill of {count} elements of {width} bytes overflows"
+        )));
+    };
+    check_range("fill", ptr, total)?;
     let bytes = bits.to_le_bytes();
     // SAFETY: the range lies in a live buffer (checked above).
-    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, width * count) };
+    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, total) };
     for chunk in dst.chunks_exact_mut(width) {
         chunk.copy_from_slice(&bytes[..width]);
     }
@@ -560,6 +589,7 @@ fn store(dtype: DType, base: u64, i: usize, v: f64) {
 /// the row-major B) and op transposes when asked; likewise A2 at `g.a`. Then cuBLASLt's epilogue:
 /// D = P, gelu(P) (with P into the aux matrix, D's layout, for GELU_AUX) or gelu'(aux) ⊙ P (DGELU).
 fn gemm(g: &Gemm) -> Result<()> {
+    check_gemm_dtype(g)?;
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
@@ -568,16 +598,32 @@ fn gemm(g: &Gemm) -> Result<()> {
     }
     let cm = col_major(g);
     let sz = g.dtype.size_in_bytes();
-    let extent = |rows: usize, cols: usize, ld: usize| (ld * (cols - 1) + rows) * sz;
-    check_range("GEMM operand A", g.b, extent(cm.rows_1, cm.cols_1, cm.ld_1))?;
-    check_range("GEMM operand B", g.a, extent(cm.rows_2, cm.cols_2, cm.ld_2))?;
-    check_range("GEMM output", g.c, cm.m * cm.n * sz)?;
+    // Byte extents without wrapping (a wrapped one could pass the range checks).
+    let overflow = || Error::Cuda(format!("emulator: the extents of {g:?} overflow"));
+    let extent = |rows: usize, cols: usize, ld: usize| {
+        ld.checked_mul(cols - 1)
+            .and_then(|x| x.checked_add(rows))
+            .and_then(|x| x.checked_mul(sz))
+            .ok_or_else(overflow)
+    };
+    let out_bytes = extent(cm.m, cm.n, cm.m)?;
+    check_range(
+        "GEMM operand A",
+        g.b,
+        extent(cm.rows_1, cm.cols_1, cm.ld_1)?,
+    )?;
+    check_range(
+        "GEMM operand B",
+        g.a,
+        extent(cm.rows_2, cm.cols_2, cm.ld_2)?,
+    )?;
+    check_range("GEMM output", g.c, out_bytes)?;
     if let Some(b) = g.bias {
-        check_range("GEMM bias", b, cm.m * sz)?;
+        check_range("GEMM bias", b, extent(cm.m, 1, cm.m)?)?;
     }
     let aux = match g.act {
         GemmAct::GeluAux { aux } | GemmAct::DGelu { aux } => {
-            check_range("GEMM epilogue aux", aux, cm.m * cm.n * sz)?;
+            check_range("GEMM epilogue aux", aux, out_bytes)?;
             aux
         }
         GemmAct::None | GemmAct::Gelu => 0,
@@ -651,13 +697,13 @@ mod tests {
     fn buffer(v: &[f32]) -> HostBuffer {
         let b = HostBuffer::new(v.len() * 4).unwrap();
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        b.write(0, &bytes);
+        b.write(0, &bytes).unwrap();
         b
     }
 
     fn read(b: &HostBuffer, n: usize) -> Vec<f32> {
         let mut bytes = vec![0u8; n * 4];
-        b.read(0, &mut bytes);
+        b.read(0, &mut bytes).unwrap();
         bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -721,6 +767,51 @@ mod tests {
         // The zero page is never a buffer.
         let e = check_range("x", 16, 1).unwrap_err().to_string();
         assert!(e.contains("not in any live buffer"), "{e}");
+    }
+
+    #[test]
+    fn out_of_bounds_host_copies_are_errors_not_wraps() {
+        let b = HostBuffer::new(16).unwrap();
+        b.write(0, &[1; 16]).unwrap();
+        b.write(15, &[2]).unwrap();
+        // offset + len wraps past usize::MAX: without a checked sum it passed and wrote out of
+        // bounds.
+        assert!(b.write(usize::MAX, &[0, 0]).is_err());
+        assert!(b.write(16, &[0]).is_err());
+        let mut out = [0u8; 2];
+        assert!(b.read(usize::MAX, &mut out).is_err());
+        assert!(b.read(15, &mut out).is_err());
+        b.read(14, &mut out).unwrap();
+        assert_eq!(out, [1, 2]);
+        // Sizes whose rounding to pages would wrap are errors, not panics or tiny mappings.
+        for len in [usize::MAX, usize::MAX - 4095, isize::MAX as usize] {
+            let e = HostBuffer::new(len).err().expect("no such mapping");
+            assert!(e.to_string().contains("allocating"), "{e}");
+        }
+        // A range whose end passes u64::MAX does not wrap into a live buffer.
+        assert!(check_range("x", b.ptr(), usize::MAX).is_err());
+        assert!(check_range("x", u64::MAX - 1, 4).is_err());
+        assert!(fill(b.ptr(), 4, usize::MAX / 2, 0).is_err());
+    }
+
+    #[test]
+    fn f64_matrix_products_are_refused() {
+        let b = HostBuffer::new(64).unwrap();
+        let g = Gemm {
+            dtype: DType::F64,
+            m: 2,
+            n: 2,
+            k: 2,
+            a: b.ptr(),
+            trans_a: false,
+            b: b.ptr(),
+            trans_b: false,
+            c: b.ptr(),
+            bias: None,
+            act: GemmAct::None,
+        };
+        let e = gemm(&g).unwrap_err();
+        assert!(e.to_string().contains("f64"), "{e}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
 use super::elementwise as ew;
-use super::launch::{Gemm, GemmAct};
+use super::launch::{dtype_suffix, Gemm, GemmAct};
 use super::tensor::one_bits;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -114,6 +114,18 @@ fn blas_check(what: &str, s: bsys::cublasStatus_t) -> Result<()> {
     } else {
         Err(blas_err(what, s))
     }
+}
+
+/// Errors unless the product's dtype is one the GEMMs take (bf16, f16, f32): cuBLAS would be told
+/// f32 for any other (`lt_type`), and read f64 buffers as f32 without a word.
+pub(crate) fn check_gemm_dtype(g: &Gemm) -> Result<()> {
+    dtype_suffix(g.dtype).map(|_| ()).map_err(|_| {
+        Error::Unsupported(format!(
+            "a matrix product [{}, {}] x [{}, {}] in {}: the GPU's GEMMs take bf16, f16 or f32 \
+             (use the CPU for f64)",
+            g.m, g.k, g.k, g.n, g.dtype
+        ))
+    })
 }
 
 /// The largest power of two (up to 256) dividing the address: the alignment cuBLASLt may assume.
@@ -244,6 +256,7 @@ impl Blas {
     }
 
     pub(crate) fn gemm(&mut self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+        check_gemm_dtype(g)?;
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }

@@ -8,7 +8,7 @@
 
 use super::context::Gpu;
 use super::launch::{check_groups, dtype_suffix, int_arg, require_ptrs, Arg, Launch, Step};
-use super::tensor::{expect_tensor, DeviceTensor};
+use super::tensor::{check_disjoint, expect_tensor, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -48,11 +48,13 @@ pub fn check_x(shape: &[usize]) -> Result<(usize, usize)> {
     Ok((t, c))
 }
 
+/// eps as the kernels take it: finite and >= 0 in f32 too (an eps of 3.5e38 or more becomes inf
+/// in f32, and every rstd 0).
 fn eps_arg(eps: f64) -> Result<Arg> {
-    if !(eps.is_finite() && eps >= 0.0) {
+    if !(eps.is_finite() && eps >= 0.0 && (eps as f32).is_finite()) {
         return Err(Error::invalid(
             OP,
-            format!("eps must be finite and >= 0, got {eps}"),
+            format!("eps must be finite in f32 and >= 0, got {eps}"),
         ));
     }
     Ok(Arg::F32(eps as f32))
@@ -592,6 +594,18 @@ pub fn jvp_into(
             ));
         }
     }
+    let inputs: Vec<(&str, &DeviceTensor)> = [
+        ("x", Some(x)),
+        ("tx", tx),
+        ("scale", m.scale),
+        ("shift", m.shift),
+        ("tscale", m.tscale),
+        ("tshift", m.tshift),
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| Some((name, t?)))
+    .collect();
+    check_disjoint(OP, &[("y", y), ("ty", ty)], &inputs)?;
     let p = JvpPtrs {
         x: x.ptr(),
         tx: tx.map_or(0, |t| t.ptr()),
@@ -682,6 +696,20 @@ mod tests {
         assert!(e.to_string().contains("`shift`"), "{e}");
         let e = groups_of(OP, "shift", &[1, 4, 8], 6, 8).unwrap_err();
         assert!(matches!(e, Error::Rank { .. }), "{e}");
+    }
+
+    #[test]
+    fn eps_must_be_finite_in_f32() {
+        let d = LnDims { t: 4, c: 8, g: 1 };
+        let plan = |eps: f64| plan_forward(DType::F32, d, 16, 0, 0, 32, 0, 0, eps);
+        for eps in [0.0, 1e-6, 1e-50, 3.0e38] {
+            plan(eps).unwrap();
+        }
+        // 3.5e38 is finite in f64 but inf in f32 (every rstd would be 0).
+        for eps in [3.5e38, 1e300, f64::INFINITY, f64::NAN, -1e-6] {
+            let e = plan(eps).unwrap_err();
+            assert!(e.to_string().contains("eps"), "{eps}: {e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! no algorithm for an epilogue, [`super::gemm`] runs the product and then the elementwise kernels.
 
 use super::context::Gpu;
-use super::launch::{int_arg, require_ptrs, Gemm, GemmAct, Step};
+use super::launch::{dtype_suffix, int_arg, require_ptrs, Gemm, GemmAct, Step};
 use super::tensor::{expect_tensor, one_bits, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -175,6 +175,7 @@ pub fn plan_forward(
     h: u64,
     y: u64,
 ) -> Result<Vec<Step>> {
+    dtype_suffix(dtype)?;
     d.check()?;
     require_ptrs(OP, &[("x", x), ("h", h), ("y", y)])?;
     p.require()?;
@@ -210,6 +211,7 @@ pub fn plan_jvp(
     y: u64,
     ty: u64,
 ) -> Result<Vec<Step>> {
+    dtype_suffix(dtype)?;
     d.check()?;
     require_ptrs(
         OP,
@@ -223,8 +225,22 @@ pub fn plan_jvp(
         ],
     )?;
     p.require()?;
-    let s_bytes = dtype.size_in_bytes() as u64;
-    let th = h2 + (d.t * d.hd) as u64 * s_bytes;
+    // Rows T..2T of h2; dims no memory holds could wrap the address.
+    let th = (d.t as u64)
+        .checked_mul(d.hd as u64)
+        .and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64))
+        .and_then(|bytes| h2.checked_add(bytes))
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!(
+                    "the [2T, Hd] = [{}, {}] {dtype} scratch `h2` at {h2:#x} runs past the end \
+                     of the address space",
+                    2 * d.t,
+                    d.hd
+                ),
+            )
+        })?;
     let dims = (d.t, d.hd, d.c);
     Ok(vec![
         // g = gelu(pre), pre = x W1ᵀ + b1 saved in rows 0..T of h2.
@@ -288,6 +304,7 @@ pub fn plan_backward(
     gy: u64,
     b: BwdPtrs,
 ) -> Result<Vec<Step>> {
+    dtype_suffix(dtype)?;
     d.check()?;
     p.require()?;
     require_ptrs(
@@ -539,6 +556,35 @@ mod tests {
         );
         assert_eq!((gemms[3].a, gemms[3].c, gemms[3].bias), (th, ty, None));
         assert!(gemms[2..].iter().all(|g| g.act == GemmAct::None));
+    }
+
+    /// f64 is refused by every plan: the GEMMs would otherwise read its buffers as f32.
+    #[test]
+    fn f64_plans_are_refused() {
+        let d = MlpDims { t: 5, c: 8, hd: 16 };
+        let b = BwdPtrs {
+            pre: 1,
+            g: 2,
+            dg: 3,
+            ones: 4,
+            dx: 5,
+            dw1: 6,
+            db1: 7,
+            dw2: 8,
+            db2: 9,
+        };
+        let errs = [
+            plan_forward(DType::F64, d, 0x100, params(), 0x200, 0x300).unwrap_err(),
+            plan_jvp(DType::F64, d, 1, 2, params(), 3, 4, 5, 6).unwrap_err(),
+            plan_backward(DType::F64, d, 1, params(), 2, b).unwrap_err(),
+        ];
+        for e in errs {
+            assert!(e.to_string().contains("f64"), "{e}");
+        }
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            plan_forward(dt, d, 0x100, params(), 0x200, 0x300).unwrap();
+            plan_backward(dt, d, 1, params(), 2, b).unwrap();
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@ use super::launch::{dtype_suffix, pointwise_steps, Arg, Step};
 use crate::error::{Error, Result};
 use crate::tensor::{checked_numel, DType, Storage, Tensor};
 
+/// The largest `align` [`Gpu::upload_packed`] takes, in bytes (a page).
+pub const MAX_ALIGN: usize = 4096;
+
 /// A contiguous row-major tensor in GPU memory.
 #[derive(Clone)]
 pub struct DeviceTensor {
@@ -142,7 +145,8 @@ impl Gpu {
     }
 
     /// Several tensors in one allocation, each starting at a multiple of `align` bytes (256
-    /// gives every tensor the alignment of a separate allocation).
+    /// gives every tensor the alignment of a separate allocation); `align` must be a power of two
+    /// (1 packs them back to back) of at most [`MAX_ALIGN`].
     pub fn upload_packed(
         &self,
         ts: &[&Tensor],
@@ -150,10 +154,16 @@ impl Gpu {
         align: usize,
     ) -> Result<Vec<DeviceTensor>> {
         dtype_suffix(dtype)?;
+        if !align.is_power_of_two() || align > MAX_ALIGN {
+            return Err(Error::invalid(
+                "upload_packed",
+                format!("align {align} is not a power of two at most {MAX_ALIGN} (bytes)"),
+            ));
+        }
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(ts.len());
         for t in ts {
-            bytes.resize(bytes.len().next_multiple_of(align.max(1)), 0);
+            bytes.resize(bytes.len().next_multiple_of(align), 0);
             offsets.push(bytes.len());
             let converted;
             let t = if t.dtype() == dtype {
@@ -181,6 +191,47 @@ impl Gpu {
             .collect())
     }
 
+    /// A tensor of `shape` filled in row-major order from `values`, each converted to `dtype`
+    /// (round to nearest even), copied to the GPU a chunk at a time: the host never holds more
+    /// than a chunk, whatever the size of the tensor. Errors if `values` ends early.
+    pub(crate) fn upload_values(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        mut values: impl Iterator<Item = f32>,
+    ) -> Result<DeviceTensor> {
+        const CHUNK: usize = 1 << 20;
+        let mut t = self.alloc(shape, dtype)?;
+        let (n, size) = (t.numel(), dtype.size_in_bytes());
+        self.bind()?;
+        let buf = Arc::get_mut(&mut t.buf).expect("a fresh allocation is not shared");
+        let mut bytes = Vec::with_capacity(CHUNK.min(n) * size);
+        let mut done = 0;
+        while done < n {
+            let len = CHUNK.min(n - done);
+            bytes.clear();
+            for v in values.by_ref().take(len) {
+                match dtype {
+                    DType::BF16 => bytes.extend(bf16::from_f32(v).to_bits().to_le_bytes()),
+                    DType::F16 => bytes.extend(f16::from_f32(v).to_bits().to_le_bytes()),
+                    _ => bytes.extend(v.to_le_bytes()),
+                }
+            }
+            if bytes.len() != len * size {
+                return Err(Error::invalid(
+                    "upload",
+                    format!(
+                        "{} values for a tensor of shape {shape:?} ({n} elements)",
+                        done + bytes.len() / size
+                    ),
+                ));
+            }
+            self.copy_to_device(buf, done * size, &bytes)?;
+            done += len;
+        }
+        Ok(t)
+    }
+
     /// Tensors of the given shapes in one allocation, each 256-byte aligned, uninitialised (NaN-poisoned
     /// like [`Gpu::alloc_out`] when poisoning is on).
     pub fn alloc_stacked(&self, shapes: &[&[usize]], dtype: DType) -> Result<Vec<DeviceTensor>> {
@@ -193,10 +244,20 @@ impl Gpu {
                 Ok((n * dtype.size_in_bytes()).next_multiple_of(256))
             })
             .collect::<Result<_>>()?;
+        // At most isize::MAX bytes in all, like any one allocation (checked_numel's bound).
         let total = sizes
             .iter()
             .try_fold(0usize, |a, &b| a.checked_add(b))
-            .ok_or_else(|| Error::invalid("alloc_stacked", format!("{shapes:?} overflow")))?;
+            .filter(|&t| t <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "alloc_stacked",
+                    format!(
+                        "{dtype} tensors of shapes {shapes:?} hold more bytes in all than memory \
+                         can address"
+                    ),
+                )
+            })?;
         let buf = Arc::new(self.alloc_bytes(total)?);
         let mut offset = 0;
         let ts: Vec<DeviceTensor> = shapes
@@ -369,6 +430,49 @@ pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec
     )
 }
 
+/// Whether the byte ranges `[a.0, a.0 + a.1)` and `[b.0, b.0 + b.1)` share a byte (an empty range
+/// shares none; the ends are computed without wrapping).
+fn ranges_overlap(a: (u64, usize), b: (u64, usize)) -> bool {
+    let end = |(p, n): (u64, usize)| p as u128 + n as u128;
+    a.1 > 0 && b.1 > 0 && (a.0 as u128) < end(b) && (b.0 as u128) < end(a)
+}
+
+/// Errors unless the device bytes of every output are disjoint from those of every input and of
+/// every other output: a kernel reading memory it (or another step of the plan) writes, or two
+/// outputs written in one place, would give a silently wrong result. The error is an
+/// [`Error::Invalid`] of `op` naming both tensors and their byte ranges.
+pub(crate) fn check_disjoint(
+    op: &'static str,
+    outputs: &[(&str, &DeviceTensor)],
+    inputs: &[(&str, &DeviceTensor)],
+) -> Result<()> {
+    let range = |t: &DeviceTensor| (t.ptr(), t.bytes());
+    let show = |t: &DeviceTensor| {
+        let (p, n) = range(t);
+        format!("[{p:#x}, {:#x})", p as u128 + n as u128)
+    };
+    for (i, &(name, out)) in outputs.iter().enumerate() {
+        let others = outputs[i + 1..]
+            .iter()
+            .map(|&(n, t)| ("output", n, t))
+            .chain(inputs.iter().map(|&(n, t)| ("input", n, t)));
+        for (kind, other_name, other) in others {
+            if ranges_overlap(range(out), range(other)) {
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "output `{name}` at {} overlaps {kind} `{other_name}` at {}: outputs must \
+                         not share memory with an input or another output",
+                        show(out),
+                        show(other)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Errors unless `t` has `shape` and `dtype`: an [`Error::DType`] or an [`Error::Shape`] naming
 /// `op` and the tensor `name`.
 pub(crate) fn expect_tensor(
@@ -395,4 +499,28 @@ pub(crate) fn expect_tensor(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges_overlap;
+
+    #[test]
+    fn byte_ranges_overlap_only_where_they_share_a_byte() {
+        assert!(ranges_overlap((100, 10), (105, 10)));
+        assert!(ranges_overlap((105, 10), (100, 10)));
+        assert!(ranges_overlap((100, 10), (100, 1)));
+        assert!(ranges_overlap((100, 100), (150, 1)));
+        // Adjacent, empty, or far apart: disjoint.
+        assert!(!ranges_overlap((100, 10), (110, 10)));
+        assert!(!ranges_overlap((110, 10), (100, 10)));
+        assert!(!ranges_overlap((100, 0), (100, 10)));
+        assert!(!ranges_overlap((100, 10), (105, 0)));
+        // Ends past u64::MAX do not wrap into a false answer.
+        assert!(ranges_overlap(
+            (u64::MAX - 4, usize::MAX),
+            (u64::MAX - 1, 1)
+        ));
+        assert!(!ranges_overlap((u64::MAX - 4, usize::MAX), (0, 16)));
+    }
 }

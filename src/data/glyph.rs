@@ -12,6 +12,8 @@
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::error::{Error, Result};
+
 /// Image side.
 pub const SIZE: usize = 16;
 /// Pixels per image.
@@ -70,29 +72,84 @@ const SCALE: usize = 2;
 const X_OFFSETS: [usize; 2] = [1, 5];
 const Y_OFFSETS: [usize; 2] = [0, 2];
 
-/// Whether the font has ink at (column, row) of `digit`'s 5×7 bitmap.
-pub fn font_pixel(digit: usize, col: usize, row: usize) -> bool {
+const OP: &str = "glyph";
+
+/// Whether the font has ink at (column, row) of `digit`'s 5×7 bitmap: digit < 10, column < 5,
+/// row < 7, else an error naming the value out of range.
+pub fn font_pixel(digit: usize, col: usize, row: usize) -> Result<bool> {
+    for (name, v, n) in [
+        ("digit", digit, NUM_CLASSES),
+        ("column", col, FONT_W),
+        ("row", row, FONT_H),
+    ] {
+        if v >= n {
+            return Err(Error::invalid(
+                OP,
+                format!("font {name} {v} is out of range (0..{n})"),
+            ));
+        }
+    }
+    Ok(ink(digit, col, row))
+}
+
+/// `font_pixel` for indices known to be in range.
+fn ink(digit: usize, col: usize, row: usize) -> bool {
     FONT[digit][row] >> (FONT_W - 1 - col) & 1 == 1
 }
 
-/// The mode index of a (class, position) pair; `mode / NUM_POSITIONS` is the class.
-pub fn mode_index(class: usize, position: usize) -> usize {
-    class * NUM_POSITIONS + position
+fn check_class(what: &str, class: usize) -> Result<()> {
+    if class >= NUM_CLASSES {
+        return Err(Error::invalid(
+            OP,
+            format!("{what} {class} is out of range: the classes are 0..{NUM_CLASSES}"),
+        ));
+    }
+    Ok(())
 }
 
-/// The class of a mode index.
-pub fn mode_class(mode: usize) -> usize {
+/// The mode index of a (class, position) pair, class < 10 and position < 4; `mode /
+/// NUM_POSITIONS` is the class.
+pub fn mode_index(class: usize, position: usize) -> Result<usize> {
+    check_class("class", class)?;
+    if position >= NUM_POSITIONS {
+        return Err(Error::invalid(
+            OP,
+            format!("position {position} is out of range (0..{NUM_POSITIONS})"),
+        ));
+    }
+    Ok(class * NUM_POSITIONS + position)
+}
+
+/// The class of a mode index (< 40).
+pub fn mode_class(mode: usize) -> Result<usize> {
+    if mode >= NUM_MODES {
+        return Err(Error::invalid(
+            OP,
+            format!("mode {mode} is out of range (0..{NUM_MODES})"),
+        ));
+    }
+    Ok(class_of(mode))
+}
+
+/// `mode_class` for a mode known to be in range.
+fn class_of(mode: usize) -> usize {
     mode / NUM_POSITIONS
 }
 
-/// The centre image of `class` at `position` (row-major, PIXELS values).
-pub fn centre(class: usize, position: usize) -> Vec<f64> {
-    assert!(class < NUM_CLASSES && position < NUM_POSITIONS);
+/// The centre image of `class` (< 10) at `position` (< 4), row-major, PIXELS values.
+pub fn centre(class: usize, position: usize) -> Result<Vec<f64>> {
+    let mode = mode_index(class, position)?;
+    Ok(centre_of(mode))
+}
+
+/// The centre of a mode known to be in range.
+fn centre_of(mode: usize) -> Vec<f64> {
+    let (class, position) = (class_of(mode), mode % NUM_POSITIONS);
     let (x0, y0) = (X_OFFSETS[position % 2], Y_OFFSETS[position / 2]);
     let mut img = vec![BACKGROUND; PIXELS];
     for row in 0..FONT_H * SCALE {
         for col in 0..FONT_W * SCALE {
-            if font_pixel(class, col / SCALE, row / SCALE) {
+            if ink(class, col / SCALE, row / SCALE) {
                 img[(y0 + row) * SIZE + x0 + col] = STROKE;
             }
         }
@@ -102,9 +159,7 @@ pub fn centre(class: usize, position: usize) -> Vec<f64> {
 
 /// All 40 centres, indexed by `mode_index`.
 pub fn centres() -> Vec<Vec<f64>> {
-    (0..NUM_MODES)
-        .map(|m| centre(mode_class(m), m % NUM_POSITIONS))
-        .collect()
+    (0..NUM_MODES).map(centre_of).collect()
 }
 
 /// A batch of samples: `images` holds `classes.len()` images of PIXELS values each.
@@ -118,15 +173,32 @@ pub struct Batch {
     pub modes: Vec<usize>,
 }
 
+/// The number of values of `n` images, or an error when it overflows.
+fn image_values(n: usize) -> Result<usize> {
+    n.checked_mul(PIXELS).ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!("{n} images of {PIXELS} pixels overflow the address space"),
+        )
+    })
+}
+
 /// `n` real samples: class and position uniform, x = c + σε.
-pub fn sample(n: usize, rng: &mut impl Rng) -> Batch {
+pub fn sample(n: usize, rng: &mut impl Rng) -> Result<Batch> {
     sample_with_sigma(n, SIGMA, rng)
 }
 
-/// Like `sample`, with another noise level (the tests use it to make precision fail).
-pub fn sample_with_sigma(n: usize, sigma: f64, rng: &mut impl Rng) -> Batch {
+/// Like `sample`, with another noise level (finite, ≥ 0; the tests use it to make precision
+/// fail).
+pub fn sample_with_sigma(n: usize, sigma: f64, rng: &mut impl Rng) -> Result<Batch> {
+    if !(sigma.is_finite() && sigma >= 0.0) {
+        return Err(Error::invalid(
+            OP,
+            format!("sigma must be finite and >= 0, got {sigma}"),
+        ));
+    }
     let centres = centres();
-    let mut images = Vec::with_capacity(n * PIXELS);
+    let mut images = Vec::with_capacity(image_values(n)?);
     let mut classes = Vec::with_capacity(n);
     let mut modes = Vec::with_capacity(n);
     for _ in 0..n {
@@ -135,28 +207,31 @@ pub fn sample_with_sigma(n: usize, sigma: f64, rng: &mut impl Rng) -> Batch {
             let e: f64 = StandardNormal.sample(rng);
             c + sigma * e
         }));
-        classes.push(mode_class(mode));
+        classes.push(class_of(mode));
         modes.push(mode);
     }
-    Batch {
+    Ok(Batch {
         images,
         classes,
         modes,
-    }
+    })
 }
 
-/// One real sample per entry of `classes` (position uniform), [classes.len(), PIXELS] row-major:
-/// the data of a class-conditional batch.
-pub fn sample_classes(classes: &[usize], rng: &mut impl Rng) -> Vec<f64> {
-    let mut images = Vec::with_capacity(classes.len() * PIXELS);
+/// One real sample per entry of `classes` (each < 10; position uniform), [classes.len(), PIXELS]
+/// row-major: the data of a class-conditional batch.
+pub fn sample_classes(classes: &[usize], rng: &mut impl Rng) -> Result<Vec<f64>> {
+    for (i, &class) in classes.iter().enumerate() {
+        check_class(&format!("classes[{i}] ="), class)?;
+    }
+    let mut images = Vec::with_capacity(image_values(classes.len())?);
     for &class in classes {
-        let c = centre(class, rng.random_range(0..NUM_POSITIONS));
+        let c = centre_of(class * NUM_POSITIONS + rng.random_range(0..NUM_POSITIONS));
         images.extend(c.iter().map(|&v| {
             let e: f64 = StandardNormal.sample(rng);
             v + SIGMA * e
         }));
     }
-    images
+    Ok(images)
 }
 
 /// The metrics of DESIGN.md section 6.
@@ -173,8 +248,32 @@ pub struct Metrics {
     pub class_accuracy: f64,
 }
 
-/// Nearest centre (mode index) and the normalised distance d of one image.
-pub fn nearest(image: &[f64], centres: &[Vec<f64>]) -> (usize, f64) {
+/// Nearest centre (mode index) and the normalised distance d of one image (PIXELS values) among
+/// `centres` (at least one, each of PIXELS values).
+pub fn nearest(image: &[f64], centres: &[Vec<f64>]) -> Result<(usize, f64)> {
+    if image.len() != PIXELS {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the image holds {} values, a {SIZE}×{SIZE} image has {PIXELS}",
+                image.len()
+            ),
+        ));
+    }
+    if centres.is_empty() {
+        return Err(Error::invalid(OP, "no centres to search"));
+    }
+    if let Some((m, c)) = centres.iter().enumerate().find(|(_, c)| c.len() != PIXELS) {
+        return Err(Error::invalid(
+            OP,
+            format!("centre {m} holds {} values, expected {PIXELS}", c.len()),
+        ));
+    }
+    Ok(nearest_unchecked(image, centres))
+}
+
+/// `nearest` for lengths known to agree.
+fn nearest_unchecked(image: &[f64], centres: &[Vec<f64>]) -> (usize, f64) {
     let mut best = (0, f64::INFINITY);
     for (m, c) in centres.iter().enumerate() {
         let d2: f64 = image.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -185,19 +284,31 @@ pub fn nearest(image: &[f64], centres: &[Vec<f64>]) -> (usize, f64) {
     (best.0, best.1.sqrt() / (SIGMA * (PIXELS as f64).sqrt()))
 }
 
-/// The metrics of `images` (n·PIXELS values). `requested` holds the class each sample was asked
-/// for, or is `None` for unconditional samples. Non-finite images count as imprecise, unassigned
-/// samples of infinite distance.
-pub fn evaluate(images: &[f64], requested: Option<&[usize]>) -> Metrics {
-    assert_eq!(
-        images.len() % PIXELS,
-        0,
-        "images must hold whole 16×16 images"
-    );
+/// The metrics of `images` (n·PIXELS values, n ≥ 1). `requested` holds the class each sample was
+/// asked for (n classes, each < 10), or is `None` for unconditional samples. Non-finite images
+/// count as imprecise, unassigned samples of infinite distance.
+pub fn evaluate(images: &[f64], requested: Option<&[usize]>) -> Result<Metrics> {
+    if images.is_empty() || images.len() % PIXELS != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "evaluate needs one or more whole {SIZE}×{SIZE} images ({PIXELS} values each), \
+                 got {} values",
+                images.len()
+            ),
+        ));
+    }
     let n = images.len() / PIXELS;
-    assert!(n > 0, "evaluate needs at least one image");
     if let Some(r) = requested {
-        assert_eq!(r.len(), n, "one requested class per image");
+        if r.len() != n {
+            return Err(Error::invalid(
+                OP,
+                format!("{} requested classes for {n} images", r.len()),
+            ));
+        }
+        for (i, &k) in r.iter().enumerate() {
+            check_class(&format!("requested[{i}] ="), k)?;
+        }
     }
     let centres = centres();
     let mut counts = [0usize; NUM_MODES];
@@ -209,13 +320,13 @@ pub fn evaluate(images: &[f64], requested: Option<&[usize]>) -> Metrics {
             all_d.push(f64::INFINITY);
             continue;
         }
-        let (mode, d) = nearest(img, &centres);
+        let (mode, d) = nearest_unchecked(img, &centres);
         counts[mode] += 1;
         all_d.push(d);
         if d <= PRECISION_RADIUS {
             precise_d.push(d);
         }
-        if requested.is_some_and(|r| r[i] == mode_class(mode)) {
+        if requested.is_some_and(|r| r[i] == class_of(mode)) {
             correct += 1;
         }
     }
@@ -229,7 +340,7 @@ pub fn evaluate(images: &[f64], requested: Option<&[usize]>) -> Metrics {
     } else {
         median(&mut precise_d)
     };
-    Metrics {
+    Ok(Metrics {
         precision: precise_d.len() as f64 / n as f64,
         coverage: covered as f64 / NUM_MODES as f64,
         spread,
@@ -238,7 +349,7 @@ pub fn evaluate(images: &[f64], requested: Option<&[usize]>) -> Metrics {
         } else {
             1.0
         },
-    }
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -255,18 +366,33 @@ fn median(v: &mut [f64]) -> f64 {
 /// class (`Some`) or not: the ideal denoiser, to measure a trained one against and to check
 /// samplers with. Every mode is Gaussian N(c, σ²I), so x_t given a mode is N(cos t·c, s²I) with
 /// s² = cos²t·σ² + sin²t, and E[x₀ | x_t, mode] = c + (σ² cos t/s²)(x_t − cos t·c).
-pub fn posterior_mean(x: &[f64], t: f64, class: Option<usize>) -> Vec<f64> {
-    assert_eq!(x.len(), PIXELS);
+/// x holds PIXELS values, t is finite and a class is below 10, else an error naming the value.
+pub fn posterior_mean(x: &[f64], t: f64, class: Option<usize>) -> Result<Vec<f64>> {
+    if x.len() != PIXELS {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "posterior_mean: x holds {} values, a {SIZE}×{SIZE} image has {PIXELS}",
+                x.len()
+            ),
+        ));
+    }
+    if !t.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!("posterior_mean: t must be finite, got {t}"),
+        ));
+    }
+    if let Some(k) = class {
+        check_class("posterior_mean: class", k)?;
+    }
     let (c, s) = (t.cos(), t.sin());
     let var = c * c * SIGMA * SIGMA + s * s;
     let modes: Vec<usize> = match class {
-        Some(k) => (0..NUM_POSITIONS).map(|p| mode_index(k, p)).collect(),
+        Some(k) => (0..NUM_POSITIONS).map(|p| k * NUM_POSITIONS + p).collect(),
         None => (0..NUM_MODES).collect(),
     };
-    let centres: Vec<Vec<f64>> = modes
-        .iter()
-        .map(|&m| centre(mode_class(m), m % NUM_POSITIONS))
-        .collect();
+    let centres: Vec<Vec<f64>> = modes.iter().map(|&m| centre_of(m)).collect();
     let logw: Vec<f64> = centres
         .iter()
         .map(|cm| {
@@ -288,5 +414,5 @@ pub fn posterior_mean(x: &[f64], t: f64, class: Option<usize>) -> Vec<f64> {
             out[k] += p * (cm[k] + gain * (x[k] - c * cm[k]));
         }
     }
-    out
+    Ok(out)
 }

@@ -126,6 +126,27 @@ impl BlockDims {
     }
 }
 
+/// Errors unless the device tensor `name` has shape `shape` and dtype `dtype`.
+fn expect_device(name: &str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: name.into(),
+            expected: format!("{shape:?}"),
+            actual: t.shape().to_vec(),
+        });
+    }
+    if t.dtype() != dtype {
+        return Err(Error::DType {
+            op: OP,
+            tensor: name.into(),
+            expected: dtype.to_string(),
+            actual: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
 /// A linear layer y = x Wᵀ (+ b): W [out, inp] at `w`, b [out] at `b`.
 #[derive(Clone, Copy, Debug)]
 struct Lin {
@@ -324,9 +345,29 @@ impl BlockParams {
     }
 
     /// The addresses of eight tensors in the order of [`BlockParams::shapes`] (parameters or
-    /// their gradients).
-    pub fn of(t: &[DeviceTensor]) -> BlockParams {
-        BlockParams {
+    /// their gradients), all of one dtype. Errors unless there are eight whose shapes are
+    /// `shapes(C, Hd)` for some C and Hd (read from the two biases \[C\] and \[Hd\]); whether these
+    /// are the sizes of the plan they go to is the caller's to keep.
+    pub fn of(t: &[DeviceTensor]) -> Result<BlockParams> {
+        const NAMES: [&str; 8] = [
+            "qkv_w", "qkv_b", "proj_w", "proj_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b",
+        ];
+        if t.len() != NAMES.len() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "block parameters: {} tensors given, expected 8 ({})",
+                    t.len(),
+                    NAMES.join(", ")
+                ),
+            ));
+        }
+        // Device tensors exist in memory, so 3·C cannot overflow.
+        let (c, hd) = (t[3].numel(), t[5].numel());
+        for ((name, p), shape) in NAMES.iter().zip(t).zip(Self::shapes(c, hd)) {
+            expect_device(name, p, &shape, t[0].dtype())?;
+        }
+        Ok(BlockParams {
             qkv_w: t[0].ptr(),
             qkv_b: t[1].ptr(),
             proj_w: t[2].ptr(),
@@ -335,7 +376,7 @@ impl BlockParams {
             fc1_b: t[5].ptr(),
             fc2_w: t[6].ptr(),
             fc2_b: t[7].ptr(),
-        }
+        })
     }
 }
 
@@ -827,6 +868,8 @@ pub struct BlockAlloc {
 
 impl BlockAlloc {
     /// Buffers for a block reading `x` (and `tx`) in `dtype`; with `dual`, tangent buffers too.
+    /// Errors unless the kernels take `d` ([`BlockDims::check`]) and `x` (and `tx`) are [T, C]
+    /// in `dtype`; a tangent needs `dual`.
     pub fn new(
         gpu: &Gpu,
         dtype: DType,
@@ -835,7 +878,19 @@ impl BlockAlloc {
         tx: Option<&DeviceTensor>,
         dual: bool,
     ) -> Result<BlockAlloc> {
+        // The checks bound T, C, Hd and B·heads·N (32-bit ints), so no size below overflows.
+        d.check()?;
         let (tn, c, hd) = (d.t(), d.c, d.hd);
+        expect_device("x", x, &[tn, c], dtype)?;
+        if let Some(tx) = tx {
+            if !dual {
+                return Err(Error::invalid(
+                    OP,
+                    "a tangent of x was given for a block without tangent buffers (dual false)",
+                ));
+            }
+            expect_device("tangent of x", tx, &[tn, c], dtype)?;
+        }
         let rows = if dual { 2 * tn } else { tn };
         let main = gpu.alloc_stacked(
             &[
@@ -938,7 +993,8 @@ pub struct BlockGradAlloc {
 
 impl BlockGradAlloc {
     /// Scratch in `dtype` for blocks of size `d`; `dx` is the running cotangent [T, C], `ones`
-    /// at least T ones of `dtype` (filled by the caller).
+    /// at least T ones of `dtype` (filled by the caller). Errors unless the kernels take `d`
+    /// ([`BlockDims::check`]) and both addresses are set.
     pub fn new(
         gpu: &Gpu,
         dtype: DType,
@@ -946,6 +1002,9 @@ impl BlockGradAlloc {
         dx: u64,
         ones: u64,
     ) -> Result<BlockGradAlloc> {
+        // The checks bound T, C, Hd and B·heads·N (32-bit ints), so no size below overflows.
+        d.check()?;
+        crate::cuda::launch::require_ptrs(OP, &[("dx", dx), ("ones", ones)])?;
         let (tn, c, hd) = (d.t(), d.c, d.hd);
         let s = gpu.alloc_stacked(
             &[&[tn, c], &[tn, c], &[tn, hd], &[tn, c], &[tn, 3 * c]],
@@ -1018,9 +1077,10 @@ pub struct ParamLayout {
 
 impl ParamLayout {
     /// The layout of `c`'s parameters: the stacked adaLN weights, the stacked adaLN biases, then
-    /// every other parameter in canonical order, each of these starting 256-byte aligned.
-    pub fn new(c: &DitConfig) -> ParamLayout {
-        let shapes: Vec<Vec<usize>> = Dit::param_layout(c).into_iter().map(|(_, s)| s).collect();
+    /// every other parameter in canonical order, each of these starting 256-byte aligned. Errors
+    /// for a config [`Dit::validate_config`] refuses.
+    pub fn new(c: &DitConfig) -> Result<ParamLayout> {
+        let shapes: Vec<Vec<usize>> = Dit::param_layout(c)?.into_iter().map(|(_, s)| s).collect();
         let numel = |i: usize| shapes[i].iter().product::<usize>();
         let mut offsets = vec![usize::MAX; shapes.len()];
         let fb = final_base(c.depth);
@@ -1046,14 +1106,14 @@ impl ParamLayout {
                 at += numel(i);
             }
         }
-        ParamLayout {
+        Ok(ParamLayout {
             offsets,
             shapes,
             total: at.next_multiple_of(ALIGN),
             ada_w: 0,
             ada_b,
             ada_rows: (6 * c.depth + 2) * c.hidden,
-        }
+        })
     }
 }
 
@@ -1096,10 +1156,14 @@ impl GpuDitCache {
 }
 
 impl GpuDit {
-    /// Uploads `dit`'s parameters (converted to f32) and position embedding.
+    /// Uploads `dit`'s parameters (converted to f32) and position embedding. Errors, as every
+    /// CPU pass does, when a parameter's shape or dtype differs from the layout (they can be
+    /// replaced through [`Dit::params_mut`]).
     pub fn upload(dit: &Dit) -> Result<GpuDit> {
+        // Before anything is copied: each parameter fills exactly its slot of the layout.
+        dit.check_params()?;
+        let layout = ParamLayout::new(dit.config())?;
         let gpu = Gpu::get()?;
-        let layout = ParamLayout::new(dit.config());
         let mut host = vec![0f32; layout.total];
         for (i, p) in dit.params().iter().enumerate() {
             let dst = &mut host[layout.offsets[i]..][..p.numel()];
@@ -1672,8 +1736,10 @@ impl GpuDit {
         Ok(grads)
     }
 
-    /// Gradients in the device layout → host tensors in canonical order, in the host dtype.
+    /// Gradients in the device layout (f32 \[total\], as [`GpuDit::backward_device`] returns
+    /// them) → host tensors in canonical order, in the host dtype.
     pub fn grads_to_host(&self, grads: &DeviceTensor) -> Result<Vec<Tensor>> {
+        expect_device("grads", grads, &[self.layout.total], F32)?;
         let all = grads.download()?;
         let v = all.as_slice::<f32>()?;
         self.layout
@@ -1714,7 +1780,8 @@ impl GpuDit {
         class: &[usize],
         keep_blocks: bool,
     ) -> Result<(Dual, GpuDitCache)> {
-        check_inputs(&self.config, self.host_dtype, x, t, class)?;
+        // The device computes c_noise in f32 whatever the host dtype.
+        check_inputs(&self.config, self.host_dtype, F32, x, t, class)?;
         let gpu = &self.gpu;
         let up = |v: &Tensor| gpu.upload(v, F32);
         let xd = up(&x.primal)?;
@@ -1878,7 +1945,7 @@ mod tests {
             freq_dim: 6,
             time_scale: 1.0,
         };
-        let l = ParamLayout::new(&c);
+        let l = ParamLayout::new(&c).unwrap();
         let h = c.hidden;
         assert_eq!(l.ada_rows, 20 * h);
         for i in 0..c.depth {

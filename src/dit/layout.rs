@@ -144,6 +144,10 @@ pub(super) fn layout(c: &DitConfig) -> Vec<(String, Vec<usize>, Init)> {
     v
 }
 
+/// The largest |time_scale| a config may hold: c_noise = time_scale·t then stays below 1.6e6 for
+/// t in [0, π/2], finite in f32 with a margin of 30 orders of magnitude.
+pub(super) const MAX_TIME_SCALE: f64 = 1e6;
+
 /// Errors unless the config describes a network this module can build.
 pub(super) fn validate(c: &DitConfig) -> Result<()> {
     let bad = |m: String| Err(Error::invalid("dit", format!("bad config: {m}")));
@@ -181,8 +185,15 @@ pub(super) fn validate(c: &DitConfig) -> Result<()> {
             c.freq_dim
         ));
     }
-    if !c.time_scale.is_finite() {
-        return bad(format!("time_scale {} is not finite", c.time_scale));
+    // c_noise = time_scale·t is computed in the network dtype (f32 on the GPU and for f32
+    // networks): bounded so that it stays finite, far from overflow, for every t of the
+    // TrigFlow range [0, π/2] (and well beyond).
+    if !(c.time_scale.is_finite() && c.time_scale.abs() <= MAX_TIME_SCALE) {
+        return bad(format!(
+            "time_scale {} must be finite with |time_scale| <= {MAX_TIME_SCALE:e} (c_noise = \
+             time_scale·t is computed in f32 on the GPU and for f32 networks)",
+            c.time_scale
+        ));
     }
     // Bounds far above any DiT, so that every parameter shape, the token count and the parameter
     // total are products that cannot overflow (a config from outside gets an error, not a panic).

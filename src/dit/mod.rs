@@ -48,7 +48,7 @@ pub struct DitConfig {
     pub num_classes: usize,
     /// Width of the sinusoidal time embedding before its MLP.
     pub freq_dim: usize,
-    /// c_noise(t) = time_scale · t.
+    /// c_noise(t) = time_scale · t; finite with |time_scale| ≤ 1e6.
     pub time_scale: f64,
 }
 
@@ -95,15 +95,19 @@ impl Dit {
     }
 
     /// Names and shapes of every parameter, in canonical order: the one place that knows the layout.
-    pub fn param_layout(config: &DitConfig) -> Vec<(String, Vec<usize>)> {
-        layout::layout(config)
+    /// Errors as [`Dit::validate_config`] does for a config no network can have (whose shapes
+    /// could overflow).
+    pub fn param_layout(config: &DitConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        layout::validate(config)?;
+        Ok(layout::layout(config)
             .into_iter()
             .map(|(name, shape, _)| (name, shape))
-            .collect()
+            .collect())
     }
 
-    /// Errors unless the config describes a network this module can build (positive sizes, image
-    /// divisible by patch, hidden divisible by heads and by 4, even freq_dim, finite time_scale).
+    /// Errors unless the config describes a network this module can build (positive sizes within
+    /// bounds, image divisible by patch, hidden divisible by heads and by 4, even freq_dim, finite
+    /// time_scale with |time_scale| <= 1e6).
     pub fn validate_config(config: &DitConfig) -> Result<()> {
         layout::validate(config)
     }
@@ -162,7 +166,7 @@ impl Dit {
 
     /// Errors naming the first parameter whose shape or dtype differs from the layout.
     fn check_params(&self) -> Result<()> {
-        let layout = Self::param_layout(&self.config);
+        let layout = Self::param_layout(&self.config)?;
         if layout.len() != self.params.len() {
             return Err(Error::invalid(
                 "dit",
@@ -258,14 +262,17 @@ impl Dit {
         self.run(x, t, class)
     }
 
-    /// Parameter gradients (canonical order) given the output cotangent.
+    /// Parameter gradients (canonical order) given the output cotangent. The cache must come from
+    /// a forward of this network at its current [`Dit::generation`] (a clone's forward serves, as
+    /// it holds the same values); one of another network, or of parameters changed since through
+    /// [`Dit::params_mut`], is an error.
     pub fn backward(&self, cache: &DitCache, gout: &Tensor) -> Result<Vec<Tensor>> {
         self.backward_impl(cache, gout)
     }
 
     /// Writes the parameters as safetensors (a temporary file, then a rename).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let layout = Self::param_layout(&self.config);
+        let layout = Self::param_layout(&self.config)?;
         save_safetensors(
             path,
             layout
@@ -277,10 +284,9 @@ impl Dit {
 
     /// Loads parameters saved by `save`; names, shapes and the config must match.
     pub fn load(config: DitConfig, path: &std::path::Path) -> Result<Self> {
-        layout::validate(&config)?;
+        let layout = Self::param_layout(&config)?;
         let mut tensors = load_safetensors(path)?;
         let file = path.display().to_string();
-        let layout = Self::param_layout(&config);
         let known: BTreeSet<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
         if let Some(extra) = tensors.keys().find(|k| !known.contains(k.as_str())) {
             return Err(Error::Format {

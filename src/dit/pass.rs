@@ -11,12 +11,15 @@ use super::{Dit, DitConfig};
 use crate::dual::Dual;
 use crate::error::{Error, Result};
 use crate::ops::{self, Mlp};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub(super) const EPS: f64 = 1e-6;
 
 /// Everything the backward needs from a forward (or the primal of a dual forward).
 pub struct DitCache {
+    /// The generation of the network whose forward filled it (`Dit::generation`): the backward
+    /// refuses a cache of another network, or of parameters changed since.
+    pub(super) generation: u64,
     pub(super) batch: usize,
     pub(super) class: Vec<usize>,
     /// Input of the patch embedding [B·N, C·p·p].
@@ -40,6 +43,12 @@ impl DitCache {
     /// The batch size of the forward that filled this cache.
     pub fn batch(&self) -> usize {
         self.batch
+    }
+
+    /// The parameter generation of the network that filled it (see [`Dit::generation`]); only a
+    /// network of this generation takes it in [`Dit::backward`].
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
@@ -130,10 +139,13 @@ fn geometry(c: &DitConfig) -> (usize, usize) {
     (g * g, c.hidden / c.heads)
 }
 
-/// Errors unless x [B, C, S, S], t [B] and `class` agree with each other and the network.
+/// Errors unless x [B, C, S, S], t [B] and `class` agree with each other and the network, and
+/// c_noise = time_scale·t (and its tangent) stays finite for finite t when computed in `compute`
+/// (the network dtype on the CPU, f32 on the GPU).
 pub(super) fn check_inputs(
     c: &DitConfig,
-    dtype: crate::tensor::DType,
+    dtype: DType,
+    compute: DType,
     x: &Dual,
     t: &Dual,
     class: &[usize],
@@ -175,13 +187,38 @@ pub(super) fn check_inputs(
             ),
         ));
     }
+    for (name, v) in [("t", Some(&t.primal)), ("tangent of t", t.tangent.as_ref())] {
+        if let Some(v) = v {
+            check_c_noise(c.time_scale, name, v, compute)?;
+        }
+    }
     Ok(b)
+}
+
+/// Errors naming the first finite entry of `t` whose c_noise = time_scale·t overflows `compute`.
+fn check_c_noise(time_scale: f64, name: &str, t: &Tensor, compute: DType) -> Result<()> {
+    for (i, v) in t.to_f64_vec().into_iter().enumerate() {
+        let scaled_finite = match compute {
+            DType::F64 => (v * time_scale).is_finite(),
+            _ => ((v as f32) * (time_scale as f32)).is_finite(),
+        };
+        if v.is_finite() && !scaled_finite {
+            return Err(Error::invalid(
+                "dit",
+                format!(
+                    "{name}[{i}] = {v:e} gives a c_noise = time_scale·t (time_scale {time_scale}) \
+                     that is not finite in {compute}"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Dit {
     /// Errors unless x [B, C, S, S], t [B] and `class` agree with each other and the network.
     fn check_inputs(&self, x: &Dual, t: &Dual, class: &[usize]) -> Result<usize> {
-        let b = check_inputs(&self.config, self.dtype, x, t, class)?;
+        let b = check_inputs(&self.config, self.dtype, self.dtype, x, t, class)?;
         self.check_params()?;
         Ok(b)
     }
@@ -227,6 +264,7 @@ impl Dit {
         })?;
 
         let cache = DitCache {
+            generation: self.generation,
             batch: b,
             class: class.to_vec(),
             patches: patches.primal,
@@ -307,6 +345,16 @@ impl Dit {
         let c = &self.config;
         let p = &self.params;
         self.check_params()?;
+        if cache.generation != self.generation {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the cache comes from a forward of another network or of other parameter \
+                     values (generation {}, this network's is {}): run the forward again",
+                    cache.generation, self.generation
+                ),
+            ));
+        }
         ops::expect_dtype(OP, "gout", gout, self.dtype)?;
         let b = cache.batch;
         ops::expect_shape(

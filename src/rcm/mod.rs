@@ -186,17 +186,31 @@ pub struct EvalConfig {
 }
 
 impl EvalConfig {
-    /// The few-step sampler's times for `steps` steps.
-    pub fn times(&self, steps: usize) -> Vec<f64> {
+    /// The few-step sampler's times for `steps` steps: arctan σ_max, then `mid2` (2 steps), the
+    /// first `steps − 1` of `mid4` (3 or 4 steps), or evenly from 1.3 down to 0.3 (more).
+    /// [`Error::Invalid`] for 0 steps, more than [`trigflow::MAX_STEPS`], too few times in
+    /// `mid2`, or times that do not decrease from arctan σ_max while staying above 0 (see
+    /// [`trigflow::few_step_times`]).
+    pub fn times(&self, steps: usize) -> Result<Vec<f64>> {
+        if steps == 0 || steps > trigflow::MAX_STEPS {
+            return Err(Error::invalid(
+                "rcm",
+                format!(
+                    "a {steps}-step sampler; step counts run from 1 to {}",
+                    trigflow::MAX_STEPS
+                ),
+            ));
+        }
         let mid: Vec<f64> = match steps {
-            0 | 1 => vec![],
+            1 => vec![],
             2 => self.mid2.clone(),
             s if s <= self.mid4.len() + 1 => self.mid4[..s - 1].to_vec(),
             s => (0..s - 1)
                 .map(|i| 1.3 - 1.0 * i as f64 / (s - 2) as f64)
                 .collect(),
         };
-        trigflow::few_step_times(steps.max(1), self.sigma_max, &mid)
+        trigflow::few_step_times(steps, self.sigma_max, &mid)
+            .map_err(|e| Error::invalid("rcm", format!("the {steps}-step sampler: {e}")))
     }
 }
 
@@ -390,29 +404,212 @@ impl RcmConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::invalid("rcm", m.to_string()));
+    /// [`Error::Invalid`] naming the setting (its field path, and the rcm example's option
+    /// where it has one) and its value, for any setting `run` cannot train or sample with: a DiT
+    /// config `Dit::validate_config` refuses (checked first, before anything is sized from it),
+    /// one that is not for 16×16 one-channel glyphs of 10 classes or has more than
+    /// [`MAX_PARAMS`] parameters; sizes of 0 or beyond their caps ([`MAX_TRAIN_STEPS`],
+    /// [`MAX_BATCH`], [`sample::MAX_SAMPLES`], [`trigflow::MAX_STEPS`], [`MAX_FAKE_UPDATES`],
+    /// [`MAX_EVAL_STEP_COUNTS`]); and floats that are not finite or out of range: learning rates
+    /// and scales ≥ 0, betas and EMA decays in [0, 1), eps > 0, label dropout in [0, 1],
+    /// p_std ≥ 0, 0 < sigma_min < sigma_max, dmd_shift > 0, and sampler times that decrease
+    /// from arctan sigma_max and stay above 0 (mid2 one time, mid4 three).
+    pub fn check(&self) -> Result<()> {
+        Dit::validate_config(&self.dit)?;
+        let bad = |m: String| Err(Error::invalid("rcm", m));
         if self.dit.num_classes != NUM_CLASSES || self.dit.image_size != SIZE {
-            return bad("the DiT must take 16×16 glyph images of 10 classes");
+            return bad(format!(
+                "the DiT must take 16×16 glyph images of 10 classes, not {0}×{0} of {1}",
+                self.dit.image_size, self.dit.num_classes
+            ));
         }
         if self.dit.in_channels != 1 {
-            return bad("the glyph images have one channel");
+            return bad(format!(
+                "the glyph images have one channel, not {}",
+                self.dit.in_channels
+            ));
         }
-        if self.teacher.batch == 0 || self.student.batch == 0 || self.eval.n == 0 {
-            return bad("batch sizes and the evaluation size must be positive");
+        // validate_config bounds every size so that these products cannot overflow; checked
+        // all the same.
+        let params = Dit::param_layout(&self.dit)?
+            .iter()
+            .try_fold(0usize, |acc, (_, shape)| {
+                let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+                acc.checked_add(n)
+            });
+        if params.is_none_or(|n| n > MAX_PARAMS) {
+            return bad(format!(
+                "the DiT (hidden {}, depth {}, mlp_ratio {}, patch {}) has {} parameters; at \
+                 most {MAX_PARAMS}",
+                self.dit.hidden,
+                self.dit.depth,
+                self.dit.mlp_ratio,
+                self.dit.patch,
+                params.map_or("too many".to_string(), |n| n.to_string())
+            ));
         }
-        if self.checkpoint_every == 0 || self.student.max_rollout == 0 {
-            return bad("checkpoint_every and max_rollout must be positive");
+        if !matches!(self.dtype, DType::F32 | DType::F64) {
+            return bad(format!(
+                "dtype {} is not trainable: use f32 or f64",
+                self.dtype
+            ));
         }
-        if self.eval.teacher_steps == 0 || self.eval.steps.contains(&0) {
-            return bad("step counts must be positive");
+
+        let (t, st, ev) = (&self.teacher, &self.student, &self.eval);
+        let max_steps = trigflow::MAX_STEPS;
+        for (name, v, min, max) in [
+            (
+                "teacher.steps (--teacher-steps)",
+                t.steps,
+                0,
+                MAX_TRAIN_STEPS,
+            ),
+            (
+                "student.steps (--student-steps)",
+                st.steps,
+                0,
+                MAX_TRAIN_STEPS,
+            ),
+            ("teacher.batch (--teacher-batch)", t.batch, 1, MAX_BATCH),
+            ("student.batch (--student-batch)", st.batch, 1, MAX_BATCH),
+            ("eval.n (--eval-n)", ev.n, 1, sample::MAX_SAMPLES),
+            (
+                "eval.teacher_steps (--ode-steps)",
+                ev.teacher_steps,
+                1,
+                max_steps,
+            ),
+            (
+                "student.max_rollout (--max-rollout)",
+                st.max_rollout,
+                1,
+                max_steps,
+            ),
+            (
+                "student.fake_updates (--fake-updates)",
+                st.fake_updates,
+                0,
+                MAX_FAKE_UPDATES,
+            ),
+            ("checkpoint_every", self.checkpoint_every, 1, usize::MAX),
+            (
+                "the number of eval.steps",
+                ev.steps.len(),
+                0,
+                MAX_EVAL_STEP_COUNTS,
+            ),
+        ] {
+            if v < min || v > max {
+                return bad(format!("{name} is {v}; it must be from {min} to {max}"));
+            }
         }
-        if self.eval.mid2.len() != 1 || self.eval.mid4.len() != 3 {
-            return bad("mid2 holds one time and mid4 three");
+        if let Some(s) = ev.steps.iter().find(|&&s| s == 0 || s > max_steps) {
+            return bad(format!(
+                "eval.steps holds {s}; step counts run from 1 to {max_steps}"
+            ));
+        }
+
+        // Floats. Each test is written `!(in range)` so that NaN fails it.
+        let finite = |name: &str, v: f64| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                bad(format!("{name} is {v}; it must be finite"))
+            }
+        };
+        let at_least_0 = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                bad(format!("{name} is {v}; it must be finite and ≥ 0"))
+            }
+        };
+        let below_1 = |name: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                bad(format!("{name} is {v}; it must be in [0, 1)"))
+            }
+        };
+        // `flag`: the rcm example's option that sets the optimizer's learning rate.
+        let adam = |name: &str, flag: &str, a: &AdamWConfig| {
+            a.validate(name).map_err(|e| match e {
+                Error::Invalid { message, .. } => {
+                    Error::invalid("rcm", format!("{message} ({flag} sets {name}.lr)"))
+                }
+                e => e,
+            })
+        };
+        finite("p_mean (--p-mean)", self.p_mean)?;
+        at_least_0("p_std (--p-std)", self.p_std)?;
+        finite("guidance (--guidance)", self.guidance)?;
+        adam("teacher.adam", "--teacher-lr", &t.adam)?;
+        below_1("teacher.ema (--teacher-ema)", t.ema)?;
+        if !(0.0..=1.0).contains(&t.label_dropout) {
+            return bad(format!(
+                "teacher.label_dropout is {}; it must be in [0, 1]",
+                t.label_dropout
+            ));
+        }
+        finite("student.p_mean (--student-p-mean)", st.p_mean)?;
+        at_least_0("student.p_std (--student-p-std)", st.p_std)?;
+        adam("student.adam", "--student-lr", &st.adam)?;
+        adam("student.fake_adam", "--fake-lr", &st.fake_adam)?;
+        below_1("student.ema (--student-ema)", st.ema)?;
+        at_least_0("student.scm_scale", st.scm_scale)?;
+        at_least_0("student.dmd_scale (--dmd-scale)", st.dmd_scale)?;
+        finite("student.dmd_guidance (--dmd-guidance)", st.dmd_guidance)?;
+        if !(st.dmd_shift.is_finite() && st.dmd_shift > 0.0) {
+            return bad(format!(
+                "student.dmd_shift (--dmd-shift) is {}; it must be finite and > 0",
+                st.dmd_shift
+            ));
+        }
+        if !(ev.sigma_max.is_finite() && ev.sigma_min > 0.0 && ev.sigma_min < ev.sigma_max) {
+            return bad(format!(
+                "eval.sigma_min {} and eval.sigma_max (--sigma-max) {} must satisfy 0 < \
+                 sigma_min < sigma_max < inf",
+                ev.sigma_min, ev.sigma_max
+            ));
+        }
+        for (name, mid, len) in [
+            ("eval.mid2 (--mid2)", &ev.mid2, 1),
+            ("eval.mid4 (--mid4)", &ev.mid4, 3),
+        ] {
+            if mid.len() != len {
+                return bad(format!(
+                    "{name} holds {} times ({mid:?}); it must hold {len}",
+                    mid.len()
+                ));
+            }
+            trigflow::few_step_times(len + 1, ev.sigma_max, mid).map_err(|e| {
+                Error::invalid(
+                    "rcm",
+                    format!(
+                        "{name} {mid:?} with eval.sigma_max (--sigma-max) {}: {e}",
+                        ev.sigma_max
+                    ),
+                )
+            })?;
+        }
+        for &s in &ev.steps {
+            ev.times(s)?;
         }
         Ok(())
     }
 }
+
+/// The most steps a training phase may take (teacher steps, student updates): far above any
+/// run, small enough that every counter stays exact in a checkpoint's f64 counters.
+pub const MAX_TRAIN_STEPS: usize = 1_000_000_000;
+/// The largest teacher or student batch (2^16 images).
+pub const MAX_BATCH: usize = 1 << 16;
+/// The most fake-score updates per student update (the reference takes 4).
+pub const MAX_FAKE_UPDATES: usize = 10_000;
+/// The most step counts `eval.steps` may list (each a row of the report, a panel of the image).
+pub const MAX_EVAL_STEP_COUNTS: usize = 64;
+/// The most scalar parameters the DiT may have (2^28; the gpu preset has about 1.2 million).
+pub const MAX_PARAMS: usize = 1 << 28;
 
 /// Everything a run needs.
 #[derive(Clone, Debug)]
@@ -434,7 +631,9 @@ pub struct RcmOptions {
     pub progress: bool,
     /// Stop after this many training steps (teacher steps and student updates together) as if
     /// the process were killed there: the phase checkpoints and `run` returns an incomplete
-    /// report. For testing that a resumed run continues exactly where it stopped.
+    /// report. `Some(0)` takes no step at all: the first phase that would train stops before its
+    /// first step, leaving no checkpoint (finished models in `out` are still reused). For testing
+    /// that a resumed run continues exactly where it stopped.
     pub stop_after: Option<usize>,
 }
 
@@ -507,8 +706,22 @@ pub fn mix_seed(seed: u64, tag: u64, index: u64) -> u64 {
 }
 
 /// Trains (or reuses) the teacher and the students, evaluates them, writes results.json,
-/// results.md and samples.png into `opts.out`, and returns the report.
+/// results.md and samples.png into `opts.out`, and returns the report. The settings are checked
+/// first ([`RcmConfig::check`]; a method listed twice is refused too), before anything is
+/// sized, allocated or written.
 pub fn run(opts: &RcmOptions) -> Result<Report> {
+    opts.config.check()?;
+    if let Some((i, m)) = opts
+        .methods
+        .iter()
+        .enumerate()
+        .find(|(i, m)| opts.methods[..*i].contains(m))
+    {
+        return Err(Error::invalid(
+            "rcm",
+            format!("method {} is listed twice (at {i})", m.name()),
+        ));
+    }
     // `auto` takes the GPU when one is usable; `cuda` without one is an error from the device
     // layer saying why. Every DiT call of the run goes to the chosen device (see `net`).
     let device = match opts.device.resolve()? {
@@ -535,7 +748,6 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     if opts.progress {
         eprintln!("device: {device_name}");
     }
-    opts.config.check()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io {
         path: opts.out.display().to_string(),
         message: format!("cannot create: {e}"),
@@ -605,7 +817,7 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     };
     for &s in &cfg.eval.steps {
         let sampler = Sampler::FewStep {
-            times: cfg.eval.times(s),
+            times: cfg.eval.times(s)?,
         };
         measure("teacher", &teacher, cfg.guidance, sampler, s)?;
     }
@@ -624,7 +836,7 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     for (m, s) in &students {
         for &st in &cfg.eval.steps {
             let sampler = Sampler::FewStep {
-                times: cfg.eval.times(st),
+                times: cfg.eval.times(st)?,
             };
             measure(m.name(), s, 1.0, sampler, st)?;
         }
@@ -638,4 +850,142 @@ pub fn run(opts: &RcmOptions) -> Result<Report> {
     };
     report::write_all(&opts.out, &report, &panels, opts)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_pass_their_checks() {
+        for p in [Preset::Default, Preset::Gpu, Preset::Toy] {
+            RcmConfig::preset(p).check().unwrap();
+        }
+    }
+
+    /// Every setting the audit found unchecked: each is an error naming it and its value.
+    #[test]
+    fn bad_settings_are_errors_naming_them() {
+        type Edit = fn(&mut RcmConfig);
+        let cases: Vec<(&str, Edit)> = vec![
+            // The DiT is validated before anything is sized from it (these used to abort on
+            // allocation or overflow in the parameter layout).
+            ("depth 1000000000", |c| c.dit.depth = 1_000_000_000),
+            ("depth 18446744073709551615", |c| c.dit.depth = usize::MAX),
+            ("hidden", |c| c.dit.hidden = 4097 * 4),
+            ("time_scale", |c| c.dit.time_scale = f64::NAN),
+            ("parameters", |c| {
+                c.dit.hidden = 4096;
+                c.dit.heads = 4;
+                c.dit.depth = 64;
+            }),
+            ("one channel", |c| c.dit.in_channels = 2),
+            ("dtype", |c| c.dtype = DType::BF16),
+            // Sizes.
+            (
+                "eval.teacher_steps (--ode-steps) is 18446744073709551615",
+                |c| c.eval.teacher_steps = usize::MAX,
+            ),
+            ("eval.n (--eval-n) is 2305843009213693952", |c| {
+                c.eval.n = 1 << 61
+            }),
+            ("eval.n (--eval-n) is 0", |c| c.eval.n = 0),
+            (
+                "teacher.batch (--teacher-batch) is 4611686018427387904",
+                |c| c.teacher.batch = 1 << 62,
+            ),
+            ("student.batch (--student-batch) is 0", |c| {
+                c.student.batch = 0
+            }),
+            ("teacher.steps", |c| c.teacher.steps = usize::MAX),
+            ("student.fake_updates", |c| {
+                c.student.fake_updates = usize::MAX
+            }),
+            ("student.max_rollout", |c| c.student.max_rollout = 0),
+            ("checkpoint_every", |c| c.checkpoint_every = 0),
+            ("eval.steps holds 0", |c| c.eval.steps = vec![1, 0]),
+            ("eval.steps holds 18446744073709551615", |c| {
+                c.eval.steps = vec![usize::MAX]
+            }),
+            // Floats.
+            ("teacher.adam.lr is NaN", |c| c.teacher.adam.lr = f64::NAN),
+            ("--teacher-lr", |c| c.teacher.adam.lr = -1.0),
+            ("student.adam.beta1 is 1", |c| c.student.adam.beta1 = 1.0),
+            ("student.fake_adam.beta2", |c| {
+                c.student.fake_adam.beta2 = 1.5
+            }),
+            ("teacher.adam.eps", |c| c.teacher.adam.eps = 0.0),
+            ("teacher.adam.weight_decay", |c| {
+                c.teacher.adam.weight_decay = f64::INFINITY
+            }),
+            ("teacher.ema (--teacher-ema) is 1", |c| c.teacher.ema = 1.0),
+            ("student.ema (--student-ema) is NaN", |c| {
+                c.student.ema = f64::NAN
+            }),
+            ("teacher.label_dropout is 1.5", |c| {
+                c.teacher.label_dropout = 1.5
+            }),
+            ("p_std (--p-std) is -1", |c| c.p_std = -1.0),
+            ("p_mean (--p-mean) is inf", |c| c.p_mean = f64::INFINITY),
+            ("student.p_std", |c| c.student.p_std = f64::NAN),
+            ("guidance (--guidance) is NaN", |c| c.guidance = f64::NAN),
+            ("student.dmd_guidance", |c| {
+                c.student.dmd_guidance = f64::NAN
+            }),
+            ("student.dmd_scale", |c| c.student.dmd_scale = -1.0),
+            ("student.scm_scale", |c| c.student.scm_scale = f64::NAN),
+            ("student.dmd_shift (--dmd-shift) is 0", |c| {
+                c.student.dmd_shift = 0.0
+            }),
+            ("--sigma-max) 0", |c| c.eval.sigma_max = 0.0),
+            ("--sigma-max) inf", |c| c.eval.sigma_max = f64::INFINITY),
+            ("eval.sigma_min 100", |c| c.eval.sigma_min = 100.0),
+            ("eval.sigma_min -1", |c| c.eval.sigma_min = -1.0),
+            ("eval.mid4 (--mid4) [5.0, 5.0, 5.0]", |c| {
+                c.eval.mid4 = vec![5.0; 3]
+            }),
+            ("eval.mid4 (--mid4) [0.5, 1.0, 0.2]", |c| {
+                c.eval.mid4 = vec![0.5, 1.0, 0.2]
+            }),
+            ("eval.mid4 (--mid4) holds 2", |c| {
+                c.eval.mid4 = vec![1.0, 0.5]
+            }),
+            ("eval.mid2 (--mid2) [0.0]", |c| c.eval.mid2 = vec![0.0]),
+            ("eval.mid2 (--mid2) [NaN]", |c| c.eval.mid2 = vec![f64::NAN]),
+            // arctan(2) ≈ 1.107: the 2-step sampler would re-noise at 1.3, above its start.
+            ("eval.mid2 (--mid2) [1.3]", |c| {
+                c.eval.sigma_max = 2.0;
+                c.eval.mid2 = vec![1.3];
+                c.eval.mid4 = vec![1.0, 0.8, 0.5];
+            }),
+            // 6 steps take times from 1.3 down, above arctan(2).
+            ("6-step sampler", |c| {
+                c.eval.sigma_max = 2.0;
+                c.eval.mid2 = vec![1.0];
+                c.eval.mid4 = vec![1.0, 0.8, 0.5];
+                c.eval.steps = vec![1, 6];
+            }),
+        ];
+        for (want, edit) in cases {
+            let mut c = RcmConfig::preset(Preset::Toy);
+            edit(&mut c);
+            let e = c.check().expect_err(want).to_string();
+            assert!(e.contains(want), "want `{want}` in: {e}");
+        }
+    }
+
+    #[test]
+    fn sampler_times_are_checked() {
+        let c = RcmConfig::preset(Preset::Default).eval;
+        assert_eq!(c.times(4).unwrap(), vec![80f64.atan(), 1.1, 1.0, 0.9]);
+        assert_eq!(c.times(6).unwrap().len(), 6);
+        assert!(c.times(0).is_err());
+        assert!(c.times(usize::MAX).is_err());
+        let no_mid2 = EvalConfig {
+            mid2: vec![],
+            ..c.clone()
+        };
+        let e = no_mid2.times(2).unwrap_err().to_string();
+        assert!(e.contains("2-step"), "{e}");
+    }
 }

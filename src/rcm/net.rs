@@ -194,13 +194,13 @@ pub fn velocity_guided(
     c2.extend(std::iter::repeat_n(NULL_CLASS, class.len()));
     let f = velocity(net, &x2, &t2, &c2)?;
     let (cond, uncond) = f.split_at(x.len());
-    Ok(trigflow::guide(cond, uncond, w))
+    trigflow::guide(cond, uncond, w)
 }
 
 /// The denoiser f = cos t·x − sin t·F (guided with w).
 pub fn denoised(net: &Dit, x: &[f64], t: &[f64], class: &[usize], w: f64) -> Result<Vec<f64>> {
     let f = velocity_guided(net, x, t, class, w)?;
-    Ok(trigflow::denoise(x, &f, t, PIXELS))
+    trigflow::denoise(x, &f, t, PIXELS)
 }
 
 /// F with the cache the backward needs.
@@ -252,49 +252,98 @@ pub fn backward(net: &Dit, cache: &NetCache, gout: &[f64]) -> Result<Vec<Tensor>
 }
 
 /// Adds `b` into `a` elementwise (gradients of two losses on the same parameters).
+/// [`Error::Invalid`] when the counts, a shape or a dtype differ; nothing in `a` changes then.
 pub fn add_grads(a: &mut [Tensor], b: &[Tensor]) -> Result<()> {
-    for (x, y) in a.iter_mut().zip(b) {
-        let sum: Vec<f64> = x
-            .to_f64_vec()
-            .iter()
-            .zip(y.to_f64_vec())
-            .map(|(p, q)| p + q)
-            .collect();
-        *x = Tensor::from_f64_vec(sum, x.shape(), x.dtype())?;
+    if a.len() != b.len() {
+        return Err(Error::invalid(
+            "rcm",
+            format!(
+                "add_grads: {} gradients plus {} gradients",
+                a.len(),
+                b.len()
+            ),
+        ));
+    }
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.shape() != y.shape() || x.dtype() != y.dtype() {
+            return Err(Error::invalid(
+                "rcm",
+                format!(
+                    "add_grads: gradient {i} is {:?} {} in one and {:?} {} in the other",
+                    x.shape(),
+                    x.dtype(),
+                    y.shape(),
+                    y.dtype()
+                ),
+            ));
+        }
+    }
+    let sums = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let sum: Vec<f64> = x
+                .to_f64_vec()
+                .iter()
+                .zip(y.to_f64_vec())
+                .map(|(p, q)| p + q)
+                .collect();
+            Tensor::from_f64_vec(sum, x.shape(), x.dtype())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (x, s) in a.iter_mut().zip(sums) {
+        *x = s;
     }
     Ok(())
 }
 
-/// A network with the given parameters (canonical order), checked against the layout.
-pub fn dit_with_params(
-    config: crate::dit::DitConfig,
-    params: Vec<Tensor>,
-    rng: &mut impl rand::Rng,
-) -> Result<Dit> {
-    let dt = params.first().map_or(DType::F32, |p| p.dtype());
-    let mut net = Dit::new(config, dt, rng)?;
-    if net.params().len() != params.len() {
-        return Err(Error::invalid(
-            "rcm",
-            format!(
-                "the DiT has {} parameter tensors but {} were given",
-                net.params().len(),
-                params.len()
-            ),
-        ));
+/// A network with the given parameters (canonical order): [`Dit::from_params`], which checks
+/// the config and every parameter's shape and dtype against the layout (all in one dtype, f32
+/// or f64), so a checkpoint mixing dtypes is an error, not a network that breaks that rule.
+pub fn dit_with_params(config: crate::dit::DitConfig, params: Vec<Tensor>) -> Result<Dit> {
+    Dit::from_params(config, params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn toy() -> crate::dit::DitConfig {
+        super::super::RcmConfig::preset(super::super::Preset::Toy).dit
     }
-    for (i, (p, q)) in net.params_mut().iter_mut().zip(params).enumerate() {
-        if p.shape() != q.shape() {
-            return Err(Error::invalid(
-                "rcm",
-                format!(
-                    "parameter {i} has shape {:?}, expected {:?}",
-                    q.shape(),
-                    p.shape()
-                ),
-            ));
-        }
-        *p = q;
+
+    #[test]
+    fn add_grads_checks_everything_before_adding() {
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]).unwrap();
+        let a0 = vec![t(vec![1.0, 2.0]), t(vec![3.0])];
+        let mut a = a0.clone();
+        add_grads(&mut a, &[t(vec![1.0, 1.0]), t(vec![1.0])]).unwrap();
+        assert_eq!(a, vec![t(vec![2.0, 3.0]), t(vec![4.0])]);
+        // One tensor short used to add the first and skip the rest; a bad second tensor used
+        // to leave the first one added.
+        let mut a = a0.clone();
+        assert!(add_grads(&mut a, &[t(vec![1.0, 1.0])]).is_err());
+        let e = add_grads(&mut a, &[t(vec![1.0, 1.0]), t(vec![1.0, 1.0])]).unwrap_err();
+        assert!(e.to_string().contains("gradient 1"), "{e}");
+        let f64s = vec![a0[0].clone(), a0[1].to_dtype(DType::F64)];
+        assert!(add_grads(&mut a, &f64s).is_err());
+        assert_eq!(a, a0);
     }
-    Ok(net)
+
+    #[test]
+    fn mixed_dtype_parameters_are_refused() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let net = Dit::new(toy(), DType::F32, &mut rng).unwrap();
+        let same = dit_with_params(toy(), net.params().to_vec()).unwrap();
+        assert_eq!(same.params(), net.params());
+        let mut mixed = net.params().to_vec();
+        let last = mixed.len() - 1;
+        mixed[last] = mixed[last].to_dtype(DType::F64);
+        let e = dit_with_params(toy(), mixed).unwrap_err().to_string();
+        assert!(e.contains("f64") || e.contains("F64"), "{e}");
+        let mut short = net.params().to_vec();
+        short.pop();
+        assert!(dit_with_params(toy(), short).is_err());
+    }
 }

@@ -27,6 +27,39 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// [`Error::Invalid`] naming `name` (how the caller knows this optimizer, e.g.
+    /// `teacher.adam`) and the value, unless: lr, eps, weight_decay and final_lr_ratio are finite,
+    /// lr, weight_decay and final_lr_ratio ≥ 0, eps > 0, and both betas in [0, 1) (a beta of 1
+    /// makes the bias correction 1 − β^n zero, so every step NaN).
+    pub fn validate(&self, name: &str) -> Result<()> {
+        let bad = |field: &str, v: f64, want: &str| {
+            Err(Error::invalid(
+                "adamw",
+                format!("{name}.{field} is {v}; it must be {want}"),
+            ))
+        };
+        // Written as `!(in range)` so that NaN fails each test.
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad("lr", self.lr, "finite and ≥ 0");
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return bad("beta1", self.beta1, "in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta2", self.beta2, "in [0, 1)");
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", self.eps, "finite and > 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", self.weight_decay, "finite and ≥ 0");
+        }
+        if !(self.final_lr_ratio.is_finite() && self.final_lr_ratio >= 0.0) {
+            return bad("final_lr_ratio", self.final_lr_ratio, "finite and ≥ 0");
+        }
+        Ok(())
+    }
+
     /// The learning rate of step `step` (counted from 1).
     pub fn lr_at(&self, step: usize) -> f64 {
         let warm = if self.warmup > 0 {
@@ -75,9 +108,14 @@ impl AdamW {
     }
 
     /// One update of `params` by `grads` (same order, shapes and dtype). [`Error::Invalid`] when
-    /// the counts or a gradient's or moment's shape or dtype differ, [`Error::Unsupported`] for
+    /// the counts or a gradient's or moment's shape or dtype differ, the config fails
+    /// [`AdamWConfig::validate`] or the step count is at `usize::MAX`, [`Error::Unsupported`] for
     /// parameters other than f32 or f64; after an error nothing has changed (step count included).
     pub fn update(&mut self, params: &mut [Tensor], grads: &[Tensor]) -> Result<()> {
+        self.config.validate("adamw")?;
+        let step = self.step.checked_add(1).ok_or_else(|| {
+            Error::invalid("adamw", format!("step count {} cannot grow", self.step))
+        })?;
         let n = params.len();
         if grads.len() != n || self.m.len() != n || self.v.len() != n {
             return Err(Error::invalid(
@@ -104,16 +142,16 @@ impl AdamW {
                 ],
             )?;
         }
-        self.step += 1;
+        self.step = step;
         let c = self.config;
         let k = Coeffs {
-            lr: c.lr_at(self.step),
+            lr: c.lr_at(step),
             b1: c.beta1,
             b2: c.beta2,
             eps: c.eps,
             wd: c.weight_decay,
-            bc1: 1.0 - c.beta1.powi(self.step as i32),
-            bc2: 1.0 - c.beta2.powi(self.step as i32),
+            bc1: 1.0 - power(c.beta1, step),
+            bc2: 1.0 - power(c.beta2, step),
         };
         for (i, p) in params.iter_mut().enumerate() {
             let (g, m, v) = (&grads[i], &mut self.m[i], &mut self.v[i]);
@@ -123,6 +161,16 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+}
+
+/// β^n for any step count n ≥ 1: `powi` where n fits an i32 (a plain `as i32` wrapped 2^32 − 1
+/// to −1 and 2^32 to 0, making the bias correction 0 and every parameter NaN), else `powf`. For
+/// β in [0, 1) the result lies in [0, 1), so 1 − β^n > 0.
+fn power(beta: f64, n: usize) -> f64 {
+    match i32::try_from(n) {
+        Ok(n) => beta.powi(n),
+        Err(_) => beta.powf(n as f64),
     }
 }
 
@@ -206,9 +254,19 @@ impl Ema {
     }
 
     /// Moves the average towards `params`: e ← β_n·e + (1 − β_n)·p. [`Error::Invalid`] when the
-    /// count, a shape or a dtype differs from the average's, [`Error::Unsupported`] for parameters
-    /// other than f32 or f64; after an error nothing has changed.
+    /// count, a shape or a dtype differs from the average's, the decay is not in [0, 1) or the
+    /// update count is at `usize::MAX`, [`Error::Unsupported`] for parameters other than f32 or
+    /// f64; after an error nothing has changed.
     pub fn update(&mut self, params: &[Tensor]) -> Result<()> {
+        if !(0.0..1.0).contains(&self.decay) {
+            return Err(Error::invalid(
+                "ema",
+                format!("decay {} is not in [0, 1)", self.decay),
+            ));
+        }
+        let updates = self.updates.checked_add(1).ok_or_else(|| {
+            Error::invalid("ema", format!("update count {} cannot grow", self.updates))
+        })?;
         if params.len() != self.params.len() {
             return Err(Error::invalid(
                 "ema",
@@ -224,7 +282,7 @@ impl Ema {
         }
         let n = self.updates as f64;
         let beta = self.decay.min((1.0 + n) / (10.0 + n));
-        self.updates += 1;
+        self.updates = updates;
         for (e, p) in self.params.iter_mut().zip(params) {
             match p.dtype() {
                 DType::F32 => ema_one::<f32>(e, p, beta)?,
@@ -247,14 +305,10 @@ fn ema_one<T: Element>(e: &mut Tensor, p: &Tensor, beta: f64) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mismatched_updates_are_errors_that_change_nothing() {
-        let p0 = vec![
-            Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap(),
-            Tensor::from_vec(vec![3.0f32; 3], &[3]).unwrap(),
-        ];
-        let config = AdamWConfig {
-            lr: 0.1,
+    /// Adam with the usual betas, no weight decay and a constant learning rate.
+    fn plain(lr: f64) -> AdamWConfig {
+        AdamWConfig {
+            lr,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -262,8 +316,16 @@ mod tests {
             warmup: 0,
             decay_steps: 0,
             final_lr_ratio: 1.0,
-        };
-        let mut opt = AdamW::new(config, &p0);
+        }
+    }
+
+    #[test]
+    fn mismatched_updates_are_errors_that_change_nothing() {
+        let p0 = vec![
+            Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap(),
+            Tensor::from_vec(vec![3.0f32; 3], &[3]).unwrap(),
+        ];
+        let mut opt = AdamW::new(plain(0.1), &p0);
         let mut p = p0.clone();
         // The second gradient has the wrong shape: the first parameter must not move either.
         let bad = vec![
@@ -288,25 +350,80 @@ mod tests {
     #[test]
     fn adamw_minimises_a_quadratic() {
         let mut p = vec![Tensor::from_vec(vec![3.0f32, -2.0], &[2]).unwrap()];
-        let mut opt = AdamW::new(
-            AdamWConfig {
-                lr: 0.05,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                warmup: 0,
-                decay_steps: 0,
-                final_lr_ratio: 1.0,
-            },
-            &p,
-        );
+        let mut opt = AdamW::new(plain(0.05), &p);
         for _ in 0..500 {
             let g: Vec<f32> = p[0].as_slice::<f32>().unwrap().to_vec();
             let g = Tensor::from_vec(g, &[2]).unwrap();
             opt.update(&mut p, &[g]).unwrap();
         }
         assert!(p[0].to_f64_vec().iter().all(|x| x.abs() < 0.05), "{p:?}");
+    }
+
+    #[test]
+    fn any_step_count_gives_finite_updates() {
+        // 2^32 − 1 and 2^32 used to become −1 and 0 under `as i32`: a bias correction of 0 (or
+        // below) and NaN parameters, here as from a checkpoint's counters.
+        for step in [
+            i32::MAX as usize - 1,
+            i32::MAX as usize,
+            u32::MAX as usize - 1,
+            u32::MAX as usize,
+        ] {
+            let mut p = vec![Tensor::from_vec(vec![1.0f32, -1.0], &[2]).unwrap()];
+            let mut opt = AdamW::new(plain(0.01), &p);
+            opt.step = step;
+            let g = vec![Tensor::from_vec(vec![0.5f32, 0.5], &[2]).unwrap()];
+            opt.update(&mut p, &g).unwrap();
+            assert!(
+                p[0].to_f64_vec().iter().all(|x| x.is_finite()),
+                "step {step}: {p:?}"
+            );
+            assert_eq!(opt.step, step + 1);
+        }
+        // The last count cannot grow: an error, nothing moved.
+        let p0 = vec![Tensor::from_vec(vec![1.0f32], &[1]).unwrap()];
+        let mut p = p0.clone();
+        let mut opt = AdamW::new(plain(0.01), &p);
+        opt.step = usize::MAX;
+        assert!(opt.update(&mut p, &p0).is_err());
+        assert_eq!((p.as_slice(), opt.step), (p0.as_slice(), usize::MAX));
+        let mut ema = Ema::new(0.9, &p0);
+        ema.updates = usize::MAX;
+        assert!(ema.update(&p0).is_err());
+        assert_eq!(ema.updates, usize::MAX);
+    }
+
+    #[test]
+    fn bad_hyperparameters_are_errors() {
+        assert!(plain(1e-3).validate("teacher.adam").is_ok());
+        type Edit = fn(&mut AdamWConfig);
+        let cases: [(&str, Edit); 8] = [
+            ("lr", |c| c.lr = f64::NAN),
+            ("lr", |c| c.lr = -1.0),
+            ("beta1", |c| c.beta1 = 1.0),
+            ("beta2", |c| c.beta2 = f64::NAN),
+            ("eps", |c| c.eps = 0.0),
+            ("weight_decay", |c| c.weight_decay = f64::INFINITY),
+            ("final_lr_ratio", |c| c.final_lr_ratio = -0.5),
+            ("beta1", |c| c.beta1 = -0.1),
+        ];
+        for (field, f) in cases {
+            let mut c = plain(1e-3);
+            f(&mut c);
+            let e = c.validate("student.adam").unwrap_err().to_string();
+            assert!(e.contains(&format!("student.adam.{field}")), "{e}");
+            // The optimizer refuses to step with it, leaving everything as it was.
+            let p0 = vec![Tensor::from_vec(vec![1.0f32], &[1]).unwrap()];
+            let mut p = p0.clone();
+            let mut opt = AdamW::new(c, &p);
+            assert!(opt.update(&mut p, &p0).is_err());
+            assert_eq!((p.as_slice(), opt.step), (p0.as_slice(), 0));
+        }
+        let p0 = vec![Tensor::from_vec(vec![1.0f32], &[1]).unwrap()];
+        for decay in [1.0, -0.5, f64::NAN] {
+            let mut ema = Ema::new(decay, &p0);
+            assert!(ema.update(&p0).is_err(), "decay {decay}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::data::glyph::{self, NUM_CLASSES, PIXELS};
 use crate::dit::Dit;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 use super::checkpoint::{self, Checkpoint};
@@ -31,20 +31,28 @@ pub struct Ctx<'a> {
     pub resume: bool,
     /// Progress bars and phase summaries on stderr.
     pub progress: bool,
-    /// Training steps this run may still take before it stops as if killed (None: no limit).
+    /// Training steps this run may still take before it stops as if killed (None: no limit;
+    /// Some(0): no step at all, a phase that would train stops before its first step).
     pub budget: std::cell::Cell<Option<usize>>,
 }
 
 impl Ctx<'_> {
-    /// Counts one training step against the budget; true when the run must stop now.
+    /// Counts one training step (just taken) against the budget; true when the budget is spent
+    /// and the run must stop now.
     fn spend(&self) -> bool {
         match self.budget.get() {
             None => false,
             Some(n) => {
-                self.budget.set(Some(n.saturating_sub(1)));
-                n <= 1
+                let left = n.saturating_sub(1);
+                self.budget.set(Some(left));
+                left == 0
             }
         }
+    }
+
+    /// True when the budget allows no further step.
+    fn exhausted(&self) -> bool {
+        self.budget.get() == Some(0)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -117,7 +125,7 @@ fn teacher_grads(net: &Dit, cfg: &RcmConfig, rng: &mut StdRng) -> Result<(f64, V
     let tc = &cfg.teacher;
     let b = tc.batch;
     let classes = random_classes(b, rng);
-    let x0 = glyph::sample_classes(&classes, rng);
+    let x0 = glyph::sample_classes(&classes, rng)?;
     let cond: Vec<usize> = classes
         .iter()
         .map(|&c| {
@@ -130,8 +138,8 @@ fn teacher_grads(net: &Dit, cfg: &RcmConfig, rng: &mut StdRng) -> Result<(f64, V
         .collect();
     let z = trigflow::randn(b * PIXELS, rng);
     let t = trigflow::sample_t_lognormal(b, cfg.p_mean, cfg.p_std, rng);
-    let xt = trigflow::noisy(&x0, &z, &t, PIXELS);
-    let v = trigflow::velocity_target(&x0, &z, &t, PIXELS);
+    let xt = trigflow::noisy(&x0, &z, &t, PIXELS)?;
+    let v = trigflow::velocity_target(&x0, &z, &t, PIXELS)?;
     let (f, cache) = net::velocity_train(net, &xt, &t, &cond)?;
     let ok = finite_mask(&[&f], b, PIXELS);
     let valid = ok.iter().filter(|&&o| o).count().max(1) as f64;
@@ -153,6 +161,7 @@ fn teacher_grads(net: &Dit, cfg: &RcmConfig, rng: &mut StdRng) -> Result<(f64, V
 /// `None` when the step budget ran out first (the checkpoint holds the state).
 pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
     let cfg = ctx.cfg;
+    cfg.check()?;
     let fp = teacher_fingerprint(cfg, ctx.seed);
     let (final_path, final_json) = (ctx.path("teacher.safetensors"), ctx.path("teacher.json"));
     let start = Instant::now();
@@ -161,7 +170,7 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
         let net = Dit::load(cfg.dit.clone(), &final_path)?;
         return Ok(Some((net, PhaseInfo::reused("teacher", cfg.teacher.steps))));
     }
-    let names = checkpoint::param_names(&cfg.dit);
+    let names = checkpoint::param_names(&cfg.dit)?;
     let (ckpt_path, run_json) = (
         ctx.path("teacher.ckpt.safetensors"),
         ctx.path("teacher.run.json"),
@@ -171,28 +180,47 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
     let mut opt = AdamW::new(cfg.teacher.adam, net.params());
     let mut ema = Ema::new(cfg.teacher.ema, net.params());
     let mut step = 0usize;
-    let resumable = ctx.resume
-        && ckpt_path.exists()
-        && checkpoint::read_fingerprint(&run_json).as_deref() == Some(&fp);
-    if resumable {
-        let ck = Checkpoint::load(&ckpt_path)?;
-        net = net::dit_with_params(cfg.dit.clone(), ck.group("net", &names)?, &mut init_rng)?;
-        ema.params = ck.group("ema", &names)?;
-        opt.m = ck.group("adam_m", &names)?;
-        opt.v = ck.group("adam_v", &names)?;
-        let c = ck.counters()?;
-        step = c[0] as usize;
-        opt.step = c[1] as usize;
-        ema.updates = c[2] as usize;
-        ctx.say(&format!("teacher: resuming at step {step}"));
-    } else {
-        checkpoint::write_fingerprint(&run_json, &fp, serde_json::json!({}))?;
-    }
-    let resumed_from = step;
     let total = cfg.teacher.steps;
+    let resumed = resume_or_start(
+        ctx,
+        "teacher",
+        &ckpt_path,
+        &run_json,
+        &fp,
+        &TEACHER_COUNTERS,
+    )?;
+    if let Some((ck, c)) = resumed {
+        // Each step is one optimizer update and one EMA update.
+        if c[0] > total || c[1] != c[0] || c[2] != c[0] {
+            return Err(inconsistent(
+                &ckpt_path,
+                &TEACHER_COUNTERS,
+                &c,
+                format!(
+                    "step must be at most the {total} teacher steps and the adam step and ema \
+                     updates equal to it"
+                ),
+            ));
+        }
+        let like = net.params().to_vec();
+        net = net::dit_with_params(cfg.dit.clone(), ck.group_like("net", &names, &like)?)?;
+        ema.params = ck.group_like("ema", &names, &like)?;
+        opt.m = ck.group_like("adam_m", &names, &like)?;
+        opt.v = ck.group_like("adam_v", &names, &like)?;
+        step = c[0];
+        opt.step = c[1];
+        ema.updates = c[2];
+        ctx.say(&format!("teacher: resuming at step {step}"));
+    }
+    // step ≤ total from here on (checked above), so `total - resumed_from` cannot wrap.
+    let resumed_from = step;
     let pb = ctx.bar("teacher", total, step);
     let mut smooth = Smooth(None);
     while step < total {
+        if ctx.exhausted() {
+            pb.abandon();
+            return Ok(None);
+        }
         let mut rng = step_rng(ctx.seed, TAG_TEACHER, step);
         let (loss, grads) = teacher_grads(&net, cfg, &mut rng)?;
         opt.update(net.params_mut(), &grads)?;
@@ -212,7 +240,12 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
                     ("adam_m", &opt.m),
                     ("adam_v", &opt.v),
                 ],
-                &[step as f64, opt.step as f64, ema.updates as f64],
+                &[
+                    step as f64,
+                    opt.step as f64,
+                    ema.updates as f64,
+                    checkpoint::fingerprint_tag(&fp),
+                ],
             )?;
         }
         if stop && step < total {
@@ -221,16 +254,8 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
         }
     }
     pb.finish();
-    let (teacher, seconds) = finish_phase(
-        cfg,
-        ema.params,
-        &mut init_rng,
-        &final_path,
-        &final_json,
-        &fp,
-        total,
-        start,
-    )?;
+    let (teacher, seconds) =
+        finish_phase(cfg, ema.params, &final_path, &final_json, &fp, total, start)?;
     ctx.say(&format!(
         "teacher: {} steps in {seconds:.1} s, final loss {:.4}",
         total - resumed_from,
@@ -279,15 +304,15 @@ fn scm_grads(
     rng: &mut StdRng,
 ) -> Result<(f64, Vec<Tensor>)> {
     let b = classes.len();
-    let x0 = glyph::sample_classes(classes, rng);
+    let x0 = glyph::sample_classes(classes, rng)?;
     let z = trigflow::randn(b * PIXELS, rng);
     let t = trigflow::sample_t_lognormal(b, cfg.student.p_mean, cfg.student.p_std, rng);
-    let xt = trigflow::noisy(&x0, &z, &t, PIXELS);
+    let xt = trigflow::noisy(&x0, &z, &t, PIXELS)?;
     let f_teacher = net::velocity_guided(teacher, &xt, &t, classes, cfg.guidance)?;
     let (cos, sin) = trigflow::cos_sin(&t);
     let cs: Vec<f64> = cos.iter().zip(&sin).map(|(c, s)| c * s).collect();
     let zero = vec![0.0; b];
-    let x_dot = trigflow::combine(&cs, &f_teacher, &zero, &f_teacher, PIXELS);
+    let x_dot = trigflow::combine(&cs, &f_teacher, &zero, &f_teacher, PIXELS)?;
     let (f_minus, u, cache) = net::velocity_dual(student, &xt, &x_dot, &t, &cs, classes)?;
     let mut g = vec![0.0; b * PIXELS];
     for i in 0..b {
@@ -334,7 +359,7 @@ fn rollout(
             *ti = ti.min(di);
         }
         let eps = trigflow::randn(b * PIXELS, rng);
-        x = trigflow::noisy(&x0, &eps, &t, PIXELS);
+        x = trigflow::noisy(&x0, &eps, &t, PIXELS)?;
     }
     Ok((x, t))
 }
@@ -355,10 +380,10 @@ fn dmd_grads(
     let b = classes.len();
     let (gx, gt) = rollout(student, cfg, classes, pre, rng)?;
     let (f, cache) = net::velocity_train(student, &gx, &gt, classes)?;
-    let x0 = trigflow::denoise(&gx, &f, &gt, PIXELS);
+    let x0 = trigflow::denoise(&gx, &f, &gt, PIXELS)?;
     let td = trigflow::sample_t_shifted(b, cfg.student.dmd_shift, rng);
     let eps = trigflow::randn(b * PIXELS, rng);
-    let dx = trigflow::noisy(&x0, &eps, &td, PIXELS);
+    let dx = trigflow::noisy(&x0, &eps, &td, PIXELS)?;
     let x0_fake = net::denoised(fake, &dx, &td, classes, 1.0)?;
     let x0_teacher = net::denoised(teacher, &dx, &td, classes, cfg.student.dmd_guidance)?;
     let ok = finite_mask(&[&x0, &x0_fake, &x0_teacher], b, PIXELS);
@@ -399,8 +424,8 @@ fn fake_grads(
     let x0 = net::denoised(student, &gx, &gt, classes, 1.0)?;
     let td = trigflow::sample_t_shifted(b, cfg.student.dmd_shift, rng);
     let eps = trigflow::randn(b * PIXELS, rng);
-    let dx = trigflow::noisy(&x0, &eps, &td, PIXELS);
-    let v = trigflow::velocity_target(&x0, &eps, &td, PIXELS);
+    let dx = trigflow::noisy(&x0, &eps, &td, PIXELS)?;
+    let v = trigflow::velocity_target(&x0, &eps, &td, PIXELS)?;
     let (f, cache) = net::velocity_train(fake, &dx, &td, classes)?;
     let ok = finite_mask(&[&f, &v], b, PIXELS);
     let valid = ok.iter().filter(|&&o| o).count().max(1) as f64;
@@ -428,6 +453,7 @@ pub fn student(
     teacher_fp: &str,
 ) -> Result<Option<(Dit, PhaseInfo)>> {
     let cfg = ctx.cfg;
+    cfg.check()?;
     let sc = &cfg.student;
     let name = method.name();
     let fp = format!(
@@ -445,53 +471,73 @@ pub fn student(
         let net = Dit::load(cfg.dit.clone(), &final_path)?;
         return Ok(Some((net, PhaseInfo::reused(name, sc.steps))));
     }
-    let names = checkpoint::param_names(&cfg.dit);
+    let names = checkpoint::param_names(&cfg.dit)?;
     let ckpt_path = ctx.path(&format!("{name}.ckpt.safetensors"));
     let run_json = ctx.path(&format!("{name}.run.json"));
-    let mut init_rng = step_rng(ctx.seed, TAG_INIT, 1);
     let uses_scm = method != Method::Dmd;
     let uses_dmd = method != Method::Scm;
-    let mut student =
-        net::dit_with_params(cfg.dit.clone(), teacher.params().to_vec(), &mut init_rng)?;
+    let mut student = net::dit_with_params(cfg.dit.clone(), teacher.params().to_vec())?;
     let mut opt = AdamW::new(sc.adam, student.params());
     let mut ema = Ema::new(sc.ema, student.params());
     let mut fake = if uses_dmd {
-        let f = net::dit_with_params(cfg.dit.clone(), teacher.params().to_vec(), &mut init_rng)?;
+        let f = net::dit_with_params(cfg.dit.clone(), teacher.params().to_vec())?;
         let o = AdamW::new(sc.fake_adam, f.params());
         Some((f, o))
     } else {
         None
     };
     let (mut step, mut fake_step) = (0usize, 0usize);
-    let resumable = ctx.resume
-        && ckpt_path.exists()
-        && checkpoint::read_fingerprint(&run_json).as_deref() == Some(&fp);
-    if resumable {
-        let ck = Checkpoint::load(&ckpt_path)?;
-        student = net::dit_with_params(cfg.dit.clone(), ck.group("net", &names)?, &mut init_rng)?;
-        ema.params = ck.group("ema", &names)?;
-        opt.m = ck.group("adam_m", &names)?;
-        opt.v = ck.group("adam_v", &names)?;
-        let c = ck.counters()?;
-        step = c[0] as usize;
-        opt.step = c[1] as usize;
-        ema.updates = c[2] as usize;
-        fake_step = c[3] as usize;
+    let total = sc.steps;
+    let resumed = resume_or_start(ctx, name, &ckpt_path, &run_json, &fp, &STUDENT_COUNTERS)?;
+    if let Some((ck, c)) = resumed {
+        // Each student update is one optimizer and one EMA update, and each update with DMD on
+        // (see the loop) `fake_updates` fake-score updates, each one optimizer update.
+        let dmd_updates = if !uses_dmd {
+            0
+        } else if !uses_scm {
+            c[0]
+        } else {
+            c[0].saturating_sub(sc.tangent_warmup)
+        };
+        let fakes = dmd_updates.checked_mul(sc.fake_updates);
+        if c[0] > total || c[1] != c[0] || c[2] != c[0] || Some(c[3]) != fakes || c[4] != c[3] {
+            return Err(inconsistent(
+                &ckpt_path,
+                &STUDENT_COUNTERS,
+                &c,
+                format!(
+                    "step must be at most the {total} student updates, the adam step and ema \
+                     updates equal to it, and the fake-score step and its adam step {}",
+                    fakes.map_or("beyond any count".to_string(), |f| f.to_string())
+                ),
+            ));
+        }
+        let like = teacher.params().to_vec();
+        student = net::dit_with_params(cfg.dit.clone(), ck.group_like("net", &names, &like)?)?;
+        ema.params = ck.group_like("ema", &names, &like)?;
+        opt.m = ck.group_like("adam_m", &names, &like)?;
+        opt.v = ck.group_like("adam_v", &names, &like)?;
+        step = c[0];
+        opt.step = c[1];
+        ema.updates = c[2];
+        fake_step = c[3];
         if let Some((f, o)) = fake.as_mut() {
-            *f = net::dit_with_params(cfg.dit.clone(), ck.group("fake", &names)?, &mut init_rng)?;
-            o.m = ck.group("fake_adam_m", &names)?;
-            o.v = ck.group("fake_adam_v", &names)?;
-            o.step = c[4] as usize;
+            *f = net::dit_with_params(cfg.dit.clone(), ck.group_like("fake", &names, &like)?)?;
+            o.m = ck.group_like("fake_adam_m", &names, &like)?;
+            o.v = ck.group_like("fake_adam_v", &names, &like)?;
+            o.step = c[4];
         }
         ctx.say(&format!("{name}: resuming at student step {step}"));
-    } else {
-        checkpoint::write_fingerprint(&run_json, &fp, serde_json::json!({}))?;
     }
+    // step ≤ total from here on (checked above), so `total - resumed_from` cannot wrap.
     let resumed_from = step;
-    let total = sc.steps;
     let pb = ctx.bar(name, total, step);
     let (mut s_scm, mut s_dmd, mut s_fake) = (Smooth(None), Smooth(None), Smooth(None));
     while step < total {
+        if ctx.exhausted() {
+            pb.abandon();
+            return Ok(None);
+        }
         // rCM turns DMD on once the tangent warmup is over (as the reference does); DMD alone
         // runs it from the start.
         let dmd_on = uses_dmd && (!uses_scm || step >= sc.tangent_warmup);
@@ -567,6 +613,7 @@ pub fn student(
                     ema.updates as f64,
                     fake_step as f64,
                     fs as f64,
+                    checkpoint::fingerprint_tag(&fp),
                 ],
             )?;
         }
@@ -576,16 +623,8 @@ pub fn student(
         }
     }
     pb.finish();
-    let (model, seconds) = finish_phase(
-        cfg,
-        ema.params,
-        &mut init_rng,
-        &final_path,
-        &final_json,
-        &fp,
-        total,
-        start,
-    )?;
+    let (model, seconds) =
+        finish_phase(cfg, ema.params, &final_path, &final_json, &fp, total, start)?;
     ctx.say(&format!(
         "{name}: {} student steps ({fake_step} fake-score updates in all) in {seconds:.1} s",
         total - resumed_from
@@ -602,20 +641,85 @@ pub fn student(
     )))
 }
 
-/// The end of a training phase: the EMA weights become the phase's network, saved atomically with
-/// the fingerprint that lets a later run reuse it. Returns the network and the phase's seconds.
-#[allow(clippy::too_many_arguments)]
+/// The counters of a teacher checkpoint, in order (the last is the fingerprint's tag).
+const TEACHER_COUNTERS: [&str; 4] = ["step", "adam step", "ema updates", "fingerprint"];
+
+/// The counters of a student checkpoint, in order (the last is the fingerprint's tag).
+const STUDENT_COUNTERS: [&str; 6] = [
+    "step",
+    "adam step",
+    "ema updates",
+    "fake-score step",
+    "fake adam step",
+    "fingerprint",
+];
+
+/// The checkpoint to resume a phase from, with its counters (checked as whole counts, the
+/// fingerprint tag removed), when resuming was asked for, `run_json` names this phase's
+/// fingerprint and the checkpoint's own tag matches it. Otherwise the phase starts fresh: a
+/// checkpoint left in the folder by an earlier run is removed *before* the new fingerprint is
+/// written, so a later `--resume` under this fingerprint never picks up the other run's
+/// weights, moments and counters.
+fn resume_or_start(
+    ctx: &Ctx,
+    name: &str,
+    ckpt_path: &Path,
+    run_json: &Path,
+    fp: &str,
+    labels: &[&str],
+) -> Result<Option<(Checkpoint, Vec<usize>)>> {
+    if ctx.resume
+        && ckpt_path.exists()
+        && checkpoint::read_fingerprint(run_json).as_deref() == Some(fp)
+    {
+        let ck = Checkpoint::load(ckpt_path)?;
+        let mut c = ck.counts(labels)?;
+        let tag = c.pop().map(|t| t as f64);
+        if tag == Some(checkpoint::fingerprint_tag(fp)) {
+            return Ok(Some((ck, c)));
+        }
+        ctx.say(&format!(
+            "{name}: {} was written by a run with other settings; starting afresh",
+            ckpt_path.display()
+        ));
+    }
+    checkpoint::remove_if_present(ckpt_path)?;
+    checkpoint::write_fingerprint(run_json, fp, serde_json::json!({}))?;
+    Ok(None)
+}
+
+/// [`Error::Format`] for counters that are whole numbers but do not fit the phase.
+fn inconsistent(path: &Path, labels: &[&str], c: &[usize], want: String) -> Error {
+    let got: Vec<String> = labels
+        .iter()
+        .zip(c)
+        .map(|(l, v)| format!("{l} {v}"))
+        .collect();
+    Error::Format {
+        path: path.display().to_string(),
+        message: format!(
+            "checkpoint counters ({}) do not fit this phase: {want}",
+            got.join(", ")
+        ),
+    }
+}
+
+/// The end of a training phase: the EMA weights become the phase's network, saved atomically,
+/// then the fingerprint that lets a later run reuse it. The old fingerprint is removed before
+/// the model is written, so a run killed in between leaves a model without a fingerprint (never
+/// reused), not a new model under the old one's fingerprint. Returns the network and the phase's
+/// seconds.
 fn finish_phase(
     cfg: &RcmConfig,
     ema_params: Vec<Tensor>,
-    init_rng: &mut StdRng,
     final_path: &std::path::Path,
     final_json: &std::path::Path,
     fingerprint: &str,
     total: usize,
     start: Instant,
 ) -> Result<(Dit, f64)> {
-    let model = net::dit_with_params(cfg.dit.clone(), ema_params, init_rng)?;
+    let model = net::dit_with_params(cfg.dit.clone(), ema_params)?;
+    checkpoint::remove_if_present(final_json)?;
     model.save(final_path)?;
     let seconds = start.elapsed().as_secs_f64();
     checkpoint::write_fingerprint(
@@ -626,12 +730,13 @@ fn finish_phase(
     Ok((model, seconds))
 }
 
-/// The settings that determine the teacher (DiT, teacher phase, training times, seed) as text; a
-/// student's fingerprint includes it, so a new teacher means new students.
+/// The settings that determine the teacher (DiT, parameter dtype, teacher phase, training times,
+/// seed) as text; a student's fingerprint includes it, so a new teacher means new students.
 pub fn teacher_fingerprint(cfg: &RcmConfig, seed: u64) -> String {
     format!(
-        "teacher|{:?}|{:?}|{:?}|seed {}",
+        "teacher|{:?}|{:?}|{:?}|{:?}|seed {}",
         cfg.dit,
+        cfg.dtype,
         cfg.teacher,
         (cfg.p_mean, cfg.p_std),
         seed
