@@ -690,20 +690,20 @@ mod emulate {
         }
 
         fn kernel(&mut self, l: &Launch) {
-            let p = |i: usize| match l.args[i] {
+            let p = |i: usize| match l.args()[i] {
                 Arg::Ptr(v) => v,
-                ref a => panic!("{}: argument {i} is {a:?}, not a pointer", l.kernel),
+                ref a => panic!("{}: argument {i} is {a:?}, not a pointer", l.kernel()),
             };
-            let int = |i: usize| match l.args[i] {
+            let int = |i: usize| match l.args()[i] {
                 Arg::I32(v) => v as usize,
                 Arg::I64(v) => v as usize,
-                ref a => panic!("{}: argument {i} is {a:?}, not an integer", l.kernel),
+                ref a => panic!("{}: argument {i} is {a:?}, not an integer", l.kernel()),
             };
-            let fl = |i: usize| match l.args[i] {
+            let fl = |i: usize| match l.args()[i] {
                 Arg::F32(v) => v as f64,
-                ref a => panic!("{}: argument {i} is {a:?}, not a float", l.kernel),
+                ref a => panic!("{}: argument {i} is {a:?}, not a float", l.kernel()),
             };
-            let name = l.kernel.as_str();
+            let name = l.kernel();
             let gelu_d = |u: f64| {
                 let th = (0.7978845608028654 * (u + 0.044715 * u * u * u)).tanh();
                 0.5 * (1.0 + th)
@@ -743,7 +743,7 @@ mod emulate {
                 // The gated residual into x1 (and tx1), then the layernorm contract on x1, with the
                 // arguments the plain layernorm kernel takes at its positions.
                 let jvp = name.contains("jvp");
-                let n = l.args.len();
+                let n = l.args().len();
                 let (t, c, g) = (int(n - 4), int(n - 3), int(n - 2));
                 let gi = |i: usize| (i / c) / (t / g) * c + i % c;
                 for i in 0..t * c {
@@ -773,9 +773,9 @@ mod emulate {
                 self.attention(l, name, &p, &int, &fl);
             } else if name.starts_with("gated_residual_") {
                 let (t, c, g) = (
-                    int(l.args.len() - 3),
-                    int(l.args.len() - 2),
-                    int(l.args.len() - 1),
+                    int(l.args().len() - 3),
+                    int(l.args().len() - 2),
+                    int(l.args().len() - 1),
                 );
                 let gi = |i: usize| (i / c) / (t / g) * c + i % c;
                 match name {
@@ -974,7 +974,7 @@ mod emulate {
             int: &dyn Fn(usize) -> usize,
             fl: &dyn Fn(usize) -> f64,
         ) {
-            let bh = l.grid.1 as usize;
+            let bh = l.grid().1 as usize;
             let d: usize = name.rsplit("_d").next().unwrap().parse().unwrap_or(0);
             if name == "attention_bwd_preprocess_f32" {
                 // (o, dout, delta, rows, dv, Nq, H, o strides): row r = (b·H + h)·Nq + n.
@@ -997,7 +997,7 @@ mod emulate {
             let bwd = name.starts_with("attention_bwd");
             // Every attention kernel but the preprocess ends with Nq, Nk, scale, H and the [B, H, N, d]
             // strides of q, k, v, o (tangents and gradients in their primal's), honoured below.
-            let n = l.args.len();
+            let n = l.args().len();
             let (nq, nk, c) = (int(n - 16), int(n - 15), fl(n - 14));
             let heads = int(n - 13);
             let stride = |t: usize| -> [usize; 3] {

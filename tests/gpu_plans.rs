@@ -328,7 +328,9 @@ fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
         dit_block_plans(arch, dtype, c)
             .into_iter()
             .filter_map(|s| match s {
-                Step::Kernel(l) if l.kernel.starts_with("attention_") => Some(l.kernel),
+                Step::Kernel(l) if l.kernel().starts_with("attention_") => {
+                    Some(l.kernel().to_string())
+                }
                 _ => None,
             })
             .collect()
@@ -514,32 +516,33 @@ fn every_launch_matches_its_kernel_signature() {
     let mut failures = Vec::new();
     let mut used = BTreeSet::new();
     for l in &launches {
-        let key = (l.file, l.kernel.clone());
+        let key = (l.file(), l.kernel().to_string());
         let Some(params) = sigs.get(&key) else {
-            failures.push(format!("{}: no kernel {} in the PTX", l.file, l.kernel));
+            failures.push(format!("{}: no kernel {} in the PTX", l.file(), l.kernel()));
             continue;
         };
         used.insert(key.clone());
-        let kinds: Vec<ArgKind> = l.args.iter().map(|a| a.kind()).collect();
+        let kinds: Vec<ArgKind> = l.args().iter().map(|a| a.kind()).collect();
         if &kinds != params {
             failures.push(format!(
                 "{}: arguments {kinds:?} but the kernel takes {params:?}",
-                l.kernel
+                l.kernel()
             ));
         }
-        let threads = l.block.0 * l.block.1 * l.block.2;
-        if let Some(max) = maxntid.get(&l.kernel) {
+        let threads = l.block().0 * l.block().1 * l.block().2;
+        if let Some(max) = maxntid.get(l.kernel()) {
             if threads > *max {
                 failures.push(format!(
                     "{}: block of {threads} threads, kernel bound {max}",
-                    l.kernel
+                    l.kernel()
                 ));
             }
         }
-        if threads > 1024 || l.shared_bytes as usize > 227 * 1024 {
+        if threads > 1024 || l.shared_bytes() as usize > 227 * 1024 {
             failures.push(format!(
                 "{}: {threads} threads, {} bytes of shared memory",
-                l.kernel, l.shared_bytes
+                l.kernel(),
+                l.shared_bytes()
             ));
         }
     }

@@ -52,29 +52,59 @@ impl Arg {
 
 /// A kernel launch: which kernel of which embedded file, its grid, block, dynamic shared memory and
 /// arguments in parameter order.
+///
+/// Only this crate's plan functions build launches (their argument lists are checked against
+/// each kernel's PTX signature by the tests): the driver reads exactly as many arguments as the
+/// kernel declares, so a hand-made list with too few would make it read past the array on the
+/// host. Callers read a launch through the accessors and run it with [`super::Gpu::run`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Launch {
-    /// The embedded kernel file (e.g. `attention_jvp.cu`), compiled by NVRTC on first use.
-    pub file: &'static str,
-    /// The kernel's entry name in `file` (e.g. `attention_jvp_bf16_d64`).
-    pub kernel: String,
-    /// Blocks in x, y, z, each within 1..=[`MAX_GRID`] when built by [`Launch::new`].
-    pub grid: (u32, u32, u32),
-    /// Threads per block in x, y, z.
-    pub block: (u32, u32, u32),
-    /// Dynamic shared memory in bytes (above 48 KiB the launcher raises the kernel's opt-in limit).
-    pub shared_bytes: u32,
-    /// The kernel's arguments, in parameter order.
-    pub args: Vec<Arg>,
+    pub(crate) file: &'static str,
+    pub(crate) kernel: String,
+    pub(crate) grid: (u32, u32, u32),
+    pub(crate) block: (u32, u32, u32),
+    pub(crate) shared_bytes: u32,
+    pub(crate) args: Vec<Arg>,
 }
 
 /// The largest grid the hardware takes (x, y, z).
 pub const MAX_GRID: (u64, u64, u64) = (i32::MAX as u64, 65535, 65535);
 
 impl Launch {
+    /// The embedded kernel file (e.g. `attention_jvp.cu`), compiled by NVRTC on first use.
+    pub fn file(&self) -> &'static str {
+        self.file
+    }
+
+    /// The kernel's entry name in its file (e.g. `attention_jvp_bf16_d64`).
+    pub fn kernel(&self) -> &str {
+        &self.kernel
+    }
+
+    /// Blocks in x, y, z, each within 1..=[`MAX_GRID`].
+    pub fn grid(&self) -> (u32, u32, u32) {
+        self.grid
+    }
+
+    /// Threads per block in x, y, z.
+    pub fn block(&self) -> (u32, u32, u32) {
+        self.block
+    }
+
+    /// Dynamic shared memory in bytes (above 48 KiB the launcher raises the kernel's opt-in
+    /// limit).
+    pub fn shared_bytes(&self) -> u32 {
+        self.shared_bytes
+    }
+
+    /// The kernel's arguments, in parameter order.
+    pub fn args(&self) -> &[Arg] {
+        &self.args
+    }
+
     /// A launch whose grid is checked against the hardware limits: each dimension at least 1 and
     /// at most [`MAX_GRID`]. `what` names the op in the error.
-    pub fn new(
+    pub(crate) fn new(
         what: &str,
         file: &'static str,
         kernel: impl Into<String>,
