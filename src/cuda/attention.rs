@@ -1349,6 +1349,20 @@ pub fn backward_packed(
 mod tests {
     use super::*;
 
+    /// Distinct, aligned, non-null addresses for plans that are built but never run.
+    const FAKE_PTRS: JvpPtrs = JvpPtrs {
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        tq: 0x4000,
+        tk: 0x5000,
+        tv: 0x6000,
+        o: 0x7000,
+        to: 0x8000,
+        lse: 0x9000,
+        tlse: 0xa000,
+    };
+
     #[test]
     fn layouts_are_checked() {
         let dims = AttnDims {
@@ -1451,18 +1465,7 @@ mod tests {
         };
         shared.k = kv;
         shared.v = kv;
-        let p = JvpPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            tq: 0x4000,
-            tk: 0x5000,
-            tv: 0x6000,
-            o: 0x7000,
-            to: 0x8000,
-            lse: 0x9000,
-            tlse: 0xa000,
-        };
+        let p = FAKE_PTRS;
         plan_jvp(Variant::Fwd, DType::BF16, dims, shared, p, 0.1).unwrap();
         let bp = BwdPtrs {
             q: 0x1000,
@@ -1574,18 +1577,7 @@ mod tests {
         assert_eq!((dims.d, dims.dv), (64, 128));
         assert_eq!(dims.o_shape(), [1, 2, 8, 128]);
         assert_eq!(dims.v_shape(), [1, 2, 9, 128]);
-        let p = JvpPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            tq: 0x4000,
-            tk: 0x5000,
-            tv: 0x6000,
-            o: 0x7000,
-            to: 0x8000,
-            lse: 0x9000,
-            tlse: 0xa000,
-        };
+        let p = FAKE_PTRS;
         let name = |steps: Vec<Step>| -> Vec<(String, &'static str)> {
             steps
                 .into_iter()
@@ -1698,18 +1690,7 @@ mod tests {
     fn misaligned_16_bit_tensors_are_refused() {
         let dims = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 64]).unwrap();
         let c = Layout::contiguous(dims);
-        let mut p = JvpPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            tq: 0x4000,
-            tk: 0x5000,
-            tv: 0x6000,
-            o: 0x7000,
-            to: 0x8000,
-            lse: 0x9000,
-            tlse: 0xa000,
-        };
+        let mut p = FAKE_PTRS;
         assert!(plan_jvp(Variant::Jvp, DType::BF16, dims, c, p, 0.1).is_ok());
         p.tv = 0x6008;
         let e = plan_jvp(Variant::Jvp, DType::BF16, dims, c, p, 0.1).unwrap_err();
@@ -1722,18 +1703,7 @@ mod tests {
     #[test]
     fn plans_end_with_heads_and_strides() {
         let dims = check_shapes(&[2, 3, 40, 72], &[2, 3, 40, 72], &[2, 3, 40, 72]).unwrap();
-        let p = JvpPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            tq: 0x4000,
-            tk: 0x5000,
-            tv: 0x6000,
-            o: 0x7000,
-            to: 0x8000,
-            lse: 0x9000,
-            tlse: 0xa000,
-        };
+        let p = FAKE_PTRS;
         let packed = Layout::packed_qkv(dims);
         for (v, nptr) in [(Variant::Jvp, 10), (Variant::JvpNoKv, 8), (Variant::Fwd, 5)] {
             let steps = plan_jvp(v, DType::BF16, dims, packed, p, 0.1).unwrap();

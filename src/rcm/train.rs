@@ -203,10 +203,7 @@ pub fn teacher(ctx: &Ctx) -> Result<Option<(Dit, PhaseInfo)>> {
             ));
         }
         let like = net.params().to_vec();
-        net = net::dit_with_params(cfg.dit.clone(), ck.group_like("net", &names, &like)?)?;
-        ema.params = ck.group_like("ema", &names, &like)?;
-        opt.m = ck.group_like("adam_m", &names, &like)?;
-        opt.v = ck.group_like("adam_v", &names, &like)?;
+        net = restore(cfg, &ck, &names, &like, &mut ema, &mut opt)?;
         step = c[0];
         opt.step = c[1];
         ema.updates = c[2];
@@ -513,10 +510,7 @@ pub fn student(
             ));
         }
         let like = teacher.params().to_vec();
-        student = net::dit_with_params(cfg.dit.clone(), ck.group_like("net", &names, &like)?)?;
-        ema.params = ck.group_like("ema", &names, &like)?;
-        opt.m = ck.group_like("adam_m", &names, &like)?;
-        opt.v = ck.group_like("adam_v", &names, &like)?;
+        student = restore(cfg, &ck, &names, &like, &mut ema, &mut opt)?;
         step = c[0];
         opt.step = c[1];
         ema.updates = c[2];
@@ -686,6 +680,23 @@ fn resume_or_start(
     checkpoint::remove_if_present(ckpt_path)?;
     checkpoint::write_fingerprint(run_json, fp, serde_json::json!({}))?;
     Ok(None)
+}
+
+/// A phase's network, its EMA and its optimizer moments from a checkpoint, each tensor checked
+/// against `like` (the network's own parameters) in shape and dtype.
+fn restore(
+    cfg: &RcmConfig,
+    ck: &Checkpoint,
+    names: &[String],
+    like: &[Tensor],
+    ema: &mut Ema,
+    opt: &mut AdamW,
+) -> Result<Dit> {
+    let net = net::dit_with_params(cfg.dit.clone(), ck.group_like("net", names, like)?)?;
+    ema.params = ck.group_like("ema", names, like)?;
+    opt.m = ck.group_like("adam_m", names, like)?;
+    opt.v = ck.group_like("adam_v", names, like)?;
+    Ok(net)
 }
 
 /// [`Error::Format`] for counters that are whole numbers but do not fit the phase.
