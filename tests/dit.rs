@@ -489,6 +489,29 @@ fn configs_out_of_bounds_are_errors_everywhere() {
         assert!(e.contains("bad config"), "{c:?}: {e}");
     }
 
+    // Within the bounds but far beyond memory: an error, not an abort of the process.
+    let huge = DitConfig {
+        hidden: 1 << 16,
+        depth: 1 << 12,
+        ..tiny()
+    };
+    assert!(Dit::validate_config(&huge).is_ok());
+    let e = Dit::new(huge, DType::F32, &mut rng)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parameters") && e.contains("memory"), "{e}");
+    let huge = DitConfig {
+        image_size: 1 << 16,
+        patch: 1,
+        hidden: 1 << 16,
+        ..tiny()
+    };
+    let e = Dit::from_params(huge, Vec::new()).unwrap_err().to_string();
+    assert!(
+        e.contains("position embedding") && e.contains("memory"),
+        "{e}"
+    );
+
     // time_scale finite in f64 but not in f32 gave c_noise = inf and NaN outputs in f32.
     for ts in [1e39, -1e39, 1e7, f64::INFINITY] {
         let c = DitConfig {

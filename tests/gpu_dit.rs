@@ -243,6 +243,13 @@ fn bad_parameters_and_buffers_are_errors() {
     bad.params_mut()[0] = bad.params()[0].to_dtype(DType::F32);
     let e = GpuDit::upload(&bad).err().unwrap().to_string();
     assert!(e.contains(&names[0].0) && e.contains("f32"), "{e}");
+    // An f64 value beyond f32's range would have reached the kernels as infinity.
+    let mut bad = dit.clone();
+    let mut w = bad.params()[3].to_f64_vec();
+    w[1] = -3e300;
+    bad.params_mut()[3] = Tensor::from_vec(w, bad.params()[3].shape()).unwrap();
+    let e = GpuDit::upload(&bad).err().unwrap().to_string();
+    assert!(e.contains(&names[3].0) && e.contains("range"), "{e}");
 
     // A config no network can have.
     let e = ParamLayout::new(&DitConfig {

@@ -617,6 +617,10 @@ impl Blas {
             })
         };
         let cm = col_major(g);
+        // Every dimension converted before anything is written: a product refused after the bias
+        // broadcast would have left C half-written.
+        let (m, n, k) = (int(cm.m)?, int(cm.n)?, int(cm.k)?);
+        let (ld_1, ld_2) = (int(cm.ld_1)?, int(cm.ld_2)?);
         let ty = blas_type(g.dtype);
         let mut beta = 0.0f32;
         if let Some(bias) = g.bias {
@@ -630,20 +634,20 @@ impl Blas {
                     h,
                     bsys::cublasOperation_t::CUBLAS_OP_N,
                     bsys::cublasOperation_t::CUBLAS_OP_N,
-                    int(cm.m)?,
-                    int(cm.n)?,
+                    m,
+                    n,
                     1,
                     &one as *const f32 as *const c_void,
                     bias as *const c_void,
                     ty,
-                    int(cm.m)?,
+                    m,
                     ones as *const c_void,
                     ty,
                     1,
                     &zero as *const f32 as *const c_void,
                     g.c as *mut c_void,
                     ty,
-                    int(cm.m)?,
+                    m,
                     bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
@@ -666,20 +670,20 @@ impl Blas {
                 h,
                 op(cm.trans_1),
                 op(cm.trans_2),
-                int(cm.m)?,
-                int(cm.n)?,
-                int(cm.k)?,
+                m,
+                n,
+                k,
                 &alpha as *const f32 as *const c_void,
                 g.b as *const c_void,
                 ty,
-                int(cm.ld_1)?,
+                ld_1,
                 g.a as *const c_void,
                 ty,
-                int(cm.ld_2)?,
+                ld_2,
                 &beta as *const f32 as *const c_void,
                 g.c as *mut c_void,
                 ty,
-                int(cm.m)?,
+                m,
                 bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

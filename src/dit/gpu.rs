@@ -1172,6 +1172,18 @@ impl GpuDit {
                 _ => {
                     for (d, v) in dst.iter_mut().zip(p.to_f64_vec()) {
                         *d = v as f32;
+                        // A finite f64 beyond f32's range would reach the kernels as infinity.
+                        if v.is_finite() && !d.is_finite() {
+                            let names = Dit::param_layout(dit.config())?;
+                            return Err(Error::invalid(
+                                "GpuDit::upload",
+                                format!(
+                                    "parameter {} holds {v:e}, beyond f32's range (the GPU DiT \
+                                     computes in f32)",
+                                    names[i].0
+                                ),
+                            ));
+                        }
                     }
                 }
             }

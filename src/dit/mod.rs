@@ -117,7 +117,16 @@ impl Dit {
     pub fn new(config: DitConfig, dtype: DType, rng: &mut impl rand::Rng) -> Result<Self> {
         layout::validate(&config)?;
         expect_real("parameters", dtype)?;
-        let params = layout::layout(&config)
+        // The bounds of `validate` keep every count finite but not every network allocatable: a
+        // config within them can ask for petabytes, an error here rather than an abort (each
+        // parameter is drawn in f64, then stored in `dtype`).
+        let layout = layout::layout(&config);
+        let total = layout
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum();
+        crate::ops::expect_allocatable("dit", "the parameters", &[total], DType::F64, 2)?;
+        let params = layout
             .into_iter()
             .map(|(_, shape, init)| {
                 let n: usize = shape.iter().product();
@@ -148,6 +157,14 @@ impl Dit {
         layout::validate(&config)?;
         let dtype = params.first().map_or(DType::F32, |p| p.dtype());
         expect_real("parameters", dtype)?;
+        let tokens = (config.image_size / config.patch).pow(2);
+        crate::ops::expect_allocatable(
+            "dit",
+            "the position embedding",
+            &[tokens, config.hidden],
+            DType::F64,
+            2,
+        )?;
         let pos = Tensor::from_f64_vec(
             layout::pos_embed(&config),
             &[(config.image_size / config.patch).pow(2), config.hidden],
