@@ -33,6 +33,16 @@ fn every_kernel_compiles_for_sm80_and_sm90a() {
                             "{arch} {:44} regs {:3} spill {:5} stack {:5} smem {:6}",
                             k.kernel, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes
                         );
+                        if *file == flashjvp::cuda::attention_sm90::FILE
+                            && k.kernel.starts_with("attention_")
+                        {
+                            if let Err(e) = flashjvp::cuda::attention_sm90::check_register_pool(
+                                &k.kernel,
+                                k.registers,
+                            ) {
+                                failures.push(format!("[{arch}] {e}"));
+                            }
+                        }
                         if k.kernel.starts_with("attention") && k.spill_bytes > 0 {
                             failures.push(format!(
                                 "{} [{arch}] spills {} bytes",

@@ -235,6 +235,72 @@ proptest! {
 /// The plans built from raw addresses refuse a null pointer their kernels dereference, naming it,
 /// and take 0 where it means "absent" (a zero tangent, an output not wanted).
 #[test]
+fn a_scale_the_kernels_cannot_take_is_refused() {
+    use flashjvp::DType::BF16;
+    let p = |i: u64| 0x1000_0000 * (i + 1);
+    let dims = attn::check_shapes(&[1, 2, 100, 64], &[1, 2, 80, 64], &[1, 2, 80, 64]).unwrap();
+    let layout = attn::Layout::contiguous(dims);
+    let ptrs = attn::JvpPtrs {
+        q: p(0),
+        k: p(1),
+        v: p(2),
+        tq: p(3),
+        tk: p(4),
+        tv: p(5),
+        o: p(6),
+        to: p(7),
+        lse: p(8),
+        tlse: p(9),
+    };
+    let bwd = attn::BwdPtrs {
+        q: p(0),
+        k: p(1),
+        v: p(2),
+        o: p(3),
+        lse: p(4),
+        dout: p(5),
+        delta: p(6),
+        dq: p(7),
+        dk: p(8),
+        dv: p(9),
+    };
+    // 0 made the masked tail's scores NaN in the kernels, a negative scale +inf; a subnormal one
+    // flushes to 0, and one beyond f32::MAX / log2(e) overflows with the factor.
+    for scale in [
+        0.0,
+        -0.0,
+        -0.125,
+        1e-40,
+        f32::MAX / 1.2,
+        f32::NAN,
+        f32::INFINITY,
+    ] {
+        for arch in ["sm_80", "sm_90a"] {
+            for variant in [
+                attn::Variant::Jvp,
+                attn::Variant::JvpNoKv,
+                attn::Variant::Fwd,
+            ] {
+                let planned = flashjvp::cuda::attention_sm90::plan_for(
+                    arch, variant, BF16, dims, layout, ptrs, scale,
+                );
+                let e = planned.expect_err(&format!("{arch} {variant:?} with scale {scale}"));
+                assert!(e.to_string().contains("scale"), "{e}");
+            }
+        }
+        let e = attn::plan_backward(BF16, dims, layout, bwd, scale).unwrap_err();
+        assert!(e.to_string().contains("scale"), "{e}");
+    }
+    for scale in [f32::MIN_POSITIVE, 1e-3, 0.125, 1e30] {
+        assert!(attn::check_scale(scale).is_ok(), "{scale}");
+        assert!(attn::plan_backward(BF16, dims, layout, bwd, scale).is_ok());
+    }
+    assert!(attn::resolve_scale(Some(-1.0), 64).is_err());
+    assert!(attn::resolve_scale(Some(0.0), 64).is_err());
+    assert_eq!(attn::resolve_scale(None, 64).unwrap(), 0.125);
+}
+
+#[test]
 fn null_required_pointers_are_errors_naming_them() {
     use flashjvp::DType::BF16;
     let p = |i: u64| 0x1000_0000 * (i + 1);

@@ -349,15 +349,38 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
         match r {
             Ok(c) => {
                 for k in &c.kernels {
-                    rows.push(serde_json::json!({
-                        "kernel": k.kernel, "arch": k.arch, "ok": true, "file": file,
+                    // Compiled, but to a register count its setmaxnreg moves would hang on.
+                    let pool = if *file == flashjvp::cuda::attention_sm90::FILE
+                        && k.kernel.starts_with("attention_")
+                    {
+                        flashjvp::cuda::attention_sm90::check_register_pool(&k.kernel, k.registers)
+                            .err()
+                            .map(|e| one_line(&e.to_string()))
+                    } else {
+                        None
+                    };
+                    let mut row = serde_json::json!({
+                        "kernel": k.kernel, "arch": k.arch, "ok": pool.is_none(), "file": file,
                         "registers": k.registers, "spill_bytes": k.spill_bytes,
                         "stack_bytes": k.stack_bytes, "shared_bytes": k.shared_bytes,
-                    }));
+                    });
+                    if let Some(msg) = &pool {
+                        row["error"] = msg.clone().into();
+                        failed += 1;
+                        if first_error.is_empty() {
+                            first_error = msg.clone();
+                        }
+                    }
+                    rows.push(row);
                     if !args.json {
                         println!(
-                            "ok   {arch:7} {:40} regs {:3}  spill {:5} B  stack {:4} B  smem {:6} B",
-                            k.kernel, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes
+                            "{} {arch:7} {:40} regs {:3}  spill {:5} B  stack {:4} B  smem {:6} B",
+                            if pool.is_some() { "FAIL" } else { "ok  " },
+                            k.kernel,
+                            k.registers,
+                            k.spill_bytes,
+                            k.stack_bytes,
+                            k.shared_bytes
                         );
                     }
                 }
@@ -383,7 +406,7 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
     }
     if failed > 0 {
         return Err(flashjvp::Error::Cuda(format!(
-            "{failed} of {} kernel compilations failed (first: {first_error})",
+            "{failed} kernel checks failed over {} compilations (first: {first_error})",
             jobs.len()
         )));
     }

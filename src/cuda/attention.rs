@@ -449,7 +449,7 @@ impl Layout {
     }
 }
 
-/// The score scale as the kernels take it: c (default 1/√d), finite in f32.
+/// The score scale as the kernels take it: c (default 1/√d), checked by [`check_scale`].
 pub fn resolve_scale(scale: Option<f64>, d: usize) -> Result<f32> {
     let c = scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !c.is_finite() || !(c as f32).is_finite() {
@@ -458,7 +458,29 @@ pub fn resolve_scale(scale: Option<f64>, d: usize) -> Result<f32> {
             format!("scale {c} is not finite in f32"),
         ));
     }
+    check_scale(c as f32)?;
     Ok(c as f32)
+}
+
+/// Errors unless `scale` is a positive normal f32 whose product with log2(e) is one too. The
+/// kernels mask the keys past Nk with −∞ scores, keep the running maximum of the unscaled scores
+/// and exponentiate `scale·log2(e)·(s − m)`: a scale of 0 made the masked scores NaN (−∞·0), a
+/// negative one made them +∞ and the maximum a minimum. (The CPU reference takes any finite
+/// scale.)
+pub fn check_scale(scale: f32) -> Result<()> {
+    let sl2 = scale * std::f32::consts::LOG2_E;
+    if scale > 0.0 && scale.is_normal() && sl2.is_normal() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        OP,
+        format!(
+            "scale {scale:e}: the CUDA kernels take a positive scale, at least {:e} and at most \
+             {:e} (f32's normal range over log2(e))",
+            f32::MIN_POSITIVE,
+            f32::MAX / std::f32::consts::LOG2_E
+        ),
+    ))
 }
 
 /// Query rows per block: 64 on tensor cores (bf16, f16), 16 for f32.
@@ -572,6 +594,7 @@ pub fn plan_jvp(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
+    check_scale(scale)?;
     layout.check(dtype, dims)?;
     let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)];
     if variant != Variant::Fwd {
@@ -688,6 +711,7 @@ pub fn plan_backward(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
+    check_scale(scale)?;
     layout.check(dtype, dims)?;
     layout.check_gradients(dims)?;
     let named = [

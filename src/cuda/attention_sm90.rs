@@ -32,6 +32,33 @@ pub const BLOCK_ROWS: usize = 128;
 /// Threads per block: a producer warpgroup and two consumer warpgroups.
 pub const THREADS: u32 = 384;
 
+/// Registers per thread the producer warpgroup keeps after `setmaxnreg.dec` (the kernel's
+/// PRODUCER_REGS).
+pub const PRODUCER_REGS: u32 = 24;
+
+/// Registers per thread each consumer warpgroup asks for with `setmaxnreg.inc` (CONSUMER_REGS).
+pub const CONSUMER_REGS: u32 = 240;
+
+/// Errors unless a Hopper attention kernel compiled to `registers` per thread can make its
+/// register moves. The block starts with `registers` for each of its 384 threads; `setmaxnreg.inc`
+/// waits until the registers the producer gave back cover the consumers' rise, so with fewer
+/// than 168 at entry (128·(R − 24) < 256·(240 − R)) the consumers would wait for ever: a hang, not
+/// an error. ptxas gives these kernels the most `__launch_bounds__(384, 1)` allows, 168; a
+/// compiler that gave fewer is caught here (by the kernel loader and CI's compile test) instead.
+pub fn check_register_pool(kernel: &str, registers: u32) -> Result<()> {
+    let (threads, producer, consumers) = (THREADS, 128, THREADS - 128);
+    let freed = producer * registers.saturating_sub(PRODUCER_REGS);
+    let wanted = consumers * CONSUMER_REGS.saturating_sub(registers);
+    if freed >= wanted && threads * registers <= 65536 {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "kernel {kernel} was compiled to {registers} registers per thread: its setmaxnreg moves \
+         (producer {PRODUCER_REGS}, consumers {CONSUMER_REGS}) need 168 at entry and would hang; \
+         FLASHJVP_ATTENTION_PATH=sm80 runs the sm_80 kernels instead"
+    )))
+}
+
 /// Which kernel family runs an attention forward/JVP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
@@ -268,6 +295,7 @@ pub fn plan(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
+    super::attention::check_scale(scale)?;
     if !matches!(dtype, DType::BF16 | DType::F16)
         || !HEAD_DIMS.contains(&dims.d)
         || dims.dv != dims.d
@@ -458,6 +486,15 @@ pub fn plan_layout_probe(d: usize, bc: usize, p: ProbePtrs) -> Result<Vec<Step>>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_register_pool_needs_168_at_entry() {
+        assert!(super::check_register_pool("k", 168).is_ok());
+        for r in [0, 128, 160, 167, 176, 255] {
+            let e = super::check_register_pool("attention_x", r).unwrap_err();
+            assert!(e.to_string().contains("attention_x"), "{e}");
+        }
+    }
+
     use super::*;
     use crate::cuda::attention::check_shapes;
 

@@ -73,6 +73,24 @@ impl DeviceBuf {
     }
 }
 
+impl Drop for DeviceBuf {
+    /// cudarc frees a slice on its stream without binding the context first, and the legacy
+    /// default stream (0) means the calling thread's current context: on a thread that never made
+    /// it current (one that was only handed a tensor) the free would fail, leak, and leave its
+    /// error for an unrelated later call. Made current here, before the slice drops. Not through
+    /// `bind_to_thread`, which would first take (and so hide) an error pending from earlier work.
+    fn drop(&mut self) {
+        if let DeviceBuf::Cuda(s) = self {
+            let want = s.stream().context().cu_ctx();
+            let current = cudarc::driver::result::ctx::get_current();
+            if !matches!(current, Ok(Some(c)) if c == want) {
+                // SAFETY: `want` is the live context that owns the slice (the slice holds it).
+                let _ = unsafe { cudarc::driver::result::ctx::set_current(want) };
+            }
+        }
+    }
+}
+
 /// What `flashjvp info` reports about the GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
@@ -353,6 +371,13 @@ impl Gpu {
         let f = module
             .load_function(name)
             .map_err(cuda_err(format!("kernel {name} is not in {file}")))?;
+        if file == super::attention_sm90::FILE && name.starts_with("attention_") {
+            // A register count the kernel's setmaxnreg moves cannot work with hangs the GPU.
+            let regs = f
+                .num_regs()
+                .map_err(cuda_err(format!("the register count of {name}")))?;
+            super::attention_sm90::check_register_pool(name, regs.max(0) as u32)?;
+        }
         let mut set = 48 * 1024;
         if shared_bytes > set {
             raise_shared(&f, name, shared_bytes)?;

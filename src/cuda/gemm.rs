@@ -295,7 +295,9 @@ impl Blas {
         static EPILOGUE_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let off = *EPILOGUE_OFF
             .get_or_init(|| std::env::var("FLASHJVP_GEMM_EPILOGUE").is_ok_and(|v| v == "off"));
-        let fused_ok = g.act == GemmAct::None || !off;
+        // cuBLASLt wants the GELU aux matrix's leading dimension (C's row length) a multiple of 8.
+        let aux_ld_ok = aux_of(g.act).is_none() || col_major(g).m % 8 == 0;
+        let fused_ok = g.act == GemmAct::None || (!off && aux_ld_ok);
         if let (Some(lt), true) = (self.lt, fused_ok) {
             let algo = match self.algos.get(&key) {
                 Some(a) => *a,
