@@ -19,7 +19,8 @@
 #               traps). Then gpu_ops (every op
 #               against the f64 CPU reference, ERR lines), gpu_dit (the GPU DiT against the CPU DiT,
 #               the toy rCM pipeline on cuda; again on sm80 attention if both it and
-#               gpu_attention_sm90 failed without a hang), gpu_sanitize. gpu_plans needs NVRTC only: CI runs it.
+#               gpu_attention_sm90 failed without a hang; with FLASHJVP_SYNC_STEPS=1 after a fault, so that
+#               the error names the faulting kernel), gpu_sanitize. gpu_plans needs NVRTC only: CI runs it.
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
@@ -32,7 +33,7 @@
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
 #   8. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
 #      JVP at the issue's two shapes and of the layernorm JVP (ncu.log)
-# Files back: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
+# Files back: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log (gpu_dit_sync.log after a fault) gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
 # compare.json ncu.log summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
@@ -121,6 +122,11 @@ if [ "$last_rc" != 0 ] && [ "$sm90_rc" != 0 ] && [ "${FLASHJVP_ATTENTION_PATH:-}
   # judged apart from the attention path.
   step gpu_dit_sm80 90 "$OUT/gpu_dit_sm80.log" env FLASHJVP_ATTENTION_PATH=sm80 \
     "$G/bin/tests/gpu_dit" --test-threads=1
+fi
+if grep -q "CUDA_ERROR" "$OUT/gpu_dit.log"; then
+  # A fault inside the DiT's passes surfaces at a later download: once more with every step waited
+  # for, so that the error names the kernel (or GEMM) that faulted.
+  step gpu_dit_sync 60 "$OUT/gpu_dit_sync.log" env FLASHJVP_SYNC_STEPS=1 "$G/bin/tests/gpu_dit" --test-threads=1
 fi
 test_step gpu_sanitize 60
 for t in "$G"/bin/tests/gpu_*; do  # any other GPU test binary (gpu_plans: NVRTC only, CI runs it)

@@ -391,38 +391,54 @@ impl Gpu {
     }
 
     /// Queues the steps of a plan, in order, on the stream (asynchronously: errors inside kernels
-    /// surface at the next synchronisation).
+    /// surface at the next synchronisation). With `FLASHJVP_SYNC_STEPS=1` every step is waited
+    /// for and a fault is reported by the step that caused it, naming its kernel (diagnosis: a
+    /// fault otherwise surfaces at a later download, under that copy's name).
     pub fn run(&self, steps: &[Step]) -> Result<()> {
         let cuda = match &self.inner.backend {
             Backend::Cuda(c) => c,
             Backend::Emulated(e) => return e.run(steps),
         };
+        static SYNC_STEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let sync_steps = *SYNC_STEPS
+            .get_or_init(|| std::env::var("FLASHJVP_SYNC_STEPS").is_ok_and(|v| v == "1"));
         self.bind()?;
         for step in steps {
-            match step {
-                Step::Kernel(l) => self.launch(l)?,
-                Step::Gemm(g) => {
-                    let mut blas = cuda.blas.lock().expect("cuBLAS lock");
-                    if blas.is_none() {
-                        *blas = Some(Blas::new(self)?);
-                    }
-                    blas.as_mut().expect("created above").gemm(self, g)?;
+            self.run_one(cuda, step)?;
+            if sync_steps {
+                cuda.stream.synchronize().map_err(cuda_err(format!(
+                    "FLASHJVP_SYNC_STEPS: the GPU faulted in {}",
+                    step_name(step)
+                )))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_one(&self, cuda: &CudaState, step: &Step) -> Result<()> {
+        match step {
+            Step::Kernel(l) => self.launch(l)?,
+            Step::Gemm(g) => {
+                let mut blas = cuda.blas.lock().expect("cuBLAS lock");
+                if blas.is_none() {
+                    *blas = Some(Blas::new(self)?);
                 }
-                Step::Fill {
-                    ptr,
-                    width,
-                    count,
-                    bits,
-                } => self.fill(*ptr, *width, *count, *bits)?,
-                Step::Copy { src, dst, bytes } => {
-                    if *bytes > 0 {
-                        // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
-                        unsafe {
-                            dsys::cuMemcpyDtoDAsync_v2(*dst, *src, *bytes, cuda.stream.cu_stream())
-                        }
-                        .result()
-                        .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;
+                blas.as_mut().expect("created above").gemm(self, g)?;
+            }
+            Step::Fill {
+                ptr,
+                width,
+                count,
+                bits,
+            } => self.fill(*ptr, *width, *count, *bits)?,
+            Step::Copy { src, dst, bytes } => {
+                if *bytes > 0 {
+                    // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
+                    unsafe {
+                        dsys::cuMemcpyDtoDAsync_v2(*dst, *src, *bytes, cuda.stream.cu_stream())
                     }
+                    .result()
+                    .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;
                 }
             }
         }
@@ -502,6 +518,19 @@ impl Gpu {
             .ctx
             .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cuda_err("creating an event"))
+    }
+}
+
+/// What a step is, for an error message.
+fn step_name(step: &Step) -> String {
+    match step {
+        Step::Kernel(l) => format!(
+            "kernel {} (grid {:?}, block {:?})",
+            l.kernel, l.grid, l.block
+        ),
+        Step::Gemm(g) => format!("a {} matrix product {}x{}x{}", g.dtype, g.m, g.n, g.k),
+        Step::Fill { count, .. } => format!("a fill of {count} elements"),
+        Step::Copy { bytes, .. } => format!("a device copy of {bytes} bytes"),
     }
 }
 
