@@ -1953,3 +1953,21 @@ fn bench_refuses_shapes_before_building_anything() {
     let e = bench(BenchOp::LayerNorm, &[1 << 30, 1 << 20], DType::F32).unwrap_err();
     assert!(e.to_string().contains("GiB of GPU memory"), "{e}");
 }
+
+#[test]
+fn the_benchmark_busy_kernel_runs_without_touching_its_sink() {
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    // The kernel time_plans queues in front of its timed runs: it must run and write nothing.
+    let sink = gpu
+        .upload(&Tensor::from_vec(vec![7.5f32], &[1]).unwrap(), DType::F32)
+        .unwrap();
+    gpu.run(&cuda::bench::plan_busy(5000, sink.ptr()).unwrap())
+        .unwrap();
+    gpu.synchronize().unwrap();
+    assert_eq!(sink.download().unwrap().to_f64_vec(), vec![7.5]);
+    let e = cuda::bench::plan_busy(1, 0).unwrap_err();
+    assert!(e.to_string().contains("sink"), "{e}");
+    assert!(cuda::bench::plan_busy(u64::MAX, sink.ptr()).is_err());
+}

@@ -214,6 +214,7 @@ fn all_plans() -> Vec<Step> {
     }
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), 0, p(2), 0).unwrap());
     s.extend(ew::plan_timestep(7, 256, 10000.0, p(1), p(3), p(2), p(4)).unwrap());
+    s.extend(flashjvp::cuda::bench::plan_busy(1 << 20, p(1)).unwrap());
     for (d, bc) in sm90::PROBES {
         let pp = sm90::ProbePtrs {
             q: p(1),

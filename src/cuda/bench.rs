@@ -23,7 +23,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::attention::{self as attn, AttnDims, Variant};
 use super::attention_sm90::{self as sm90, Path};
 use super::context::Gpu;
-use super::launch::{dtype_suffix, Step};
+use super::launch::{dtype_suffix, require_ptrs, Arg, Launch, Step};
 use super::layernorm::{self as ln, LnDims};
 use super::mlp::{self, MlpDims, ParamPtrs};
 use super::tensor::DeviceTensor;
@@ -238,45 +238,79 @@ impl Pool {
     }
 }
 
+/// The launch of cuda/bench.cu's `bench_busy`: one warp busy for about `iters` dependent FMAs,
+/// with no memory traffic; `sink` (one f32) is never written in practice.
+pub fn plan_busy(iters: u64, sink: u64) -> Result<Vec<Step>> {
+    require_ptrs("bench", &[("sink", sink)])?;
+    let iters = i64::try_from(iters)
+        .map_err(|_| Error::invalid("bench", format!("{iters} busy iterations")))?;
+    Ok(vec![Step::Kernel(Launch::new(
+        "bench",
+        "bench.cu",
+        "bench_busy",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        vec![Arg::I64(iters), Arg::Ptr(sink)],
+    )?)])
+}
+
+/// GPU milliseconds between two recorded events.
+fn elapsed(e0: &cudarc::driver::CudaEvent, e1: &cudarc::driver::CudaEvent) -> Result<f64> {
+    e0.elapsed_ms(e1)
+        .map(|m| m as f64)
+        .map_err(super::context::cuda_err("event timing"))
+}
+
 /// Times `plans[i % plans.len()]` (one plan per input set): warm-up, then the median of runs
-/// sized to about `budget_ms` in all (at least 5, at most 200).
+/// sized to about `budget_ms` in all (at least 5, at most 200). The timed runs are queued behind
+/// a busy kernel that outlasts their queueing (measured during the warm-up), so that they run back
+/// to back and each event pair times the GPU's work, not the host's launch overhead.
 pub(crate) fn time_plans(
     gpu: &Gpu,
     plans: &[Vec<Step>],
     budget_ms: f64,
 ) -> Result<(f64, f64, f64, usize)> {
+    let record = |e: &cudarc::driver::CudaEvent| {
+        e.record(gpu.stream()?)
+            .map_err(super::context::cuda_err("event"))
+    };
+    let sink = gpu.alloc(&[1], DType::F32)?;
+    gpu.run(&plan_busy(1, sink.ptr())?)?; // its module loaded outside any timing
     for p in plans.iter().cycle().take(plans.len().max(3)) {
         gpu.run(p)?;
     }
     gpu.synchronize()?;
     let (e0, e1) = (gpu.event()?, gpu.event()?);
-    e0.record(gpu.stream()?)
-        .map_err(super::context::cuda_err("event"))?;
+    record(&e0)?;
+    let t0 = std::time::Instant::now();
     gpu.run(&plans[0])?;
-    e1.record(gpu.stream()?)
-        .map_err(super::context::cuda_err("event"))?;
-    let once = e0
-        .elapsed_ms(&e1)
-        .map_err(super::context::cuda_err("event timing"))? as f64;
+    // The host's cost of queueing one run (warm: modules loaded, GEMM heuristics cached).
+    let host_ms = t0.elapsed().as_secs_f64() * 1e3;
+    record(&e1)?;
+    let once = elapsed(&e0, &e1)?;
     let runs = ((budget_ms / once.max(1e-3)) as usize).clamp(5, 200);
+
+    // The busy kernel's speed, then enough of it to cover the queueing of every timed run (with
+    // its two events) twice over, 1 to 500 ms.
+    const PROBE: u64 = 1 << 16;
+    record(&e0)?;
+    gpu.run(&plan_busy(PROBE, sink.ptr())?)?;
+    record(&e1)?;
+    let ms_per_iter = elapsed(&e0, &e1)?.max(1e-6) / PROBE as f64;
+    let cover_ms = (2.0 * runs as f64 * (host_ms + 0.02)).clamp(1.0, 500.0);
+    let iters = (cover_ms / ms_per_iter).min(1e12) as u64;
+
     let events: Vec<_> = (0..2 * runs).map(|_| gpu.event()).collect::<Result<_>>()?;
+    gpu.run(&plan_busy(iters, sink.ptr())?)?;
     for i in 0..runs {
-        events[2 * i]
-            .record(gpu.stream()?)
-            .map_err(super::context::cuda_err("event"))?;
+        record(&events[2 * i])?;
         gpu.run(&plans[i % plans.len()])?;
-        events[2 * i + 1]
-            .record(gpu.stream()?)
-            .map_err(super::context::cuda_err("event"))?;
+        record(&events[2 * i + 1])?;
     }
     gpu.synchronize()?;
     let mut ms: Vec<f64> = (0..runs)
-        .map(|i| {
-            events[2 * i]
-                .elapsed_ms(&events[2 * i + 1])
-                .map(|m| m as f64)
-                .map_err(super::context::cuda_err("event timing"))
-        })
+        .map(|i| elapsed(&events[2 * i], &events[2 * i + 1]))
         .collect::<Result<_>>()?;
     ms.sort_by(|a, b| a.total_cmp(b));
     let q = |f: f64| ms[((runs - 1) as f64 * f).round() as usize];
