@@ -216,6 +216,23 @@ impl Gpu {
         }
     }
 
+    /// Waits for all queued work, then returns the device memory freed tensors left cached in the
+    /// allocator's pool to the driver (the pool keeps freed memory for reuse, so another library
+    /// in the process, PyTorch say, may find the GPU full until this is called). A no-op under the
+    /// emulator.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        let Backend::Cuda(c) = &self.inner.backend else {
+            return Ok(());
+        };
+        self.synchronize()?;
+        let pool = default_pool(&c.ctx)
+            .ok_or_else(|| Error::Cuda("the device has no default memory pool".into()))?;
+        // SAFETY: a pool of this live context; trimming only releases unused memory.
+        unsafe { dsys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(cuda_err("releasing the memory pool's cached memory"))
+    }
+
     /// Waits for all queued work; a kernel fault or other asynchronous error surfaces here.
     pub fn synchronize(&self) -> Result<()> {
         match &self.inner.backend {
@@ -576,6 +593,7 @@ fn init_device() -> std::result::Result<Gpu, Error> {
     let ctx = CudaContext::new(0).map_err(cuda_err("creating a context on CUDA device 0"))?;
     // SAFETY: only the default stream is ever used, so no cross-stream synchronisation is needed.
     unsafe { ctx.disable_event_tracking() };
+    keep_freed_memory(&ctx);
     let stream = ctx.default_stream();
     let attr = |a: CUdevice_attribute| {
         ctx.attribute(a)
@@ -614,6 +632,32 @@ fn init_device() -> std::result::Result<Gpu, Error> {
             })),
         }),
     })
+}
+
+/// The device's default memory pool (where cudarc's stream-ordered allocations come from).
+fn default_pool(ctx: &CudaContext) -> Option<dsys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and the device ordinal comes from a live context.
+    let r = unsafe { dsys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    (r == dsys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+}
+
+/// The default pool hands freed memory back to the driver at every synchronisation (release
+/// threshold 0), so a training step that frees and allocates gigabytes maps them afresh each time.
+/// Kept in the pool instead, as PyTorch's caching allocator keeps its own;
+/// [`Gpu::release_cached_memory`] hands it back. Best effort: a failure costs speed only.
+fn keep_freed_memory(ctx: &CudaContext) {
+    if let Some(pool) = default_pool(ctx) {
+        let mut keep = u64::MAX;
+        // SAFETY: the release threshold attribute takes a pointer to a u64.
+        let _ = unsafe {
+            dsys::cuMemPoolSetAttribute(
+                pool,
+                dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+    }
 }
 
 /// The CPU emulator as the process's "GPU", with the shared memory an H100 allows per block: it
