@@ -7,6 +7,39 @@ use flashjvp::dit::gpu::{check_config, BlockDims};
 use flashjvp::dit::DitConfig;
 use proptest::prelude::*;
 
+/// Distinct fake device addresses: the plans only check and record them, never dereference them.
+const fn fake(i: u64) -> u64 {
+    0x1000_0000 * (i + 1)
+}
+
+/// Every pointer of an attention forward/JVP plan, each set.
+const JVP_PTRS: attn::JvpPtrs = attn::JvpPtrs {
+    q: fake(0),
+    k: fake(1),
+    v: fake(2),
+    tq: fake(3),
+    tk: fake(4),
+    tv: fake(5),
+    o: fake(6),
+    to: fake(7),
+    lse: fake(8),
+    tlse: fake(9),
+};
+
+/// Every pointer of an attention backward plan, each set.
+const BWD_PTRS: attn::BwdPtrs = attn::BwdPtrs {
+    q: fake(0),
+    k: fake(1),
+    v: fake(2),
+    o: fake(3),
+    lse: fake(4),
+    dout: fake(5),
+    delta: fake(6),
+    dq: fake(7),
+    dk: fake(8),
+    dv: fake(9),
+};
+
 /// Mostly sizes the kernels take, sometimes 0, sometimes near the int and usize limits.
 fn dim() -> impl Strategy<Value = usize> {
     prop_oneof![
@@ -113,11 +146,7 @@ proptest! {
         } else {
             attn::Layout::contiguous(dims)
         };
-        let p = |i: u64| 0x1000_0000 * (i + 1);
-        let ptrs = attn::JvpPtrs {
-            q: p(0), k: p(1), v: p(2), tq: p(3), tk: p(4), tv: p(5), o: p(6), to: p(7), lse: p(8),
-            tlse: p(9),
-        };
+        let ptrs = JVP_PTRS;
         let valid = attn::check_shapes(&dims.q_shape(), &dims.k_shape(), &[b, h, nk, dv]).is_ok();
         let arch = if arch90 { "sm_90a" } else { "sm_80" };
         for variant in [attn::Variant::Jvp, attn::Variant::JvpNoKv, attn::Variant::Fwd] {
@@ -126,10 +155,7 @@ proptest! {
             );
             prop_assert!(valid || planned.is_err(), "planned {dims:?}");
         }
-        let bwd = attn::BwdPtrs {
-            q: p(0), k: p(1), v: p(2), o: p(3), lse: p(4), dout: p(5), delta: p(6), dq: p(7),
-            dk: p(8), dv: p(9),
-        };
+        let bwd = BWD_PTRS;
         let planned = attn::plan_backward(flashjvp::DType::BF16, dims, layout, bwd, 0.1);
         prop_assert!(valid || planned.is_err(), "planned backward {dims:?}");
     }
@@ -144,7 +170,7 @@ proptest! {
     #[test]
     fn row_plans_take_any_dims(t in dim(), c in dim(), g in dim()) {
         use flashjvp::cuda::elementwise as ew;
-        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let p = fake;
         let valid = t >= 1 && c >= 1 && g >= 1 && t % g == 0 && t <= i32::MAX as usize
             && c <= i32::MAX as usize;
         let d = ln::LnDims { t, c, g };
@@ -180,7 +206,7 @@ proptest! {
         use flashjvp::cuda::elementwise as ew;
         let act = if gelu { ew::Activation::Gelu } else { ew::Activation::Silu };
         let dt = flashjvp::DType::BF16;
-        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let p = fake;
         let _ = ew::plan_activation_fwd(act, dt, n, p(0), p(1));
         let _ = ew::plan_activation_jvp(act, dt, n, p(0), p(1), p(2), p(3));
         let _ = ew::plan_activation_bwd(act, dt, n, p(0), p(1), p(2));
@@ -197,7 +223,7 @@ proptest! {
                                 s2 in dim()) {
         use flashjvp::cuda::dit as kd;
         let dt = flashjvp::DType::BF16;
-        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let p = fake;
         if let Ok(steps) = kd::plan_permute(dt, p(0), p(1), &[a, b, c], &[s0, s1, s2]) {
             prop_assert!(a.checked_mul(b).and_then(|x| x.checked_mul(c)).is_some(), "{a} {b} {c}");
             prop_assert!(steps.len() <= 1);
@@ -217,7 +243,7 @@ proptest! {
     fn mlp_plans_take_any_dims(t in dim(), c in dim(), hd in dim()) {
         let d = mlp::MlpDims { t, c, hd };
         let valid = mlp::check_shapes(&[t, c], &[hd, c], &[hd], &[c, hd], &[c]).is_ok();
-        let p = |i: u64| 0x1000_0000 * (i + 1);
+        let p = fake;
         let w = mlp::ParamPtrs { w1: p(0), b1: p(1), w2: p(2), b2: p(3) };
         let dt = flashjvp::DType::BF16;
         let planned = [
@@ -237,33 +263,10 @@ proptest! {
 #[test]
 fn a_scale_the_kernels_cannot_take_is_refused() {
     use flashjvp::DType::BF16;
-    let p = |i: u64| 0x1000_0000 * (i + 1);
     let dims = attn::check_shapes(&[1, 2, 100, 64], &[1, 2, 80, 64], &[1, 2, 80, 64]).unwrap();
     let layout = attn::Layout::contiguous(dims);
-    let ptrs = attn::JvpPtrs {
-        q: p(0),
-        k: p(1),
-        v: p(2),
-        tq: p(3),
-        tk: p(4),
-        tv: p(5),
-        o: p(6),
-        to: p(7),
-        lse: p(8),
-        tlse: p(9),
-    };
-    let bwd = attn::BwdPtrs {
-        q: p(0),
-        k: p(1),
-        v: p(2),
-        o: p(3),
-        lse: p(4),
-        dout: p(5),
-        delta: p(6),
-        dq: p(7),
-        dk: p(8),
-        dv: p(9),
-    };
+    let ptrs = JVP_PTRS;
+    let bwd = BWD_PTRS;
     // 0 made the masked tail's scores NaN in the kernels, a negative scale +inf; a subnormal one
     // flushes to 0, and one beyond f32::MAX / log2(e) overflows with the factor.
     for scale in [
@@ -303,7 +306,7 @@ fn a_scale_the_kernels_cannot_take_is_refused() {
 #[test]
 fn null_required_pointers_are_errors_naming_them() {
     use flashjvp::DType::BF16;
-    let p = |i: u64| 0x1000_0000 * (i + 1);
+    let p = fake;
     let refused =
         |what: &str, name: &str, r: flashjvp::Result<Vec<flashjvp::cuda::launch::Step>>| {
             let e = r.expect_err(&format!("{what} planned with a null `{name}`"));
@@ -313,18 +316,7 @@ fn null_required_pointers_are_errors_naming_them() {
     // Attention (sm_80 kernels; the Hopper plan has its own check): every pointer of each variant.
     let dims = attn::check_shapes(&[1, 2, 100, 64], &[1, 2, 80, 64], &[1, 2, 80, 64]).unwrap();
     let layout = attn::Layout::contiguous(dims);
-    let all = attn::JvpPtrs {
-        q: p(0),
-        k: p(1),
-        v: p(2),
-        tq: p(3),
-        tk: p(4),
-        tv: p(5),
-        o: p(6),
-        to: p(7),
-        lse: p(8),
-        tlse: p(9),
-    };
+    let all = JVP_PTRS;
     let jvp = |v: attn::Variant, ptrs: attn::JvpPtrs| {
         flashjvp::cuda::attention_sm90::plan_for("sm_80", v, BF16, dims, layout, ptrs, 0.125)
     };
@@ -367,18 +359,7 @@ fn null_required_pointers_are_errors_naming_them() {
             }
         }
     }
-    let bwd = attn::BwdPtrs {
-        q: p(0),
-        k: p(1),
-        v: p(2),
-        o: p(3),
-        lse: p(4),
-        dout: p(5),
-        delta: p(6),
-        dq: p(7),
-        dk: p(8),
-        dv: p(9),
-    };
+    let bwd = BWD_PTRS;
     assert!(attn::plan_backward(BF16, dims, layout, bwd, 0.125).is_ok());
     refused(
         "attention backward",
@@ -595,15 +576,8 @@ proptest! {
         let dims = attn::AttnDims { b, h, nq, nk, d: 32, dv };
         let layout = attn::Layout { q, k, v, o };
         let dt = if f32 { flashjvp::DType::F32 } else { flashjvp::DType::BF16 };
-        let p = |i: u64| 0x1000_0000 * (i + 1);
-        let ptrs = attn::JvpPtrs {
-            q: p(0), k: p(1), v: p(2), tq: p(3), tk: p(4), tv: p(5), o: p(6), to: p(7), lse: p(8),
-            tlse: p(9),
-        };
-        let bwd = attn::BwdPtrs {
-            q: p(0), k: p(1), v: p(2), o: p(3), lse: p(4), dout: p(5), delta: p(6), dq: p(7),
-            dk: p(8), dv: p(9),
-        };
+        let ptrs = JVP_PTRS;
+        let bwd = BWD_PTRS;
         if attn::plan_jvp(attn::Variant::Jvp, dt, dims, layout, ptrs, 0.1).is_ok() {
             prop_assert!(distinct(o, dims.o_shape()), "o {o:?} {dims:?}");
         }
