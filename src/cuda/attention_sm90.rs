@@ -229,7 +229,13 @@ pub fn encode_tensor_map(d: &TensorMapDesc) -> Result<TensorMap> {
         )
     }
     .result()
-    .map_err(|e| Error::Cuda(format!("cuTensorMapEncodeTiled for {d:?}: {e:?}")))?;
+    .map_err(|e| {
+        Error::Cuda(format!(
+            "cuTensorMapEncodeTiled refused {d:?}: {e:?} (the Hopper attention kernels read q, k \
+             and v through TMA; FLASHJVP_ATTENTION_PATH=sm80 runs the sm_80 kernels, which take \
+             every layout Layout::check accepts, zero strides included)"
+        ))
+    })?;
     Ok(TensorMap(map.opaque))
 }
 
