@@ -778,3 +778,63 @@ fn empty_dimension_is_named() {
         &["`scale`", "at least 1"],
     );
 }
+
+/// `flashjvp bench OP --json` end to end at small shapes: one JSON row per pass with the issue's
+/// keys and sane order statistics. On the kernel emulator (CI) the timings are the CPU's, but
+/// every plan, allocation and timing path of the benchmark runs.
+#[cfg(feature = "cuda")]
+#[test]
+fn bench_prints_one_json_row_per_pass() {
+    if flashjvp::cuda::require_gpu_or_skip().is_none() {
+        return;
+    }
+    for (op, shape, rate, passes) in [
+        (
+            "attention",
+            "1,2,80,80,64",
+            "tflops",
+            &["fwd", "jvp", "jvp_nokv", "fwd_packed", "jvp_packed", "bwd"][..],
+        ),
+        ("layernorm_mod", "64,96", "gbps", &["fwd", "jvp", "bwd"][..]),
+        ("mlp", "64,96,384", "tflops", &["fwd", "jvp", "bwd"][..]),
+        (
+            "dit_block",
+            "1,64,128,2",
+            "tflops",
+            &["fwd", "jvp", "bwd", "fwd+bwd", "jvp+bwd"][..],
+        ),
+    ] {
+        let out = run(&["bench", op, "--shape", shape, "--dtype", "bf16", "--json"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{op}: {stderr}");
+        let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{op}: {l}: {e}")))
+            .collect();
+        let want_shape: Vec<u64> = shape.split(',').map(|v| v.parse().unwrap()).collect();
+        let mut seen = Vec::new();
+        for r in &rows {
+            assert_eq!(r["op"], op, "{r}");
+            assert_eq!(r["dtype"], "bf16", "{r}");
+            let got_shape: Vec<u64> = r["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(got_shape, want_shape, "{r}");
+            let f = |k: &str| {
+                r[k].as_f64()
+                    .unwrap_or_else(|| panic!("{op}: no {k} in {r}"))
+            };
+            let (ms, p10, p90) = (f("ms"), f("ms_p10"), f("ms_p90"));
+            assert!(ms.is_finite() && ms > 0.0 && p10 <= ms && ms <= p90, "{r}");
+            assert!(f(rate).is_finite() && f(rate) > 0.0, "{r}");
+            assert!(r["runs"].as_u64().unwrap() >= 5, "{r}");
+            seen.push(r["pass"].as_str().unwrap().to_string());
+        }
+        for p in passes {
+            assert!(seen.iter().any(|s| s == p), "{op}: no {p} row in {seen:?}");
+        }
+    }
+}

@@ -5,6 +5,10 @@
 //! offsets; when one input set fits in the L2 cache several sets are rotated so that the timings
 //! are not the cache's.
 //!
+//! Under the kernel emulator (`FLASHJVP_EMULATE`) the same code runs with the host's clock in
+//! place of events: the figures are the CPU's and mean nothing for a GPU, but every plan and
+//! timing path of the benchmark is exercised without one (tests/cli.rs does, in CI).
+//!
 //! Effective rates: attention counts 4·B·H·Nq·Nk·d flops for the forward, 12· for the JVP (3x the
 //! forward, DESIGN.md section 7), 8· for the JVP with constant K and V, 10· for the backward; the
 //! MLP counts its GEMMs (4·T·C·Hd forward, 8· JVP, 10· backward); layernorm reports GB/s of the
@@ -255,62 +259,103 @@ pub fn plan_busy(iters: u64, sink: u64) -> Result<Vec<Step>> {
     )?)])
 }
 
-/// GPU milliseconds between two recorded events.
-fn elapsed(e0: &cudarc::driver::CudaEvent, e1: &cudarc::driver::CudaEvent) -> Result<f64> {
-    e0.elapsed_ms(e1)
-        .map(|m| m as f64)
-        .map_err(super::context::cuda_err("event timing"))
+/// A point in the stream's work that time is measured from: a CUDA event on a GPU; under the
+/// kernel emulator, which finishes each plan before `Gpu::run` returns, the host's clock when it
+/// is recorded (its timings say nothing about a GPU, but the benchmark's code runs end to end).
+enum Mark {
+    Cuda(cudarc::driver::CudaEvent),
+    Host(std::cell::Cell<Option<std::time::Instant>>),
+}
+
+impl Mark {
+    fn new(gpu: &Gpu) -> Result<Mark> {
+        Ok(if gpu.is_emulated() {
+            Mark::Host(std::cell::Cell::new(None))
+        } else {
+            Mark::Cuda(gpu.event()?)
+        })
+    }
+
+    fn record(&self, gpu: &Gpu) -> Result<()> {
+        match self {
+            Mark::Cuda(e) => e
+                .record(gpu.stream()?)
+                .map_err(super::context::cuda_err("event")),
+            Mark::Host(t) => {
+                t.set(Some(std::time::Instant::now()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Milliseconds from `self` to `end` (both recorded; a GPU event waits for its work).
+    fn ms_to(&self, end: &Mark) -> Result<f64> {
+        match (self, end) {
+            (Mark::Cuda(a), Mark::Cuda(b)) => a
+                .elapsed_ms(b)
+                .map(|m| m as f64)
+                .map_err(super::context::cuda_err("event timing")),
+            (Mark::Host(a), Mark::Host(b)) => match (a.get(), b.get()) {
+                (Some(a), Some(b)) => Ok(b.saturating_duration_since(a).as_secs_f64() * 1e3),
+                _ => Err(Error::invalid(
+                    "bench",
+                    "a timing mark read before it was recorded",
+                )),
+            },
+            _ => Err(Error::invalid("bench", "timing marks of two kinds")),
+        }
+    }
 }
 
 /// Times `plans[i % plans.len()]` (one plan per input set): warm-up, then the median of runs
-/// sized to about `budget_ms` in all (at least 5, at most 200). The timed runs are queued behind
-/// a busy kernel that outlasts their queueing (measured during the warm-up), so that they run back
-/// to back and each event pair times the GPU's work, not the host's launch overhead.
+/// sized to about `budget_ms` in all (at least 5, at most 200). On a GPU the timed runs are queued
+/// behind a busy kernel that outlasts their queueing (measured after the warm-up), so that they
+/// run back to back and each event pair times the GPU's work, not the host's launch overhead.
 pub(crate) fn time_plans(
     gpu: &Gpu,
     plans: &[Vec<Step>],
     budget_ms: f64,
 ) -> Result<(f64, f64, f64, usize)> {
-    let record = |e: &cudarc::driver::CudaEvent| {
-        e.record(gpu.stream()?)
-            .map_err(super::context::cuda_err("event"))
-    };
     let sink = gpu.alloc(&[1], DType::F32)?;
     gpu.run(&plan_busy(1, sink.ptr())?)?; // its module loaded outside any timing
     for p in plans.iter().cycle().take(plans.len().max(3)) {
         gpu.run(p)?;
     }
     gpu.synchronize()?;
-    let (e0, e1) = (gpu.event()?, gpu.event()?);
-    record(&e0)?;
+    let (e0, e1) = (Mark::new(gpu)?, Mark::new(gpu)?);
+    e0.record(gpu)?;
     let t0 = std::time::Instant::now();
     gpu.run(&plans[0])?;
     // The host's cost of queueing one run (warm: modules loaded, GEMM heuristics cached).
     let host_ms = t0.elapsed().as_secs_f64() * 1e3;
-    record(&e1)?;
-    let once = elapsed(&e0, &e1)?;
+    e1.record(gpu)?;
+    let once = e0.ms_to(&e1)?;
     let runs = ((budget_ms / once.max(1e-3)) as usize).clamp(5, 200);
 
-    // The busy kernel's speed, then enough of it to cover the queueing of every timed run (with
-    // its two events) twice over, 1 to 500 ms.
-    const PROBE: u64 = 1 << 16;
-    record(&e0)?;
-    gpu.run(&plan_busy(PROBE, sink.ptr())?)?;
-    record(&e1)?;
-    let ms_per_iter = elapsed(&e0, &e1)?.max(1e-6) / PROBE as f64;
-    let cover_ms = (2.0 * runs as f64 * (host_ms + 0.02)).clamp(1.0, 500.0);
-    let iters = (cover_ms / ms_per_iter).min(1e12) as u64;
-
-    let events: Vec<_> = (0..2 * runs).map(|_| gpu.event()).collect::<Result<_>>()?;
-    gpu.run(&plan_busy(iters, sink.ptr())?)?;
+    let marks: Vec<_> = (0..2 * runs)
+        .map(|_| Mark::new(gpu))
+        .collect::<Result<_>>()?;
+    if !gpu.is_emulated() {
+        // The busy kernel's speed, then enough of it to cover the queueing of every timed run
+        // (with its two events) twice over, 1 to 500 ms. (The emulator runs each plan before
+        // `run` returns: nothing to cover.)
+        const PROBE: u64 = 1 << 16;
+        e0.record(gpu)?;
+        gpu.run(&plan_busy(PROBE, sink.ptr())?)?;
+        e1.record(gpu)?;
+        let ms_per_iter = e0.ms_to(&e1)?.max(1e-6) / PROBE as f64;
+        let cover_ms = (2.0 * runs as f64 * (host_ms + 0.02)).clamp(1.0, 500.0);
+        let iters = (cover_ms / ms_per_iter).min(1e12) as u64;
+        gpu.run(&plan_busy(iters, sink.ptr())?)?;
+    }
     for i in 0..runs {
-        record(&events[2 * i])?;
+        marks[2 * i].record(gpu)?;
         gpu.run(&plans[i % plans.len()])?;
-        record(&events[2 * i + 1])?;
+        marks[2 * i + 1].record(gpu)?;
     }
     gpu.synchronize()?;
     let mut ms: Vec<f64> = (0..runs)
-        .map(|i| elapsed(&events[2 * i], &events[2 * i + 1]))
+        .map(|i| marks[2 * i].ms_to(&marks[2 * i + 1]))
         .collect::<Result<_>>()?;
     ms.sort_by(|a, b| a.total_cmp(b));
     let q = |f: f64| ms[((runs - 1) as f64 * f).round() as usize];
