@@ -33,6 +33,9 @@
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
 #   8. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
 #      JVP at the two shapes and of the layernorm JVP (ncu.log)
+# CHECK_DRY_RUN=1 runs the same steps on a machine without a GPU: every binary on the kernel emulator
+# (FLASHJVP_EMULATE=sm_90a unless set: the Hopper path and its sm_80 fallback both run), compare.py
+# --dry-run, a small dit_block shape. It checks this script, its steps and its summary, not a GPU.
 # Files back: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log (gpu_dit_sync.log after a fault) gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
 # compare.json ncu.log summary.txt
 set -uo pipefail
@@ -41,8 +44,14 @@ export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 G=.gpu
 [ -x "$G/bin/flashjvp" ] || { echo "no $G/bin/flashjvp: run ../shared/gpu/stage.sh first" >&2; exit 2; }
 export FLASHJVP_REQUIRE_GPU=1 RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
-# The CPU kernel emulator is for machines without a GPU: never spend device time building it here.
-export FLASHJVP_EMULATOR=off
+DRY=${CHECK_DRY_RUN:-0}
+if [ "$DRY" = 1 ]; then
+  export FLASHJVP_EMULATE=${FLASHJVP_EMULATE:-sm_90a}
+  echo "CHECK_DRY_RUN=1: every step on the kernel emulator (FLASHJVP_EMULATE=$FLASHJVP_EMULATE), no GPU"
+else
+  # The CPU kernel emulator is for machines without a GPU: never spend device time building it here.
+  export FLASHJVP_EMULATOR=off
+fi
 # One kernel cache for every process of this call (each test binary, each sanitizer run).
 export FLASHJVP_KERNEL_CACHE=/tmp/flashjvp-kernels
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
@@ -153,15 +162,17 @@ fi
 # ---- 5. benchmarks against PyTorch
 # compare.py keeps its attention timings (one process per shape, sm_80 after a hang) inside its limit.
 cmp_limit=$((DEADLINE - SECONDS - 15)); [ "$cmp_limit" -gt 200 ] && cmp_limit=200
+dry_args=(); [ "$DRY" = 1 ] && dry_args=(--dry-run)
 step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json" \
-  --time-limit-s "$cmp_limit"
+  --time-limit-s "$cmp_limit" "${dry_args[@]}"
 if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
   use_sm80 "the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
 fi
 
 # ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
 #         backward, forward+backward against dual forward+backward (~10 s; its lines in compare.log)
-step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16
+dit_shape=(); [ "$DRY" = 1 ] && dit_shape=(--shape 1,64,128,2)
+step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16 "${dit_shape[@]}"
 
 # ---- 7. on Hopper, the sm_80 attention kernels under the sanitizers too (the dispatcher gives bf16/f16
 #         at d64/d72/d96/d128 to the sm_90a kernels, so steps 3/4 do not reach the sm_80 ones there)

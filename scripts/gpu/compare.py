@@ -13,7 +13,11 @@
    - the MLP's own forward: its JVP over its forward (ideal 2x; PyTorch eager measured 3.0-3.3x).
 3. Precision: the bf16 attention error of o and its tangent against f64 on the same inputs, ours
    beside PyTorch's math SDPA backend (under torch.func.jvp) and the bf16 rounding floor.
-Everything is printed as tables, and written as JSON to --json. Attention is timed one bench process
+Everything is printed as tables, and written as JSON to --json.
+
+`--dry-run` (no GPU needed; run the binary on the kernel emulator, FLASHJVP_EMULATE=1, with a CPU
+torch): the same code at small shapes, PyTorch's side on the CPU, so that the script itself is
+checked before a GPU session depends on it. Its figures mean nothing. Attention is timed one bench process
 per shape within --time-limit-s (check.sh's limit for this script), after layernorm and the MLP: a hang
 costs that shape's limit, and it and the later shapes then run on the sm_80 kernels.
 """
@@ -37,6 +41,12 @@ DEFAULT_ATTENTION_SHAPES = [
     (16, 16, 1024, 1024, 96), (1, 12, 4096, 4096, 96), (2, 16, 4096, 4096, 72),
 ]
 
+# --dry-run: small shapes the kernel emulator runs in seconds, and PyTorch's side on the CPU.
+DRY_ATTENTION_SHAPES = [(1, 2, 80, 80, 64), (1, 1, 130, 70, 72)]
+DRY_SHAPES = {"layernorm_mod": [64, 96], "mlp": [64, 96, 384]}
+DRY_PRECISION_SHAPES = ((1, 2, 96, 96, 64),)
+DEV = "cuda"  # "cpu" under --dry-run
+
 # DESIGN.md section 7, measured on an H200 (bf16): cuDNN forward ms, rCM Triton JVP ms.
 ANCHORS = {
     (16, 16, 1024, 64): (0.163, 0.434),
@@ -56,6 +66,14 @@ def log(*a):
 def time_cuda(fn, warmup=5, reps=30):
     for _ in range(warmup):
         fn()
+    if DEV == "cpu":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -130,6 +148,8 @@ def bench(binary, op, dtype="bf16", shape=None, env=None, timeout=600, timed_out
     """The rows of `flashjvp bench OP --json`. Past `timeout` seconds (a hung kernel) the process is
     killed and the rows it printed so far are kept; `timed_out` (a list), if given, gets True."""
     cmd = [binary, "bench", op, "--json", "--dtype", dtype]
+    if shape is None and DEV == "cpu":
+        shape = DRY_SHAPES.get(op)
     if shape:
         cmd += ["--shape", ",".join(map(str, shape))]
     t0 = time.time()
@@ -155,7 +175,7 @@ def bench_attention(binary, deadline):
     the table: the shape that hung and every later one then run on the sm_80 kernels
     (FLASHJVP_ATTENTION_PATH=sm80)."""
     rows, env = [], None
-    for i, shape in enumerate(DEFAULT_ATTENTION_SHAPES):
+    for i, shape in enumerate(DEFAULT_ATTENTION_SHAPES if DEV == "cuda" else DRY_ATTENTION_SHAPES):
         left = deadline - time.time() - 30
         if left < 10:
             log(f"# attention {shape}: not run (time)")
@@ -176,9 +196,9 @@ def bench_attention(binary, deadline):
 def cudnn_forward_ms(b, h, nq, nk, d):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(b, h, nq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, h, nq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(b, h, nk, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(b, h, nk, d, device=DEV, dtype=torch.bfloat16)
     for backend, label in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
         try:
             with sdpa_kernel([backend]):
@@ -193,7 +213,7 @@ def sdpa_backward_ms(b, h, nq, nk, d):
     """PyTorch's fused SDPA backward (dq, dk, dv from dO; cuDNN, else flash) at one shape, bf16."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(b, h, n, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
                for n in (nq, nk, nk))
     for backend, label in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
         try:
@@ -208,7 +228,7 @@ def sdpa_backward_ms(b, h, nq, nk, d):
 
 
 def copy_gbps():
-    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    x = torch.randn(256 * 2**20 if DEV == "cuda" else 2**20, device=DEV, dtype=torch.bfloat16)  # 512 MiB
     y = torch.empty_like(x)
     ms = time_cuda(lambda: y.copy_(x), warmup=3, reps=20)
     return 2 * x.numel() * 2 / (ms * 1e-3) / 1e9
@@ -218,6 +238,8 @@ def copy_gbps():
 # 3. Precision of the attention tangent in bf16, ours beside PyTorch's math backend.
 
 def precision(binary, shapes=((1, 8, 1024, 1024, 64), (1, 8, 1024, 1024, 72), (1, 8, 1024, 1024, 128))):
+    if DEV == "cpu":
+        shapes = DRY_PRECISION_SHAPES
     """Relative L2 error of o and its tangent against an f64 reference on the same bf16 inputs:
     ours (the CLI on the GPU: the path the dispatcher picks, and the sm80 kernels forced), PyTorch's
     math SDPA backend under torch.func.jvp (the only PyTorch backend forward-mode AD goes through;
@@ -225,13 +247,13 @@ def precision(binary, shapes=((1, 8, 1024, 1024, 64), (1, 8, 1024, 1024, 72), (1
     from safetensors.torch import load_file, save_file
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    g = torch.Generator(device="cuda").manual_seed(7)
+    g = torch.Generator(device=DEV).manual_seed(7)
     rows = []
     log("")
     log("attention precision (bf16 inputs, relative L2 against f64)    o: ours  sm80  torch-math  floor"
         " |  tangent: ours  sm80  torch-math  floor")
     for b, h, nq, nk, d in shapes:
-        mk = lambda n: torch.randn(b, h, n, d, device="cuda", generator=g).to(torch.bfloat16)
+        mk = lambda n: torch.randn(b, h, n, d, device=DEV, generator=g).to(torch.bfloat16)
         q, tq = mk(nq), mk(nq)
         k, v, tk, tv = mk(nk), mk(nk), mk(nk), mk(nk)
         scale = d ** -0.5
@@ -257,7 +279,7 @@ def precision(binary, shapes=((1, 8, 1024, 1024, 64), (1, 8, 1024, 1024, 72), (1
                     log(f"  {label} at {(b, h, nq, nk, d)} failed: {r.stderr.strip()[-500:]}")
                     continue
                 res = load_file(out)
-                ours[label] = (res["o"].cuda(), res["to"].cuda())
+                ours[label] = (res["o"].to(DEV), res["to"].to(DEV))
         e = lambda pair, i, ref: rel(pair[i].float(), ref) if pair else float("nan")
         row = {"shape": (b, h, nq, nk, d)}
         for name, ref, i in [("o", o_ref, 0), ("to", to_ref, 1)]:
@@ -283,10 +305,18 @@ def main():
                          "sm_80 retries after a hang stay inside it")
     ap.add_argument("--precision-after-s", type=float, default=150,
                     help="run the precision section only if less time than this has passed")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: small shapes, PyTorch on the CPU, the binary on the kernel emulator "
+                         "(set FLASHJVP_EMULATE=1): checks this script, not the kernels")
     args = ap.parse_args()
+    global DEV
+    if args.dry_run:
+        DEV = "cpu"
+        os.environ.setdefault("FLASHJVP_EMULATE", "1")
     t_start = time.time()
     binary = os.path.abspath(args.bin)
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    out = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (dry run)",
+           "torch": torch.__version__}
     log(f"# {out['device']}, torch {out['torch']}")
 
     cli = []
