@@ -1971,21 +1971,3 @@ fn the_benchmark_busy_kernel_runs_without_touching_its_sink() {
     assert!(e.to_string().contains("sink"), "{e}");
     assert!(cuda::bench::plan_busy(u64::MAX, sink.ptr()).is_err());
 }
-
-#[test]
-fn cached_memory_can_be_released() {
-    let Some(gpu) = require_gpu_or_skip() else {
-        return;
-    };
-    // Freed memory stays in the allocator's pool for reuse; release_cached_memory hands it back.
-    let t = gpu.alloc(&[1 << 20], DType::F32).unwrap();
-    drop(t);
-    gpu.release_cached_memory().unwrap();
-    let again = gpu
-        .upload(
-            &Tensor::from_vec(vec![1.5f32; 1024], &[1024]).unwrap(),
-            DType::F32,
-        )
-        .unwrap();
-    assert_eq!(again.download().unwrap().to_f64_vec(), vec![1.5; 1024]);
-}

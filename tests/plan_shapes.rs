@@ -258,8 +258,7 @@ proptest! {
     }
 }
 
-/// The plans built from raw addresses refuse a null pointer their kernels dereference, naming it,
-/// and take 0 where it means "absent" (a zero tangent, an output not wanted).
+/// The plans refuse a scale the kernels cannot take, whatever the arch and variant.
 #[test]
 fn a_scale_the_kernels_cannot_take_is_refused() {
     use flashjvp::DType::BF16;
@@ -303,6 +302,8 @@ fn a_scale_the_kernels_cannot_take_is_refused() {
     assert_eq!(attn::resolve_scale(None, 64).unwrap(), 0.125);
 }
 
+/// The plans built from raw addresses refuse a null pointer their kernels dereference, naming it,
+/// and take 0 where it means "absent" (a zero tangent, an output not wanted).
 #[test]
 fn null_required_pointers_are_errors_naming_them() {
     use flashjvp::DType::BF16;

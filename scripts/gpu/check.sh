@@ -164,7 +164,7 @@ fi
 cmp_limit=$((DEADLINE - SECONDS - 15)); [ "$cmp_limit" -gt 200 ] && cmp_limit=200
 dry_args=(); [ "$DRY" = 1 ] && dry_args=(--dry-run)
 step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json" \
-  --time-limit-s "$cmp_limit" "${dry_args[@]}"
+  --time-limit-s "$cmp_limit" ${dry_args[@]+"${dry_args[@]}"}
 if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
   use_sm80 "the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
 fi
@@ -172,7 +172,7 @@ fi
 # ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
 #         backward, forward+backward against dual forward+backward (~10 s; its lines in compare.log)
 dit_shape=(); [ "$DRY" = 1 ] && dit_shape=(--shape 1,64,128,2)
-step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16 "${dit_shape[@]}"
+step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16 ${dit_shape[@]+"${dit_shape[@]}"}
 
 # ---- 7. on Hopper, the sm_80 attention kernels under the sanitizers too (the dispatcher gives bf16/f16
 #         at d64/d72/d96/d128 to the sm_90a kernels, so steps 3/4 do not reach the sm_80 ones there)

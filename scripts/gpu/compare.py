@@ -238,8 +238,6 @@ def copy_gbps():
 # 3. Precision of the attention tangent in bf16, ours beside PyTorch's math backend.
 
 def precision(binary, shapes=((1, 8, 1024, 1024, 64), (1, 8, 1024, 1024, 72), (1, 8, 1024, 1024, 128))):
-    if DEV == "cpu":
-        shapes = DRY_PRECISION_SHAPES
     """Relative L2 error of o and its tangent against an f64 reference on the same bf16 inputs:
     ours (the CLI on the GPU: the path the dispatcher picks, and the sm80 kernels forced), PyTorch's
     math SDPA backend under torch.func.jvp (the only PyTorch backend forward-mode AD goes through;
@@ -247,6 +245,8 @@ def precision(binary, shapes=((1, 8, 1024, 1024, 64), (1, 8, 1024, 1024, 72), (1
     from safetensors.torch import load_file, save_file
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if DEV == "cpu":
+        shapes = DRY_PRECISION_SHAPES
     g = torch.Generator(device=DEV).manual_seed(7)
     rows = []
     log("")

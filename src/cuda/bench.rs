@@ -340,8 +340,9 @@ pub(crate) fn time_plans(
         // (with its two events) twice over, 1 to 500 ms. (The emulator runs each plan before
         // `run` returns: nothing to cover.)
         const PROBE: u64 = 1 << 16;
+        let probe = plan_busy(PROBE, sink.ptr())?;
         e0.record(gpu)?;
-        gpu.run(&plan_busy(PROBE, sink.ptr())?)?;
+        gpu.run(&probe)?;
         e1.record(gpu)?;
         let ms_per_iter = e0.ms_to(&e1)?.max(1e-6) / PROBE as f64;
         let cover_ms = (2.0 * runs as f64 * (host_ms + 0.02)).clamp(1.0, 500.0);

@@ -54,7 +54,8 @@ struct CudaState {
 
 /// Device memory: a driver allocation, or host memory standing in for it under the emulator.
 pub(crate) enum DeviceBuf {
-    Cuda(CudaSlice<u8>),
+    /// Freed by `DeviceBuf`'s drop, inside the context it belongs to.
+    Cuda(std::mem::ManuallyDrop<CudaSlice<u8>>),
     Host(HostBuffer),
 }
 
@@ -77,15 +78,24 @@ impl Drop for DeviceBuf {
     /// cudarc frees a slice on its stream without binding the context first, and the legacy
     /// default stream (0) means the calling thread's current context: on a thread that never made
     /// it current (one that was only handed a tensor) the free would fail, leak, and leave its
-    /// error for an unrelated later call. Made current here, before the slice drops. Not through
+    /// error for an unrelated later call. The slice's context is made current for the free, and
+    /// the thread's own one (another library's, another device's) put back after it. Not through
     /// `bind_to_thread`, which would first take (and so hide) an error pending from earlier work.
     fn drop(&mut self) {
+        use cudarc::driver::result::ctx;
         if let DeviceBuf::Cuda(s) = self {
             let want = s.stream().context().cu_ctx();
-            let current = cudarc::driver::result::ctx::get_current();
-            if !matches!(current, Ok(Some(c)) if c == want) {
+            let before = ctx::get_current().ok().flatten();
+            let switch = before != Some(want);
+            if switch {
                 // SAFETY: `want` is the live context that owns the slice (the slice holds it).
-                let _ = unsafe { cudarc::driver::result::ctx::set_current(want) };
+                let _ = unsafe { ctx::set_current(want) };
+            }
+            // SAFETY: dropped once, here; the enum is never used after its drop.
+            unsafe { std::mem::ManuallyDrop::drop(s) };
+            if switch {
+                // SAFETY: the thread's previous context (or none: null unbinds), as it was.
+                let _ = unsafe { ctx::set_current(before.unwrap_or(std::ptr::null_mut())) };
             }
         }
     }
@@ -225,12 +235,29 @@ impl Gpu {
             return Ok(());
         };
         self.synchronize()?;
-        let pool = default_pool(&c.ctx)
-            .ok_or_else(|| Error::Cuda("the device has no default memory pool".into()))?;
+        let Some(pool) = current_pool(&c.ctx) else {
+            return Ok(()); // no pool, nothing cached
+        };
         // SAFETY: a pool of this live context; trimming only releases unused memory.
         unsafe { dsys::cuMemPoolTrimTo(pool, 0) }
             .result()
             .map_err(cuda_err("releasing the memory pool's cached memory"))
+    }
+
+    /// Bytes of device memory the allocator's pool holds but no tensor uses (freed memory kept for
+    /// reuse; see [`Gpu::release_cached_memory`]). 0 under the emulator and without a pool.
+    pub fn cached_memory_bytes(&self) -> Result<u64> {
+        let Backend::Cuda(c) = &self.inner.backend else {
+            return Ok(0);
+        };
+        self.bind()?;
+        let Some(pool) = current_pool(&c.ctx) else {
+            return Ok(0);
+        };
+        use dsys::CUmemPool_attribute as A;
+        let reserved = pool_attribute(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let used = pool_attribute(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(reserved.saturating_sub(used))
     }
 
     /// Waits for all queued work; a kernel fault or other asynchronous error surfaces here.
@@ -247,7 +274,9 @@ impl Gpu {
     /// `bytes` bytes of uninitialised device memory (at least one byte is allocated).
     pub(crate) fn alloc_bytes(&self, bytes: usize) -> Result<DeviceBuf> {
         match &self.inner.backend {
-            Backend::Cuda(_) => self.alloc_cuda_bytes(bytes).map(DeviceBuf::Cuda),
+            Backend::Cuda(_) => self
+                .alloc_cuda_bytes(bytes)
+                .map(|s| DeviceBuf::Cuda(std::mem::ManuallyDrop::new(s))),
             Backend::Emulated(_) => HostBuffer::new(bytes).map(DeviceBuf::Host),
         }
     }
@@ -424,7 +453,8 @@ impl Gpu {
             self.run_one(cuda, step)?;
             if sync_steps {
                 cuda.stream.synchronize().map_err(cuda_err(format!(
-                    "FLASHJVP_SYNC_STEPS: the GPU faulted in {}",
+                    "FLASHJVP_SYNC_STEPS: an error surfaced after {} (in it, unless an earlier \
+                     asynchronous call failed)",
                     step_name(step)
                 )))?;
             }
@@ -634,12 +664,23 @@ fn init_device() -> std::result::Result<Gpu, Error> {
     })
 }
 
-/// The device's default memory pool (where cudarc's stream-ordered allocations come from).
-fn default_pool(ctx: &CudaContext) -> Option<dsys::CUmemoryPool> {
+/// The device's current memory pool, where cudarc's stream-ordered allocations come from (None
+/// on a device without pools, where cudarc allocates and frees synchronously: nothing is cached).
+fn current_pool(ctx: &CudaContext) -> Option<dsys::CUmemoryPool> {
     let mut pool = std::ptr::null_mut();
     // SAFETY: `pool` is a valid out-pointer and the device ordinal comes from a live context.
-    let r = unsafe { dsys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    let r = unsafe { dsys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
     (r == dsys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+}
+
+/// A u64 attribute of a memory pool.
+fn pool_attribute(pool: dsys::CUmemoryPool, attr: dsys::CUmemPool_attribute) -> Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: the byte-count attributes are u64s written through the pointer.
+    unsafe { dsys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }
+        .result()
+        .map_err(cuda_err(format!("reading memory pool attribute {attr:?}")))?;
+    Ok(v)
 }
 
 /// The default pool hands freed memory back to the driver at every synchronisation (release
@@ -647,7 +688,7 @@ fn default_pool(ctx: &CudaContext) -> Option<dsys::CUmemoryPool> {
 /// Kept in the pool instead, as PyTorch's caching allocator keeps its own;
 /// [`Gpu::release_cached_memory`] hands it back. Best effort: a failure costs speed only.
 fn keep_freed_memory(ctx: &CudaContext) {
-    if let Some(pool) = default_pool(ctx) {
+    if let Some(pool) = current_pool(ctx) {
         let mut keep = u64::MAX;
         // SAFETY: the release threshold attribute takes a pointer to a u64.
         let _ = unsafe {

@@ -118,14 +118,17 @@ impl Dit {
         layout::validate(&config)?;
         expect_real("parameters", dtype)?;
         // The bounds of `validate` keep every count finite but not every network allocatable: a
-        // config within them can ask for petabytes, an error here rather than an abort (each
-        // parameter is drawn in f64, then stored in `dtype`).
+        // config within them can ask for petabytes, an error here rather than an abort. The peak:
+        // every parameter in `dtype` plus the largest one as drawn, in f64.
         let layout = layout::layout(&config);
-        let total = layout
-            .iter()
-            .map(|(_, s, _)| s.iter().product::<usize>())
-            .sum();
-        crate::ops::expect_allocatable("dit", "the parameters", &[total], DType::F64, 2)?;
+        let sizes: Vec<usize> = layout.iter().map(|(_, s, _)| s.iter().product()).collect();
+        let total: usize = sizes.iter().sum();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let peak_bytes = total
+            .saturating_mul(dtype.size_in_bytes())
+            .saturating_add(largest.saturating_mul(8));
+        let peak = [peak_bytes.div_ceil(8)]; // in f64 elements
+        crate::ops::expect_allocatable("dit", "the parameters", &peak, DType::F64, 1)?;
         let params = layout
             .into_iter()
             .map(|(_, shape, init)| {
