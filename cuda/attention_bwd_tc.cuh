@@ -30,8 +30,9 @@
 //       dynamic shared memory 2 * (64 + 2 * BN) * (DP + 8 + DVP + 8) bytes
 //   (README.md lists the byte counts; all above 48 KiB need cudaFuncAttributeMaxDynamicSharedMemorySize.)
 //
-// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 and run under the CPU emulator (cuda/emu); not
-// yet run on a GPU, since none was available while writing it.
+// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 and run under the CPU emulator (cuda/emu); ran
+// on an NVIDIA H200 (2026-11-27, scripts/gpu/check.sh, docs/gpu-runs.md): the GPU tests against the f64
+// CPU reference and compute-sanitizer memcheck/racecheck pass. Not yet run on an sm_80 (A100) card.
 
 namespace fj_attn_bwd_tc {
 

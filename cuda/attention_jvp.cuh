@@ -87,8 +87,12 @@
 // LIMITS: head dims other than the five above are not instantiated. f16: P.Sdot is rounded to f16, so
 // |p * sdot| must stay below 65504.
 //
-// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (no spills, see README.md); not yet run on a
-// GPU, since none was available while writing it.
+// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (no spills, see README.md); ran on an NVIDIA H200
+// (2026-11-27, scripts/gpu/check.sh, docs/gpu-runs.md), where the dispatcher takes these kernels for f32,
+// d32 and dv != d, and for bf16/f16 with FLASHJVP_ATTENTION_PATH=sm80 (the tests' fallback checks, the
+// benchmark's sm80 columns): the GPU tests against the f64 CPU reference and compute-sanitizer memcheck
+// pass; racecheck passes on the f32 kernels, but over the bf16/f16 ones (sm80 forced) it ran out of its
+// 60 s step limit, so their racecheck is not verified. Not yet run on an sm_80 (A100) card.
 
 namespace fj_attn {
 

@@ -26,8 +26,10 @@
 // Memory-bound and simple on purpose: the permutations cost one read and one write of a tensor, small
 // beside the GEMMs and attention of a DiT block (see src/cuda/bench_dit.rs for the share measured).
 //
-// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0; never run on a GPU (none was available while
-// writing it). tests/gpu_dit.rs checks every use against the CPU DiT when a GPU is present.
+// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0; ran on an NVIDIA H200 (2026-11-27,
+// scripts/gpu/check.sh, docs/gpu-runs.md), where tests/gpu_dit.rs, which checks every use against the
+// CPU DiT, passes. Not run under compute-sanitizer (gpu_sanitize does not run the DiT); not yet run on
+// an sm_80 (A100) card.
 #include "common.cuh"
 
 #define FJ_DIT_GRID_STRIDE(i, n) \

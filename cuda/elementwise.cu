@@ -37,8 +37,9 @@
 //   dt in {bf16, f16, f32}: u, y, h, pre, x, out, dout, dx, dy and bias have the storage dtype;
 //   gate, tgate, dgate, t, tt, e, te are f32.
 //
-// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (see README.md); not yet run on a GPU, since none
-// was available while writing it.
+// STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (see README.md); ran on an NVIDIA H200
+// (2026-11-27, scripts/gpu/check.sh, docs/gpu-runs.md): the GPU tests against the f64 CPU reference and
+// compute-sanitizer memcheck/racecheck pass. Not yet run on an sm_80 (A100) card.
 #include "common.cuh"
 
 #define FJ_GRID_STRIDE(i, n) \

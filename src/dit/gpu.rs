@@ -28,10 +28,10 @@
 //! weights with f32 modulation (the benchmark times them in bf16); a bf16 DiT would need bf16 copies
 //! of the block weights and a cast of the stacked modulation, not done.
 //!
-//! STATUS: compiled, plans checked against the PTX; never run on a GPU (none was available while it
-//! was written). tests/gpu_dit.rs compares all three passes with the f64 CPU DiT on a GPU or on the
-//! kernel emulator (`FLASHJVP_EMULATE=1`, where they pass in CI), and the bf16 block plans with the
-//! f32 ones.
+//! STATUS: compiled, plans checked against the PTX; ran on an NVIDIA H200 (2026-11-27,
+//! scripts/gpu/check.sh, docs/gpu-runs.md), where tests/gpu_dit.rs passes: it compares all three
+//! passes with the f64 CPU DiT (on a GPU or on the kernel emulator, `FLASHJVP_EMULATE=1`, where
+//! they pass in CI), the bf16 block plans with the f32 ones, and runs the toy rCM pipeline on cuda.
 
 use super::layout::*;
 use super::pass::{check_inputs, EPS};

@@ -95,8 +95,9 @@ impl Method {
 pub enum Preset {
     /// Fits in 10 minutes on a 2-core CPU (see `RcmConfig::preset`).
     Default,
-    /// Patch 2 (64 tokens), width 128, depth 6: meant for `--device cuda` (never run on a GPU
-    /// yet); on the CPU it runs, but for hours.
+    /// Patch 2 (64 tokens), width 128, depth 6: meant for `--device cuda` (this preset has never
+    /// run on a GPU, though the GPU DiT and the toy pipeline on cuda pass their tests on an H200);
+    /// on the CPU it runs, but for hours.
     Gpu,
     /// Seconds: the pipeline's test size. Its numbers mean nothing.
     Toy,
