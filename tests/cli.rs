@@ -838,3 +838,65 @@ fn bench_prints_one_json_row_per_pass() {
         }
     }
 }
+
+/// `FLASHJVP_BENCH_STEPS=1`: after the MLP's passes, one row per step of its forward and JVP
+/// (`fwd.0`, `jvp.3`, ...), each labelled with the step it timed alone.
+#[cfg(feature = "cuda")]
+#[test]
+fn bench_steps_time_each_step_of_a_pass() {
+    if flashjvp::cuda::require_gpu_or_skip().is_none() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "mlp",
+            "--shape",
+            "64,32,128",
+            "--dtype",
+            "bf16",
+            "--json",
+        ])
+        .env("FLASHJVP_BENCH_STEPS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let label = |pass: &str| -> String {
+        let r = rows
+            .iter()
+            .find(|r| r["pass"] == pass)
+            .unwrap_or_else(|| panic!("no {pass} row in {rows:?}"));
+        assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+        r["path"].as_str().unwrap().to_string()
+    };
+    // The forward: two GEMMs (the GELU in the first one's epilogue, or after it); the JVP: four.
+    assert!(
+        label("fwd.0").starts_with("gemm 64x128x32+bias"),
+        "{}",
+        label("fwd.0")
+    );
+    assert!(
+        label("fwd.1").starts_with("gemm 64x32x128+bias"),
+        "{}",
+        label("fwd.1")
+    );
+    assert!(
+        label("jvp.3").starts_with("gemm 64x32x128 "),
+        "{}",
+        label("jvp.3")
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["pass"] == "fwd.2" || r["pass"] == "jvp.4"),
+        "{rows:?}"
+    );
+}

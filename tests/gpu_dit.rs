@@ -842,6 +842,9 @@ mod emulate {
             fl: &dyn Fn(usize) -> f64,
         ) {
             let _ = l;
+            // The wide kernels (8 register chunks per lane) share the narrow ones' contract.
+            let base = name.replace("_wide", "");
+            let name = base.as_str();
             let stats = |m: &Mem, x: u64, r: usize, c: usize, eps: f64| {
                 let row = m.read(x + (4 * r * c) as u64, c);
                 let mu = row.iter().sum::<f64>() / c as f64;

@@ -29,15 +29,19 @@
 #               issue's JVP/cuDNN targets) and our backward against PyTorch's fused SDPA backward,
 #               a device copy and the MLP's forward
 #   6. dit_block `flashjvp bench dit_block` (bf16): one DiT block's passes and training steps
-#   7. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
-#      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there)
-#   8. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
+#   7. ncu (if there and the deadline allows): hardware counters of one launch each of the attention
 #      JVP at the issue's two shapes and of the layernorm JVP (ncu.log)
+#   8. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
+#      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there;
+#      racecheck over them takes over a minute)
+# CHECK_SKIP="name ..." skips those steps (e.g. a sanitizer run already clean on the same kernels);
+# CHECK_DEADLINE (default 570 s) bounds them all.
 # CHECK_DRY_RUN=1 runs the same steps on a machine without a GPU: every binary on the kernel emulator
 # (FLASHJVP_EMULATE=sm_90a unless set: the Hopper path and its sm_80 fallback both run), compare.py
 # --dry-run, a small dit_block shape. It checks this script, its steps and its summary, not a GPU.
-# Files back: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log (gpu_dit_sync.log after a fault) gpu_sanitize.log mlp_unfused.log sanitize.log compare.log
-# compare.json ncu.log summary.txt
+# Files back (the tool returns at most 8): summary.txt, compare.log, compare.json and logs.tar.gz with every
+# other log: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log
+# (gpu_dit_sync.log after a fault) gpu_sanitize.log mlp_unfused.log sanitize.log ncu.log
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
 export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -60,6 +64,9 @@ last_rc=0
 DEADLINE=${CHECK_DEADLINE:-570}
 step() { # name, timeout seconds, log file, command...
   local name=$1 limit=$2 log=$3; shift 3
+  if [[ " ${CHECK_SKIP:-} " == *" $name "* ]]; then
+    rows+=("$(printf '%-10s skipped (CHECK_SKIP)' "$name")"); return 0
+  fi
   local left=$((DEADLINE - SECONDS - 15))
   if [ "$left" -lt 10 ]; then
     rows+=("$(printf '%-10s not run (deadline)' "$name")"); return 0
@@ -84,20 +91,8 @@ step() { # name, timeout seconds, log file, command...
     if ldconfig -p | grep -q "$lib"; then echo "$lib: on the loader path"; else echo "$lib: NOT on the loader path"; fi
   done
 } >>"$SUMMARY" 2>&1
-extra=$(python3 - <<'PY' 2>/dev/null
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages():
-    for lib in ("libnvrtc.so.13", "libcublasLt.so.13", "libcublas.so.13"):
-        for p in glob.glob(os.path.join(sp, "nvidia", "**", lib), recursive=True):
-            dirs.add(os.path.dirname(p))
-print(":".join(sorted(dirs)))
-PY
-)
-if [ -n "$extra" ]; then
-  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$extra"
-  echo "LD_LIBRARY_PATH += $extra (pip's CUDA libraries, after the system's)" >>"$SUMMARY"
-fi
+. scripts/gpu/libs.sh
+[ -n "$extra" ] && echo "LD_LIBRARY_PATH += $extra (pip's CUDA libraries, after the system's)" >>"$SUMMARY"
 "$G/bin/flashjvp" info >>"$SUMMARY" 2>&1
 step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
 
@@ -170,21 +165,13 @@ if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION
 fi
 
 # ---- 6. one DiT block (B2 N4096 C1536 12 heads; B8 N1024 C1152 16 heads) in bf16: forward, JVP,
-#         backward, forward+backward against dual forward+backward (~10 s; its lines in compare.log)
+#         backward, forward+backward against dual forward+backward, then each step of the forward and
+#         the JVP timed alone (FLASHJVP_BENCH_STEPS=1: where the time goes; ~30 s; lines in compare.log)
 dit_shape=(); [ "$DRY" = 1 ] && dit_shape=(--shape 1,64,128,2)
-step dit_block 45 "$OUT/compare.log" "$G/bin/flashjvp" bench dit_block --dtype bf16 ${dit_shape[@]+"${dit_shape[@]}"}
+step dit_block 90 "$OUT/compare.log" env FLASHJVP_BENCH_STEPS=1 "$G/bin/flashjvp" bench dit_block --dtype bf16 \
+  ${dit_shape[@]+"${dit_shape[@]}"}
 
-# ---- 7. on Hopper, the sm_80 attention kernels under the sanitizers too (the dispatcher gives bf16/f16
-#         at d64/d72/d96/d128 to the sm_90a kernels, so steps 3/4 do not reach the sm_80 ones there)
-if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ] \
-   && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
-  step memcheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool memcheck \
-    --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
-  step racecheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool racecheck \
-    --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
-fi
-
-# ---- 8. with the time left, hardware counters of the kernels the targets hang on, for tuning without
+# ---- 7. with the time left, hardware counters of the kernels the targets hang on, for tuning without
 #         a GPU afterwards (ncu reads them on Firecracker machines, not on gVisor; clocks left alone):
 #         one launch each of the JVP at (1,12,4096,d128) and (1,12,16384,d64), the layernorm JVP
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
@@ -201,6 +188,16 @@ if [ -n "$NCU" ]; then
   ncu_step ncu_ln '^layernorm_mod_jvp_bf16' layernorm_mod --shape 8192,1536,2 --dtype bf16
 else
   rows+=("ncu        not run (no ncu)")
+fi
+
+# ---- 8. on Hopper, the sm_80 attention kernels under the sanitizers too (the dispatcher gives bf16/f16
+#         at d64/d72/d96/d128 to the sm_90a kernels, so steps 3/4 do not reach the sm_80 ones there)
+if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ] \
+   && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
+  step memcheck_sm80 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool memcheck \
+    --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+  step racecheck_sm80 150 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool racecheck \
+    --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
 fi
 
 # ---- summary
@@ -246,3 +243,9 @@ PY
   echo "=== steps"
   printf '%s\n' "${rows[@]}"
 } | tee -a "$SUMMARY"
+
+# ---- the device tool brings back at most 8 files: every log in one archive, the summary and the
+#      benchmark's table and JSON beside it
+(cd "$OUT" && logs=$(ls | grep -vxE 'summary\.txt|compare\.log|compare\.json|logs\.tar\.gz') \
+  && [ -n "$logs" ] && tar czf logs.tar.gz $logs && rm -f $logs)
+ls -l "$OUT"

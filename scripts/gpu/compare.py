@@ -326,10 +326,14 @@ def main():
 
     # Layernorm and MLP first (short; no Hopper kernels), then attention within the time left.
     ln = bench(binary, "layernorm_mod", timeout=60)
-    # The same rows on the wide layernorm JVP kernels (8 register chunks per lane, one block per SM:
-    # the configuration before the narrow one), to tell which is faster.
-    ln_wide = bench(binary, "layernorm_mod", env={"FLASHJVP_LN_JVP_ROWS": "wide"}, timeout=60)
-    mlp = bench(binary, "mlp", timeout=60)
+    # The same rows on the other layernorm JVP kernels (layernorm.rs: JvpRows), to tell which is faster.
+    ln_variants = [(name, bench(binary, "layernorm_mod", env=env, timeout=60)) for name, env in [
+        ("wide", {"FLASHJVP_LN_JVP_ROWS": "wide"}),
+    ]]
+    # The MLP with each step of its forward and JVP timed alone (FLASHJVP_BENCH_STEPS), and once more
+    # with the GELU outside cuBLASLt's epilogues.
+    mlp = bench(binary, "mlp", env={"FLASHJVP_BENCH_STEPS": "1"}, timeout=90)
+    mlp_unfused = bench(binary, "mlp", env={"FLASHJVP_GEMM_EPILOGUE": "off"}, timeout=60)
     attn = bench_attention(binary, t_start + args.time_limit_s)
     out["bench"] = attn + ln + mlp
 
@@ -392,11 +396,12 @@ def main():
         verdict = f"  (target >= 0.60: {'met' if share >= 0.6 else 'MISSED'})" if r["pass"] == "jvp" else ""
         log(f"layernorm_mod {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
             f"  = {share:.2f} of the copy{verdict}")
-    for r in ln_wide:
-        if r["pass"] == "jvp":
-            log(f"layernorm_mod jvp  {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
-                f"  = {r.get('gbps', 0) / gbps:.2f} of the copy  (wide kernel, FLASHJVP_LN_JVP_ROWS=wide)")
-    out["layernorm_wide"] = ln_wide
+    for name, rows in ln_variants:
+        for r in rows:
+            if r["pass"] == "jvp":
+                log(f"layernorm_mod {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
+                    f"  = {r.get('gbps', 0) / gbps:.2f} of the copy  ({name} kernel)")
+        out[f"layernorm_{name}"] = rows
 
     # MLP JVP over its forward.
     log("")
@@ -404,11 +409,22 @@ def main():
     for r in mlp:
         m.setdefault(tuple(r["shape"]), {})[r["pass"]] = r
     out["mlp"] = []
+    unfused = {}
+    for r in mlp_unfused:
+        unfused.setdefault(tuple(r["shape"]), {})[r["pass"]] = r["ms"]
     for shape, p in m.items():
         fwd, jvp, bwd = (p.get(k, {}).get("ms", float("nan")) for k in ("fwd", "jvp", "bwd"))
         out["mlp"].append({"shape": shape, "fwd_ms": fwd, "jvp_ms": jvp, "bwd_ms": bwd, "jvp_over_fwd": jvp / fwd})
         log(f"mlp {str(shape):20} fwd {fwd:.4f} ms ({p.get('fwd', {}).get('tflops', 0):.0f} TF/s)  jvp {jvp:.4f} ms"
-            f"  bwd {bwd:.4f} ms  jvp/fwd {jvp / fwd:.2f}x (ideal 2x)")
+            f"  bwd {bwd:.4f} ms  jvp/fwd {jvp / fwd:.2f}x (target <= 2.3x, ideal 2x)")
+        for k, r in p.items():
+            if "." in k:  # one step timed alone
+                log(f"    {k:6} {r['ms']:.4f} ms  {r.get('path', '')}")
+        u = unfused.get(shape, {})
+        if u:
+            uf, uj = u.get("fwd", float("nan")), u.get("jvp", float("nan"))
+            log(f"    epilogues off (FLASHJVP_GEMM_EPILOGUE=off): fwd {uf:.4f} ms  jvp {uj:.4f} ms  jvp/fwd {uj / uf:.2f}x")
+    out["mlp_unfused"] = mlp_unfused
 
     # Last, so that a failure here costs nothing above (check.sh gives this script a time limit).
     if time.time() - t_start < args.precision_after_s:

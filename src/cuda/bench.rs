@@ -363,6 +363,60 @@ pub(crate) fn time_plans(
     Ok((q(0.5), q(0.1), q(0.9), runs))
 }
 
+/// Whether `FLASHJVP_BENCH_STEPS=1` asks for [`step_rows`] after the forward and JVP rows of the
+/// MLP and the DiT block.
+pub(crate) fn steps_wanted() -> bool {
+    std::env::var("FLASHJVP_BENCH_STEPS").as_deref() == Ok("1")
+}
+
+/// A step in a few words, for a row's `path` column.
+fn step_label(step: &Step) -> String {
+    match step {
+        Step::Kernel(l) => l.kernel.clone(),
+        Step::Gemm(g) => {
+            let act = format!("{:?}", g.act); // the variant's name, without its aux address
+            format!(
+                "gemm {}x{}x{}{} {}",
+                g.m,
+                g.n,
+                g.k,
+                if g.bias.is_some() { "+bias" } else { "" },
+                act.split(' ').next().unwrap_or_default()
+            )
+        }
+        Step::Fill { count, .. } => format!("fill {count}"),
+        Step::Copy { bytes, .. } => format!("copy {bytes} B"),
+    }
+}
+
+/// Each step of `pass`'s plans timed alone (the same step of every input set, rotated), one row
+/// each: pass `"{pass}.{k}"`, the step's label as `path`: where a pass spends its time. A step run
+/// alone finds other data in the L2 than after its predecessor, so the sum need not match the pass.
+pub(crate) fn step_rows(
+    gpu: &Gpu,
+    op: BenchOp,
+    shape: &[usize],
+    dtype: DType,
+    pass: &str,
+    plans: &[Vec<Step>],
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let Some(first) = plans.first() else {
+        return Ok(rows);
+    };
+    for (k, step) in first.iter().enumerate() {
+        let alone: Vec<Vec<Step>> = plans
+            .iter()
+            .filter_map(|p| p.get(k).map(|s| vec![s.clone()]))
+            .collect();
+        let tm = time_plans(gpu, &alone, BUDGET_MS / 6.0)?;
+        let mut r = row(op, &format!("{pass}.{k}"), shape, dtype, tm);
+        r.path = Some(step_label(step));
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
 /// How many input sets to rotate: enough to exceed 4x the L2 cache when one set is smaller than
 /// 2x L2, at most 8, and within a quarter of the GPU memory.
 fn sets_for(gpu: &Gpu, set_bytes: usize) -> usize {
@@ -921,6 +975,10 @@ fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Resul
         let mut r = row(BenchOp::Mlp, pass, shape, dtype, tm);
         r.tflops = Some(flops(mult) / (tm.0 * 1e-3) / 1e12);
         rows.push(r);
+    }
+    if steps_wanted() {
+        rows.extend(step_rows(gpu, BenchOp::Mlp, shape, dtype, "fwd", &fwd)?);
+        rows.extend(step_rows(gpu, BenchOp::Mlp, shape, dtype, "jvp", &jvp)?);
     }
     Ok(rows)
 }

@@ -16,7 +16,7 @@
 //! backward) and attention as the attention benchmark does (4·B·N²·C forward, 12· JVP, 10·
 //! backward); movement kernels (head split/merge) and layernorms are not counted.
 
-use super::bench::{row, time_plans, BenchOp, BenchRow, Pool, BUDGET_MS};
+use super::bench::{row, step_rows, steps_wanted, time_plans, BenchOp, BenchRow, Pool, BUDGET_MS};
 use super::context::Gpu;
 use super::launch::Step;
 use super::tensor::one_bits;
@@ -174,6 +174,24 @@ pub(crate) fn bench_block(
         let mut r = row(BenchOp::DitBlock, pass, shape, dtype, tm);
         r.tflops = Some(flops / (tm.0 * 1e-3) / 1e12);
         rows.push(r);
+    }
+    if steps_wanted() {
+        rows.extend(step_rows(
+            gpu,
+            BenchOp::DitBlock,
+            shape,
+            dtype,
+            "fwd",
+            std::slice::from_ref(&fwd),
+        )?);
+        rows.extend(step_rows(
+            gpu,
+            BenchOp::DitBlock,
+            shape,
+            dtype,
+            "jvp",
+            std::slice::from_ref(&jvp),
+        )?);
     }
     drop((fa, ja, scratch, w));
     Ok(rows)
