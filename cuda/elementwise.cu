@@ -16,8 +16,10 @@
 //          JVP: e_dot[n, i] = -w_i sin(w_i t_n) t_dot_n, e_dot[n, half + i] = w_i cos(w_i t_n) t_dot_n.
 //   Casts: f32 -> bf16/f16 round to nearest even; bf16/f16 -> f32 exact.
 //
-// LAUNCH: all pointwise kernels are grid-stride loops over their elements: block = (256, 1, 1),
-// grid = (min(ceil(n / 256), 65535 * 16), 1, 1) or any smaller grid; no shared memory. Counts n are 64-bit
+// LAUNCH: all pointwise kernels are grid-stride loops over their elements, the activations' and the
+// gated residual's (except gated_residual_bwd_gate) over 16-byte chunks of V = 16 / element size values
+// (n = ceil(count / V) for the grid; of rows for the residual: n = T * ceil(C / V)):
+// block = (256, 1, 1), grid = (min(ceil(n / 256), 65535 * 16), 1, 1) or any smaller grid; no shared memory. Counts n are 64-bit
 // (long long); rows/cols/T/C/G int. Pointers of pointwise kernels may alias element for element
 // (in place is fine). Optional pointers (may be null = zero / not written) are marked "opt".
 //   silu_fwd_{dt}(u, y, n)                       silu_jvp_{dt}(u, tu, y opt, ty, n)
@@ -78,76 +80,220 @@ __device__ __forceinline__ fj_i64 gate_index(fj_i64 i, int T, int C, int G) {
     return (fj_i64)grp * C + col;
 }
 
+// The activations walk their n elements in 16-byte chunks (V = 8 values in 16 bits, 4 in f32): one
+// vector access per tensor per chunk when n % V == 0 and every pointer is 16-byte aligned, else element
+// by element with the tail masked; f(i0, m, vec) handles elements [i0, i0 + m), m = min(V, n - i0).
+template <class ST, class F>
+__device__ __forceinline__ void for_each_chunk(fj_i64 n, bool vec, F f) {
+    FJ_GRID_STRIDE(k, (n + ST::V - 1) / ST::V) {
+        const fj_i64 i0 = k * ST::V;
+        const fj_i64 left = n - i0;
+        f(i0, left < ST::V ? (int)left : ST::V, vec);
+    }
+}
+
+// y = act(u) (ACT 0: SiLU, 1: GELU).
+template <class ST, int ACT>
+__device__ __forceinline__ float act_fwd(float u) {
+    return ACT == 0 ? silu(u) : gelu(u);
+}
+template <class ST, int ACT>
+__device__ __forceinline__ float act_grad(float u) {
+    return ACT == 0 ? silu_grad(u) : gelu_grad(u);
+}
+
+template <class ST, int ACT>
+__device__ __forceinline__ void activation_fwd(const typename ST::T* u, typename ST::T* y, fj_i64 n) {
+    constexpr int V = ST::V;
+    const bool vec = n % V == 0 && fj_aligned16(u) && fj_aligned16(y);
+    for_each_chunk<ST>(n, vec, [&](fj_i64 i0, int m, bool v) {
+        float a[V];
+        fj_load_chunk<ST>(u + i0, 0, m, v, a);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a[e] = act_fwd<ST, ACT>(a[e]);
+        fj_store_chunk<ST>(y + i0, 0, m, v, a);
+    });
+}
+
+// y (if non-null) and ty = act'(u) tu.
+template <class ST, int ACT>
+__device__ __forceinline__ void activation_jvp(const typename ST::T* u, const typename ST::T* tu, typename ST::T* y,
+                                               typename ST::T* ty, fj_i64 n) {
+    constexpr int V = ST::V;
+    const bool vec = n % V == 0 && fj_aligned16(u) && fj_aligned16(tu) && fj_aligned16(y) && fj_aligned16(ty);
+    for_each_chunk<ST>(n, vec, [&](fj_i64 i0, int m, bool v) {
+        float a[V], t[V], o[V];
+        fj_load_chunk<ST>(u + i0, 0, m, v, a);
+        fj_load_chunk<ST>(tu + i0, 0, m, v, t);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            if (ACT == 1) {
+                float g, dg;
+                gelu_and_grad(a[e], g, dg);
+                o[e] = g;
+                t[e] = dg * t[e];
+            } else {
+                o[e] = silu(a[e]);
+                t[e] = silu_grad(a[e]) * t[e];
+            }
+        }
+        if (y) fj_store_chunk<ST>(y + i0, 0, m, v, o);
+        fj_store_chunk<ST>(ty + i0, 0, m, v, t);
+    });
+}
+
+// du = act'(u) dy (also gelu_tangent: ty = gelu'(pre) tu, the same contract).
+template <class ST, int ACT>
+__device__ __forceinline__ void activation_bwd(const typename ST::T* u, const typename ST::T* dy, typename ST::T* du,
+                                               fj_i64 n) {
+    constexpr int V = ST::V;
+    const bool vec = n % V == 0 && fj_aligned16(u) && fj_aligned16(dy) && fj_aligned16(du);
+    for_each_chunk<ST>(n, vec, [&](fj_i64 i0, int m, bool v) {
+        float a[V], d[V];
+        fj_load_chunk<ST>(u + i0, 0, m, v, a);
+        fj_load_chunk<ST>(dy + i0, 0, m, v, d);
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] = act_grad<ST, ACT>(a[e]) * d[e];
+        fj_store_chunk<ST>(du + i0, 0, m, v, d);
+    });
+}
+
+// The gated residual's kernels walk their [T, C] tensors in 16-byte chunks of a row (V = 8 values in
+// 16 bits, 4 in f32): one vector access per tensor per chunk when C % V == 0 and every base is 16-byte
+// aligned (so is every row), else element by element with the row's tail masked. One 64-bit division per
+// chunk finds the row (one element per thread with two divisions each ran at 0.57 TB/s on an H200). The
+// arithmetic per element is the element-wise kernels' it replaced, so the results are the same.
+template <class ST, class F>
+__device__ __forceinline__ void for_each_row_chunk(int T, int C, F f) {
+    const fj_i64 cpr = (C + ST::V - 1) / ST::V;  // chunks per row
+    FJ_GRID_STRIDE(k, (fj_i64)T * cpr) {
+        const fj_i64 row = k / cpr;
+        f(row, (int)(k - row * cpr) * ST::V);
+    }
+}
+
+template <class ST>
+__device__ __forceinline__ void residual_fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ y,
+                                             const float* __restrict__ gate, typename ST::T* out, int T, int C,
+                                             int G) {
+    constexpr int V = ST::V;
+    const bool vec = C % V == 0 && fj_aligned16(x) && fj_aligned16(y) && fj_aligned16(gate) && fj_aligned16(out);
+    for_each_row_chunk<ST>(T, C, [&](fj_i64 row, int c0) {
+        const fj_i64 off = row * C, goff = (fj_i64)(row / (T / G)) * C;
+        float a[V], b[V], g[V], o[V];
+        fj_load_chunk<ST>(x + off, c0, C, vec, a);
+        fj_load_chunk<ST>(y + off, c0, C, vec, b);
+        fj_load_chunk_f32<V>(gate + goff, c0, C, vec, g);
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] = a[e] + g[e] * b[e];
+        fj_store_chunk<ST>(out + off, c0, C, vec, o);
+    });
+}
+
+template <class ST>
+__device__ __forceinline__ void residual_jvp(const typename ST::T* x, const typename ST::T* tx, const typename ST::T* y,
+                                             const typename ST::T* ty, const float* gate, const float* tgate,
+                                             typename ST::T* out, typename ST::T* tout, int T, int C, int G) {
+    constexpr int V = ST::V;
+    const bool vec = C % V == 0 && fj_aligned16(x) && fj_aligned16(tx) && fj_aligned16(y) && fj_aligned16(ty) &&
+                     fj_aligned16(gate) && fj_aligned16(tgate) && fj_aligned16(out) && fj_aligned16(tout);
+    for_each_row_chunk<ST>(T, C, [&](fj_i64 row, int c0) {
+        const fj_i64 off = row * C, goff = (fj_i64)(row / (T / G)) * C;
+        float g[V], b[V], t[V], u[V];
+        fj_load_chunk_f32<V>(gate + goff, c0, C, vec, g);
+        fj_load_chunk<ST>(y + off, c0, C, vec, b);
+        if (out) {
+            float a[V];
+            fj_load_chunk<ST>(x + off, c0, C, vec, a);
+#pragma unroll
+            for (int e = 0; e < V; ++e) a[e] = a[e] + g[e] * b[e];
+            fj_store_chunk<ST>(out + off, c0, C, vec, a);
+        }
+        if (tx) fj_load_chunk<ST>(tx + off, c0, C, vec, t);
+        else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[e] = 0.f;
+        }
+        if (tgate) {
+            fj_load_chunk_f32<V>(tgate + goff, c0, C, vec, u);
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[e] = fmaf(u[e], b[e], t[e]);
+        }
+        if (ty) {
+            fj_load_chunk<ST>(ty + off, c0, C, vec, u);
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[e] = fmaf(g[e], u[e], t[e]);
+        }
+        fj_store_chunk<ST>(tout + off, c0, C, vec, t);
+    });
+}
+
+template <class ST>
+__device__ __forceinline__ void residual_bwd(const typename ST::T* dout, const float* gate, typename ST::T* dx,
+                                             typename ST::T* dy, int T, int C, int G) {
+    constexpr int V = ST::V;
+    const bool vec = C % V == 0 && fj_aligned16(dout) && fj_aligned16(gate) && fj_aligned16(dx) && fj_aligned16(dy);
+    for_each_row_chunk<ST>(T, C, [&](fj_i64 row, int c0) {
+        const fj_i64 off = row * C, goff = (fj_i64)(row / (T / G)) * C;
+        if (dx) {  // the bits of dout, unconverted
+            if (vec) *reinterpret_cast<uint4*>(dx + off + c0) = *reinterpret_cast<const uint4*>(dout + off + c0);
+            else
+                for (int e = 0; e < V && c0 + e < C; ++e) dx[off + c0 + e] = dout[off + c0 + e];
+        }
+        float d[V], g[V];
+        fj_load_chunk<ST>(dout + off, c0, C, vec, d);
+        fj_load_chunk_f32<V>(gate + goff, c0, C, vec, g);
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] = g[e] * d[e];
+        fj_store_chunk<ST>(dy + off, c0, C, vec, d);
+    });
+}
+
 }  // namespace fj_ew
 
 #define FJ_EW(DT, ST)                                                                                          \
     extern "C" __global__ void silu_fwd_##DT(const ST::T* u, ST::T* y, fj_i64 n) {                             \
-        FJ_GRID_STRIDE(i, n) y[i] = ST::store(fj_ew::silu(ST::load(u[i])));                                    \
+        fj_ew::activation_fwd<ST, 0>(u, y, n);                                                                 \
     }                                                                                                          \
     FJ_REGISTER(silu_fwd_##DT)                                                                                 \
     extern "C" __global__ void silu_jvp_##DT(const ST::T* u, const ST::T* tu, ST::T* y, ST::T* ty, fj_i64 n) { \
-        FJ_GRID_STRIDE(i, n) {                                                                                 \
-            const float a = ST::load(u[i]), t = ST::load(tu[i]);                                               \
-            if (y) y[i] = ST::store(fj_ew::silu(a));                                                           \
-            ty[i] = ST::store(fj_ew::silu_grad(a) * t);                                                        \
-        }                                                                                                      \
+        fj_ew::activation_jvp<ST, 0>(u, tu, y, ty, n);                                                         \
     }                                                                                                          \
     FJ_REGISTER(silu_jvp_##DT)                                                                                 \
     extern "C" __global__ void silu_bwd_##DT(const ST::T* u, const ST::T* dy, ST::T* du, fj_i64 n) {           \
-        FJ_GRID_STRIDE(i, n) du[i] = ST::store(fj_ew::silu_grad(ST::load(u[i])) * ST::load(dy[i]));            \
+        fj_ew::activation_bwd<ST, 0>(u, dy, du, n);                                                            \
     }                                                                                                          \
     FJ_REGISTER(silu_bwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_fwd_##DT(const ST::T* u, ST::T* y, fj_i64 n) {                             \
-        FJ_GRID_STRIDE(i, n) y[i] = ST::store(fj_ew::gelu(ST::load(u[i])));                                    \
+        fj_ew::activation_fwd<ST, 1>(u, y, n);                                                                 \
     }                                                                                                          \
     FJ_REGISTER(gelu_fwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_jvp_##DT(const ST::T* u, const ST::T* tu, ST::T* y, ST::T* ty, fj_i64 n) { \
-        FJ_GRID_STRIDE(i, n) {                                                                                 \
-            float g, dg;                                                                                       \
-            fj_ew::gelu_and_grad(ST::load(u[i]), g, dg);                                                       \
-            const float t = ST::load(tu[i]);                                                                   \
-            if (y) y[i] = ST::store(g);                                                                        \
-            ty[i] = ST::store(dg * t);                                                                         \
-        }                                                                                                      \
+        fj_ew::activation_jvp<ST, 1>(u, tu, y, ty, n);                                                         \
     }                                                                                                          \
     FJ_REGISTER(gelu_jvp_##DT)                                                                                 \
     extern "C" __global__ void gelu_bwd_##DT(const ST::T* u, const ST::T* dy, ST::T* du, fj_i64 n) {           \
-        FJ_GRID_STRIDE(i, n) du[i] = ST::store(fj_ew::gelu_grad(ST::load(u[i])) * ST::load(dy[i]));            \
+        fj_ew::activation_bwd<ST, 1>(u, dy, du, n);                                                            \
     }                                                                                                          \
     FJ_REGISTER(gelu_bwd_##DT)                                                                                 \
     extern "C" __global__ void gelu_tangent_##DT(const ST::T* pre, const ST::T* tu, ST::T* ty, fj_i64 n) {     \
-        FJ_GRID_STRIDE(i, n) ty[i] = ST::store(fj_ew::gelu_grad(ST::load(pre[i])) * ST::load(tu[i]));         \
+        fj_ew::activation_bwd<ST, 1>(pre, tu, ty, n);                                                          \
     }                                                                                                          \
     FJ_REGISTER(gelu_tangent_##DT)                                                                             \
     extern "C" __global__ void gated_residual_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate,      \
                                                        ST::T* out, int T, int C, int G) {                      \
-        FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \
-            const float g = gate[fj_ew::gate_index(i, T, C, G)];                                               \
-            out[i] = ST::store(ST::load(x[i]) + g * ST::load(y[i]));                                           \
-        }                                                                                                      \
+        fj_ew::residual_fwd<ST>(x, y, gate, out, T, C, G);                                                     \
     }                                                                                                          \
     FJ_REGISTER(gated_residual_fwd_##DT)                                                                       \
     extern "C" __global__ void gated_residual_jvp_##DT(const ST::T* x, const ST::T* tx, const ST::T* y,        \
                                                        const ST::T* ty, const float* gate, const float* tgate, \
                                                        ST::T* out, ST::T* tout, int T, int C, int G) {         \
-        FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \
-            const fj_i64 gi = fj_ew::gate_index(i, T, C, G);                                                   \
-            const float g = gate[gi], yy = ST::load(y[i]);                                                     \
-            if (out) out[i] = ST::store(ST::load(x[i]) + g * yy);                                              \
-            float t = tx ? ST::load(tx[i]) : 0.f;                                                              \
-            if (tgate) t = fmaf(tgate[gi], yy, t);                                                             \
-            if (ty) t = fmaf(g, ST::load(ty[i]), t);                                                           \
-            tout[i] = ST::store(t);                                                                            \
-        }                                                                                                      \
+        fj_ew::residual_jvp<ST>(x, tx, y, ty, gate, tgate, out, tout, T, C, G);                                \
     }                                                                                                          \
     FJ_REGISTER(gated_residual_jvp_##DT)                                                                       \
     extern "C" __global__ void gated_residual_bwd_##DT(const ST::T* dout, const float* gate, ST::T* dx,        \
                                                        ST::T* dy, int T, int C, int G) {                       \
-        FJ_GRID_STRIDE(i, (fj_i64)T * C) {                                                                     \
-            const float d = ST::load(dout[i]);                                                                 \
-            if (dx) dx[i] = dout[i];                                                                           \
-            dy[i] = ST::store(gate[fj_ew::gate_index(i, T, C, G)] * d);                                        \
-        }                                                                                                      \
+        fj_ew::residual_bwd<ST>(dout, gate, dx, dy, T, C, G);                                                  \
     }                                                                                                          \
     FJ_REGISTER(gated_residual_bwd_##DT)                                                                       \
     extern "C" __global__ void __launch_bounds__(256)                                                          \

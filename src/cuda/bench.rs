@@ -363,8 +363,8 @@ pub(crate) fn time_plans(
     Ok((q(0.5), q(0.1), q(0.9), runs))
 }
 
-/// Whether `FLASHJVP_BENCH_STEPS=1` asks for [`step_rows`] after the forward and JVP rows of the
-/// MLP and the DiT block.
+/// Whether `FLASHJVP_BENCH_STEPS=1` asks for [`step_rows`] after the forward, JVP and backward
+/// rows of the MLP and the DiT block.
 pub(crate) fn steps_wanted() -> bool {
     std::env::var("FLASHJVP_BENCH_STEPS").as_deref() == Ok("1")
 }
@@ -979,6 +979,7 @@ fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Resul
     if steps_wanted() {
         rows.extend(step_rows(gpu, BenchOp::Mlp, shape, dtype, "fwd", &fwd)?);
         rows.extend(step_rows(gpu, BenchOp::Mlp, shape, dtype, "jvp", &jvp)?);
+        rows.extend(step_rows(gpu, BenchOp::Mlp, shape, dtype, "bwd", &bwd)?);
     }
     Ok(rows)
 }

@@ -176,22 +176,17 @@ pub(crate) fn bench_block(
         rows.push(r);
     }
     if steps_wanted() {
-        rows.extend(step_rows(
-            gpu,
-            BenchOp::DitBlock,
-            shape,
-            dtype,
-            "fwd",
-            std::slice::from_ref(&fwd),
-        )?);
-        rows.extend(step_rows(
-            gpu,
-            BenchOp::DitBlock,
-            shape,
-            dtype,
-            "jvp",
-            std::slice::from_ref(&jvp),
-        )?);
+        for (pass, plan) in [("fwd", &fwd), ("jvp", &jvp), ("bwd", &bwd)] {
+            let plans = std::slice::from_ref(plan);
+            rows.extend(step_rows(
+                gpu,
+                BenchOp::DitBlock,
+                shape,
+                dtype,
+                pass,
+                plans,
+            )?);
+        }
     }
     drop((fa, ja, scratch, w));
     Ok(rows)

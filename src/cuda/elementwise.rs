@@ -35,6 +35,12 @@ fn pointwise(op: &str, kernel: String, n: usize, args: Vec<Arg>) -> Result<Vec<S
     pointwise_steps(op, FILE, kernel, n, args)
 }
 
+/// The work items of the activation kernels: 16-byte chunks, ceil(n / V) with V = 16 / element
+/// size (cuda/elementwise.cu); the grid is sized by them, the kernels take the count n.
+fn chunks(dtype: DType, n: usize) -> usize {
+    n.div_ceil(16 / dtype.size_in_bytes())
+}
+
 fn count(n: usize) -> Arg {
     Arg::I64(n as i64)
 }
@@ -50,7 +56,12 @@ pub fn plan_activation_fwd(
     let dt = dtype_suffix(dtype)?;
     require_ptrs(act.name(), &[("u", u), ("y", y)])?;
     let k = format!("{}_fwd_{dt}", act.name());
-    pointwise(act.name(), k, n, vec![Arg::Ptr(u), Arg::Ptr(y), count(n)])
+    pointwise(
+        act.name(),
+        k,
+        chunks(dtype, n),
+        vec![Arg::Ptr(u), Arg::Ptr(y), count(n)],
+    )
 }
 
 /// y = f(u) (when y is non-null) and ty = f'(u) tu.
@@ -69,7 +80,7 @@ pub fn plan_activation_jvp(
     pointwise(
         act.name(),
         k,
-        n,
+        chunks(dtype, n),
         vec![
             Arg::Ptr(u),
             Arg::Ptr(tu),
@@ -95,7 +106,7 @@ pub fn plan_activation_bwd(
     pointwise(
         act.name(),
         k,
-        n,
+        chunks(dtype, n),
         vec![Arg::Ptr(u), Arg::Ptr(dy), Arg::Ptr(du), count(n)],
     )
 }
@@ -107,7 +118,7 @@ pub fn plan_gelu_tangent(dtype: DType, n: usize, pre: u64, tu: u64, ty: u64) -> 
     pointwise(
         "mlp",
         format!("gelu_tangent_{dt}"),
-        n,
+        chunks(dtype, n),
         vec![Arg::Ptr(pre), Arg::Ptr(tu), Arg::Ptr(ty), count(n)],
     )
 }
@@ -139,6 +150,12 @@ fn res_args(d: ResDims) -> Result<[Arg; 3]> {
     ])
 }
 
+/// The work items of the gated residual's fwd, jvp and bwd kernels: 16-byte chunks of rows,
+/// T * ceil(C / V) with V = 16 / element size (cuda/elementwise.cu).
+fn res_chunks(dtype: DType, d: ResDims) -> usize {
+    d.t * chunks(dtype, d.c)
+}
+
 /// out = x + gate ⊙ y (gate f32 [G, C]).
 pub fn plan_residual_fwd(
     dtype: DType,
@@ -157,7 +174,7 @@ pub fn plan_residual_fwd(
     pointwise(
         "gated_residual",
         format!("gated_residual_fwd_{dt}"),
-        d.t * d.c,
+        res_chunks(dtype, d),
         vec![
             Arg::Ptr(x),
             Arg::Ptr(y),
@@ -192,7 +209,7 @@ pub struct ResJvpPtrs {
 }
 
 /// out = x + gate ⊙ y (when `out` is non-null) and tout = tx + tgate ⊙ y + gate ⊙ ty, one
-/// pointwise launch over T * C elements.
+/// launch over the rows' 16-byte chunks.
 pub fn plan_residual_jvp(dtype: DType, d: ResDims, p: ResJvpPtrs) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     let [t, c, g] = res_args(d)?;
@@ -206,7 +223,7 @@ pub fn plan_residual_jvp(dtype: DType, d: ResDims, p: ResJvpPtrs) -> Result<Vec<
     pointwise(
         "gated_residual",
         format!("gated_residual_jvp_{dt}"),
-        d.t * d.c,
+        res_chunks(dtype, d),
         vec![
             Arg::Ptr(p.x),
             Arg::Ptr(p.tx),
@@ -251,7 +268,7 @@ pub fn plan_residual_bwd(
     let mut steps = pointwise(
         "gated_residual",
         format!("gated_residual_bwd_{dt}"),
-        d.t * d.c,
+        res_chunks(dtype, d),
         vec![
             Arg::Ptr(dout),
             Arg::Ptr(gate),
