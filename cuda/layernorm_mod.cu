@@ -15,7 +15,8 @@
 // G = batch for [B, N, C] activations. Any of scale, shift, x_dot, scale_dot, shift_dot may be null,
 // meaning zero; mean and rstd outputs may be null (not written).
 //
-// TILING: one warp per row, 8 rows per block of 256 threads. Each lane walks the row in chunks of 16
+// TILING: one warp per row, blockDim.x / 32 rows per block (8: 256 threads, unless the host is told
+// otherwise: layernorm.rs, FLASHJVP_LN_ROWS_PER_BLOCK). Each lane walks the row in chunks of 16
 // bytes (8 bf16/f16 values, 4 f32); when C is a multiple of the chunk and every row pointer is 16-byte
 // aligned the chunk is one vector access, otherwise element by element with the tail masked. When the
 // row is vector-accessible and fits (C <= 1536 for the bf16/f16 JVP, 3072 for the forward and backward;
@@ -34,9 +35,11 @@
 //       front (gate, tgate f32 [G, C]; ty, tgate may be null), x1 (tx1) written, h = layernorm(x1).
 //   layernorm_mod_jvp_wide_{dt}, residual_layernorm_mod_jvp_wide_{dt}: the same parameters, 8 register
 //       chunks per lane instead of 6 (see Chunks), for rows between the two register limits.
+//   layernorm_mod_jvp_hints_{dt}: layernorm_mod_jvp with cache hints on the register path (load16).
 //   layernorm_mod_bwd_{dt}(dy, x, scale, mean, rstd, dres, dx, T, C, G): dx = dres + the layernorm's
 //       input cotangent (dres may be null, or equal to dx: accumulated in place).
-//       grid = (ceil(T / 8), 1, 1), block = (256, 1, 1), no shared memory (all four row kernels).
+//       grid = (ceil(T / R), 1, 1), block = (32 R, 1, 1) with R rows per block (8 by default; 1..8), no
+//       shared memory (all the row kernels).
 //   layernorm_mod_bwd_params_{dt}(dy, x, mean, rstd, dscale, dshift, T, C, G)
 //       grid = (ceil(C / 32), G, S), block = (32, 8, 1), no dynamic shared memory.
 //       S >= 1 splits the T/G rows of each group into S slices (S = ceil((T/G) / 256) keeps every SM
@@ -53,7 +56,6 @@
 
 namespace fj_ln {
 
-constexpr int ROWS_PER_BLOCK = 8;
 
 template <class ST>
 __device__ __forceinline__ bool vec_ok(int C, const void* a, const void* b, const void* c, const void* d,
@@ -106,13 +108,47 @@ __device__ __forceinline__ void unpack(const uint4& u, float (&out)[ST::V]) {
     for (int e = 0; e < ST::V; ++e) out[e] = ST::load(c.e[e]);
 }
 
+// Cache hints (HINTS, the layernorm_mod_jvp_hints kernels, an experiment for the GPU to judge): the
+// row's x and x_dot read through the non-coherent path without allocating in L1, which leaves L1 to the
+// modulation rows every warp of the block reads again, and y, y_dot stored evict-first (.cs). Each lane
+// reads all its chunks of a row before it writes any, so the .nc reads are safe even in place.
+template <bool HINTS>
+__device__ __forceinline__ uint4 load16(const void* p) {
+#ifndef FJ_HOST_EMU
+    if (HINTS) {
+        uint4 r;
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+            : "l"(p));
+        return r;
+    }
+#endif
+    return *reinterpret_cast<const uint4*>(p);
+}
+
+template <class ST, bool HINTS>
+__device__ __forceinline__ void store_chunk(typename ST::T* row, int i, int n, bool vec, const float (&in)[ST::V]) {
+#ifndef FJ_HOST_EMU
+    if (HINTS && vec) {
+        union { uint4 u; typename ST::T e[ST::V]; } c;
+#pragma unroll
+        for (int e = 0; e < ST::V; ++e) c.e[e] = ST::store(in[e]);
+        asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(row + i), "r"(c.u.x), "r"(c.u.y),
+                     "r"(c.u.z), "r"(c.u.w)
+                     : "memory");
+        return;
+    }
+#endif
+    fj_store_chunk<ST>(row, i, n, vec, in);
+}
+
 // Loads this lane's chunks of a row (chunks past the row end are left as zeros).
-template <class ST, int N>
+template <class ST, int N, bool HINTS = false>
 __device__ __forceinline__ void load_row(const typename ST::T* row, int C, int lane, uint4 (&r)[N]) {
 #pragma unroll
     for (int ch = 0; ch < N; ++ch) {
         const int i = (ch * 32 + lane) * ST::V;
-        r[ch] = i < C ? *reinterpret_cast<const uint4*>(row + i) : make_uint4(0u, 0u, 0u, 0u);
+        r[ch] = i < C ? load16<HINTS>(row + i) : make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
@@ -123,7 +159,7 @@ struct RowStats {
 
 // Chunk i of y (and, with JVP, of y_dot) from the chunk's x values `a` and x_dot values `b` (zeros when
 // x carries no tangent); the register and streaming paths both end here.
-template <class ST, bool JVP>
+template <class ST, bool JVP, bool HINTS = false>
 __device__ __forceinline__ void out_chunk(const float (&a)[ST::V], const float (&b)[ST::V], const RowStats& r,
                                           const float* sr, const float* hr, const float* tsr, const float* thr,
                                           typename ST::T* yr, typename ST::T* tyr, int i, int C, bool vec) {
@@ -133,7 +169,7 @@ __device__ __forceinline__ void out_chunk(const float (&a)[ST::V], const float (
     load_mod<V>(hr, i, C, vec, h);
 #pragma unroll
     for (int e = 0; e < V; ++e) o[e] = (a[e] - r.mu) * r.rstd * (1.f + s[e]) + h[e];
-    fj_store_chunk<ST>(yr, i, C, vec, o);
+    store_chunk<ST, HINTS>(yr, i, C, vec, o);
     if (JVP) {
         float ts[V], th[V];
         load_mod<V>(tsr, i, C, vec, ts);
@@ -144,7 +180,7 @@ __device__ __forceinline__ void out_chunk(const float (&a)[ST::V], const float (
             const float xh_t = (b[e] - r.mu_t - xh * r.mean_xhat_t) * r.rstd;
             o[e] = xh_t * (1.f + s[e]) + xh * ts[e] + th[e];
         }
-        fj_store_chunk<ST>(tyr, i, C, vec, o);
+        store_chunk<ST, HINTS>(tyr, i, C, vec, o);
     }
 }
 
@@ -222,7 +258,7 @@ __device__ __forceinline__ void residual_chunk(const typename ST::T* xr, const t
     }
 }
 
-template <class ST, bool JVP, bool RES, int NCH>
+template <class ST, bool JVP, bool RES, int NCH, bool HINTS = false>
 __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, const typename ST::T* __restrict__ txr,
                                          const ResRow<ST>& res, const float* __restrict__ sr,
                                          const float* __restrict__ hr, const float* __restrict__ tsr,
@@ -241,8 +277,8 @@ __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, 
         }
         if (JVP) txr = res.tx1;  // the normalised row has a tangent from here on
     } else {
-        load_row<ST, NCH>(xr, C, lane, xa);
-        if (JVP && txr) load_row<ST, NCH>(txr, C, lane, ta);
+        load_row<ST, NCH, HINTS>(xr, C, lane, xa);
+        if (JVP && txr) load_row<ST, NCH, HINTS>(txr, C, lane, ta);
     }
 
     // sums of x and x_dot (chunks past the row end hold zeros)
@@ -296,7 +332,7 @@ __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, 
 #pragma unroll
         for (int e = 0; e < V; ++e) b[e] = 0.f;
         if (JVP && txr) unpack<ST>(ta[ch], b);
-        out_chunk<ST, JVP>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, true);
+        out_chunk<ST, JVP, HINTS>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, true);
     }
 }
 
@@ -344,7 +380,7 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
 // RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
 // gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
 // normalised: the fused kernels below, which save reading x1 (and tx1) back.
-template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N>
+template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N, bool HINTS = false>
 __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
                                     const float* __restrict__ scale, const float* __restrict__ shift,
                                     const float* __restrict__ tscale, const float* __restrict__ tshift,
@@ -352,7 +388,7 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
                                     float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
                                     float eps, ResRow<ST> res = ResRow<ST>{}) {
     constexpr int V = ST::V;
-    const int row = blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // a warp per row
     const int lane = threadIdx.x & 31;
     if (row >= T) return;
     const int grp = row / (T / G);
@@ -377,8 +413,8 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
                                 nullptr);
     }
     if (fits_regs<ST, NCH>(C, vec)) {
-        fwd_regs<ST, JVP, RES, NCH>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row, lane, C,
-                                    eps);
+        fwd_regs<ST, JVP, RES, NCH, HINTS>(xr, txr, res, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row, lane,
+                                           C, eps);
         return;
     }
     if (RES) {
@@ -450,7 +486,7 @@ __device__ __forceinline__ void bwd(const typename ST::T* __restrict__ dy, const
                                     const float* __restrict__ rstd, const typename ST::T* dres, typename ST::T* dx,
                                     int T, int C, int G) {
     constexpr int V = ST::V;
-    const int row = blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // a warp per row
     const int lane = threadIdx.x & 31;
     if (row >= T) return;
     const int grp = row / (T / G);
@@ -556,6 +592,14 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                                                                    mean, rstd, T, C, G, eps);                  \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_wide_##DT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                       \
+        layernorm_mod_jvp_hints_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,  \
+                                     const float* tscale, const float* tshift, ST::T* y, ST::T* ty,            \
+                                     float* mean, float* rstd, int T, int C, int G, float eps) {               \
+        fj_ln::fwd<ST, true, false, fj_ln::Chunks<true>::N, true>(x, tx, scale, shift, tscale, tshift, y, ty,   \
+                                                                  mean, rstd, T, C, G, eps);                   \
+    }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_jvp_hints_##DT)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
                                         const float* scale, const float* shift, ST::T* h, float* mean,           \

@@ -329,6 +329,10 @@ def main():
     # The same rows on the other layernorm JVP kernels (layernorm.rs: JvpRows), to tell which is faster.
     ln_variants = [(name, bench(binary, "layernorm_mod", env=env, timeout=60)) for name, env in [
         ("wide", {"FLASHJVP_LN_JVP_ROWS": "wide"}),
+        ("narrow, cache hints", {"FLASHJVP_LN_JVP_ROWS": "narrow_hints"}),
+        ("narrow, 4 rows per block", {"FLASHJVP_LN_ROWS_PER_BLOCK": "4"}),
+        ("narrow, cache hints, 4 rows per block",
+         {"FLASHJVP_LN_JVP_ROWS": "narrow_hints", "FLASHJVP_LN_ROWS_PER_BLOCK": "4"}),
     ]]
     # The MLP with each step of its forward and JVP timed alone (FLASHJVP_BENCH_STEPS), and once more
     # with the GELU outside cuBLASLt's epilogues.
@@ -398,9 +402,10 @@ def main():
             f"  = {share:.2f} of the copy{verdict}")
     for name, rows in ln_variants:
         for r in rows:
-            if r["pass"] == "jvp":
+            # The rows-per-block variants change the forward and backward too.
+            if r["pass"] == "jvp" or "rows per block" in name:
                 log(f"layernorm_mod {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
-                    f"  = {r.get('gbps', 0) / gbps:.2f} of the copy  ({name} kernel)")
+                    f"  = {r.get('gbps', 0) / gbps:.2f} of the copy  ({name})")
         out[f"layernorm_{name}"] = rows
 
     # MLP JVP over its forward.

@@ -71,13 +71,28 @@ fn dims_args(d: LnDims) -> Result<[Arg; 3]> {
     ])
 }
 
+/// Rows (warps) per block of the row kernels: 8, unless `FLASHJVP_LN_ROWS_PER_BLOCK` (1..=8, read
+/// once per process; other values are ignored) says otherwise, so that a GPU run can time smaller
+/// blocks (they retire a row at a time sooner; the registers allow the same 16 warps per SM).
+pub fn rows_per_block() -> usize {
+    static R: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *R.get_or_init(|| {
+        std::env::var("FLASHJVP_LN_ROWS_PER_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|r| (1..=8).contains(r))
+            .unwrap_or(8)
+    })
+}
+
 fn row_launch(kernel: String, d: LnDims, args: Vec<Arg>) -> Result<Step> {
+    let r = rows_per_block();
     Ok(Step::Kernel(Launch::new(
         OP,
         FILE,
         kernel,
-        (d.t.div_ceil(8) as u64, 1, 1),
-        (256, 1, 1),
+        (d.t.div_ceil(r) as u64, 1, 1),
+        (32 * r as u32, 1, 1),
         0,
         args,
     )?))
@@ -147,13 +162,18 @@ pub struct JvpPtrs {
 /// narrow one (6 chunks of 16 bytes per lane: C <= 1536 in 16 bits, 768 in f32; 128 registers, two
 /// blocks per SM) or the wide one (8 chunks: C <= 2048 / 1024; one block per SM), which takes only
 /// the widths between the two limits. Longer rows stream in either (the narrow one runs them).
-/// `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both on the same rows.
+/// `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both on the same rows;
+/// `narrow_hints` the narrow kernel with cache hints (the plain JVP only: the residual-fused one
+/// takes the narrow kernel), an experiment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JvpRows {
     /// `layernorm_mod_jvp_{dt}` (6 chunks, two blocks per SM); also the kernel of streamed rows.
     Narrow,
     /// `layernorm_mod_jvp_wide_{dt}` (8 chunks, one block per SM).
     Wide,
+    /// `layernorm_mod_jvp_hints_{dt}`: the narrow kernel reading x, ẋ past L1 (`.nc`,
+    /// `L1::no_allocate`) and storing y, ẏ evict-first (`.cs`).
+    NarrowHints,
 }
 
 impl JvpRows {
@@ -165,6 +185,7 @@ impl JvpRows {
             *FORCED.get_or_init(|| match std::env::var("FLASHJVP_LN_JVP_ROWS").as_deref() {
                 Ok("narrow") => Some(JvpRows::Narrow),
                 Ok("wide") => Some(JvpRows::Wide),
+                Ok("narrow_hints") => Some(JvpRows::NarrowHints),
                 _ => None,
             });
         forced.unwrap_or_else(|| Self::by_width(dtype, c))
@@ -184,6 +205,7 @@ impl JvpRows {
         match self {
             JvpRows::Narrow => "",
             JvpRows::Wide => "_wide",
+            JvpRows::NarrowHints => "_hints",
         }
     }
 }
@@ -339,7 +361,11 @@ pub fn plan_residual_jvp(
     Ok(vec![row_launch(
         format!(
             "residual_layernorm_mod_jvp{}_{dt}",
-            JvpRows::for_width(dtype, d.c).infix()
+            match JvpRows::for_width(dtype, d.c) {
+                JvpRows::NarrowHints => JvpRows::Narrow, // no residual-fused kernel with hints
+                rows => rows,
+            }
+            .infix()
         ),
         d,
         args,
