@@ -35,7 +35,6 @@
 //       front (gate, tgate f32 [G, C]; ty, tgate may be null), x1 (tx1) written, h = layernorm(x1).
 //   layernorm_mod_jvp_wide_{dt}, residual_layernorm_mod_jvp_wide_{dt}: the same parameters, 8 register
 //       chunks per lane instead of 6 (see Chunks), for rows between the two register limits.
-//   layernorm_mod_jvp_hints_{dt}: layernorm_mod_jvp with cache hints on the register path (load16).
 //   layernorm_mod_bwd_{dt}(dy, x, scale, mean, rstd, dres, dx, T, C, G): dx = dres + the layernorm's
 //       input cotangent (dres may be null, or equal to dx: accumulated in place).
 //       grid = (ceil(T / R), 1, 1), block = (32 R, 1, 1) with R rows per block (8 by default; 1..8), no
@@ -50,8 +49,11 @@
 //
 // STATUS: compiled for sm_80 and sm_90a with NVRTC 13.0 (see README.md); ran on an NVIDIA H200 (2026-11-27):
 // the GPU tests against the CPU reference and compute-sanitizer memcheck/racecheck pass
-// (scripts/gpu/check.sh). Speed there (bf16, docs/gpu-runs.md): the JVP at 0.55-0.58 of a device copy's
-// bandwidth, the forward at 0.47-0.50, the backward at 0.28-0.35; the issue's 0.60 for the JVP is not met.
+// (scripts/gpu/check.sh). Speed there (bf16, docs/gpu-runs.md): the JVP at 0.59 and 0.64 of a device
+// copy's bandwidth (cache hints, 4 rows per block; the issue's 0.60 met at [32768, 1152], not at
+// [8192, 1536]), the forward at 0.48-0.51, the backward at 0.29-0.36. The hints and 4-row blocks passed
+// the GPU tests there (as layernorm_mod_jvp_hints, since folded into layernorm_mod_jvp), not yet the
+// sanitizers.
 #include "common.cuh"
 
 namespace fj_ln {
@@ -86,10 +88,13 @@ __device__ __forceinline__ void load_mod(const float* row, int i, int C, bool ve
 // 128 (bf16: 4-24 bytes of spill on one arch each, in L1), two blocks per SM. The *_jvp_wide kernels keep
 // 8 chunks (C <= 2048 / 1024, one block per SM) for rows between the two limits; the host picks by C
 // (layernorm.rs: JvpRows), and FLASHJVP_LN_JVP_ROWS=wide|narrow forces one, so that a GPU run can time
-// both on the same rows. Timed on the H200 (bf16 JVP, [8192, 1536] and [32768, 1152] rows): narrow 2243
-// and 2372 GB/s, wide 1701 and 1644. A block per row (a thread per 16-byte chunk, two block-wide
-// reductions, the modulation loaded with the row or after the sums) was slower still: 1476-1710 GB/s
-// for the JVP, 1362-1447 for the forward (warp kernel 1896-2035), so it is not kept.
+// both on the same rows. Timed on the H200 (bf16 JVP, [8192, 1536] and [32768, 1152] rows, GB/s, the
+// device copy 4019): narrow 2153 and 2277 (8 rows per block), 2189 and 2305 (4 rows), with cache hints
+// (load16 below) 2309 and 2427 (8 rows), 2374 and 2573 (4 rows: what layernorm_mod_jvp_{dt} does since);
+// wide 1650 and 1599. A block per row (a thread per 16-byte chunk, two block-wide reductions, the
+// modulation loaded with the row or after the sums) was slower still: 1476-1710 GB/s for the JVP,
+// 1362-1447 for the forward (warp kernel 1896-2035), so it is not kept. ncu on the narrow kernel: DRAM
+// at 38 % of peak, issue slots 47 % busy, 16 warps per SM (the register limit): latency-bound.
 template <bool JVP>
 struct Chunks {
     enum { N = JVP ? 6 : 12, JVP_WIDE = 8 };
@@ -108,10 +113,11 @@ __device__ __forceinline__ void unpack(const uint4& u, float (&out)[ST::V]) {
     for (int e = 0; e < ST::V; ++e) out[e] = ST::load(c.e[e]);
 }
 
-// Cache hints (HINTS, the layernorm_mod_jvp_hints kernels, an experiment for the GPU to judge): the
-// row's x and x_dot read through the non-coherent path without allocating in L1, which leaves L1 to the
+// Cache hints (HINTS: layernorm_mod_jvp_{dt}'s register path; 3-10 % faster on an H200): the row's x
+// and x_dot read through the non-coherent path without allocating in L1, which leaves L1 to the
 // modulation rows every warp of the block reads again, and y, y_dot stored evict-first (.cs). Each lane
-// reads all its chunks of a row before it writes any, so the .nc reads are safe even in place.
+// reads all its chunks of a row before it writes any, so the .nc reads are safe even in place. The
+// residual-fused and wide kernels do without (not timed with them).
 template <bool HINTS>
 __device__ __forceinline__ uint4 load16(const void* p) {
 #ifndef FJ_HOST_EMU
@@ -581,7 +587,8 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
         layernorm_mod_jvp_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,        \
                                const float* tscale, const float* tshift, ST::T* y, ST::T* ty, float* mean,     \
                                float* rstd, int T, int C, int G, float eps) {                                  \
-        fj_ln::fwd<ST, true>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, G, eps);            \
+        fj_ln::fwd<ST, true, false, fj_ln::Chunks<true>::N, true>(x, tx, scale, shift, tscale, tshift, y, ty,   \
+                                                                  mean, rstd, T, C, G, eps);                   \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_##DT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
@@ -592,14 +599,6 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                                                                    mean, rstd, T, C, G, eps);                  \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_wide_##DT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                                       \
-        layernorm_mod_jvp_hints_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,  \
-                                     const float* tscale, const float* tshift, ST::T* y, ST::T* ty,            \
-                                     float* mean, float* rstd, int T, int C, int G, float eps) {               \
-        fj_ln::fwd<ST, true, false, fj_ln::Chunks<true>::N, true>(x, tx, scale, shift, tscale, tshift, y, ty,   \
-                                                                  mean, rstd, T, C, G, eps);                   \
-    }                                                                                                          \
-    FJ_REGISTER(layernorm_mod_jvp_hints_##DT)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
                                         const float* scale, const float* shift, ST::T* h, float* mean,           \

@@ -329,10 +329,7 @@ def main():
     # The same rows on the other layernorm JVP kernels (layernorm.rs: JvpRows), to tell which is faster.
     ln_variants = [(name, bench(binary, "layernorm_mod", env=env, timeout=60)) for name, env in [
         ("wide", {"FLASHJVP_LN_JVP_ROWS": "wide"}),
-        ("narrow, cache hints", {"FLASHJVP_LN_JVP_ROWS": "narrow_hints"}),
-        ("narrow, 4 rows per block", {"FLASHJVP_LN_ROWS_PER_BLOCK": "4"}),
-        ("narrow, cache hints, 4 rows per block",
-         {"FLASHJVP_LN_JVP_ROWS": "narrow_hints", "FLASHJVP_LN_ROWS_PER_BLOCK": "4"}),
+        ("8 rows per block", {"FLASHJVP_LN_ROWS_PER_BLOCK": "8"}),
     ]]
     # The MLP with each step of its forward and JVP timed alone (FLASHJVP_BENCH_STEPS), and once more
     # with the GELU outside cuBLASLt's epilogues.

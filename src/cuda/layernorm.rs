@@ -71,9 +71,10 @@ fn dims_args(d: LnDims) -> Result<[Arg; 3]> {
     ])
 }
 
-/// Rows (warps) per block of the row kernels: 8, unless `FLASHJVP_LN_ROWS_PER_BLOCK` (1..=8, read
-/// once per process; other values are ignored) says otherwise, so that a GPU run can time smaller
-/// blocks (they retire a row at a time sooner; the registers allow the same 16 warps per SM).
+/// Rows (warps) per block of the row kernels: 4, unless `FLASHJVP_LN_ROWS_PER_BLOCK` (1..=8, read
+/// once per process; other values are ignored) says otherwise. The registers allow 16 warps per SM
+/// either way; blocks of 4 retire sooner. On an H200 (bf16, docs/gpu-runs.md) 4 rows per block took
+/// 2-4 % less time than 8 in the forward, JVP and backward.
 pub fn rows_per_block() -> usize {
     static R: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *R.get_or_init(|| {
@@ -81,7 +82,7 @@ pub fn rows_per_block() -> usize {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|r| (1..=8).contains(r))
-            .unwrap_or(8)
+            .unwrap_or(4)
     })
 }
 
@@ -162,36 +163,37 @@ pub struct JvpPtrs {
 /// narrow one (6 chunks of 16 bytes per lane: C <= 1536 in 16 bits, 768 in f32; 128 registers, two
 /// blocks per SM) or the wide one (8 chunks: C <= 2048 / 1024; one block per SM), which takes only
 /// the widths between the two limits. Longer rows stream in either (the narrow one runs them).
-/// `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both on the same rows;
-/// `narrow_hints` the narrow kernel with cache hints (the plain JVP only: the residual-fused one
-/// takes the narrow kernel), an experiment.
+/// The plain narrow JVP kernel reads its rows with cache hints (cuda/layernorm_mod.cu, `load16`): on
+/// an H200 (bf16, 4 rows per block) 2374 and 2573 GB/s against 2189 and 2305 without
+/// (docs/gpu-runs.md). `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both
+/// on the same rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JvpRows {
     /// `layernorm_mod_jvp_{dt}` (6 chunks, two blocks per SM); also the kernel of streamed rows.
     Narrow,
     /// `layernorm_mod_jvp_wide_{dt}` (8 chunks, one block per SM).
     Wide,
-    /// `layernorm_mod_jvp_hints_{dt}`: the narrow kernel reading x, ẋ past L1 (`.nc`,
-    /// `L1::no_allocate`) and storing y, ẏ evict-first (`.cs`).
-    NarrowHints,
 }
 
 impl JvpRows {
-    /// The kernel for rows of width `c` in `dtype`: [`JvpRows::by_width`], unless
-    /// `FLASHJVP_LN_JVP_ROWS` forces one (read once per process; other values are ignored).
-    pub fn for_width(dtype: DType, c: usize) -> JvpRows {
+    /// `FLASHJVP_LN_JVP_ROWS`, read once per process (other values are ignored).
+    fn forced() -> Option<JvpRows> {
         static FORCED: std::sync::OnceLock<Option<JvpRows>> = std::sync::OnceLock::new();
-        let forced =
-            *FORCED.get_or_init(|| match std::env::var("FLASHJVP_LN_JVP_ROWS").as_deref() {
-                Ok("narrow") => Some(JvpRows::Narrow),
-                Ok("wide") => Some(JvpRows::Wide),
-                Ok("narrow_hints") => Some(JvpRows::NarrowHints),
-                _ => None,
-            });
-        forced.unwrap_or_else(|| Self::by_width(dtype, c))
+        *FORCED.get_or_init(|| match std::env::var("FLASHJVP_LN_JVP_ROWS").as_deref() {
+            Ok("narrow") => Some(JvpRows::Narrow),
+            Ok("wide") => Some(JvpRows::Wide),
+            _ => None,
+        })
     }
 
-    /// The choice by width alone (no override).
+    /// The kernel for rows of width `c` in `dtype`: [`JvpRows::by_width`], unless
+    /// `FLASHJVP_LN_JVP_ROWS` forces one.
+    pub fn for_width(dtype: DType, c: usize) -> JvpRows {
+        Self::forced().unwrap_or_else(|| Self::by_width(dtype, c))
+    }
+
+    /// The register geometry by width alone (no override): the narrow kernel up to 6 chunks per
+    /// lane, the wide one up to 8, the narrow one (streaming) beyond.
     pub fn by_width(dtype: DType, c: usize) -> JvpRows {
         let per_chunk = 16 / dtype.size_in_bytes(); // elements per 16-byte chunk
         if c > 32 * per_chunk * 6 && c <= 32 * per_chunk * 8 {
@@ -205,7 +207,6 @@ impl JvpRows {
         match self {
             JvpRows::Narrow => "",
             JvpRows::Wide => "_wide",
-            JvpRows::NarrowHints => "_hints",
         }
     }
 }
@@ -361,11 +362,7 @@ pub fn plan_residual_jvp(
     Ok(vec![row_launch(
         format!(
             "residual_layernorm_mod_jvp{}_{dt}",
-            match JvpRows::for_width(dtype, d.c) {
-                JvpRows::NarrowHints => JvpRows::Narrow, // no residual-fused kernel with hints
-                rows => rows,
-            }
-            .infix()
+            JvpRows::for_width(dtype, d.c).infix()
         ),
         d,
         args,
@@ -712,6 +709,31 @@ mod tests {
             assert_eq!(JvpRows::by_width(dtype, wide), Wide);
             assert_eq!(JvpRows::by_width(dtype, wide + 1), Narrow);
         }
+    }
+
+    #[test]
+    fn row_kernels_run_four_rows_per_block() {
+        if std::env::var_os("FLASHJVP_LN_JVP_ROWS").is_some()
+            || std::env::var_os("FLASHJVP_LN_ROWS_PER_BLOCK").is_some()
+        {
+            return; // a GPU run timing the variants
+        }
+        let d = LnDims {
+            t: 10,
+            c: 1536,
+            g: 2,
+        };
+        let p = JvpPtrs {
+            x: 16,
+            y: 32,
+            ty: 48,
+            ..Default::default()
+        };
+        let Step::Kernel(l) = &plan_jvp(DType::BF16, d, p, 1e-6).unwrap()[0] else {
+            panic!()
+        };
+        assert_eq!(l.kernel, "layernorm_mod_jvp_bf16");
+        assert_eq!((l.grid, l.block), ((3, 1, 1), (128, 1, 1)));
     }
 
     #[test]
