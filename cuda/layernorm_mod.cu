@@ -115,9 +115,10 @@ __device__ __forceinline__ void unpack(const uint4& u, float (&out)[ST::V]) {
 
 // Cache hints (HINTS: layernorm_mod_jvp_{dt}'s register path; 3-10 % faster on an H200): the row's x
 // and x_dot read through the non-coherent path without allocating in L1, which leaves L1 to the
-// modulation rows every warp of the block reads again, and y, y_dot stored evict-first (.cs). Each lane
-// reads all its chunks of a row before it writes any, so the .nc reads are safe even in place. The
-// residual-fused and wide kernels do without (not timed with them).
+// modulation rows every warp of the block reads again, and y, y_dot stored evict-first (.cs). The .nc
+// path asks that x and x_dot stay unwritten while the kernel runs: y, y_dot must not overlap them
+// (layernorm.rs refuses an in-place JVP). The residual-fused and wide kernels do without (not timed
+// with them).
 template <bool HINTS>
 __device__ __forceinline__ uint4 load16(const void* p) {
 #ifndef FJ_HOST_EMU

@@ -8,7 +8,7 @@
 
 use super::context::Gpu;
 use super::launch::{check_groups, dtype_suffix, int_arg, require_ptrs, Arg, Launch, Step};
-use super::tensor::{check_disjoint, expect_tensor, DeviceTensor};
+use super::tensor::{check_disjoint, expect_tensor, ranges_overlap, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -218,6 +218,24 @@ pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Ste
     let dt = dtype_suffix(dtype)?;
     require_ptrs(OP, &[("x", p.x), ("y", p.y), ("ty", p.ty)])?;
     let [t, c, g] = dims_args(d)?;
+    // The kernel reads x and ẋ through the non-coherent cache (ld.global.nc), which asks that they
+    // stay unwritten while it runs: no in-place JVP.
+    let bytes =
+        d.t.saturating_mul(d.c)
+            .saturating_mul(dtype.size_in_bytes());
+    for (input, i) in [("x", p.x), ("tx", p.tx)] {
+        for (output, o) in [("y", p.y), ("ty", p.ty)] {
+            if i != 0 && ranges_overlap((i, bytes), (o, bytes)) {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "output `{output}` at {o:#x} overlaps input `{input}` at {i:#x} \
+                         ({bytes} bytes each): the JVP does not run in place"
+                    ),
+                ));
+            }
+        }
+    }
     let args = vec![
         Arg::Ptr(p.x),
         Arg::Ptr(p.tx),
@@ -724,9 +742,9 @@ mod tests {
             g: 2,
         };
         let p = JvpPtrs {
-            x: 16,
-            y: 32,
-            ty: 48,
+            x: 1 << 20,
+            y: 2 << 20,
+            ty: 3 << 20,
             ..Default::default()
         };
         let Step::Kernel(l) = &plan_jvp(DType::BF16, d, p, 1e-6).unwrap()[0] else {
@@ -734,6 +752,41 @@ mod tests {
         };
         assert_eq!(l.kernel, "layernorm_mod_jvp_bf16");
         assert_eq!((l.grid, l.block), ((3, 1, 1), (128, 1, 1)));
+    }
+
+    #[test]
+    fn the_jvp_refuses_to_run_in_place() {
+        let d = LnDims { t: 10, c: 64, g: 1 };
+        let bytes = 10 * 64 * 2;
+        let ok = JvpPtrs {
+            x: 1 << 20,
+            tx: 2 << 20,
+            y: 3 << 20,
+            ty: 4 << 20,
+            ..Default::default()
+        };
+        plan_jvp(DType::BF16, d, ok, 1e-6).unwrap();
+        for bad in [
+            JvpPtrs { y: ok.x, ..ok },
+            JvpPtrs {
+                ty: ok.tx + bytes as u64 - 2,
+                ..ok
+            },
+        ] {
+            let e = plan_jvp(DType::BF16, d, bad, 1e-6).unwrap_err().to_string();
+            assert!(e.contains("in place"), "{e}");
+        }
+        // Adjacent, not overlapping.
+        plan_jvp(
+            DType::BF16,
+            d,
+            JvpPtrs {
+                y: ok.x + bytes as u64,
+                ..ok
+            },
+            1e-6,
+        )
+        .unwrap();
     }
 
     #[test]

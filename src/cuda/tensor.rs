@@ -432,7 +432,7 @@ pub fn plan_cast(from: DType, to: DType, n: usize, x: u64, y: u64) -> Result<Vec
 
 /// Whether the byte ranges `[a.0, a.0 + a.1)` and `[b.0, b.0 + b.1)` share a byte (an empty range
 /// shares none; the ends are computed without wrapping).
-fn ranges_overlap(a: (u64, usize), b: (u64, usize)) -> bool {
+pub(crate) fn ranges_overlap(a: (u64, usize), b: (u64, usize)) -> bool {
     let end = |(p, n): (u64, usize)| p as u128 + n as u128;
     a.1 > 0 && b.1 > 0 && (a.0 as u128) < end(b) && (b.0 as u128) < end(a)
 }
