@@ -644,3 +644,161 @@ fn packed_qkv_on_the_hopper_path() {
         ));
     }
 }
+
+/// The Hopper backward (attention_bwd_sm90.cu, opt-in in the dispatcher: `sm90::bwd_path_for`)
+/// through its own plan, and attention_bwd.cu's kernels on the same GPU, against the f64 reference:
+/// dq, dk, dv from q, k, v, the cotangent, and o and lse of the reference forward rounded to what a
+/// GPU forward stores. Outputs and the delta scratch NaN-poisoned. With a single key dq and dk are
+/// rounding noise around an exact zero (dS = P (dP - D) with P = 1 and D = dP), so only dv is
+/// checked there.
+fn backward_case(gpu: &Gpu, dtype: DType, s: (usize, usize, usize, usize, usize), seed: u64) {
+    let (b, h, nq, nk, d) = s;
+    let mut r = rng(seed);
+    let mut x = |shape: &[usize]| rd(&common::randn(shape, &mut r), dtype);
+    let (q, k, v, go) = (
+        x(&[b, h, nq, d]),
+        x(&[b, h, nk, d]),
+        x(&[b, h, nk, d]),
+        x(&[b, h, nq, d]),
+    );
+    let fwd = ops::attention_forward(&q, &k, &v, None).unwrap();
+    let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+    let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, None).unwrap();
+    let up = |t: &Tensor, dt: DType| gpu.upload(t, dt).unwrap();
+    let (qd, kd, vd, od, god) = (
+        up(&q, dtype),
+        up(&k, dtype),
+        up(&v, dtype),
+        up(&o, dtype),
+        up(&go, dtype),
+    );
+    let lsed = up(&lse, DType::F32);
+    let dims = attn::check_shapes(qd.shape(), kd.shape(), vd.shape()).unwrap();
+    let scale = attn::resolve_scale(None, d).unwrap();
+    for path in [Path::Sm90a, Path::Sm80] {
+        let dq = gpu.poisoned(&dims.q_shape(), dtype).unwrap();
+        let dk = gpu.poisoned(&dims.k_shape(), dtype).unwrap();
+        let dv = gpu.poisoned(&dims.v_shape(), dtype).unwrap();
+        let delta = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+        let p = attn::BwdPtrs {
+            q: qd.ptr(),
+            k: kd.ptr(),
+            v: vd.ptr(),
+            o: od.ptr(),
+            lse: lsed.ptr(),
+            dout: god.ptr(),
+            delta: delta.ptr(),
+            dq: dq.ptr(),
+            dk: dk.ptr(),
+            dv: dv.ptr(),
+        };
+        let lay = attn::Layout::contiguous(dims);
+        let plan = match path {
+            Path::Sm90a => sm90::plan_backward(dtype, dims, lay, p, scale),
+            Path::Sm80 => attn::plan_backward(dtype, dims, lay, p, scale),
+        }
+        .unwrap();
+        gpu.run(&plan).unwrap();
+        let label = format!("{} bwd {dtype} [{}]", path.name(), name(s));
+        let mut grads = vec![("dv", &dv, &want.dv)];
+        if nk > 1 {
+            grads.extend([("dq", &dq, &want.dq), ("dk", &dk, &want.dk)]);
+        }
+        for (g, got, w) in grads {
+            check(
+                &format!("{label} {g}"),
+                &got.download().unwrap(),
+                w,
+                tol(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_bf16() {
+    let Some(gpu) = hopper() else { return };
+    for (i, &s) in SHAPES.iter().enumerate() {
+        backward_case(&gpu, DType::BF16, s, 1300 + i as u64);
+    }
+}
+
+#[test]
+fn backward_f16() {
+    let Some(gpu) = hopper() else { return };
+    for (i, &s) in SHAPES.iter().enumerate().step_by(2) {
+        backward_case(&gpu, DType::F16, s, 1400 + i as u64);
+    }
+}
+
+/// The Hopper backward in the DiT's layout: q, k, v read in place from a packed [B, N, 3, H, d]
+/// projection, o and dout token-major [B, N, H, d], dq, dk, dv written into a packed gradient
+/// (through the plan; `attn::backward_packed` takes it with FLASHJVP_ATTENTION_BWD_PATH=sm90a).
+#[test]
+fn backward_packed_on_the_hopper_path() {
+    let Some(gpu) = hopper() else { return };
+    let shapes = [
+        (2, 3, 77, 64),
+        (1, 2, 130, 128),
+        (2, 3, 77, 72),
+        (1, 2, 130, 96),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, &(b, h, n, d)) in shapes.iter().enumerate() {
+            let mut r = rng(1500 + i as u64);
+            let mut x = |shape: &[usize]| rd(&common::randn(shape, &mut r), dtype);
+            let (q, k, v, go) = (
+                x(&[b, h, n, d]),
+                x(&[b, h, n, d]),
+                x(&[b, h, n, d]),
+                x(&[b, h, n, d]),
+            );
+            let dims = attn::check_shapes(q.shape(), k.shape(), v.shape()).unwrap();
+            let fwd = ops::attention_forward(&q, &k, &v, None).unwrap();
+            let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
+            let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, None).unwrap();
+            // o and dout token-major [B, N, H, d]: [B, H, N, d] permuted.
+            let tm = |t: &Tensor| {
+                let s = attn::Layout::packed_qkv(dims).o;
+                let mut buf = vec![f64::NAN; b * n * h * d];
+                common::scatter_bhnd(t, &mut buf, 0, [s.b, s.h, s.n]);
+                Tensor::from_f64_vec(buf, &attn::packed_o_shape(dims), DType::F64).unwrap()
+            };
+            let qkv = gpu.upload(&pack_qkv(dims, [&q, &k, &v]), dtype).unwrap();
+            let (od, god) = (
+                gpu.upload(&tm(&o), dtype).unwrap(),
+                gpu.upload(&tm(&go), dtype).unwrap(),
+            );
+            let lsed = gpu.upload(&lse, DType::F32).unwrap();
+            let dqkv = gpu.poisoned(qkv.shape(), dtype).unwrap();
+            let delta = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+            let step = (h * d * dtype.size_in_bytes()) as u64;
+            let p = attn::BwdPtrs {
+                q: qkv.ptr(),
+                k: qkv.ptr() + step,
+                v: qkv.ptr() + 2 * step,
+                o: od.ptr(),
+                lse: lsed.ptr(),
+                dout: god.ptr(),
+                delta: delta.ptr(),
+                dq: dqkv.ptr(),
+                dk: dqkv.ptr() + step,
+                dv: dqkv.ptr() + 2 * step,
+            };
+            let scale = attn::resolve_scale(None, d).unwrap();
+            let lay = attn::Layout::packed_qkv(dims);
+            gpu.run(&sm90::plan_backward(dtype, dims, lay, p, scale).unwrap())
+                .unwrap();
+            let got = dqkv.download().unwrap().to_f64_vec();
+            let s = lay.q;
+            let label = format!("sm90a bwd packed {dtype} [B{b} H{h} N{n} d{d}]");
+            for (j, (g, w)) in [("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)]
+                .into_iter()
+                .enumerate()
+            {
+                let got = common::gather_bhnd(&got, j * h * d, [s.b, s.h, s.n], dims.q_shape());
+                check(&format!("{label} {g}"), &got, w, tol(dtype));
+            }
+        }
+    }
+}

@@ -509,7 +509,7 @@ fn bf16_block_plans_agree_with_f32() {
                 bytes: dx.bytes(),
             },
         ];
-        steps.extend(plan_block_backward(dtype, d, &p, &m, &ja.bufs, &g).unwrap());
+        steps.extend(plan_block_backward(gpu.arch(), dtype, d, &p, &m, &ja.bufs, &g).unwrap());
         gpu.run(&steps).unwrap();
         let mut out = vec![
             ja.out.download().unwrap(),
@@ -1404,7 +1404,7 @@ mod emulated_block {
                     fc2_b: gw[7],
                 },
             };
-            mem.run(&plan_block_backward(DType::F32, D, &pl.p, &pl.m, &pl.a, &g).unwrap());
+            mem.run(&plan_block_backward("sm_80", DType::F32, D, &pl.p, &pl.m, &pl.a, &g).unwrap());
             let dx = mem.read(g.dx, tn * c);
             let dmods = mem.read(g.dmods.shift1, 6 * D.b * c);
             let dw: Vec<Vec<f64>> = gw

@@ -101,6 +101,18 @@ fn all_plans() -> Vec<Step> {
                     );
                 }
             }
+            if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) {
+                // The Hopper backward: dv == d only; contiguous and packed layouts.
+                let pd =
+                    attn::check_shapes(&[2, 3, 77, d], &[2, 3, 77, d], &[2, 3, 77, d]).unwrap();
+                if dims.dv == d {
+                    s.extend(sm90::plan_backward(dtype, dims, lay, bp, 0.125).unwrap());
+                    let packed = attn::Layout::packed_qkv(pd);
+                    s.extend(sm90::plan_backward(dtype, pd, packed, bp, 0.125).unwrap());
+                } else {
+                    assert!(sm90::plan_backward(dtype, dims, lay, bp, 0.125).is_err());
+                }
+            }
             if dtype != DType::F32 && sm90::HEAD_DIMS.contains(&d) && dims.dv == d {
                 for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
                     s.extend(sm90::plan(v, dtype, dims, lay, jp, 0.125).unwrap());
@@ -317,7 +329,7 @@ fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
         dmods: Mods::chunks(p(51), 0, d.b, d.c),
         dp: BlockParams { qkv_w: p(52), ..bp },
     };
-    s.extend(plan_block_backward(dtype, d, &bp, &m, &a, &g).unwrap());
+    s.extend(plan_block_backward(arch, dtype, d, &bp, &m, &a, &g).unwrap());
     s
 }
 
@@ -435,6 +447,24 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
         "{:?}",
         sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
     );
+    // The backward: dK/dV and dQ per dtype and head dim, the same machinery.
+    let ptx = kernel_ptx(sm90::BWD_FILE, "compute_90a").unwrap();
+    for needle in [
+        "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "setmaxnreg.inc.sync.aligned.u32 240",
+        "setmaxnreg.dec.sync.aligned.u32 24",
+        ".b8 attention_bwd_dkdv_sm90_bf16_d128_param_0[128]",
+        ".b8 attention_bwd_dq_sm90_f16_d72_param_3[128]",
+    ] {
+        assert!(
+            ptx.contains(needle),
+            "`{needle}` not in the PTX of {}",
+            sm90::BWD_FILE
+        );
+    }
+    assert_eq!(ptx_signatures(&ptx).len(), 16);
 }
 
 /// The PTX of every kernel file, compiled once per process (in parallel: NVRTC takes a while per

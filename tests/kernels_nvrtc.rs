@@ -33,9 +33,7 @@ fn every_kernel_compiles_for_sm80_and_sm90a() {
                             "{arch} {:44} regs {:3} spill {:5} stack {:5} smem {:6}",
                             k.kernel, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes
                         );
-                        if *file == flashjvp::cuda::attention_sm90::FILE
-                            && k.kernel.starts_with("attention_")
-                        {
+                        if flashjvp::cuda::attention_sm90::uses_register_pool(file, &k.kernel) {
                             if let Err(e) = flashjvp::cuda::attention_sm90::check_register_pool(
                                 &k.kernel,
                                 k.registers,
@@ -97,4 +95,52 @@ fn the_sm90_watchdog_build_compiles_with_its_report() {
     let has = |c: &nvrtc::CompiledFile| c.cubin.windows(needle.len()).any(|w| w == needle);
     assert!(has(&diag), "the watchdog build carries its report");
     assert!(!has(&normal), "the normal build has no watchdog");
+}
+
+#[test]
+fn the_split_schedule_compiles_without_spills_or_serialised_wgmma() {
+    // FLASHJVP_SM90_SCHEDULE=split: the Hopper files with FJ_SM90_SPLIT_WAIT (cuda/hopper.cuh
+    // SCHEDULE), a text of their own; the other files never change.
+    let plain = nvrtc::source_text_for("layernorm_mod.cu", None, true).unwrap();
+    assert_eq!(
+        plain,
+        nvrtc::source_text_for("layernorm_mod.cu", None, false).unwrap()
+    );
+    let both = nvrtc::source_text_for("attention_bwd_sm90.cu", Some(500), true).unwrap();
+    assert!(both.starts_with(
+        "#define FJ_SM90_SPLIT_WAIT 1\n#define FJ_SM90_WATCHDOG_MS 500\n#line 1 \"attention_bwd_sm90.cu\"\n"
+    ));
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for file in [
+        flashjvp::cuda::attention_sm90::FILE,
+        flashjvp::cuda::attention_sm90::BWD_FILE,
+    ] {
+        let split = nvrtc::source_text_for(file, None, true).unwrap();
+        let c = nvrtc::compile_text(file, &split, "sm_90a").expect("split build");
+        let normal = nvrtc::compile_text(file, &nvrtc::source_text(file).unwrap(), "sm_90a")
+            .expect("normal build");
+        assert_eq!(c.kernels.len(), normal.kernels.len(), "{file}");
+        for k in c
+            .kernels
+            .iter()
+            .filter(|k| k.kernel.starts_with("attention_"))
+        {
+            assert_eq!(
+                (k.spill_bytes, k.stack_bytes),
+                (0, 0),
+                "{file} {}: spills or a stack frame in the split build",
+                k.kernel
+            );
+            flashjvp::cuda::attention_sm90::check_register_pool(&k.kernel, k.registers).unwrap();
+        }
+        // ptxas says so (C7510 / "wgmma ... serialized") when it cannot keep the wgmma pipeline.
+        let log = c.log.to_lowercase();
+        assert!(
+            !log.contains("serializ") && !log.contains("warning"),
+            "{file}: {}",
+            c.log
+        );
+    }
 }

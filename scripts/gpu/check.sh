@@ -21,6 +21,15 @@
 #               the toy rCM pipeline on cuda; again on sm80 attention if both it and
 #               gpu_attention_sm90 failed without a hang; with FLASHJVP_SYNC_STEPS=1 after a fault, so that
 #               the error names the faulting kernel), gpu_sanitize. gpu_plans needs NVRTC only: CI runs it.
+#      bwd_sm90a: on Hopper, the Hopper attention backward (attention_bwd_sm90.cu, opt-in through
+#               FLASHJVP_ATTENTION_BWD_PATH=sm90a): gpu_attention_sm90's backward tests (skipped in its
+#               main step, so that a hang there costs only this step; the watchdog build after a hang),
+#               then gpu_ops' attention backward tests and gpu_dit with it. If all pass, every later step
+#               (sanitizers, benchmarks) runs with FLASHJVP_ATTENTION_BWD_PATH=sm90a, and dit_block_bwd80
+#               times the DiT block once more on the sm_80 backward.
+#      sm90_split: on Hopper, all of gpu_attention_sm90 on the kernels built with the split wgmma schedule
+#               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
+#               times them (--split-schedule: "Hopper schedule" table in compare.log).
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
@@ -40,7 +49,8 @@
 # (FLASHJVP_EMULATE=sm_90a unless set: the Hopper path and its sm_80 fallback both run), compare.py
 # --dry-run, a small dit_block shape. It checks this script, its steps and its summary, not a GPU.
 # Files back (the tool returns at most 8): summary.txt, compare.log, compare.json and logs.tar.gz with every
-# other log: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_ops.log gpu_dit.log
+# other log: gpu_attention_sm90.log (gpu_attention_sm90_watchdog.log after a hang) gpu_attention_bwd_sm90.log
+# gpu_ops_bwd_sm90.log gpu_dit_bwd_sm90.log gpu_ops.log gpu_dit.log
 # (gpu_dit_sync.log after a fault) gpu_sanitize.log mlp_unfused.log sanitize.log ncu.log
 set -uo pipefail
 cd "$(dirname "$0")/../.."          # the repository root
@@ -97,8 +107,9 @@ step() { # name, timeout seconds, log file, command...
 step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
 
 # ---- 2. the GPU tests, one binary per step (GPU required); the Hopper attention path first
-test_step() { # binary name, limit seconds
-  step "$1" "$2" "$OUT/$1.log" "$G/bin/tests/$1" --test-threads=1
+test_step() { # binary name, limit seconds, test-binary arguments...
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" "$OUT/$name.log" "$G/bin/tests/$name" --test-threads=1 "$@"
 }
 # Every later step on the sm_80 attention kernels, saying why in the summary.
 use_sm80() {
@@ -106,14 +117,15 @@ use_sm80() {
   echo "$1" | tee -a "$SUMMARY"
   rows+=("$1")
 }
-test_step gpu_attention_sm90 90
+# (Its backward tests run apart, below: a new kernel that hangs there must not take the JVP's step.)
+test_step gpu_attention_sm90 90 --skip backward
 sm90_rc=$last_rc
 if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ]; then
   # A hang: the same tests again on the kernels' diagnostic build, where a wait on an mbarrier longer
   # than 2 s prints its source line, barrier, parity, block and warp ("flashjvp sm90 watchdog" lines)
   # and traps instead of hanging.
   step sm90_watchdog 75 "$OUT/gpu_attention_sm90_watchdog.log" env FLASHJVP_SM90_WATCHDOG=2000 \
-    "$G/bin/tests/gpu_attention_sm90" --test-threads=1
+    "$G/bin/tests/gpu_attention_sm90" --test-threads=1 --skip backward
 fi
 if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ] || grep -q "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
   use_sm80 "gpu_attention_sm90 hung or faulted (rc=$sm90_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
@@ -131,6 +143,38 @@ if grep -q "CUDA_ERROR" "$OUT/gpu_dit.log"; then
   # A fault inside the DiT's passes surfaces at a later download: once more with every step waited
   # for, so that the error names the kernel (or GEMM) that faulted.
   step gpu_dit_sync 60 "$OUT/gpu_dit_sync.log" env FLASHJVP_SYNC_STEPS=1 "$G/bin/tests/gpu_dit" --test-threads=1
+fi
+# The Hopper backward (attention_bwd_sm90.cu, opt-in: FLASHJVP_ATTENTION_BWD_PATH=sm90a): its own tests
+# against the reference and beside the sm_80 backward, then gpu_ops' backward tests and the DiT through
+# the dispatcher with it; the watchdog build after a hang. The sanitizers and the DiT bench take it too
+# when these pass.
+bwd90_ok=0
+if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ]; then
+  step bwd_sm90a 60 "$OUT/gpu_attention_bwd_sm90.log" "$G/bin/tests/gpu_attention_sm90" --test-threads=1 backward
+  bwd90_rc=$last_rc
+  if [ "$bwd90_rc" = 124 ] || [ "$bwd90_rc" = 137 ]; then
+    step bwd_sm90a_watchdog 40 "$OUT/gpu_attention_bwd_sm90_watchdog.log" env FLASHJVP_SM90_WATCHDOG=2000 \
+      "$G/bin/tests/gpu_attention_sm90" --test-threads=1 backward
+  elif [ "$bwd90_rc" = 0 ]; then
+    step bwd_sm90a_ops 60 "$OUT/gpu_ops_bwd_sm90.log" env FLASHJVP_ATTENTION_BWD_PATH=sm90a \
+      "$G/bin/tests/gpu_ops" --test-threads=1 attention_backward
+    ops_rc=$last_rc
+    step bwd_sm90a_dit 90 "$OUT/gpu_dit_bwd_sm90.log" env FLASHJVP_ATTENTION_BWD_PATH=sm90a \
+      "$G/bin/tests/gpu_dit" --test-threads=1
+    [ "$ops_rc" = 0 ] && [ "$last_rc" = 0 ] && bwd90_ok=1
+  fi
+fi
+[ "$bwd90_ok" = 1 ] && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ] && export FLASHJVP_ATTENTION_BWD_PATH=sm90a
+# The Hopper kernels built with the split wgmma schedule (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh
+# SCHEDULE; compiled on first use): all of gpu_attention_sm90 on them; if that passes, compare.py times
+# them beside the default schedule.
+split_args=()
+if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ]; then
+  if [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
+    step sm90_split 90 "$OUT/gpu_attention_sm90_split.log" env FLASHJVP_SM90_SCHEDULE=split \
+      "$G/bin/tests/gpu_attention_sm90" --test-threads=1
+    [ "$last_rc" = 0 ] && split_args=(--split-schedule)
+  fi
 fi
 test_step gpu_sanitize 60
 for t in "$G"/bin/tests/gpu_*; do  # any other GPU test binary (gpu_plans: NVRTC only, CI runs it)
@@ -163,7 +207,7 @@ fi
 cmp_limit=$((DEADLINE - SECONDS - 15)); [ "$cmp_limit" -gt 200 ] && cmp_limit=200
 dry_args=(); [ "$DRY" = 1 ] && dry_args=(--dry-run)
 step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json" \
-  --time-limit-s "$cmp_limit" ${dry_args[@]+"${dry_args[@]}"}
+  --time-limit-s "$cmp_limit" ${dry_args[@]+"${dry_args[@]}"} ${split_args[@]+"${split_args[@]}"}
 if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
   use_sm80 "the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
 fi
@@ -174,6 +218,11 @@ fi
 dit_shape=(); [ "$DRY" = 1 ] && dit_shape=(--shape 1,64,128,2)
 step dit_block 90 "$OUT/compare.log" env FLASHJVP_BENCH_STEPS=1 "$G/bin/flashjvp" bench dit_block --dtype bf16 \
   ${dit_shape[@]+"${dit_shape[@]}"}
+if [ "${FLASHJVP_ATTENTION_BWD_PATH:-}" = sm90a ]; then
+  # The block's backward on the sm_80 attention backward too, for the Hopper backward's gain.
+  step dit_block_bwd80 60 "$OUT/compare.log" env -u FLASHJVP_ATTENTION_BWD_PATH "$G/bin/flashjvp" bench dit_block \
+    --dtype bf16 ${dit_shape[@]+"${dit_shape[@]}"}
+fi
 
 # ---- 7. with the time left, hardware counters of the kernels the targets hang on, for tuning without
 #         a GPU afterwards (ncu reads them on Firecracker machines, not on gVisor; clocks left alone):
@@ -208,7 +257,9 @@ fi
 {
   echo
   echo "=== relative errors (gpu_ops, gpu_dit and gpu_attention_sm90 ERR lines): worst 15 by error / tolerance"
-  python3 - "$OUT/gpu_ops.log" "$OUT/gpu_dit.log" "$OUT/gpu_attention_sm90.log" "$OUT/gpu_attention_sm90_watchdog.log" <<'PY'
+  python3 - "$OUT/gpu_ops.log" "$OUT/gpu_dit.log" "$OUT/gpu_attention_sm90.log" "$OUT/gpu_attention_sm90_watchdog.log" \
+    "$OUT/gpu_attention_bwd_sm90.log" "$OUT/gpu_attention_bwd_sm90_watchdog.log" "$OUT/gpu_ops_bwd_sm90.log" \
+    "$OUT/gpu_dit_bwd_sm90.log" "$OUT/gpu_attention_sm90_split.log" <<'PY'
 import re, sys
 rows = []
 text = ""

@@ -193,6 +193,34 @@ def bench_attention(binary, deadline):
     return rows
 
 
+SPLIT_SHAPES = [(1, 12, 4096, 4096, 64), (1, 12, 16384, 16384, 64), (1, 12, 4096, 4096, 128),
+                (1, 12, 16384, 16384, 128)]
+
+
+def split_schedule(binary, by_shape, deadline):
+    """The Hopper kernels' passes at SPLIT_SHAPES built with the split wgmma schedule
+    (FLASHJVP_SM90_SCHEDULE=split), against the default (joined) rows of the same run."""
+    log("")
+    log("Hopper schedule (bf16)       pass        joined ms   split ms   split speed-up")
+    rows = []
+    for shape in (SPLIT_SHAPES if DEV == "cuda" else DRY_ATTENTION_SHAPES):
+        left = deadline - time.time() - 20
+        if left < 10:
+            log(f"# split schedule {shape}: not run (time)")
+            continue
+        got = bench(binary, "attention", shape=shape, env={"FLASHJVP_SM90_SCHEDULE": "split"},
+                    timeout=min(60, left))
+        joined = by_shape.get(tuple(shape), {})
+        for r in got:
+            if r.get("path") != "sm90a":
+                continue
+            j = joined.get(r["pass"], {}).get("ms", float("nan"))
+            rows.append({"shape": shape, "pass": r["pass"], "joined_ms": j, "split_ms": r["ms"],
+                         "speedup": j / r["ms"]})
+            log(f"{str(tuple(shape)):28} {r['pass']:10} {j:10.3f} {r['ms']:10.3f} {j / r['ms']:10.2f}x")
+    return rows
+
+
 def cudnn_forward_ms(b, h, nq, nk, d):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -305,6 +333,9 @@ def main():
                          "sm_80 retries after a hang stay inside it")
     ap.add_argument("--precision-after-s", type=float, default=150,
                     help="run the precision section only if less time than this has passed")
+    ap.add_argument("--split-schedule", action="store_true",
+                    help="also time the Hopper kernels built with FLASHJVP_SM90_SCHEDULE=split (cuda/hopper.cuh "
+                         "SCHEDULE) at the issue's shapes, beside the default schedule")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: small shapes, PyTorch on the CPU, the binary on the kernel emulator "
                          "(set FLASHJVP_EMULATE=1): checks this script, not the kernels")
@@ -375,6 +406,23 @@ def main():
             f" {f(row['nokv_sm80_ms'], 12)} | {f(ref_ms)} {label:5} {f(ratio, 6, 2)}x {verdict:8}"
             f" | {f(ref_bwd_ms)} {bwd_label:5} {f(row['bwd_over_torch_bwd'], 6, 2)}x"
             f" | {f(row['anchor_cudnn_fwd_ms'])} {f(row['anchor_rcm_jvp_ms'])}")
+    # The backward on both paths (the Hopper one is opt-in until measured: FLASHJVP_ATTENTION_BWD_PATH).
+    log("")
+    log("attention backward (bf16)  sm80 ms (TF/s)     sm90a ms (TF/s)   sm90a speed-up | torch bwd ms"
+        "  sm80/torch  sm90a/torch")
+    for row, (shape, p) in zip(table, by_shape.items()):
+        by_path = {r.get("path"): r for k, r in p.items() if k in ("bwd", "bwd_sm80", "bwd_sm90a")}
+        s80, s90 = by_path.get("sm80", {}), by_path.get("sm90a", {})
+        nan = float("nan")
+        m80, m90 = s80.get("ms", nan), s90.get("ms", nan)
+        row.update({"bwd_sm80_ms": s80.get("ms"), "bwd_sm90a_ms": s90.get("ms"),
+                    "bwd_sm90a_speedup": m80 / m90})
+        tb = row["torch_bwd_ms"] or nan
+        f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
+        log(f"{str(shape):26} {f(m80)} ({f(s80.get('tflops'), 5, 0)}) {f(m90)} ({f(s90.get('tflops'), 5, 0)})"
+            f" {f(m80 / m90, 8, 2)}x | {f(tb)} {f(m80 / tb, 8, 2)}x {f(m90 / tb, 8, 2)}x")
+    if args.split_schedule:
+        out["split_schedule"] = split_schedule(binary, by_shape, t_start + args.time_limit_s)
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0
     log(f"best effective JVP rate: {best:.0f} TF/s (moonshot 600)")
     # Issue 3's floor: at least 250 effective TF/s (12 B H N^2 d) at these two shapes.

@@ -4,10 +4,19 @@
 #   ../shared/gpu/stage.sh                       # on the build machine
 #   device run, carry [".gpu"]:  bash scripts/gpu/quick.sh
 #
-# The layernorm, MLP and DiT tests on the GPU, then the benchmarks of both layernorm JVP kernels
-# (layernorm.rs: FLASHJVP_LN_JVP_ROWS), of the MLP with each step of its
+# QUICK=ln_mlp (the default): the layernorm, MLP and DiT tests on the GPU, then the benchmarks of both
+# layernorm JVP kernels (layernorm.rs: FLASHJVP_LN_JVP_ROWS), of the MLP with each step of its
 # forward and JVP timed alone (FLASHJVP_BENCH_STEPS=1) and without cuBLASLt's epilogues, and of the
-# DiT block with its steps. Everything in one file back: $OUT/quick.log.
+# DiT block with its steps.
+# QUICK=bwd: the Hopper attention backward (attention_bwd_sm90.cu, FLASHJVP_ATTENTION_BWD_PATH=sm90a):
+# its tests against the reference (the watchdog build if they hang), gpu_ops' backward tests and gpu_dit
+# with it, compute-sanitizer memcheck and racecheck over gpu_sanitize's attention tests with it, then
+# `bench attention` at the issue's shapes (bwd and bwd_sm90a rows side by side) and the DiT block on
+# both backward paths.
+# QUICK=split: gpu_attention_sm90 on the Hopper kernels built with the split wgmma schedule
+# (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE), then `bench attention` at the issue's shapes
+# on both schedules, one after the other.
+# Everything in one file back: $OUT/quick.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -15,17 +24,58 @@ G=.gpu B=.gpu/bin/flashjvp
 [ -x "$B" ] || { echo "no $B: run ../shared/gpu/stage.sh first" >&2; exit 2; }
 export FLASHJVP_REQUIRE_GPU=1 FLASHJVP_EMULATOR=off FLASHJVP_KERNEL_CACHE=/tmp/flashjvp-kernels RUST_BACKTRACE=1
 . scripts/gpu/libs.sh
-run() { echo "=== $* ($(date +%T))"; timeout --kill-after=5 "${LIMIT:-60}" "$@" 2>&1 | grep -v '^ERR '; }
+# Each command bounded by LIMIT seconds (default 60), its ERR lines dropped; returns its exit status.
+run() {
+  echo "=== $* ($(date +%T))"
+  timeout --kill-after=5 "${LIMIT:-60}" "$@" 2>&1 | grep -v '^ERR '
+  return "${PIPESTATUS[0]}"
+}
+# QUICK=bwd (see the header).
+quick_bwd() {
+  if ! LIMIT=60 run "$G/bin/tests/gpu_attention_sm90" --test-threads=1 backward; then
+    # Failed or hung: where (the watchdog build names a stuck wait), and nothing more on this kernel.
+    LIMIT=40 run env FLASHJVP_SM90_WATCHDOG=2000 "$G/bin/tests/gpu_attention_sm90" --test-threads=1 backward
+    echo "the Hopper backward failed its tests: the rest of QUICK=bwd skipped"
+    return 1
+  fi
+  export FLASHJVP_ATTENTION_BWD_PATH=sm90a
+  run "$G/bin/tests/gpu_ops" --test-threads=1 attention_backward
+  run "$G/bin/tests/gpu_dit" --test-threads=1
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$SAN" ]; then
+    LIMIT=100 run "$SAN" --tool memcheck --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" \
+      --test-threads=1 attention
+    LIMIT=100 run "$SAN" --tool racecheck --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+  fi
+  for shape in 1,12,4096,4096,128 1,12,16384,16384,64 2,12,4096,4096,128 1,12,8192,8192,128; do
+    run "$B" bench attention --shape "$shape" --dtype bf16
+  done
+  LIMIT=90 run "$B" bench dit_block --dtype bf16
+  LIMIT=90 run env -u FLASHJVP_ATTENTION_BWD_PATH "$B" bench dit_block --dtype bf16
+}
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   # Kernels compile on first use (NVRTC, ~1 minute for all): fill the cache before the timed steps.
   LIMIT=150 run "$B" kernels
-  run "$G/bin/tests/gpu_ops" --test-threads=1 layernorm mlp
-  run "$G/bin/tests/gpu_dit" --test-threads=1
-  run "$B" bench layernorm_mod --dtype bf16
-  run env FLASHJVP_LN_JVP_ROWS=wide "$B" bench layernorm_mod --dtype bf16
-  run env FLASHJVP_BENCH_STEPS=1 "$B" bench mlp --dtype bf16
-  run env FLASHJVP_GEMM_EPILOGUE=off "$B" bench mlp --dtype bf16
-  LIMIT=120 run env FLASHJVP_BENCH_STEPS=1 "$B" bench dit_block --dtype bf16
+  case "${QUICK:-ln_mlp}" in
+  bwd) quick_bwd ;;
+  split)
+    if LIMIT=90 run env FLASHJVP_SM90_SCHEDULE=split "$G/bin/tests/gpu_attention_sm90" --test-threads=1; then
+      for shape in 1,12,4096,4096,64 1,12,16384,16384,64 1,12,4096,4096,128 1,12,16384,16384,128; do
+        run "$B" bench attention --shape "$shape" --dtype bf16
+        run env FLASHJVP_SM90_SCHEDULE=split "$B" bench attention --shape "$shape" --dtype bf16
+      done
+    fi
+    ;;
+  *)
+    run "$G/bin/tests/gpu_ops" --test-threads=1 layernorm mlp
+    run "$G/bin/tests/gpu_dit" --test-threads=1
+    run "$B" bench layernorm_mod --dtype bf16
+    run env FLASHJVP_LN_JVP_ROWS=wide "$B" bench layernorm_mod --dtype bf16
+    run env FLASHJVP_BENCH_STEPS=1 "$B" bench mlp --dtype bf16
+    run env FLASHJVP_GEMM_EPILOGUE=off "$B" bench mlp --dtype bf16
+    LIMIT=120 run env FLASHJVP_BENCH_STEPS=1 "$B" bench dit_block --dtype bf16
+    ;;
+  esac
 } > "$OUT/quick.log" 2>&1
 tail -n 150 "$OUT/quick.log"

@@ -350,15 +350,17 @@ fn kernels(args: KernelsArgs) -> flashjvp::Result<()> {
             Ok(c) => {
                 for k in &c.kernels {
                     // Compiled, but to a register count its setmaxnreg moves would hang on.
-                    let pool = if *file == flashjvp::cuda::attention_sm90::FILE
-                        && k.kernel.starts_with("attention_")
-                    {
-                        flashjvp::cuda::attention_sm90::check_register_pool(&k.kernel, k.registers)
+                    let pool =
+                        if flashjvp::cuda::attention_sm90::uses_register_pool(file, &k.kernel) {
+                            flashjvp::cuda::attention_sm90::check_register_pool(
+                                &k.kernel,
+                                k.registers,
+                            )
                             .err()
                             .map(|e| one_line(&e.to_string()))
-                    } else {
-                        None
-                    };
+                        } else {
+                            None
+                        };
                     let mut row = serde_json::json!({
                         "kernel": k.kernel, "arch": k.arch, "ok": pool.is_none(), "file": file,
                         "registers": k.registers, "spill_bytes": k.spill_bytes,

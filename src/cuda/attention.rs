@@ -700,6 +700,56 @@ pub struct BwdPtrs {
     pub dv: u64,
 }
 
+/// The backward's preprocess (attention_bwd.cu, every path): delta = rowsum(dO ⊙ O) into the f32
+/// \[B, H, Nq\] buffer at `delta`, o and dout read with o's strides `o_layout`.
+pub fn plan_bwd_preprocess(
+    dtype: DType,
+    dims: AttnDims,
+    o_layout: Strides,
+    o: u64,
+    dout: u64,
+    delta: u64,
+) -> Result<Launch> {
+    let dt = dtype_suffix(dtype)?;
+    let rows = dims.b * dims.h * dims.nq;
+    Launch::new(
+        OP,
+        "attention_bwd.cu",
+        format!("attention_bwd_preprocess_{dt}"),
+        (rows.div_ceil(4) as u64, 1, 1),
+        (128, 1, 1),
+        0,
+        vec![
+            Arg::Ptr(o),
+            Arg::Ptr(dout),
+            Arg::Ptr(delta),
+            int_arg(OP, "B*H*Nq", rows)?,
+            int_arg(OP, "dv", dims.dv)?,
+            int_arg(OP, "Nq", dims.nq)?,
+            int_arg(OP, "H", dims.h)?,
+        ]
+        .into_iter()
+        .chain(o_layout.args())
+        .collect(),
+    )
+}
+
+impl BwdPtrs {
+    /// The storage-dtype tensors by name (lse and delta, f32, apart).
+    pub fn named(&self) -> [(&'static str, u64); 8] {
+        [
+            ("q", self.q),
+            ("k", self.k),
+            ("v", self.v),
+            ("o", self.o),
+            ("dout", self.dout),
+            ("dq", self.dq),
+            ("dk", self.dk),
+            ("dv", self.dv),
+        ]
+    }
+}
+
 /// Preprocess (delta = rowsum(dO ⊙ O)), then dK/dV and dQ. Each gradient has its primal's layout
 /// (dq: q's, dk: k's, dv: v's, dout: o's); lse and delta are contiguous f32 [B, H, Nq].
 pub fn plan_backward(
@@ -714,16 +764,7 @@ pub fn plan_backward(
     check_scale(scale)?;
     layout.check(dtype, dims)?;
     layout.check_gradients(dims)?;
-    let named = [
-        ("q", p.q),
-        ("k", p.k),
-        ("v", p.v),
-        ("o", p.o),
-        ("dout", p.dout),
-        ("dq", p.dq),
-        ("dk", p.dk),
-        ("dv", p.dv),
-    ];
+    let named = p.named();
     check_aligned(dtype, &named)?;
     require_ptrs(OP, &named)?;
     require_ptrs(OP, &[("lse", p.lse), ("delta", p.delta)])?;
@@ -732,7 +773,6 @@ pub fn plan_backward(
         .iter()
         .flat_map(|s| s.args())
         .collect();
-    let rows = dims.b * dims.h * dims.nq;
     let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
     let bh = (dims.b * dims.h) as u64;
     let [smem_kv, smem_q] = bwd_shared_bytes(dtype, dims.d, dims.dv);
@@ -743,26 +783,7 @@ pub fn plan_backward(
         "attention_bwd_dv.cu"
     };
     let hd = head_suffix(dims.d, dims.dv);
-    let pre = Launch::new(
-        OP,
-        "attention_bwd.cu",
-        format!("attention_bwd_preprocess_{dt}"),
-        (rows.div_ceil(4) as u64, 1, 1),
-        (128, 1, 1),
-        0,
-        vec![
-            Arg::Ptr(p.o),
-            Arg::Ptr(p.dout),
-            Arg::Ptr(p.delta),
-            int_arg(OP, "B*H*Nq", rows)?,
-            int_arg(OP, "dv", dims.dv)?,
-            nq,
-            h,
-        ]
-        .into_iter()
-        .chain(layout.o.args())
-        .collect(),
-    )?;
+    let pre = plan_bwd_preprocess(dtype, dims, layout.o, p.o, p.dout, p.delta)?;
     let dkdv = Launch::new(
         OP,
         file,
@@ -1321,7 +1342,8 @@ pub fn backward_into(
         dk: grads[1].ptr(),
         dv: grads[2].ptr(),
     };
-    gpu.run(&plan_backward(
+    gpu.run(&super::attention_sm90::plan_backward_for(
+        gpu.arch(),
         dtype,
         dims,
         Layout::contiguous(dims),
@@ -1365,7 +1387,14 @@ pub fn backward_packed(
         dk,
         dv,
     };
-    gpu.run(&plan_backward(dtype, dims, Layout::packed_qkv(dims), p, c)?)?;
+    gpu.run(&super::attention_sm90::plan_backward_for(
+        gpu.arch(),
+        dtype,
+        dims,
+        Layout::packed_qkv(dims),
+        p,
+        c,
+    )?)?;
     Ok(dqkv)
 }
 

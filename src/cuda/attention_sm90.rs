@@ -1,19 +1,23 @@
-//! Host side of the Hopper attention JVP (cuda/attention_jvp_sm90.cu): TMA tensor-map descriptions
-//! and their encoding (cuTensorMapEncodeTiled through cudarc's driver bindings), the launch plan,
-//! and the dispatch predicate that picks it over the sm_80 kernels of attention_jvp.cu.
+//! Host side of the Hopper attention kernels (cuda/attention_jvp_sm90.cu: forward and JVP;
+//! cuda/attention_bwd_sm90.cu: backward): TMA tensor-map descriptions and their encoding
+//! (cuTensorMapEncodeTiled through cudarc's driver bindings), the launch plans, and the dispatch
+//! predicates that pick them over the sm_80 kernels of attention_jvp.cu and attention_bwd.cu.
 //!
-//! The sm_90a path runs when the device is compute capability 9.0 (NVRTC arch `sm_90a`), the storage
-//! dtype is bf16 or f16, the head dim is 64, 72, 96 or 128 and dv == d; every other case (f32, d 32,
-//! dv != d, any other GPU) takes the sm_80 kernels. `FLASHJVP_ATTENTION_PATH=sm80`
-//! forces the sm_80 kernels on Hopper too (for comparisons and as an escape hatch).
+//! The sm_90a forward/JVP runs when the device is compute capability 9.0 (NVRTC arch `sm_90a`), the
+//! storage dtype is bf16 or f16, the head dim is 64, 72, 96 or 128 and dv == d; every other case
+//! (f32, d 32, dv != d, any other GPU) takes the sm_80 kernels. `FLASHJVP_ATTENTION_PATH=sm80`
+//! forces the sm_80 kernels on Hopper too (for comparisons and as an escape hatch). The Hopper
+//! backward takes the same problems but only with `FLASHJVP_ATTENTION_BWD_PATH=sm90a`
+//! ([`bwd_path_for`]).
 //!
 //! Plans stay pure data: a tensor-map argument is a [`TensorMapDesc`] (pointer, dims, strides, box),
 //! encoded into the driver's 128-byte `CUtensorMap` only when the plan is executed, so that the tests
 //! check plans against the kernels' PTX signatures without a GPU or a driver.
 //!
-//! Status: compiled and plan-checked without a GPU; never run on one.
+//! Status: the forward/JVP ran on an NVIDIA H200 (docs/gpu-runs.md); the backward has run on the CPU
+//! emulator only.
 
-use super::attention::{AttnDims, JvpPtrs, Layout, Strides, Variant};
+use super::attention::{AttnDims, BwdPtrs, JvpPtrs, Layout, Strides, Variant};
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -292,6 +296,24 @@ pub fn plan_for(
     }
 }
 
+/// Errors unless the Hopper kernels take this problem (bf16/f16, a head dim of [`HEAD_DIMS`],
+/// dv == d) with valid dims and scale; `what` names the op.
+fn check_problem(what: &str, dtype: DType, dims: AttnDims, scale: f32) -> Result<()> {
+    dims.check()?;
+    super::attention::check_scale(scale)?;
+    if !matches!(dtype, DType::BF16 | DType::F16)
+        || !HEAD_DIMS.contains(&dims.d)
+        || dims.dv != dims.d
+    {
+        return Err(Error::Unsupported(format!(
+            "{what}: {dtype} at head dims d {} / dv {} (the Hopper kernels take bf16/f16 with \
+             dv == d in {HEAD_DIMS:?})",
+            dims.d, dims.dv
+        )));
+    }
+    Ok(())
+}
+
 /// The launch of one attention_jvp_sm90.cu kernel over q, k, v, o in `layout` (errors for a dtype
 /// or head dim it lacks).
 pub fn plan(
@@ -303,18 +325,7 @@ pub fn plan(
     scale: f32,
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
-    dims.check()?;
-    super::attention::check_scale(scale)?;
-    if !matches!(dtype, DType::BF16 | DType::F16)
-        || !HEAD_DIMS.contains(&dims.d)
-        || dims.dv != dims.d
-    {
-        return Err(Error::Unsupported(format!(
-            "attention (sm_90a): {dtype} at head dims d {} / dv {} (the Hopper kernels take bf16/f16 \
-             with dv == d in {HEAD_DIMS:?})",
-            dims.d, dims.dv
-        )));
-    }
+    check_problem("attention (sm_90a)", dtype, dims, scale)?;
     let mut named = vec![
         ("q", p.q),
         ("k", p.k),
@@ -405,6 +416,167 @@ pub fn plan(
         shared_bytes(variant, dims.d),
         args,
     )?)])
+}
+
+/// The kernel file of the Hopper backward (compiled for sm_90a only, like [`FILE`]).
+pub const BWD_FILE: &str = "attention_bwd_sm90.cu";
+
+/// Whether `kernel` of kernel file `file` moves registers with setmaxnreg (the attention kernels of
+/// both Hopper files), so that its register count at entry must pass [`check_register_pool`].
+pub fn uses_register_pool(file: &str, kernel: &str) -> bool {
+    (file == FILE || file == BWD_FILE) && kernel.starts_with("attention_")
+}
+
+/// Stages of the backward kernels' ring (the kernel's `BwdCfg::STAGES`).
+const BWD_STAGES: usize = 4;
+
+/// Streamed rows per tile of the Hopper backward at head dim `d`, `[dK/dV, dQ]` (the kernel's
+/// `BwdCfg::BT`): dK/dV streams query tiles of 48 rows at d 128 (its registers), else 64; dQ key
+/// tiles of 64.
+pub fn bwd_stream_rows(d: usize) -> [usize; 2] {
+    [if d == 128 { 48 } else { 64 }, 64]
+}
+
+/// Dynamic shared memory of the Hopper backward's `[dK/dV, dQ]` kernels at head dim `d` (the
+/// kernel's `BwdCfg::SMEM`): alignment slack, the resident pair of 128 rows, the ring of streamed
+/// pairs, dK/dV's per-stage lse and delta vectors, the mbarriers.
+pub fn bwd_shared_bytes(d: usize) -> [usize; 2] {
+    let swz = swizzle_bytes(d);
+    let slabs = d.div_ceil(swz / 2);
+    let resident = 2 * slabs * BLOCK_ROWS * swz;
+    let bytes = |rows: usize, vectors: bool| {
+        let vec_bytes = if vectors {
+            BWD_STAGES * 2 * rows * 4
+        } else {
+            0
+        };
+        1024 + resident + BWD_STAGES * 2 * slabs * rows * swz + vec_bytes + 8 * (1 + 2 * BWD_STAGES)
+    };
+    let [kv, q] = bwd_stream_rows(d);
+    [bytes(kv, true), bytes(q, false)]
+}
+
+/// The path an attention backward takes on a device of arch `arch`. The Hopper backward
+/// (attention_bwd_sm90.cu) has run only on the CPU emulator, so it is opt-in:
+/// `FLASHJVP_ATTENTION_BWD_PATH=sm90a` takes it where [`supported`] (and
+/// `FLASHJVP_ATTENTION_PATH=sm80` does not force the sm_80 kernels); every other case runs
+/// attention_bwd.cu's kernels.
+pub fn bwd_path_for(arch: &str, dtype: DType, dims: AttnDims) -> Path {
+    let env_is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
+    let forced_sm80 = env_is("FLASHJVP_ATTENTION_PATH", "sm80");
+    let opted_in = env_is("FLASHJVP_ATTENTION_BWD_PATH", "sm90a");
+    if opted_in && !forced_sm80 && supported(arch, dtype, dims) {
+        Path::Sm90a
+    } else {
+        Path::Sm80
+    }
+}
+
+/// The backward's plan on a device of arch `arch`: the Hopper kernels where [`bwd_path_for`] says
+/// so, else attention_bwd.cu's ([`super::attention::plan_backward`]).
+pub fn plan_backward_for(
+    arch: &str,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: BwdPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
+    match bwd_path_for(arch, dtype, dims) {
+        Path::Sm90a => plan_backward(dtype, dims, layout, p, scale),
+        Path::Sm80 => super::attention::plan_backward(dtype, dims, layout, p, scale),
+    }
+}
+
+/// The Hopper backward: attention_bwd.cu's preprocess (delta = rowsum(dO ⊙ O)), then
+/// attention_bwd_sm90.cu's dK/dV and dQ kernels. Gradients in their primal's layout (dq: q's, dk:
+/// k's, dv: v's, dout: o's); lse and delta contiguous f32 [B, H, Nq]. Errors for a dtype or head dim
+/// the Hopper kernels lack.
+pub fn plan_backward(
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: BwdPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
+    let dt = dtype_suffix(dtype)?;
+    check_problem("attention backward (sm_90a)", dtype, dims, scale)?;
+    let mut named = p.named().to_vec();
+    named.extend([("lse", p.lse), ("delta", p.delta)]);
+    check_tma_ptrs("attention backward on the GPU (sm_90a)", &named)?;
+    layout.check(dtype, dims)?;
+    layout.check_gradients(dims)?;
+    let [rows_kv, rows_q] = bwd_stream_rows(dims.d);
+    let map = |ptr, shape, strides, rows| {
+        let m = TensorMapDesc::attention(ptr, dtype, shape, strides, rows);
+        m.check().map(|_| Arg::TensorMap(m))
+    };
+    let (qs, ks, vs, os) = (
+        dims.q_shape(),
+        dims.k_shape(),
+        dims.v_shape(),
+        dims.o_shape(),
+    );
+    let (nq, nk) = (int_arg(OP, "Nq", dims.nq)?, int_arg(OP, "Nk", dims.nk)?);
+    let h = int_arg(OP, "H", dims.h)?;
+    let bh = (dims.b * dims.h) as u64;
+    let [smem_kv, smem_q] = bwd_shared_bytes(dims.d);
+    // dK/dV: k and v resident (128 rows), q and dout streamed.
+    let mut kv_args = vec![
+        map(p.q, qs, layout.q, rows_kv)?,
+        map(p.k, ks, layout.k, BLOCK_ROWS)?,
+        map(p.v, vs, layout.v, BLOCK_ROWS)?,
+        map(p.dout, os, layout.o, rows_kv)?,
+        Arg::Ptr(p.lse),
+        Arg::Ptr(p.delta),
+        Arg::Ptr(p.dk),
+        Arg::Ptr(p.dv),
+        nq,
+        nk,
+        Arg::F32(scale),
+        h,
+    ];
+    kv_args.extend(layout.k.args());
+    kv_args.extend(layout.v.args());
+    // dQ: q and dout resident, k and v streamed.
+    let mut q_args = vec![
+        map(p.q, qs, layout.q, BLOCK_ROWS)?,
+        map(p.k, ks, layout.k, rows_q)?,
+        map(p.v, vs, layout.v, rows_q)?,
+        map(p.dout, os, layout.o, BLOCK_ROWS)?,
+        Arg::Ptr(p.lse),
+        Arg::Ptr(p.delta),
+        Arg::Ptr(p.dq),
+        nq,
+        nk,
+        Arg::F32(scale),
+        h,
+    ];
+    q_args.extend(layout.q.args());
+    let pre = super::attention::plan_bwd_preprocess(dtype, dims, layout.o, p.o, p.dout, p.delta)?;
+    let dkdv = Launch::new(
+        OP,
+        BWD_FILE,
+        format!("attention_bwd_dkdv_sm90_{dt}_d{}", dims.d),
+        (dims.nk.div_ceil(BLOCK_ROWS) as u64, bh, 1),
+        (THREADS, 1, 1),
+        smem_kv,
+        kv_args,
+    )?;
+    let dq = Launch::new(
+        OP,
+        BWD_FILE,
+        format!("attention_bwd_dq_sm90_{dt}_d{}", dims.d),
+        (dims.nq.div_ceil(BLOCK_ROWS) as u64, bh, 1),
+        (THREADS, 1, 1),
+        smem_q,
+        q_args,
+    )?;
+    Ok(vec![
+        Step::Kernel(pre),
+        Step::Kernel(dkdv),
+        Step::Kernel(dq),
+    ])
 }
 
 /// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
@@ -540,6 +712,85 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn backward_plans_carry_the_kernel_tiles_and_shared_memory() {
+        // (dK/dV, dQ) bytes at d64, d72, d96, d128: cuda/README.md, attention_bwd_sm90.cu.
+        let want = [
+            [101448, 99400],
+            [126024, 123976],
+            [150600, 148552],
+            [166472, 197704],
+        ];
+        for (i, d) in HEAD_DIMS.into_iter().enumerate() {
+            assert_eq!(bwd_shared_bytes(d), want[i], "d{d}");
+            assert!(want[i].iter().all(|&b| b <= 227 * 1024));
+        }
+        let dims = check_shapes(&[2, 3, 300, 128], &[2, 3, 77, 128], &[2, 3, 77, 128]).unwrap();
+        let bp = BwdPtrs {
+            q: 0x10000,
+            k: 0x20000,
+            v: 0x30000,
+            o: 0x40000,
+            lse: 0x50000,
+            dout: 0x60000,
+            delta: 0x70000,
+            dq: 0x80000,
+            dk: 0x90000,
+            dv: 0xa0000,
+        };
+        let lay = Layout::contiguous(dims);
+        let steps = plan_backward(DType::BF16, dims, lay, bp, 0.125).unwrap();
+        let launches: Vec<&Launch> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Kernel(l) => l,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(launches[0].kernel, "attention_bwd_preprocess_bf16");
+        let (kv, q) = (launches[1], launches[2]);
+        assert_eq!(kv.kernel, "attention_bwd_dkdv_sm90_bf16_d128");
+        assert_eq!(q.kernel, "attention_bwd_dq_sm90_bf16_d128");
+        assert_eq!((kv.file, q.file), (BWD_FILE, BWD_FILE));
+        assert_eq!((kv.grid, q.grid), ((1, 6, 1), (3, 6, 1)));
+        assert_eq!((kv.shared_bytes, q.shared_bytes), (166472, 197704));
+        let rows = |l: &Launch| -> Vec<(u64, u32)> {
+            l.args
+                .iter()
+                .filter_map(|a| match a {
+                    Arg::TensorMap(m) => Some((m.ptr, m.boxdim[1])),
+                    _ => None,
+                })
+                .collect()
+        };
+        // dK/dV: q and dout streamed in 48-row tiles, k and v resident (128); dQ the reverse (64).
+        assert_eq!(
+            rows(kv),
+            [(0x10000, 48), (0x20000, 128), (0x30000, 128), (0x60000, 48)]
+        );
+        assert_eq!(
+            rows(q),
+            [(0x10000, 128), (0x20000, 64), (0x30000, 64), (0x60000, 128)]
+        );
+        // What the Hopper backward lacks is an error; the dispatcher sends it to attention_bwd.cu.
+        let dv64 = check_shapes(&[1, 2, 30, 128], &[1, 2, 7, 128], &[1, 2, 7, 64]).unwrap();
+        for (dt, dm) in [(DType::F32, dims), (DType::BF16, dv64)] {
+            let l = Layout::contiguous(dm);
+            assert!(plan_backward(dt, dm, l, bp, 0.125).is_err());
+            let s = plan_backward_for("sm_90a", dt, dm, l, bp, 0.125).unwrap();
+            assert!(matches!(&s[1], Step::Kernel(l) if !l.file.ends_with("_sm90.cu")));
+        }
+        // Opt-in only: without FLASHJVP_ATTENTION_BWD_PATH=sm90a even Hopper runs attention_bwd.cu.
+        if std::env::var_os("FLASHJVP_ATTENTION_BWD_PATH").is_none() {
+            assert_eq!(bwd_path_for("sm_90a", DType::BF16, dims), Path::Sm80);
+        }
+        assert_eq!(bwd_path_for("sm_80", DType::BF16, dims), Path::Sm80);
+        let mut bad = bp;
+        bad.dk = 0x90008;
+        let e = plan_backward(DType::BF16, dims, lay, bad, 0.125).unwrap_err();
+        assert!(e.to_string().contains("`dk`"), "{e}");
     }
 
     #[test]

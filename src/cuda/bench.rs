@@ -750,15 +750,22 @@ fn bench_attention(
     let dk = gpu.alloc(&dims.k_shape(), dtype)?;
     let dv = gpu.alloc(&dims.k_shape(), dtype)?;
     let delta = gpu.alloc(&dims.lse_shape(), DType::F32)?;
-    let plans = inputs
-        .iter()
-        .zip(&saved)
-        .map(|(x, (o, lse))| {
-            attn::plan_backward(
-                dtype,
-                dims,
-                attn::Layout::contiguous(dims),
-                attn::BwdPtrs {
+    // The dispatcher's path ("bwd"), and on a Hopper the other one beside it, for the comparison
+    // (the Hopper backward is opt-in until measured: sm90::bwd_path_for).
+    let bpath = sm90::bwd_path_for(gpu.arch(), dtype, dims);
+    let mut bwd_passes = vec![("bwd", bpath)];
+    if sm90::supported(gpu.arch(), dtype, dims) {
+        bwd_passes.push(match bpath {
+            Path::Sm90a => ("bwd_sm80", Path::Sm80),
+            Path::Sm80 => ("bwd_sm90a", Path::Sm90a),
+        });
+    }
+    for (pass, path) in bwd_passes {
+        let plans = inputs
+            .iter()
+            .zip(&saved)
+            .map(|(x, (o, lse))| {
+                let p = attn::BwdPtrs {
                     q: x.q.ptr(),
                     k: x.k.ptr(),
                     v: x.v.ptr(),
@@ -769,16 +776,19 @@ fn bench_attention(
                     dq: dq.ptr(),
                     dk: dk.ptr(),
                     dv: dv.ptr(),
-                },
-                scale,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let t = time_plans(gpu, &plans, BUDGET_MS)?;
-    let mut r = row(BenchOp::Attention, "bwd", &shape, dtype, t);
-    r.tflops = Some(flops(10.0) / (t.0 * 1e-3) / 1e12);
-    r.path = Some(Path::Sm80.name().into()); // attention_bwd.cu on every GPU
-    rows.push(r);
+                };
+                match path {
+                    Path::Sm90a => sm90::plan_backward(dtype, dims, layout, p, scale),
+                    Path::Sm80 => attn::plan_backward(dtype, dims, layout, p, scale),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t = time_plans(gpu, &plans, BUDGET_MS)?;
+        let mut r = row(BenchOp::Attention, pass, &shape, dtype, t);
+        r.tflops = Some(flops(10.0) / (t.0 * 1e-3) / 1e12);
+        r.path = Some(path.name().into());
+        rows.push(r);
+    }
     Ok(rows)
 }
 

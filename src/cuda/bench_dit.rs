@@ -16,6 +16,7 @@
 //! backward) and attention as the attention benchmark does (4·B·N²·C forward, 12· JVP, 10·
 //! backward); movement kernels (head split/merge) and layernorms are not counted.
 
+use super::attention_sm90 as sm90;
 use super::bench::{row, step_rows, steps_wanted, time_plans, BenchOp, BenchRow, Pool, BUDGET_MS};
 use super::context::Gpu;
 use super::launch::Step;
@@ -153,13 +154,24 @@ pub(crate) fn bench_block(
             dst: dx.ptr(),
             bytes: dx.bytes(),
         }];
-        s.extend(plan_block_backward(dtype, d, &p, &m, &a.bufs, &g)?);
+        s.extend(plan_block_backward(
+            gpu.arch(),
+            dtype,
+            d,
+            &p,
+            &m,
+            &a.bufs,
+            &g,
+        )?);
         Ok(s)
     };
     let bwd = bwd_of(&fa)?;
     let fwd_bwd: Vec<Step> = fwd.iter().cloned().chain(bwd_of(&fa)?).collect();
     let jvp_bwd: Vec<Step> = jvp.iter().cloned().chain(bwd_of(&ja)?).collect();
 
+    let adims = d.check()?;
+    let fwd_path = sm90::path_for(gpu.arch(), dtype, adims).name();
+    let bwd_path = sm90::bwd_path_for(gpu.arch(), dtype, adims).name();
     let gemm = 2.0 * t as f64 * c as f64 * (4 * c + 2 * hd) as f64;
     let att = b as f64 * (n as f64).powi(2) * c as f64;
     let mut rows = Vec::new();
@@ -173,6 +185,12 @@ pub(crate) fn bench_block(
         let tm = time_plans(gpu, std::slice::from_ref(plan), BUDGET_MS)?;
         let mut r = row(BenchOp::DitBlock, pass, shape, dtype, tm);
         r.tflops = Some(flops / (tm.0 * 1e-3) / 1e12);
+        // The attention kernels' paths: forward/JVP, and the backward's after a "+".
+        r.path = Some(match pass {
+            "fwd" | "jvp" => fwd_path.into(),
+            "bwd" => bwd_path.into(),
+            _ => format!("{fwd_path}+{bwd_path}"),
+        });
         rows.push(r);
     }
     if steps_wanted() {

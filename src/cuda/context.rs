@@ -417,7 +417,7 @@ impl Gpu {
         let f = module
             .load_function(name)
             .map_err(cuda_err(format!("kernel {name} is not in {file}")))?;
-        if file == super::attention_sm90::FILE && name.starts_with("attention_") {
+        if super::attention_sm90::uses_register_pool(file, name) {
             // A register count the kernel's setmaxnreg moves cannot work with hangs the GPU.
             let regs = f
                 .num_regs()

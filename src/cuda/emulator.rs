@@ -16,7 +16,8 @@
 //! live buffer. GEMM steps run here in f64 with cuBLAS's column-major semantics applied to the exact
 //! layout [`super::gemm`] hands to cuBLASLt.
 //!
-//! Environment: `FLASHJVP_EMULATOR_SEED` (default 1; 0 runs the threads of a block in index order at
+//! Environment (besides `FLASHJVP_SM90_SCHEDULE`, which builds the Hopper kernels as NVRTC would):
+//! `FLASHJVP_EMULATOR_SEED` (default 1; 0 runs the threads of a block in index order at
 //! every scheduling point, other values in an order drawn from the seed), `FLASHJVP_EMULATOR_WORKERS`
 //! (OS threads running blocks; default: the CPU count), `CXX` (default `c++`),
 //! `FLASHJVP_EMULATOR_DIR` (where the compiled library is cached; default beside the kernel cache),
@@ -311,7 +312,14 @@ fn build() -> Result<PathBuf> {
         )));
     }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    // The compile flags are part of the build's identity: FJ_EMU_CXXFLAGS, and the Hopper kernels'
+    // schedule (FLASHJVP_SM90_SCHEDULE=split: -DFJ_SM90_SPLIT_WAIT, as NVRTC gets it).
+    let mut flags = std::env::var("FJ_EMU_CXXFLAGS").unwrap_or_default();
+    if super::nvrtc::sm90_split_wait()? {
+        flags.push_str(" -DFJ_SM90_SPLIT_WAIT=1");
+    }
     let mut h = fnv(0xcbf29ce484222325, cxx.as_bytes());
+    h = fnv(h, flags.as_bytes());
     for f in files(&src).into_iter().chain(files(&src.join("emu"))) {
         h = fnv(h, f.file_name().unwrap_or_default().as_encoded_bytes());
         h = fnv(h, &std::fs::read(&f).unwrap_or_default());
@@ -338,6 +346,7 @@ fn build() -> Result<PathBuf> {
     let out = std::process::Command::new("bash")
         .arg(&script)
         .arg(&tmp)
+        .env("FJ_EMU_CXXFLAGS", &flags)
         .current_dir(src.parent().unwrap_or(&src))
         .output()
         .map_err(|e| Error::Unsupported(format!("kernel emulator: running bash: {e}")))?;

@@ -148,24 +148,60 @@ pub(crate) fn embedded(file: &str) -> Result<&'static str> {
 /// a watchdog limit, its diagnostic build: the watchdog's define in front (a different text, so the
 /// caches keep the two builds apart) and `#line 1` to keep the file's line numbers.
 pub fn source_text_with(file: &str, watchdog_ms: Option<u32>) -> Result<Cow<'static, str>> {
+    source_text_for(file, watchdog_ms, false)
+}
+
+/// [`source_text_with`], and for a Hopper file with `split_wait` the define of the split schedule
+/// (`FJ_SM90_SPLIT_WAIT`, cuda/hopper.cuh SCHEDULE) in front as well.
+pub fn source_text_for(
+    file: &str,
+    watchdog_ms: Option<u32>,
+    split_wait: bool,
+) -> Result<Cow<'static, str>> {
     let source = embedded(file)?;
-    match watchdog_ms {
-        Some(ms) if file.ends_with("_sm90.cu") => {
-            Ok(format!("#define FJ_SM90_WATCHDOG_MS {ms}\n#line 1 \"{file}\"\n{source}").into())
-        }
-        _ => Ok(source.into()),
+    if !file.ends_with("_sm90.cu") || (watchdog_ms.is_none() && !split_wait) {
+        return Ok(source.into());
+    }
+    let mut text = String::new();
+    if split_wait {
+        text.push_str("#define FJ_SM90_SPLIT_WAIT 1\n");
+    }
+    if let Some(ms) = watchdog_ms {
+        text.push_str(&format!("#define FJ_SM90_WATCHDOG_MS {ms}\n"));
+    }
+    text.push_str(&format!("#line 1 \"{file}\"\n{source}"));
+    Ok(text.into())
+}
+
+/// The environment variable that picks the Hopper kernels' wgmma schedule: `split` (the score
+/// products waited for apart from the older value/gradient products, cuda/hopper.cuh SCHEDULE) or
+/// `joined` (the default: one wait per turn).
+pub const SM90_SCHEDULE_ENV: &str = "FLASHJVP_SM90_SCHEDULE";
+
+/// Whether [`SM90_SCHEDULE_ENV`] asks for the split schedule (an error naming the variable for a
+/// value other than `split` or `joined`).
+pub fn sm90_split_wait() -> Result<bool> {
+    match std::env::var(SM90_SCHEDULE_ENV)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") | Some("joined") => Ok(false),
+        Some("split") => Ok(true),
+        Some(v) => Err(Error::Unsupported(format!(
+            "{SM90_SCHEDULE_ENV}={v:?}: expected `split` or `joined`"
+        ))),
     }
 }
 
-/// [`source_text_with`] the watchdog limit the environment asks for ([`SM90_WATCHDOG_ENV`], read
-/// for the Hopper files only).
+/// [`source_text_for`] the watchdog limit ([`SM90_WATCHDOG_ENV`]) and schedule
+/// ([`SM90_SCHEDULE_ENV`]) the environment asks for, both read for the Hopper files only.
 pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
-    let watchdog = if file.ends_with("_sm90.cu") {
-        sm90_watchdog_ms()?
+    if file.ends_with("_sm90.cu") {
+        source_text_for(file, sm90_watchdog_ms()?, sm90_split_wait()?)
     } else {
-        None
-    };
-    source_text_with(file, watchdog)
+        source_text_for(file, None, false)
+    }
 }
 
 /// Compiles one embedded kernel file for `arch` (e.g. "sm_80", "sm_90a"), cached per (source hash,

@@ -741,8 +741,10 @@ pub struct BlockGrads {
     pub dp: BlockParams,
 }
 
-/// One block's backward through its primal (the buffers a forward or a dual forward filled).
+/// One block's backward through its primal (the buffers a forward or a dual forward filled), on a
+/// device of arch `arch` (the attention backward's path: [`sm90::bwd_path_for`]).
 pub fn plan_block_backward(
+    arch: &str,
     dtype: DType,
     d: BlockDims,
     p: &BlockParams,
@@ -812,7 +814,8 @@ pub fn plan_block_backward(
     // dO as rows (no permutation).
     let (q, k, v) = qkv_ptrs(dtype, d, a.qkv);
     let (dq, dk, dv) = qkv_ptrs(dtype, d, g.dqkv);
-    s.extend(attn::plan_backward(
+    s.extend(sm90::plan_backward_for(
+        arch,
         dtype,
         adims,
         attn::Layout::packed_qkv(adims),
@@ -1672,6 +1675,7 @@ impl GpuDit {
             g.dmods = Mods::chunks(dmods.ptr(), 6 * i, b, hid);
             g.dp = self.block_params_at(grads.ptr(), i);
             gpu.run(&plan_block_backward(
+                gpu.arch(),
                 F32,
                 d,
                 &self.block_params_at(self.params.ptr(), i),
