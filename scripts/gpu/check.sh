@@ -127,7 +127,7 @@ if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ]; then
   step sm90_watchdog 75 "$OUT/gpu_attention_sm90_watchdog.log" env FLASHJVP_SM90_WATCHDOG=2000 \
     "$G/bin/tests/gpu_attention_sm90" --test-threads=1 --skip backward
 fi
-if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ] || grep -q "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
+if [ "$sm90_rc" = 124 ] || [ "$sm90_rc" = 137 ] || grep -qs "CUDA_ERROR" "$OUT/gpu_attention_sm90.log"; then
   use_sm80 "gpu_attention_sm90 hung or faulted (rc=$sm90_rc): every later step runs with FLASHJVP_ATTENTION_PATH=sm80"
 fi
 test_step gpu_ops 150
@@ -139,7 +139,7 @@ if [ "$last_rc" != 0 ] && [ "$sm90_rc" != 0 ] && [ "${FLASHJVP_ATTENTION_PATH:-}
   step gpu_dit_sm80 90 "$OUT/gpu_dit_sm80.log" env FLASHJVP_ATTENTION_PATH=sm80 \
     "$G/bin/tests/gpu_dit" --test-threads=1
 fi
-if grep -q "CUDA_ERROR" "$OUT/gpu_dit.log"; then
+if grep -qs "CUDA_ERROR" "$OUT/gpu_dit.log"; then
   # A fault inside the DiT's passes surfaces at a later download: once more with every step waited
   # for, so that the error names the kernel (or GEMM) that faulted.
   step gpu_dit_sync 60 "$OUT/gpu_dit_sync.log" env FLASHJVP_SYNC_STEPS=1 "$G/bin/tests/gpu_dit" --test-threads=1
