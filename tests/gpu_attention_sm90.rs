@@ -90,7 +90,7 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
     assert_eq!(bad, 0, "{what}: {bad} non-finite elements (unwritten?)");
     let e = rel_err(&g, &w);
     report(&format!(
-        "ERR {what}: rel {e:.3e} (tol {tol:.0e}){}",
+        "ERR {what}: rel {e:.3e} (tol {tol:.1e}){}",
         if e <= tol { "" } else { "  FAIL" }
     ));
     common::assert_close(what, &g, &w, tol);
@@ -106,7 +106,7 @@ fn check_small(what: &str, got: &Tensor, scale: &Tensor, tol: f64) -> f64 {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let e = norm(&g) / norm(&scale.to_f64_vec()).max(1e-300);
     report(&format!(
-        "ERR {what}: rel {e:.3e} (tol {tol:.0e}){}",
+        "ERR {what}: rel {e:.3e} (tol {tol:.1e}){}",
         if e <= tol { "" } else { "  FAIL" }
     ));
     assert!(e <= tol, "{what}: |got| / |scale| = {e:.3e} > {tol:.1e}");
@@ -307,11 +307,19 @@ fn a_layout_probe_matches_the_assumed_layouts() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The outputs of one plan (`Some(Path::Sm80)`: attention_jvp.cu's plan forced; `None`: the
-/// dispatcher's), downloaded: o, to, lse, tlse (tangents absent for the forward).
+/// Which plan [`run_plan`] runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// One path's plan, forced.
+    On(Path),
+    /// The Hopper plan with f16 value products (`sm90::plan_f16_values`, bf16 only).
+    F16Values,
+}
+
+/// The outputs of one plan, downloaded: o, to, lse, tlse (tangents absent for the forward).
 fn run_plan(
     gpu: &Gpu,
-    path: Option<Path>,
+    run: Run,
     variant: Variant,
     dtype: DType,
     x: &Inputs,
@@ -346,10 +354,20 @@ fn run_plan(
     };
     let scale = attn::resolve_scale(None, dims.d).unwrap();
     let lay = attn::Layout::contiguous(dims);
-    let plan = match path {
-        Some(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, lay, p, scale).unwrap(),
-        Some(Path::Sm90a) => sm90::plan(variant, dtype, dims, lay, p, scale).unwrap(),
-        None => sm90::plan_for(gpu.arch(), variant, dtype, dims, lay, p, scale).unwrap(),
+    // The f16 copies' workspace, poisoned like the outputs (the plan zeroes the max itself).
+    let ws = gpu
+        .poisoned(
+            &[sm90::f16_values_workspace_bytes(variant, dims).div_ceil(4)],
+            DType::F32,
+        )
+        .unwrap();
+    let plan = match run {
+        Run::On(Path::Sm80) => attn::plan_jvp(variant, dtype, dims, lay, p, scale).unwrap(),
+        Run::On(Path::Sm90a) => sm90::plan(variant, dtype, dims, lay, p, scale).unwrap(),
+        Run::F16Values => {
+            assert_eq!(dtype, DType::BF16);
+            sm90::plan_f16_values(variant, dims, lay, p, scale, ws.ptr()).unwrap()
+        }
     };
     gpu.run(&plan).unwrap();
     gpu.synchronize().unwrap();
@@ -384,7 +402,7 @@ fn case(gpu: &Gpu, dtype: DType, variant: Variant) -> f64 {
         let want = ops::attention_jvp(&r(&x.q), &r(&x.k), &r(&x.v), None).unwrap();
         for path in [Path::Sm90a, Path::Sm80] {
             let label = format!("{} {variant:?} {dtype} [{}]", path.name(), name(s));
-            let (o, to, lse, tlse) = run_plan(gpu, Some(path), variant, dtype, &x);
+            let (o, to, lse, tlse) = run_plan(gpu, Run::On(path), variant, dtype, &x);
             check(&format!("o {label}"), &o, &want.o.primal, tol(dtype));
             check(&format!("lse {label}"), &lse, &want.lse.primal, tol(dtype));
             if variant != Variant::Fwd {
@@ -442,6 +460,127 @@ hopper_test!(jvp_nokv_f16, DType::F16, Variant::JvpNoKv);
 hopper_test!(fwd_bf16, DType::BF16, Variant::Fwd);
 hopper_test!(fwd_f16, DType::F16, Variant::Fwd);
 
+/// The aim of the issue for the bf16 tangent error: PyTorch's math backend (1.65e-3), which is
+/// about what rounding the exact tangent to bf16 costs alone.
+const AIM_TANGENT: f64 = 1.7e-3;
+
+/// The tangent bound of the host entry points (`attn::jvp`, `attn::jvp_packed`): with
+/// `FLASHJVP_ATTENTION_VALUES=f16` (CI runs these tests so) they take the f16 value products in
+/// bf16 and must meet the aim, else the bound.
+fn host_tangent_tol(dtype: DType) -> f64 {
+    let f16_values = std::env::var("FLASHJVP_ATTENTION_VALUES").is_ok_and(|v| v == "f16");
+    if f16_values && dtype == DType::BF16 {
+        AIM_TANGENT
+    } else {
+        TOL_TANGENT
+    }
+}
+
+/// f16 value products (`plan_f16_values`, `FLASHJVP_ATTENTION_VALUES=f16`): every shape, tangents on
+/// q, k, v and on q only, against the reference. The tangent error must meet the aim
+/// ([`AIM_TANGENT`]), which the default bf16 value products miss (about 2.3e-3: `jvp_bf16`).
+#[test]
+fn jvp_bf16_f16_values() {
+    let Some(gpu) = hopper() else { return };
+    let dtype = DType::BF16;
+    for variant in [Variant::Jvp, Variant::JvpNoKv] {
+        let mut worst = 0.0f64;
+        for (i, &s) in SHAPES.iter().enumerate() {
+            let x = inputs(s, 1500 + i as u64, variant == Variant::Jvp);
+            let r = |d: &Dual| Dual {
+                primal: rd(&d.primal, dtype),
+                tangent: d.tangent.as_ref().map(|t| rd(t, dtype)),
+            };
+            let want = ops::attention_jvp(&r(&x.q), &r(&x.k), &r(&x.v), None).unwrap();
+            let label = format!("sm90a f16 values {variant:?} [{}]", name(s));
+            let (o, to, lse, tlse) = run_plan(&gpu, Run::F16Values, variant, dtype, &x);
+            check(&format!("o {label}"), &o, &want.o.primal, tol(dtype));
+            check(&format!("lse {label}"), &lse, &want.lse.primal, tol(dtype));
+            let e1 = if variant == Variant::JvpNoKv && s.3 == 1 {
+                check_small(
+                    &format!("to (zero) {label}"),
+                    &to.unwrap(),
+                    &want.o.primal,
+                    AIM_TANGENT,
+                )
+            } else {
+                check(
+                    &format!("to {label}"),
+                    &to.unwrap(),
+                    want.o.tangent.as_ref().unwrap(),
+                    AIM_TANGENT,
+                )
+            };
+            let e2 = check(
+                &format!("tlse {label}"),
+                &tlse.unwrap(),
+                want.lse.tangent.as_ref().unwrap(),
+                AIM_TANGENT,
+            );
+            worst = worst.max(e1).max(e2);
+        }
+        report(&format!(
+            "MAX sm90a f16 values {variant:?} bf16: largest tangent error {worst:.3e} (aim {AIM_TANGENT:.1e})"
+        ));
+    }
+}
+
+/// The f16 copies of V and V̇ are scaled by a power of two chosen from their largest magnitude, so
+/// values past f16's range (2^20 times normal) and below its subnormals (2^-40 times) give exactly
+/// the outputs of unscaled values times the same power of two: bit for bit, o and its tangent; lse
+/// and its tangent unchanged.
+#[test]
+fn f16_values_scale_exactly() {
+    let Some(gpu) = hopper() else { return };
+    let scaled = |t: &Tensor, f: f64| {
+        Tensor::from_vec(
+            t.to_f64_vec().iter().map(|x| x * f).collect::<Vec<f64>>(),
+            t.shape(),
+        )
+        .unwrap()
+    };
+    for (i, &s) in [
+        (2, 3, 77, 300, 64),
+        (1, 2, 130, 129, 72),
+        (1, 1, 65, 100, 128),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for variant in [Variant::Jvp, Variant::JvpNoKv] {
+            let x = inputs(s, 2500 + i as u64, variant == Variant::Jvp);
+            let base = run_plan(&gpu, Run::F16Values, variant, DType::BF16, &x);
+            for f in [2f64.powi(20), 2f64.powi(-40)] {
+                let mut y = inputs(s, 2500 + i as u64, variant == Variant::Jvp);
+                y.v = Dual {
+                    primal: scaled(&x.v.primal, f),
+                    tangent: x.v.tangent.as_ref().map(|t| scaled(t, f)),
+                };
+                let got = run_plan(&gpu, Run::F16Values, variant, DType::BF16, &y);
+                let label = format!("{variant:?} [{}] V x {f:e}", name(s));
+                let same = |what: &str, a: &Tensor, b: &Tensor, f: f64| {
+                    let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
+                    let diff = a.iter().zip(&b).filter(|(x, y)| **x != **y * f).count();
+                    assert_eq!(
+                        diff, 0,
+                        "{what} {label}: {diff} elements differ from f x unscaled"
+                    );
+                };
+                same("o", &got.0, &base.0, f);
+                same("to", got.1.as_ref().unwrap(), base.1.as_ref().unwrap(), f);
+                same("lse", &got.2, &base.2, 1.0);
+                same(
+                    "tlse",
+                    got.3.as_ref().unwrap(),
+                    base.3.as_ref().unwrap(),
+                    1.0,
+                );
+                report(&format!("SCALE {label}: bit-exact"));
+            }
+        }
+    }
+}
+
 /// The public entry points (host ops) dispatch to the Hopper kernels and agree with the reference,
 /// including a tangent on k only (zeros filled in for the others).
 #[test]
@@ -476,7 +615,7 @@ fn host_ops_take_the_hopper_path() {
             &format!("host to (k-only tangent) [{n}]"),
             got.o.tangent.as_ref().unwrap(),
             want.o.tangent.as_ref().unwrap(),
-            TOL_TANGENT,
+            host_tangent_tol(dtype),
         );
         let f =
             gops::attention_forward(&x.q.primal, &x.k.primal, &x.v.primal, None, dtype).unwrap();
@@ -549,13 +688,13 @@ fn packed_qkv_on_the_hopper_path() {
                 &format!("packed to {label}"),
                 &to,
                 want.o.tangent.as_ref().unwrap(),
-                TOL_TANGENT,
+                host_tangent_tol(dtype),
             ));
             worst = worst.max(check(
                 &format!("packed tlse {label}"),
                 &got.tlse.as_ref().unwrap().download().unwrap(),
                 want.lse.tangent.as_ref().unwrap(),
-                TOL_TANGENT,
+                host_tangent_tol(dtype),
             ));
             let (fo, flse) = attn::forward_packed(&qkv_d, None).unwrap();
             let fo = unpack_o(dims, &fo.download().unwrap());

@@ -19,8 +19,8 @@ use flashjvp::cuda::mlp::{self, MlpDims, ParamPtrs};
 use flashjvp::cuda::nvrtc::kernel_files;
 use flashjvp::cuda::tensor::plan_cast;
 use flashjvp::dit::gpu::{
-    plan_block_backward, plan_block_forward, BlockBufs, BlockDims, BlockGrads, BlockParams,
-    BlockTangents, Mods,
+    plan_block_backward, plan_block_forward, plan_block_forward_with, BlockBufs, BlockDims,
+    BlockGrads, BlockParams, BlockTangents, Mods,
 };
 use flashjvp::DType;
 
@@ -121,6 +121,17 @@ fn all_plans() -> Vec<Step> {
                         sm90::plan_for("sm_90a", v, dtype, dims, lay, jp, 0.125).unwrap(),
                         sm90::plan(v, dtype, dims, lay, jp, 0.125).unwrap()
                     );
+                    // f16 value products (bf16 JVPs): contiguous and packed; the forward refused.
+                    if dtype == DType::BF16 && v != Variant::Fwd {
+                        let pd = attn::check_shapes(&[2, 3, 77, d], &[2, 3, 77, d], &[2, 3, 77, d])
+                            .unwrap();
+                        let packed = attn::Layout::packed_qkv(pd);
+                        for (dm, l) in [(dims, lay), (pd, packed)] {
+                            s.extend(sm90::plan_f16_values(v, dm, l, jp, 0.125, p(11)).unwrap());
+                        }
+                    } else if v == Variant::Fwd {
+                        assert!(sm90::plan_f16_values(v, dims, lay, jp, 0.125, p(11)).is_err());
+                    }
                 }
             }
         }
@@ -317,6 +328,11 @@ fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
     s.extend(plan_block_forward(arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap());
     s.extend(plan_block_forward(arch, dtype, d, &bp, &m, None, &a, Some(&t)).unwrap());
     s.extend(plan_block_forward(arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t0)).unwrap());
+    // The attention JVP with f16 value products (its copies in `pre`) where it applies.
+    let f16v = sm90::ValueProducts::F16;
+    s.extend(
+        plan_block_forward_with(f16v, arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap(),
+    );
     let g = BlockGrads {
         dx: p(40),
         dy: p(41),
@@ -360,6 +376,13 @@ fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
     assert!(!hopper
         .iter()
         .any(|k| k.starts_with("attention_jvp_bf16") || k.starts_with("attention_fwd_bf16")));
+    assert!(
+        hopper.contains(&"attention_jvp_sm90_bf16_vf16_d64".to_string()),
+        "{hopper:?}"
+    );
+    assert!(!kernels("sm_90a", DType::F16, 128)
+        .iter()
+        .any(|k| k.contains("vf16")));
     let ampere = kernels("sm_80", DType::BF16, 128);
     assert!(
         ampere.contains(&"attention_jvp_bf16_d64".to_string()),
@@ -440,10 +463,26 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
             sm90::FILE
         );
     }
+    // The f16-values JVP (bf16 storage): bf16 score products, f16 value products; the default bf16
+    // kernel has no f16 product at all.
+    let body = |kernel: &str| {
+        let at = ptx
+            .find(&format!(".entry {kernel}("))
+            .unwrap_or_else(|| panic!("{kernel} not in the PTX"));
+        let rest = &ptx[at + 1..];
+        &rest[..rest.find(".entry").unwrap_or(rest.len())]
+    };
+    let vf16 = body("attention_jvp_sm90_bf16_vf16_d128");
+    assert!(vf16.contains("wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16"));
+    assert!(vf16.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"));
+    assert!(!vf16.contains("m64n128k16.f32.bf16.bf16"));
+    assert!(!body("attention_jvp_sm90_bf16_d128").contains(".f32.f16.f16"));
     let sigs = ptx_signatures(&ptx);
+    // 24 attention kernels (3 variants x 2 dtypes x 4 head dims), 8 with f16 value products, the
+    // two kernels that make the f16 copies, the probes.
     assert_eq!(
         sigs.len(),
-        24 + sm90::PROBES.len(),
+        24 + 8 + 2 + sm90::PROBES.len(),
         "{:?}",
         sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
     );

@@ -152,6 +152,12 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32, const cha
 inline float atomicAdd(float* p, float v) { return ::fj_emu::atomic_add_f32(p, v); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    unsigned old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
 inline void __trap(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     ::fj_emu::trap("__trap()", file, line);
 }

@@ -30,6 +30,8 @@
 #      sm90_split: on Hopper, all of gpu_attention_sm90 on the kernels built with the split wgmma schedule
 #               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
 #               times them (--split-schedule: "Hopper schedule" table in compare.log).
+#      vf16_host, vf16_dit: on Hopper, the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): the host
+#               entry points' tests at the tangent aim of 1.7e-3, and gpu_dit's bf16 tests through them
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
@@ -42,7 +44,8 @@
 #      JVP at the issue's two shapes and of the layernorm JVP (ncu.log)
 #   8. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there;
-#      racecheck over them takes over a minute)
+#      racecheck over them takes over a minute); memcheck_vf16: memcheck over them with
+#      FLASHJVP_ATTENTION_VALUES=f16 (the f16 copies' kernels and the vf16 JVP kernels)
 #   9. rcm_gpu: the rCM example's `--preset gpu`, shortened to about a minute (rcm_gpu/results.md)
 # CHECK_SKIP="name ..." skips those steps (e.g. a sanitizer run already clean on the same kernels);
 # CHECK_DEADLINE (default 570 s) bounds them all.
@@ -180,6 +183,16 @@ if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,nohead
     [ "$last_rc" = 0 ] && split_args=(--split-schedule)
   fi
 fi
+# f16 value products (FLASHJVP_ATTENTION_VALUES=f16: bf16 JVPs on Hopper; gpu_attention_sm90 above ran
+# their plan's own tests): the host entry points at the aim (1.7e-3), and the DiT through them.
+if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ]; then
+  if [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
+    step vf16_host 40 "$OUT/gpu_attention_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 \
+      "$G/bin/tests/gpu_attention_sm90" --test-threads=1 host_ops packed_qkv
+    step vf16_dit 60 "$OUT/gpu_dit_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 \
+      "$G/bin/tests/gpu_dit" --test-threads=1 bf16
+  fi
+fi
 test_step gpu_sanitize 60
 for t in "$G"/bin/tests/gpu_*; do  # any other GPU test binary (gpu_plans: NVRTC only, CI runs it)
   name=$(basename "$t")
@@ -255,6 +268,9 @@ if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheade
     --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
   step racecheck_sm80 150 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_PATH=sm80 "$SAN" --tool racecheck \
     --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+  # The f16 value products: the copies' kernels and the vf16 JVP kernels (bf16) under memcheck.
+  step memcheck_vf16 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_VALUES=f16 "$SAN" --tool memcheck \
+    --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
 fi
 
 # ---- 9. the rCM example's GPU preset (never run on a GPU before), shortened to about a minute: the

@@ -421,6 +421,17 @@ def main():
         f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
         log(f"{str(shape):26} {f(m80)} ({f(s80.get('tflops'), 5, 0)}) {f(m90)} ({f(s90.get('tflops'), 5, 0)})"
             f" {f(m80 / m90, 8, 2)}x | {f(tb)} {f(m80 / tb, 8, 2)}x {f(m90 / tb, 8, 2)}x")
+    # f16 value products (FLASHJVP_ATTENTION_VALUES=f16, bf16 on Hopper): the precision mode's cost,
+    # its two passes over V and Vdot included.
+    log("")
+    log("attention JVP, f16 value products (bf16)   jvp ms   jvp_vf16 ms (TF/s)   vf16/jvp")
+    for row, (shape, p) in zip(table, by_shape.items()):
+        nan = float("nan")
+        jv, vf = p.get("jvp", {}), p.get("jvp_vf16", {})
+        ratio = (vf.get("ms") or nan) / (jv.get("ms") or nan)
+        row.update({"jvp_vf16_ms": vf.get("ms"), "jvp_vf16_over_jvp": ratio})
+        f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
+        log(f"{str(shape):40} {f(jv.get('ms'))} {f(vf.get('ms'), 11)} ({f(vf.get('tflops'), 5, 0)}) {f(ratio, 9, 3)}x")
     if args.split_schedule:
         out["split_schedule"] = split_schedule(binary, by_shape, t_start + args.time_limit_s)
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0

@@ -1065,12 +1065,49 @@ pub fn jvp_into(
         lse: out.lse.ptr(),
         tlse: tlse.ptr(),
     };
-    gpu.run(&super::attention_sm90::plan_for(
-        gpu.arch(),
+    run_jvp(
+        gpu,
         variant,
         dtype,
         dims,
         Layout::contiguous(dims),
+        p,
+        scale,
+    )
+}
+
+/// Runs the JVP plan of [`super::attention_sm90::plan_for`], or with `FLASHJVP_ATTENTION_VALUES=f16`
+/// on the Hopper path for bf16 [`super::attention_sm90::plan_f16_values`] over a workspace
+/// allocated here (see [`super::attention_sm90::ValueProducts`]).
+fn run_jvp(
+    gpu: &Gpu,
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+) -> Result<()> {
+    use super::attention_sm90 as sm90;
+    let path = sm90::path_for(gpu.arch(), dtype, dims);
+    if sm90::ValueProducts::from_env().applies(path, variant, dtype) {
+        let bytes = sm90::f16_values_workspace_bytes(variant, dims);
+        let ws = gpu.alloc(&[bytes.div_ceil(4)], DType::F32)?;
+        return gpu.run(&sm90::plan_f16_values(
+            variant,
+            dims,
+            layout,
+            p,
+            scale,
+            ws.ptr(),
+        )?);
+    }
+    gpu.run(&sm90::plan_for(
+        gpu.arch(),
+        variant,
+        dtype,
+        dims,
+        layout,
         p,
         scale,
     )?)
@@ -1255,15 +1292,15 @@ pub fn jvp_packed_into(
         lse: out.lse.ptr(),
         tlse: tlse.ptr(),
     };
-    gpu.run(&super::attention_sm90::plan_for(
-        gpu.arch(),
+    run_jvp(
+        gpu,
         Variant::Jvp,
         dtype,
         dims,
         Layout::packed_qkv(dims),
         p,
         scale,
-    )?)
+    )
 }
 
 /// dq, dk, dv given the forward's o \[B,H,Nq,dv\] and lse (f32) and the output cotangent dout

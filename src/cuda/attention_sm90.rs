@@ -324,6 +324,168 @@ pub fn plan(
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
+    plan_kernel(variant, dtype, dims, layout, p, scale, None)
+}
+
+/// How the Hopper JVP rounds the operands of its value products (P V, (P⊙Ṡ) V, P V̇).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueProducts {
+    /// In the storage dtype (the default; bf16 tangent error about 2.3e-3 relative).
+    Storage,
+    /// In f16 for bf16 storage: P and P⊙(Ṡ − μ) keep 11 significant bits instead of 8, V and V̇
+    /// are read from f16 copies scaled by a power of two. The tangent's error comes down to its
+    /// output rounding (about 1.65e-3, PyTorch's math backend); costs one pass over V and V̇ and
+    /// [`f16_values_workspace_bytes`] of workspace. Ignored for f16 storage (already f16), for the
+    /// primal forward, and on the sm_80 path.
+    F16,
+}
+
+impl ValueProducts {
+    /// `FLASHJVP_ATTENTION_VALUES=f16` selects [`ValueProducts::F16`] for the entry points of
+    /// `attention` that allocate their own workspace (`jvp`, `jvp_into`, `jvp_packed`,
+    /// `jvp_packed_into`); unset (or any other value) keeps [`ValueProducts::Storage`].
+    pub fn from_env() -> Self {
+        if std::env::var("FLASHJVP_ATTENTION_VALUES").is_ok_and(|v| v == "f16") {
+            ValueProducts::F16
+        } else {
+            ValueProducts::Storage
+        }
+    }
+
+    /// Whether this choice changes the plan of `variant` in `dtype` on `path`: only
+    /// [`ValueProducts::F16`] for a bf16 JVP (with or without K/V tangents) on the Hopper path.
+    pub fn applies(self, path: Path, variant: Variant, dtype: DType) -> bool {
+        self == ValueProducts::F16
+            && path == Path::Sm90a
+            && variant != Variant::Fwd
+            && dtype == DType::BF16
+    }
+}
+
+/// Bytes of the f16 copies' header (the max bits, padded so the copies start 256-byte aligned).
+const VALUES_HEADER: usize = 256;
+
+/// Workspace of [`plan_f16_values`]: the max bits, then f16 copies of V (and of V̇ for the full
+/// JVP), each [B, H, Nk, d].
+pub fn f16_values_workspace_bytes(variant: Variant, dims: AttnDims) -> usize {
+    let copy = dims.b * dims.h * dims.nk * dims.dv * 2;
+    let copies = if variant == Variant::Jvp { 2 } else { 1 };
+    VALUES_HEADER + copies * copy.next_multiple_of(256)
+}
+
+/// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) over q, k, v, o in
+/// `layout`: zero the max, `sm90_values_amax_bf16`, `sm90_values_to_f16_bf16` into `workspace`
+/// (device address, 256-byte aligned, [`f16_values_workspace_bytes`] long), then the
+/// `attention_jvp{,_nokv}_sm90_bf16_vf16` kernel reading V and V̇ from the copies.
+pub fn plan_f16_values(
+    variant: Variant,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    workspace: u64,
+) -> Result<Vec<Step>> {
+    if variant == Variant::Fwd {
+        return Err(Error::invalid(
+            OP,
+            "f16 value products are for the JVP (the primal forward keeps bf16 ones)",
+        ));
+    }
+    check_problem("attention (sm_90a, f16 values)", DType::BF16, dims, scale)?;
+    if workspace == 0 || workspace % 256 != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("the f16 values' workspace must be a 256-byte aligned device address, got {workspace:#x}"),
+        ));
+    }
+    layout.check(DType::BF16, dims)?;
+    let copy = (dims.b * dims.h * dims.nk * dims.dv * 2).next_multiple_of(256) as u64;
+    let amax = workspace;
+    let v16 = workspace + VALUES_HEADER as u64;
+    let tv16 = if variant == Variant::Jvp {
+        v16 + copy
+    } else {
+        0
+    };
+    let tv = if variant == Variant::Jvp { p.tv } else { 0 };
+    let mut read = vec![("v", p.v)];
+    if variant == Variant::Jvp {
+        read.push(("tv", tv));
+    }
+    check_tma_ptrs("attention on the GPU (sm_90a, f16 values)", &read)?;
+    let vecs = (dims.b * dims.h * dims.nk * dims.dv / 8) as i64;
+    let mut args = vec![Arg::Ptr(p.v), Arg::Ptr(tv), Arg::Ptr(amax)];
+    let shape = [
+        int_arg(OP, "Nk", dims.nk)?,
+        int_arg(OP, "H", dims.h)?,
+        int_arg(OP, "d", dims.dv)?,
+    ];
+    args.extend(shape);
+    args.extend(layout.v.args());
+    args.push(Arg::I64(vecs));
+    // One atomicMax per block: at most 1024 blocks, grid-stride beyond.
+    let grid = ((vecs as u64).div_ceil(256).clamp(1, 1024), 1, 1);
+    let mut steps = vec![Step::zero(amax, 4)];
+    steps.push(Step::Kernel(Launch::new(
+        OP,
+        FILE,
+        "sm90_values_amax_bf16",
+        grid,
+        (256, 1, 1),
+        0,
+        args,
+    )?));
+    let mut args = vec![
+        Arg::Ptr(p.v),
+        Arg::Ptr(tv),
+        Arg::Ptr(amax),
+        Arg::Ptr(v16),
+        Arg::Ptr(tv16),
+    ];
+    args.extend(shape);
+    args.extend(layout.v.args());
+    args.push(Arg::I64(vecs));
+    steps.push(Step::Kernel(Launch::new(
+        OP,
+        FILE,
+        "sm90_values_to_f16_bf16",
+        ((vecs as u64).div_ceil(256).clamp(1, 65535 * 16), 1, 1),
+        (256, 1, 1),
+        0,
+        args,
+    )?));
+    let copies = JvpPtrs {
+        v: v16,
+        tv: tv16,
+        ..p
+    };
+    let layout = Layout {
+        v: Strides::contiguous(dims.h, dims.nk, dims.dv),
+        ..layout
+    };
+    steps.extend(plan_kernel(
+        variant,
+        DType::BF16,
+        dims,
+        layout,
+        copies,
+        scale,
+        Some(amax),
+    )?);
+    Ok(steps)
+}
+
+/// [`plan`], or with `vamax` (the f16 copies' max bits) the f16-values kernel, whose V and V̇
+/// (`p.v`, `p.tv`) are the contiguous f16 copies.
+fn plan_kernel(
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    vamax: Option<u64>,
+) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     check_problem("attention (sm_90a)", dtype, dims, scale)?;
     let mut named = vec![
@@ -364,7 +526,7 @@ pub fn plan(
     let vmap = |ptr| {
         Arg::TensorMap(TensorMapDesc::attention(
             ptr,
-            dtype,
+            if vamax.is_some() { DType::F16 } else { dtype },
             dims.v_shape(),
             layout.v,
             bc,
@@ -406,11 +568,18 @@ pub fn plan(
     }
     args.extend([nq, nk, Arg::F32(scale), int_arg(OP, "H", dims.h)?]);
     args.extend(layout.o.args());
+    let values = match vamax {
+        Some(amax) => {
+            args.push(Arg::Ptr(amax));
+            "_vf16"
+        }
+        None => "",
+    };
     let grid = (dims.nq.div_ceil(BLOCK_ROWS) as u64, bh as u64, 1);
     Ok(vec![Step::Kernel(Launch::new(
         OP,
         FILE,
-        format!("{prefix}_{dt}_d{}", dims.d),
+        format!("{prefix}_{dt}{values}_d{}", dims.d),
         grid,
         (THREADS, 1, 1),
         shared_bytes(variant, dims.d),
@@ -895,6 +1064,90 @@ mod tests {
                 m.check().unwrap();
             }
         }
+    }
+
+    #[test]
+    fn f16_value_plans_copy_v_and_read_the_copies() {
+        // Packed q, k, v (strided v), full JVP: zero the max, the max, the copies, the kernel.
+        let dims = check_shapes(&[2, 3, 77, 64], &[2, 3, 77, 64], &[2, 3, 77, 64]).unwrap();
+        let packed = Layout::packed_qkv(dims);
+        let ws = 0x100_0000;
+        let steps = plan_f16_values(Variant::Jvp, dims, packed, ptrs(), 0.1, ws).unwrap();
+        assert_eq!(steps.len(), 4);
+        assert_eq!(steps[0], Step::zero(ws, 4));
+        let copy = 2 * 3 * 77 * 64 * 2;
+        assert_eq!(
+            f16_values_workspace_bytes(Variant::Jvp, dims),
+            256 + 2 * (copy as usize).next_multiple_of(256)
+        );
+        let kernel = |i: usize| match &steps[i] {
+            Step::Kernel(l) => l.clone(),
+            s => panic!("{s:?}"),
+        };
+        let (amax, conv, attn) = (kernel(1), kernel(2), kernel(3));
+        assert_eq!(amax.kernel, "sm90_values_amax_bf16");
+        assert_eq!(conv.kernel, "sm90_values_to_f16_bf16");
+        assert_eq!(attn.kernel, "attention_jvp_sm90_bf16_vf16_d64");
+        // Both read v and tv with v's packed strides; the copies follow the header.
+        let v16 = ws + 256;
+        let tv16 = v16 + (copy as u64).next_multiple_of(256);
+        assert_eq!(
+            &conv.args[..5],
+            &[
+                Arg::Ptr(0x30000),
+                Arg::Ptr(0x60000),
+                Arg::Ptr(ws),
+                Arg::Ptr(v16),
+                Arg::Ptr(tv16)
+            ]
+        );
+        assert_eq!(&conv.args[8..11], &packed.v.args()[..]);
+        assert_eq!(conv.args[11], Arg::I64(2 * 3 * 77 * 64 / 8));
+        assert_eq!(&amax.args[..3], &conv.args[..3]);
+        // The kernel: V and V̇ maps over the contiguous f16 copies, the max's address last.
+        for (i, ptr) in [(2, v16), (5, tv16)] {
+            let Arg::TensorMap(m) = attn.args[i] else {
+                panic!()
+            };
+            assert_eq!((m.ptr, m.dtype), (ptr, DType::F16));
+            assert_eq!(m.strides, [128, 128 * 77, 128 * 77 * 3]);
+        }
+        let Arg::TensorMap(q) = attn.args[0] else {
+            panic!()
+        };
+        assert_eq!((q.dtype, q.strides[0]), (DType::BF16, 2 * 3 * 3 * 64));
+        assert_eq!(attn.args.last(), Some(&Arg::Ptr(ws)));
+        assert_eq!(attn.args.len(), 18);
+        // nokv: one copy, no tangent read.
+        let nokv = plan_f16_values(Variant::JvpNoKv, dims, packed, ptrs(), 0.1, ws).unwrap();
+        let Step::Kernel(c) = &nokv[2] else { panic!() };
+        assert_eq!((&c.args[1], &c.args[4]), (&Arg::Ptr(0), &Arg::Ptr(0)));
+        let Step::Kernel(k) = &nokv[3] else { panic!() };
+        assert_eq!(k.kernel, "attention_jvp_nokv_sm90_bf16_vf16_d64");
+        assert_eq!(
+            f16_values_workspace_bytes(Variant::JvpNoKv, dims),
+            256 + (copy as usize).next_multiple_of(256)
+        );
+        // Refusals: the forward, a misaligned or null workspace, a head dim without kernels.
+        for (variant, ws) in [
+            (Variant::Fwd, ws),
+            (Variant::Jvp, ws + 16),
+            (Variant::Jvp, 0),
+        ] {
+            assert!(plan_f16_values(variant, dims, packed, ptrs(), 0.1, ws).is_err());
+        }
+        let d32 = check_shapes(&[1, 1, 8, 32], &[1, 1, 8, 32], &[1, 1, 8, 32]).unwrap();
+        let e = plan_f16_values(Variant::Jvp, d32, Layout::contiguous(d32), ptrs(), 0.1, ws)
+            .unwrap_err();
+        assert!(e.to_string().contains("f16 values"), "{e}");
+        // Where the choice applies.
+        let f16v = ValueProducts::F16;
+        assert!(f16v.applies(Path::Sm90a, Variant::Jvp, DType::BF16));
+        assert!(f16v.applies(Path::Sm90a, Variant::JvpNoKv, DType::BF16));
+        assert!(!f16v.applies(Path::Sm90a, Variant::Fwd, DType::BF16));
+        assert!(!f16v.applies(Path::Sm90a, Variant::Jvp, DType::F16));
+        assert!(!f16v.applies(Path::Sm80, Variant::Jvp, DType::BF16));
+        assert!(!ValueProducts::Storage.applies(Path::Sm90a, Variant::Jvp, DType::BF16));
     }
 
     #[test]

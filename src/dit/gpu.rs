@@ -520,8 +520,29 @@ impl BlockParams {
 /// One block's forward (t = None) or dual forward: x2 = x1 + gate2 ⊙ mlp(ln(x1)),
 /// x1 = x + gate1 ⊙ proj(attention(qkv(ln(x)))). `tm` are the modulation tangents (None: zero).
 /// `arch` (the device's NVRTC arch) picks the attention kernels: sm_90a's where they apply.
+/// The attention JVP's value products follow `FLASHJVP_ATTENTION_VALUES`
+/// ([`sm90::ValueProducts::from_env`]); [`plan_block_forward_with`] takes the choice explicitly.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_block_forward(
+    arch: &str,
+    dtype: DType,
+    d: BlockDims,
+    p: &BlockParams,
+    m: &Mods,
+    tm: Option<&Mods>,
+    a: &BlockBufs,
+    t: Option<&BlockTangents>,
+) -> Result<Vec<Step>> {
+    let values = sm90::ValueProducts::from_env();
+    plan_block_forward_with(values, arch, dtype, d, p, m, tm, a, t)
+}
+
+/// [`plan_block_forward`] with the attention JVP's value products chosen by `values`. With
+/// [`sm90::ValueProducts::F16`] (bf16 on the Hopper path) the f16 copies of v and its tangent go
+/// into `a.pre`, which nothing reads before the MLP's first layer writes it.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_block_forward_with(
+    values: sm90::ValueProducts,
     arch: &str,
     dtype: DType,
     d: BlockDims,
@@ -641,15 +662,35 @@ pub fn plan_block_forward(
         lse: a.lse,
         tlse: t.lse,
     };
-    s.extend(sm90::plan_for(
-        arch,
-        Variant::Jvp,
-        dtype,
-        adims,
-        layout,
-        jp,
-        scale,
-    )?);
+    if values.applies(sm90::path_for(arch, dtype, adims), Variant::Jvp, dtype) {
+        let need = sm90::f16_values_workspace_bytes(Variant::Jvp, adims);
+        let have = 2 * tn * hd * sz as usize;
+        if need > have {
+            return Err(Error::Unsupported(format!(
+                "DiT block: the f16 value copies need {need} bytes, more than the MLP's \
+                 pre-activation buffer [{}, {hd}] holds ({have} bytes)",
+                2 * tn
+            )));
+        }
+        s.extend(sm90::plan_f16_values(
+            Variant::Jvp,
+            adims,
+            layout,
+            jp,
+            scale,
+            a.pre,
+        )?);
+    } else {
+        s.extend(sm90::plan_for(
+            arch,
+            Variant::Jvp,
+            dtype,
+            adims,
+            layout,
+            jp,
+            scale,
+        )?);
+    }
     s.push(proj.fwd(dtype, tn, a.o_rows, a.attn_out, true));
     s.push(proj.fwd(dtype, tn, t.o_rows, t.attn_out, false));
     // x1 = x + gate1 ⊙ attn_out and h2 = modulated layernorm(x1), with tangents, in one pass.
