@@ -83,6 +83,9 @@
 //   16-byte aligned and every stride a multiple of 8 elements (cp.async copies 16-byte row chunks). E.g.
 //   q, k, v read in place from a packed projection [B,N,3,H,d] (sb = N*3Hd, sh = d, sn = 3Hd; k, v at
 //   +Hd, +2Hd) and o written token-major [B,N,H,dv] (sb = N*H*dv, sh = dv, sn = H*dv).
+//   attention_jvp{,_nokv}_bf16_vf16_d{D} (the jvp/nokv parameters, then const unsigned* vamax): the f16
+//   value products (attn_tc's F16_VALUES; common.cuh, F16 VALUE PRODUCTS): v and tv are contiguous f16
+//   copies scaled by 2^-k (v's LAYOUT strides describe the copies), vamax the max bits k comes from.
 //
 // LIMITS: head dims other than the five above are not instantiated. f16: P.Sdot is rounded to f16, so
 // |p * sdot| must stay below 65504.
@@ -123,14 +126,21 @@ template <int D, int DV, int MODE> struct Cfg {
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (bf16 / f16 storage).
-template <class ST, int D, int DV, int MODE>
+// F16_VALUES (bf16 storage, with a tangent; attention_jvp{,_nokv}_bf16_vf16_d{D}): v and tv are the
+// contiguous f16 copies written by attention_values_to_f16_bf16 (scaled by 2^-k, k = fj_values_exp of
+// the max bits at vamax), and the value products (P V, (P.Sdot) V, P Vdot) run in f16, their P operands
+// rounded to f16: the bf16 tangent's error falls to about its output rounding (common.cuh, F16 VALUE
+// PRODUCTS). O and T come out in units of 2^-k and are stored times 2^k.
+template <class ST, int D, int DV, int MODE, bool F16_VALUES = false>
 __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u16* __restrict__ k,
                                         const fj_u16* __restrict__ v, const fj_u16* __restrict__ tq,
                                         const fj_u16* __restrict__ tk, const fj_u16* __restrict__ tv,
                                         fj_u16* __restrict__ o, fj_u16* __restrict__ to, float* __restrict__ lse,
                                         float* __restrict__ tlse, int Nq, int Nk, float scale, int H, Str qs,
-                                        Str ks, Str vs, Str os) {
+                                        Str ks, Str vs, Str os, const fj_u32* __restrict__ vamax = nullptr) {
     constexpr bool F16 = ST::IS_F16;
+    static_assert(!F16_VALUES || (!F16 && MODE != FWD), "f16 value products: bf16 storage, with a tangent");
+    constexpr bool VF16 = F16 || F16_VALUES;  // the type of the value products' operands
     constexpr bool TAN = MODE != FWD;   // a tangent is carried (qdot at least)
     constexpr bool KVT = MODE == FULL;  // k and v carry tangents
     constexpr bool P_EARLY = MODE == NOKV;  // P packed to 16 bits early (header: NOKV REGISTERS)
@@ -273,7 +283,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     const float sl2 = scale * FJ_LOG2E;
     // Element h (0: low half) of a packed pair of storage values, as f32.
     auto half_of = [](fj_u32 w, int h) {
-        if (F16) return fj_f16_to_f32(h ? (fj_u16)(w >> 16) : (fj_u16)(w & 0xffffu));
+        if (VF16) return fj_f16_to_f32(h ? (fj_u16)(w >> 16) : (fj_u16)(w & 0xffffu));
         return __uint_as_float(__byte_perm(w, 0u, h ? 0x3244u : 0x1044u));  // bf16: an f32's top half
     };
 
@@ -402,8 +412,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[n][e] = fj_exp2(fmaf(s[n][e], sl2, m_off[e >> 1]));
                 if (P_EARLY) {
-                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(s[n][0], s[n][1]);
-                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(s[n][2], s[n][3]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<VF16>(s[n][0], s[n][1]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<VF16>(s[n][2], s[n][3]);
                 }
             }
 #pragma unroll
@@ -449,11 +459,11 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                     ps[e] = p * (sd[TAN ? n : 0][e] - mu_run[e >> 1]);
                 }
                 if (!P_EARLY) {
-                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(s[n][0], s[n][1]);
-                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(s[n][2], s[n][3]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<VF16>(s[n][0], s[n][1]);
+                    pk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<VF16>(s[n][2], s[n][3]);
                 }
-                psk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<F16>(ps[0], ps[1]);
-                psk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<F16>(ps[2], ps[3]);
+                psk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<VF16>(ps[0], ps[1]);
+                psk[TAN ? n >> 1 : 0][(n & 1) * 2 + 1] = fj_pack2<VF16>(ps[2], ps[3]);
             }
         } else {  // primal forward
 #pragma unroll
@@ -481,26 +491,26 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                     psa[e] = psk[TAN ? kc2 : 0][e];
                 }
             } else {
-                pa[0] = fj_pack2<F16>(s[2 * kc2][0], s[2 * kc2][1]);
-                pa[1] = fj_pack2<F16>(s[2 * kc2][2], s[2 * kc2][3]);
-                pa[2] = fj_pack2<F16>(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
-                pa[3] = fj_pack2<F16>(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
+                pa[0] = fj_pack2<VF16>(s[2 * kc2][0], s[2 * kc2][1]);
+                pa[1] = fj_pack2<VF16>(s[2 * kc2][2], s[2 * kc2][3]);
+                pa[2] = fj_pack2<VF16>(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
+                pa[3] = fj_pack2<VF16>(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
             }
 #pragma unroll
             for (int n2 = 0; n2 < DVP / 16; ++n2) {
                 fj_u32 b[4];
                 fj_ldmatrix_x4_trans(b, sV_v + (kc2 * 16 * SV + n2 * 16) * 2);
-                fj_mma16816<F16>(acc_o[2 * n2], pa, b[0], b[1]);
-                fj_mma16816<F16>(acc_o[2 * n2 + 1], pa, b[2], b[3]);
+                fj_mma16816<VF16>(acc_o[2 * n2], pa, b[0], b[1]);
+                fj_mma16816<VF16>(acc_o[2 * n2 + 1], pa, b[2], b[3]);
                 if (TAN) {
-                    fj_mma16816<F16>(acc_t[TAN ? 2 * n2 : 0], psa, b[0], b[1]);
-                    fj_mma16816<F16>(acc_t[TAN ? 2 * n2 + 1 : 0], psa, b[2], b[3]);
+                    fj_mma16816<VF16>(acc_t[TAN ? 2 * n2 : 0], psa, b[0], b[1]);
+                    fj_mma16816<VF16>(acc_t[TAN ? 2 * n2 + 1 : 0], psa, b[2], b[3]);
                 }
                 if (KVT) {
                     fj_u32 bd[4];
                     fj_ldmatrix_x4_trans(bd, sVd_v + (kc2 * 16 * SV + n2 * 16) * 2);
-                    fj_mma16816<F16>(acc_t[TAN ? 2 * n2 : 0], pa, bd[0], bd[1]);
-                    fj_mma16816<F16>(acc_t[TAN ? 2 * n2 + 1 : 0], pa, bd[2], bd[3]);
+                    fj_mma16816<VF16>(acc_t[TAN ? 2 * n2 : 0], pa, bd[0], bd[1]);
+                    fj_mma16816<VF16>(acc_t[TAN ? 2 * n2 + 1 : 0], pa, bd[2], bd[3]);
                 }
             }
         }
@@ -510,6 +520,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 
     // ---- finish: quad-reduce l for the primal forward (each thread summed its own columns), normalise,
     // store ----
+    float vunit = 1.f;  // the unit of O and T: 2^k on the f16 copies, else 1
+    if constexpr (F16_VALUES) vunit = fj_values_unit(*vamax);
 #pragma unroll
     for (int i = 0; i < 2 && !TAN; ++i) {
         l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
@@ -526,7 +538,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
     for (int i = 0; i < 2; ++i) {
         const int row = q0 + warp * 16 + g + 8 * i;
         if (row >= Nq) continue;
-        const float inv_l = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+        const float inv_l = (l_run[i] > 0.f ? 1.f / l_run[i] : 0.f) * vunit;  // * 2^k: F16_VALUES
         const fj_i64 roff = head_offset(os, bh, H) + (fj_i64)row * os.n;
 #pragma unroll
         for (int n = 0; n < DV / 8; ++n) {  // n-tiles at or past dv (padding) are not stored
@@ -754,6 +766,27 @@ __device__ __forceinline__ void attn_f32(const float* __restrict__ q, const floa
     FJ_REGISTER(attention_fwd_f32##SUF)
 
 // All three dtypes of one (d, dv) pair.
+// The f16-value-products JVPs (bf16, d == dv; attn_tc's F16_VALUES): the bf16 JVP signatures plus the
+// address of the copies' max bits.
+#define FJ_ATTN_VF16(D)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_bf16_vf16_d##D(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,           \
+                                     const fj_u16* tk, const fj_u16* tv, fj_u16* o, fj_u16* to, float* lse,         \
+                                     float* tlse, int Nq, int Nk, float scale, FJ_ATTN_LAYOUT,                      \
+                                     const fj_u32* vamax) {                                                         \
+        fj_attn::attn_tc<FjBF16, D, D, fj_attn::FULL, true>(q, k, v, tq, tk, tv, o, to, lse, tlse, Nq, Nk, scale,   \
+                                                            FJ_ATTN_LAYOUT_ARGS, vamax);                            \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_bf16_vf16_d##D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                            \
+        attention_jvp_nokv_bf16_vf16_d##D(const fj_u16* q, const fj_u16* k, const fj_u16* v, const fj_u16* tq,      \
+                                          fj_u16* o, fj_u16* to, float* lse, float* tlse, int Nq, int Nk,           \
+                                          float scale, FJ_ATTN_LAYOUT, const fj_u32* vamax) {                       \
+        fj_attn::attn_tc<FjBF16, D, D, fj_attn::NOKV, true>(q, k, v, tq, nullptr, nullptr, o, to, lse, tlse, Nq,    \
+                                                            Nk, scale, FJ_ATTN_LAYOUT_ARGS, vamax);                 \
+    }                                                                                                               \
+    FJ_REGISTER(attention_jvp_nokv_bf16_vf16_d##D)
+
 #define FJ_ATTN_ALL(D, DV, SUF) FJ_ATTN_TC(bf16, FjBF16, D, DV, SUF) FJ_ATTN_TC(f16, FjF16, D, DV, SUF) FJ_ATTN_F32(D, DV, SUF)
 #define FJ_ATTN_SAME(D) FJ_ATTN_ALL(D, D, _d##D)
 #define FJ_ATTN_PAIR(D, DV) FJ_ATTN_ALL(D, DV, _d##D##_dv##DV)

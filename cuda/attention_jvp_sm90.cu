@@ -26,16 +26,9 @@
 // P.(Sdot - mu_new) to the next turn; then odot = T/l. Unlike sm_80 (register budget), nokv is centred
 // too: it fits the consumers' 240 registers without spills.
 //
-// F16 VALUE PRODUCTS (opt-in, bf16 storage, full JVP and nokv: attention_jvp{,_nokv}_sm90_bf16_vf16_d{D}).
-// Rounding P and P.(Sdot - mu) to bf16 (8 significant bits) costs the bf16 tangent as much error as
-// rounding the output does: 2.3e-3 relative in all, against 1.65e-3 for the output's rounding alone
-// (PyTorch's math backend). In f16 (11 bits) the operands add almost nothing. The value products then
-// need V and Vdot in f16 too: sm90_values_amax_bf16 takes max |V|, |Vdot| (the bits of a non-negative
-// f32 order as unsigned integers: one atomicMax), sm90_values_to_f16_bf16 writes contiguous f16 copies
-// scaled by 2^-k with k = values_exp(max) (the largest value lands in [2^14, 2^15), below f16's 65504;
-// scaling by a power of two and bf16 -> f16 are exact down to 2^-24 2^k), and the kernel multiplies O
-// and T back by 2^k. P.(Sdot - mu) must stay below 65504 in magnitude (beyond it the f16 operand is
-// inf and the output not finite: a visible failure, never a silently clamped one).
+// F16 VALUE PRODUCTS (opt-in, bf16 storage, full JVP and nokv: attention_jvp{,_nokv}_sm90_bf16_vf16_d{D}):
+// the value products in f16 on f16 copies of V and Vdot scaled by 2^-k, O and T stored times 2^k
+// (common.cuh, F16 VALUE PRODUCTS).
 //
 // BLOCK: 384 threads = 3 warpgroups; 128 query rows per block. Warpgroup 0 is the producer (one thread
 // issues every TMA copy; its registers are cut to 24 with setmaxnreg), warpgroups 1 and 2 are consumers
@@ -132,24 +125,9 @@ template <int D, int MODE> struct Cfg {
     };
 };
 
-// ---------------------------------------------------------------------------------------------
-// The exponent k of the f16 value copies' scale 2^-k, from the bits of max |V|, |Vdot| (an f32 >= 0):
-// the largest value lands in [2^14, 2^15). k stays in [-126, 113] so that 2^k and 2^-k are normal f32;
-// an all-zero (or subnormal) max takes k = -126, a non-finite one k = 0 (the copies carry the inf/NaN).
-__device__ __forceinline__ int values_exp(fj_u32 amax_bits) {
-    const int e = (int)((amax_bits >> 23) & 0xffu);
-    if (e == 0xff) return 0;
-    if (e == 0) return -126;
-    const int k = e - 127 - 14;
-    return k < -126 ? -126 : k;
-}
-// 2^k: the unit of the copies' values.
-__device__ __forceinline__ float values_unit(fj_u32 amax_bits) {
-    return __int_as_float((values_exp(amax_bits) + 127) << 23);
-}
-
-// F16_VALUES (bf16 storage only): V and Vdot are the f16 copies made by sm90_values_to_f16 (scaled by
-// 2^-k, k from the max bits at vamax), and the value products run in f16 (see F16 VALUE PRODUCTS above).
+// F16_VALUES (bf16 storage only): V and Vdot are the f16 copies made by attention_values_to_f16_bf16
+// (scaled by 2^-k, k from the max bits at vamax), and the value products run in f16 (see F16 VALUE
+// PRODUCTS above).
 template <class ST, int D, int MODE, bool F16_VALUES = false>
 __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorMap* mk, const FjTensorMap* mv,
                                           const FjTensorMap* mtq, const FjTensorMap* mtk, const FjTensorMap* mtv,
@@ -483,7 +461,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         const int bb = bh / H, hh = bh - bb * H;
         // O and T in the units of the scaled f16 copies of V and Vdot: back by 2^k.
         float vunit = 1.f;
-        if constexpr (F16_VALUES) vunit = values_unit(*vamax);
+        if constexpr (F16_VALUES) vunit = fj_values_unit(*vamax);
         const fj_i64 ooff = (fj_i64)bb * o_sb + (fj_i64)hh * o_sh;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -602,81 +580,6 @@ __device__ __forceinline__ void layout_probe(const FjTensorMap* mq, const FjTens
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// THE F16 VALUE COPIES (see F16 VALUE PRODUCTS in the header). v and tv (tv may be null: nokv) are bf16
-// [B, H, N, D] at element offset b*sb + h*sh + n*sn + col (strides and D multiples of 8, 16-byte aligned
-// bases, as TMA needs anyway); `vecs` = B*H*N*D/8 vectors of 8 elements. Both kernels are grid-stride,
-// block 256, any grid.
-//   sm90_values_amax_bf16 (v, tv, amax, N, H, D, sb, sh, sn, vecs): *amax = max(*amax, bits of max |x|)
-//     over v and tv (the caller zeroes *amax first; NaN bits order above inf's, so a NaN gives k = 0).
-//   sm90_values_to_f16_bf16 (v, tv, amax, v16, tv16, N, H, D, sb, sh, sn, vecs): v16 = f16(v * 2^-k),
-//     likewise tv16, both contiguous [B, H, N, D]; k = values_exp(*amax).
-__device__ __forceinline__ fj_i64 values_src(fj_i64 i, int N, int H, int D, fj_i64 sb, fj_i64 sh, fj_i64 sn) {
-    const int cols = D / 8;
-    const fj_i64 r = i / cols;
-    const int c = (int)(i - r * cols);
-    const fj_i64 bh = r / N;
-    const int n = (int)(r - bh * N);
-    const fj_i64 b = bh / H;
-    const int h = (int)(bh - b * H);
-    return b * sb + h * sh + (fj_i64)n * sn + 8 * c;
-}
-
-__device__ __forceinline__ fj_u32 values_amax8(const fj_u16* x) {
-    const uint4 u = *reinterpret_cast<const uint4*>(x);
-    const fj_u32 w[4] = {u.x, u.y, u.z, u.w};
-    fj_u32 m = 0;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {  // |bf16| as the bits of an f32: drop the sign, shift into place
-        m = max(m, (w[e] & 0x7fffu) << 16);
-        m = max(m, (w[e] >> 16 & 0x7fffu) << 16);
-    }
-    return m;
-}
-
-__device__ __forceinline__ void values_amax(const fj_u16* __restrict__ v, const fj_u16* __restrict__ tv,
-                                            fj_u32* __restrict__ amax, int N, int H, int D, fj_i64 sb,
-                                            fj_i64 sh, fj_i64 sn, fj_i64 vecs) {
-    __shared__ fj_u32 part[8];
-    fj_u32 m = 0;
-    for (fj_i64 i = (fj_i64)blockIdx.x * blockDim.x + threadIdx.x; i < vecs; i += (fj_i64)gridDim.x * blockDim.x) {
-        const fj_i64 off = values_src(i, N, H, D, sb, sh, sn);
-        m = max(m, values_amax8(v + off));
-        if (tv) m = max(m, values_amax8(tv + off));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) part[warp] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = max(m, part[w]);
-        atomicMax(amax, m);  // one per block
-    }
-}
-
-__device__ __forceinline__ void values_convert8(const fj_u16* x, fj_u16* y, float down) {
-    const uint4 u = *reinterpret_cast<const uint4*>(x);
-    const fj_u32 w[4] = {u.x, u.y, u.z, u.w};
-    fj_u32 r[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-        r[e] = fj_pack2<true>(fj_bf16_to_f32((fj_u16)(w[e] & 0xffffu)) * down, fj_bf16_to_f32((fj_u16)(w[e] >> 16)) * down);
-    *reinterpret_cast<uint4*>(y) = make_uint4(r[0], r[1], r[2], r[3]);
-}
-
-__device__ __forceinline__ void values_to_f16(const fj_u16* __restrict__ v, const fj_u16* __restrict__ tv,
-                                              const fj_u32* __restrict__ amax, fj_u16* __restrict__ v16,
-                                              fj_u16* __restrict__ tv16, int N, int H, int D, fj_i64 sb,
-                                              fj_i64 sh, fj_i64 sn, fj_i64 vecs) {
-    const float down = __int_as_float((127 - values_exp(*amax)) << 23);  // 2^-k
-    for (fj_i64 i = (fj_i64)blockIdx.x * blockDim.x + threadIdx.x; i < vecs; i += (fj_i64)gridDim.x * blockDim.x) {
-        const fj_i64 off = values_src(i, N, H, D, sb, sh, sn);
-        values_convert8(v + off, v16 + 8 * i, down);
-        if (tv) values_convert8(tv + off, tv16 + 8 * i, down);
-    }
-}
-
 }  // namespace fj_h
 
 // ---------------------------------------------------------------------------------------------
@@ -717,8 +620,8 @@ FJ_SM90(f16, FjF16, 72)
 FJ_SM90(f16, FjF16, 96)
 FJ_SM90(f16, FjF16, 128)
 
-// The f16 value products (bf16 storage): the JVP kernels with V and Vdot read from the f16 copies, and
-// the two kernels that make them.
+// The f16 value products (bf16 storage): the JVP kernels with V and Vdot read from the f16 copies
+// (made by attention_jvp.cu's attention_values_* kernels).
 #define FJ_SM90_VF16(D)                                                                                            \
     extern "C" __global__ void __launch_bounds__(fj_h::NTHREADS, 1) attention_jvp_sm90_bf16_vf16_d##D(            \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, FJ_TM mtq, FJ_TM mtk, FJ_TM mtv, fj_u16* o, fj_u16* to, float* lse,          \
@@ -739,19 +642,6 @@ FJ_SM90_VF16(64)
 FJ_SM90_VF16(72)
 FJ_SM90_VF16(96)
 FJ_SM90_VF16(128)
-
-extern "C" __global__ void __launch_bounds__(256) sm90_values_amax_bf16(const fj_u16* v, const fj_u16* tv, fj_u32* amax,
-                                                                        int N, int H, int D, fj_i64 sb, fj_i64 sh,
-                                                                        fj_i64 sn, fj_i64 vecs) {
-    fj_h::values_amax(v, tv, amax, N, H, D, sb, sh, sn, vecs);
-}
-FJ_REGISTER(sm90_values_amax_bf16)
-extern "C" __global__ void __launch_bounds__(256)
-    sm90_values_to_f16_bf16(const fj_u16* v, const fj_u16* tv, const fj_u32* amax, fj_u16* v16, fj_u16* tv16, int N,
-                            int H, int D, fj_i64 sb, fj_i64 sh, fj_i64 sn, fj_i64 vecs) {
-    fj_h::values_to_f16(v, tv, amax, v16, tv16, N, H, D, sb, sh, sn, vecs);
-}
-FJ_REGISTER(sm90_values_to_f16_bf16)
 
 // The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
 // both key tiles of d 128.

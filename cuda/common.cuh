@@ -201,3 +201,31 @@ __device__ __forceinline__ float fj_exp2(float x) {
     return y;
 }
 #endif  // FJ_HOST_EMU
+
+// ---------------------------------------------------------------------------------------------
+// F16 VALUE PRODUCTS (opt-in, bf16 storage, the attention JVP on both paths: the *_bf16_vf16 kernels of
+// attention_jvp.cu and attention_jvp_sm90.cu). Rounding P and P.(Sdot - mu) to bf16 (8 significant bits)
+// as value-product operands costs the bf16 tangent about as much error as rounding the output does:
+// 2.3e-3 relative in all, against 1.62-1.70e-3 for the output's rounding alone (PyTorch's math backend:
+// 1.65e-3). In f16 (11 bits) those operands add almost nothing. The value products then need V and Vdot
+// in f16 too: attention_values_amax_bf16 (attention_jvp.cu) takes max |V|, |Vdot| (the bits of a
+// non-negative f32 order as unsigned integers: one atomicMax per block), attention_values_to_f16_bf16
+// writes contiguous f16 copies scaled by 2^-k, k = fj_values_exp(max): the largest value lands in
+// [2^14, 2^15), below f16's 65504, and scaling by a power of two then bf16 -> f16 is exact down to
+// 2^-24 2^k. The kernels multiply O and T back by 2^k. |P.(Sdot - mu)| must stay below 65504 (beyond it
+// the f16 operand is inf and the output not finite: a visible failure, never a silently clamped one).
+//
+// k from the bits of max |V|, |Vdot| (an f32 >= 0), kept in [-126, 113] so that 2^k and 2^-k are
+// normal f32; an all-zero (or subnormal) max takes k = -126, a non-finite one k = 0 (the copies then
+// carry the inf/NaN).
+__device__ __forceinline__ int fj_values_exp(fj_u32 amax_bits) {
+    const int e = (int)((amax_bits >> 23) & 0xffu);
+    if (e == 0xff) return 0;
+    if (e == 0) return -126;
+    const int k = e - 127 - 14;
+    return k < -126 ? -126 : k;
+}
+// 2^k: the unit of the copies' values.
+__device__ __forceinline__ float fj_values_unit(fj_u32 amax_bits) {
+    return __int_as_float((fj_values_exp(amax_bits) + 127) << 23);
+}

@@ -357,7 +357,7 @@ fn run_plan(
     // The f16 copies' workspace, poisoned like the outputs (the plan zeroes the max itself).
     let ws = gpu
         .poisoned(
-            &[sm90::f16_values_workspace_bytes(variant, dims).div_ceil(4)],
+            &[attn::f16_values_workspace_bytes(variant, dims).div_ceil(4)],
             DType::F32,
         )
         .unwrap();

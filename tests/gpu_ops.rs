@@ -240,6 +240,164 @@ fn attention_jvp_case(dtype: DType, which: (bool, bool, bool), label: &str) {
     }
 }
 
+/// o, to, lse, tlse of a bf16 JVP with f16 value products (`plan_f16_values_for`: the Hopper kernels
+/// on sm_90a where they apply, else the sm_80 ones), outputs and workspace NaN-poisoned first.
+fn f16_values_jvp(gpu: &cuda::Gpu, q: &Dual, k: &Dual, v: &Dual) -> [Tensor; 4] {
+    use cuda::attention::{self as attn, Variant};
+    let dtype = DType::BF16;
+    let up = |t: &Tensor| gpu.upload(t, dtype).unwrap();
+    let (qd, kd, vd) = (up(&q.primal), up(&k.primal), up(&v.primal));
+    let dims = attn::check_shapes(qd.shape(), kd.shape(), vd.shape()).unwrap();
+    let variant = if k.tangent.is_some() {
+        Variant::Jvp
+    } else {
+        Variant::JvpNoKv
+    };
+    let tan = |d: &Dual| d.tangent.as_ref().map(up);
+    let (tq, tk, tv) = (tan(q).unwrap(), tan(k), tan(v));
+    let out = |shape: &[usize], dt| gpu.poisoned(shape, dt).unwrap();
+    let (o, to) = (out(&dims.o_shape(), dtype), out(&dims.o_shape(), dtype));
+    let (lse, tlse) = (
+        out(&dims.lse_shape(), DType::F32),
+        out(&dims.lse_shape(), DType::F32),
+    );
+    let ws_bytes = attn::f16_values_workspace_bytes(variant, dims);
+    let ws = out(&[ws_bytes.div_ceil(4)], DType::F32);
+    let p = attn::JvpPtrs {
+        q: qd.ptr(),
+        k: kd.ptr(),
+        v: vd.ptr(),
+        tq: tq.ptr(),
+        tk: tk.as_ref().map_or(0, |t| t.ptr()),
+        tv: tv.as_ref().map_or(0, |t| t.ptr()),
+        o: o.ptr(),
+        to: to.ptr(),
+        lse: lse.ptr(),
+        tlse: tlse.ptr(),
+    };
+    let scale = attn::resolve_scale(None, dims.d).unwrap();
+    let lay = attn::Layout::contiguous(dims);
+    let plan = cuda::attention_sm90::plan_f16_values_for(
+        gpu.arch(),
+        variant,
+        dims,
+        lay,
+        p,
+        scale,
+        ws.ptr(),
+    )
+    .unwrap();
+    gpu.run(&plan).unwrap();
+    [o, to, lse, tlse].map(|t| t.download().unwrap())
+}
+
+/// The f16 value products (`FLASHJVP_ATTENTION_VALUES=f16`) at every bf16 shape with dv == d,
+/// tangents on q, k, v and on q only: o and lse within the bf16 tolerance, and the o tangent within
+/// 5 % of the error that rounding the exact tangent to bf16 costs alone (about 1.65e-3; the bf16
+/// value products' error is about 1.4 times it). On the emulator's sm_80 the sm_80 kernels, on its
+/// sm_90a the Hopper ones (d 32: sm_80's).
+#[test]
+fn attention_jvp_f16_values() {
+    let Some(gpu) = require_gpu_or_skip() else {
+        return;
+    };
+    let dtype = DType::BF16;
+    let (mut worst, mut worst_ratio) = (0.0f64, 0.0f64);
+    for (i, &s) in ATTN.iter().enumerate().filter(|(_, s)| s.4 == s.5) {
+        for kv in [true, false] {
+            let mut r = rng(700 + i as u64);
+            let [qs, ks, vs] = attn_shape(s);
+            let (q, k, v) = (
+                dual(&mut r, &qs, true),
+                dual(&mut r, &ks, kv),
+                dual(&mut r, &vs, kv),
+            );
+            let [o, to, lse, tlse] = f16_values_jvp(&gpu, &q, &k, &v);
+            let want = ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None)
+                .unwrap();
+            let n = format!("{} [{}]", if kv { "jvp" } else { "nokv" }, name(s));
+            check(
+                &format!("f16 values o {n}"),
+                dtype,
+                &o,
+                &want.o.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("f16 values lse {n}"),
+                dtype,
+                &lse,
+                &want.lse.primal,
+                tol(dtype),
+            );
+            let wt = want.o.tangent.as_ref().unwrap();
+            if s.3 == 1 && !kv {
+                check_small(
+                    &format!("f16 values to (zero) {n}"),
+                    dtype,
+                    &to,
+                    &want.o.primal,
+                    1e-3,
+                );
+                continue;
+            }
+            // The floor: the exact tangent rounded to bf16.
+            let floor = rel_err(&rd(wt, dtype).to_f64_vec(), &wt.to_f64_vec());
+            let bound = if floor > 0.0 { 1.05 * floor } else { 1e-6 };
+            check(&format!("f16 values to {n}"), dtype, &to, wt, bound);
+            let err = rel_err(&to.to_f64_vec(), &wt.to_f64_vec());
+            worst = worst.max(err);
+            if floor > 0.0 {
+                worst_ratio = worst_ratio.max(err / floor);
+            }
+            check(
+                &format!("f16 values tlse {n}"),
+                dtype,
+                &tlse,
+                want.lse.tangent.as_ref().unwrap(),
+                1e-3,
+            );
+        }
+    }
+    report(&format!(
+        "MAX f16 values ({}): largest tangent error {worst:.3e}, at most {worst_ratio:.3}x the bf16 \
+         rounding of the exact tangent (aim 1.7e-3)",
+        gpu.arch()
+    ));
+    // Past f16's range: V and its tangent 2^20 times larger give exactly 2^20 times o and its
+    // tangent (the copies are scaled by a power of two), lse and its tangent unchanged.
+    let s = ATTN[1];
+    let mut r = rng(799);
+    let [qs, ks, vs] = attn_shape(s);
+    let (q, k, v) = (
+        dual(&mut r, &qs, true),
+        dual(&mut r, &ks, true),
+        dual(&mut r, &vs, true),
+    );
+    let f = 2f64.powi(20);
+    let times = |t: &Tensor| {
+        Tensor::from_vec(
+            t.to_f64_vec().iter().map(|x| x * f).collect::<Vec<_>>(),
+            t.shape(),
+        )
+        .unwrap()
+    };
+    let big = Dual::new(times(&v.primal), times(v.tangent.as_ref().unwrap())).unwrap();
+    let base = f16_values_jvp(&gpu, &q, &k, &v);
+    let got = f16_values_jvp(&gpu, &q, &k, &big);
+    for (i, (what, m)) in [("o", f), ("to", f), ("lse", 1.0), ("tlse", 1.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let (a, b) = (got[i].to_f64_vec(), base[i].to_f64_vec());
+        let diff = a.iter().zip(&b).filter(|(x, y)| **x != **y * m).count();
+        assert_eq!(
+            diff, 0,
+            "{what} with V x 2^20: {diff} elements are not 2^20 x unscaled"
+        );
+    }
+}
+
 gpu_test!(attention_jvp_all_tangents, |dtype| {
     attention_jvp_case(dtype, (true, true, true), "jvp");
 });

@@ -57,6 +57,13 @@ fn all_plans() -> Vec<Step> {
             let lay = attn::Layout::contiguous(dims);
             for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
                 s.extend(attn::plan_jvp(v, dtype, dims, lay, jp, 0.125).unwrap());
+                // The sm_80 kernels with f16 value products: bf16 JVPs with dv == d only.
+                let f16_values = attn::plan_jvp_f16_values(v, dims, lay, jp, 0.125, p(11));
+                if attn::ValueProducts::F16.applies(v, dtype, dims) {
+                    s.extend(f16_values.unwrap());
+                } else if dtype == DType::BF16 {
+                    assert!(f16_values.is_err());
+                }
             }
             if d == dv {
                 // q, k, v in place in a packed [B, N, 3, H, d] projection, o token-major.
@@ -329,7 +336,7 @@ fn dit_block_plans(arch: &str, dtype: DType, c: usize) -> Vec<Step> {
     s.extend(plan_block_forward(arch, dtype, d, &bp, &m, None, &a, Some(&t)).unwrap());
     s.extend(plan_block_forward(arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t0)).unwrap());
     // The attention JVP with f16 value products (its copies in `pre`) where it applies.
-    let f16v = sm90::ValueProducts::F16;
+    let f16v = attn::ValueProducts::F16;
     s.extend(
         plan_block_forward_with(f16v, arch, dtype, d, &bp, &m, Some(&tm), &a, Some(&t)).unwrap(),
     );
@@ -389,6 +396,10 @@ fn dit_block_attention_takes_the_hopper_kernels_on_sm90a() {
         "{ampere:?}"
     );
     assert!(!ampere.iter().any(|k| k.contains("sm90")), "{ampere:?}");
+    assert!(
+        ampere.contains(&"attention_jvp_bf16_vf16_d64".to_string()),
+        "{ampere:?}"
+    );
     // Head dim 72 (DiT-XL's) has Hopper kernels; head dim 32 and f32 do not: sm_80's on a Hopper too.
     assert!(
         kernels("sm_90a", DType::BF16, 144).contains(&"attention_jvp_sm90_bf16_d72".to_string())
@@ -477,12 +488,22 @@ fn hopper_kernels_use_wgmma_tma_and_setmaxnreg() {
     assert!(vf16.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"));
     assert!(!vf16.contains("m64n128k16.f32.bf16.bf16"));
     assert!(!body("attention_jvp_sm90_bf16_d128").contains(".f32.f16.f16"));
+    // Likewise the sm_80 kernel with f16 value products: bf16 score products (m16n8k16 mma.sync),
+    // f16 value products.
+    let ptx80 = kernel_ptx("attention_jvp.cu", "compute_80").unwrap();
+    let at = ptx80
+        .find(".entry attention_jvp_bf16_vf16_d64(")
+        .expect("attention_jvp_bf16_vf16_d64 in the PTX");
+    let rest = &ptx80[at + 1..];
+    let vf16_80 = &rest[..rest.find(".entry").unwrap_or(rest.len())];
+    assert!(vf16_80.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert!(vf16_80.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
     let sigs = ptx_signatures(&ptx);
     // 24 attention kernels (3 variants x 2 dtypes x 4 head dims), 8 with f16 value products, the
-    // two kernels that make the f16 copies, the probes.
+    // probes.
     assert_eq!(
         sigs.len(),
-        24 + 8 + 2 + sm90::PROBES.len(),
+        24 + 8 + sm90::PROBES.len(),
         "{:?}",
         sigs.iter().map(|s| &s.0).collect::<Vec<_>>()
     );

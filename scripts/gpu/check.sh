@@ -30,8 +30,8 @@
 #      sm90_split: on Hopper, all of gpu_attention_sm90 on the kernels built with the split wgmma schedule
 #               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
 #               times them (--split-schedule: "Hopper schedule" table in compare.log).
-#      vf16_host, vf16_dit: on Hopper, the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): the host
-#               entry points' tests at the tangent aim of 1.7e-3, and gpu_dit's bf16 tests through them
+#      vf16_host, vf16_dit: the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): on Hopper the host
+#               entry points' tests at the tangent aim of 1.7e-3, on any GPU gpu_dit's bf16 tests
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
@@ -183,16 +183,16 @@ if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,nohead
     [ "$last_rc" = 0 ] && split_args=(--split-schedule)
   fi
 fi
-# f16 value products (FLASHJVP_ATTENTION_VALUES=f16: bf16 JVPs on Hopper; gpu_attention_sm90 above ran
-# their plan's own tests): the host entry points at the aim (1.7e-3), and the DiT through them.
+# f16 value products (FLASHJVP_ATTENTION_VALUES=f16: bf16 JVPs with dv == d; gpu_ops and gpu_attention_sm90
+# above ran their plans' own tests): on Hopper the host entry points at the aim (1.7e-3), and on any GPU
+# the DiT through them.
 if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)" = "9.0" ]; then
   if [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
     step vf16_host 40 "$OUT/gpu_attention_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 \
       "$G/bin/tests/gpu_attention_sm90" --test-threads=1 host_ops packed_qkv
-    step vf16_dit 60 "$OUT/gpu_dit_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 \
-      "$G/bin/tests/gpu_dit" --test-threads=1 bf16
   fi
 fi
+step vf16_dit 60 "$OUT/gpu_dit_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_dit" --test-threads=1 bf16
 test_step gpu_sanitize 60
 for t in "$G"/bin/tests/gpu_*; do  # any other GPU test binary (gpu_plans: NVRTC only, CI runs it)
   name=$(basename "$t")

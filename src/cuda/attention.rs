@@ -592,6 +592,210 @@ pub fn plan_jvp(
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
+    plan_jvp_kernel(variant, dtype, dims, layout, p, scale, None)
+}
+
+/// How the attention JVP rounds the operands of its value products (P V, (P⊙Ṡ) V, P V̇).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueProducts {
+    /// In the storage dtype (the default; bf16 tangent error about 2.3e-3 relative).
+    Storage,
+    /// In f16 for bf16 storage: P and P⊙(Ṡ − μ) keep 11 significant bits instead of 8, V and V̇
+    /// are read from f16 copies scaled by a power of two (cuda/common.cuh, F16 VALUE PRODUCTS). The
+    /// tangent's error comes down to about its output rounding (1.65e-3, PyTorch's math backend),
+    /// for two passes over V and V̇ and [`f16_values_workspace_bytes`] of workspace. Applies to
+    /// bf16 JVPs with dv == d on both paths ([`ValueProducts::applies`]); |P⊙(Ṡ − μ)| must stay
+    /// below f16's 65504 (beyond, the output is not finite).
+    F16,
+}
+
+impl ValueProducts {
+    /// `FLASHJVP_ATTENTION_VALUES=f16` selects [`ValueProducts::F16`] for the entry points that
+    /// allocate their own workspace ([`jvp`], [`jvp_into`], [`jvp_packed`], [`jvp_packed_into`])
+    /// and the DiT block's dual forward; unset (or any other value) keeps
+    /// [`ValueProducts::Storage`].
+    pub fn from_env() -> Self {
+        if std::env::var("FLASHJVP_ATTENTION_VALUES").is_ok_and(|v| v == "f16") {
+            ValueProducts::F16
+        } else {
+            ValueProducts::Storage
+        }
+    }
+
+    /// Whether this choice changes the plan of `variant` in `dtype` over `dims`: only
+    /// [`ValueProducts::F16`] for a bf16 JVP (with or without K/V tangents) with dv == d. f16
+    /// storage has f16 value products already; the primal forward keeps its own.
+    pub fn applies(self, variant: Variant, dtype: DType, dims: AttnDims) -> bool {
+        self == ValueProducts::F16
+            && variant != Variant::Fwd
+            && dtype == DType::BF16
+            && dims.d == dims.dv
+    }
+}
+
+/// Bytes of the f16 copies' header (the max bits, padded so the copies start 256-byte aligned).
+const VALUES_HEADER: usize = 256;
+
+/// Workspace of the f16 value products ([`plan_jvp_f16_values`],
+/// [`super::attention_sm90::plan_f16_values`]): the max bits, then f16 copies of V (and of V̇ for
+/// the full JVP), each [B, H, Nk, dv].
+pub fn f16_values_workspace_bytes(variant: Variant, dims: AttnDims) -> usize {
+    let copy = dims.b * dims.h * dims.nk * dims.dv * 2;
+    let copies = if variant == Variant::Jvp { 2 } else { 1 };
+    VALUES_HEADER + copies * copy.next_multiple_of(256)
+}
+
+/// The steps that make the f16 copies of V and V̇, and what the f16-values kernel then reads.
+pub(crate) struct ValueCopies {
+    /// Zero the max, `attention_values_amax_bf16`, `attention_values_to_f16_bf16`.
+    pub steps: Vec<Step>,
+    /// The JVP's pointers with `v` and `tv` on the copies.
+    pub ptrs: JvpPtrs,
+    /// The JVP's layout with v (and tv) contiguous, as the copies are.
+    pub layout: Layout,
+    /// Device address of the copies' max bits (the kernels' `vamax`).
+    pub amax: u64,
+}
+
+/// The f16 copies of V (and V̇ for the full JVP) of a bf16 JVP over `layout` into `workspace`
+/// (a 256-byte aligned device address, [`f16_values_workspace_bytes`] long).
+pub(crate) fn plan_value_copies(
+    variant: Variant,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    workspace: u64,
+) -> Result<ValueCopies> {
+    if variant == Variant::Fwd {
+        return Err(Error::invalid(
+            OP,
+            "f16 value products are for the JVP (the primal forward keeps bf16 ones)",
+        ));
+    }
+    dims.check()?;
+    if dims.dv != dims.d {
+        return Err(Error::Unsupported(format!(
+            "attention: f16 value products need dv == d (got d {} / dv {})",
+            dims.d, dims.dv
+        )));
+    }
+    if workspace == 0 || workspace % 256 != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the f16 values' workspace must be a 256-byte aligned device address, got \
+                 {workspace:#x}"
+            ),
+        ));
+    }
+    layout.check(DType::BF16, dims)?;
+    let full = variant == Variant::Jvp;
+    let tv = if full { p.tv } else { 0 };
+    let mut read = vec![("v", p.v)];
+    if full {
+        read.push(("tv", tv));
+    }
+    check_aligned(DType::BF16, &read)?;
+    require_ptrs(OP, &read)?;
+    let copy = (dims.b * dims.h * dims.nk * dims.dv * 2).next_multiple_of(256) as u64;
+    let amax = workspace;
+    let v16 = workspace + VALUES_HEADER as u64;
+    let tv16 = if full { v16 + copy } else { 0 };
+    let vecs = (dims.b * dims.h * dims.nk * dims.dv / 8) as i64;
+    let shape = [
+        int_arg(OP, "Nk", dims.nk)?,
+        int_arg(OP, "H", dims.h)?,
+        int_arg(OP, "dv", dims.dv)?,
+    ];
+    let mut args = vec![Arg::Ptr(p.v), Arg::Ptr(tv), Arg::Ptr(amax)];
+    args.extend(shape);
+    args.extend(layout.v.args());
+    args.push(Arg::I64(vecs));
+    // One atomicMax per block: at most 1024 blocks, grid-stride beyond.
+    let grid = ((vecs as u64).div_ceil(256).clamp(1, 1024), 1, 1);
+    let mut steps = vec![Step::zero(amax, 4)];
+    steps.push(Step::Kernel(Launch::new(
+        OP,
+        JVP_FILE,
+        "attention_values_amax_bf16",
+        grid,
+        (256, 1, 1),
+        0,
+        args,
+    )?));
+    let mut args = vec![
+        Arg::Ptr(p.v),
+        Arg::Ptr(tv),
+        Arg::Ptr(amax),
+        Arg::Ptr(v16),
+        Arg::Ptr(tv16),
+    ];
+    args.extend(shape);
+    args.extend(layout.v.args());
+    args.push(Arg::I64(vecs));
+    steps.push(Step::Kernel(Launch::new(
+        OP,
+        JVP_FILE,
+        "attention_values_to_f16_bf16",
+        (super::launch::pointwise_grid(vecs as usize).0, 1, 1),
+        (256, 1, 1),
+        0,
+        args,
+    )?));
+    Ok(ValueCopies {
+        steps,
+        ptrs: JvpPtrs {
+            v: v16,
+            tv: tv16,
+            ..p
+        },
+        layout: Layout {
+            v: Strides::contiguous(dims.h, dims.nk, dims.dv),
+            ..layout
+        },
+        amax,
+    })
+}
+
+/// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) on the sm_80 kernels
+/// over q, k, v, o in `layout`: the f16 copies of V and V̇ into `workspace` (256-byte aligned,
+/// [`f16_values_workspace_bytes`] long), then `attention_jvp{,_nokv}_bf16_vf16_d{d}` reading them.
+pub fn plan_jvp_f16_values(
+    variant: Variant,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    workspace: u64,
+) -> Result<Vec<Step>> {
+    let c = plan_value_copies(variant, dims, layout, p, workspace)?;
+    let mut steps = c.steps;
+    steps.extend(plan_jvp_kernel(
+        variant,
+        DType::BF16,
+        dims,
+        c.layout,
+        c.ptrs,
+        scale,
+        Some(c.amax),
+    )?);
+    Ok(steps)
+}
+
+/// The kernel file of the sm_80 forward/JVP with dv == d (and of the f16 value copies).
+const JVP_FILE: &str = "attention_jvp.cu";
+
+/// [`plan_jvp`], or with `vamax` (the f16 copies' max bits) the f16-values kernel, whose v and tv
+/// are the contiguous f16 copies.
+fn plan_jvp_kernel(
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    vamax: Option<u64>,
+) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     dims.check()?;
     check_scale(scale)?;
@@ -654,20 +858,31 @@ pub fn plan_jvp(
     for s in [layout.q, layout.k, layout.v, layout.o] {
         args.extend(s.args());
     }
+    let values = match vamax {
+        Some(amax) => {
+            args.push(Arg::Ptr(amax));
+            "_vf16"
+        }
+        None => "",
+    };
     let grid = (
         dims.nq.div_ceil(block_rows(dtype)) as u64,
         (dims.b * dims.h) as u64,
         1,
     );
     let file = if dims.d == dims.dv {
-        "attention_jvp.cu"
+        JVP_FILE
     } else {
         "attention_jvp_dv.cu"
     };
     Ok(vec![Step::Kernel(Launch::new(
         OP,
         file,
-        format!("{}_{dt}{}", variant.prefix(), head_suffix(dims.d, dims.dv)),
+        format!(
+            "{}_{dt}{values}{}",
+            variant.prefix(),
+            head_suffix(dims.d, dims.dv)
+        ),
         grid,
         (128, 1, 1),
         jvp_shared_bytes(variant, dtype, dims.d, dims.dv),
@@ -1077,8 +1292,8 @@ pub fn jvp_into(
 }
 
 /// Runs the JVP plan of [`super::attention_sm90::plan_for`], or with `FLASHJVP_ATTENTION_VALUES=f16`
-/// on the Hopper path for bf16 [`super::attention_sm90::plan_f16_values`] over a workspace
-/// allocated here (see [`super::attention_sm90::ValueProducts`]).
+/// for bf16 [`super::attention_sm90::plan_f16_values_for`] over a workspace allocated here (see
+/// [`ValueProducts`]).
 fn run_jvp(
     gpu: &Gpu,
     variant: Variant,
@@ -1089,11 +1304,11 @@ fn run_jvp(
     scale: f32,
 ) -> Result<()> {
     use super::attention_sm90 as sm90;
-    let path = sm90::path_for(gpu.arch(), dtype, dims);
-    if sm90::ValueProducts::from_env().applies(path, variant, dtype) {
-        let bytes = sm90::f16_values_workspace_bytes(variant, dims);
+    if ValueProducts::from_env().applies(variant, dtype, dims) {
+        let bytes = f16_values_workspace_bytes(variant, dims);
         let ws = gpu.alloc(&[bytes.div_ceil(4)], DType::F32)?;
-        return gpu.run(&sm90::plan_f16_values(
+        return gpu.run(&sm90::plan_f16_values_for(
+            gpu.arch(),
             variant,
             dims,
             layout,

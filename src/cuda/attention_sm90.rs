@@ -327,56 +327,11 @@ pub fn plan(
     plan_kernel(variant, dtype, dims, layout, p, scale, None)
 }
 
-/// How the Hopper JVP rounds the operands of its value products (P V, (P⊙Ṡ) V, P V̇).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ValueProducts {
-    /// In the storage dtype (the default; bf16 tangent error about 2.3e-3 relative).
-    Storage,
-    /// In f16 for bf16 storage: P and P⊙(Ṡ − μ) keep 11 significant bits instead of 8, V and V̇
-    /// are read from f16 copies scaled by a power of two. The tangent's error comes down to its
-    /// output rounding (about 1.65e-3, PyTorch's math backend); costs one pass over V and V̇ and
-    /// [`f16_values_workspace_bytes`] of workspace. Ignored for f16 storage (already f16), for the
-    /// primal forward, and on the sm_80 path.
-    F16,
-}
-
-impl ValueProducts {
-    /// `FLASHJVP_ATTENTION_VALUES=f16` selects [`ValueProducts::F16`] for the entry points of
-    /// `attention` that allocate their own workspace (`jvp`, `jvp_into`, `jvp_packed`,
-    /// `jvp_packed_into`); unset (or any other value) keeps [`ValueProducts::Storage`].
-    pub fn from_env() -> Self {
-        if std::env::var("FLASHJVP_ATTENTION_VALUES").is_ok_and(|v| v == "f16") {
-            ValueProducts::F16
-        } else {
-            ValueProducts::Storage
-        }
-    }
-
-    /// Whether this choice changes the plan of `variant` in `dtype` on `path`: only
-    /// [`ValueProducts::F16`] for a bf16 JVP (with or without K/V tangents) on the Hopper path.
-    pub fn applies(self, path: Path, variant: Variant, dtype: DType) -> bool {
-        self == ValueProducts::F16
-            && path == Path::Sm90a
-            && variant != Variant::Fwd
-            && dtype == DType::BF16
-    }
-}
-
-/// Bytes of the f16 copies' header (the max bits, padded so the copies start 256-byte aligned).
-const VALUES_HEADER: usize = 256;
-
-/// Workspace of [`plan_f16_values`]: the max bits, then f16 copies of V (and of V̇ for the full
-/// JVP), each [B, H, Nk, d].
-pub fn f16_values_workspace_bytes(variant: Variant, dims: AttnDims) -> usize {
-    let copy = dims.b * dims.h * dims.nk * dims.dv * 2;
-    let copies = if variant == Variant::Jvp { 2 } else { 1 };
-    VALUES_HEADER + copies * copy.next_multiple_of(256)
-}
-
-/// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) over q, k, v, o in
-/// `layout`: zero the max, `sm90_values_amax_bf16`, `sm90_values_to_f16_bf16` into `workspace`
-/// (device address, 256-byte aligned, [`f16_values_workspace_bytes`] long), then the
-/// `attention_jvp{,_nokv}_sm90_bf16_vf16` kernel reading V and V̇ from the copies.
+/// The plan of a bf16 JVP with f16 value products
+/// ([`super::attention::ValueProducts::F16`]) on the Hopper path
+/// over q, k, v, o in `layout`: the f16 copies of V and V̇ into `workspace`
+/// (the `attention_values_*` kernels of attention_jvp.cu), then the `attention_jvp{,_nokv}_sm90_bf16_vf16`
+/// kernel reading them.
 pub fn plan_f16_values(
     variant: Variant,
     dims: AttnDims,
@@ -385,94 +340,38 @@ pub fn plan_f16_values(
     scale: f32,
     workspace: u64,
 ) -> Result<Vec<Step>> {
-    if variant == Variant::Fwd {
-        return Err(Error::invalid(
-            OP,
-            "f16 value products are for the JVP (the primal forward keeps bf16 ones)",
-        ));
-    }
     check_problem("attention (sm_90a, f16 values)", DType::BF16, dims, scale)?;
-    if workspace == 0 || workspace % 256 != 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("the f16 values' workspace must be a 256-byte aligned device address, got {workspace:#x}"),
-        ));
-    }
-    layout.check(DType::BF16, dims)?;
-    let copy = (dims.b * dims.h * dims.nk * dims.dv * 2).next_multiple_of(256) as u64;
-    let amax = workspace;
-    let v16 = workspace + VALUES_HEADER as u64;
-    let tv16 = if variant == Variant::Jvp {
-        v16 + copy
-    } else {
-        0
-    };
-    let tv = if variant == Variant::Jvp { p.tv } else { 0 };
-    let mut read = vec![("v", p.v)];
-    if variant == Variant::Jvp {
-        read.push(("tv", tv));
-    }
-    check_tma_ptrs("attention on the GPU (sm_90a, f16 values)", &read)?;
-    let vecs = (dims.b * dims.h * dims.nk * dims.dv / 8) as i64;
-    let mut args = vec![Arg::Ptr(p.v), Arg::Ptr(tv), Arg::Ptr(amax)];
-    let shape = [
-        int_arg(OP, "Nk", dims.nk)?,
-        int_arg(OP, "H", dims.h)?,
-        int_arg(OP, "d", dims.dv)?,
-    ];
-    args.extend(shape);
-    args.extend(layout.v.args());
-    args.push(Arg::I64(vecs));
-    // One atomicMax per block: at most 1024 blocks, grid-stride beyond.
-    let grid = ((vecs as u64).div_ceil(256).clamp(1, 1024), 1, 1);
-    let mut steps = vec![Step::zero(amax, 4)];
-    steps.push(Step::Kernel(Launch::new(
-        OP,
-        FILE,
-        "sm90_values_amax_bf16",
-        grid,
-        (256, 1, 1),
-        0,
-        args,
-    )?));
-    let mut args = vec![
-        Arg::Ptr(p.v),
-        Arg::Ptr(tv),
-        Arg::Ptr(amax),
-        Arg::Ptr(v16),
-        Arg::Ptr(tv16),
-    ];
-    args.extend(shape);
-    args.extend(layout.v.args());
-    args.push(Arg::I64(vecs));
-    steps.push(Step::Kernel(Launch::new(
-        OP,
-        FILE,
-        "sm90_values_to_f16_bf16",
-        ((vecs as u64).div_ceil(256).clamp(1, 65535 * 16), 1, 1),
-        (256, 1, 1),
-        0,
-        args,
-    )?));
-    let copies = JvpPtrs {
-        v: v16,
-        tv: tv16,
-        ..p
-    };
-    let layout = Layout {
-        v: Strides::contiguous(dims.h, dims.nk, dims.dv),
-        ..layout
-    };
+    let c = super::attention::plan_value_copies(variant, dims, layout, p, workspace)?;
+    let mut steps = c.steps;
     steps.extend(plan_kernel(
         variant,
         DType::BF16,
         dims,
-        layout,
-        copies,
+        c.layout,
+        c.ptrs,
         scale,
-        Some(amax),
+        Some(c.amax),
     )?);
     Ok(steps)
+}
+
+/// [`plan_f16_values`] where [`path_for`] gives the Hopper path on `arch`, else the sm_80
+/// kernels' form ([`super::attention::plan_jvp_f16_values`]).
+pub fn plan_f16_values_for(
+    arch: &str,
+    variant: Variant,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    workspace: u64,
+) -> Result<Vec<Step>> {
+    match path_for(arch, DType::BF16, dims) {
+        Path::Sm90a => plan_f16_values(variant, dims, layout, p, scale, workspace),
+        Path::Sm80 => {
+            super::attention::plan_jvp_f16_values(variant, dims, layout, p, scale, workspace)
+        }
+    }
 }
 
 /// [`plan`], or with `vamax` (the f16 copies' max bits) the f16-values kernel, whose V and V̇
@@ -847,7 +746,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::cuda::attention::check_shapes;
+    use crate::cuda::attention::{check_shapes, f16_values_workspace_bytes, ValueProducts};
 
     fn ptrs() -> JvpPtrs {
         JvpPtrs {
@@ -1085,8 +984,12 @@ mod tests {
             s => panic!("{s:?}"),
         };
         let (amax, conv, attn) = (kernel(1), kernel(2), kernel(3));
-        assert_eq!(amax.kernel, "sm90_values_amax_bf16");
-        assert_eq!(conv.kernel, "sm90_values_to_f16_bf16");
+        assert_eq!(amax.kernel, "attention_values_amax_bf16");
+        assert_eq!(conv.kernel, "attention_values_to_f16_bf16");
+        assert_eq!(
+            (amax.file, conv.file, attn.file),
+            ("attention_jvp.cu", "attention_jvp.cu", FILE)
+        );
         assert_eq!(attn.kernel, "attention_jvp_sm90_bf16_vf16_d64");
         // Both read v and tv with v's packed strides; the copies follow the header.
         let v16 = ws + 256;
@@ -1140,14 +1043,30 @@ mod tests {
         let e = plan_f16_values(Variant::Jvp, d32, Layout::contiguous(d32), ptrs(), 0.1, ws)
             .unwrap_err();
         assert!(e.to_string().contains("f16 values"), "{e}");
-        // Where the choice applies.
+        // Where the choice applies: bf16 JVPs with dv == d, on either path.
         let f16v = ValueProducts::F16;
-        assert!(f16v.applies(Path::Sm90a, Variant::Jvp, DType::BF16));
-        assert!(f16v.applies(Path::Sm90a, Variant::JvpNoKv, DType::BF16));
-        assert!(!f16v.applies(Path::Sm90a, Variant::Fwd, DType::BF16));
-        assert!(!f16v.applies(Path::Sm90a, Variant::Jvp, DType::F16));
-        assert!(!f16v.applies(Path::Sm80, Variant::Jvp, DType::BF16));
-        assert!(!ValueProducts::Storage.applies(Path::Sm90a, Variant::Jvp, DType::BF16));
+        assert!(f16v.applies(Variant::Jvp, DType::BF16, dims));
+        assert!(f16v.applies(Variant::JvpNoKv, DType::BF16, d32));
+        assert!(!f16v.applies(Variant::Fwd, DType::BF16, dims));
+        assert!(!f16v.applies(Variant::Jvp, DType::F16, dims));
+        let dv = check_shapes(&[1, 1, 8, 64], &[1, 1, 8, 64], &[1, 1, 8, 128]).unwrap();
+        assert!(!f16v.applies(Variant::Jvp, DType::BF16, dv));
+        assert!(!ValueProducts::Storage.applies(Variant::Jvp, DType::BF16, dims));
+        // The dispatcher: the Hopper kernel on sm_90a, the sm_80 one elsewhere (and at d 32).
+        let kernel_of = |arch: &str, dims: AttnDims| {
+            let l = Layout::contiguous(dims);
+            let steps = plan_f16_values_for(arch, Variant::Jvp, dims, l, ptrs(), 0.1, ws).unwrap();
+            match steps.last() {
+                Some(Step::Kernel(l)) => l.kernel.clone(),
+                s => panic!("{s:?}"),
+            }
+        };
+        assert_eq!(
+            kernel_of("sm_90a", dims),
+            "attention_jvp_sm90_bf16_vf16_d64"
+        );
+        assert_eq!(kernel_of("sm_80", dims), "attention_jvp_bf16_vf16_d64");
+        assert_eq!(kernel_of("sm_90a", d32), "attention_jvp_bf16_vf16_d32");
     }
 
     #[test]

@@ -703,15 +703,26 @@ fn bench_attention(
         r.path = Some(path.name().into());
         rows.push(r);
     }
-    if path == Path::Sm90a && dtype == DType::BF16 {
-        // The f16 value products (sm90::ValueProducts::F16): the copies of V and V̇ included.
+    if attn::ValueProducts::F16.applies(Variant::Jvp, dtype, dims) {
+        // The f16 value products (attn::ValueProducts::F16): the copies of V and V̇ included.
         let ws = gpu.alloc(
-            &[sm90::f16_values_workspace_bytes(Variant::Jvp, dims).div_ceil(4)],
+            &[attn::f16_values_workspace_bytes(Variant::Jvp, dims).div_ceil(4)],
             DType::F32,
         )?;
         let plans = inputs
             .iter()
-            .map(|x| sm90::plan_f16_values(Variant::Jvp, dims, layout, ptrs(x), scale, ws.ptr()))
+            .map(|x| {
+                let p = ptrs(x);
+                sm90::plan_f16_values_for(
+                    gpu.arch(),
+                    Variant::Jvp,
+                    dims,
+                    layout,
+                    p,
+                    scale,
+                    ws.ptr(),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let t = time_plans(gpu, &plans, BUDGET_MS)?;
         let mut r = row(BenchOp::Attention, "jvp_vf16", &shape, dtype, t);

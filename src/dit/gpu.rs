@@ -521,7 +521,7 @@ impl BlockParams {
 /// x1 = x + gate1 ⊙ proj(attention(qkv(ln(x)))). `tm` are the modulation tangents (None: zero).
 /// `arch` (the device's NVRTC arch) picks the attention kernels: sm_90a's where they apply.
 /// The attention JVP's value products follow `FLASHJVP_ATTENTION_VALUES`
-/// ([`sm90::ValueProducts::from_env`]); [`plan_block_forward_with`] takes the choice explicitly.
+/// ([`attn::ValueProducts::from_env`]); [`plan_block_forward_with`] takes the choice explicitly.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_block_forward(
     arch: &str,
@@ -533,16 +533,16 @@ pub fn plan_block_forward(
     a: &BlockBufs,
     t: Option<&BlockTangents>,
 ) -> Result<Vec<Step>> {
-    let values = sm90::ValueProducts::from_env();
+    let values = attn::ValueProducts::from_env();
     plan_block_forward_with(values, arch, dtype, d, p, m, tm, a, t)
 }
 
 /// [`plan_block_forward`] with the attention JVP's value products chosen by `values`. With
-/// [`sm90::ValueProducts::F16`] (bf16 on the Hopper path) the f16 copies of v and its tangent go
+/// [`attn::ValueProducts::F16`] (bf16, on either attention path) the f16 copies of v and its tangent go
 /// into `a.pre`, which nothing reads before the MLP's first layer writes it.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_block_forward_with(
-    values: sm90::ValueProducts,
+    values: attn::ValueProducts,
     arch: &str,
     dtype: DType,
     d: BlockDims,
@@ -662,8 +662,8 @@ pub fn plan_block_forward_with(
         lse: a.lse,
         tlse: t.lse,
     };
-    if values.applies(sm90::path_for(arch, dtype, adims), Variant::Jvp, dtype) {
-        let need = sm90::f16_values_workspace_bytes(Variant::Jvp, adims);
+    if values.applies(Variant::Jvp, dtype, adims) {
+        let need = attn::f16_values_workspace_bytes(Variant::Jvp, adims);
         let have = 2 * tn * hd * sz as usize;
         if need > have {
             return Err(Error::Unsupported(format!(
@@ -672,7 +672,8 @@ pub fn plan_block_forward_with(
                 2 * tn
             )));
         }
-        s.extend(sm90::plan_f16_values(
+        s.extend(sm90::plan_f16_values_for(
+            arch,
             Variant::Jvp,
             adims,
             layout,
