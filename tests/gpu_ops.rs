@@ -396,6 +396,47 @@ fn attention_jvp_f16_values() {
             "{what} with V x 2^20: {diff} elements are not 2^20 x unscaled"
         );
     }
+    // The explicit entry point (`jvp_into_with`) runs the same plan: the same bits.
+    use cuda::attention as attn;
+    let up = |t: &Tensor| gpu.upload(t, dtype).unwrap();
+    let tan = |d: &Dual| up(d.tangent.as_ref().unwrap());
+    let (qd, kd, vd) = (up(&q.primal), up(&k.primal), up(&v.primal));
+    let (tq, tk, tv) = (tan(&q), tan(&k), tan(&v));
+    let dims = attn::check_shapes(qd.shape(), kd.shape(), vd.shape()).unwrap();
+    let out = attn::DeviceAttentionJvp {
+        o: gpu.poisoned(&dims.o_shape(), dtype).unwrap(),
+        to: Some(gpu.poisoned(&dims.o_shape(), dtype).unwrap()),
+        lse: gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap(),
+        tlse: Some(gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap()),
+    };
+    let scale = attn::resolve_scale(None, dims.d).unwrap();
+    let f16v = attn::ValueProducts::F16;
+    attn::jvp_into_with(
+        &gpu,
+        &qd,
+        &kd,
+        &vd,
+        Some(&tq),
+        Some(&tk),
+        Some(&tv),
+        &out,
+        scale,
+        f16v,
+    )
+    .unwrap();
+    let got = [
+        &out.o,
+        out.to.as_ref().unwrap(),
+        &out.lse,
+        out.tlse.as_ref().unwrap(),
+    ];
+    for (i, what) in ["o", "to", "lse", "tlse"].into_iter().enumerate() {
+        let (a, b) = (
+            got[i].download().unwrap().to_f64_vec(),
+            base[i].to_f64_vec(),
+        );
+        assert!(a == b, "jvp_into_with(F16): {what} differs from the plan's");
+    }
 }
 
 gpu_test!(attention_jvp_all_tangents, |dtype| {

@@ -16,6 +16,9 @@
 # QUICK=split: gpu_attention_sm90 on the Hopper kernels built with the split wgmma schedule
 # (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE), then `bench attention` at the issue's shapes
 # on both schedules, one after the other.
+# QUICK=vf16: the f16 value products of the bf16 JVP (FLASHJVP_ATTENTION_VALUES=f16): their tests (gpu_ops'
+# and gpu_attention_sm90's own, the host entry points at the aim, the DiT), memcheck over gpu_sanitize's
+# attention tests with them, then `bench attention` at the issue's shapes (jvp and jvp_vf16 rows).
 # Everything in one file back: $OUT/quick.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -59,6 +62,18 @@ quick_bwd() {
   LIMIT=150 run "$B" kernels
   case "${QUICK:-ln_mlp}" in
   bwd) quick_bwd ;;
+  vf16)
+    run "$G/bin/tests/gpu_ops" --test-threads=1 attention_jvp_f16_values
+    run "$G/bin/tests/gpu_attention_sm90" --test-threads=1 f16_values
+    run env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_attention_sm90" --test-threads=1 host_ops packed_qkv
+    run env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_dit" --test-threads=1 bf16
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    [ -n "$SAN" ] && LIMIT=100 run env FLASHJVP_ATTENTION_VALUES=f16 "$SAN" --tool memcheck --error-exitcode 1 \
+      --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+    for shape in 1,12,4096,4096,128 1,12,16384,16384,64 1,12,4096,4096,64 2,12,4096,4096,128; do
+      run "$B" bench attention --shape "$shape" --dtype bf16
+    done
+    ;;
   split)
     if LIMIT=90 run env FLASHJVP_SM90_SCHEDULE=split "$G/bin/tests/gpu_attention_sm90" --test-threads=1; then
       for shape in 1,12,4096,4096,64 1,12,16384,16384,64 1,12,4096,4096,128 1,12,16384,16384,128; do

@@ -611,9 +611,9 @@ pub enum ValueProducts {
 
 impl ValueProducts {
     /// `FLASHJVP_ATTENTION_VALUES=f16` selects [`ValueProducts::F16`] for the entry points that
-    /// allocate their own workspace ([`jvp`], [`jvp_into`], [`jvp_packed`], [`jvp_packed_into`])
-    /// and the DiT block's dual forward; unset (or any other value) keeps
-    /// [`ValueProducts::Storage`].
+    /// allocate their own workspace ([`jvp`], [`jvp_into`], [`jvp_packed`], [`jvp_packed_into`];
+    /// [`jvp_into_with`] and [`jvp_packed_into_with`] take the choice explicitly) and the DiT
+    /// block's dual forward; unset (or any other value) keeps [`ValueProducts::Storage`].
     pub fn from_env() -> Self {
         if std::env::var("FLASHJVP_ATTENTION_VALUES").is_ok_and(|v| v == "f16") {
             ValueProducts::F16
@@ -639,33 +639,36 @@ const VALUES_HEADER: usize = 256;
 /// Workspace of the f16 value products ([`plan_jvp_f16_values`],
 /// [`super::attention_sm90::plan_f16_values`]): the max bits, then f16 copies of V (and of V̇ for
 /// the full JVP), each [B, H, Nk, dv].
+/// Saturates at `usize::MAX` for dims no device holds (the plans refuse those).
 pub fn f16_values_workspace_bytes(variant: Variant, dims: AttnDims) -> usize {
-    let copy = dims.b * dims.h * dims.nk * dims.dv * 2;
     let copies = if variant == Variant::Jvp { 2 } else { 1 };
-    VALUES_HEADER + copies * copy.next_multiple_of(256)
+    copy_bytes(dims)
+        .and_then(|c| c.checked_mul(copies))
+        .and_then(|c| c.checked_add(VALUES_HEADER))
+        .unwrap_or(usize::MAX)
 }
 
-/// The steps that make the f16 copies of V and V̇, and what the f16-values kernel then reads.
-pub(crate) struct ValueCopies {
-    /// Zero the max, `attention_values_amax_bf16`, `attention_values_to_f16_bf16`.
-    pub steps: Vec<Step>,
-    /// The JVP's pointers with `v` and `tv` on the copies.
-    pub ptrs: JvpPtrs,
-    /// The JVP's layout with v (and tv) contiguous, as the copies are.
-    pub layout: Layout,
-    /// Device address of the copies' max bits (the kernels' `vamax`).
-    pub amax: u64,
+/// Bytes of one f16 copy [B, H, Nk, dv], padded to 256; `None` past a usize.
+fn copy_bytes(dims: AttnDims) -> Option<usize> {
+    [dims.h, dims.nk, dims.dv, 2]
+        .into_iter()
+        .try_fold(dims.b, |acc, x| acc.checked_mul(x))?
+        .checked_next_multiple_of(256)
 }
 
-/// The f16 copies of V (and V̇ for the full JVP) of a bf16 JVP over `layout` into `workspace`
-/// (a 256-byte aligned device address, [`f16_values_workspace_bytes`] long).
-pub(crate) fn plan_value_copies(
+/// A bf16 JVP with f16 value products over `layout`: the steps that make the f16 copies of V (and
+/// V̇ for the full JVP) in `workspace` (a 256-byte aligned device address,
+/// [`f16_values_workspace_bytes`] long): zero the max, `attention_values_amax_bf16`,
+/// `attention_values_to_f16_bf16`; then `kernel`'s launch, given the layout and pointers with v and
+/// tv on the (contiguous) copies and the address of the copies' max bits (the kernels' `vamax`).
+pub(crate) fn plan_with_value_copies(
     variant: Variant,
     dims: AttnDims,
     layout: Layout,
     p: JvpPtrs,
     workspace: u64,
-) -> Result<ValueCopies> {
+    kernel: impl FnOnce(Layout, JvpPtrs, u64) -> Result<Vec<Step>>,
+) -> Result<Vec<Step>> {
     if variant == Variant::Fwd {
         return Err(Error::invalid(
             OP,
@@ -697,10 +700,18 @@ pub(crate) fn plan_value_copies(
     }
     check_aligned(DType::BF16, &read)?;
     require_ptrs(OP, &read)?;
-    let copy = (dims.b * dims.h * dims.nk * dims.dv * 2).next_multiple_of(256) as u64;
+    let copy = copy_bytes(dims)
+        .filter(|&c| c <= isize::MAX as usize / 2)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "attention: f16 copies of v {:?} would not fit in memory",
+                dims.v_shape()
+            ))
+        })? as u64;
     let amax = workspace;
     let v16 = workspace + VALUES_HEADER as u64;
     let tv16 = if full { v16 + copy } else { 0 };
+    // Vectors of 8 elements (dv is a multiple of 8; the product cannot wrap: `copy` fit).
     let vecs = (dims.b * dims.h * dims.nk * dims.dv / 8) as i64;
     let shape = [
         int_arg(OP, "Nk", dims.nk)?,
@@ -742,19 +753,20 @@ pub(crate) fn plan_value_copies(
         0,
         args,
     )?));
-    Ok(ValueCopies {
-        steps,
-        ptrs: JvpPtrs {
+    let copies = Layout {
+        v: Strides::contiguous(dims.h, dims.nk, dims.dv),
+        ..layout
+    };
+    steps.extend(kernel(
+        copies,
+        JvpPtrs {
             v: v16,
             tv: tv16,
             ..p
         },
-        layout: Layout {
-            v: Strides::contiguous(dims.h, dims.nk, dims.dv),
-            ..layout
-        },
         amax,
-    })
+    )?);
+    Ok(steps)
 }
 
 /// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) on the sm_80 kernels
@@ -768,18 +780,9 @@ pub fn plan_jvp_f16_values(
     scale: f32,
     workspace: u64,
 ) -> Result<Vec<Step>> {
-    let c = plan_value_copies(variant, dims, layout, p, workspace)?;
-    let mut steps = c.steps;
-    steps.extend(plan_jvp_kernel(
-        variant,
-        DType::BF16,
-        dims,
-        c.layout,
-        c.ptrs,
-        scale,
-        Some(c.amax),
-    )?);
-    Ok(steps)
+    plan_with_value_copies(variant, dims, layout, p, workspace, |l, copies, amax| {
+        plan_jvp_kernel(variant, DType::BF16, dims, l, copies, scale, Some(amax))
+    })
 }
 
 /// The kernel file of the sm_80 forward/JVP with dv == d (and of the f16 value copies).
@@ -1202,7 +1205,8 @@ pub fn jvp(
     Ok(out)
 }
 
-/// The JVP into existing outputs (`out.to` and `out.tlse` must be present).
+/// The JVP into existing outputs (`out.to` and `out.tlse` must be present); value products as
+/// `FLASHJVP_ATTENTION_VALUES` says ([`ValueProducts::from_env`]).
 #[allow(clippy::too_many_arguments)]
 pub fn jvp_into(
     gpu: &Gpu,
@@ -1214,6 +1218,25 @@ pub fn jvp_into(
     tv: Option<&DeviceTensor>,
     out: &DeviceAttentionJvp,
     scale: f32,
+) -> Result<()> {
+    let values = ValueProducts::from_env();
+    jvp_into_with(gpu, q, k, v, tq, tk, tv, out, scale, values)
+}
+
+/// [`jvp_into`] with the value products chosen by `values` (the f16 ones' workspace is allocated
+/// here).
+#[allow(clippy::too_many_arguments)]
+pub fn jvp_into_with(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    tq: Option<&DeviceTensor>,
+    tk: Option<&DeviceTensor>,
+    tv: Option<&DeviceTensor>,
+    out: &DeviceAttentionJvp,
+    scale: f32,
+    values: ValueProducts,
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", tq, q), ("k", tk, k), ("v", tv, v)])?;
     let dtype = q.dtype();
@@ -1280,20 +1303,14 @@ pub fn jvp_into(
         lse: out.lse.ptr(),
         tlse: tlse.ptr(),
     };
-    run_jvp(
-        gpu,
-        variant,
-        dtype,
-        dims,
-        Layout::contiguous(dims),
-        p,
-        scale,
-    )
+    let layout = Layout::contiguous(dims);
+    run_jvp(gpu, variant, dtype, dims, layout, p, scale, values)
 }
 
-/// Runs the JVP plan of [`super::attention_sm90::plan_for`], or with `FLASHJVP_ATTENTION_VALUES=f16`
-/// for bf16 [`super::attention_sm90::plan_f16_values_for`] over a workspace allocated here (see
-/// [`ValueProducts`]).
+/// Runs the JVP plan of [`super::attention_sm90::plan_for`], or where `values` applies
+/// ([`ValueProducts::applies`]) [`super::attention_sm90::plan_f16_values_for`] over a workspace
+/// allocated here.
+#[allow(clippy::too_many_arguments)]
 fn run_jvp(
     gpu: &Gpu,
     variant: Variant,
@@ -1302,9 +1319,10 @@ fn run_jvp(
     layout: Layout,
     p: JvpPtrs,
     scale: f32,
+    values: ValueProducts,
 ) -> Result<()> {
     use super::attention_sm90 as sm90;
-    if ValueProducts::from_env().applies(variant, dtype, dims) {
+    if values.applies(variant, dtype, dims) {
         let bytes = f16_values_workspace_bytes(variant, dims);
         let ws = gpu.alloc(&[bytes.div_ceil(4)], DType::F32)?;
         return gpu.run(&sm90::plan_f16_values_for(
@@ -1470,13 +1488,27 @@ pub fn jvp_packed(
     Ok(out)
 }
 
-/// [`jvp_packed`] into existing outputs (`out.to` and `out.tlse` must be present).
+/// [`jvp_packed`] into existing outputs (`out.to` and `out.tlse` must be present); value products
+/// as `FLASHJVP_ATTENTION_VALUES` says ([`ValueProducts::from_env`]).
 pub fn jvp_packed_into(
     gpu: &Gpu,
     qkv: &DeviceTensor,
     tqkv: &DeviceTensor,
     out: &DeviceAttentionJvp,
     scale: f32,
+) -> Result<()> {
+    let values = ValueProducts::from_env();
+    jvp_packed_into_with(gpu, qkv, tqkv, out, scale, values)
+}
+
+/// [`jvp_packed_into`] with the value products chosen by `values`.
+pub fn jvp_packed_into_with(
+    gpu: &Gpu,
+    qkv: &DeviceTensor,
+    tqkv: &DeviceTensor,
+    out: &DeviceAttentionJvp,
+    scale: f32,
+    values: ValueProducts,
 ) -> Result<()> {
     let dims = check_packed(qkv, Some(tqkv))?;
     let dtype = qkv.dtype();
@@ -1507,15 +1539,8 @@ pub fn jvp_packed_into(
         lse: out.lse.ptr(),
         tlse: tlse.ptr(),
     };
-    run_jvp(
-        gpu,
-        Variant::Jvp,
-        dtype,
-        dims,
-        Layout::packed_qkv(dims),
-        p,
-        scale,
-    )
+    let layout = Layout::packed_qkv(dims);
+    run_jvp(gpu, Variant::Jvp, dtype, dims, layout, p, scale, values)
 }
 
 /// dq, dk, dv given the forward's o \[B,H,Nq,dv\] and lse (f32) and the output cotangent dout

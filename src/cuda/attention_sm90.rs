@@ -341,18 +341,14 @@ pub fn plan_f16_values(
     workspace: u64,
 ) -> Result<Vec<Step>> {
     check_problem("attention (sm_90a, f16 values)", DType::BF16, dims, scale)?;
-    let c = super::attention::plan_value_copies(variant, dims, layout, p, workspace)?;
-    let mut steps = c.steps;
-    steps.extend(plan_kernel(
+    super::attention::plan_with_value_copies(
         variant,
-        DType::BF16,
         dims,
-        c.layout,
-        c.ptrs,
-        scale,
-        Some(c.amax),
-    )?);
-    Ok(steps)
+        layout,
+        p,
+        workspace,
+        |l, copies, amax| plan_kernel(variant, DType::BF16, dims, l, copies, scale, Some(amax)),
+    )
 }
 
 /// [`plan_f16_values`] where [`path_for`] gives the Hopper path on `arch`, else the sm_80
