@@ -30,8 +30,9 @@
 #      sm90_split: on Hopper, all of gpu_attention_sm90 on the kernels built with the split wgmma schedule
 #               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
 #               times them (--split-schedule: "Hopper schedule" table in compare.log).
-#      vf16_host, vf16_dit: the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): on Hopper the host
-#               entry points' tests at the tangent aim of 1.7e-3, on any GPU gpu_dit's bf16 tests
+#      vf16_host, vf16_sm80, vf16_dit: the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): on Hopper
+#               the host entry points' tests at the tangent aim of 1.7e-3 and gpu_ops' test of them on the
+#               sm_80 kernels (FLASHJVP_ATTENTION_PATH=sm80), on any GPU gpu_dit's bf16 tests
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
@@ -190,6 +191,9 @@ if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,nohead
   if [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
     step vf16_host 40 "$OUT/gpu_attention_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 \
       "$G/bin/tests/gpu_attention_sm90" --test-threads=1 host_ops packed_qkv
+    # The sm_80 kernels' f16 value products, which the dispatcher gives only d 32 on Hopper.
+    step vf16_sm80 40 "$OUT/gpu_ops_vf16_sm80.log" env FLASHJVP_ATTENTION_PATH=sm80 \
+      "$G/bin/tests/gpu_ops" --test-threads=1 attention_jvp_f16_values
   fi
 fi
 step vf16_dit 60 "$OUT/gpu_dit_vf16.log" env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_dit" --test-threads=1 bf16

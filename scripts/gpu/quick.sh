@@ -17,7 +17,7 @@
 # (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE), then `bench attention` at the issue's shapes
 # on both schedules, one after the other.
 # QUICK=vf16: the f16 value products of the bf16 JVP (FLASHJVP_ATTENTION_VALUES=f16): their tests (gpu_ops'
-# and gpu_attention_sm90's own, the host entry points at the aim, the DiT), memcheck over gpu_sanitize's
+# on both paths and gpu_attention_sm90's own, the host entry points at the aim, the DiT), memcheck over gpu_sanitize's
 # attention tests with them, then `bench attention` at the issue's shapes (jvp and jvp_vf16 rows).
 # Everything in one file back: $OUT/quick.log.
 set -uo pipefail
@@ -65,6 +65,7 @@ quick_bwd() {
   vf16)
     run "$G/bin/tests/gpu_ops" --test-threads=1 attention_jvp_f16_values
     run "$G/bin/tests/gpu_attention_sm90" --test-threads=1 f16_values
+    run env FLASHJVP_ATTENTION_PATH=sm80 "$G/bin/tests/gpu_ops" --test-threads=1 attention_jvp_f16_values
     run env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_attention_sm90" --test-threads=1 host_ops packed_qkv
     run env FLASHJVP_ATTENTION_VALUES=f16 "$G/bin/tests/gpu_dit" --test-threads=1 bf16
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
