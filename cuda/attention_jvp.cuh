@@ -18,6 +18,9 @@
 // T = sum_j p_j (vdot_j + (sdot_j - mu) v_j) with the tile's products fed P.(Sdot - mu_new), and when a
 // tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first; then odot = T/l. mu needs
 // whole-row sums of p and p.sdot every tile (two quad shuffles each).
+// SOFTMAX ARITHMETIC (tensor-core kernels, as attention_jvp_sm90.cu): sdot stays unscaled (r in raw
+// units; c applied once per row to mu and inside the centring FFMA), and O and T's alpha are applied only
+// when a row of the warp has a new running max (warp-uniform vote; alpha is exactly 1 otherwise).
 // NOKV REGISTERS: ptxas schedules the nokv kernels more greedily than the full ones, and centring them
 // as the full JVP does spilled at many (d, dv). They fit 255 registers because (P_EARLY) P is packed to
 // 16 bits as soon as it is known, so the f32 tile dies before the shuffles; l, r, mu and P.(Sdot - mu)
@@ -362,14 +365,12 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             }
         }
 
-        // ---- scale, mask key tail, online softmax ----
+        // ---- mask key tail, online softmax ----
         // The running max stays in raw score units; p = exp2(s*c*log2e - m*c*log2e) is one FFMA
-        // and an ex2 per element (the scores are never scaled on their own).
+        // and an ex2 per element (the scores are never scaled on their own). Likewise sd holds the
+        // tangent scores without the factor c: r_run (and dr) sum p.sd in those raw units, and the
+        // centring applies c in the FFMA that subtracts mu.
         const int kv0 = j * BC;
-#pragma unroll
-        for (int n = 0; n < NS && TAN; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sd[TAN ? n : 0][e] *= scale;
         if (kv0 + BC > Nk) {  // key tail (last tile only)
 #pragma unroll
             for (int n = 0; n < NS; ++n)
@@ -386,16 +387,21 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 #pragma unroll
             for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         float m_off[2], alpha[2];
+        bool grew = false;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            grew |= mx[i] > m_run[i];
             const float m_new = (mx[i] == -FJ_INF) ? 0.f : mx[i];
             alpha[i] = fj_exp2((m_run[i] - m_new) * sl2);
             m_off[i] = -m_new * sl2;  // the exponent's offset: p = exp2(s*sl2 + m_off)
             m_run[i] = mx[i];
             if (!TAN) l_run[i] *= alpha[i];
         }
+        // Rescale only when a max grew: if no row of this warp has a new running max, alpha is exactly 1
+        // and O (and T's alpha) need no multiply; the test is warp-uniform, so the skip is a branch.
+        const bool rescale = __any_sync(0xffffffffu, grew);
         if (TAN) {
             // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
             // give the new centre mu, then T moves from the old centre: T += (mu_old - mu_new) O.
@@ -439,24 +445,33 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                 rt[i] += __shfl_xor_sync(0xffffffffu, rt[i], 2);
                 l_run[i] = l_run[i] * alpha[i] + lt[i];
                 r_run[i] = r_run[i] * alpha[i] + rt[i];
-                const float mu_new = l_run[i] > 0.f ? r_run[i] / l_run[i] : 0.f;
+                // (approximate division, 2 ulp: an IEEE one costs a range check and a slow-path call)
+                const float mu_new = l_run[i] > 0.f ? __fdividef(scale * r_run[i], l_run[i]) : 0.f;
                 dmu[i] = mu_run[i] - mu_new;
                 mu_run[i] = mu_new;
             }
+            if (rescale) {
 #pragma unroll
-            for (int n = 0; n < NT; ++n)
+                for (int n = 0; n < NT; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    acc_o[n][e] *= alpha[e >> 1];
-                    acc_t[TAN ? n : 0][e] = fmaf(acc_t[TAN ? n : 0][e], alpha[e >> 1], dmu[e >> 1] * acc_o[n][e]);
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        acc_o[n][e] *= alpha[e >> 1];
+                        acc_t[TAN ? n : 0][e] = fmaf(acc_t[TAN ? n : 0][e], alpha[e >> 1], dmu[e >> 1] * acc_o[n][e]);
+                    }
+            } else {  // alpha == 1: only the move of the centre
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc_t[TAN ? n : 0][e] = fmaf(dmu[e >> 1], acc_o[n][e], acc_t[TAN ? n : 0][e]);
+            }
 #pragma unroll
             for (int n = 0; n < NS; ++n) {
                 float ps[4];
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float p = P_EARLY ? half_of(pk[TAN ? n >> 1 : 0][(n & 1) * 2 + (e >> 1)], e & 1) : s[n][e];
-                    ps[e] = p * (sd[TAN ? n : 0][e] - mu_run[e >> 1]);
+                    ps[e] = p * fmaf(sd[TAN ? n : 0][e], scale, -mu_run[e >> 1]);
                 }
                 if (!P_EARLY) {
                     pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<VF16>(s[n][0], s[n][1]);
@@ -467,7 +482,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             }
         } else {  // primal forward
 #pragma unroll
-            for (int n = 0; n < NT; ++n)
+            for (int n = 0; n < NT && rescale; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc_o[n][e] *= alpha[e >> 1];
 #pragma unroll
@@ -557,7 +572,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             const float lf = l_run[i] + dl[i], rf = r_run[i] + dr[i];
             const fj_i64 li = (fj_i64)bh * Nq + row;
             lse[li] = lf > 0.f ? m_run[i] * scale + logf(lf) : -FJ_INF;  // m_run in raw score units
-            if (TAN) tlse[li] = lf > 0.f ? rf / lf : 0.f;
+            if (TAN) tlse[li] = lf > 0.f ? scale * rf / lf : 0.f;  // r and dr in raw units (sd without c)
         }
     }
 }

@@ -26,6 +26,12 @@
 // P.(Sdot - mu_new) to the next turn; then odot = T/l. Unlike sm_80 (register budget), nokv is centred
 // too: it fits the consumers' 240 registers without spills.
 //
+// SOFTMAX ARITHMETIC (what a warpgroup must finish before its next turn; at d64 as long as the batch it
+// overlaps, cuda/README.md): one FFMA and one MUFU.EX2 per score (fj_exp2 is .ftz); the tangent scores
+// stay unscaled (r in raw units, the scale applied once per row to mu and inside the centring FFMA);
+// O and T's factor alpha are applied only when a row of the warp has a new running max (warp-uniform
+// vote; alpha is exactly 1 otherwise), while T's move to the new centre happens every tile.
+//
 // F16 VALUE PRODUCTS (opt-in, bf16 storage, full JVP and nokv: attention_jvp{,_nokv}_sm90_bf16_vf16_d{D}):
 // the value products in f16 on f16 copies of V and Vdot scaled by 2^-k, O and T stored times 2^k
 // (common.cuh, F16 VALUE PRODUCTS).
@@ -350,10 +356,8 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         auto softmax = [&](int j, auto PENDING) {
             constexpr bool pending = decltype(PENDING)::value;
             const int kv0 = j * BC;
-            if constexpr (TAN) {
-#pragma unroll
-                for (int i = 0; i < NS; ++i) sd[i] *= scale;
-            }
+            // sd holds the tangent scores without the factor scale: r_run sums p.sd in those raw units, and
+            // the centring below applies the scale in the same FFMA that subtracts mu (no separate pass).
             if (kv0 + BC > Nk) {  // key tail (last tile only)
 #pragma unroll
                 for (int i = 0; i < NS; ++i)
@@ -366,16 +370,23 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
 #pragma unroll
             for (int i = 0; i < NS; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
             float m_off[2], alpha[2];
+            bool grew = false;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                grew |= mx[h] > m_run[h];
                 const float m_new = (mx[h] == -FJ_INF) ? 0.f : mx[h];
                 alpha[h] = fj_exp2((m_run[h] - m_new) * sl2);
                 m_off[h] = -m_new * sl2;  // the exponent's offset: p = exp2(s*sl2 + m_off)
                 m_run[h] = mx[h];
                 if constexpr (!TAN) l_run[h] *= alpha[h];
             }
+            // RESCALE ONLY WHEN A MAX GREW: if no row of this warp has a new running max, alpha is exactly 1
+            // for all of them and O (and T's alpha) need no multiply. The test is warp-uniform, so the
+            // skipped loop is a branch, not a predicate; over long key ranges most tiles skip it (a row's
+            // max grows in tile j with probability about 1/j for exchangeable scores).
+            const bool rescale = __any_sync(0xffffffffu, grew);
             if constexpr (TAN) {  // T centred on the running mu (see the header)
                 // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
                 // give the new centre mu, then T (tiles < j) moves from the old centre:
@@ -396,21 +407,28 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                     rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 1);
                     rt[h] += __shfl_xor_sync(0xffffffffu, rt[h], 2);
                     l_run[h] = l_run[h] * alpha[h] + lt[h];
-                    r_run[h] = r_run[h] * alpha[h] + rt[h];
-                    const float mu_new = l_run[h] > 0.f ? r_run[h] / l_run[h] : 0.f;
+                    r_run[h] = r_run[h] * alpha[h] + rt[h];  // raw units (sd without scale)
+                    // (approximate division, 2 ulp: an IEEE one costs a range check and a slow-path call)
+                    const float mu_new = l_run[h] > 0.f ? __fdividef(scale * r_run[h], l_run[h]) : 0.f;
                     dmu[h] = mu_run[h] - mu_new;
                     mu_run[h] = mu_new;
                 }
                 auto move_t = [&] {  // O and T rescaled, T moved to the new centre
+                    if (rescale) {
 #pragma unroll
-                    for (int i = 0; i < NO; ++i) {
-                        acc_o[i] *= alpha[(i >> 1) & 1];
-                        acc_t[TAN ? i : 0] = fmaf(acc_t[TAN ? i : 0], alpha[(i >> 1) & 1], dmu[(i >> 1) & 1] * acc_o[i]);
+                        for (int i = 0; i < NO; ++i) {
+                            acc_o[i] *= alpha[(i >> 1) & 1];
+                            acc_t[TAN ? i : 0] = fmaf(acc_t[TAN ? i : 0], alpha[(i >> 1) & 1], dmu[(i >> 1) & 1] * acc_o[i]);
+                        }
+                    } else {  // alpha == 1: only the move of the centre
+#pragma unroll
+                        for (int i = 0; i < NO; ++i) acc_t[TAN ? i : 0] = fmaf(dmu[(i >> 1) & 1], acc_o[i], acc_t[TAN ? i : 0]);
                     }
                 };
-                auto centre_sd = [&] {  // P.(Sdot - mu): needs the scores only
+                auto centre_sd = [&] {  // P.(scale sd - mu): needs the scores only
 #pragma unroll
-                    for (int i = 0; i < NS; ++i) sd[TAN ? i : 0] = s[i] * (sd[TAN ? i : 0] - mu_run[(i >> 1) & 1]);
+                    for (int i = 0; i < NS; ++i)
+                        sd[TAN ? i : 0] = s[i] * fmaf(sd[TAN ? i : 0], scale, -mu_run[(i >> 1) & 1]);
                 };
                 if constexpr (SPLIT_WAIT) {
                     centre_sd();
@@ -422,6 +440,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
                 }
             } else {  // primal forward
                 auto rescale_o = [&] {
+                    if (!rescale) return;  // alpha == 1
 #pragma unroll
                     for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i >> 1) & 1];
                 };
@@ -468,7 +487,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
             const int row = q0 + cw * 64 + warp * 16 + g + 8 * h;
             if (row >= Nq) continue;
             const float inv_l = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
-            const float mu = TAN ? r_run[h] * inv_l : 0.f;
+            const float mu = TAN ? scale * r_run[h] * inv_l : 0.f;  // r_run in raw units (sd without scale)
             const float out_l = inv_l * vunit;  // o = O/l, odot = T/l (times 2^k with F16_VALUES)
             const fj_i64 roff = ooff + (fj_i64)row * o_sn;
 #pragma unroll

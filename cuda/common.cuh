@@ -194,10 +194,14 @@ __device__ __forceinline__ fj_u32 fj_pack2(float lo, float hi) {
     return r;
 }
 
-// 2^x (ex2.approx: relative error about 2^-22; 2^-inf = +0).
+// 2^x (ex2.approx.ftz: relative error about 2^-22; 2^-inf = +0; a result below 2^-126 is flushed to +0).
+// The flush is what makes it one MUFU.EX2: without .ftz ptxas wraps every ex2 in a range check and two
+// predicated multiplies (FSETP, FMUL, MUFU, FMUL), a third of the softmax's issue slots in the d64
+// attention JVP. Every caller takes 2^x of a non-positive exponent as a softmax weight beside one of
+// weight >= 1 (or >= 1/Nk in the backward), so a weight below 2^-126 is zero to f32 accuracy anyway.
 __device__ __forceinline__ float fj_exp2(float x) {
     float y;
-    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 #endif  // FJ_HOST_EMU

@@ -577,6 +577,26 @@ fn every_kernel_is_in_the_emulator() {
     );
 }
 
+/// The softmax exponentials are one MUFU.EX2 each: `ex2.approx.ftz.f32` (common.cuh, fj_exp2). Without
+/// `.ftz` ptxas wraps every ex2 in a range check and two predicated multiplies (four instructions
+/// instead of one: about a seventh of the d64 Hopper JVP's steady loop).
+#[test]
+fn attention_exponentials_flush_subnormals() {
+    if !flashjvp::cuda::nvrtc_or_skip() {
+        return;
+    }
+    for (file, text) in all_ptx() {
+        let plain = text.matches("ex2.approx.f32").count();
+        assert_eq!(plain, 0, "{file}: {plain} ex2.approx.f32 without .ftz");
+        if file.starts_with("attention_") {
+            assert!(
+                text.contains("ex2.approx.ftz.f32"),
+                "{file}: no ex2.approx.ftz.f32 (the softmax's exponentials)"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_launch_matches_its_kernel_signature() {
     if !flashjvp::cuda::nvrtc_or_skip() {

@@ -11,6 +11,7 @@
 #error "fj_emu.h is the host emulator's header: compile with -DFJ_HOST_EMU"
 #endif
 
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -149,6 +150,13 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32, const cha
     std::memcpy(&v, &u, 4);
     return v;
 }
+// vote.any over the full warp, as an OR of xor shuffles (the shuffle collective checks that every lane
+// of the mask takes part at the same call site).
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    unsigned v = pred ? 1u : 0u;
+    for (int o = 1; o < 32; o <<= 1) v |= ::fj_emu::shfl32(mask, v, o, 32, true, file, line);
+    return v != 0u;
+}
 inline float atomicAdd(float* p, float v) { return ::fj_emu::atomic_add_f32(p, v); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
@@ -240,5 +248,8 @@ template <bool F16> inline fj_u32 fj_pack2(float lo, float hi) {
     if (F16) return (fj_u32)fj_f32_to_f16(lo) | ((fj_u32)fj_f32_to_f16(hi) << 16);
     return (fj_u32)fj_emu_f32_to_bf16_rn(lo) | ((fj_u32)fj_emu_f32_to_bf16_rn(hi) << 16);
 }
-// ex2.approx.f32 (2^-inf = +0, 2^+inf = +inf, NaN -> NaN).
-inline float fj_exp2(float x) { return exp2f(x); }
+// ex2.approx.ftz.f32 (2^-inf = +0, 2^+inf = +inf, NaN -> NaN; results below 2^-126 flushed to +0).
+inline float fj_exp2(float x) {
+    const float y = exp2f(x);
+    return y < FLT_MIN ? 0.f : y;
+}
