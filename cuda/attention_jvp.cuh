@@ -98,7 +98,8 @@
 // d32 and dv != d, and for bf16/f16 with FLASHJVP_ATTENTION_PATH=sm80 (the tests' fallback checks, the
 // benchmark's sm80 columns): the GPU tests against the f64 CPU reference and compute-sanitizer memcheck
 // pass; racecheck passes on the f32 kernels and on the bf16 ones (sm80 forced; f16 is not in the
-// sanitizers' workload). Not yet run on an sm_80 (A100) card.
+// sanitizers' workload). Not yet run on an sm_80 (A100) card. The softmax changes of SOFTMAX ARITHMETIC
+// came after that run: emulator only so far.
 
 namespace fj_attn {
 
