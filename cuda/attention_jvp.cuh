@@ -18,9 +18,10 @@
 // T = sum_j p_j (vdot_j + (sdot_j - mu) v_j) with the tile's products fed P.(Sdot - mu_new), and when a
 // tile moves mu from mu_old to mu_new, T gains (mu_old - mu_new) O first; then odot = T/l. mu needs
 // whole-row sums of p and p.sdot every tile (two quad shuffles each).
-// SOFTMAX ARITHMETIC (tensor-core kernels, as attention_jvp_sm90.cu): sdot stays unscaled (r in raw
-// units; c applied once per row to mu and inside the centring FFMA), and O and T's alpha are applied only
-// when a row of the warp has a new running max (warp-uniform vote; alpha is exactly 1 otherwise).
+// SOFTMAX ARITHMETIC (tensor-core kernels but nokv, as attention_jvp_sm90.cu): sdot stays unscaled (r in
+// raw units; c applied once per row to mu and inside the centring FFMA), and O and T's alpha are applied
+// only when a row of the warp has a new running max (warp-uniform vote; alpha is exactly 1 otherwise).
+// The nokv kernels (P_EARLY, registers) keep the plain form.
 // NOKV REGISTERS: ptxas schedules the nokv kernels more greedily than the full ones, and centring them
 // as the full JVP does spilled at many (d, dv). They fit 255 registers because (P_EARLY) P is packed to
 // 16 bits as soon as it is known, so the f32 tile dies before the shuffles; l, r, mu and P.(Sdot - mu)
@@ -372,6 +373,14 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         // tangent scores without the factor c: r_run (and dr) sum p.sd in those raw units, and the
         // centring applies c in the FFMA that subtracts mu.
         const int kv0 = j * BC;
+        // LEAN (SOFTMAX ARITHMETIC in the header) everywhere but the P_EARLY (nokv) kernels: there it spilled
+        // 8-24 bytes at dv = 128 (ptxas, NVRTC 13.0), so they keep the scaled sd, the IEEE division and the
+        // rescale of every tile.
+        constexpr bool LEAN = !P_EARLY;
+#pragma unroll
+        for (int n = 0; n < NS && TAN && !LEAN; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sd[TAN ? n : 0][e] *= scale;
         if (kv0 + BC > Nk) {  // key tail (last tile only)
 #pragma unroll
             for (int n = 0; n < NS; ++n)
@@ -402,7 +411,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
         }
         // Rescale only when a max grew: if no row of this warp has a new running max, alpha is exactly 1
         // and O (and T's alpha) need no multiply; the test is warp-uniform, so the skip is a branch.
-        const bool rescale = __any_sync(0xffffffffu, grew);
+        const bool rescale = !LEAN || __any_sync(0xffffffffu, grew);
         if (TAN) {
             // This tile's p; the whole-row sums of p and p.sdot (over the quad that shares the row)
             // give the new centre mu, then T moves from the old centre: T += (mu_old - mu_new) O.
@@ -446,8 +455,10 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
                 rt[i] += __shfl_xor_sync(0xffffffffu, rt[i], 2);
                 l_run[i] = l_run[i] * alpha[i] + lt[i];
                 r_run[i] = r_run[i] * alpha[i] + rt[i];
-                // (approximate division, 2 ulp: an IEEE one costs a range check and a slow-path call)
-                const float mu_new = l_run[i] > 0.f ? __fdividef(scale * r_run[i], l_run[i]) : 0.f;
+                // LEAN: r in raw units, and an approximate division (2 ulp: an IEEE one costs a range check
+                // and a slow-path call).
+                const float mu_new =
+                    l_run[i] > 0.f ? (LEAN ? __fdividef(scale * r_run[i], l_run[i]) : r_run[i] / l_run[i]) : 0.f;
                 dmu[i] = mu_run[i] - mu_new;
                 mu_run[i] = mu_new;
             }
@@ -472,7 +483,7 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float p = P_EARLY ? half_of(pk[TAN ? n >> 1 : 0][(n & 1) * 2 + (e >> 1)], e & 1) : s[n][e];
-                    ps[e] = p * fmaf(sd[TAN ? n : 0][e], scale, -mu_run[e >> 1]);
+                    ps[e] = p * (LEAN ? fmaf(sd[TAN ? n : 0][e], scale, -mu_run[e >> 1]) : sd[TAN ? n : 0][e] - mu_run[e >> 1]);
                 }
                 if (!P_EARLY) {
                     pk[TAN ? n >> 1 : 0][(n & 1) * 2] = fj_pack2<VF16>(s[n][0], s[n][1]);
@@ -573,7 +584,8 @@ __device__ __forceinline__ void attn_tc(const fj_u16* __restrict__ q, const fj_u
             const float lf = l_run[i] + dl[i], rf = r_run[i] + dr[i];
             const fj_i64 li = (fj_i64)bh * Nq + row;
             lse[li] = lf > 0.f ? m_run[i] * scale + logf(lf) : -FJ_INF;  // m_run in raw score units
-            if (TAN) tlse[li] = lf > 0.f ? scale * rf / lf : 0.f;  // r and dr in raw units (sd without c)
+            // LEAN: r in raw units (sd without c); the P_EARLY kernels scaled sd.
+            if (TAN) tlse[li] = lf > 0.f ? (P_EARLY ? rf / lf : scale * rf / lf) : 0.f;
         }
     }
 }

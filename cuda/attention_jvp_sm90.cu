@@ -53,8 +53,9 @@
 //   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
-//   fragments within 240); STAGES = 3 for the full JVP at d = 96 (193 KiB) and 128 (214 KiB), 4
-//   otherwise.
+//   fragments within 240), 96 at d = 64 with a tangent (the softmax's fixed cost per tile spread over
+//   more keys); STAGES = 3 for the full JVP when a stage holds 24 KiB or more (d = 64: 177 KiB, 96:
+//   193 KiB, 128: 214 KiB), 4 otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
@@ -120,11 +121,14 @@ template <int D, int MODE> struct Cfg {
         DP = SLABS * SCOL,              // the head dim the products see (80 at d 72)
         CPS = SCOL / 16,                // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
-        // previous tile must fit 240 registers), else 64.
-        BC = (D == 128 && TAN) ? 48 : 64,
+        // previous tile must fit 240 registers), 96 at d = 64 with a tangent (its softmax is as long as
+        // the products it overlaps: a longer tile spreads the per-tile reductions, barriers and
+        // descriptors over more keys, and the m64n96 score products read less shared memory per FLOP
+        // than m64n64), else 64.
+        BC = (D == 128 && TAN) ? 48 : (D == 64 && TAN) ? 96 : 64,
         SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
         SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
-        STAGES = (MODE == FULL && DP >= 96) ? 3 : 4,
+        STAGES = (MODE == FULL && DP * BC >= 96 * 64) ? 3 : 4,  // 3 when a stage holds 24 KiB or more
         Q_BYTES = NQ * SLABS * SLAB_Q,
         KST_BYTES = NKT * SLABS * SLAB_K,  // one K stage (same for a V stage)
         BAR_OFF = Q_BYTES + 2 * STAGES * KST_BYTES,
@@ -356,6 +360,7 @@ __device__ __forceinline__ void attn_sm90(const FjTensorMap* mq, const FjTensorM
         // PENDING: this tile's turn also issued value products still in flight (SPLIT_WAIT, steady turns).
         auto softmax = [&](int j, auto PENDING) {
             constexpr bool pending = decltype(PENDING)::value;
+            (void)pending;  // read by the split schedule only
             const int kv0 = j * BC;
             // sd holds the tangent scores without the factor scale: r_run sums p.sd in those raw units, and
             // the centring below applies the scale in the same FFMA that subtracts mu (no separate pass).
@@ -664,7 +669,7 @@ FJ_SM90_VF16(96)
 FJ_SM90_VF16(128)
 
 // The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
-// both key tiles of d 128.
+// every key tile: 64 and 96 at d 64, 48 and 64 at d 128.
 #define FJ_SM90_PROBE(D, BC)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 1) sm90_layout_probe_bf16_d##D##_bc##BC(                     \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* q_smem, float* s_out, float* o_out) {                                \
@@ -673,6 +678,7 @@ FJ_SM90_VF16(128)
     FJ_REGISTER(sm90_layout_probe_bf16_d##D##_bc##BC)
 
 FJ_SM90_PROBE(64, 64)
+FJ_SM90_PROBE(64, 96)
 FJ_SM90_PROBE(72, 64)
 FJ_SM90_PROBE(96, 64)
 FJ_SM90_PROBE(128, 48)

@@ -85,12 +85,13 @@ impl Path {
     }
 }
 
-/// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`).
+/// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`): 48 at d 128 and 96 at d 64 with
+/// a tangent, else 64.
 fn key_tile(variant: Variant, d: usize) -> usize {
-    if d == 128 && variant != Variant::Fwd {
-        48
-    } else {
-        64
+    match (d, variant != Variant::Fwd) {
+        (128, true) => 48,
+        (64, true) => 96,
+        _ => 64,
     }
 }
 
@@ -114,7 +115,12 @@ pub fn shared_bytes(variant: Variant, d: usize) -> usize {
     let swz = swizzle_bytes(d);
     let slabs = d.div_ceil(swz / 2);
     let bc = key_tile(variant, d);
-    let stages = if full && slabs * swz / 2 >= 96 { 3 } else { 4 };
+    // 3 stages for the full JVP when one holds 24 KiB or more (the kernel's `Cfg::STAGES`).
+    let stages = if full && slabs * swz / 2 * bc >= 96 * 64 {
+        3
+    } else {
+        4
+    };
     let q_bytes = if tangent { 2 } else { 1 } * slabs * BLOCK_ROWS * swz;
     let stage_bytes = if full { 2 } else { 1 } * slabs * bc * swz;
     1024 + q_bytes + 2 * stages * stage_bytes + 8 * (1 + 4 * stages)
@@ -646,7 +652,8 @@ pub fn plan_backward(
 /// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
 /// swizzle (128 bytes at d 64 and 128, 32 with zero fill at d 72, 64 at d 96) and both key tiles of
 /// d 128.
-pub const PROBES: [(usize, usize); 5] = [(64, 64), (72, 64), (96, 64), (128, 48), (128, 64)];
+pub const PROBES: [(usize, usize); 6] =
+    [(64, 64), (64, 96), (72, 64), (96, 64), (128, 48), (128, 64)];
 
 /// Query rows of the layout probe's Q tile (the kernels' [`BLOCK_ROWS`]; one warpgroup does both
 /// halves).
@@ -763,8 +770,8 @@ mod tests {
     fn shared_memory_matches_the_readme_table() {
         // (variant, d64, d72, d96, d128): cuda/README.md, attention_jvp_sm90.cu.
         for (v, want) in [
-            (Variant::Jvp, [165000, 205960, 197736, 214120]),
-            (Variant::JvpNoKv, [99464, 124040, 148616, 165000]),
+            (Variant::Jvp, [181352, 205960, 197736, 214120]),
+            (Variant::JvpNoKv, [132232, 124040, 148616, 165000]),
             (Variant::Fwd, [83080, 103560, 124040, 165000]),
         ] {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
@@ -956,6 +963,31 @@ mod tests {
                 };
                 assert_eq!((m.swizzle, m.boxdim), (swizzle, [swizzle / 2, rows, 1, 1]));
                 assert_eq!(m.dims[0], d as u64);
+                m.check().unwrap();
+            }
+        }
+        // d 64 with a tangent: 96-key tiles (K, Kdot, V, Vdot), Q still 128 rows; the forward keeps 64.
+        let dims = check_shapes(&[1, 2, 300, 64], &[1, 2, 77, 64], &[1, 2, 77, 64]).unwrap();
+        for (variant, kv_rows) in [
+            (Variant::Jvp, 96),
+            (Variant::JvpNoKv, 96),
+            (Variant::Fwd, 64),
+        ] {
+            let steps = plan(
+                variant,
+                DType::BF16,
+                dims,
+                Layout::contiguous(dims),
+                ptrs(),
+                0.1,
+            )
+            .unwrap();
+            let Step::Kernel(l) = &steps[0] else { panic!() };
+            for (i, rows) in [(0, 128), (1, kv_rows), (2, kv_rows)] {
+                let Arg::TensorMap(m) = l.args[i] else {
+                    panic!()
+                };
+                assert_eq!(m.boxdim, [64, rows, 1, 1], "{variant:?} map {i}");
                 m.check().unwrap();
             }
         }
