@@ -102,6 +102,13 @@
 #include "common.cuh"
 #include "hopper.cuh"
 
+// The key tile at d = 64 with a tangent (Cfg::BC): 96 by default, 64 with FLASHJVP_SM90_D64_KEYS=64 on the
+// host (a separate cache entry, like the split schedule), to time the two side by side on a GPU.
+#ifndef FJ_SM90_D64_BC
+#define FJ_SM90_D64_BC 96
+#endif
+static_assert(FJ_SM90_D64_BC == 64 || FJ_SM90_D64_BC == 96, "FJ_SM90_D64_BC: 64 or 96");
+
 namespace fj_h {
 
 enum { FULL = 0, NOKV = 1, FWD = 2 };
@@ -125,7 +132,7 @@ template <int D, int MODE> struct Cfg {
         // the products it overlaps: a longer tile spreads the per-tile reductions, barriers and
         // descriptors over more keys, and the m64n96 score products read less shared memory per FLOP
         // than m64n64), else 64.
-        BC = (D == 128 && TAN) ? 48 : (D == 64 && TAN) ? 96 : 64,
+        BC = (D == 128 && TAN) ? 48 : (D == 64 && TAN) ? FJ_SM90_D64_BC : 64,
         SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
         SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
         STAGES = (MODE == FULL && DP * BC >= 96 * 64) ? 3 : 4,  // 3 when a stage holds 24 KiB or more

@@ -144,3 +144,38 @@ fn the_split_schedule_compiles_without_spills_or_serialised_wgmma() {
         );
     }
 }
+
+#[test]
+fn the_d64_key_tile_64_build_compiles_without_spills() {
+    // FLASHJVP_SM90_D64_KEYS=64: the Hopper JVP at d 64 on 64-key tiles (FJ_SM90_D64_BC, kept to time
+    // against the default 96); 96 is the embedded text itself.
+    let file = flashjvp::cuda::attention_sm90::FILE;
+    assert_eq!(
+        nvrtc::source_text_built(file, None, false, 96).unwrap(),
+        nvrtc::source_text_for(file, None, false).unwrap()
+    );
+    let text = nvrtc::source_text_built(file, None, false, 64).unwrap();
+    assert!(text.starts_with("#define FJ_SM90_D64_BC 64\n#line 1 \"attention_jvp_sm90.cu\"\n"));
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let c = nvrtc::compile_text(file, &text, "sm_90a").expect("d64 key tile 64 build");
+    for k in c
+        .kernels
+        .iter()
+        .filter(|k| k.kernel.starts_with("attention_"))
+    {
+        assert_eq!(
+            (k.spill_bytes, k.stack_bytes),
+            (0, 0),
+            "{}: spills or a stack frame with 64-key tiles at d 64",
+            k.kernel
+        );
+    }
+    let log = c.log.to_lowercase();
+    assert!(
+        !log.contains("serializ") && !log.contains("warning"),
+        "{}",
+        c.log
+    );
+}

@@ -197,28 +197,44 @@ SPLIT_SHAPES = [(1, 12, 4096, 4096, 64), (1, 12, 16384, 16384, 64), (1, 12, 4096
                 (1, 12, 16384, 16384, 128)]
 
 
-def split_schedule(binary, by_shape, deadline):
-    """The Hopper kernels' passes at SPLIT_SHAPES built with the split wgmma schedule
-    (FLASHJVP_SM90_SCHEDULE=split), against the default (joined) rows of the same run."""
+def build_variant(binary, by_shape, deadline, title, env, shapes, label):
+    """The Hopper kernels' passes at `shapes` built another way (`env`, e.g. FLASHJVP_SM90_SCHEDULE=split),
+    against the default rows of the same run; `label` names the variant's column."""
     log("")
-    log("Hopper schedule (bf16)       pass        joined ms   split ms   split speed-up")
+    log(f"{title:28} pass        default ms {label + ' ms':>10}   speed-up")
     rows = []
-    for shape in (SPLIT_SHAPES if DEV == "cuda" else DRY_ATTENTION_SHAPES):
+    for shape in (shapes if DEV == "cuda" else DRY_ATTENTION_SHAPES):
         left = deadline - time.time() - 20
         if left < 10:
-            log(f"# split schedule {shape}: not run (time)")
+            log(f"# {label} {shape}: not run (time)")
             continue
-        got = bench(binary, "attention", shape=shape, env={"FLASHJVP_SM90_SCHEDULE": "split"},
-                    timeout=min(60, left))
-        joined = by_shape.get(tuple(shape), {})
+        got = bench(binary, "attention", shape=shape, env=env, timeout=min(60, left))
+        default = by_shape.get(tuple(shape), {})
         for r in got:
             if r.get("path") != "sm90a":
                 continue
-            j = joined.get(r["pass"], {}).get("ms", float("nan"))
-            rows.append({"shape": shape, "pass": r["pass"], "joined_ms": j, "split_ms": r["ms"],
+            j = default.get(r["pass"], {}).get("ms", float("nan"))
+            rows.append({"shape": shape, "pass": r["pass"], "default_ms": j, f"{label}_ms": r["ms"],
                          "speedup": j / r["ms"]})
             log(f"{str(tuple(shape)):28} {r['pass']:10} {j:10.3f} {r['ms']:10.3f} {j / r['ms']:10.2f}x")
     return rows
+
+
+def split_schedule(binary, by_shape, deadline):
+    """The Hopper kernels built with the split wgmma schedule (FLASHJVP_SM90_SCHEDULE=split), against the
+    default (joined) rows of the same run."""
+    return build_variant(binary, by_shape, deadline, "Hopper schedule (bf16)", {"FLASHJVP_SM90_SCHEDULE": "split"},
+                         SPLIT_SHAPES, "split")
+
+
+D64_SHAPES = [(16, 16, 1024, 1024, 64), (1, 12, 4096, 4096, 64), (1, 12, 16384, 16384, 64)]
+
+
+def d64_keys64(binary, by_shape, deadline):
+    """The Hopper JVP at d 64 on 64-key tiles (FLASHJVP_SM90_D64_KEYS=64), against the default 96-key rows
+    of the same run (a speed-up above 1 means 64 keys are faster)."""
+    return build_variant(binary, by_shape, deadline, "Hopper d64 key tile (bf16)", {"FLASHJVP_SM90_D64_KEYS": "64"},
+                         D64_SHAPES, "keys64")
 
 
 def cudnn_forward_ms(b, h, nq, nk, d):
@@ -333,6 +349,9 @@ def main():
                          "sm_80 retries after a hang stay inside it")
     ap.add_argument("--precision-after-s", type=float, default=150,
                     help="run the precision section only if less time than this has passed")
+    ap.add_argument("--d64-keys64", action="store_true",
+                    help="also time the Hopper JVP at d 64 on 64-key tiles (FLASHJVP_SM90_D64_KEYS=64) against "
+                         "the default 96")
     ap.add_argument("--split-schedule", action="store_true",
                     help="also time the Hopper kernels built with FLASHJVP_SM90_SCHEDULE=split (cuda/hopper.cuh "
                          "SCHEDULE) at the issue's shapes, beside the default schedule")
@@ -434,6 +453,8 @@ def main():
         log(f"{str(shape):40} {f(jv.get('ms'))} {f(vf.get('ms'), 11)} ({f(vf.get('tflops'), 5, 0)}) {f(ratio, 9, 3)}x")
     if args.split_schedule:
         out["split_schedule"] = split_schedule(binary, by_shape, t_start + args.time_limit_s)
+    if args.d64_keys64:
+        out["d64_keys64"] = d64_keys64(binary, by_shape, t_start + args.time_limit_s)
     best = max((r["jvp_tflops"] or 0) for r in table) if table else 0
     log(f"best effective JVP rate: {best:.0f} TF/s (moonshot 600)")
     # Issue 3's floor: at least 250 effective TF/s (12 B H N^2 d) at these two shapes.

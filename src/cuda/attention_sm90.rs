@@ -19,6 +19,7 @@
 
 use super::attention::{AttnDims, BwdPtrs, JvpPtrs, Layout, Strides, Variant};
 use super::launch::{dtype_suffix, int_arg, Arg, Launch, Step};
+use super::nvrtc;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -86,11 +87,12 @@ impl Path {
 }
 
 /// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`): 48 at d 128 and 96 at d 64 with
-/// a tangent, else 64.
+/// a tangent (64 with `FLASHJVP_SM90_D64_KEYS=64`, [`nvrtc::sm90_d64_keys`]; a bad value there fails
+/// the kernel's compile, so this takes the default for it), else 64.
 fn key_tile(variant: Variant, d: usize) -> usize {
     match (d, variant != Variant::Fwd) {
         (128, true) => 48,
-        (64, true) => 96,
+        (64, true) => nvrtc::sm90_d64_keys().unwrap_or(nvrtc::SM90_D64_KEYS_DEFAULT),
         _ => 64,
     }
 }

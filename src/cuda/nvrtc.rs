@@ -158,13 +158,28 @@ pub fn source_text_for(
     watchdog_ms: Option<u32>,
     split_wait: bool,
 ) -> Result<Cow<'static, str>> {
+    source_text_built(file, watchdog_ms, split_wait, SM90_D64_KEYS_DEFAULT)
+}
+
+/// [`source_text_for`], and for a Hopper file with `d64_keys` other than the default 96 the define of
+/// the JVP's key tile at head dim 64 (`FJ_SM90_D64_BC`, attention_jvp_sm90.cu) in front as well.
+pub fn source_text_built(
+    file: &str,
+    watchdog_ms: Option<u32>,
+    split_wait: bool,
+    d64_keys: usize,
+) -> Result<Cow<'static, str>> {
     let source = embedded(file)?;
-    if !file.ends_with("_sm90.cu") || (watchdog_ms.is_none() && !split_wait) {
+    let d64_default = d64_keys == SM90_D64_KEYS_DEFAULT;
+    if !file.ends_with("_sm90.cu") || (watchdog_ms.is_none() && !split_wait && d64_default) {
         return Ok(source.into());
     }
     let mut text = String::new();
     if split_wait {
         text.push_str("#define FJ_SM90_SPLIT_WAIT 1\n");
+    }
+    if !d64_default {
+        text.push_str(&format!("#define FJ_SM90_D64_BC {d64_keys}\n"));
     }
     if let Some(ms) = watchdog_ms {
         text.push_str(&format!("#define FJ_SM90_WATCHDOG_MS {ms}\n"));
@@ -194,11 +209,40 @@ pub fn sm90_split_wait() -> Result<bool> {
     }
 }
 
-/// [`source_text_for`] the watchdog limit ([`SM90_WATCHDOG_ENV`]) and schedule
-/// ([`SM90_SCHEDULE_ENV`]) the environment asks for, both read for the Hopper files only.
+/// The environment variable that picks the Hopper JVP's key tile at head dim 64 (with a tangent):
+/// `96` (the default) or `64` (the tile of the other head dims, kept to time the two side by side).
+pub const SM90_D64_KEYS_ENV: &str = "FLASHJVP_SM90_D64_KEYS";
+
+/// The default of [`SM90_D64_KEYS_ENV`].
+pub const SM90_D64_KEYS_DEFAULT: usize = 96;
+
+/// The key tile [`SM90_D64_KEYS_ENV`] asks for (an error naming the variable for a value other than
+/// 64 or 96).
+pub fn sm90_d64_keys() -> Result<usize> {
+    match std::env::var(SM90_D64_KEYS_ENV)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("") | Some("96") => Ok(96),
+        Some("64") => Ok(64),
+        Some(v) => Err(Error::Unsupported(format!(
+            "{SM90_D64_KEYS_ENV}={v:?}: expected 64 or 96"
+        ))),
+    }
+}
+
+/// [`source_text_built`] with the watchdog limit ([`SM90_WATCHDOG_ENV`]), schedule
+/// ([`SM90_SCHEDULE_ENV`]) and d64 key tile ([`SM90_D64_KEYS_ENV`]) the environment asks for, all
+/// read for the Hopper files only.
 pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
     if file.ends_with("_sm90.cu") {
-        source_text_for(file, sm90_watchdog_ms()?, sm90_split_wait()?)
+        source_text_built(
+            file,
+            sm90_watchdog_ms()?,
+            sm90_split_wait()?,
+            sm90_d64_keys()?,
+        )
     } else {
         source_text_for(file, None, false)
     }
