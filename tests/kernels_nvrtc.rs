@@ -122,27 +122,33 @@ fn the_split_schedule_compiles_without_spills_or_serialised_wgmma() {
         let normal = nvrtc::compile_text(file, &nvrtc::source_text(file).unwrap(), "sm_90a")
             .expect("normal build");
         assert_eq!(c.kernels.len(), normal.kernels.len(), "{file}");
-        for k in c
-            .kernels
-            .iter()
-            .filter(|k| k.kernel.starts_with("attention_"))
-        {
-            assert_eq!(
-                (k.spill_bytes, k.stack_bytes),
-                (0, 0),
-                "{file} {}: spills or a stack frame in the split build",
-                k.kernel
-            );
-            flashjvp::cuda::attention_sm90::check_register_pool(&k.kernel, k.registers).unwrap();
-        }
-        // ptxas says so (C7510 / "wgmma ... serialized") when it cannot keep the wgmma pipeline.
-        let log = c.log.to_lowercase();
-        assert!(
-            !log.contains("serializ") && !log.contains("warning"),
-            "{file}: {}",
-            c.log
-        );
+        assert_clean_sm90_build(&c, &format!("{file}, split build"));
     }
+}
+
+/// A Hopper build variant: no attention kernel spills or has a stack frame, each fits the consumers'
+/// register pool, and ptxas warns of nothing (it says so, C7510 / "wgmma ... serialized", when it cannot
+/// keep the wgmma pipeline).
+fn assert_clean_sm90_build(c: &nvrtc::CompiledFile, what: &str) {
+    for k in c
+        .kernels
+        .iter()
+        .filter(|k| k.kernel.starts_with("attention_"))
+    {
+        assert_eq!(
+            (k.spill_bytes, k.stack_bytes),
+            (0, 0),
+            "{what}, {}: spills or a stack frame",
+            k.kernel
+        );
+        flashjvp::cuda::attention_sm90::check_register_pool(&k.kernel, k.registers).unwrap();
+    }
+    let log = c.log.to_lowercase();
+    assert!(
+        !log.contains("serializ") && !log.contains("warning"),
+        "{what}: {}",
+        c.log
+    );
 }
 
 #[test]
@@ -160,22 +166,5 @@ fn the_d64_key_tile_64_build_compiles_without_spills() {
         return;
     }
     let c = nvrtc::compile_text(file, &text, "sm_90a").expect("d64 key tile 64 build");
-    for k in c
-        .kernels
-        .iter()
-        .filter(|k| k.kernel.starts_with("attention_"))
-    {
-        assert_eq!(
-            (k.spill_bytes, k.stack_bytes),
-            (0, 0),
-            "{}: spills or a stack frame with 64-key tiles at d 64",
-            k.kernel
-        );
-    }
-    let log = c.log.to_lowercase();
-    assert!(
-        !log.contains("serializ") && !log.contains("warning"),
-        "{}",
-        c.log
-    );
+    assert_clean_sm90_build(&c, "the d64 64-key-tile build");
 }

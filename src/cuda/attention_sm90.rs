@@ -945,36 +945,16 @@ mod tests {
         assert_eq!(k.boxdim, [64, 64, 1, 1]);
         assert_eq!(l.args.len(), 12);
         // Narrower swizzles where 64 columns do not divide d: 16-column boxes of 32 bytes at d 72
-        // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96.
-        for (d, swizzle) in [(72, 32), (96, 64)] {
-            let dims = check_shapes(&[1, 2, 300, d], &[1, 2, 77, d], &[1, 2, 77, d]).unwrap();
-            let steps = plan(
-                Variant::Jvp,
-                DType::BF16,
-                dims,
-                Layout::contiguous(dims),
-                ptrs(),
-                0.1,
-            )
-            .unwrap();
-            let Step::Kernel(l) = &steps[0] else { panic!() };
-            assert_eq!(l.kernel, format!("attention_jvp_sm90_bf16_d{d}"));
-            for (i, rows) in [(0, 128), (1, 64), (5, 64)] {
-                let Arg::TensorMap(m) = l.args[i] else {
-                    panic!()
-                };
-                assert_eq!((m.swizzle, m.boxdim), (swizzle, [swizzle / 2, rows, 1, 1]));
-                assert_eq!(m.dims[0], d as u64);
-                m.check().unwrap();
-            }
-        }
-        // d 64 with a tangent: 96-key tiles (K, Kdot, V, Vdot), Q still 128 rows; the forward keeps 64.
-        let dims = check_shapes(&[1, 2, 300, 64], &[1, 2, 77, 64], &[1, 2, 77, 64]).unwrap();
-        for (variant, kv_rows) in [
-            (Variant::Jvp, 96),
-            (Variant::JvpNoKv, 96),
-            (Variant::Fwd, 64),
+        // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96. And the key
+        // tiles: 96 keys at d 64 with a tangent (K, Kdot, V, Vdot), 64 for its forward; Q 128 rows.
+        for (variant, d, swizzle, keys) in [
+            (Variant::Jvp, 72, 32, 64),
+            (Variant::Jvp, 96, 64, 64),
+            (Variant::Jvp, 64, 128, 96),
+            (Variant::JvpNoKv, 64, 128, 96),
+            (Variant::Fwd, 64, 128, 64),
         ] {
+            let dims = check_shapes(&[1, 2, 300, d], &[1, 2, 77, d], &[1, 2, 77, d]).unwrap();
             let steps = plan(
                 variant,
                 DType::BF16,
@@ -985,11 +965,21 @@ mod tests {
             )
             .unwrap();
             let Step::Kernel(l) = &steps[0] else { panic!() };
-            for (i, rows) in [(0, 128), (1, kv_rows), (2, kv_rows)] {
+            let prefix = match variant {
+                Variant::Jvp => "attention_jvp_sm90",
+                Variant::JvpNoKv => "attention_jvp_nokv_sm90",
+                Variant::Fwd => "attention_fwd_sm90",
+            };
+            assert_eq!(l.kernel, format!("{prefix}_bf16_d{d}"));
+            let tv = if variant == Variant::Jvp { 5 } else { 2 };
+            for (i, rows) in [(0, 128), (1, keys), (2, keys), (tv, keys)] {
                 let Arg::TensorMap(m) = l.args[i] else {
                     panic!()
                 };
-                assert_eq!(m.boxdim, [64, rows, 1, 1], "{variant:?} map {i}");
+                let what = format!("{variant:?} d{d} map {i}");
+                assert_eq!(m.swizzle, swizzle, "{what}");
+                assert_eq!(m.boxdim, [swizzle / 2, rows, 1, 1], "{what}");
+                assert_eq!(m.dims[0], d as u64);
                 m.check().unwrap();
             }
         }
