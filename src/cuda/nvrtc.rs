@@ -196,11 +196,12 @@ pub const SM90_SCHEDULE_ENV: &str = "FLASHJVP_SM90_SCHEDULE";
 /// Whether [`SM90_SCHEDULE_ENV`] asks for the split schedule (an error naming the variable for a
 /// value other than `split` or `joined`).
 pub fn sm90_split_wait() -> Result<bool> {
-    match std::env::var(SM90_SCHEDULE_ENV)
-        .ok()
-        .as_deref()
-        .map(str::trim)
-    {
+    parse_schedule(std::env::var(SM90_SCHEDULE_ENV).ok().as_deref())
+}
+
+/// A value of [`SM90_SCHEDULE_ENV`] (unset or empty: the default): whether it is the split schedule.
+pub fn parse_schedule(v: Option<&str>) -> Result<bool> {
+    match v.map(str::trim) {
         None | Some("") | Some("joined") => Ok(false),
         Some("split") => Ok(true),
         Some(v) => Err(Error::Unsupported(format!(
@@ -219,12 +220,13 @@ pub const SM90_D64_KEYS_DEFAULT: usize = 96;
 /// The key tile [`SM90_D64_KEYS_ENV`] asks for (an error naming the variable for a value other than
 /// 64 or 96).
 pub fn sm90_d64_keys() -> Result<usize> {
-    match std::env::var(SM90_D64_KEYS_ENV)
-        .ok()
-        .as_deref()
-        .map(str::trim)
-    {
-        None | Some("") | Some("96") => Ok(96),
+    parse_d64_keys(std::env::var(SM90_D64_KEYS_ENV).ok().as_deref())
+}
+
+/// A value of [`SM90_D64_KEYS_ENV`] (unset or empty: the default 96): the key tile.
+pub fn parse_d64_keys(v: Option<&str>) -> Result<usize> {
+    match v.map(str::trim) {
+        None | Some("") | Some("96") => Ok(SM90_D64_KEYS_DEFAULT),
         Some("64") => Ok(64),
         Some(v) => Err(Error::Unsupported(format!(
             "{SM90_D64_KEYS_ENV}={v:?}: expected 64 or 96"
@@ -450,6 +452,28 @@ ptxas info    : Used 32 registers, 380 bytes cmem[0]\n";
             .iter()
             .all(|f| !f.ends_with("_sm90.cu")));
         assert!(kernel_files_for("sm_90a").contains(&"attention_jvp_sm90.cu"));
+    }
+
+    #[test]
+    fn build_variables_parse_or_name_themselves() {
+        assert_eq!(parse_d64_keys(None).unwrap(), 96);
+        assert_eq!(parse_d64_keys(Some(" 64 ")).unwrap(), 64);
+        assert_eq!(parse_d64_keys(Some("")).unwrap(), 96);
+        for bad in ["48", "128", "abc"] {
+            let e = parse_d64_keys(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("FLASHJVP_SM90_D64_KEYS") && e.contains("64 or 96"),
+                "{e}"
+            );
+        }
+        assert!(!parse_schedule(None).unwrap());
+        assert!(parse_schedule(Some("split")).unwrap());
+        assert!(!parse_schedule(Some("joined")).unwrap());
+        let e = parse_schedule(Some("fast")).unwrap_err().to_string();
+        assert!(
+            e.contains("FLASHJVP_SM90_SCHEDULE") && e.contains("split"),
+            "{e}"
+        );
     }
 
     #[test]
