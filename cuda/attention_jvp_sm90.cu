@@ -53,9 +53,9 @@
 //   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
-//   fragments within 240), 96 at d = 64 with a tangent (the softmax's fixed cost per tile spread over
-//   more keys); STAGES = 3 for the full JVP when a stage holds 24 KiB or more (d = 64: 177 KiB, 96:
-//   193 KiB, 128: 214 KiB), 4 otherwise.
+//   fragments within 240), 96 at d = 64 and 80 at d = 72 with a tangent (the softmax's fixed cost per
+//   tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64); STAGES = 3 for the full JVP when a stage
+//   holds 24 KiB or more (d = 64: 177 KiB, 72: 191 KiB, 96: 193 KiB, 128: 214 KiB), 4 otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
@@ -102,12 +102,13 @@
 #include "common.cuh"
 #include "hopper.cuh"
 
-// The key tile at d = 64 with a tangent (Cfg::BC): 96 by default, 64 with FLASHJVP_SM90_D64_KEYS=64 on the
-// host (a separate cache entry, like the split schedule), to time the two side by side on a GPU.
-#ifndef FJ_SM90_D64_BC
-#define FJ_SM90_D64_BC 96
+// The long key tiles at d = 64 and 72 with a tangent (Cfg::BC: 96 and 80 keys) are the default; with
+// FLASHJVP_SM90_KEYS=64 on the host (FJ_SM90_KEYS64, a separate cache entry, like the split schedule) both
+// take the 64-key tile the H200 timed, to time the two side by side on a GPU.
+#ifndef FJ_SM90_KEYS64
+#define FJ_SM90_KEYS64 0
 #endif
-static_assert(FJ_SM90_D64_BC == 64 || FJ_SM90_D64_BC == 96, "FJ_SM90_D64_BC: 64 or 96");
+static_assert(FJ_SM90_KEYS64 == 0 || FJ_SM90_KEYS64 == 1, "FJ_SM90_KEYS64: 0 or 1");
 
 namespace fj_h {
 
@@ -128,11 +129,14 @@ template <int D, int MODE> struct Cfg {
         DP = SLABS * SCOL,              // the head dim the products see (80 at d 72)
         CPS = SCOL / 16,                // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
-        // previous tile must fit 240 registers), 96 at d = 64 with a tangent (its softmax is as long as
-        // the products it overlaps: a longer tile spreads the per-tile reductions, barriers and
-        // descriptors over more keys, and the m64n96 score products read less shared memory per FLOP
-        // than m64n64), else 64.
-        BC = (D == 128 && TAN) ? 48 : (D == 64 && TAN) ? FJ_SM90_D64_BC : 64,
+        // previous tile must fit 240 registers); 96 at d = 64 and 80 at d = 72 with a tangent (their
+        // softmax is nearly as long as the products it overlaps: a longer tile spreads the per-tile
+        // reductions, barriers and descriptors over more keys, and the m64n96/m64n80 score products read
+        // less shared memory per FLOP than m64n64; d 72 at 96 spilled), 64 with FJ_SM90_KEYS64; else 64.
+        BC = (D == 128 && TAN)                     ? 48
+             : (D == 64 && TAN && !FJ_SM90_KEYS64) ? 96
+             : (D == 72 && TAN && !FJ_SM90_KEYS64) ? 80
+                                                   : 64,
         SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
         SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
         STAGES = (MODE == FULL && DP * BC >= 96 * 64) ? 3 : 4,  // 3 when a stage holds 24 KiB or more
@@ -141,6 +145,9 @@ template <int D, int MODE> struct Cfg {
         BAR_OFF = Q_BYTES + 2 * STAGES * KST_BYTES,
         SMEM = 1024 + BAR_OFF + 8 * (1 + 4 * STAGES),
     };
+    // Whole 16-key chunks, and every slab on a multiple of its swizzle's 8-row repeat (the descriptors'
+    // base offset is 0): 80 keys at d 72 are 2560 bytes, ten 256-byte repeats of the 32-byte swizzle.
+    static_assert(BC % 16 == 0 && SLAB_K % (8 * SWZ) == 0 && SLAB_Q % (8 * SWZ) == 0, "key tile");
 };
 
 // F16_VALUES (bf16 storage only): V and Vdot are the f16 copies made by attention_values_to_f16_bf16
@@ -676,7 +683,7 @@ FJ_SM90_VF16(96)
 FJ_SM90_VF16(128)
 
 // The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
-// every key tile: 64 and 96 at d 64, 48 and 64 at d 128.
+// every key tile: 64 and 96 at d 64, 64 and 80 at d 72, 48 and 64 at d 128.
 #define FJ_SM90_PROBE(D, BC)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 1) sm90_layout_probe_bf16_d##D##_bc##BC(                     \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* q_smem, float* s_out, float* o_out) {                                \
@@ -687,6 +694,7 @@ FJ_SM90_VF16(128)
 FJ_SM90_PROBE(64, 64)
 FJ_SM90_PROBE(64, 96)
 FJ_SM90_PROBE(72, 64)
+FJ_SM90_PROBE(72, 80)
 FJ_SM90_PROBE(96, 64)
 FJ_SM90_PROBE(128, 48)
 FJ_SM90_PROBE(128, 64)

@@ -233,6 +233,20 @@ __device__ __forceinline__ void fj_wgmma_ss_n96(float (&d)[48], fj_u64 da, fj_u6
     }
 }
 template <bool F16>
+__device__ __forceinline__ void fj_wgmma_ss_n80(float (&d)[40], fj_u64 da, fj_u64 db, int scale_d) {
+    if (F16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, %40, %41, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, %40, %41, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+                     : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+template <bool F16>
 __device__ __forceinline__ void fj_wgmma_rs_n64(float (&d)[32], const fj_u32 (&a)[4], fj_u64 db) {
     if (F16) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -307,6 +321,7 @@ template <int N, bool F16>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_u64 b, int scale_d) {
     if constexpr (N == 48) fj_wgmma_ss_n48<F16>(d, a, b, scale_d);
     else if constexpr (N == 64) fj_wgmma_ss_n64<F16>(d, a, b, scale_d);
+    else if constexpr (N == 80) fj_wgmma_ss_n80<F16>(d, a, b, scale_d);
     else if constexpr (N == 96) fj_wgmma_ss_n96<F16>(d, a, b, scale_d);
     else fj_wgmma_ss_n128<F16>(d, a, b, scale_d);
 }
@@ -320,7 +335,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4]
 }
 #else  // FJ_HOST_EMU: "p, 1, 1, 0, 0" (scale-d, scale-a, scale-b, trans-a, trans-b) and "p = 1, 1, 1, 1" as above.
 template <int N, bool F16> inline void wgmma_ss(float (&d)[N / 2], fj_u64 a, fj_u64 b, int scale_d, FJ_SITE) {
-    static_assert(N == 48 || N == 64 || N == 96 || N == 128, "the shapes the device code instantiates");
+    static_assert(N == 48 || N == 64 || N == 80 || N == 96 || N == 128, "the shapes the device code instantiates");
     fj_sm90::wgmma_ss(d, N, F16, a, b, scale_d, 1, 1, 0, 0, fj_file, fj_line);
 }
 template <int N, bool F16> inline void wgmma_rs(float (&d)[N / 2], const fj_u32 (&a)[4], fj_u64 b, FJ_SITE) {

@@ -20,9 +20,10 @@
 # on both paths and gpu_attention_sm90's own, the host entry points at the aim, the DiT), memcheck over gpu_sanitize's
 # attention tests with them, then `bench attention` at the issue's shapes (jvp and jvp_vf16 rows).
 # QUICK=softmax: the attention kernels after the softmax changes of 2026-11-27 (cuda/README.md): the Hopper
-# tests (and the JVP ones on the d64 kernels built with 64-key tiles, FLASHJVP_SM90_D64_KEYS=64), gpu_ops'
+# tests (and the JVP ones on the d64/d72 kernels built with 64-key tiles, FLASHJVP_SM90_KEYS=64), gpu_ops'
 # attention tests, memcheck and racecheck over gpu_sanitize's attention tests, then `bench attention` at
-# the issue's shapes (d64 on both key tiles) and PyTorch's cuDNN forward at the same shapes, for the ratios.
+# the issue's shapes (d64 and d72 on both key tiles) and PyTorch's cuDNN forward at the same shapes, for the
+# ratios.
 # Everything in one file back: $OUT/quick.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -80,11 +81,11 @@ quick_bwd() {
     done
     ;;
   softmax)
-    # The softmax changes of 2026-11-27 (cuda/README.md, SOFTMAX ARITHMETIC) and the d64 key tile: the JVP
-    # tests on both d64 tiles, memcheck and racecheck over the attention kernels, then the bench at the
-    # issue's shapes with the d64 ones also on 64-key tiles, and PyTorch's cuDNN forward beside them.
+    # The softmax changes of 2026-11-27 (cuda/README.md, SOFTMAX ARITHMETIC) and the d64/d72 key tiles: the
+    # JVP tests on both tiles, memcheck and racecheck over the attention kernels, then the bench at the
+    # issue's shapes with the d64 and d72 ones also on 64-key tiles, and PyTorch's cuDNN forward beside them.
     run "$G/bin/tests/gpu_attention_sm90" --test-threads=1
-    run env FLASHJVP_SM90_D64_KEYS=64 "$G/bin/tests/gpu_attention_sm90" --test-threads=1 jvp early_max
+    run env FLASHJVP_SM90_KEYS=64 "$G/bin/tests/gpu_attention_sm90" --test-threads=1 jvp early_max
     run "$G/bin/tests/gpu_ops" --test-threads=1 attention
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$SAN" ]; then
@@ -92,9 +93,9 @@ quick_bwd() {
         --test-threads=1 attention
       LIMIT=100 run "$SAN" --tool racecheck --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
     fi
-    for shape in 1,12,4096,4096,64 1,12,16384,16384,64; do
+    for shape in 1,12,4096,4096,64 1,12,16384,16384,64 1,12,4096,4096,72 2,16,4096,4096,72; do
       run "$B" bench attention --shape "$shape" --dtype bf16
-      run env FLASHJVP_SM90_D64_KEYS=64 "$B" bench attention --shape "$shape" --dtype bf16
+      run env FLASHJVP_SM90_KEYS=64 "$B" bench attention --shape "$shape" --dtype bf16
     done
     for shape in 1,12,4096,4096,128 1,12,16384,16384,128; do
       run "$B" bench attention --shape "$shape" --dtype bf16
@@ -102,7 +103,8 @@ quick_bwd() {
     LIMIT=120 run python3 - <<'PY'
 import torch, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-for (b, h, n, d) in [(1, 12, 4096, 64), (1, 12, 16384, 64), (1, 12, 4096, 128), (1, 12, 16384, 128)]:
+for (b, h, n, d) in [(1, 12, 4096, 64), (1, 12, 16384, 64), (1, 12, 4096, 128), (1, 12, 16384, 128),
+                     (1, 12, 4096, 72), (2, 16, 4096, 72)]:
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         for _ in range(3):

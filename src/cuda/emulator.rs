@@ -313,15 +313,14 @@ fn build() -> Result<PathBuf> {
     }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     // The compile flags are part of the build's identity: FJ_EMU_CXXFLAGS, and the Hopper kernels'
-    // schedule (FLASHJVP_SM90_SCHEDULE=split: -DFJ_SM90_SPLIT_WAIT, as NVRTC gets it) and d64 key tile
-    // (FLASHJVP_SM90_D64_KEYS=64: -DFJ_SM90_D64_BC=64).
+    // schedule (FLASHJVP_SM90_SCHEDULE=split: -DFJ_SM90_SPLIT_WAIT, as NVRTC gets it) and key tiles
+    // (FLASHJVP_SM90_KEYS=64: -DFJ_SM90_KEYS64=1).
     let mut flags = std::env::var("FJ_EMU_CXXFLAGS").unwrap_or_default();
     if super::nvrtc::sm90_split_wait()? {
         flags.push_str(" -DFJ_SM90_SPLIT_WAIT=1");
     }
-    let d64_keys = super::nvrtc::sm90_d64_keys()?;
-    if d64_keys != super::nvrtc::SM90_D64_KEYS_DEFAULT {
-        flags.push_str(&format!(" -DFJ_SM90_D64_BC={d64_keys}"));
+    if super::nvrtc::sm90_keys64()? {
+        flags.push_str(" -DFJ_SM90_KEYS64=1");
     }
     let mut h = fnv(0xcbf29ce484222325, cxx.as_bytes());
     h = fnv(h, flags.as_bytes());

@@ -158,28 +158,27 @@ pub fn source_text_for(
     watchdog_ms: Option<u32>,
     split_wait: bool,
 ) -> Result<Cow<'static, str>> {
-    source_text_built(file, watchdog_ms, split_wait, SM90_D64_KEYS_DEFAULT)
+    source_text_built(file, watchdog_ms, split_wait, false)
 }
 
-/// [`source_text_for`], and for a Hopper file with `d64_keys` other than the default 96 the define of
-/// the JVP's key tile at head dim 64 (`FJ_SM90_D64_BC`, attention_jvp_sm90.cu) in front as well.
+/// [`source_text_for`], and for a Hopper file with `keys64` the define that puts the JVP at head dims
+/// 64 and 72 on 64-key tiles (`FJ_SM90_KEYS64`, attention_jvp_sm90.cu) in front as well.
 pub fn source_text_built(
     file: &str,
     watchdog_ms: Option<u32>,
     split_wait: bool,
-    d64_keys: usize,
+    keys64: bool,
 ) -> Result<Cow<'static, str>> {
     let source = embedded(file)?;
-    let d64_default = d64_keys == SM90_D64_KEYS_DEFAULT;
-    if !file.ends_with("_sm90.cu") || (watchdog_ms.is_none() && !split_wait && d64_default) {
+    if !file.ends_with("_sm90.cu") || (watchdog_ms.is_none() && !split_wait && !keys64) {
         return Ok(source.into());
     }
     let mut text = String::new();
     if split_wait {
         text.push_str("#define FJ_SM90_SPLIT_WAIT 1\n");
     }
-    if !d64_default {
-        text.push_str(&format!("#define FJ_SM90_D64_BC {d64_keys}\n"));
+    if keys64 {
+        text.push_str("#define FJ_SM90_KEYS64 1\n");
     }
     if let Some(ms) = watchdog_ms {
         text.push_str(&format!("#define FJ_SM90_WATCHDOG_MS {ms}\n"));
@@ -210,32 +209,31 @@ pub fn parse_schedule(v: Option<&str>) -> Result<bool> {
     }
 }
 
-/// The environment variable that picks the Hopper JVP's key tile at head dim 64 (with a tangent):
-/// `96` (the default) or `64` (the tile of the other head dims, kept to time the two side by side).
-pub const SM90_D64_KEYS_ENV: &str = "FLASHJVP_SM90_D64_KEYS";
+/// The environment variable that picks the Hopper JVP's key tiles at head dims 64 and 72 (with a
+/// tangent): `long` (the default: 96 and 80 keys) or `64` (the tile of the other head dims, which the
+/// H200 timed, kept to time the two side by side).
+pub const SM90_KEYS_ENV: &str = "FLASHJVP_SM90_KEYS";
 
-/// The default of [`SM90_D64_KEYS_ENV`].
-pub const SM90_D64_KEYS_DEFAULT: usize = 96;
-
-/// The key tile [`SM90_D64_KEYS_ENV`] asks for (an error naming the variable for a value other than
-/// 64 or 96).
-pub fn sm90_d64_keys() -> Result<usize> {
-    parse_d64_keys(std::env::var(SM90_D64_KEYS_ENV).ok().as_deref())
+/// Whether [`SM90_KEYS_ENV`] asks for 64-key tiles at head dims 64 and 72 (an error naming the
+/// variable for a value other than `64` or `long`).
+pub fn sm90_keys64() -> Result<bool> {
+    parse_keys(std::env::var(SM90_KEYS_ENV).ok().as_deref())
 }
 
-/// A value of [`SM90_D64_KEYS_ENV`] (unset or empty: the default 96): the key tile.
-pub fn parse_d64_keys(v: Option<&str>) -> Result<usize> {
+/// A value of [`SM90_KEYS_ENV`] (unset or empty: the default, long tiles): whether it asks for
+/// 64-key tiles.
+pub fn parse_keys(v: Option<&str>) -> Result<bool> {
     match v.map(str::trim) {
-        None | Some("") | Some("96") => Ok(SM90_D64_KEYS_DEFAULT),
-        Some("64") => Ok(64),
+        None | Some("") | Some("long") => Ok(false),
+        Some("64") => Ok(true),
         Some(v) => Err(Error::Unsupported(format!(
-            "{SM90_D64_KEYS_ENV}={v:?}: expected 64 or 96"
+            "{SM90_KEYS_ENV}={v:?}: expected `64` or `long`"
         ))),
     }
 }
 
 /// [`source_text_built`] with the watchdog limit ([`SM90_WATCHDOG_ENV`]), schedule
-/// ([`SM90_SCHEDULE_ENV`]) and d64 key tile ([`SM90_D64_KEYS_ENV`]) the environment asks for, all
+/// ([`SM90_SCHEDULE_ENV`]) and key tiles ([`SM90_KEYS_ENV`]) the environment asks for, all
 /// read for the Hopper files only.
 pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
     if file.ends_with("_sm90.cu") {
@@ -243,7 +241,7 @@ pub fn source_text(file: &str) -> Result<Cow<'static, str>> {
             file,
             sm90_watchdog_ms()?,
             sm90_split_wait()?,
-            sm90_d64_keys()?,
+            sm90_keys64()?,
         )
     } else {
         source_text_for(file, None, false)
@@ -456,13 +454,14 @@ ptxas info    : Used 32 registers, 380 bytes cmem[0]\n";
 
     #[test]
     fn build_variables_parse_or_name_themselves() {
-        assert_eq!(parse_d64_keys(None).unwrap(), 96);
-        assert_eq!(parse_d64_keys(Some(" 64 ")).unwrap(), 64);
-        assert_eq!(parse_d64_keys(Some("")).unwrap(), 96);
-        for bad in ["48", "128", "abc"] {
-            let e = parse_d64_keys(Some(bad)).unwrap_err().to_string();
+        assert!(!parse_keys(None).unwrap());
+        assert!(parse_keys(Some(" 64 ")).unwrap());
+        assert!(!parse_keys(Some("")).unwrap());
+        assert!(!parse_keys(Some("long")).unwrap());
+        for bad in ["48", "96", "abc"] {
+            let e = parse_keys(Some(bad)).unwrap_err().to_string();
             assert!(
-                e.contains("FLASHJVP_SM90_D64_KEYS") && e.contains("64 or 96"),
+                e.contains("FLASHJVP_SM90_KEYS") && e.contains("`64` or `long`"),
                 "{e}"
             );
         }
