@@ -265,6 +265,71 @@ __device__ __forceinline__ void residual_chunk(const typename ST::T* xr, const t
     }
 }
 
+// The statistics and outputs of a row whose chunks this lane holds (xa, and with a tangent ta; chunks
+// past the row end hold zeros): what the register-resident kernels do once the row is loaded.
+template <class ST, bool JVP, int NCH, bool HINTS = false>
+__device__ __forceinline__ void row_from_regs(const uint4 (&xa)[NCH], const uint4 (&ta)[NCH], bool tan,
+                                              const float* __restrict__ sr, const float* __restrict__ hr,
+                                              const float* __restrict__ tsr, const float* __restrict__ thr,
+                                              typename ST::T* __restrict__ yr, typename ST::T* __restrict__ tyr,
+                                              float* __restrict__ mean_out, float* __restrict__ rstd_out, int row,
+                                              int lane, int C, float eps) {
+    constexpr int V = ST::V;
+    // sums of x and x_dot (chunks past the row end hold zeros)
+    float sx = 0.f, stx = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        float a[V];
+        unpack<ST>(xa[ch], a);
+#pragma unroll
+        for (int e = 0; e < V; ++e) sx += a[e];
+        if (JVP && tan) {
+            unpack<ST>(ta[ch], a);
+#pragma unroll
+            for (int e = 0; e < V; ++e) stx += a[e];
+        }
+    }
+    const float inv_c = 1.f / (float)C;
+    const float mu = fj_warp_sum(sx) * inv_c;
+    const float mu_t = JVP ? fj_warp_sum(stx) * inv_c : 0.f;
+
+    // squared deviations, and deviations times x_dot
+    float sv = 0.f, sxt = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        if ((ch * 32 + lane) * V >= C) continue;
+        float a[V], b[V];
+        unpack<ST>(xa[ch], a);
+        if (JVP && tan) unpack<ST>(ta[ch], b);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float dev = a[e] - mu;
+            sv = fmaf(dev, dev, sv);
+            if (JVP && tan) sxt = fmaf(dev, b[e], sxt);
+        }
+    }
+    const float rstd = rsqrtf(fj_warp_sum(sv) * inv_c + eps);
+    const float mean_xhat_t = JVP ? fj_warp_sum(sxt) * inv_c * rstd : 0.f;
+    if (lane == 0) {
+        if (mean_out) mean_out[row] = mu;
+        if (rstd_out) rstd_out[row] = rstd;
+    }
+
+    // outputs
+    const RowStats st{mu, rstd, mu_t, mean_xhat_t};
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+        const int i = (ch * 32 + lane) * V;
+        if (i >= C) continue;
+        float a[V], b[V];
+        unpack<ST>(xa[ch], a);
+#pragma unroll
+        for (int e = 0; e < V; ++e) b[e] = 0.f;
+        if (JVP && tan) unpack<ST>(ta[ch], b);
+        out_chunk<ST, JVP, HINTS>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, true);
+    }
+}
+
 template <class ST, bool JVP, bool RES, int NCH, bool HINTS = false>
 __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, const typename ST::T* __restrict__ txr,
                                          const ResRow<ST>& res, const float* __restrict__ sr,
@@ -287,60 +352,8 @@ __device__ __forceinline__ void fwd_regs(const typename ST::T* __restrict__ xr, 
         load_row<ST, NCH, HINTS>(xr, C, lane, xa);
         if (JVP && txr) load_row<ST, NCH, HINTS>(txr, C, lane, ta);
     }
-
-    // sums of x and x_dot (chunks past the row end hold zeros)
-    float sx = 0.f, stx = 0.f;
-#pragma unroll
-    for (int ch = 0; ch < NCH; ++ch) {
-        float a[V];
-        unpack<ST>(xa[ch], a);
-#pragma unroll
-        for (int e = 0; e < V; ++e) sx += a[e];
-        if (JVP && txr) {
-            unpack<ST>(ta[ch], a);
-#pragma unroll
-            for (int e = 0; e < V; ++e) stx += a[e];
-        }
-    }
-    const float inv_c = 1.f / (float)C;
-    const float mu = fj_warp_sum(sx) * inv_c;
-    const float mu_t = JVP ? fj_warp_sum(stx) * inv_c : 0.f;
-
-    // squared deviations, and deviations times x_dot
-    float sv = 0.f, sxt = 0.f;
-#pragma unroll
-    for (int ch = 0; ch < NCH; ++ch) {
-        if ((ch * 32 + lane) * V >= C) continue;
-        float a[V], b[V];
-        unpack<ST>(xa[ch], a);
-        if (JVP && txr) unpack<ST>(ta[ch], b);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-            const float dev = a[e] - mu;
-            sv = fmaf(dev, dev, sv);
-            if (JVP && txr) sxt = fmaf(dev, b[e], sxt);
-        }
-    }
-    const float rstd = rsqrtf(fj_warp_sum(sv) * inv_c + eps);
-    const float mean_xhat_t = JVP ? fj_warp_sum(sxt) * inv_c * rstd : 0.f;
-    if (lane == 0) {
-        if (mean_out) mean_out[row] = mu;
-        if (rstd_out) rstd_out[row] = rstd;
-    }
-
-    // outputs
-    const RowStats st{mu, rstd, mu_t, mean_xhat_t};
-#pragma unroll
-    for (int ch = 0; ch < NCH; ++ch) {
-        const int i = (ch * 32 + lane) * V;
-        if (i >= C) continue;
-        float a[V], b[V];
-        unpack<ST>(xa[ch], a);
-#pragma unroll
-        for (int e = 0; e < V; ++e) b[e] = 0.f;
-        if (JVP && txr) unpack<ST>(ta[ch], b);
-        out_chunk<ST, JVP, HINTS>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, true);
-    }
+    row_from_regs<ST, JVP, NCH, HINTS>(xa, ta, JVP && txr, sr, hr, tsr, thr, yr, tyr, mean_out, rstd_out, row, lane,
+                                       C, eps);
 }
 
 template <class ST, int NCH>
@@ -387,6 +400,14 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
 // RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
 // gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
 // normalised: the fused kernels below, which save reading x1 (and tx1) back.
+template <class ST, bool JVP, bool RES, int NCH, bool HINTS>
+__device__ __forceinline__ void fwd_row(int row, int lane, const typename ST::T* __restrict__ x,
+                                        const typename ST::T* __restrict__ tx, const float* __restrict__ scale,
+                                        const float* __restrict__ shift, const float* __restrict__ tscale,
+                                        const float* __restrict__ tshift, typename ST::T* __restrict__ y,
+                                        typename ST::T* __restrict__ ty, float* __restrict__ mean_out,
+                                        float* __restrict__ rstd_out, int T, int C, int G, float eps, ResRow<ST> res);
+
 template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N, bool HINTS = false>
 __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
                                     const float* __restrict__ scale, const float* __restrict__ shift,
@@ -394,9 +415,20 @@ __device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const 
                                     typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
                                     float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
                                     float eps, ResRow<ST> res = ResRow<ST>{}) {
-    constexpr int V = ST::V;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // a warp per row
-    const int lane = threadIdx.x & 31;
+    fwd_row<ST, JVP, RES, NCH, HINTS>(row, threadIdx.x & 31, x, tx, scale, shift, tscale, tshift, y, ty, mean_out,
+                                      rstd_out, T, C, G, eps, res);
+}
+
+// One row of `fwd` (the warp's), taken by `fwd` and by the pipelined JVP's fallback.
+template <class ST, bool JVP, bool RES, int NCH, bool HINTS>
+__device__ __forceinline__ void fwd_row(int row, int lane, const typename ST::T* __restrict__ x,
+                                        const typename ST::T* __restrict__ tx, const float* __restrict__ scale,
+                                        const float* __restrict__ shift, const float* __restrict__ tscale,
+                                        const float* __restrict__ tshift, typename ST::T* __restrict__ y,
+                                        typename ST::T* __restrict__ ty, float* __restrict__ mean_out,
+                                        float* __restrict__ rstd_out, int T, int C, int G, float eps, ResRow<ST> res) {
+    constexpr int V = ST::V;
     if (row >= T) return;
     const int grp = row / (T / G);
     const fj_i64 off = (fj_i64)row * C, goff = (fj_i64)grp * C;
@@ -574,6 +606,86 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// PIPELINED ROWS (layernorm_mod_jvp_pipe_{dt}: opt-in, FLASHJVP_LN_JVP_ROWS=pipe on the host; written
+// 2026-11-28, runs on the CPU emulator, not yet timed on a GPU). The register-resident JVP is
+// latency-bound (ncu on the H200: DRAM 38 % of peak, issue slots 47 %, 16 warps per SM at its 128
+// registers): each warp has one row pair in flight, and none while it reduces and stores. Here a warp
+// takes PIPE_ROWS consecutive rows and starts the copies of all of them (x and x_dot, cp.async into its
+// own slice of shared memory, one commit group per row) before it touches the first; each later row's
+// loads then run under the earlier rows' reductions and stores: twice the bytes in flight per warp at
+// the same registers. A lane copies exactly the 16-byte chunks it reads back, so its own
+// cp.async.wait_group is all the ordering needed (no barrier). The statistics and outputs are
+// row_from_regs, as in the register kernel (same sums in the same order, same results). When the rows
+// are not vector-accessible or do not fit NCH chunks per lane, each row takes fwd_row (streaming).
+// Shared memory: R warps x PIPE_ROWS rows x (x, x_dot) x NCH chunks x 32 lanes x 16 bytes whatever C
+// (compile-time offsets; layernorm.rs: pipe_shared_bytes): 12 KiB a warp, 48 KiB with R = 4, so the
+// registers (128, 16 warps per SM) stay the limit on sm_90 (4 blocks: 192 KiB); 3 blocks on sm_80.
+// Launch: grid (ceil(T / (PIPE_ROWS R)), 1, 1), block (32 R, 1, 1), R <= 8.
+enum { PIPE_ROWS = 2 };
+
+template <class ST, int NCH>
+__device__ __forceinline__ void jvp_pipe(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
+                                         const float* __restrict__ scale, const float* __restrict__ shift,
+                                         const float* __restrict__ tscale, const float* __restrict__ tshift,
+                                         typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
+                                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C,
+                                         int G, float eps) {
+    constexpr int V = ST::V;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * PIPE_ROWS;
+    // Row offsets are multiples of C elements, so the base pointers decide every row's alignment.
+    const bool vec = vec_ok<ST>(C, x, tx, scale, shift, tscale, tshift, y, ty);
+    if (!fits_regs<ST, NCH>(C, vec)) {
+#pragma unroll
+        for (int k = 0; k < PIPE_ROWS; ++k)
+            fwd_row<ST, true, false, 1, false>(row0 + k, lane, x, tx, scale, shift, tscale, tshift, y, ty,
+                                               mean_out, rstd_out, T, C, G, eps, ResRow<ST>{});
+        return;
+    }
+    FJ_DYN_SMEM(fj_smem);
+    // This warp's slice: [row k][x, x_dot][chunk][lane] of 16 bytes (compile-time offsets).
+    uint4* slice = reinterpret_cast<uint4*>(fj_smem) + warp * (PIPE_ROWS * 2 * NCH * 32) + lane;
+    auto at = [&](int k, int t, int ch) { return slice + ((k * 2 + t) * NCH + ch) * 32; };
+#pragma unroll
+    for (int k = 0; k < PIPE_ROWS; ++k) {
+        const int row = row0 + k;
+        if (row < T) {
+            const fj_i64 off = (fj_i64)row * C;
+#pragma unroll
+            for (int ch = 0; ch < NCH; ++ch) {
+                const int i = (ch * 32 + lane) * V;
+                if (i < C) {
+                    fj_cp_async16(fj_smem_addr(at(k, 0, ch)), x + off + i, 16);
+                    if (tx) fj_cp_async16(fj_smem_addr(at(k, 1, ch)), tx + off + i, 16);
+                }
+            }
+        }
+        fj_cp_async_commit();  // one group per row, empty ones included, so the waits below count rows
+    }
+#pragma unroll 1
+    for (int k = 0; k < PIPE_ROWS; ++k) {  // not unrolled: one row's registers at a time
+        const int row = row0 + k;
+        if (row >= T) return;
+        if (k == 0) fj_cp_async_wait<PIPE_ROWS - 1>();
+        else fj_cp_async_wait<0>();
+        static_assert(PIPE_ROWS == 2, "the waits above assume two rows");
+        uint4 xa[NCH], ta[NCH];
+#pragma unroll
+        for (int ch = 0; ch < NCH; ++ch) {
+            const bool in = (ch * 32 + lane) * V < C;
+            xa[ch] = in ? *at(k, 0, ch) : make_uint4(0u, 0u, 0u, 0u);
+            ta[ch] = (in && tx) ? *at(k, 1, ch) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        const int grp = row / (T / G);
+        const fj_i64 off = (fj_i64)row * C, goff = (fj_i64)grp * C;
+        row_from_regs<ST, true, NCH, true>(xa, ta, tx != nullptr, scale ? scale + goff : nullptr,
+                                           shift ? shift + goff : nullptr, tscale ? tscale + goff : nullptr,
+                                           tshift ? tshift + goff : nullptr, y + off, ty + off, mean_out, rstd_out,
+                                           row, lane, C, eps);
+    }
+}
+
 }  // namespace fj_ln
 
 #define FJ_LN(DT, ST)                                                                                          \
@@ -600,6 +712,14 @@ __device__ __forceinline__ void bwd_params(const typename ST::T* __restrict__ dy
                                                                    mean, rstd, T, C, G, eps);                  \
     }                                                                                                          \
     FJ_REGISTER(layernorm_mod_jvp_wide_##DT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                       \
+        layernorm_mod_jvp_pipe_##DT(const ST::T* x, const ST::T* tx, const float* scale, const float* shift,   \
+                                    const float* tscale, const float* tshift, ST::T* y, ST::T* ty, float* mean, \
+                                    float* rstd, int T, int C, int G, float eps) {                             \
+        fj_ln::jvp_pipe<ST, fj_ln::Chunks<true>::N>(x, tx, scale, shift, tscale, tshift, y, ty, mean, rstd, T, C, \
+                                                    G, eps);                                                   \
+    }                                                                                                          \
+    FJ_REGISTER(layernorm_mod_jvp_pipe_##DT)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         residual_layernorm_mod_fwd_##DT(const ST::T* x, const ST::T* y, const float* gate, ST::T* x1,           \
                                         const float* scale, const float* shift, ST::T* h, float* mean,           \

@@ -170,6 +170,8 @@ fn all_plans() -> Vec<Step> {
         };
         assert_eq!(ln::JvpRows::by_width(dtype, wide.c), ln::JvpRows::Wide);
         s.extend(ln::plan_jvp(dtype, wide, jp, 1e-6).unwrap());
+        // The pipelined JVP kernel (opt-in: FLASHJVP_LN_JVP_ROWS=pipe).
+        s.extend(ln::plan_jvp_on(ln::JvpRows::Pipe, dtype, d, jp, 1e-6).unwrap());
         let rp = ln::ResPtrs {
             y: p(10),
             ty: p(11),

@@ -37,6 +37,8 @@
 #               the host entry points' tests at the tangent aim of 1.7e-3 and gpu_ops' test of them on the
 #               sm_80 kernels (FLASHJVP_ATTENTION_PATH=sm80), on any GPU gpu_dit's bf16 tests
 #      mlp_unfused: gpu_ops' MLP tests with FLASHJVP_GEMM_EPILOGUE=off (the GELU by our kernels)
+#      ln_pipe: gpu_ops' layernorm tests on the pipelined JVP kernel (FLASHJVP_LN_JVP_ROWS=pipe); if they
+#               pass, compare.py times it (--ln-pipe: a "(pipe)" row beside the layernorm JVP)
 #   3. memcheck compute-sanitizer memcheck over gpu_sanitize (B1 H2 N300 d72 and friends)
 #   4. racecheck compute-sanitizer racecheck over gpu_sanitize, cuBLAS (the MLP) skipped
 #   5. compare  scripts/gpu/compare.py: the CLI on cuda against cpu, `flashjvp bench --json`
@@ -49,7 +51,9 @@
 #   8. on Hopper, memcheck and racecheck again over gpu_sanitize's attention tests with
 #      FLASHJVP_ATTENTION_PATH=sm80 (the sm_80 kernels, which the dispatcher no longer picks there;
 #      racecheck over them takes over a minute); memcheck_vf16: memcheck over them with
-#      FLASHJVP_ATTENTION_VALUES=f16 (the f16 copies' kernels and the vf16 JVP kernels)
+#      FLASHJVP_ATTENTION_VALUES=f16 (the f16 copies' kernels and the vf16 JVP kernels); on any GPU
+#      memcheck_ln_pipe, racecheck_ln_pipe: both over gpu_sanitize's layernorm test with
+#      FLASHJVP_LN_JVP_ROWS=pipe
 #   9. rcm_gpu: the rCM example's `--preset gpu`, shortened to about a minute (rcm_gpu/results.md)
 # CHECK_SKIP="name ..." skips those steps (e.g. a sanitizer run already clean on the same kernels);
 # CHECK_DEADLINE (default 570 s) bounds them all.
@@ -215,6 +219,11 @@ done
 # timed by compare.py, also against the reference.
 step ln_variants 60 "$OUT/ln_variants.log" env FLASHJVP_LN_JVP_ROWS=wide FLASHJVP_LN_ROWS_PER_BLOCK=8 \
   "$G/bin/tests/gpu_ops" --test-threads=1 layernorm
+# The pipelined layernorm JVP kernel (FLASHJVP_LN_JVP_ROWS=pipe: rows through shared memory by cp.async,
+# not yet timed): its tests, then compare.py times it beside the default.
+ln_args=()
+step ln_pipe 40 "$OUT/ln_pipe.log" env FLASHJVP_LN_JVP_ROWS=pipe "$G/bin/tests/gpu_ops" --test-threads=1 layernorm
+[ "$last_rc" = 0 ] && ln_args=(--ln-pipe)
 # The MLP once more with its GELU outside cuBLASLt's epilogues (elementwise kernels after plain GEMMs):
 # if the tests above fail on the MLP and these pass, cuBLASLt's GELU_AUX/DGELU differ from our contract.
 step mlp_unfused 40 "$OUT/mlp_unfused.log" env FLASHJVP_GEMM_EPILOGUE=off "$G/bin/tests/gpu_ops" mlp
@@ -236,7 +245,8 @@ fi
 cmp_limit=$((DEADLINE - SECONDS - 15)); [ "$cmp_limit" -gt 200 ] && cmp_limit=200
 dry_args=(); [ "$DRY" = 1 ] && dry_args=(--dry-run)
 step compare 200 "$OUT/compare.log" python3 scripts/gpu/compare.py --bin "$G/bin/flashjvp" --json "$OUT/compare.json" \
-  --time-limit-s "$cmp_limit" ${dry_args[@]+"${dry_args[@]}"} ${split_args[@]+"${split_args[@]}"}
+  --time-limit-s "$cmp_limit" ${dry_args[@]+"${dry_args[@]}"} ${split_args[@]+"${split_args[@]}"} \
+  ${ln_args[@]+"${ln_args[@]}"}
 if grep -q "^attention bench hung" "$OUT/compare.log" && [ "${FLASHJVP_ATTENTION_PATH:-}" != sm80 ]; then
   use_sm80 "the attention bench hung on the sm_90a kernels: dit_block and ncu run with FLASHJVP_ATTENTION_PATH=sm80"
 fi
@@ -283,6 +293,13 @@ if [ -n "$SAN" ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheade
   # The f16 value products: the copies' kernels and the vf16 JVP kernels (bf16) under memcheck.
   step memcheck_vf16 60 "$OUT/sanitize.log" env FLASHJVP_ATTENTION_VALUES=f16 "$SAN" --tool memcheck \
     --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 attention
+fi
+# The pipelined layernorm JVP kernel (cp.async into shared memory) under both sanitizers.
+if [ -n "$SAN" ]; then
+  step memcheck_ln_pipe 40 "$OUT/sanitize.log" env FLASHJVP_LN_JVP_ROWS=pipe "$SAN" --tool memcheck \
+    --error-exitcode 1 --leak-check no "$G/bin/tests/gpu_sanitize" --test-threads=1 layernorm
+  step racecheck_ln_pipe 40 "$OUT/sanitize.log" env FLASHJVP_LN_JVP_ROWS=pipe "$SAN" --tool racecheck \
+    --error-exitcode 1 "$G/bin/tests/gpu_sanitize" --test-threads=1 layernorm
 fi
 
 # ---- 9. the rCM example's GPU preset (never run on a GPU before), shortened to about a minute: the

@@ -350,6 +350,9 @@ def main():
                          "sm_80 retries after a hang stay inside it")
     ap.add_argument("--precision-after-s", type=float, default=150,
                     help="run the precision section only if less time than this has passed")
+    ap.add_argument("--ln-pipe", action="store_true",
+                    help="also time the pipelined layernorm JVP kernel (FLASHJVP_LN_JVP_ROWS=pipe) beside the "
+                         "default")
     ap.add_argument("--keys64", action="store_true",
                     help="also time the Hopper JVP at d 64 and 72 on 64-key tiles (FLASHJVP_SM90_KEYS=64) "
                          "against the default 96 and 80")
@@ -381,7 +384,7 @@ def main():
     ln_variants = [(name, bench(binary, "layernorm_mod", env=env, timeout=60)) for name, env in [
         ("wide", {"FLASHJVP_LN_JVP_ROWS": "wide"}),
         ("8 rows per block", {"FLASHJVP_LN_ROWS_PER_BLOCK": "8"}),
-    ]]
+    ] + ([("pipe", {"FLASHJVP_LN_JVP_ROWS": "pipe"})] if args.ln_pipe else [])]
     # The MLP with each step of its forward and JVP timed alone (FLASHJVP_BENCH_STEPS), and once more
     # with the GELU outside cuBLASLt's epilogues.
     mlp = bench(binary, "mlp", env={"FLASHJVP_BENCH_STEPS": "1"}, timeout=90)

@@ -131,6 +131,8 @@ PY
     run "$G/bin/tests/gpu_dit" --test-threads=1
     run "$B" bench layernorm_mod --dtype bf16
     run env FLASHJVP_LN_JVP_ROWS=wide "$B" bench layernorm_mod --dtype bf16
+    run env FLASHJVP_LN_JVP_ROWS=pipe "$G/bin/tests/gpu_ops" --test-threads=1 layernorm
+    run env FLASHJVP_LN_JVP_ROWS=pipe "$B" bench layernorm_mod --dtype bf16
     run env FLASHJVP_BENCH_STEPS=1 "$B" bench mlp --dtype bf16
     run env FLASHJVP_GEMM_EPILOGUE=off "$B" bench mlp --dtype bf16
     LIMIT=120 run env FLASHJVP_BENCH_STEPS=1 "$B" bench dit_block --dtype bf16

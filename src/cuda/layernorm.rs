@@ -165,14 +165,27 @@ pub struct JvpPtrs {
 /// the widths between the two limits. Longer rows stream in either (the narrow one runs them).
 /// The plain narrow JVP kernel reads its rows with cache hints (cuda/layernorm_mod.cu, `load16`): on
 /// an H200 (bf16, 4 rows per block) 2374 and 2573 GB/s against 2189 and 2305 without
-/// (docs/gpu-runs.md). `FLASHJVP_LN_JVP_ROWS=narrow|wide` forces one, so that a GPU run can time both
-/// on the same rows.
+/// (docs/gpu-runs.md). `FLASHJVP_LN_JVP_ROWS=narrow|wide|pipe` forces one, so that a GPU run can time
+/// them on the same rows; `pipe` is only taken when forced (not yet timed on a GPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JvpRows {
     /// `layernorm_mod_jvp_{dt}` (6 chunks, two blocks per SM); also the kernel of streamed rows.
     Narrow,
     /// `layernorm_mod_jvp_wide_{dt}` (8 chunks, one block per SM).
     Wide,
+    /// `layernorm_mod_jvp_pipe_{dt}`: the narrow kernel's registers, two rows per warp whose loads
+    /// go through shared memory (cp.async) ahead of the reductions ([`pipe_shared_bytes`]).
+    Pipe,
+}
+
+/// Rows per warp of the pipelined JVP kernel (cuda/layernorm_mod.cu, `PIPE_ROWS`).
+pub const PIPE_ROWS: usize = 2;
+
+/// Dynamic shared memory of the pipelined JVP kernel with `warps` warps per block: per warp
+/// [`PIPE_ROWS`] rows of x and ẋ, 6 chunks of 16 bytes per lane each (the narrow kernel's registers),
+/// whatever the width: 12 KiB a warp.
+pub fn pipe_shared_bytes(warps: usize) -> usize {
+    warps * PIPE_ROWS * 2 * 6 * 32 * 16
 }
 
 impl JvpRows {
@@ -182,6 +195,7 @@ impl JvpRows {
         *FORCED.get_or_init(|| match std::env::var("FLASHJVP_LN_JVP_ROWS").as_deref() {
             Ok("narrow") => Some(JvpRows::Narrow),
             Ok("wide") => Some(JvpRows::Wide),
+            Ok("pipe") => Some(JvpRows::Pipe),
             _ => None,
         })
     }
@@ -207,6 +221,7 @@ impl JvpRows {
         match self {
             JvpRows::Narrow => "",
             JvpRows::Wide => "_wide",
+            JvpRows::Pipe => "_pipe",
         }
     }
 }
@@ -215,6 +230,18 @@ impl JvpRows {
 /// [`JvpRows::for_width`] picks. Errors unless T, C, G >= 1 with G dividing T and eps is finite
 /// and >= 0.
 pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Step>> {
+    plan_jvp_on(JvpRows::for_width(dtype, d.c), dtype, d, p, eps)
+}
+
+/// [`plan_jvp`] on the kernel `rows` names, whatever the width (every kernel takes every width: rows
+/// that do not fit its registers are streamed).
+pub fn plan_jvp_on(
+    rows: JvpRows,
+    dtype: DType,
+    d: LnDims,
+    p: JvpPtrs,
+    eps: f64,
+) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     require_ptrs(OP, &[("x", p.x), ("y", p.y), ("ty", p.ty)])?;
     let [t, c, g] = dims_args(d)?;
@@ -252,14 +279,20 @@ pub fn plan_jvp(dtype: DType, d: LnDims, p: JvpPtrs, eps: f64) -> Result<Vec<Ste
         g,
         eps_arg(eps)?,
     ];
-    Ok(vec![row_launch(
-        format!(
-            "layernorm_mod_jvp{}_{dt}",
-            JvpRows::for_width(dtype, d.c).infix()
-        ),
-        d,
+    let kernel = format!("layernorm_mod_jvp{}_{dt}", rows.infix());
+    if rows != JvpRows::Pipe {
+        return Ok(vec![row_launch(kernel, d, args)?]);
+    }
+    let warps = rows_per_block();
+    Ok(vec![Step::Kernel(Launch::new(
+        OP,
+        FILE,
+        kernel,
+        (d.t.div_ceil(warps * PIPE_ROWS) as u64, 1, 1),
+        (32 * warps as u32, 1, 1),
+        pipe_shared_bytes(warps),
         args,
-    )?])
+    )?)])
 }
 
 /// The gated residual fused in front of the forward or JVP (residual_layernorm_mod_*): the row that
@@ -377,11 +410,13 @@ pub fn plan_residual_jvp(
         g,
         eps_arg(eps)?,
     ];
+    // No pipelined kernel with the residual in front: `pipe` takes the narrow one here.
+    let infix = match JvpRows::for_width(dtype, d.c) {
+        JvpRows::Pipe => JvpRows::Narrow.infix(),
+        rows => rows.infix(),
+    };
     Ok(vec![row_launch(
-        format!(
-            "residual_layernorm_mod_jvp{}_{dt}",
-            JvpRows::for_width(dtype, d.c).infix()
-        ),
+        format!("residual_layernorm_mod_jvp{infix}_{dt}"),
         d,
         args,
     )?])
@@ -752,6 +787,31 @@ mod tests {
         };
         assert_eq!(l.kernel, "layernorm_mod_jvp_bf16");
         assert_eq!((l.grid, l.block), ((3, 1, 1), (128, 1, 1)));
+    }
+
+    #[test]
+    fn the_pipelined_jvp_takes_two_rows_a_warp_through_shared_memory() {
+        let d = LnDims {
+            t: 17,
+            c: 1152,
+            g: 1,
+        };
+        let p = JvpPtrs {
+            x: 1 << 20,
+            y: 2 << 20,
+            ty: 3 << 20,
+            ..Default::default()
+        };
+        let Step::Kernel(l) = &plan_jvp_on(JvpRows::Pipe, DType::BF16, d, p, 1e-6).unwrap()[0]
+        else {
+            panic!()
+        };
+        let r = rows_per_block();
+        assert_eq!(l.kernel, "layernorm_mod_jvp_pipe_bf16");
+        assert_eq!(l.grid, (17usize.div_ceil(2 * r) as u32, 1, 1));
+        assert_eq!(l.block, (32 * r as u32, 1, 1));
+        assert_eq!(l.shared_bytes as usize, r * 12 * 1024);
+        assert_eq!(pipe_shared_bytes(4), 48 * 1024);
     }
 
     #[test]
