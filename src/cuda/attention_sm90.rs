@@ -87,14 +87,16 @@ impl Path {
 }
 
 /// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`): with a tangent 48 at d 128, 96 at
-/// d 64 and 80 at d 72 (64 at both with `FLASHJVP_SM90_KEYS=64`, [`nvrtc::sm90_keys64`]; a bad value
-/// there fails the kernel's compile, so this takes the default for it); else 64.
+/// d 64 and 80 at d 72, and 128 for the forward at d 64 (64 for all three with `FLASHJVP_SM90_KEYS=64`,
+/// [`nvrtc::sm90_keys64`]; a bad value there fails the kernel's compile, so this takes the default for
+/// it); else 64.
 fn key_tile(variant: Variant, d: usize) -> usize {
     let long = !nvrtc::sm90_keys64().unwrap_or(false);
     match (d, variant != Variant::Fwd) {
         (128, true) => 48,
         (64, true) if long => 96,
         (72, true) if long => 80,
+        (64, false) if long => 128,
         _ => 64,
     }
 }
@@ -655,10 +657,11 @@ pub fn plan_backward(
 
 /// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
 /// swizzle (128 bytes at d 64 and 128, 32 with zero fill at d 72, 64 at d 96) and every key tile a
-/// kernel uses (64 and 96 at d 64, 64 and 80 at d 72, 48 and 64 at d 128).
-pub const PROBES: [(usize, usize); 7] = [
+/// kernel uses (64, 96 and 128 at d 64, 64 and 80 at d 72, 48 and 64 at d 128).
+pub const PROBES: [(usize, usize); 8] = [
     (64, 64),
     (64, 96),
+    (64, 128),
     (72, 64),
     (72, 80),
     (96, 64),
@@ -783,7 +786,7 @@ mod tests {
         for (v, want) in [
             (Variant::Jvp, [181352, 195688, 197736, 214120]),
             (Variant::JvpNoKv, [132232, 144520, 148616, 165000]),
-            (Variant::Fwd, [83080, 103560, 124040, 165000]),
+            (Variant::Fwd, [148616, 103560, 124040, 165000]),
         ] {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
                 let got = shared_bytes(v, d);
@@ -955,8 +958,8 @@ mod tests {
         assert_eq!(l.args.len(), 12);
         // Narrower swizzles where 64 columns do not divide d: 16-column boxes of 32 bytes at d 72
         // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96. And the key
-        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 64 for their
-        // forward; Q 128 rows.
+        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 128 for the forward
+        // at d 64, 64 at d 72; Q 128 rows.
         for (variant, d, swizzle, keys) in [
             (Variant::Jvp, 72, 32, 80),
             (Variant::JvpNoKv, 72, 32, 80),
@@ -964,7 +967,7 @@ mod tests {
             (Variant::Jvp, 96, 64, 64),
             (Variant::Jvp, 64, 128, 96),
             (Variant::JvpNoKv, 64, 128, 96),
-            (Variant::Fwd, 64, 128, 64),
+            (Variant::Fwd, 64, 128, 128),
         ] {
             let dims = check_shapes(&[1, 2, 300, d], &[1, 2, 77, d], &[1, 2, 77, d]).unwrap();
             let steps = plan(
