@@ -54,7 +54,7 @@
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
 //   fragments within 240), 96 at d = 64 and 80 at d = 72 with a tangent, 128 for the forward at d = 64
-//   (the softmax's fixed cost per tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64); STAGES = 3
+//   and 72 (the softmax's fixed cost per tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64); STAGES = 3
 //   for the full JVP when a stage
 //   holds 24 KiB or more (d = 64: 177 KiB, 72: 191 KiB, 96: 193 KiB, 128: 214 KiB), 4 otherwise.
 //
@@ -104,7 +104,7 @@
 #include "hopper.cuh"
 
 // The long key tiles (Cfg::BC: 96 and 80 keys at d = 64 and 72 with a tangent, 128 for the forward at
-// d = 64) are the default; with FLASHJVP_SM90_KEYS=64 on the host (FJ_SM90_KEYS64, a separate cache
+// both) are the default; with FLASHJVP_SM90_KEYS=64 on the host (FJ_SM90_KEYS64, a separate cache
 // entry, like the split schedule) all take the 64-key tile the H200 timed, to time the two side by side.
 #ifndef FJ_SM90_KEYS64
 #define FJ_SM90_KEYS64 0
@@ -131,14 +131,14 @@ template <int D, int MODE> struct Cfg {
         CPS = SCOL / 16,                // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
         // previous tile must fit 240 registers); 96 at d = 64 and 80 at d = 72 with a tangent, and 128
-        // for the forward at d = 64 (their softmax is nearly as long as the products it overlaps, or
-        // longer: a longer tile spreads the per-tile reductions, barriers and descriptors over more
+        // for the forward at d = 64 and 72 (their softmax is nearly as long as the products it overlaps,
+        // or longer: a longer tile spreads the per-tile reductions, barriers and descriptors over more
         // keys, and the wider score products read less shared memory per FLOP than m64n64; d 72 at 96
-        // spilled), 64 with FJ_SM90_KEYS64; else 64.
+        // and d 96 at 80 spilled with a tangent), 64 with FJ_SM90_KEYS64; else 64.
         BC = (D == 128 && TAN)                      ? 48
              : (D == 64 && TAN && !FJ_SM90_KEYS64)  ? 96
              : (D == 72 && TAN && !FJ_SM90_KEYS64)  ? 80
-             : (D == 64 && !TAN && !FJ_SM90_KEYS64) ? 128
+             : (D <= 72 && !TAN && !FJ_SM90_KEYS64) ? 128
                                                     : 64,
         SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
         SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
@@ -686,7 +686,7 @@ FJ_SM90_VF16(96)
 FJ_SM90_VF16(128)
 
 // The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
-// every key tile: 64, 96 and 128 at d 64, 64 and 80 at d 72, 48 and 64 at d 128.
+// every key tile: 64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 48 and 64 at d 128.
 #define FJ_SM90_PROBE(D, BC)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 1) sm90_layout_probe_bf16_d##D##_bc##BC(                     \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* q_smem, float* s_out, float* o_out) {                                \
@@ -699,6 +699,7 @@ FJ_SM90_PROBE(64, 96)
 FJ_SM90_PROBE(64, 128)
 FJ_SM90_PROBE(72, 64)
 FJ_SM90_PROBE(72, 80)
+FJ_SM90_PROBE(72, 128)
 FJ_SM90_PROBE(96, 64)
 FJ_SM90_PROBE(128, 48)
 FJ_SM90_PROBE(128, 64)

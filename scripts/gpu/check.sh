@@ -31,7 +31,7 @@
 #               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
 #               times them (--split-schedule: "Hopper schedule" table in compare.log).
 #      sm90_keys64: on Hopper, gpu_attention_sm90's JVP tests on the d64 and d72 kernels built with 64-key
-#               tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80, and 128 for the forward at d64,
+#               tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80, and 128 for the forward at both,
 #               whose 64-key build the H200 ran); if they pass, compare.py times them (--keys64: "Hopper
 #               key tile" table; a speed-up above 1 favours 64 keys).
 #      vf16_host, vf16_sm80, vf16_dit: the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): on Hopper

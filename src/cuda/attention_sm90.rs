@@ -87,7 +87,7 @@ impl Path {
 }
 
 /// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`): with a tangent 48 at d 128, 96 at
-/// d 64 and 80 at d 72, and 128 for the forward at d 64 (64 for all three with `FLASHJVP_SM90_KEYS=64`,
+/// d 64 and 80 at d 72, and 128 for the forward at both (64 for all with `FLASHJVP_SM90_KEYS=64`,
 /// [`nvrtc::sm90_keys64`]; a bad value there fails the kernel's compile, so this takes the default for
 /// it); else 64.
 fn key_tile(variant: Variant, d: usize) -> usize {
@@ -96,7 +96,7 @@ fn key_tile(variant: Variant, d: usize) -> usize {
         (128, true) => 48,
         (64, true) if long => 96,
         (72, true) if long => 80,
-        (64, false) if long => 128,
+        (64 | 72, false) if long => 128,
         _ => 64,
     }
 }
@@ -657,13 +657,14 @@ pub fn plan_backward(
 
 /// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
 /// swizzle (128 bytes at d 64 and 128, 32 with zero fill at d 72, 64 at d 96) and every key tile a
-/// kernel uses (64, 96 and 128 at d 64, 64 and 80 at d 72, 48 and 64 at d 128).
-pub const PROBES: [(usize, usize); 8] = [
+/// kernel uses (64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 48 and 64 at d 128).
+pub const PROBES: [(usize, usize); 9] = [
     (64, 64),
     (64, 96),
     (64, 128),
     (72, 64),
     (72, 80),
+    (72, 128),
     (96, 64),
     (128, 48),
     (128, 64),
@@ -786,7 +787,7 @@ mod tests {
         for (v, want) in [
             (Variant::Jvp, [181352, 195688, 197736, 214120]),
             (Variant::JvpNoKv, [132232, 144520, 148616, 165000]),
-            (Variant::Fwd, [148616, 103560, 124040, 165000]),
+            (Variant::Fwd, [148616, 185480, 124040, 165000]),
         ] {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
                 let got = shared_bytes(v, d);
@@ -958,12 +959,12 @@ mod tests {
         assert_eq!(l.args.len(), 12);
         // Narrower swizzles where 64 columns do not divide d: 16-column boxes of 32 bytes at d 72
         // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96. And the key
-        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 128 for the forward
-        // at d 64, 64 at d 72; Q 128 rows.
+        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 128 for their
+        // forward; Q 128 rows.
         for (variant, d, swizzle, keys) in [
             (Variant::Jvp, 72, 32, 80),
             (Variant::JvpNoKv, 72, 32, 80),
-            (Variant::Fwd, 72, 32, 64),
+            (Variant::Fwd, 72, 32, 128),
             (Variant::Jvp, 96, 64, 64),
             (Variant::Jvp, 64, 128, 96),
             (Variant::JvpNoKv, 64, 128, 96),

@@ -162,8 +162,8 @@ pub fn source_text_for(
 }
 
 /// [`source_text_for`], and for a Hopper file with `keys64` the define that puts the JVP at head dims
-/// 64 and 72 and the forward at 64 on 64-key tiles (`FJ_SM90_KEYS64`, attention_jvp_sm90.cu) in front
-/// as well.
+/// 64 and 72 and the forward at both on 64-key tiles (`FJ_SM90_KEYS64`, attention_jvp_sm90.cu) in
+/// front as well.
 pub fn source_text_built(
     file: &str,
     watchdog_ms: Option<u32>,
@@ -211,7 +211,7 @@ pub fn parse_schedule(v: Option<&str>) -> Result<bool> {
 }
 
 /// The environment variable that picks the Hopper kernels' key tiles at head dims 64 and 72: `long` (the
-/// default: 96 and 80 keys for the JVP, 128 for the forward at d 64) or `64` (the tile of the other head
+/// default: 96 and 80 keys for the JVP, 128 for the forward) or `64` (the tile of the other head
 /// dims, which the H200 timed, kept to time the two side by side).
 pub const SM90_KEYS_ENV: &str = "FLASHJVP_SM90_KEYS";
 
