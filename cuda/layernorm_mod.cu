@@ -400,27 +400,7 @@ __device__ __forceinline__ void bwd_regs(const typename ST::T* __restrict__ dyr,
 // RES: the row is first made by the gated residual `res` (whole tensors here, null members absent as in
 // gated_residual_jvp; x1 and, with JVP, tx1 required) from x (and tx), stored to x1 (tx1), and x1 is
 // normalised: the fused kernels below, which save reading x1 (and tx1) back.
-template <class ST, bool JVP, bool RES, int NCH, bool HINTS>
-__device__ __forceinline__ void fwd_row(int row, int lane, const typename ST::T* __restrict__ x,
-                                        const typename ST::T* __restrict__ tx, const float* __restrict__ scale,
-                                        const float* __restrict__ shift, const float* __restrict__ tscale,
-                                        const float* __restrict__ tshift, typename ST::T* __restrict__ y,
-                                        typename ST::T* __restrict__ ty, float* __restrict__ mean_out,
-                                        float* __restrict__ rstd_out, int T, int C, int G, float eps, ResRow<ST> res);
-
-template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N, bool HINTS = false>
-__device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
-                                    const float* __restrict__ scale, const float* __restrict__ shift,
-                                    const float* __restrict__ tscale, const float* __restrict__ tshift,
-                                    typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
-                                    float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
-                                    float eps, ResRow<ST> res = ResRow<ST>{}) {
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // a warp per row
-    fwd_row<ST, JVP, RES, NCH, HINTS>(row, threadIdx.x & 31, x, tx, scale, shift, tscale, tshift, y, ty, mean_out,
-                                      rstd_out, T, C, G, eps, res);
-}
-
-// One row of `fwd` (the warp's), taken by `fwd` and by the pipelined JVP's fallback.
+// fwd_row is one row (the warp's) of `fwd` below, and the pipelined JVP's fallback.
 template <class ST, bool JVP, bool RES, int NCH, bool HINTS>
 __device__ __forceinline__ void fwd_row(int row, int lane, const typename ST::T* __restrict__ x,
                                         const typename ST::T* __restrict__ tx, const float* __restrict__ scale,
@@ -514,6 +494,19 @@ __device__ __forceinline__ void fwd_row(int row, int lane, const typename ST::T*
         if (JVP && txr) fj_load_chunk<ST>(txr, i, C, vec, b);
         out_chunk<ST, JVP>(a, b, st, sr, hr, tsr, thr, yr, tyr, i, C, vec);
     }
+}
+
+// A warp per row: the row is the warp's index in the grid.
+template <class ST, bool JVP, bool RES = false, int NCH = Chunks<JVP>::N, bool HINTS = false>
+__device__ __forceinline__ void fwd(const typename ST::T* __restrict__ x, const typename ST::T* __restrict__ tx,
+                                    const float* __restrict__ scale, const float* __restrict__ shift,
+                                    const float* __restrict__ tscale, const float* __restrict__ tshift,
+                                    typename ST::T* __restrict__ y, typename ST::T* __restrict__ ty,
+                                    float* __restrict__ mean_out, float* __restrict__ rstd_out, int T, int C, int G,
+                                    float eps, ResRow<ST> res = ResRow<ST>{}) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // a warp per row
+    fwd_row<ST, JVP, RES, NCH, HINTS>(row, threadIdx.x & 31, x, tx, scale, shift, tscale, tshift, y, ty, mean_out,
+                                      rstd_out, T, C, G, eps, res);
 }
 
 // dres (may be null, may equal dx: each element is read before the same thread writes it, hence no

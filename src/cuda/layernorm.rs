@@ -764,6 +764,16 @@ mod tests {
         }
     }
 
+    /// The JVP's required pointers only (x, y, ty).
+    fn x_y_ty() -> JvpPtrs {
+        JvpPtrs {
+            x: 1 << 20,
+            y: 2 << 20,
+            ty: 3 << 20,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn row_kernels_run_four_rows_per_block() {
         if std::env::var_os("FLASHJVP_LN_JVP_ROWS").is_some()
@@ -776,13 +786,7 @@ mod tests {
             c: 1536,
             g: 2,
         };
-        let p = JvpPtrs {
-            x: 1 << 20,
-            y: 2 << 20,
-            ty: 3 << 20,
-            ..Default::default()
-        };
-        let Step::Kernel(l) = &plan_jvp(DType::BF16, d, p, 1e-6).unwrap()[0] else {
+        let Step::Kernel(l) = &plan_jvp(DType::BF16, d, x_y_ty(), 1e-6).unwrap()[0] else {
             panic!()
         };
         assert_eq!(l.kernel, "layernorm_mod_jvp_bf16");
@@ -796,13 +800,8 @@ mod tests {
             c: 1152,
             g: 1,
         };
-        let p = JvpPtrs {
-            x: 1 << 20,
-            y: 2 << 20,
-            ty: 3 << 20,
-            ..Default::default()
-        };
-        let Step::Kernel(l) = &plan_jvp_on(JvpRows::Pipe, DType::BF16, d, p, 1e-6).unwrap()[0]
+        let Step::Kernel(l) =
+            &plan_jvp_on(JvpRows::Pipe, DType::BF16, d, x_y_ty(), 1e-6).unwrap()[0]
         else {
             panic!()
         };
