@@ -54,9 +54,9 @@
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
 //   fragments within 240), 96 at d = 64 and 80 at d = 72 with a tangent, 128 for the forward at d = 64
-//   and 72 (the softmax's fixed cost per tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64); STAGES = 3
-//   for the full JVP when a stage
-//   holds 24 KiB or more (d = 64: 177 KiB, 72: 191 KiB, 96: 193 KiB, 128: 214 KiB), 4 otherwise.
+//   and 72 (the softmax's fixed cost per tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64);
+//   STAGES = 3 for the full JVP when a stage holds 24 KiB or more (d = 64: 177 KiB, 72: 191 KiB, 96:
+//   193 KiB, 128: 214 KiB), 4 otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
