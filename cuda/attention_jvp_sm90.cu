@@ -53,10 +53,11 @@
 //   when the wgmmas reading the stage are done). K and V have separate rings because a K tile is free
 //   as soon as its scores are done, a V tile only after the next turn.
 //   BC = 64 keys, 48 at d = 128 with a tangent (registers: O, T, S, Sdot and the previous tile's P
-//   fragments within 240), 96 at d = 64 and 80 at d = 72 with a tangent, 128 for the forward at d = 64
-//   and 72 (the softmax's fixed cost per tile spread over more keys; 64 with FLASHJVP_SM90_KEYS=64);
-//   STAGES = 3 for the full JVP when a stage holds 24 KiB or more (d = 64: 177 KiB, 72: 191 KiB, 96:
-//   193 KiB, 128: 214 KiB), 4 otherwise.
+//   fragments within 240), 96 at d = 64 and 80 at d = 72 with a tangent, 128 for the forward (the
+//   softmax's fixed cost per tile spread over more keys, and fewer shared-memory bytes per FLOP in the
+//   score products; 64 with FLASHJVP_SM90_KEYS=64); STAGES = 3 for the full JVP when a stage holds 24 KiB
+//   or more (d = 64: 177 KiB, 72: 191 KiB, 96: 193 KiB, 128: 214 KiB) and for the forward at d = 128
+//   (32 KiB a stage: 225 KiB), 4 otherwise.
 //
 // SCHEDULE (per consumer warpgroup, key tile j; FA3's inter-warpgroup ping-pong): a "turn" issues,
 // as one wgmma batch, the score products of tile j and the value products of tile j-1 (whose P and
@@ -104,7 +105,7 @@
 #include "hopper.cuh"
 
 // The long key tiles (Cfg::BC: 96 and 80 keys at d = 64 and 72 with a tangent, 128 for the forward at
-// both) are the default; with FLASHJVP_SM90_KEYS=64 on the host (FJ_SM90_KEYS64, a separate cache
+// every head dim) are the default; with FLASHJVP_SM90_KEYS=64 on the host (FJ_SM90_KEYS64, a separate cache
 // entry, like the split schedule) all take the 64-key tile the H200 timed, to time the two side by side.
 #ifndef FJ_SM90_KEYS64
 #define FJ_SM90_KEYS64 0
@@ -131,18 +132,21 @@ template <int D, int MODE> struct Cfg {
         CPS = SCOL / 16,                // 16-column k-chunks per slab
         // Keys per tile: 48 at d = 128 with a tangent (O, T, S, Sdot and the P fragments of the
         // previous tile must fit 240 registers); 96 at d = 64 and 80 at d = 72 with a tangent, and 128
-        // for the forward at d = 64 and 72 (their softmax is nearly as long as the products it overlaps,
-        // or longer: a longer tile spreads the per-tile reductions, barriers and descriptors over more
-        // keys, and the wider score products read less shared memory per FLOP than m64n64; d 72 at 96
-        // and d 96 at 80 spilled with a tangent), 64 with FJ_SM90_KEYS64; else 64.
+        // for the forward (at d 64 and 72 the softmax is nearly as long as the products it overlaps, or
+        // longer: a longer tile spreads the per-tile reductions, barriers and descriptors over more keys;
+        // and m64n128 score products read 96 bytes of shared memory per tensor cycle where m64n64 read
+        // 128, all there is, with the value products' and TMA's traffic on top; d 72 at 96 and d 96 at
+        // 80 spilled with a tangent), 64 with FJ_SM90_KEYS64; else 64.
         BC = (D == 128 && TAN)                      ? 48
              : (D == 64 && TAN && !FJ_SM90_KEYS64)  ? 96
              : (D == 72 && TAN && !FJ_SM90_KEYS64)  ? 80
-             : (D <= 72 && !TAN && !FJ_SM90_KEYS64) ? 128
+             : (!TAN && !FJ_SM90_KEYS64)             ? 128
                                                     : 64,
         SLAB_Q = BR * SWZ,              // bytes of one slab of the Q tile
         SLAB_K = BC * SWZ,              // bytes of one slab of a K/V tile
-        STAGES = (MODE == FULL && DP * BC >= 96 * 64) ? 3 : 4,  // 3 when a stage holds 24 KiB or more
+        // 3 when a stage holds 24 KiB or more with a tangent, or more than 24 KiB without (the forward
+        // at d 128: 4 stages of 128 keys would need 289 KiB)
+        STAGES = (MODE == FULL && DP * BC >= 96 * 64) || (MODE == FWD && DP * BC > 96 * 128) ? 3 : 4,
         Q_BYTES = NQ * SLABS * SLAB_Q,
         KST_BYTES = NKT * SLABS * SLAB_K,  // one K stage (same for a V stage)
         BAR_OFF = Q_BYTES + 2 * STAGES * KST_BYTES,
@@ -686,7 +690,8 @@ FJ_SM90_VF16(96)
 FJ_SM90_VF16(128)
 
 // The layout probes: every swizzle (128 B at d 64/128, 32 B with zero fill at d 72, 64 B at d 96) and
-// every key tile: 64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 48 and 64 at d 128.
+// every key tile: 64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 64 and 128 at d 96, 48, 64 and 128 at
+// d 128.
 #define FJ_SM90_PROBE(D, BC)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 1) sm90_layout_probe_bf16_d##D##_bc##BC(                     \
         FJ_TM mq, FJ_TM mk, FJ_TM mv, fj_u16* q_smem, float* s_out, float* o_out) {                                \
@@ -701,5 +706,7 @@ FJ_SM90_PROBE(72, 64)
 FJ_SM90_PROBE(72, 80)
 FJ_SM90_PROBE(72, 128)
 FJ_SM90_PROBE(96, 64)
+FJ_SM90_PROBE(96, 128)
 FJ_SM90_PROBE(128, 48)
 FJ_SM90_PROBE(128, 64)
+FJ_SM90_PROBE(128, 128)

@@ -47,8 +47,8 @@ def cfg(d, mode):
     slabs = -(-d // scol)
     dp = slabs * scol
     bc = (48 if (d == 128 and tan) else 96 if (d == 64 and tan) else 80 if (d == 72 and tan)
-          else 128 if d <= 72 else 64)
-    stages = 3 if (mode == FULL and dp * bc >= 96 * 64) else 4
+          else 128 if not tan else 64)
+    stages = 3 if (mode == FULL and dp * bc >= 96 * 64) or (mode == FWD and dp * bc > 96 * 128) else 4
     nq, nkt = (2 if tan else 1), (2 if kvt else 1)
     slab_q, slab_k = BR * swzb, bc * swzb
     q_bytes = nq * slabs * slab_q

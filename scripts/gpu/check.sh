@@ -31,9 +31,9 @@
 #               (FLASHJVP_SM90_SCHEDULE=split, cuda/hopper.cuh SCHEDULE); if it passes, compare.py also
 #               times them (--split-schedule: "Hopper schedule" table in compare.log).
 #      sm90_keys64: on Hopper, gpu_attention_sm90's JVP tests on the d64 and d72 kernels built with 64-key
-#               tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80, and 128 for the forward at both,
-#               whose 64-key build the H200 ran); if they pass, compare.py times them (--keys64: "Hopper
-#               key tile" table; a speed-up above 1 favours 64 keys).
+#               tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80, and 128 for the forward at every
+#               head dim, whose 64-key build the H200 ran); if they pass, compare.py times them (--keys64:
+#               "Hopper key tile" table; a speed-up above 1 favours 64 keys).
 #      vf16_host, vf16_sm80, vf16_dit: the f16 value products (FLASHJVP_ATTENTION_VALUES=f16): on Hopper
 #               the host entry points' tests at the tangent aim of 1.7e-3 and gpu_ops' test of them on the
 #               sm_80 kernels (FLASHJVP_ATTENTION_PATH=sm80), on any GPU gpu_dit's bf16 tests
@@ -190,8 +190,8 @@ if [ "$DRY" = 1 ] || [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,nohead
     step sm90_split 90 "$OUT/gpu_attention_sm90_split.log" env FLASHJVP_SM90_SCHEDULE=split \
       "$G/bin/tests/gpu_attention_sm90" --test-threads=1
     [ "$last_rc" = 0 ] && split_args=(--split-schedule)
-    # The JVP at d 64 and 72 on 64-key tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80): its JVP
-    # tests, and if they pass compare.py times it beside the default.
+    # The JVP at d 64 and 72 on 64-key tiles (FLASHJVP_SM90_KEYS=64; the defaults are 96 and 80, and 128
+    # for every forward): its JVP tests, and if they pass compare.py times it beside the default.
     step sm90_keys64 60 "$OUT/gpu_attention_sm90_keys64.log" env FLASHJVP_SM90_KEYS=64 \
       "$G/bin/tests/gpu_attention_sm90" --test-threads=1 jvp
     [ "$last_rc" = 0 ] && split_args+=(--keys64)

@@ -228,13 +228,14 @@ def split_schedule(binary, by_shape, deadline):
 
 
 KEYS_SHAPES = [(16, 16, 1024, 1024, 64), (1, 12, 4096, 4096, 64), (1, 12, 16384, 16384, 64),
-               (1, 12, 4096, 4096, 72), (2, 16, 4096, 4096, 72)]
+               (1, 12, 4096, 4096, 72), (2, 16, 4096, 4096, 72), (1, 12, 4096, 4096, 96),
+               (1, 12, 4096, 4096, 128), (1, 12, 16384, 16384, 128)]
 
 
 def keys64(binary, by_shape, deadline):
-    """The Hopper kernels at d 64 and 72 on 64-key tiles (FLASHJVP_SM90_KEYS=64), against the default rows of
-    the same run (JVP: 96 keys at d 64, 80 at d 72; forward: 128 at both; a speed-up above 1 means 64 keys
-    are faster)."""
+    """The Hopper kernels on 64-key tiles (FLASHJVP_SM90_KEYS=64), against the default rows of the same run
+    (JVP: 96 keys at d 64, 80 at d 72; forward: 128 at every head dim; a speed-up above 1 means 64 keys are
+    faster; at d 96 and 128 only the forward differs)."""
     return build_variant(binary, by_shape, deadline, "Hopper key tile (bf16)", {"FLASHJVP_SM90_KEYS": "64"},
                          KEYS_SHAPES, "keys64")
 

@@ -22,8 +22,8 @@
 # QUICK=softmax: the attention kernels after the softmax changes of 2026-11-27 (cuda/README.md): the Hopper
 # tests (and the JVP ones on the d64/d72 kernels built with 64-key tiles, FLASHJVP_SM90_KEYS=64), gpu_ops'
 # attention tests, memcheck and racecheck over gpu_sanitize's attention tests, then `bench attention` at
-# the issue's shapes (d64 and d72 on both key tiles) and PyTorch's cuDNN forward at the same shapes, for the
-# ratios.
+# the issue's shapes (each on both key tiles: at d128 only the forward's differs) and PyTorch's cuDNN forward
+# at the same shapes, for the ratios.
 # Everything in one file back: $OUT/quick.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -97,8 +97,10 @@ quick_bwd() {
       run "$B" bench attention --shape "$shape" --dtype bf16
       run env FLASHJVP_SM90_KEYS=64 "$B" bench attention --shape "$shape" --dtype bf16
     done
+    # d128: only the forward's tile differs (128 keys by default).
     for shape in 1,12,4096,4096,128 1,12,16384,16384,128; do
       run "$B" bench attention --shape "$shape" --dtype bf16
+      run env FLASHJVP_SM90_KEYS=64 "$B" bench attention --shape "$shape" --dtype bf16
     done
     LIMIT=120 run python3 - <<'PY'
 import torch, torch.nn.functional as F

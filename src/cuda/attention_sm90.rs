@@ -87,7 +87,7 @@ impl Path {
 }
 
 /// Keys per tile of a variant at head dim `d` (the kernel's `Cfg::BC`): with a tangent 48 at d 128, 96 at
-/// d 64 and 80 at d 72, and 128 for the forward at both (64 for all with `FLASHJVP_SM90_KEYS=64`,
+/// d 64 and 80 at d 72, and 128 for the forward (64 for all with `FLASHJVP_SM90_KEYS=64`,
 /// [`nvrtc::sm90_keys64`]; a bad value there fails the kernel's compile, so this takes the default for
 /// it); else 64.
 fn key_tile(variant: Variant, d: usize) -> usize {
@@ -96,7 +96,7 @@ fn key_tile(variant: Variant, d: usize) -> usize {
         (128, true) => 48,
         (64, true) if long => 96,
         (72, true) if long => 80,
-        (64 | 72, false) if long => 128,
+        (_, false) if long => 128,
         _ => 64,
     }
 }
@@ -121,12 +121,15 @@ pub fn shared_bytes(variant: Variant, d: usize) -> usize {
     let swz = swizzle_bytes(d);
     let slabs = d.div_ceil(swz / 2);
     let bc = key_tile(variant, d);
-    // 3 stages for the full JVP when one holds 24 KiB or more (the kernel's `Cfg::STAGES`).
-    let stages = if full && slabs * swz / 2 * bc >= 96 * 64 {
-        3
+    // 3 stages for the full JVP when one holds 24 KiB or more, and for the forward when one holds
+    // more than 24 KiB (the kernel's `Cfg::STAGES`).
+    let dp_bc = slabs * swz / 2 * bc;
+    let three = if full {
+        dp_bc >= 96 * 64
     } else {
-        4
+        variant == Variant::Fwd && dp_bc > 96 * 128
     };
+    let stages = if three { 3 } else { 4 };
     let q_bytes = if tangent { 2 } else { 1 } * slabs * BLOCK_ROWS * swz;
     let stage_bytes = if full { 2 } else { 1 } * slabs * bc * swz;
     1024 + q_bytes + 2 * stages * stage_bytes + 8 * (1 + 4 * stages)
@@ -657,8 +660,9 @@ pub fn plan_backward(
 
 /// The (head dim, key tile) pairs of the layout probe (`sm90_layout_probe_bf16_d{d}_bc{bc}`): every
 /// swizzle (128 bytes at d 64 and 128, 32 with zero fill at d 72, 64 at d 96) and every key tile a
-/// kernel uses (64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 48 and 64 at d 128).
-pub const PROBES: [(usize, usize); 9] = [
+/// kernel uses (64, 96 and 128 at d 64, 64, 80 and 128 at d 72, 64 and 128 at d 96, 48, 64 and 128
+/// at d 128).
+pub const PROBES: [(usize, usize); 11] = [
     (64, 64),
     (64, 96),
     (64, 128),
@@ -666,8 +670,10 @@ pub const PROBES: [(usize, usize); 9] = [
     (72, 80),
     (72, 128),
     (96, 64),
+    (96, 128),
     (128, 48),
     (128, 64),
+    (128, 128),
 ];
 
 /// Query rows of the layout probe's Q tile (the kernels' [`BLOCK_ROWS`]; one warpgroup does both
@@ -787,7 +793,7 @@ mod tests {
         for (v, want) in [
             (Variant::Jvp, [181352, 195688, 197736, 214120]),
             (Variant::JvpNoKv, [132232, 144520, 148616, 165000]),
-            (Variant::Fwd, [148616, 185480, 124040, 165000]),
+            (Variant::Fwd, [148616, 185480, 222344, 230504]),
         ] {
             for (i, d) in HEAD_DIMS.into_iter().enumerate() {
                 let got = shared_bytes(v, d);
@@ -955,11 +961,11 @@ mod tests {
         let Arg::TensorMap(k) = l.args[1] else {
             panic!()
         };
-        assert_eq!(k.boxdim, [64, 64, 1, 1]);
+        assert_eq!(k.boxdim, [64, 128, 1, 1]);
         assert_eq!(l.args.len(), 12);
         // Narrower swizzles where 64 columns do not divide d: 16-column boxes of 32 bytes at d 72
         // (the last box half past d, zero-filled), 32-column boxes of 64 bytes at d 96. And the key
-        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 128 for their
+        // tiles: 96 keys at d 64 and 80 at d 72 with a tangent (K, Kdot, V, Vdot), 128 for every
         // forward; Q 128 rows.
         for (variant, d, swizzle, keys) in [
             (Variant::Jvp, 72, 32, 80),
@@ -969,6 +975,8 @@ mod tests {
             (Variant::Jvp, 64, 128, 96),
             (Variant::JvpNoKv, 64, 128, 96),
             (Variant::Fwd, 64, 128, 128),
+            (Variant::Fwd, 96, 64, 128),
+            (Variant::Fwd, 128, 128, 128),
         ] {
             let dims = check_shapes(&[1, 2, 300, d], &[1, 2, 77, d], &[1, 2, 77, d]).unwrap();
             let steps = plan(

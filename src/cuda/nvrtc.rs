@@ -162,8 +162,8 @@ pub fn source_text_for(
 }
 
 /// [`source_text_for`], and for a Hopper file with `keys64` the define that puts the JVP at head dims
-/// 64 and 72 and the forward at both on 64-key tiles (`FJ_SM90_KEYS64`, attention_jvp_sm90.cu) in
-/// front as well.
+/// 64 and 72 and the forward at every head dim on 64-key tiles (`FJ_SM90_KEYS64`,
+/// attention_jvp_sm90.cu) in front as well.
 pub fn source_text_built(
     file: &str,
     watchdog_ms: Option<u32>,
