@@ -119,14 +119,42 @@ __device__ __forceinline__ fj_i64 head_offset(const Str& s, int bh, int H) {
 constexpr int NTHREADS = 128;
 constexpr int BR = 64;  // query rows per block, tensor-core path
 
+// SMALL SHARED MEMORY: a block may take 99 KiB of shared memory on sm_86, sm_89 and sm_12x (GeForce and
+// workstation Ampere, Ada and Blackwell: RTX 3090/4090/5090, A6000, L40S, L4), 163 KiB or more on sm_80,
+// sm_87, sm_90 and sm_100. There (FJ_SMEM_SMALL = 1: from __CUDA_ARCH__ under NVRTC, -DFJ_SMEM_SMALL=1
+// for the emulator's sm_89) a kernel whose tiles would need more than FJ_SMEM_SMALL_BYTES halves its key
+// tile until they fit (the full JVP at d >= 72: 64 -> 32 keys, 32 -> 16 at d = dv = 128); the host
+// (attention.rs: key_tile) makes the same choice from the device's arch name.
+#ifndef FJ_SMEM_SMALL
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890 || __CUDA_ARCH__ >= 1200)
+#define FJ_SMEM_SMALL 1
+#else
+#define FJ_SMEM_SMALL 0
+#endif
+#endif
+constexpr int FJ_SMEM_SMALL_BYTES = 99 * 1024;
+
+// Bytes of dynamic shared memory of a tensor-core kernel (the LAUNCH formula above) with nq Q tiles,
+// nkv K/V tiles per stage, padded head dims dp, dvp and a key tile of bc keys.
+constexpr int attn_smem_bytes(int nq, int nkv, int dp, int dvp, int bc) {
+    return 2 * (nq * 64 * (dp + 8) + 2 * (nkv / 2) * bc * (dp + 8 + dvp + 8));
+}
+
 // Per (d, dv): padded head dims, key tile, whether Q/Qdot fragments live in registers.
 template <int D, int DV, int MODE> struct Cfg {
     enum {
         DP = (D + 15) / 16 * 16,
         DVP = (DV + 15) / 16 * 16,
-        BC = (D == 128 || DV == 128 || (MODE == NOKV && DV == 96)) ? 32 : 64,
+        NQ = MODE == FWD ? 1 : 2,    // Q (and Qdot) tiles
+        NKV = MODE == FULL ? 4 : 2,  // K, V (and Kdot, Vdot) tiles per stage
+        BC_LARGE = (D == 128 || DV == 128 || (MODE == NOKV && DV == 96)) ? 32 : 64,
+        BC = !FJ_SMEM_SMALL || attn_smem_bytes(NQ, NKV, DP, DVP, BC_LARGE) <= FJ_SMEM_SMALL_BYTES ? BC_LARGE
+             : BC_LARGE == 64 && attn_smem_bytes(NQ, NKV, DP, DVP, 32) <= FJ_SMEM_SMALL_BYTES   ? 32
+                                                                                             : 16,
+        SMEM = attn_smem_bytes(NQ, NKV, DP, DVP, BC),
         QREG = (D <= 64 && DV <= 64) ? 1 : 0,
     };
+    static_assert(!FJ_SMEM_SMALL || SMEM <= FJ_SMEM_SMALL_BYTES, "small shared memory: the tiles do not fit");
 };
 
 // ---------------------------------------------------------------------------------------------

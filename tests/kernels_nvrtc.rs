@@ -1,5 +1,6 @@
 //! Every embedded kernel compiles with NVRTC for sm_80 and sm_90a (the `*_sm90.cu` files for sm_90a
-//! only), and no attention kernel spills; the Hopper file's watchdog build compiles too.
+//! only), and no attention kernel spills; the Hopper file's watchdog build compiles too, and the
+//! sm_80 attention kernels for the archs with 99 KiB of shared memory per block (sm_89, sm_120).
 //! Needs NVRTC only (no GPU). Without it the test says "skipped: no NVRTC"; with
 //! FLASHJVP_REQUIRE_NVRTC=1 (set by .ci/run) it fails instead.
 #![cfg(feature = "cuda")]
@@ -167,4 +168,39 @@ fn the_64_key_tile_build_compiles_without_spills() {
     }
     let c = nvrtc::compile_text(file, &text, "sm_90a").expect("64-key tile build");
     assert_clean_sm90_build(&c, "the 64-key-tile build");
+}
+
+#[test]
+fn the_attention_kernels_compile_for_small_shared_memory_archs() {
+    // sm_86, sm_89 and sm_12x allow 99 KiB of shared memory per block: there the forward/JVP kernels
+    // take shorter key tiles (attention_jvp.cuh, SMALL SHARED MEMORY: FJ_SMEM_SMALL from
+    // __CUDA_ARCH__, whose static_assert fails the compile if a kernel's tiles do not fit). They
+    // compile without spills for sm_89 (Ada; sm_86 takes the same tiles) and sm_120 (Blackwell, the
+    // dv == d file); the host's tiles are checked in the unit tests and on the emulator
+    // (FLASHJVP_EMULATE=sm_89).
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for (arch, file) in [
+        ("sm_89", "attention_jvp.cu"),
+        ("sm_89", "attention_jvp_dv.cu"),
+        ("sm_120", "attention_jvp.cu"),
+    ] {
+        assert!(flashjvp::cuda::attention::small_shared_memory(arch));
+        let source = nvrtc::source_text_with(file, None).expect("embedded");
+        match nvrtc::compile_text(file, &source, arch) {
+            Ok(c) => {
+                assert!(!c.kernels.is_empty(), "{file} [{arch}]: no kernels");
+                for k in c.kernels.iter().filter(|k| k.spill_bytes > 0) {
+                    failures.push(format!(
+                        "{} [{arch}] spills {} bytes",
+                        k.kernel, k.spill_bytes
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{file} [{arch}]: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

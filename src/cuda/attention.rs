@@ -492,26 +492,68 @@ pub fn block_rows(dtype: DType) -> usize {
     }
 }
 
-/// Dynamic shared memory of an attention_jvp.cuh kernel for head dims d (q, k) and dv (v)
-/// (cuda/README.md's formulas).
-pub fn jvp_shared_bytes(variant: Variant, dtype: DType, d: usize, dv: usize) -> usize {
+/// Shared memory a block may take on the devices of [`small_shared_memory`]: 99 KiB.
+pub const SMALL_SHARED_BYTES: usize = 99 * 1024;
+
+/// Whether a block on a device of arch `arch` (NVRTC's name: `sm_89`, `sm_90a`, ...) may take
+/// only [`SMALL_SHARED_BYTES`] of shared memory: sm_86, sm_89 and sm_12x (GeForce and workstation
+/// Ampere, Ada and Blackwell: RTX 3090/4090/5090, A6000, L40S, L4), where the tensor-core JVP
+/// kernels take shorter key tiles ([`key_tile`]); sm_80, sm_87, sm_90 and sm_100 allow 163 KiB or
+/// more. The kernels decide the same from `__CUDA_ARCH__` (attention_jvp.cuh, SMALL SHARED MEMORY).
+pub fn small_shared_memory(arch: &str) -> bool {
+    let digits: String = arch
+        .trim_start_matches("sm_")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    match digits.parse::<u32>() {
+        Ok(86 | 89) => true,
+        Ok(n) => n >= 120,
+        Err(_) => false,
+    }
+}
+
+/// Dynamic shared memory of a tensor-core forward/JVP kernel over padded head dims `dp`, `dvp`
+/// with a key tile of `bc` keys.
+fn tc_shared_bytes(variant: Variant, dp: usize, dvp: usize, bc: usize) -> usize {
     let nq = if variant == Variant::Fwd { 1 } else { 2 };
+    // K and V tile pairs per stage: (K, V) or (K, V, Kdot, Vdot).
+    let pairs = if variant == Variant::Jvp { 2 } else { 1 };
+    2 * (nq * 64 * (dp + 8) + 2 * pairs * bc * (dp + 8 + dvp + 8))
+}
+
+/// Keys per tile of a tensor-core (bf16/f16) forward/JVP kernel, attention_jvp.cuh's `Cfg::BC`: 32
+/// at head dim 128 and for the constant-K/V JVP at dv 96 (register room for its centred tangent),
+/// else 64; on a device with `small` shared memory ([`small_shared_memory`]) halved until the tiles
+/// fit [`SMALL_SHARED_BYTES`] (the full JVP at d >= 72: 32 keys, 16 at d = dv = 128).
+pub fn key_tile(variant: Variant, d: usize, dv: usize, small: bool) -> usize {
+    let large = if d == 128 || dv == 128 || (variant == Variant::JvpNoKv && dv == 96) {
+        32
+    } else {
+        64
+    };
+    let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
+    let fits = |bc| tc_shared_bytes(variant, dp, dvp, bc) <= SMALL_SHARED_BYTES;
+    if !small || fits(large) {
+        large
+    } else if large == 64 && fits(32) {
+        32
+    } else {
+        16
+    }
+}
+
+/// Dynamic shared memory of an attention_jvp.cuh kernel for head dims d (q, k) and dv (v) on a
+/// device of arch `arch` (cuda/README.md's formulas; [`key_tile`]).
+pub fn jvp_shared_bytes(arch: &str, variant: Variant, dtype: DType, d: usize, dv: usize) -> usize {
     if dtype == DType::F32 {
+        let nq = if variant == Variant::Fwd { 1 } else { 2 };
         let nk = if variant == Variant::Jvp { 2 } else { 1 };
         let vs = 32 * dv.div_ceil(32);
         4 * (nq * 16 * d + nk * 32 * (d + 1) + nk * 32 * vs)
     } else {
-        // K and V tile pairs per stage: (K, V) or (K, V, Kdot, Vdot).
-        let pairs = if variant == Variant::Jvp { 2 } else { 1 };
-        let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
-        // Key tile: 32 at head dim 128, and for the constant-K/V JVP at dv 96 (register room for
-        // its centred tangent); else 64.
-        let bc = if d == 128 || dv == 128 || (variant == Variant::JvpNoKv && dv == 96) {
-            32
-        } else {
-            64
-        };
-        2 * (nq * 64 * (dp + 8) + 2 * pairs * bc * (dp + 8 + dvp + 8))
+        let bc = key_tile(variant, d, dv, small_shared_memory(arch));
+        tc_shared_bytes(variant, d.next_multiple_of(16), dv.next_multiple_of(16), bc)
     }
 }
 
@@ -583,7 +625,8 @@ pub struct JvpPtrs {
 }
 
 /// The launch of one attention_jvp.cu kernel over q, k, v and o in `layout` (tangents in their
-/// primal's layout, lse and tlse contiguous).
+/// primal's layout, lse and tlse contiguous), with the tiles of sm_80 and sm_90 (163 KiB or more of
+/// shared memory per block); [`plan_jvp_on`] fits them to a device's arch.
 pub fn plan_jvp(
     variant: Variant,
     dtype: DType,
@@ -592,7 +635,21 @@ pub fn plan_jvp(
     p: JvpPtrs,
     scale: f32,
 ) -> Result<Vec<Step>> {
-    plan_jvp_kernel(variant, dtype, dims, layout, p, scale, None)
+    plan_jvp_on("sm_80", variant, dtype, dims, layout, p, scale)
+}
+
+/// [`plan_jvp`] on a device of arch `arch`: on the archs of [`small_shared_memory`] the kernels
+/// take shorter key tiles ([`key_tile`]) and the launch asks for their shared memory.
+pub fn plan_jvp_on(
+    arch: &str,
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+) -> Result<Vec<Step>> {
+    plan_jvp_kernel(arch, variant, dtype, dims, layout, p, scale, None)
 }
 
 /// How the attention JVP rounds the operands of its value products (P V, (P⊙Ṡ) V, P V̇).
@@ -771,7 +828,8 @@ pub(crate) fn plan_with_value_copies(
 
 /// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) on the sm_80 kernels
 /// over q, k, v, o in `layout`: the f16 copies of V and V̇ into `workspace` (256-byte aligned,
-/// [`f16_values_workspace_bytes`] long), then `attention_jvp{,_nokv}_bf16_vf16_d{d}` reading them.
+/// [`f16_values_workspace_bytes`] long), then `attention_jvp{,_nokv}_bf16_vf16_d{d}` reading them
+/// (tiles as [`plan_jvp`]'s; [`plan_jvp_f16_values_on`] fits them to a device's arch).
 pub fn plan_jvp_f16_values(
     variant: Variant,
     dims: AttnDims,
@@ -780,17 +838,41 @@ pub fn plan_jvp_f16_values(
     scale: f32,
     workspace: u64,
 ) -> Result<Vec<Step>> {
+    plan_jvp_f16_values_on("sm_80", variant, dims, layout, p, scale, workspace)
+}
+
+/// [`plan_jvp_f16_values`] on a device of arch `arch` (as [`plan_jvp_on`]).
+pub fn plan_jvp_f16_values_on(
+    arch: &str,
+    variant: Variant,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    workspace: u64,
+) -> Result<Vec<Step>> {
     plan_with_value_copies(variant, dims, layout, p, workspace, |l, copies, amax| {
-        plan_jvp_kernel(variant, DType::BF16, dims, l, copies, scale, Some(amax))
+        plan_jvp_kernel(
+            arch,
+            variant,
+            DType::BF16,
+            dims,
+            l,
+            copies,
+            scale,
+            Some(amax),
+        )
     })
 }
 
 /// The kernel file of the sm_80 forward/JVP with dv == d (and of the f16 value copies).
 const JVP_FILE: &str = "attention_jvp.cu";
 
-/// [`plan_jvp`], or with `vamax` (the f16 copies' max bits) the f16-values kernel, whose v and tv
-/// are the contiguous f16 copies.
+/// [`plan_jvp_on`], or with `vamax` (the f16 copies' max bits) the f16-values kernel, whose v and
+/// tv are the contiguous f16 copies.
+#[allow(clippy::too_many_arguments)]
 fn plan_jvp_kernel(
+    arch: &str,
     variant: Variant,
     dtype: DType,
     dims: AttnDims,
@@ -888,7 +970,7 @@ fn plan_jvp_kernel(
         ),
         grid,
         (128, 1, 1),
-        jvp_shared_bytes(variant, dtype, dims.d, dims.dv),
+        jvp_shared_bytes(arch, variant, dtype, dims.d, dims.dv),
         args,
     )?)])
 }
@@ -1844,22 +1926,28 @@ mod tests {
             [70144, 69632],
         ];
         for (i, d) in HEAD_DIMS.into_iter().enumerate() {
-            assert_eq!(jvp_shared_bytes(Variant::Jvp, bf, d, d), want_jvp[i]);
             assert_eq!(
-                jvp_shared_bytes(Variant::JvpNoKv, DType::F16, d, d),
+                jvp_shared_bytes("sm_80", Variant::Jvp, bf, d, d),
+                want_jvp[i]
+            );
+            assert_eq!(
+                jvp_shared_bytes("sm_80", Variant::JvpNoKv, DType::F16, d, d),
                 want_nokv[i]
             );
-            assert_eq!(jvp_shared_bytes(Variant::Fwd, bf, d, d), want_fwd[i]);
             assert_eq!(
-                jvp_shared_bytes(Variant::Jvp, DType::F32, d, d),
+                jvp_shared_bytes("sm_80", Variant::Fwd, bf, d, d),
+                want_fwd[i]
+            );
+            assert_eq!(
+                jvp_shared_bytes("sm_80", Variant::Jvp, DType::F32, d, d),
                 want_f32[i]
             );
             assert_eq!(
-                jvp_shared_bytes(Variant::JvpNoKv, DType::F32, d, d),
+                jvp_shared_bytes("sm_80", Variant::JvpNoKv, DType::F32, d, d),
                 want_f32_nokv[i]
             );
             assert_eq!(
-                jvp_shared_bytes(Variant::Fwd, DType::F32, d, d),
+                jvp_shared_bytes("sm_80", Variant::Fwd, DType::F32, d, d),
                 want_f32_fwd[i]
             );
             assert_eq!(bwd_shared_bytes(DType::F32, d, d), [want_bwd[i]; 2]);
@@ -1875,12 +1963,12 @@ mod tests {
         ];
         for ((d, dv), jvp16, jvp32, bwd) in want_pairs {
             assert_eq!(
-                jvp_shared_bytes(Variant::Jvp, bf, d, dv),
+                jvp_shared_bytes("sm_80", Variant::Jvp, bf, d, dv),
                 jvp16,
                 "d{d} dv{dv}"
             );
             assert_eq!(
-                jvp_shared_bytes(Variant::Jvp, DType::F32, d, dv),
+                jvp_shared_bytes("sm_80", Variant::Jvp, DType::F32, d, dv),
                 jvp32,
                 "d{d} dv{dv}"
             );
@@ -1891,13 +1979,80 @@ mod tests {
             for dv in HEAD_DIMS {
                 for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
                     for dt in [bf, DType::F32] {
-                        assert!(jvp_shared_bytes(v, dt, d, dv) <= 163 * 1024);
+                        assert!(jvp_shared_bytes("sm_80", v, dt, d, dv) <= 163 * 1024);
                     }
                 }
                 for dt in [bf, DType::F32] {
                     assert!(bwd_shared_bytes(dt, d, dv).iter().all(|&b| b <= 163 * 1024));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn small_shared_memory_devices_get_shorter_key_tiles_that_fit() {
+        for (arch, small) in [
+            ("sm_80", false),
+            ("sm_86", true),
+            ("sm_87", false),
+            ("sm_89", true),
+            ("sm_90a", false),
+            ("sm_100", false),
+            ("sm_120", true),
+            ("sm_121", true),
+            ("bogus", false),
+        ] {
+            assert_eq!(small_shared_memory(arch), small, "{arch}");
+        }
+        // On a 99 KiB device every kernel fits: the full JVP at d >= 72 on 32 keys, at
+        // d = dv = 128 on 16; the rest (and every kernel of a large device) keep their tiles.
+        let bf = DType::BF16;
+        for d in HEAD_DIMS {
+            for dv in HEAD_DIMS {
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    let large = key_tile(v, d, dv, false);
+                    let small = key_tile(v, d, dv, true);
+                    let (big, fit) = (
+                        jvp_shared_bytes("sm_80", v, bf, d, dv),
+                        jvp_shared_bytes("sm_89", v, bf, d, dv),
+                    );
+                    assert!(fit <= SMALL_SHARED_BYTES, "{v:?} d{d} dv{dv}: {fit}");
+                    if big <= SMALL_SHARED_BYTES {
+                        assert_eq!((small, fit), (large, big), "{v:?} d{d} dv{dv}");
+                    } else {
+                        assert!(small < large, "{v:?} d{d} dv{dv}");
+                        // The longest tile that fits: twice as many keys would not.
+                        let (dp, dvp) = (d.next_multiple_of(16), dv.next_multiple_of(16));
+                        assert!(tc_shared_bytes(v, dp, dvp, 2 * small) > SMALL_SHARED_BYTES);
+                    }
+                    for dt in [DType::F16, DType::F32] {
+                        assert!(jvp_shared_bytes("sm_89", v, dt, d, dv) <= SMALL_SHARED_BYTES);
+                    }
+                }
+                for dt in [bf, DType::F32] {
+                    let b = bwd_shared_bytes(dt, d, dv);
+                    assert!(
+                        b.iter().all(|&b| b <= SMALL_SHARED_BYTES),
+                        "bwd d{d} dv{dv}"
+                    );
+                }
+            }
+        }
+        assert_eq!(key_tile(Variant::Jvp, 72, 72, true), 32);
+        assert_eq!(key_tile(Variant::Jvp, 96, 96, true), 32);
+        assert_eq!(key_tile(Variant::Jvp, 128, 128, true), 16);
+        assert_eq!(key_tile(Variant::Jvp, 64, 64, true), 64);
+        assert_eq!(jvp_shared_bytes("sm_89", Variant::Jvp, bf, 128, 128), 69632);
+        // The plan asks for what the kernel takes on that arch.
+        let dims = check_shapes(&[1, 2, 100, 96], &[1, 2, 70, 96], &[1, 2, 70, 96]).unwrap();
+        let c = Layout::contiguous(dims);
+        for (arch, want) in [("sm_80", 133120), ("sm_89", 79872)] {
+            let steps = plan_jvp_on(arch, Variant::Jvp, bf, dims, c, FAKE_PTRS, 0.1).unwrap();
+            let Step::Kernel(l) = &steps[0] else { panic!() };
+            assert_eq!(
+                (l.kernel(), l.shared_bytes()),
+                ("attention_jvp_bf16_d96", want)
+            );
         }
     }
 

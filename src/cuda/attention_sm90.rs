@@ -295,7 +295,7 @@ pub fn path_for(arch: &str, dtype: DType, dims: AttnDims) -> Path {
 }
 
 /// The plan of a forward/JVP over q, k, v, o in `layout` on a device of arch `arch`: the Hopper
-/// kernel where [`path_for`] says so, else attention_jvp.cu's ([`super::attention::plan_jvp`]).
+/// kernel where [`path_for`] says so, else attention_jvp.cu's ([`super::attention::plan_jvp_on`]).
 pub fn plan_for(
     arch: &str,
     variant: Variant,
@@ -307,7 +307,7 @@ pub fn plan_for(
 ) -> Result<Vec<Step>> {
     match path_for(arch, dtype, dims) {
         Path::Sm90a => plan(variant, dtype, dims, layout, p, scale),
-        Path::Sm80 => super::attention::plan_jvp(variant, dtype, dims, layout, p, scale),
+        Path::Sm80 => super::attention::plan_jvp_on(arch, variant, dtype, dims, layout, p, scale),
     }
 }
 
@@ -367,7 +367,7 @@ pub fn plan_f16_values(
 }
 
 /// [`plan_f16_values`] where [`path_for`] gives the Hopper path on `arch`, else the sm_80
-/// kernels' form ([`super::attention::plan_jvp_f16_values`]).
+/// kernels' form ([`super::attention::plan_jvp_f16_values_on`]).
 pub fn plan_f16_values_for(
     arch: &str,
     variant: Variant,
@@ -379,9 +379,9 @@ pub fn plan_f16_values_for(
 ) -> Result<Vec<Step>> {
     match path_for(arch, DType::BF16, dims) {
         Path::Sm90a => plan_f16_values(variant, dims, layout, p, scale, workspace),
-        Path::Sm80 => {
-            super::attention::plan_jvp_f16_values(variant, dims, layout, p, scale, workspace)
-        }
+        Path::Sm80 => super::attention::plan_jvp_f16_values_on(
+            arch, variant, dims, layout, p, scale, workspace,
+        ),
     }
 }
 

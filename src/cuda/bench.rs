@@ -694,7 +694,9 @@ fn bench_attention(
             .iter()
             .map(|x| match path {
                 Path::Sm90a => sm90::plan(variant, dtype, dims, layout, ptrs(x), scale),
-                Path::Sm80 => attn::plan_jvp(variant, dtype, dims, layout, ptrs(x), scale),
+                Path::Sm80 => {
+                    attn::plan_jvp_on(gpu.arch(), variant, dtype, dims, layout, ptrs(x), scale)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let t = time_plans(gpu, &plans, BUDGET_MS)?;
@@ -951,7 +953,7 @@ fn bench_mlp(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Resul
     let sets = sets_for(gpu, set_bytes);
     let mut inputs = Vec::new();
     for _ in 0..sets {
-        // x and its tangent stacked (one first-layer GEMM), and a cotangent.
+        // x and its tangent in one buffer (as the DiT block stacks them), and a cotangent.
         let x = pool.tensor(gpu, &[2 * t, c], dtype, 1.0)?;
         let gy = pool.tensor(gpu, &[t, c], dtype, 1.0)?;
         inputs.push((x, gy));

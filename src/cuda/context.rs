@@ -108,7 +108,7 @@ pub struct GpuInfo {
     pub name: String,
     /// NVRTC's architecture name for the device (sm_90a on Hopper).
     pub arch: String,
-    /// Compute capability (major, minor); (8, 0) or (9, 0) under the emulator, after its arch.
+    /// Compute capability (major, minor); (8, 0), (8, 9) or (9, 0) under the emulator, after its arch.
     pub capability: (u32, u32),
     /// Device memory in bytes (a nominal 8 GiB under the emulator).
     pub total_mem_bytes: usize,
@@ -398,9 +398,10 @@ impl Gpu {
         let max = self.inner.info.max_shared_per_block;
         if shared_bytes as usize > max {
             return Err(Error::Unsupported(format!(
-                "kernel {name} needs {shared_bytes} bytes of shared memory per block; {} allows {max} \
-                 (A100 and H100/H200 have enough, sm_86/sm_89 cards do not)",
-                self.inner.info.name
+                "kernel {name} needs {shared_bytes} bytes of shared memory per block; {} ({}) allows \
+                 {max} (a plan made for another device?)",
+                self.inner.info.name,
+                self.inner.info.arch
             )));
         }
         let cuda = self.cuda()?;
@@ -703,7 +704,8 @@ fn keep_freed_memory(ctx: &CudaContext) {
 
 /// The CPU emulator as the process's "GPU", with the shared memory an H100 allows per block: it
 /// claims sm_80 (the sm_80 kernels run), or sm_90a with `FLASHJVP_EMULATE=sm_90a` (the Hopper
-/// attention kernels run where they apply).
+/// attention kernels run where they apply), or sm_89 with `FLASHJVP_EMULATE=sm_89` and the 99 KiB
+/// an RTX 4090 or L40S allows (the sm_80 kernels with their shorter key tiles there).
 fn init_emulated() -> std::result::Result<Gpu, Error> {
     let emu = Emulator::get()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -711,11 +713,19 @@ fn init_emulated() -> std::result::Result<Gpu, Error> {
     let info = GpuInfo {
         name: "flashjvp kernel emulator (CPU)".into(),
         arch: arch.into(),
-        capability: if arch == "sm_90a" { (9, 0) } else { (8, 0) },
+        capability: match arch {
+            "sm_90a" => (9, 0),
+            "sm_89" => (8, 9),
+            _ => (8, 0),
+        },
         total_mem_bytes: 8 << 30,
         multiprocessors: cpus as u32,
         l2_bytes: 0,
-        max_shared_per_block: 232448,
+        max_shared_per_block: if super::attention::small_shared_memory(arch) {
+            super::attention::SMALL_SHARED_BYTES
+        } else {
+            232448
+        },
     };
     Ok(Gpu {
         inner: Arc::new(Inner {

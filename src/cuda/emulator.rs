@@ -70,10 +70,13 @@ pub fn requested() -> bool {
 }
 
 /// The architecture the emulated device claims: `FLASHJVP_EMULATE=sm_90a` for the Hopper path
-/// (its kernels then run under the emulator), anything else sm_80.
+/// (its kernels then run under the emulator), `sm_89` for a device with 99 KiB of shared memory
+/// per block (an RTX 4090's or L40S's: the sm_80 kernels built with `FJ_SMEM_SMALL`, their shorter
+/// key tiles), anything else sm_80.
 pub fn arch() -> &'static str {
     match std::env::var("FLASHJVP_EMULATE").as_deref() {
         Ok("sm_90a") => "sm_90a",
+        Ok("sm_89") => "sm_89",
         _ => "sm_80",
     }
 }
@@ -312,10 +315,14 @@ fn build() -> Result<PathBuf> {
         )));
     }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    // The compile flags are part of the build's identity: FJ_EMU_CXXFLAGS, and the Hopper kernels'
+    // The compile flags are part of the build's identity: FJ_EMU_CXXFLAGS, the Hopper kernels'
     // schedule (FLASHJVP_SM90_SCHEDULE=split: -DFJ_SM90_SPLIT_WAIT, as NVRTC gets it) and key tiles
-    // (FLASHJVP_SM90_KEYS=64: -DFJ_SM90_KEYS64=1).
+    // (FLASHJVP_SM90_KEYS=64: -DFJ_SM90_KEYS64=1), and the small shared memory of an emulated sm_89
+    // (-DFJ_SMEM_SMALL=1, what NVRTC derives from __CUDA_ARCH__ there).
     let mut flags = std::env::var("FJ_EMU_CXXFLAGS").unwrap_or_default();
+    if super::attention::small_shared_memory(arch()) {
+        flags.push_str(" -DFJ_SMEM_SMALL=1");
+    }
     if super::nvrtc::sm90_split_wait()? {
         flags.push_str(" -DFJ_SM90_SPLIT_WAIT=1");
     }

@@ -720,8 +720,9 @@ pub fn plan_block_forward_with(
         },
         EPS,
     )?);
-    // h2 and its tangent are stacked, so the first MLP layer is one GEMM over 2T rows; `pre`
-    // ([2T, Hd]) keeps the pre-activation (bias added) for the backward, `g` the activation.
+    // The first MLP layer as two GEMMs, primal then tangent: the primal's epilogue saves the
+    // pre-activation (bias added) in rows 0..T of `pre` ([2T, Hd]), where the tangent's DGELU reads it
+    // and the backward finds it; the hidden tangent goes to rows T..2T, the activation to `g`.
     let pp = ParamPtrs {
         w1: p.fc1_w,
         b1: p.fc1_b,
