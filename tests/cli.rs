@@ -731,6 +731,10 @@ fn info_reports_version_threads_and_cuda_libraries() {
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
+    // With a GPU (or the emulator), which attention kernels it takes.
+    if out.contains("GPU arch: ") {
+        assert!(out.contains("attention kernels: "), "{out}");
+    }
     assert!(o.stderr.is_empty());
 }
 

@@ -237,6 +237,21 @@ fn info() {
     };
     println!("CUDA driver: {}", found(probe.driver, CUDA_DRIVER_NAMES));
     println!("NVRTC: {}", found(probe.nvrtc, NVRTC_NAMES));
+    /// Which attention kernels a device of arch `arch` takes, in words.
+    #[cfg(feature = "cuda")]
+    fn attention_kernels(arch: &str) -> String {
+        use flashjvp::cuda::attention::small_shared_memory;
+        if arch == "sm_90a" {
+            "Hopper (wgmma, TMA) for bf16/f16 at head dims 64/72/96/128 with dv == d (unless \
+         FLASHJVP_ATTENTION_PATH=sm80), sm_80 ones elsewhere"
+                .into()
+        } else if small_shared_memory(arch) {
+            "sm_80 (mma.sync), on shorter key tiles (99 KiB of shared memory per block)".into()
+        } else {
+            "sm_80 (mma.sync)".into()
+        }
+    }
+
     #[cfg(feature = "cuda")]
     {
         println!("cuda feature: compiled in (NVRTC kernel compilation, cuBLASLt)");
@@ -249,6 +264,7 @@ fn info() {
                     "GPU memory: {:.1} GiB",
                     i.total_mem_bytes as f64 / (1u64 << 30) as f64
                 );
+                println!("attention kernels: {}", attention_kernels(&i.arch));
             }
             Err(e) => println!("GPU: none usable ({})", one_line(&e.to_string())),
         }
