@@ -50,7 +50,8 @@
 //!     let gpu = Gpu::get()?;
 //!     let dims = attn::check_shapes(&shape, &shape, &shape)?;
 //!     let scale = 1.0 / (shape[3] as f32).sqrt();
-//!     // The sm_90a kernels on Hopper where they apply, the sm_80 ones elsewhere.
+//!     // The sm_90a kernels on Hopper where they apply, the sm_80 ones elsewhere (on the shorter
+//!     // key tiles of a 99 KiB device there): the plan is made for this device's arch.
 //!     let plan = attention_sm90::plan_for(
 //!         gpu.arch(),
 //!         attn::Variant::Jvp,
