@@ -961,19 +961,22 @@ fn plan_jvp_kernel(
     } else {
         "attention_jvp_dv.cu"
     };
-    Ok(vec![Step::Kernel(Launch::new(
-        OP,
-        file,
-        format!(
-            "{}_{dt}{values}{}",
-            variant.prefix(),
-            head_suffix(dims.d, dims.dv)
-        ),
-        grid,
-        (128, 1, 1),
-        jvp_shared_bytes(arch, variant, dtype, dims.d, dims.dv),
-        args,
-    )?)])
+    Ok(vec![Step::Kernel(
+        Launch::new(
+            OP,
+            file,
+            format!(
+                "{}_{dt}{values}{}",
+                variant.prefix(),
+                head_suffix(dims.d, dims.dv)
+            ),
+            grid,
+            (128, 1, 1),
+            jvp_shared_bytes(arch, variant, dtype, dims.d, dims.dv),
+            args,
+        )?
+        .planned_for_small_shared(small_shared_memory(arch)),
+    )])
 }
 
 /// Pointers of the backward. `delta` is an f32 \[B,H,Nq\] scratch buffer.
@@ -2044,17 +2047,30 @@ mod tests {
         assert_eq!(key_tile(Variant::Jvp, 128, 128, true), 16);
         assert_eq!(key_tile(Variant::Jvp, 64, 64, true), 64);
         assert_eq!(jvp_shared_bytes("sm_89", Variant::Jvp, bf, 128, 128), 69632);
-        // The plan asks for what the kernel takes on that arch.
+        // The plan asks for what the kernel takes on that arch, and is refused on the other kind
+        // of device (whose build of the kernel takes other tiles).
         let dims = check_shapes(&[1, 2, 100, 96], &[1, 2, 70, 96], &[1, 2, 70, 96]).unwrap();
         let c = Layout::contiguous(dims);
-        for (arch, want) in [("sm_80", 133120), ("sm_89", 79872)] {
+        for (arch, want, other) in [("sm_80", 133120, "sm_89"), ("sm_89", 79872, "sm_80")] {
             let steps = plan_jvp_on(arch, Variant::Jvp, bf, dims, c, FAKE_PTRS, 0.1).unwrap();
             let Step::Kernel(l) = &steps[0] else { panic!() };
             assert_eq!(
                 (l.kernel(), l.shared_bytes()),
                 ("attention_jvp_bf16_d96", want)
             );
+            l.check_arch(arch).unwrap();
+            let e = l.check_arch(other).unwrap_err().to_string();
+            assert!(
+                e.contains("attention_jvp_bf16_d96") && e.contains(other),
+                "{e}"
+            );
         }
+        let steps = plan_jvp(Variant::Fwd, bf, dims, c, FAKE_PTRS, 0.1).unwrap();
+        let Step::Kernel(l) = &steps[0] else { panic!() };
+        for arch in ["sm_80", "sm_87", "sm_90a", "sm_100"] {
+            l.check_arch(arch).unwrap();
+        }
+        assert!(l.check_arch("sm_120").is_err());
     }
 
     #[test]

@@ -440,8 +440,15 @@ impl Gpu {
     /// Queues the steps of a plan, in order, on the stream (asynchronously: errors inside kernels
     /// surface at the next synchronisation). With `FLASHJVP_SYNC_STEPS=1` every step is waited
     /// for and a fault is reported by the step that caused it, naming its kernel (diagnosis: a
-    /// fault otherwise surfaces at a later download, under that copy's name).
+    /// fault otherwise surfaces at a later download, under that copy's name). A plan whose
+    /// attention tiles were made for another kind of device (`attention::plan_jvp_on` with another
+    /// arch's shared memory) is refused before any step runs.
     pub fn run(&self, steps: &[Step]) -> Result<()> {
+        for step in steps {
+            if let Step::Kernel(l) = step {
+                l.check_arch(self.arch())?;
+            }
+        }
         let cuda = match &self.inner.backend {
             Backend::Cuda(c) => c,
             Backend::Emulated(e) => return e.run(steps),

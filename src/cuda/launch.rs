@@ -65,6 +65,11 @@ pub struct Launch {
     pub(crate) block: (u32, u32, u32),
     pub(crate) shared_bytes: u32,
     pub(crate) args: Vec<Arg>,
+    /// For a kernel whose tiles depend on the device's shared memory (the sm_80 attention
+    /// forward/JVP): whether they were planned for a 99 KiB device
+    /// ([`super::attention::small_shared_memory`]); [`super::Gpu::run`] refuses the launch on the
+    /// other kind, whose build of the kernel would take other tiles. `None`: any device.
+    pub(crate) small_shared: Option<bool>,
 }
 
 /// The largest grid the hardware takes (x, y, z).
@@ -132,7 +137,32 @@ impl Launch {
             block,
             shared_bytes,
             args,
+            small_shared: None,
         })
+    }
+
+    /// This launch, marked as planned for a device with (`true`) or without 99 KiB of shared
+    /// memory per block (see the field).
+    pub(crate) fn planned_for_small_shared(mut self, small: bool) -> Launch {
+        self.small_shared = Some(small);
+        self
+    }
+
+    /// Errors when the launch was planned for the other kind of device than one of arch `arch`.
+    pub(crate) fn check_arch(&self, arch: &str) -> Result<()> {
+        match self.small_shared {
+            Some(small) if small != super::attention::small_shared_memory(arch) => {
+                Err(Error::Unsupported(format!(
+                    "kernel {} was planned for a device {} 99 KiB of shared memory per block, \
+                     and this one ({arch}) has {}: make the plan with this device's arch \
+                     (attention_sm90::plan_for, attention::plan_jvp_on)",
+                    self.kernel,
+                    if small { "with" } else { "with more than" },
+                    if small { "more" } else { "99 KiB" }
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
