@@ -58,7 +58,7 @@ fn all_plans() -> Vec<Step> {
             for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
                 s.extend(attn::plan_jvp(v, dtype, dims, lay, jp, 0.125).unwrap());
                 // The sm_80 kernels with f16 value products: bf16 JVPs with dv == d only.
-                let f16_values = attn::plan_jvp_f16_values(v, dims, lay, jp, 0.125, p(11));
+                let f16_values = attn::plan_jvp_f16_values("sm_80", v, dims, lay, jp, 0.125, p(11));
                 if attn::ValueProducts::F16.applies(v, dtype, dims) {
                     s.extend(f16_values.unwrap());
                 } else if dtype == DType::BF16 {

@@ -828,22 +828,10 @@ pub(crate) fn plan_with_value_copies(
 }
 
 /// The plan of a bf16 JVP with f16 value products ([`ValueProducts::F16`]) on the sm_80 kernels
-/// over q, k, v, o in `layout`: the f16 copies of V and V̇ into `workspace` (256-byte aligned,
-/// [`f16_values_workspace_bytes`] long), then `attention_jvp{,_nokv}_bf16_vf16_d{d}` reading them
-/// (tiles as [`plan_jvp`]'s; [`plan_jvp_f16_values_on`] fits them to a device's arch).
+/// over q, k, v, o in `layout` on a device of arch `arch` (its tiles as [`plan_jvp_on`]'s): the f16
+/// copies of V and V̇ into `workspace` (256-byte aligned, [`f16_values_workspace_bytes`] long), then
+/// `attention_jvp{,_nokv}_bf16_vf16_d{d}` reading them.
 pub fn plan_jvp_f16_values(
-    variant: Variant,
-    dims: AttnDims,
-    layout: Layout,
-    p: JvpPtrs,
-    scale: f32,
-    workspace: u64,
-) -> Result<Vec<Step>> {
-    plan_jvp_f16_values_on("sm_80", variant, dims, layout, p, scale, workspace)
-}
-
-/// [`plan_jvp_f16_values`] on a device of arch `arch` (as [`plan_jvp_on`]).
-pub fn plan_jvp_f16_values_on(
     arch: &str,
     variant: Variant,
     dims: AttnDims,

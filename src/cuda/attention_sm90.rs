@@ -367,7 +367,7 @@ pub fn plan_f16_values(
 }
 
 /// [`plan_f16_values`] where [`path_for`] gives the Hopper path on `arch`, else the sm_80
-/// kernels' form ([`super::attention::plan_jvp_f16_values_on`]).
+/// kernels' form ([`super::attention::plan_jvp_f16_values`]).
 pub fn plan_f16_values_for(
     arch: &str,
     variant: Variant,
@@ -379,9 +379,9 @@ pub fn plan_f16_values_for(
 ) -> Result<Vec<Step>> {
     match path_for(arch, DType::BF16, dims) {
         Path::Sm90a => plan_f16_values(variant, dims, layout, p, scale, workspace),
-        Path::Sm80 => super::attention::plan_jvp_f16_values_on(
-            arch, variant, dims, layout, p, scale, workspace,
-        ),
+        Path::Sm80 => {
+            super::attention::plan_jvp_f16_values(arch, variant, dims, layout, p, scale, workspace)
+        }
     }
 }
 
