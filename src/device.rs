@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 pub enum Device {
     /// The CPU reference ops (f32/f64).
     Cpu,
-    /// The CUDA backend on GPU 0 (bf16/f16/f32).
+    /// The CUDA backend on the process's GPU (bf16/f16/f32): device 0, or the one `FLASHJVP_DEVICE`
+    /// names.
     Cuda,
 }
 

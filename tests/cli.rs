@@ -738,6 +738,50 @@ fn info_reports_version_threads_and_cuda_libraries() {
     assert!(o.stderr.is_empty());
 }
 
+/// FLASHJVP_DEVICE picks the process's GPU: a value that is no ordinal, or (under the emulator, one
+/// device) an ordinal past the last device, leaves no usable GPU, said in one line by `info` and as
+/// the error of `--device cuda`, never a panic.
+#[test]
+fn the_device_variable_is_checked() {
+    let with = |value: &str, args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("FLASHJVP_DEVICE", value)
+            .output()
+            .unwrap()
+    };
+    let o = with("gpu1", &["info"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("GPU: none usable (FLASHJVP_DEVICE=`gpu1`"),
+        "{out}"
+    );
+
+    let dir = TempDir::new("device_var");
+    let (inp, outp) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    let x = randn(&[4, 8], 61);
+    save(&inp, &[("x", &x), ("tx", &x)]);
+    let args = [
+        "jvp",
+        "layernorm_mod",
+        "-i",
+        inp.to_str().unwrap(),
+        "-o",
+        outp.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ];
+    assert_error(&with("gpu1", &args), 1, &["FLASHJVP_DEVICE=`gpu1`"]);
+    if std::env::var("FLASHJVP_EMULATE").is_ok_and(|v| !v.is_empty() && v != "0") {
+        assert_error(&with("1", &args), 1, &["emulator", "device 1"]);
+        let o = with("0", &["info"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("GPU: device 0 of 1: "), "{out}");
+    }
+    assert!(!outp.exists());
+}
+
 #[test]
 fn help_documents_the_tensor_contract() {
     let o = run(&["jvp", "--help"]);

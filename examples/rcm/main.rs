@@ -39,7 +39,7 @@ struct Args {
     /// Comma-separated distillation methods: rcm, scm, dmd.
     #[arg(long, default_value = "rcm")]
     methods: String,
-    /// auto | cpu | cuda.
+    /// auto | cpu | cuda (the GPU: device 0, or the ordinal in FLASHJVP_DEVICE).
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value_t = 0)]

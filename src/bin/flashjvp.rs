@@ -96,7 +96,8 @@ struct OpArgs {
     /// safetensors file to write the outputs to (replaced atomically)
     #[arg(long, short)]
     output: PathBuf,
-    /// Where to compute: auto picks the GPU when one is usable, else the CPU
+    /// Where to compute: auto picks the GPU when one is usable, else the CPU (the GPU: device 0, or the
+    /// ordinal in FLASHJVP_DEVICE)
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Computation and output dtype [default: the dtype of the op's first input; bf16 and f16

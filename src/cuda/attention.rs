@@ -36,7 +36,8 @@
 //!
 //! On memory another library owns (a framework's tensors, by device address): a plan is a list of
 //! launches built from addresses and sizes, checked like the tensor entry points, and
-//! [`Gpu::run`] queues it on the legacy default stream of device 0's primary context, which is
+//! [`Gpu::run`] queues it on the legacy default stream of the process's device's primary context
+//! (device 0, or the one `FLASHJVP_DEVICE` or [`Gpu::select`] names), which is
 //! ordered with the other blocking streams of the process (PyTorch's default stream among them);
 //! work on a non-blocking stream of your own needs a synchronisation on each side.
 //!

@@ -1,6 +1,12 @@
-//! The process-wide GPU handle: device 0, its default stream, the compiled kernel modules and the
-//! cuBLASLt state, created once on first use. Absence of a driver, NVRTC or a device, and every
-//! driver failure, is an `Error` value, never a panic.
+//! The process-wide GPU handle: one device (ordinal 0 unless [`DEVICE_VAR`] or [`Gpu::select`] names
+//! another), its default stream, the compiled kernel modules and the cuBLASLt state, created once on
+//! first use. Absence of a driver, NVRTC or a device, and every driver failure, is an `Error` value,
+//! never a panic.
+//!
+//! One device per process, as data-parallel training runs one process per GPU: a process launched for
+//! GPU 3 (torchrun's `LOCAL_RANK=3`, say, with every GPU visible) sets `FLASHJVP_DEVICE=3`, or calls
+//! `Gpu::select(3)` before any other GPU use, and flashjvp then works on device 3's primary context,
+//! the one PyTorch's `torch.cuda.set_device(3)` uses, so device memory passes between the two.
 //!
 //! Only the default stream is used, so cudarc's per-allocation event tracking is switched off:
 //! work is ordered by the stream, and allocations are freed stream-ordered.
@@ -26,7 +32,8 @@ use super::sources::SOURCES;
 use super::{driver_present, nvrtc, nvrtc_present};
 use crate::error::{Error, Result};
 
-/// A cheap, clonable handle on the process's GPU (device 0).
+/// A cheap, clonable handle on the process's GPU (device 0, or the one [`DEVICE_VAR`] or
+/// [`Gpu::select`] names).
 #[derive(Clone)]
 pub struct Gpu {
     inner: Arc<Inner>,
@@ -104,6 +111,11 @@ impl Drop for DeviceBuf {
 /// What `flashjvp info` reports about the GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
+    /// The device's ordinal as the driver counts them (after `CUDA_VISIBLE_DEVICES`); 0 under the
+    /// emulator.
+    pub ordinal: usize,
+    /// How many CUDA devices the driver sees (1 under the emulator).
+    pub device_count: usize,
     /// The driver's device name ("flashjvp kernel emulator (CPU)" under the emulator).
     pub name: String,
     /// NVRTC's architecture name for the device (sm_90a on Hopper).
@@ -124,7 +136,9 @@ impl std::fmt::Display for GpuInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({}, compute capability {}.{}, {:.1} GiB, {} SMs, {} MiB L2, {} KiB shared memory per block)",
+            "device {} of {}: {} ({}, compute capability {}.{}, {:.1} GiB, {} SMs, {} MiB L2, {} KiB shared memory per block)",
+            self.ordinal,
+            self.device_count,
             self.name,
             self.arch,
             self.capability.0,
@@ -146,6 +160,23 @@ pub(crate) fn cuda_err(
 
 static GPU: OnceLock<std::result::Result<Gpu, Error>> = OnceLock::new();
 
+/// The environment variable naming the process's CUDA device by ordinal (`FLASHJVP_DEVICE=3`; unset
+/// or empty: 0). Read once, when the process's [`Gpu`] is created.
+pub const DEVICE_VAR: &str = "FLASHJVP_DEVICE";
+
+/// The device ordinal a value of [`DEVICE_VAR`] names: unset or empty means 0; anything but a
+/// non-negative integer is an error naming the variable and the value.
+pub fn device_ordinal(value: Option<&str>) -> Result<usize> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            Error::Unsupported(format!(
+                "{DEVICE_VAR}=`{v}`: expected a CUDA device ordinal (0, 1, ...)"
+            ))
+        }),
+    }
+}
+
 static POISON_OUTPUTS: AtomicBool = AtomicBool::new(true);
 
 /// Sets whether the device-level entry points fill the outputs they allocate with NaN before the
@@ -161,17 +192,42 @@ pub fn poison_outputs() -> bool {
 }
 
 impl Gpu {
-    /// The process's GPU, created on first use. Errors (kept for the whole process): "no CUDA
-    /// driver found", "NVRTC not found", no device, or a driver failure.
+    /// The process's GPU, created on first use on the device [`DEVICE_VAR`] names (0 when it is
+    /// unset). Errors (kept for the whole process): "no CUDA driver found", "NVRTC not found", no
+    /// such device, or a driver failure.
     ///
     /// With `FLASHJVP_EMULATE=1` in the environment this is the CPU emulator of the kernels
     /// ([`super::emulator`]) instead, whether or not a GPU is there.
     pub fn get() -> Result<Gpu> {
+        Self::process_gpu(None)
+    }
+
+    /// The process's GPU on device `ordinal`, created now if no GPU use came first (what
+    /// [`DEVICE_VAR`] would have said is then not read). Once the process's GPU exists on
+    /// another device this is an error: flashjvp drives one device per process, so call it before
+    /// anything else touches the GPU (uploads, ops, [`Gpu::get`]).
+    pub fn select(ordinal: usize) -> Result<Gpu> {
+        let gpu = Self::process_gpu(Some(ordinal))?;
+        match gpu.info().ordinal {
+            o if o == ordinal => Ok(gpu),
+            o => Err(Error::Unsupported(format!(
+                "Gpu::select({ordinal}): this process's GPU is already device {o} (flashjvp drives \
+                 one device per process; select the device before any other GPU use, or set \
+                 {DEVICE_VAR}={ordinal})"
+            ))),
+        }
+    }
+
+    fn process_gpu(ordinal: Option<usize>) -> Result<Gpu> {
         match GPU.get_or_init(|| {
+            let ordinal = match ordinal {
+                Some(o) => o,
+                None => device_ordinal(std::env::var(DEVICE_VAR).ok().as_deref())?,
+            };
             if super::emulator::requested() {
-                init_emulated()
+                init_emulated(ordinal)
             } else {
-                init()
+                init(ordinal)
             }
         }) {
             Ok(g) => Ok(g.clone()),
@@ -606,7 +662,7 @@ fn clone_error(e: &Error) -> Error {
     }
 }
 
-fn init() -> std::result::Result<Gpu, Error> {
+fn init(ordinal: usize) -> std::result::Result<Gpu, Error> {
     if !driver_present() {
         return Err(Error::Unsupported(
             "no CUDA driver found (libcuda.so could not be loaded)".into(),
@@ -619,16 +675,25 @@ fn init() -> std::result::Result<Gpu, Error> {
         ));
     }
     // cudarc panics on a symbol an old driver lacks; keep that an error too.
-    std::panic::catch_unwind(init_device)
+    std::panic::catch_unwind(|| init_device(ordinal))
         .unwrap_or_else(|_| Err(Error::Cuda("the CUDA driver library is unusable".into())))
 }
 
-fn init_device() -> std::result::Result<Gpu, Error> {
+fn init_device(ordinal: usize) -> std::result::Result<Gpu, Error> {
     let count = CudaContext::device_count().map_err(cuda_err("no usable CUDA device"))?;
     if count < 1 {
         return Err(Error::Cuda("no CUDA device found".into()));
     }
-    let ctx = CudaContext::new(0).map_err(cuda_err("creating a context on CUDA device 0"))?;
+    if ordinal >= count as usize {
+        return Err(Error::Cuda(format!(
+            "CUDA device {ordinal} asked for ({DEVICE_VAR} or Gpu::select), but the driver sees \
+             {count} (ordinals 0 to {}; CUDA_VISIBLE_DEVICES renumbers them)",
+            count - 1
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(cuda_err(format!(
+        "creating a context on CUDA device {ordinal}"
+    )))?;
     // SAFETY: only the default stream is ever used, so no cross-stream synchronisation is needed.
     unsafe { ctx.disable_event_tracking() };
     keep_freed_memory(&ctx);
@@ -642,10 +707,12 @@ fn init_device() -> std::result::Result<Gpu, Error> {
         .map_err(cuda_err("reading the compute capability"))?;
     if major < 8 {
         return Err(Error::Unsupported(format!(
-            "CUDA device 0 has compute capability {major}.{minor}; the kernels need 8.0 or newer"
+            "CUDA device {ordinal} has compute capability {major}.{minor}; the kernels need 8.0 or newer"
         )));
     }
     let info = GpuInfo {
+        ordinal,
+        device_count: count as usize,
         name: ctx.name().map_err(cuda_err("reading the device name"))?,
         arch: nvrtc::arch_for_capability(major as u32, minor as u32),
         capability: (major as u32, minor as u32),
@@ -713,11 +780,19 @@ fn keep_freed_memory(ctx: &CudaContext) {
 /// claims sm_80 (the sm_80 kernels run), or sm_90a with `FLASHJVP_EMULATE=sm_90a` (the Hopper
 /// attention kernels run where they apply), or sm_89 with `FLASHJVP_EMULATE=sm_89` and the 99 KiB
 /// an RTX 4090 or L40S allows (the sm_80 kernels with their shorter key tiles there).
-fn init_emulated() -> std::result::Result<Gpu, Error> {
+fn init_emulated(ordinal: usize) -> std::result::Result<Gpu, Error> {
+    if ordinal != 0 {
+        return Err(Error::Unsupported(format!(
+            "the kernel emulator (FLASHJVP_EMULATE) is one device, ordinal 0; device {ordinal} was \
+             asked for ({DEVICE_VAR} or Gpu::select)"
+        )));
+    }
     let emu = Emulator::get()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let arch = super::emulator::arch();
     let info = GpuInfo {
+        ordinal: 0,
+        device_count: 1,
         name: "flashjvp kernel emulator (CPU)".into(),
         arch: arch.into(),
         capability: match arch {
@@ -876,5 +951,32 @@ mod tests {
             }
         }
         let _ = gpu_available();
+    }
+
+    #[test]
+    fn the_device_variable_takes_an_ordinal_or_nothing() {
+        assert_eq!(device_ordinal(None).unwrap(), 0);
+        assert_eq!(device_ordinal(Some("")).unwrap(), 0);
+        assert_eq!(device_ordinal(Some("3")).unwrap(), 3);
+        assert_eq!(device_ordinal(Some(" 1 ")).unwrap(), 1);
+        for bad in ["-1", "cuda:1", "one", "1.5"] {
+            let m = device_ordinal(Some(bad)).unwrap_err().to_string();
+            assert!(m.contains(DEVICE_VAR) && m.contains(bad), "{m}");
+        }
+    }
+
+    #[test]
+    fn select_keeps_the_process_on_one_device() {
+        // Only once the process's GPU exists: a select that created it on a device that is not
+        // there would leave every other test of this binary without a GPU.
+        let Ok(g) = Gpu::get() else { return };
+        let o = g.info().ordinal;
+        assert!(o < g.info().device_count, "{}", g.info());
+        assert_eq!(Gpu::select(o).unwrap().info().ordinal, o);
+        let m = Gpu::select(o + 1)
+            .err()
+            .expect("another device")
+            .to_string();
+        assert!(m.contains(&format!("already device {o}")), "{m}");
     }
 }

@@ -6,7 +6,8 @@
 //! first and turns absence into an `Error`.
 //!
 //! Layers, bottom up:
-//! - [`context`]: the process-wide [`Gpu`] (device 0, its stream, compiled modules, cuBLASLt) and
+//! - [`context`]: the process-wide [`Gpu`] (device 0 or the one `FLASHJVP_DEVICE` names, its stream,
+//!   compiled modules, cuBLASLt) and
 //!   the executor of launch plans.
 //! - [`launch`]: a launch plan is a list of [`launch::Step`]s (kernel launches with typed
 //!   arguments, GEMMs, memsets) built by pure functions from device pointers and sizes, so that
@@ -33,7 +34,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod tensor;
 
-pub use context::{gpu_available, nvrtc_or_skip, require_gpu_or_skip, Gpu, GpuInfo};
+pub use context::{gpu_available, nvrtc_or_skip, require_gpu_or_skip, Gpu, GpuInfo, DEVICE_VAR};
 pub use tensor::DeviceTensor;
 
 /// The kernel sources and headers under cuda/, embedded by build.rs.
