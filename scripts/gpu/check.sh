@@ -119,6 +119,9 @@ step() { # name, timeout seconds, log file, command...
 . scripts/gpu/libs.sh
 [ -n "$extra" ] && echo "LD_LIBRARY_PATH += $extra (pip's CUDA libraries, after the system's)" >>"$SUMMARY"
 "$G/bin/flashjvp" info >>"$SUMMARY" 2>&1
+# FLASHJVP_DEVICE one past the last device: `info` must say "none usable" with the driver's count.
+ndev=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+echo "FLASHJVP_DEVICE=$ndev (past the last device): $(FLASHJVP_DEVICE=$ndev "$G/bin/flashjvp" info 2>&1 | grep '^GPU: ')" >>"$SUMMARY"
 step kernels 120 "$SUMMARY" "$G/bin/flashjvp" kernels
 
 # ---- 2. the GPU tests, one binary per step (GPU required); the Hopper attention path first
