@@ -1805,6 +1805,80 @@ gpu_test!(mlp_jvp_unstacked_tangent, |dtype| {
     );
 });
 
+// A plan queued on a stream another library owns (`Gpu::run_on_stream`) comes after flashjvp's
+// earlier work and before its later work. On a GPU the stream is a non-blocking one (no implicit
+// order with flashjvp's stream), the input x only becomes valid by a copy queued on flashjvp's stream
+// behind a busy kernel of some milliseconds, and the outputs are downloaded on flashjvp's stream:
+// without the wait before, the products read NaN; without the wait after, the download does. The
+// MLP's JVP takes cuBLASLt products (their workspace) and, where an epilogue has no algorithm, the
+// elementwise kernels, all on that stream.
+gpu_test!(mlp_jvp_on_a_stream_of_another_library, |dtype| {
+    use cuda::launch::Step;
+    use cuda::mlp::{MlpDims, ParamPtrs};
+    let gpu = cuda::Gpu::get().unwrap();
+    let (t, c, hd) = (40, 64, 192);
+    let mut r = rng(1150);
+    let m = MlpCase::new(&mut r, c, hd, dtype);
+    let x = rdd(&dual(&mut r, &[t, c], true), dtype);
+    let up = |t: &Tensor| gpu.upload(t, dtype).unwrap();
+    let (w1, b1, w2, b2) = (up(&m.w1), up(&m.b1), up(&m.w2), up(&m.b2));
+    let (x_src, txd) = (up(&x.primal), up(x.tangent.as_ref().unwrap()));
+    let nan = |shape: &[usize]| gpu.poisoned(shape, dtype).unwrap();
+    let (xd, h2, g, y, ty) = (
+        nan(&[t, c]),
+        nan(&[2 * t, hd]),
+        nan(&[t, hd]),
+        nan(&[t, c]),
+        nan(&[t, c]),
+    );
+    let sink = gpu.poisoned(&[1], DType::F32).unwrap();
+    let iters = if gpu.is_emulated() { 1000 } else { 2_000_000 };
+    let mut before = cuda::bench::plan_busy(iters, sink.ptr()).unwrap();
+    before.push(Step::Copy {
+        src: x_src.ptr(),
+        dst: xd.ptr(),
+        bytes: t * c * dtype.size_in_bytes(),
+    });
+    gpu.run(&before).unwrap();
+    let plan = cuda::mlp::plan_jvp(
+        dtype,
+        MlpDims { t, c, hd },
+        xd.ptr(),
+        txd.ptr(),
+        ParamPtrs {
+            w1: w1.ptr(),
+            b1: b1.ptr(),
+            w2: w2.ptr(),
+            b2: b2.ptr(),
+        },
+        h2.ptr(),
+        g.ptr(),
+        y.ptr(),
+        ty.ptr(),
+    )
+    .unwrap();
+    // The emulator has no streams (no context either): there the handle is 0, and ignored.
+    let theirs = gpu.context().ok().map(|ctx| ctx.new_stream().unwrap());
+    let handle = theirs.as_ref().map_or(0, |s| s.cu_stream() as u64);
+    // SAFETY: a live stream of the Gpu's context, kept until the call returns (or 0).
+    unsafe { gpu.run_on_stream(&plan, handle) }.unwrap();
+    let want = ops::mlp_jvp(&x, &m.p()).unwrap();
+    check(
+        "mlp jvp on another stream y",
+        dtype,
+        &y.download().unwrap(),
+        &want.primal,
+        tol(dtype),
+    );
+    check(
+        "mlp jvp on another stream ty",
+        dtype,
+        &ty.download().unwrap(),
+        want.tangent.as_ref().unwrap(),
+        tol(dtype),
+    );
+});
+
 gpu_test!(mlp_backward, |dtype| {
     for (i, &(t, c, hd)) in MLP.iter().enumerate() {
         let mut r = rng(1200 + i as u64);

@@ -39,7 +39,8 @@
 //! [`Gpu::run`] queues it on the legacy default stream of the process's device's primary context
 //! (device 0, or the one `FLASHJVP_DEVICE` or [`Gpu::select`] names), which is
 //! ordered with the other blocking streams of the process (PyTorch's default stream among them);
-//! work on a non-blocking stream of your own needs a synchronisation on each side.
+//! for work on a non-blocking stream of your own, [`Gpu::run_on_stream`] queues the plan on it
+//! instead.
 //!
 //! ```no_run
 //! use flashjvp::cuda::{attention as attn, attention_sm90, Gpu};

@@ -500,23 +500,67 @@ impl Gpu {
     /// attention tiles were made for another kind of device (`attention::plan_jvp_on` with another
     /// arch's shared memory) is refused before any step runs.
     pub fn run(&self, steps: &[Step]) -> Result<()> {
-        for step in steps {
-            if let Step::Kernel(l) = step {
-                l.check_arch(self.arch())?;
-            }
-        }
+        check_archs(self.arch(), steps)?;
         let cuda = match &self.inner.backend {
             Backend::Cuda(c) => c,
             Backend::Emulated(e) => return e.run(steps),
         };
+        self.bind()?;
+        self.run_steps(cuda, &cuda.stream, steps)
+    }
+
+    /// [`Gpu::run`] on a stream another library owns (a framework's current stream: PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`, a cudarc stream's `cu_stream()`), given as its
+    /// raw `CUstream` handle. The steps are ordered after everything flashjvp queued before on any
+    /// stream, and everything flashjvp queues later comes after them (an event each way), so device
+    /// memory flashjvp allocated, uploads and downloads, and the cuBLASLt workspace need no more
+    /// synchronisation than the stream's own order; work of the stream's owner is ordered by that
+    /// stream as usual. Under the kernel emulator, which has no streams, the steps run at once.
+    ///
+    /// # Safety
+    ///
+    /// `stream` must be a live stream of this device's primary context (the context PyTorch and
+    /// cudarc use on that device), or 0 for the legacy default stream; it need only outlive this
+    /// call.
+    pub unsafe fn run_on_stream(&self, steps: &[Step], stream: u64) -> Result<()> {
+        check_archs(self.arch(), steps)?;
+        let cuda = match &self.inner.backend {
+            Backend::Cuda(c) => c,
+            Backend::Emulated(e) => return e.run(steps),
+        };
+        self.bind()?;
+        // SAFETY: the caller vouches for the handle (a live stream of this context, or 0); the
+        // wrapper borrows it and never destroys it.
+        let theirs = unsafe { cuda.ctx.wrap_borrowed_stream(stream as dsys::CUstream) };
+        theirs.join(&cuda.stream).map_err(cuda_err(
+            "ordering the given stream after flashjvp's earlier work",
+        ))?;
+        let ran = self.run_steps(cuda, &theirs, steps);
+        // Even after a failed step: what was queued there comes before flashjvp's later work.
+        cuda.stream.join(&theirs).map_err(cuda_err(
+            "ordering flashjvp's later work after the given stream",
+        ))?;
+        ran
+    }
+
+    /// Queues `steps` on `stream` (the Gpu's own, or one given to [`Gpu::run_on_stream`]).
+    pub(crate) fn run_on(&self, stream: &CudaStream, steps: &[Step]) -> Result<()> {
+        check_archs(self.arch(), steps)?;
+        let cuda = match &self.inner.backend {
+            Backend::Cuda(c) => c,
+            Backend::Emulated(e) => return e.run(steps),
+        };
+        self.run_steps(cuda, stream, steps)
+    }
+
+    fn run_steps(&self, cuda: &CudaState, stream: &CudaStream, steps: &[Step]) -> Result<()> {
         static SYNC_STEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let sync_steps = *SYNC_STEPS
             .get_or_init(|| std::env::var("FLASHJVP_SYNC_STEPS").is_ok_and(|v| v == "1"));
-        self.bind()?;
         for step in steps {
-            self.run_one(cuda, step)?;
+            self.run_one(cuda, stream, step)?;
             if sync_steps {
-                cuda.stream.synchronize().map_err(cuda_err(format!(
+                stream.synchronize().map_err(cuda_err(format!(
                     "FLASHJVP_SYNC_STEPS: an error surfaced after {} (in it, unless an earlier \
                      asynchronous call failed)",
                     step_name(step)
@@ -526,44 +570,48 @@ impl Gpu {
         Ok(())
     }
 
-    fn run_one(&self, cuda: &CudaState, step: &Step) -> Result<()> {
+    fn run_one(&self, cuda: &CudaState, stream: &CudaStream, step: &Step) -> Result<()> {
         match step {
-            Step::Kernel(l) => self.launch(l)?,
+            Step::Kernel(l) => self.launch(stream, l)?,
             Step::Gemm(g) => {
                 let mut blas = cuda.blas.lock().expect("cuBLAS lock");
                 if blas.is_none() {
                     *blas = Some(Blas::new(self)?);
+                    // Its workspace was allocated on the Gpu's stream; this product may run on
+                    // another (run_on_stream).
+                    stream
+                        .join(&cuda.stream)
+                        .map_err(cuda_err("ordering a product after its workspace"))?;
                 }
-                blas.as_mut().expect("created above").gemm(self, g)?;
+                blas.as_mut()
+                    .expect("created above")
+                    .gemm(self, stream, g)?;
             }
             Step::Fill {
                 ptr,
                 width,
                 count,
                 bits,
-            } => self.fill(*ptr, *width, *count, *bits)?,
+            } => fill(stream, *ptr, *width, *count, *bits)?,
             Step::Copy { src, dst, bytes } => {
                 if *bytes > 0 {
                     // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
-                    unsafe {
-                        dsys::cuMemcpyDtoDAsync_v2(*dst, *src, *bytes, cuda.stream.cu_stream())
-                    }
-                    .result()
-                    .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;
+                    unsafe { dsys::cuMemcpyDtoDAsync_v2(*dst, *src, *bytes, stream.cu_stream()) }
+                        .result()
+                        .map_err(cuda_err(format!("copying {bytes} bytes on the GPU")))?;
                 }
             }
         }
         Ok(())
     }
 
-    fn launch(&self, l: &Launch) -> Result<()> {
+    fn launch(&self, stream: &CudaStream, l: &Launch) -> Result<()> {
         let f = self.function(l.file, &l.kernel, l.shared_bytes)?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: l.grid,
             block_dim: l.block,
             shared_mem_bytes: l.shared_bytes,
         };
-        let stream = &self.cuda()?.stream;
         // Tensor maps are encoded first (each must outlive the launch call that reads it).
         let maps = l
             .args
@@ -605,24 +653,6 @@ impl Gpu {
         Ok(())
     }
 
-    fn fill(&self, ptr: u64, width: usize, count: usize, bits: u32) -> Result<()> {
-        if count == 0 {
-            return Ok(());
-        }
-        let s = self.cuda()?.stream.cu_stream();
-        // SAFETY: the pointer and count come from a live allocation of at least count * width bytes.
-        let r = unsafe {
-            match width {
-                1 => dsys::cuMemsetD8Async(ptr, bits as u8, count, s),
-                2 => dsys::cuMemsetD16Async(ptr, bits as u16, count, s),
-                4 => dsys::cuMemsetD32Async(ptr, bits, count, s),
-                _ => return Err(Error::Cuda(format!("memset of width {width}"))),
-            }
-        };
-        r.result()
-            .map_err(cuda_err(format!("filling {count} x {width} bytes")))
-    }
-
     /// A timing event (with timing enabled).
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
         self.cuda()?
@@ -653,6 +683,36 @@ fn raise_shared(f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
     .map_err(cuda_err(format!(
         "raising the shared memory limit of {name} to {bytes} bytes"
     )))
+}
+
+/// A memset of `count` elements of `width` bytes to `bits`, queued on `stream`.
+fn fill(stream: &CudaStream, ptr: u64, width: usize, count: usize, bits: u32) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let s = stream.cu_stream();
+    // SAFETY: the pointer and count come from a live allocation of at least count * width bytes.
+    let r = unsafe {
+        match width {
+            1 => dsys::cuMemsetD8Async(ptr, bits as u8, count, s),
+            2 => dsys::cuMemsetD16Async(ptr, bits as u16, count, s),
+            4 => dsys::cuMemsetD32Async(ptr, bits, count, s),
+            _ => return Err(Error::Cuda(format!("memset of width {width}"))),
+        }
+    };
+    r.result()
+        .map_err(cuda_err(format!("filling {count} x {width} bytes")))
+}
+
+/// Refuses a plan whose attention launches were made for another kind of device (see
+/// [`Launch::check_arch`]) before any step runs.
+fn check_archs(arch: &str, steps: &[Step]) -> Result<()> {
+    for step in steps {
+        if let Step::Kernel(l) = step {
+            l.check_arch(arch)?;
+        }
+    }
+    Ok(())
 }
 
 fn clone_error(e: &Error) -> Error {

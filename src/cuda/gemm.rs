@@ -18,7 +18,7 @@ use std::ffi::c_void;
 
 use cudarc::cublas::sys as bsys;
 use cudarc::cublaslt::sys as lsys;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::context::Gpu;
 use super::elementwise as ew;
@@ -255,7 +255,7 @@ impl Blas {
         })
     }
 
-    pub(crate) fn gemm(&mut self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+    pub(crate) fn gemm(&mut self, gpu: &Gpu, stream: &CudaStream, g: &Gemm) -> Result<()> {
         check_gemm_dtype(g)?;
         if g.m == 0 || g.n == 0 {
             return Ok(());
@@ -308,45 +308,39 @@ impl Blas {
                 }
             };
             if let Some(algo) = algo {
-                return self.lt_matmul(lt, gpu, g, &algo);
+                return self.lt_matmul(lt, stream, g, &algo);
             }
         }
-        self.unfused(gpu, g)
+        self.unfused(gpu, stream, g)
     }
 
     /// Without a cuBLASLt algorithm for the epilogue: the product by cuBLAS, then the activation by
     /// the elementwise kernels (one more pass over C).
-    fn unfused(&mut self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+    fn unfused(&mut self, gpu: &Gpu, stream: &CudaStream, g: &Gemm) -> Result<()> {
         let plain = Gemm {
             act: GemmAct::None,
             ..*g
         };
         let n = g.m * g.n;
         match g.act {
-            GemmAct::None => self.gemm_ex(gpu, g),
+            GemmAct::None => self.gemm_ex(gpu, stream, g),
             GemmAct::Gelu => {
-                self.gemm_ex(gpu, &plain)?;
-                gpu.run(&ew::plan_activation_fwd(
-                    ew::Activation::Gelu,
-                    g.dtype,
-                    n,
-                    g.c,
-                    g.c,
-                )?)
+                self.gemm_ex(gpu, stream, &plain)?;
+                gpu.run_on(
+                    stream,
+                    &ew::plan_activation_fwd(ew::Activation::Gelu, g.dtype, n, g.c, g.c)?,
+                )
             }
             GemmAct::GeluAux { aux } => {
-                self.gemm_ex(gpu, &Gemm { c: aux, ..plain })?;
-                gpu.run(&ew::plan_activation_fwd(
-                    ew::Activation::Gelu,
-                    g.dtype,
-                    n,
-                    aux,
-                    g.c,
-                )?)
+                self.gemm_ex(gpu, stream, &Gemm { c: aux, ..plain })?;
+                gpu.run_on(
+                    stream,
+                    &ew::plan_activation_fwd(ew::Activation::Gelu, g.dtype, n, aux, g.c)?,
+                )
             }
             GemmAct::DGelu { aux } => {
-                self.gemm_ex(gpu, &plain)?;
-                gpu.run(&ew::plan_gelu_tangent(g.dtype, n, aux, g.c, g.c)?)
+                self.gemm_ex(gpu, stream, &plain)?;
+                gpu.run_on(stream, &ew::plan_gelu_tangent(g.dtype, n, aux, g.c, g.c)?)
             }
         }
     }
@@ -519,7 +513,7 @@ impl Blas {
     fn lt_matmul(
         &self,
         lt: lsys::cublasLtHandle_t,
-        gpu: &Gpu,
+        stream: &CudaStream,
         g: &Gemm,
         algo: &lsys::cublasLtMatmulAlgo_t,
     ) -> Result<()> {
@@ -527,7 +521,7 @@ impl Blas {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ws = {
             use cudarc::driver::DevicePtr;
-            let (p, _guard) = self.workspace.device_ptr(gpu.stream()?);
+            let (p, _guard) = self.workspace.device_ptr(stream);
             p
         };
         // SAFETY: every pointer is a live device allocation of the size the layouts describe
@@ -549,7 +543,7 @@ impl Blas {
                 algo,
                 ws as *mut c_void,
                 self.workspace_bytes,
-                gpu.stream()?.cu_stream() as lsys::cudaStream_t,
+                stream.cu_stream() as lsys::cudaStream_t,
             )
         };
         lt_check(
@@ -565,54 +559,64 @@ impl Blas {
         )
     }
 
-    fn cublas(&mut self, gpu: &Gpu) -> Result<bsys::cublasHandle_t> {
-        if let Some(h) = self.cublas {
-            return Ok(h);
-        }
-        if !super::cublas_present() {
-            return Err(Error::Unsupported(
-                "cuBLASLt has no algorithm for this product and cuBLAS (libcublas.so.13) is not \
-                 there to fall back on"
-                    .into(),
-            ));
-        }
-        let mut h: bsys::cublasHandle_t = std::ptr::null_mut();
-        // SAFETY: the library is loaded; `h` is a valid out-pointer; the stream is the Gpu's.
+    /// The cuBLAS handle (created on first use), set to queue on `stream`.
+    fn cublas(&mut self, stream: &CudaStream) -> Result<bsys::cublasHandle_t> {
+        let h = match self.cublas {
+            Some(h) => h,
+            None => {
+                if !super::cublas_present() {
+                    return Err(Error::Unsupported(
+                        "cuBLASLt has no algorithm for this product and cuBLAS (libcublas.so.13) \
+                         is not there to fall back on"
+                            .into(),
+                    ));
+                }
+                let mut h: bsys::cublasHandle_t = std::ptr::null_mut();
+                // SAFETY: the library is loaded; `h` is a valid out-pointer.
+                unsafe { blas_check("create", bsys::cublasCreate_v2(&mut h))? };
+                self.cublas = Some(h);
+                h
+            }
+        };
+        // SAFETY: `h` is a live handle and the stream belongs to the Gpu's context.
         unsafe {
-            blas_check("create", bsys::cublasCreate_v2(&mut h))?;
             blas_check(
                 "set stream",
-                bsys::cublasSetStream_v2(h, gpu.stream()?.cu_stream() as bsys::cudaStream_t),
+                bsys::cublasSetStream_v2(h, stream.cu_stream() as bsys::cudaStream_t),
             )?;
         }
-        self.cublas = Some(h);
         Ok(h)
     }
 
     /// A device vector of at least `n` ones in `dtype`.
-    fn ones(&mut self, gpu: &Gpu, dtype: DType, n: usize) -> Result<u64> {
+    fn ones(&mut self, gpu: &Gpu, stream: &CudaStream, dtype: DType, n: usize) -> Result<u64> {
         use cudarc::driver::DevicePtr;
         let grow = self.ones.get(&dtype).is_none_or(|(_, len)| *len < n);
         if grow {
             let len = n.next_power_of_two().max(256);
             let buf = gpu.alloc_cuda_bytes(len * dtype.size_in_bytes())?;
             let (width, bits) = one_bits(dtype);
-            let p = buf.device_ptr(gpu.stream()?).0;
+            let p = buf.device_ptr(stream).0;
+            // Filled on the Gpu's stream, where it was allocated; the product that reads it may
+            // run on another (Gpu::run_on_stream), which then waits for both.
             gpu.run(&[super::launch::Step::Fill {
                 ptr: p,
                 width,
                 count: len,
                 bits,
             }])?;
+            stream
+                .join(gpu.stream()?)
+                .map_err(|e| Error::Cuda(format!("ordering a product after its ones: {e:?}")))?;
             self.ones.insert(dtype, (buf, len));
         }
         let (buf, _) = &self.ones[&dtype];
-        let (p, _g) = buf.device_ptr(gpu.stream()?);
+        let (p, _g) = buf.device_ptr(stream);
         Ok(p)
     }
 
     /// The cuBLAS fallback: bias (if any) by a rank-1 product into C, then C += op(A) op(B).
-    fn gemm_ex(&mut self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+    fn gemm_ex(&mut self, gpu: &Gpu, stream: &CudaStream, g: &Gemm) -> Result<()> {
         let int = |v: usize| {
             i32::try_from(v).map_err(|_| {
                 Error::Unsupported(format!("matrix dimension {v} is too large for cuBLAS"))
@@ -626,8 +630,8 @@ impl Blas {
         let ty = blas_type(g.dtype);
         let mut beta = 0.0f32;
         if let Some(bias) = g.bias {
-            let ones = self.ones(gpu, g.dtype, cm.n)?;
-            let h = self.cublas(gpu)?;
+            let ones = self.ones(gpu, stream, g.dtype, cm.n)?;
+            let h = self.cublas(stream)?;
             let (one, zero) = (1.0f32, 0.0f32);
             // Cᵀ[n_out, m_rows] = bias[n_out, 1] · ones[1, m_rows]
             // SAFETY: bias holds cm.m elements, ones at least cm.n, C cm.m * cm.n.
@@ -657,7 +661,7 @@ impl Blas {
             blas_check("bias broadcast", s)?;
             beta = 1.0;
         }
-        let h = self.cublas(gpu)?;
+        let h = self.cublas(stream)?;
         let alpha = 1.0f32;
         let op = |t: bool| {
             if t {
