@@ -79,7 +79,26 @@ pub fn forward<T: Real>(
     o: &mut [T],
     lse: &mut [T],
 ) {
-    stream(dims, q, k, v, Tangents::none(), scale, o, lse, None);
+    stream(dims, None, q, k, v, Tangents::none(), scale, o, lse, None);
+}
+
+/// How many of the Nk keys each problem attends to: all of them, or per problem (batch·head) its
+/// first `n` (1 ≤ n ≤ Nk; the rest are padding that no output depends on and whose gradients are 0).
+pub type KeyCounts<'a> = Option<&'a [usize]>;
+
+/// [`forward`] over the first `keys[bh]` keys of each problem bh.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_keys<T: Real>(
+    dims: Dims,
+    keys: KeyCounts,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    scale: T,
+    o: &mut [T],
+    lse: &mut [T],
+) {
+    stream(dims, keys, q, k, v, Tangents::none(), scale, o, lse, None);
 }
 
 /// o, lse and their tangents `to` (\[B,H,Nq,dv\]) and `tlse` (\[B,H,Nq\]) in one streaming pass:
@@ -98,7 +117,47 @@ pub fn jvp<T: Real>(
     to: &mut [T],
     tlse: &mut [T],
 ) {
-    stream(dims, q, k, v, tangents, scale, o, lse, Some((to, tlse)));
+    stream(
+        dims,
+        None,
+        q,
+        k,
+        v,
+        tangents,
+        scale,
+        o,
+        lse,
+        Some((to, tlse)),
+    );
+}
+
+/// [`jvp`] over the first `keys[bh]` keys of each problem bh.
+#[allow(clippy::too_many_arguments)]
+pub fn jvp_keys<T: Real>(
+    dims: Dims,
+    keys: KeyCounts,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    tangents: Tangents<T>,
+    scale: T,
+    o: &mut [T],
+    lse: &mut [T],
+    to: &mut [T],
+    tlse: &mut [T],
+) {
+    stream(
+        dims,
+        keys,
+        q,
+        k,
+        v,
+        tangents,
+        scale,
+        o,
+        lse,
+        Some((to, tlse)),
+    );
 }
 
 /// Splits a [BH, n, w] buffer into (bh, first row, rows) chunks of at most `block` rows.
@@ -154,6 +213,7 @@ fn t_block<T>(xt: &[T], bh: usize, n: usize, w: usize, r0: usize, rows: usize) -
 /// per-query softmax state updates run along contiguous rows and P is column-major for P·V.
 struct StreamCtx<'a, T> {
     dims: Dims,
+    keys: KeyCounts<'a>,
     scale: T,
     /// Qᵀ, Q̇ᵀ, Kᵀ, K̇ᵀ per head ([BH, d, N]).
     qt: &'a [T],
@@ -195,6 +255,7 @@ impl<T: Real> StreamScratch<T> {
 #[allow(clippy::too_many_arguments)]
 fn stream<T: Real>(
     dims: Dims,
+    keys: KeyCounts,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -211,6 +272,7 @@ fn stream<T: Real>(
     let tkt = tangents.k.map(|t| transpose_heads(t, nk, d));
     let ctx = StreamCtx {
         dims,
+        keys,
         scale,
         qt: &qt,
         tqt: tqt.as_deref(),
@@ -288,9 +350,11 @@ impl<T: Real> StreamCtx<'_, T> {
         // Qᵀ and Q̇ᵀ blocks: d × rows, row-major.
         let q_t = t_block(self.qt, bh, nq, d, q0, rows).t();
         let tq_t = self.tqt.map(|x| t_block(x, bh, nq, d, q0, rows).t());
+        // Keys past this problem's count are padding: they are never read.
+        let keys = self.keys.map_or(nk, |n| n[bh]);
 
-        for k0 in (0..nk).step_by(BLOCK_K) {
-            let cols = BLOCK_K.min(nk - k0);
+        for k0 in (0..keys).step_by(BLOCK_K) {
+            let cols = BLOCK_K.min(keys - k0);
             let kb = t_block(self.kt, bh, nk, d, k0, cols);
             let vb = block(self.v, bh, nk, dv, k0, cols);
             let st = &mut st[..cols * rows];
@@ -513,6 +577,26 @@ pub fn backward<T: Real>(
     dk: &mut [T],
     dv_out: &mut [T],
 ) {
+    backward_keys(dims, None, q, k, v, o, lse, go, scale, dq, dk, dv_out);
+}
+
+/// [`backward`] over the first `keys[bh]` keys of each problem bh; the gradients of the other
+/// keys (padding) are 0.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_keys<T: Real>(
+    dims: Dims,
+    keys: KeyCounts,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    go: &[T],
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv_out: &mut [T],
+) {
     let Dims { nq, nk, d, dv, .. } = dims;
     // D_i = Σ_j dO_ij O_ij, one per query row.
     let dsum: Vec<T> = go
@@ -526,6 +610,7 @@ pub fn backward<T: Real>(
     let got = transpose_heads(go, nq, dv);
     let ctx = BackwardCtx {
         dims,
+        keys,
         q,
         k,
         go,
@@ -566,6 +651,7 @@ pub fn backward<T: Real>(
 /// operand layouts.
 struct BackwardCtx<'a, T> {
     dims: Dims,
+    keys: KeyCounts<'a>,
     q: &'a [T],
     k: &'a [T],
     go: &'a [T],
@@ -591,10 +677,16 @@ impl<T: Real> BackwardCtx<'_, T> {
         dvb: &mut [T],
     ) {
         let Dims { nq, nk, d, dv, .. } = self.dims;
-        let cols = dvb.len() / dv;
         let (zero, one) = (T::zero(), T::one());
         dkb.fill(zero);
         dvb.fill(zero);
+        // Only the keys below this problem's count have gradients; padding keeps its zeros.
+        let keys = self.keys.map_or(nk, |n| n[bh]);
+        let cols = (dvb.len() / dv).min(keys.saturating_sub(k0));
+        if cols == 0 {
+            return;
+        }
+        let (dkb, dvb) = (&mut dkb[..cols * d], &mut dvb[..cols * dv]);
         let k_t = t_block(self.kt, bh, nk, d, k0, cols).t();
         let v_t = t_block(self.vt, bh, nk, dv, k0, cols).t();
         for q0 in (0..nq).step_by(BLOCK_Q) {
@@ -664,8 +756,9 @@ impl<T: Real> BackwardCtx<'_, T> {
         let row0 = bh * nq + q0;
         let lse = &self.lse[row0..row0 + rows];
         let dsum = &self.dsum[row0..row0 + rows];
-        for k0 in (0..nk).step_by(BLOCK_K) {
-            let cols = BLOCK_K.min(nk - k0);
+        let keys = self.keys.map_or(nk, |n| n[bh]);
+        for k0 in (0..keys).step_by(BLOCK_K) {
+            let cols = BLOCK_K.min(keys - k0);
             let (pt, dst) = (&mut pt[..rows * cols], &mut dst[..rows * cols]);
             // Sᵀ = c·K Qᵀ, dPᵀ = V dOᵀ
             gemm(

@@ -2,12 +2,17 @@
 //! differ from d. q \[B,H,Nq,d\], k \[B,H,Nk,d\], v \[B,H,Nk,dv\]; c defaults to 1/√d.
 //! The JVP streams over key blocks with the online softmax of DESIGN.md section 3 (memory O(N·d),
 //! never an Nq×Nk buffer) and returns o, lse and their tangents. The backward recomputes P from lse.
+//!
+//! Padded keys: the `*_with_key_lens` forms take one key count per batch entry (`key_lens[b]`,
+//! 1 ≤ key_lens\[b\] ≤ Nk, the `k_lens` of Wan's cross-attention to a padded text context): entry b
+//! attends to its first key_lens\[b\] keys only, so the padding rows of k and v (and of their
+//! tangents) change no output, and their gradients are 0.
 
 use super::{
     data, expect_allocatable, expect_dtype, expect_dual, expect_rank, expect_shape, tangent_data,
     with_real,
 };
-use crate::cpu::attention::{self as cpu, Dims, Tangents};
+use crate::cpu::attention::{self as cpu, Dims, KeyCounts, Tangents};
 use crate::cpu::Real;
 use crate::dual::Dual;
 use crate::error::{Error, Result};
@@ -52,12 +57,38 @@ pub fn attention_forward(
     v: &Tensor,
     scale: Option<f64>,
 ) -> Result<AttentionOutput> {
+    forward_impl(q, k, v, scale, None)
+}
+
+/// [`attention_forward`] where batch entry b attends to its first `key_lens[b]` keys only (see the
+/// module docs).
+pub fn attention_forward_with_key_lens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<AttentionOutput> {
+    forward_impl(q, k, v, scale, Some(key_lens))
+}
+
+fn forward_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<AttentionOutput> {
     let (b, h, dims) = check_qkv(q, k, v)?;
+    let counts = key_lens
+        .map(|l| check_key_lens(OP, l, b, h, dims.nk))
+        .transpose()?;
+    let keys: KeyCounts = counts.as_deref();
     with_real!(OP, "q", q.dtype(), T => {
         let c = resolve_scale::<T>(scale, dims.d)?;
         let mut o = vec![T::zero(); dims.bh * dims.nq * dims.dv];
         let mut lse = vec![T::zero(); dims.bh * dims.nq];
-        cpu::forward(dims, data(q), data(k), data(v), c, &mut o, &mut lse);
+        cpu::forward_keys(dims, keys, data(q), data(k), data(v), c, &mut o, &mut lse);
         Ok(AttentionOutput {
             o: Tensor::from_vec(o, &[b, h, dims.nq, dims.dv])?,
             lse: Tensor::from_vec(lse, &[b, h, dims.nq])?,
@@ -70,13 +101,38 @@ pub fn attention_forward(
 /// products remain. When no input has a tangent the outputs' tangents are `None`, otherwise both
 /// are present.
 pub fn attention_jvp(q: &Dual, k: &Dual, v: &Dual, scale: Option<f64>) -> Result<AttentionJvp> {
+    jvp_impl(q, k, v, scale, None)
+}
+
+/// [`attention_jvp`] where batch entry b attends to its first `key_lens[b]` keys only (see the
+/// module docs): the tangents of the padding keys change nothing either.
+pub fn attention_jvp_with_key_lens(
+    q: &Dual,
+    k: &Dual,
+    v: &Dual,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<AttentionJvp> {
+    jvp_impl(q, k, v, scale, Some(key_lens))
+}
+
+fn jvp_impl(
+    q: &Dual,
+    k: &Dual,
+    v: &Dual,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<AttentionJvp> {
     let (b, h, dims) = check_qkv(&q.primal, &k.primal, &v.primal)?;
     let dtype = q.dtype();
     expect_dual(OP, "q", q, dtype)?;
     expect_dual(OP, "k", k, dtype)?;
     expect_dual(OP, "v", v, dtype)?;
+    let counts = key_lens
+        .map(|l| check_key_lens(OP, l, b, h, dims.nk))
+        .transpose()?;
     if !(q.has_tangent() || k.has_tangent() || v.has_tangent()) {
-        let out = attention_forward(&q.primal, &k.primal, &v.primal, scale)?;
+        let out = forward_impl(&q.primal, &k.primal, &v.primal, scale, key_lens)?;
         return Ok(AttentionJvp {
             o: Dual::constant(out.o),
             lse: Dual::constant(out.lse),
@@ -92,8 +148,9 @@ pub fn attention_jvp(q: &Dual, k: &Dual, v: &Dual, scale: Option<f64>) -> Result
         let (no, nl) = (dims.bh * dims.nq * dims.dv, dims.bh * dims.nq);
         let (mut o, mut lse) = (vec![T::zero(); no], vec![T::zero(); nl]);
         let (mut to, mut tlse) = (vec![T::zero(); no], vec![T::zero(); nl]);
-        cpu::jvp(
+        cpu::jvp_keys(
             dims,
+            counts.as_deref(),
             data(&q.primal),
             data(&k.primal),
             data(&v.primal),
@@ -126,7 +183,40 @@ pub fn attention_backward(
     go: &Tensor,
     scale: Option<f64>,
 ) -> Result<AttentionGrads> {
+    backward_impl(q, k, v, o, lse, go, scale, None)
+}
+
+/// [`attention_backward`] of [`attention_forward_with_key_lens`] (o and lse from it): the
+/// gradients of the padding keys (rows key_lens\[b\].. of dk and dv) are 0.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with_key_lens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    go: &Tensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<AttentionGrads> {
+    backward_impl(q, k, v, o, lse, go, scale, Some(key_lens))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    go: &Tensor,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<AttentionGrads> {
     let (b, h, dims) = check_qkv(q, k, v)?;
+    let counts = key_lens
+        .map(|l| check_key_lens(OP, l, b, h, dims.nk))
+        .transpose()?;
     let o_shape = [b, h, dims.nq, dims.dv];
     let dtype = q.dtype();
     for (name, t, shape) in [
@@ -142,8 +232,9 @@ pub fn attention_backward(
         let mut dq = vec![T::zero(); q.numel()];
         let mut dk = vec![T::zero(); k.numel()];
         let mut dv = vec![T::zero(); v.numel()];
-        cpu::backward(
+        cpu::backward_keys(
             dims,
+            counts.as_deref(),
             data(q),
             data(k),
             data(v),
@@ -209,6 +300,43 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, Dims)>
             dv,
         },
     ))
+}
+
+/// Checks one key count per batch entry (`key_lens`, B of them, each in 1..=Nk) and returns one
+/// per (batch, head) problem, the form the reference and the GPU plans take. `op` names the op in
+/// errors.
+pub fn check_key_lens(
+    op: &'static str,
+    key_lens: &[usize],
+    b: usize,
+    h: usize,
+    nk: usize,
+) -> Result<Vec<usize>> {
+    if key_lens.len() != b {
+        return Err(Error::Shape {
+            op,
+            tensor: "key_lens".into(),
+            expected: format!("[{b}] (one key count per batch entry of q)"),
+            actual: vec![key_lens.len()],
+        });
+    }
+    if let Some((i, &n)) = key_lens
+        .iter()
+        .enumerate()
+        .find(|&(_, &n)| n == 0 || n > nk)
+    {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "key_lens[{i}] = {n} is outside 1..={nk} (k and v have Nk = {nk} keys; every \
+                 batch entry must attend to at least one)"
+            ),
+        ));
+    }
+    Ok(key_lens
+        .iter()
+        .flat_map(|&n| std::iter::repeat_n(n, h))
+        .collect())
 }
 
 /// The score scale c (default 1/√d), finite in the compute type.

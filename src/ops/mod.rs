@@ -14,8 +14,9 @@ pub use activation::{
     gelu_backward, gelu_forward, gelu_jvp, silu_backward, silu_forward, silu_jvp,
 };
 pub use attention::{
-    attention_backward, attention_forward, attention_jvp, AttentionGrads, AttentionJvp,
-    AttentionOutput,
+    attention_backward, attention_backward_with_key_lens, attention_forward,
+    attention_forward_with_key_lens, attention_jvp, attention_jvp_with_key_lens, AttentionGrads,
+    AttentionJvp, AttentionOutput,
 };
 pub use embedding::{
     timestep_embedding_backward, timestep_embedding_forward, timestep_embedding_jvp,
