@@ -91,6 +91,81 @@ fn assert_error(o: &Output, code: i32, needles: &[&str]) {
 }
 
 /// Runs `flashjvp MODE OP` on `inputs` and asserts it fails with exit 1 naming `needles`.
+#[test]
+fn attention_key_lens_match_library() {
+    // Batch 2: entry 0 attends to its first 3 keys of 7, entry 1 to all 7.
+    let q = randn(&[2, 2, 5, 4], 41);
+    let (k, v) = (randn(&[2, 2, 7, 4], 42), randn(&[2, 2, 7, 3], 43));
+    let (tq, tk, tv) = (
+        randn(&[2, 2, 5, 4], 44),
+        randn(&[2, 2, 7, 4], 45),
+        randn(&[2, 2, 7, 3], 46),
+    );
+    let go = randn(&[2, 2, 5, 3], 47);
+    let lens = Tensor::from_vec(vec![3.0f32, 7.0], &[2]).unwrap();
+    let mut inputs = vec![
+        ("q", &q),
+        ("k", &k),
+        ("v", &v),
+        ("tq", &tq),
+        ("tk", &tk),
+        ("tv", &tv),
+        ("go", &go),
+        ("key_lens", &lens),
+    ];
+    let got = run_ok("jvp", "attention", &inputs, &[]);
+    let r = ops::attention_jvp_with_key_lens(
+        &dual(&q, &tq),
+        &dual(&k, &tk),
+        &dual(&v, &tv),
+        None,
+        &[3, 7],
+    )
+    .unwrap();
+    let (to, tlse) = (r.o.tangent_or_zeros(), r.lse.tangent_or_zeros());
+    let want = [
+        ("o", &r.o.primal),
+        ("to", &to),
+        ("lse", &r.lse.primal),
+        ("tlse", &tlse),
+    ];
+    assert_outputs(&got, &want);
+    // Not plain attention: the key counts were used.
+    let plain = ops::attention_forward(&q, &k, &v, None).unwrap();
+    assert!(plain.o != r.o.primal);
+    let got = run_ok("vjp", "attention", &inputs, &[]);
+    let f = ops::attention_forward_with_key_lens(&q, &k, &v, None, &[3, 7]).unwrap();
+    let g = ops::attention_backward_with_key_lens(&q, &k, &v, &f.o, &f.lse, &go, None, &[3, 7])
+        .unwrap();
+    assert_outputs(&got, &[("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
+    // Bad counts: out of range, not whole, the wrong number, not a vector.
+    let bad = [
+        (
+            Tensor::from_vec(vec![3.0f32, 8.0], &[2]).unwrap(),
+            "key_lens[1] = 8",
+        ),
+        (
+            Tensor::from_vec(vec![0.0f32, 7.0], &[2]).unwrap(),
+            "key_lens[0] = 0",
+        ),
+        (
+            Tensor::from_vec(vec![2.5f32, 7.0], &[2]).unwrap(),
+            "not a count",
+        ),
+        (
+            Tensor::from_vec(vec![-1.0f32, 7.0], &[2]).unwrap(),
+            "not a count",
+        ),
+        (Tensor::from_vec(vec![3.0f32], &[1]).unwrap(), "[2]"),
+        (Tensor::from_vec(vec![3.0f32, 7.0], &[1, 2]).unwrap(), "[B]"),
+    ];
+    for (t, needle) in &bad {
+        inputs[7] = ("key_lens", t);
+        run_err("jvp", "attention", &inputs, &[], &["key_lens", needle]);
+        run_err("vjp", "attention", &inputs, &[], &["key_lens", needle]);
+    }
+}
+
 fn run_err(mode: &str, op: &str, inputs: &[(&str, &Tensor)], extra: &[&str], needles: &[&str]) {
     let dir = TempDir::new("err");
     let (inp, out) = (dir.path("in.safetensors"), dir.path("out.safetensors"));

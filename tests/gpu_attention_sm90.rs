@@ -637,7 +637,7 @@ fn host_ops_take_the_hopper_path() {
         x.v = Dual::constant(x.v.primal.clone());
         x.q = Dual::constant(x.q.primal.clone());
         let dtype = DType::BF16;
-        let got = gops::attention_jvp(&x.q, &x.k, &x.v, None, dtype).unwrap();
+        let got = gops::attention_jvp(&x.q, &x.k, &x.v, None, None, dtype).unwrap();
         let r = |d: &Dual| Dual {
             primal: rd(&d.primal, dtype),
             tangent: d.tangent.as_ref().map(|t| rd(t, dtype)),
@@ -656,8 +656,8 @@ fn host_ops_take_the_hopper_path() {
             want.o.tangent.as_ref().unwrap(),
             host_tangent_tol(dtype),
         );
-        let f =
-            gops::attention_forward(&x.q.primal, &x.k.primal, &x.v.primal, None, dtype).unwrap();
+        let f = gops::attention_forward(&x.q.primal, &x.k.primal, &x.v.primal, None, None, dtype)
+            .unwrap();
         check(
             &format!("host fwd lse [{n}]"),
             &f.lse,

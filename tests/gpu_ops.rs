@@ -193,7 +193,7 @@ fn attention_jvp_case(dtype: DType, which: (bool, bool, bool), label: &str) {
         let q = dual(&mut r, &qs, which.0);
         let k = dual(&mut r, &ks, which.1);
         let v = dual(&mut r, &vs, which.2);
-        let got = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
+        let got = gops::attention_jvp(&q, &k, &v, None, None, dtype).unwrap();
         let want =
             ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), None).unwrap();
         let n = name(s);
@@ -472,7 +472,7 @@ gpu_test!(attention_jvp_peaked_softmax, |dtype| {
             dual(&mut r, &ks, true),
             dual(&mut r, &vs, true),
         );
-        let got = gops::attention_jvp(&q, &k, &v, Some(1.0), dtype).unwrap();
+        let got = gops::attention_jvp(&q, &k, &v, Some(1.0), None, dtype).unwrap();
         let want = ops::attention_jvp(&rdd(&q, dtype), &rdd(&k, dtype), &rdd(&v, dtype), Some(1.0))
             .unwrap();
         let n = name(s);
@@ -500,7 +500,7 @@ gpu_test!(attention_jvp_peaked_softmax, |dtype| {
             Dual::constant(k.primal.clone()),
             Dual::constant(v.primal.clone()),
         );
-        let got = gops::attention_jvp(&q, &kc, &vc, Some(1.0), dtype).unwrap();
+        let got = gops::attention_jvp(&q, &kc, &vc, Some(1.0), None, dtype).unwrap();
         let want = ops::attention_jvp(
             &rdd(&q, dtype),
             &rdd(&kc, dtype),
@@ -527,7 +527,7 @@ gpu_test!(attention_forward, |dtype| {
         let [qs, ks, vs] = attn_shape(s);
         let (q, k, v) = (randn(&qs, &mut r), randn(&ks, &mut r), randn(&vs, &mut r));
         let scale = Some(0.3);
-        let got = gops::attention_forward(&q, &k, &v, scale, dtype).unwrap();
+        let got = gops::attention_forward(&q, &k, &v, scale, None, dtype).unwrap();
         let want =
             ops::attention_forward(&rd(&q, dtype), &rd(&k, dtype), &rd(&v, dtype), scale).unwrap();
         check(
@@ -552,7 +552,7 @@ gpu_test!(attention_without_tangents_is_constant, |dtype| {
     let q = dual(&mut r, &[1, 2, 40, 64], false);
     let k = dual(&mut r, &[1, 2, 50, 64], false);
     let v = dual(&mut r, &[1, 2, 50, 64], false);
-    let got = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
+    let got = gops::attention_jvp(&q, &k, &v, None, None, dtype).unwrap();
     assert!(got.o.tangent.is_none() && got.lse.tangent.is_none());
     let want = ops::attention_forward(
         &rd(&q.primal, dtype),
@@ -580,7 +580,7 @@ gpu_test!(attention_backward, |dtype| {
         // o and lse as a forward would hand them over: o in the storage dtype, lse in f32.
         let fwd = ops::attention_forward(&q, &k, &v, None).unwrap();
         let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
-        let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, None, dtype).unwrap();
+        let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, None, None, dtype).unwrap();
         let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, None).unwrap();
         let n = name(s);
         if s.3 == 1 {
@@ -641,7 +641,7 @@ fn backward_case(
     let (q, k, v, go) = (rd(&q, dtype), rd(&k, dtype), rd(&v, dtype), rd(&go, dtype));
     let fwd = ops::attention_forward(&q, &k, &v, scale).unwrap();
     let (o, lse) = (rd(&fwd.o, dtype), rd(&fwd.lse, DType::F32));
-    let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, scale, dtype).unwrap();
+    let got = gops::attention_backward(&q, &k, &v, &o, &lse, &go, scale, None, dtype).unwrap();
     let want = ops::attention_backward(&q, &k, &v, &o, &lse, &go, scale).unwrap();
     let n = name(s);
     for (gname, g, w) in [
@@ -701,6 +701,144 @@ gpu_test!(attention_backward_peaked_and_odd, |dtype| {
     .enumerate()
     {
         backward_case(dtype, s, None, 970 + i as u64, "odd");
+    }
+});
+
+/// Attention over padded keys: (B, H, Nq, Nk, d, dv) and one key count per batch entry: a single
+/// key, all keys, counts inside and at the edge of the key tiles, every head dim, dv ≠ d (the sm_80
+/// kernels on Hopper too).
+type AttnShape = (usize, usize, usize, usize, usize, usize);
+const KEY_LENS: &[(AttnShape, &[usize])] = &[
+    ((3, 2, 77, 300, 72, 72), &[300, 1, 131]),
+    ((2, 2, 130, 200, 64, 64), &[129, 64]),
+    ((2, 1, 65, 90, 128, 128), &[33, 90]),
+    ((2, 3, 40, 70, 96, 96), &[70, 17]),
+    ((2, 1, 50, 90, 32, 96), &[7, 90]),
+];
+
+/// `t` [B, H, N, w] with NaN in the rows at and past `lens[b]` of batch entry b: a kernel that read
+/// one would put NaN in its outputs.
+fn nan_padded(t: &Tensor, lens: &[usize]) -> Tensor {
+    let [_, h, n, w] = t.shape().try_into().unwrap();
+    let mut x = t.to_f64_vec();
+    for (row, chunk) in x.chunks_mut(w).enumerate() {
+        if row % n >= lens[row / (h * n)] {
+            chunk.fill(f64::NAN);
+        }
+    }
+    Tensor::from_vec(x, t.shape()).unwrap()
+}
+
+// The JVP (tangents on q, k, v and on q only), the forward and the backward with key_lens against
+// the CPU reference, the padding rows of k, v and their tangents NaN.
+gpu_test!(attention_key_lens, |dtype| {
+    for (i, &(s, lens)) in KEY_LENS.iter().enumerate() {
+        let mut r = rng(1300 + i as u64);
+        let [qs, ks, vs] = attn_shape(s);
+        let q = dual(&mut r, &qs, true);
+        let pad = |d: Dual| Dual {
+            primal: nan_padded(&d.primal, lens),
+            tangent: d.tangent.map(|t| nan_padded(&t, lens)),
+        };
+        let (k, v) = (pad(dual(&mut r, &ks, true)), pad(dual(&mut r, &vs, true)));
+        let n = format!("{} lens {lens:?}", name(s));
+        for (label, k, v) in [
+            ("jvp", k.clone(), v.clone()),
+            (
+                "jvp const kv",
+                Dual::constant(k.primal.clone()),
+                Dual::constant(v.primal.clone()),
+            ),
+        ] {
+            let got = gops::attention_jvp(&q, &k, &v, None, Some(lens), dtype).unwrap();
+            let (rq, rk, rv) = (rdd(&q, dtype), rdd(&k, dtype), rdd(&v, dtype));
+            let want = ops::attention_jvp_with_key_lens(&rq, &rk, &rv, None, lens).unwrap();
+            let pairs = [
+                ("o", &got.o.primal, &want.o.primal, tol(dtype)),
+                ("lse", &got.lse.primal, &want.lse.primal, tol(dtype)),
+                (
+                    "tangent o",
+                    got.o.tangent.as_ref().unwrap(),
+                    want.o.tangent.as_ref().unwrap(),
+                    tol_tangent(dtype),
+                ),
+                (
+                    "tangent lse",
+                    got.lse.tangent.as_ref().unwrap(),
+                    want.lse.tangent.as_ref().unwrap(),
+                    tol_tangent(dtype),
+                ),
+            ];
+            for (out, g, w, tol) in pairs {
+                check(
+                    &format!("attention key_lens {label} {out} [{n}]"),
+                    dtype,
+                    g,
+                    w,
+                    tol,
+                );
+            }
+        }
+        let (rq, rk, rv) = (
+            rd(&q.primal, dtype),
+            rd(&k.primal, dtype),
+            rd(&v.primal, dtype),
+        );
+        let got = gops::attention_forward(&q.primal, &k.primal, &v.primal, None, Some(lens), dtype)
+            .unwrap();
+        let want = ops::attention_forward_with_key_lens(&rq, &rk, &rv, None, lens).unwrap();
+        check(
+            &format!("attention key_lens fwd o [{n}]"),
+            dtype,
+            &got.o,
+            &want.o,
+            tol(dtype),
+        );
+        check(
+            &format!("attention key_lens fwd lse [{n}]"),
+            dtype,
+            &got.lse,
+            &want.lse,
+            tol(dtype),
+        );
+        let go = rd(&randn(&[s.0, s.1, s.2, s.5], &mut r), dtype);
+        let (o, lse) = (rd(&want.o, dtype), rd(&want.lse, DType::F32));
+        let got = gops::attention_backward(&rq, &rk, &rv, &o, &lse, &go, None, Some(lens), dtype)
+            .unwrap();
+        let want = ops::attention_backward_with_key_lens(&rq, &rk, &rv, &o, &lse, &go, None, lens)
+            .unwrap();
+        for (gname, g, w) in [
+            ("dq", &got.dq, &want.dq),
+            ("dk", &got.dk, &want.dk),
+            ("dv", &got.dv, &want.dv),
+        ] {
+            check(
+                &format!("attention key_lens bwd {gname} [{n}]"),
+                dtype,
+                g,
+                w,
+                tol(dtype),
+            );
+        }
+        // The padding rows' gradients are exactly 0 (zero-filled, never written by a kernel).
+        for (gname, g) in [("dk", &got.dk), ("dv", &got.dv)] {
+            let [_, h, nk, w] = g.shape().try_into().unwrap();
+            let x = g.to_f64_vec();
+            for (row, chunk) in x.chunks(w).enumerate() {
+                if row % nk >= lens[row / (h * nk)] {
+                    assert!(
+                        chunk.iter().all(|&e| e == 0.0),
+                        "{gname} padding row {row} [{n}]"
+                    );
+                }
+            }
+        }
+    }
+    // Bad key counts are errors naming them, before anything runs.
+    let (q, k) = (t(&[2, 1, 8, 64]), t(&[2, 1, 9, 64]));
+    for lens in [&[9usize][..], &[9, 10], &[0, 9]] {
+        let e = gops::attention_forward(&q, &k, &k, None, Some(lens), dtype).unwrap_err();
+        assert!(e.to_string().contains("key_lens"), "{lens:?}: {e}");
     }
 });
 
@@ -1911,7 +2049,7 @@ fn t(shape: &[usize]) -> Tensor {
 #[test]
 fn unsupported_head_dim_is_an_error() {
     let q = Dual::constant(t(&[1, 1, 8, 48]));
-    let e = gops::attention_jvp(&q, &q, &q, None, DType::BF16).unwrap_err();
+    let e = gops::attention_jvp(&q, &q, &q, None, None, DType::BF16).unwrap_err();
     assert!(
         matches!(e, Error::Unsupported(_)) && e.to_string().contains("head dim 48"),
         "{e}"
@@ -1919,7 +2057,7 @@ fn unsupported_head_dim_is_an_error() {
     // An unsupported v head dim: the error names q, v and their shapes.
     let v = Dual::constant(t(&[1, 1, 8, 48]));
     let q = Dual::constant(t(&[1, 1, 8, 64]));
-    let e = gops::attention_jvp(&q, &q, &v, None, DType::BF16).unwrap_err();
+    let e = gops::attention_jvp(&q, &q, &v, None, None, DType::BF16).unwrap_err();
     let m = e.to_string();
     assert!(
         matches!(e, Error::Unsupported(_))
@@ -1935,6 +2073,7 @@ fn unsupported_head_dim_is_an_error() {
         &t(&[1, 1, 8]),
         &v.primal,
         None,
+        None,
         DType::F32,
     )
     .unwrap_err();
@@ -1945,7 +2084,7 @@ fn unsupported_head_dim_is_an_error() {
 fn mismatched_shapes_name_the_tensor() {
     let q = Dual::constant(t(&[1, 2, 8, 64]));
     let k = Dual::constant(t(&[1, 1, 8, 64]));
-    let e = gops::attention_jvp(&q, &k, &q, None, DType::F32).unwrap_err();
+    let e = gops::attention_jvp(&q, &k, &q, None, None, DType::F32).unwrap_err();
     assert!(
         matches!(e, Error::Shape { .. }) && e.to_string().contains("`k`"),
         "{e}"
@@ -1954,7 +2093,7 @@ fn mismatched_shapes_name_the_tensor() {
         primal: t(&[1, 2, 8, 64]),
         tangent: Some(t(&[1, 2, 8, 32])),
     };
-    let e = gops::attention_jvp(&bad_tangent, &q, &q, None, DType::F32).unwrap_err();
+    let e = gops::attention_jvp(&bad_tangent, &q, &q, None, None, DType::F32).unwrap_err();
     assert!(matches!(e, Error::TangentMismatch { .. }), "{e}");
     let lse = t(&[1, 2, 7]);
     let e = gops::attention_backward(
@@ -1964,6 +2103,7 @@ fn mismatched_shapes_name_the_tensor() {
         &q.primal,
         &lse,
         &q.primal,
+        None,
         None,
         DType::F32,
     )
@@ -1979,6 +2119,7 @@ fn mismatched_shapes_name_the_tensor() {
         &o,
         &t(&[1, 2, 8]),
         &q.primal,
+        None,
         None,
         DType::F32,
     )

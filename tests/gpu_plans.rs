@@ -90,6 +90,20 @@ fn all_plans() -> Vec<Step> {
                 attn::plan_backward(dtype, dims, attn::Layout::contiguous(dims), bp, 0.125)
                     .unwrap(),
             );
+            // Padded keys (key_lens): per batch entry, on both paths.
+            let lens = [300, 131];
+            for arch in ["sm_80", "sm_90a"] {
+                for v in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+                    s.extend(
+                        attn::plan_for_key_lens(arch, v, dtype, dims, lay, jp, 0.125, &lens)
+                            .unwrap(),
+                    );
+                }
+                s.extend(
+                    attn::plan_backward_for_key_lens(arch, dtype, dims, lay, bp, 0.125, &lens)
+                        .unwrap(),
+                );
+            }
             if d == dv {
                 // The packed-qkv layout (the DiT's): Nq = Nk, strided q, k, v, o.
                 let pd =

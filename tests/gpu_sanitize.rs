@@ -39,26 +39,90 @@ fn sanitize_attention() {
         for (n, d) in [(300, 72), (77, 64), (129, 96), (130, 128)] {
             let s = [1, 2, n, d];
             let (q, k, v) = (dual(&s, 1), dual(&s, 2), dual(&s, 3));
-            let r = gops::attention_jvp(&q, &k, &v, None, dtype).unwrap();
+            let r = gops::attention_jvp(&q, &k, &v, None, None, dtype).unwrap();
             finite("o", &r.o.primal);
             finite("to", r.o.tangent.as_ref().unwrap());
             finite("tlse", r.lse.tangent.as_ref().unwrap());
             let kc = Dual::constant(k.primal.clone());
             let vc = Dual::constant(v.primal.clone());
-            let r = gops::attention_jvp(&q, &kc, &vc, None, dtype).unwrap();
+            let r = gops::attention_jvp(&q, &kc, &vc, None, None, dtype).unwrap();
             finite("to (constant K, V)", r.o.tangent.as_ref().unwrap());
-            let f = gops::attention_forward(&q.primal, &k.primal, &v.primal, None, dtype).unwrap();
+            let f = gops::attention_forward(&q.primal, &k.primal, &v.primal, None, None, dtype)
+                .unwrap();
             finite("o (forward)", &f.o);
             finite("lse (forward)", &f.lse);
             let go = dual(&s, 4).primal;
             let g = gops::attention_backward(
-                &q.primal, &k.primal, &v.primal, &f.o, &f.lse, &go, None, dtype,
+                &q.primal, &k.primal, &v.primal, &f.o, &f.lse, &go, None, None, dtype,
             )
             .unwrap();
             finite("dq", &g.dq);
             finite("dk", &g.dk);
             finite("dv", &g.dv);
         }
+    }
+}
+
+// Attention over padded keys (one launch per batch entry, each reading only its first key_lens[b]
+// keys): the padding rows hold NaN, so an output that read one would not be finite.
+#[test]
+fn sanitize_attention_key_lens() {
+    if require_gpu_or_skip().is_none() {
+        return;
+    }
+    let lens = [300, 1, 131];
+    let nan_padding = |t: &Tensor| {
+        let [_, h, n, d] = t.shape().try_into().unwrap();
+        let mut x = t.to_f64_vec();
+        for (row, chunk) in x.chunks_mut(d).enumerate() {
+            if row % n >= lens[row / (h * n)] {
+                chunk.fill(f64::NAN);
+            }
+        }
+        Tensor::from_vec(x, t.shape()).unwrap()
+    };
+    for dtype in DTYPES {
+        let d = 72;
+        let (qs, ks) = ([3, 2, 77, d], [3, 2, 300, d]);
+        let q = dual(&qs, 31);
+        let pad = |x: Dual| {
+            Dual::new(
+                nan_padding(&x.primal),
+                nan_padding(x.tangent.as_ref().unwrap()),
+            )
+            .unwrap()
+        };
+        let (k, v) = (pad(dual(&ks, 32)), pad(dual(&ks, 33)));
+        let r = gops::attention_jvp(&q, &k, &v, None, Some(&lens), dtype).unwrap();
+        finite("o (key_lens)", &r.o.primal);
+        finite("to (key_lens)", r.o.tangent.as_ref().unwrap());
+        finite("tlse (key_lens)", r.lse.tangent.as_ref().unwrap());
+        let kc = Dual::constant(k.primal.clone());
+        let vc = Dual::constant(v.primal.clone());
+        let r = gops::attention_jvp(&q, &kc, &vc, None, Some(&lens), dtype).unwrap();
+        finite(
+            "to (key_lens, constant K, V)",
+            r.o.tangent.as_ref().unwrap(),
+        );
+        let f = gops::attention_forward(&q.primal, &k.primal, &v.primal, None, Some(&lens), dtype)
+            .unwrap();
+        finite("o (key_lens forward)", &f.o);
+        let go = dual(&qs, 34).primal;
+        let g = gops::attention_backward(
+            &q.primal,
+            &k.primal,
+            &v.primal,
+            &f.o,
+            &f.lse,
+            &go,
+            None,
+            Some(&lens),
+            dtype,
+        )
+        .unwrap();
+        finite("dq (key_lens)", &g.dq);
+        finite("dk (key_lens)", &g.dk);
+        finite("dv (key_lens)", &g.dv);
     }
 }
 

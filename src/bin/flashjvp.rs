@@ -13,7 +13,8 @@ use flashjvp::{io, DType, Device, DeviceRequest};
 const TENSORS_HELP: &str = "\
 Tensors (safetensors in, safetensors out; contiguous, row-major; inputs F32, F64, BF16 or F16):
   attention      q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,dv]; tangents tq, tk, tv alike;
-                 optional scalar `scale` (default 1/sqrt(d)).
+                 optional scalar `scale` (default 1/sqrt(d)); optional `key_lens` [B] (whole
+                 numbers in 1..=Nk: batch entry b attends to its first key_lens[b] keys only).
                  jvp -> o, to [B,H,Nq,dv], lse, tlse [B,H,Nq]; vjp takes go [B,H,Nq,dv] -> dq, dk, dv
   layernorm_mod  x [T,C], tx; scale, shift [C] or [T,C]; tscale, tshift alike;
                  optional scalar `eps` (default 1e-6). jvp -> y, ty; vjp takes gy -> dx, dscale, dshift

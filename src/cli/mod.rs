@@ -4,7 +4,8 @@
 //! VJP, and name the outputs.
 //!
 //! Tangent tensors (`tq`, `tk`, `tv`; `tx`, `tscale`, `tshift`; `tx`) are optional and absent
-//! means zero; attention with no `tk` and `tv` takes the op's fast path for constant K and V.
+//! means zero; attention with no `tk` and `tv` takes the op's fast path for constant K and V, and
+//! with a `key_lens` vector attends, per batch entry b, to its first key_lens\[b\] keys only.
 //! Tensors an op does not use are ignored, so one file can feed both `jvp` and `vjp`.
 
 use crate::device::Device;
@@ -138,6 +139,7 @@ mod gpu {
         _: &Dual,
         _: &Dual,
         _: Option<f64>,
+        _: Option<&[usize]>,
         _: DType,
     ) -> Result<AttentionJvp> {
         Err(cuda_not_built())
@@ -147,6 +149,7 @@ mod gpu {
         _: &Tensor,
         _: &Tensor,
         _: Option<f64>,
+        _: Option<&[usize]>,
         _: DType,
     ) -> Result<AttentionOutput> {
         Err(cuda_not_built())
@@ -160,6 +163,7 @@ mod gpu {
         _: &Tensor,
         _: &Tensor,
         _: Option<f64>,
+        _: Option<&[usize]>,
         _: DType,
     ) -> Result<AttentionGrads> {
         Err(cuda_not_built())
@@ -210,10 +214,11 @@ pub fn run(
             let k = inp.dual("k", "tk")?;
             let v = inp.dual("v", "tv")?;
             let scale = inp.scalar("scale")?;
-            let r = if cuda {
-                gpu::attention_jvp(&q, &k, &v, scale, dtype)?
-            } else {
-                ops::attention_jvp(&q, &k, &v, scale)?
+            let lens = inp.counts("key_lens")?;
+            let r = match (cuda, &lens) {
+                (true, lens) => gpu::attention_jvp(&q, &k, &v, scale, lens.as_deref(), dtype)?,
+                (false, None) => ops::attention_jvp(&q, &k, &v, scale)?,
+                (false, Some(l)) => ops::attention_jvp_with_key_lens(&q, &k, &v, scale, l)?,
             };
             vec![
                 ("to", r.o.tangent_or_zeros()),
@@ -228,12 +233,21 @@ pub fn run(
             let v = inp.tensor("v")?;
             let go = inp.tensor("go")?;
             let scale = inp.scalar("scale")?;
-            let g = if cuda {
-                let fwd = gpu::attention_forward(&q, &k, &v, scale, dtype)?;
-                gpu::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale, dtype)?
-            } else {
-                let fwd = ops::attention_forward(&q, &k, &v, scale)?;
-                ops::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale)?
+            let lens = inp.counts("key_lens")?;
+            let g = match (cuda, lens.as_deref()) {
+                (true, l) => {
+                    let fwd = gpu::attention_forward(&q, &k, &v, scale, l, dtype)?;
+                    gpu::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale, l, dtype)?
+                }
+                (false, None) => {
+                    let fwd = ops::attention_forward(&q, &k, &v, scale)?;
+                    ops::attention_backward(&q, &k, &v, &fwd.o, &fwd.lse, &go, scale)?
+                }
+                (false, Some(l)) => {
+                    let fwd = ops::attention_forward_with_key_lens(&q, &k, &v, scale, l)?;
+                    let (o, lse) = (&fwd.o, &fwd.lse);
+                    ops::attention_backward_with_key_lens(&q, &k, &v, o, lse, &go, scale, l)?
+                }
             };
             vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)]
         }
@@ -388,6 +402,37 @@ impl Inputs<'_> {
                 actual: t.shape().to_vec(),
             }),
         }
+    }
+
+    /// An optional 1-D tensor of counts (whole numbers ≥ 0 in any dtype), e.g. attention's
+    /// `key_lens`; the op checks their range.
+    fn counts(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        let Some(t) = self.map.get(name) else {
+            return Ok(None);
+        };
+        if t.shape().len() != 1 {
+            return Err(Error::Shape {
+                op: self.op,
+                tensor: name.to_string(),
+                expected: "a vector [B] of counts".into(),
+                actual: t.shape().to_vec(),
+            });
+        }
+        t.to_f64_vec()
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if x >= 0.0 && x.fract() == 0.0 && x <= u32::MAX as f64 {
+                    Ok(x as usize)
+                } else {
+                    Err(Error::invalid(
+                        self.op,
+                        format!("{name}[{i}] = {x} is not a count (a whole number >= 0)"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn mlp_params(&self) -> Result<(Tensor, Tensor, Tensor, Tensor)> {

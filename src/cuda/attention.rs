@@ -1134,6 +1134,129 @@ pub fn plan_backward(
     ])
 }
 
+/// `ptr` advanced by `elems` elements of `size` bytes; a null pointer (an absent tensor) stays null.
+fn advance(ptr: u64, elems: usize, size: usize) -> u64 {
+    if ptr == 0 {
+        0
+    } else {
+        ptr + (elems * size) as u64
+    }
+}
+
+impl JvpPtrs {
+    /// The pointers of batch entry `b` alone (its rows of every operand in `layout`, of lse and of
+    /// its tangent), for a plan over dims with B = 1.
+    pub fn batch_entry(&self, b: usize, dims: AttnDims, layout: &Layout, dtype: DType) -> JvpPtrs {
+        let size = dtype.size_in_bytes();
+        let rows = b * dims.h * dims.nq;
+        JvpPtrs {
+            q: advance(self.q, b * layout.q.b, size),
+            k: advance(self.k, b * layout.k.b, size),
+            v: advance(self.v, b * layout.v.b, size),
+            tq: advance(self.tq, b * layout.q.b, size),
+            tk: advance(self.tk, b * layout.k.b, size),
+            tv: advance(self.tv, b * layout.v.b, size),
+            o: advance(self.o, b * layout.o.b, size),
+            to: advance(self.to, b * layout.o.b, size),
+            lse: advance(self.lse, rows, 4),
+            tlse: advance(self.tlse, rows, 4),
+        }
+    }
+}
+
+impl BwdPtrs {
+    /// The pointers of batch entry `b` alone (as [`JvpPtrs::batch_entry`]; delta like lse).
+    pub fn batch_entry(&self, b: usize, dims: AttnDims, layout: &Layout, dtype: DType) -> BwdPtrs {
+        let size = dtype.size_in_bytes();
+        let rows = b * dims.h * dims.nq;
+        BwdPtrs {
+            q: advance(self.q, b * layout.q.b, size),
+            k: advance(self.k, b * layout.k.b, size),
+            v: advance(self.v, b * layout.v.b, size),
+            o: advance(self.o, b * layout.o.b, size),
+            lse: advance(self.lse, rows, 4),
+            dout: advance(self.dout, b * layout.o.b, size),
+            delta: advance(self.delta, rows, 4),
+            dq: advance(self.dq, b * layout.q.b, size),
+            dk: advance(self.dk, b * layout.k.b, size),
+            dv: advance(self.dv, b * layout.v.b, size),
+        }
+    }
+}
+
+/// Attention over padded keys: `plan(b, dims_b)` once per batch entry b, with dims_b = dims but
+/// B = 1 and Nk = key_lens\[b\] (checked: B counts, each in 1..=Nk). The plan addresses entry b
+/// (e.g. with [`JvpPtrs::batch_entry`]) and keeps the full tensors' strides, so the kernels, unchanged,
+/// stream over that entry's first key_lens\[b\] keys and never read its padding: no work is spent on
+/// padding, at the price of one launch per entry (each still H·Nq/64 blocks wide).
+pub fn plan_per_key_len(
+    dims: AttnDims,
+    key_lens: &[usize],
+    mut plan: impl FnMut(usize, AttnDims) -> Result<Vec<Step>>,
+) -> Result<Vec<Step>> {
+    dims.check()?;
+    crate::ops::attention::check_key_lens(OP, key_lens, dims.b, dims.h, dims.nk)?;
+    let mut steps = Vec::new();
+    for (b, &nk) in key_lens.iter().enumerate() {
+        steps.extend(plan(b, AttnDims { b: 1, nk, ..dims })?);
+    }
+    Ok(steps)
+}
+
+/// The forward/JVP plan of [`super::attention_sm90::plan_for`] over padded keys: batch entry b
+/// attends to its first `key_lens[b]` keys ([`plan_per_key_len`]).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_for_key_lens(
+    arch: &str,
+    variant: Variant,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: JvpPtrs,
+    scale: f32,
+    key_lens: &[usize],
+) -> Result<Vec<Step>> {
+    plan_per_key_len(dims, key_lens, |b, dims_b| {
+        let pb = p.batch_entry(b, dims, &layout, dtype);
+        super::attention_sm90::plan_for(arch, variant, dtype, dims_b, layout, pb, scale)
+    })
+}
+
+/// The backward plan of [`super::attention_sm90::plan_backward_for`] over padded keys, k, v, dk
+/// and dv contiguous \[B,H,Nk,·\] (q, o and dout in `layout`): dk and dv zeroed whole (one fill
+/// each: the padding rows' gradient is 0), then each batch entry's backward over its first
+/// `key_lens[b]` keys writes the rest.
+pub fn plan_backward_for_key_lens(
+    arch: &str,
+    dtype: DType,
+    dims: AttnDims,
+    layout: Layout,
+    p: BwdPtrs,
+    scale: f32,
+    key_lens: &[usize],
+) -> Result<Vec<Step>> {
+    dims.check()?;
+    let contiguous = Layout::contiguous(dims);
+    if layout.k != contiguous.k || layout.v != contiguous.v {
+        return Err(Error::Unsupported(format!(
+            "attention backward over padded keys: k and v must be contiguous [B, H, Nk, d] (got \
+             strides {:?} and {:?}), so that one fill zeroes the padding rows of dk and dv",
+            layout.k, layout.v
+        )));
+    }
+    require_ptrs(OP, &[("dk", p.dk), ("dv", p.dv)])?;
+    let size = dtype.size_in_bytes();
+    let mut steps = vec![
+        Step::zero(p.dk, dims.b * dims.h * dims.nk * dims.d * size),
+        Step::zero(p.dv, dims.b * dims.h * dims.nk * dims.dv * size),
+    ];
+    steps.extend(plan_per_key_len(dims, key_lens, |b, dims_b| {
+        let pb = p.batch_entry(b, dims, &layout, dtype);
+        super::attention_sm90::plan_backward_for(arch, dtype, dims_b, layout, pb, scale)
+    })?);
+    Ok(steps)
+}
+
 /// Outputs of the device-resident JVP: o \[B,H,Nq,dv\] and its tangent in the inputs' dtype, lse and
 /// its tangent f32 \[B,H,Nq\]. The tangents are `None` when no input carried one.
 pub struct DeviceAttentionJvp {
@@ -1189,12 +1312,35 @@ pub fn forward(
     v: &DeviceTensor,
     scale: Option<f64>,
 ) -> Result<(DeviceTensor, DeviceTensor)> {
+    forward_keys(q, k, v, scale, None)
+}
+
+/// [`forward`] where batch entry b attends to its first `key_lens[b]` keys only (1 ≤ key_lens\[b\]
+/// ≤ Nk; the padding rows of k and v are never read): Wan's `k_lens`, see
+/// [`crate::ops::attention_forward_with_key_lens`].
+pub fn forward_with_key_lens(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    forward_keys(q, k, v, scale, Some(key_lens))
+}
+
+fn forward_keys(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<(DeviceTensor, DeviceTensor)> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     let scale = resolve_scale(scale, dims.d)?;
     let gpu = q.gpu();
     let o = gpu.alloc_out(&dims.o_shape(), q.dtype())?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
-    forward_into(gpu, q, k, v, &o, &lse, scale)?;
+    forward_into_keys(gpu, q, k, v, &o, &lse, scale, key_lens)?;
     Ok((o, lse))
 }
 
@@ -1207,6 +1353,20 @@ pub fn forward_into(
     o: &DeviceTensor,
     lse: &DeviceTensor,
     scale: f32,
+) -> Result<()> {
+    forward_into_keys(gpu, q, k, v, o, lse, scale, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_into_keys(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    scale: f32,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     check_out("o", o, &dims.o_shape(), q.dtype())?;
@@ -1228,15 +1388,11 @@ pub fn forward_into(
         lse: lse.ptr(),
         tlse: 0,
     };
-    gpu.run(&super::attention_sm90::plan_for(
-        gpu.arch(),
-        Variant::Fwd,
-        q.dtype(),
-        dims,
-        Layout::contiguous(dims),
-        p,
-        scale,
-    )?)
+    let (arch, dtype, layout) = (gpu.arch(), q.dtype(), Layout::contiguous(dims));
+    gpu.run(&match key_lens {
+        None => super::attention_sm90::plan_for(arch, Variant::Fwd, dtype, dims, layout, p, scale)?,
+        Some(lens) => plan_for_key_lens(arch, Variant::Fwd, dtype, dims, layout, p, scale, lens)?,
+    })
 }
 
 fn check_out(name: &str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
@@ -1254,6 +1410,34 @@ pub fn jvp(
     tv: Option<&DeviceTensor>,
     scale: Option<f64>,
 ) -> Result<DeviceAttentionJvp> {
+    jvp_keys(q, k, v, [tq, tk, tv], scale, None)
+}
+
+/// [`jvp`] where batch entry b attends to its first `key_lens[b]` keys only (1 ≤ key_lens\[b\] ≤
+/// Nk; the padding rows of k, v and their tangents are never read), see
+/// [`crate::ops::attention_jvp_with_key_lens`].
+#[allow(clippy::too_many_arguments)]
+pub fn jvp_with_key_lens(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    tq: Option<&DeviceTensor>,
+    tk: Option<&DeviceTensor>,
+    tv: Option<&DeviceTensor>,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<DeviceAttentionJvp> {
+    jvp_keys(q, k, v, [tq, tk, tv], scale, Some(key_lens))
+}
+
+fn jvp_keys(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    [tq, tk, tv]: [Option<&DeviceTensor>; 3],
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<DeviceAttentionJvp> {
     let dims = check_device(q, k, v, [("q", tq, q), ("k", tk, k), ("v", tv, v)])?;
     let c = resolve_scale(scale, dims.d)?;
     let gpu = q.gpu();
@@ -1261,7 +1445,7 @@ pub fn jvp(
     let o = gpu.alloc_out(&dims.o_shape(), dtype)?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     if tq.is_none() && tk.is_none() && tv.is_none() {
-        forward_into(gpu, q, k, v, &o, &lse, c)?;
+        forward_into_keys(gpu, q, k, v, &o, &lse, c, key_lens)?;
         return Ok(DeviceAttentionJvp {
             o,
             to: None,
@@ -1277,7 +1461,8 @@ pub fn jvp(
         lse,
         tlse: Some(tlse),
     };
-    jvp_into(gpu, q, k, v, tq, tk, tv, &out, c)?;
+    let values = ValueProducts::from_env();
+    jvp_into_keys(gpu, q, k, v, [tq, tk, tv], &out, c, values, key_lens)?;
     Ok(out)
 }
 
@@ -1313,6 +1498,21 @@ pub fn jvp_into_with(
     out: &DeviceAttentionJvp,
     scale: f32,
     values: ValueProducts,
+) -> Result<()> {
+    jvp_into_keys(gpu, q, k, v, [tq, tk, tv], out, scale, values, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn jvp_into_keys(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    [tq, tk, tv]: [Option<&DeviceTensor>; 3],
+    out: &DeviceAttentionJvp,
+    scale: f32,
+    values: ValueProducts,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", tq, q), ("k", tk, k), ("v", tv, v)])?;
     let dtype = q.dtype();
@@ -1380,12 +1580,15 @@ pub fn jvp_into_with(
         tlse: tlse.ptr(),
     };
     let layout = Layout::contiguous(dims);
-    run_jvp(gpu, variant, dtype, dims, layout, p, scale, values)
+    run_jvp(
+        gpu, variant, dtype, dims, layout, p, scale, values, key_lens,
+    )
 }
 
 /// Runs the JVP plan of [`super::attention_sm90::plan_for`], or where `values` applies
 /// ([`ValueProducts::applies`]) [`super::attention_sm90::plan_f16_values_for`] over a workspace
-/// allocated here.
+/// allocated here; with `key_lens`, once per batch entry over its keys ([`plan_per_key_len`]; the
+/// entries' plans run one after another, so they share the workspace).
 #[allow(clippy::too_many_arguments)]
 fn run_jvp(
     gpu: &Gpu,
@@ -1396,30 +1599,27 @@ fn run_jvp(
     p: JvpPtrs,
     scale: f32,
     values: ValueProducts,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     use super::attention_sm90 as sm90;
+    let arch = gpu.arch();
     if values.applies(variant, dtype, dims) {
+        // Sized for the whole batch, which bounds every entry's share.
         let bytes = f16_values_workspace_bytes(variant, dims);
         let ws = gpu.alloc(&[bytes.div_ceil(4)], DType::F32)?;
-        return gpu.run(&sm90::plan_f16_values_for(
-            gpu.arch(),
-            variant,
-            dims,
-            layout,
-            p,
-            scale,
-            ws.ptr(),
-        )?);
+        let plan =
+            |dims, p| sm90::plan_f16_values_for(arch, variant, dims, layout, p, scale, ws.ptr());
+        return gpu.run(&match key_lens {
+            None => plan(dims, p)?,
+            Some(lens) => plan_per_key_len(dims, lens, |b, dims_b| {
+                plan(dims_b, p.batch_entry(b, dims, &layout, dtype))
+            })?,
+        });
     }
-    gpu.run(&sm90::plan_for(
-        gpu.arch(),
-        variant,
-        dtype,
-        dims,
-        layout,
-        p,
-        scale,
-    )?)
+    gpu.run(&match key_lens {
+        None => sm90::plan_for(arch, variant, dtype, dims, layout, p, scale)?,
+        Some(lens) => plan_for_key_lens(arch, variant, dtype, dims, layout, p, scale, lens)?,
+    })
 }
 
 /// Checks a packed projection `qkv` [B, N, 3, H, d] (q, k, v interleaved per token, the DiT's
@@ -1616,7 +1816,17 @@ pub fn jvp_packed_into_with(
         tlse: tlse.ptr(),
     };
     let layout = Layout::packed_qkv(dims);
-    run_jvp(gpu, Variant::Jvp, dtype, dims, layout, p, scale, values)
+    run_jvp(
+        gpu,
+        Variant::Jvp,
+        dtype,
+        dims,
+        layout,
+        p,
+        scale,
+        values,
+        None,
+    )
 }
 
 /// dq, dk, dv given the forward's o \[B,H,Nq,dv\] and lse (f32) and the output cotangent dout
@@ -1630,6 +1840,33 @@ pub fn backward(
     dout: &DeviceTensor,
     scale: Option<f64>,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    backward_keys(q, k, v, [o, lse, dout], scale, None)
+}
+
+/// [`backward`] of [`forward_with_key_lens`] (o and lse from it): the padding rows of dk and dv
+/// (key_lens\[b\].. of entry b) are 0, see [`crate::ops::attention_backward_with_key_lens`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_key_lens(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    backward_keys(q, k, v, [o, lse, dout], scale, Some(key_lens))
+}
+
+fn backward_keys(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    [o, lse, dout]: [&DeviceTensor; 3],
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     let c = resolve_scale(scale, dims.d)?;
     let gpu = q.gpu();
@@ -1638,7 +1875,17 @@ pub fn backward(
     let dk = gpu.alloc_out(&dims.k_shape(), dtype)?;
     let dv = gpu.alloc_out(&dims.v_shape(), dtype)?;
     let delta = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
-    backward_into(gpu, q, k, v, o, lse, dout, &delta, [&dq, &dk, &dv], c)?;
+    backward_into_keys(
+        gpu,
+        q,
+        k,
+        v,
+        [o, lse, dout],
+        &delta,
+        [&dq, &dk, &dv],
+        c,
+        key_lens,
+    )?;
     Ok((dq, dk, dv))
 }
 
@@ -1655,6 +1902,21 @@ pub fn backward_into(
     delta: &DeviceTensor,
     grads: [&DeviceTensor; 3],
     scale: f32,
+) -> Result<()> {
+    backward_into_keys(gpu, q, k, v, [o, lse, dout], delta, grads, scale, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_into_keys(
+    gpu: &Gpu,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    [o, lse, dout]: [&DeviceTensor; 3],
+    delta: &DeviceTensor,
+    grads: [&DeviceTensor; 3],
+    scale: f32,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     let dims = check_device(q, k, v, [("q", None, q), ("k", None, k), ("v", None, v)])?;
     let dtype = q.dtype();
@@ -1695,14 +1957,11 @@ pub fn backward_into(
         dk: grads[1].ptr(),
         dv: grads[2].ptr(),
     };
-    gpu.run(&super::attention_sm90::plan_backward_for(
-        gpu.arch(),
-        dtype,
-        dims,
-        Layout::contiguous(dims),
-        p,
-        scale,
-    )?)
+    let (arch, layout) = (gpu.arch(), Layout::contiguous(dims));
+    gpu.run(&match key_lens {
+        None => super::attention_sm90::plan_backward_for(arch, dtype, dims, layout, p, scale)?,
+        Some(lens) => plan_backward_for_key_lens(arch, dtype, dims, layout, p, scale, lens)?,
+    })
 }
 
 /// The backward of attention read in place from a packed projection: qkv [B, N, 3, H, d] (q, k, v
@@ -1768,6 +2027,128 @@ mod tests {
         lse: 0x9000,
         tlse: 0xa000,
     };
+
+    #[test]
+    fn key_len_plans_launch_each_batch_entry_on_its_own_keys() {
+        let dims = AttnDims {
+            b: 3,
+            h: 2,
+            nq: 77,
+            nk: 300,
+            d: 64,
+            dv: 64,
+        };
+        let lay = Layout::contiguous(dims);
+        let lens = [300, 1, 131];
+        let kernels = |steps: &[Step]| -> Vec<Launch> {
+            steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Kernel(l) => Some(l.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for arch in ["sm_80", "sm_90a"] {
+            let steps = plan_for_key_lens(
+                arch,
+                Variant::Jvp,
+                DType::BF16,
+                dims,
+                lay,
+                FAKE_PTRS,
+                0.125,
+                &lens,
+            )
+            .unwrap();
+            let launches = kernels(&steps);
+            assert_eq!(launches.len(), 3, "{arch}: one launch per batch entry");
+            for (b, l) in launches.iter().enumerate() {
+                // One entry's heads; Nk = its key count; lse of entry b at its first row.
+                assert_eq!(l.grid.1, 2, "{arch}: grid y = H");
+                let ints: Vec<i32> = l
+                    .args
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arg::I32(x) => Some(*x),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(
+                    &ints[..2],
+                    &[77, lens[b] as i32],
+                    "{arch}: Nq, Nk of entry {b}"
+                );
+                let lse = FAKE_PTRS.lse + (b * 2 * 77 * 4) as u64;
+                assert!(l.args.contains(&Arg::Ptr(lse)), "{arch}: lse of entry {b}");
+                let o = FAKE_PTRS.o + (b * 2 * 77 * 64 * 2) as u64;
+                assert!(l.args.contains(&Arg::Ptr(o)), "{arch}: o of entry {b}");
+            }
+            // Every key counted: the same kernels as the plain plan, one launch per entry.
+            let full = plan_for_key_lens(
+                arch,
+                Variant::Fwd,
+                DType::F32,
+                dims,
+                lay,
+                FAKE_PTRS,
+                0.125,
+                &[300; 3],
+            )
+            .unwrap();
+            let plain = super::super::attention_sm90::plan_for(
+                arch,
+                Variant::Fwd,
+                DType::F32,
+                dims,
+                lay,
+                FAKE_PTRS,
+                0.125,
+            )
+            .unwrap();
+            assert_eq!(kernels(&full)[0].kernel, kernels(&plain)[0].kernel);
+        }
+        let bp = BwdPtrs {
+            q: 0x1000,
+            k: 0x2000,
+            v: 0x3000,
+            o: 0x4000,
+            lse: 0x5000,
+            dout: 0x6000,
+            delta: 0x7000,
+            dq: 0x8000,
+            dk: 0x9000,
+            dv: 0xa000,
+        };
+        let steps =
+            plan_backward_for_key_lens("sm_80", DType::F16, dims, lay, bp, 0.125, &lens).unwrap();
+        // dk and dv zeroed whole first (the padding rows' gradient), then 3 kernels per entry.
+        let bytes = 3 * 2 * 300 * 64 * 2;
+        assert_eq!(steps[0], Step::zero(bp.dk, bytes));
+        assert_eq!(steps[1], Step::zero(bp.dv, bytes));
+        assert_eq!(kernels(&steps).len(), 9);
+        // Strided k: one fill could not zero just its padding rows, so the plan refuses.
+        let mut strided = lay;
+        strided.k = Layout::packed_qkv(AttnDims { nq: 300, ..dims }).k;
+        let e = plan_backward_for_key_lens("sm_80", DType::F16, dims, strided, bp, 0.125, &lens)
+            .unwrap_err();
+        assert!(e.to_string().contains("contiguous"), "{e}");
+        // Bad counts name key_lens.
+        for bad in [&[300, 1][..], &[300, 0, 1], &[301, 1, 1]] {
+            let e = plan_for_key_lens(
+                "sm_80",
+                Variant::Fwd,
+                DType::F32,
+                dims,
+                lay,
+                FAKE_PTRS,
+                0.125,
+                bad,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("key_lens"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn layouts_are_checked() {

@@ -273,6 +273,18 @@ fn check_tma_ptrs(what: &str, ptrs: &[(&str, u64)]) -> Result<()> {
     }
 }
 
+/// Errors unless each f32 row vector (lse, its tangent, delta: read and written one float at a time,
+/// never through TMA) is non-null and 4-byte aligned. The per-batch plans of padded keys start
+/// them at entry b's rows, which a 16-byte rule would refuse whenever H·Nq is not a multiple of 4.
+fn check_f32_ptrs(what: &str, ptrs: &[(&str, u64)]) -> Result<()> {
+    match ptrs.iter().find(|(_, p)| *p == 0 || p % 4 != 0) {
+        Some((name, ptr)) => Err(Error::Unsupported(format!(
+            "{what}: `{name}` at {ptr:#x} is null or not 4-byte aligned (an f32 row vector)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether the Hopper kernels take this problem on a device of NVRTC arch `arch` (ignoring the
 /// `FLASHJVP_ATTENTION_PATH` override; see [`path_for`]).
 pub fn supported(arch: &str, dtype: DType, dims: AttnDims) -> bool {
@@ -398,20 +410,17 @@ fn plan_kernel(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     check_problem("attention (sm_90a)", dtype, dims, scale)?;
-    let mut named = vec![
-        ("q", p.q),
-        ("k", p.k),
-        ("v", p.v),
-        ("o", p.o),
-        ("lse", p.lse),
-    ];
+    let mut named = vec![("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)];
+    let mut rows = vec![("lse", p.lse)];
     if variant != Variant::Fwd {
-        named.extend([("tq", p.tq), ("to", p.to), ("tlse", p.tlse)]);
+        named.extend([("tq", p.tq), ("to", p.to)]);
+        rows.push(("tlse", p.tlse));
     }
     if variant == Variant::Jvp {
         named.extend([("tk", p.tk), ("tv", p.tv)]);
     }
     check_tma_ptrs("attention on the GPU (sm_90a)", &named)?;
+    check_f32_ptrs("attention on the GPU (sm_90a)", &rows)?;
     layout.check(dtype, dims)?;
     let bh = dims.b * dims.h;
     let bc = key_tile(variant, dims.d);
@@ -580,9 +589,11 @@ pub fn plan_backward(
 ) -> Result<Vec<Step>> {
     let dt = dtype_suffix(dtype)?;
     check_problem("attention backward (sm_90a)", dtype, dims, scale)?;
-    let mut named = p.named().to_vec();
-    named.extend([("lse", p.lse), ("delta", p.delta)]);
-    check_tma_ptrs("attention backward on the GPU (sm_90a)", &named)?;
+    check_tma_ptrs("attention backward on the GPU (sm_90a)", &p.named())?;
+    check_f32_ptrs(
+        "attention backward on the GPU (sm_90a)",
+        &[("lse", p.lse), ("delta", p.delta)],
+    )?;
     layout.check(dtype, dims)?;
     layout.check_gradients(dims)?;
     let [rows_kv, rows_q] = bwd_stream_rows(dims.d);

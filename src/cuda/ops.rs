@@ -56,19 +56,24 @@ fn check_attention(q: &Dual, k: &Dual, v: &Dual, dtype: DType) -> Result<attn::A
     Ok(dims)
 }
 
-/// o and lse (f32) of the primal attention on the GPU.
+/// o and lse (f32) of the primal attention on the GPU; with `key_lens`, batch entry b attends to its
+/// first key_lens\[b\] keys only ([`crate::ops::attention_forward_with_key_lens`]).
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: Option<f64>,
+    key_lens: Option<&[usize]>,
     dtype: DType,
 ) -> Result<AttentionOutput> {
     let dims = check_attention_primal(q, k, v, dtype)?;
     attn::resolve_scale(scale, dims.d)?;
     let gpu = gpu_for(dtype)?;
     let [q, k, v] = upload3(&gpu, [q, k, v], dtype)?;
-    let (o, lse) = attn::forward(&q, &k, &v, scale)?;
+    let (o, lse) = match key_lens {
+        None => attn::forward(&q, &k, &v, scale)?,
+        Some(lens) => attn::forward_with_key_lens(&q, &k, &v, scale, lens)?,
+    };
     Ok(AttentionOutput {
         o: o.download()?,
         lse: lse.download()?,
@@ -84,12 +89,14 @@ fn upload3(gpu: &Gpu, ts: [&Tensor; 3], dtype: DType) -> Result<[super::DeviceTe
 }
 
 /// o, lse and their tangents on the GPU. Without tangents on k and v the faster kernel for
-/// constant K and V runs; without any tangent the outputs' tangents are `None`.
+/// constant K and V runs; without any tangent the outputs' tangents are `None`. `key_lens` as in
+/// [`attention_forward`].
 pub fn attention_jvp(
     q: &Dual,
     k: &Dual,
     v: &Dual,
     scale: Option<f64>,
+    key_lens: Option<&[usize]>,
     dtype: DType,
 ) -> Result<AttentionJvp> {
     let dims = check_attention(q, k, v, dtype)?;
@@ -98,7 +105,11 @@ pub fn attention_jvp(
     let [qd, kd, vd] = upload3(&gpu, [&q.primal, &k.primal, &v.primal], dtype)?;
     let up = |t: &Option<Tensor>| t.as_ref().map(|t| gpu.upload(t, dtype)).transpose();
     let (tq, tk, tv) = (up(&q.tangent)?, up(&k.tangent)?, up(&v.tangent)?);
-    let r = attn::jvp(&qd, &kd, &vd, tq.as_ref(), tk.as_ref(), tv.as_ref(), scale)?;
+    let (tq, tk, tv) = (tq.as_ref(), tk.as_ref(), tv.as_ref());
+    let r = match key_lens {
+        None => attn::jvp(&qd, &kd, &vd, tq, tk, tv, scale)?,
+        Some(lens) => attn::jvp_with_key_lens(&qd, &kd, &vd, tq, tk, tv, scale, lens)?,
+    };
     let down = |t: &Option<super::DeviceTensor>| t.as_ref().map(|t| t.download()).transpose();
     Ok(AttentionJvp {
         o: dual_of(r.o.download()?, down(&r.to)?)?,
@@ -106,7 +117,8 @@ pub fn attention_jvp(
     })
 }
 
-/// dq, dk, dv on the GPU given the forward's o and lse and the cotangent go.
+/// dq, dk, dv on the GPU given the forward's o and lse and the cotangent go; `key_lens` as in
+/// [`attention_forward`] (the padding keys' dk and dv are 0).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &Tensor,
@@ -116,6 +128,7 @@ pub fn attention_backward(
     lse: &Tensor,
     go: &Tensor,
     scale: Option<f64>,
+    key_lens: Option<&[usize]>,
     dtype: DType,
 ) -> Result<AttentionGrads> {
     let dims = check_attention_primal(q, k, v, dtype)?;
@@ -133,7 +146,10 @@ pub fn attention_backward(
     let od = gpu.upload(o, dtype)?;
     let gd = gpu.upload(go, dtype)?;
     let lsed = gpu.upload(lse, DType::F32)?;
-    let (dq, dk, dv) = attn::backward(&qd, &kd, &vd, &od, &lsed, &gd, scale)?;
+    let (dq, dk, dv) = match key_lens {
+        None => attn::backward(&qd, &kd, &vd, &od, &lsed, &gd, scale)?,
+        Some(lens) => attn::backward_with_key_lens(&qd, &kd, &vd, &od, &lsed, &gd, scale, lens)?,
+    };
     Ok(AttentionGrads {
         dq: dq.download()?,
         dk: dk.download()?,
