@@ -138,16 +138,33 @@ fn attention(g: &mut Gen) -> Result<()> {
     } else {
         None
     };
+    // Padded keys half the time: one count per batch entry, mostly in 1..=Nk, sometimes 0 or past
+    // Nk, sometimes one count too few or too many.
+    let key_lens: Option<Vec<usize>> = if g.u.arbitrary()? {
+        let n = if g.u.ratio(7, 8)? { b } else { g.dim()? };
+        let lens = (0..n).map(|_| g.u.int_in_range(0..=nk + 1));
+        Some(lens.collect::<Result<_>>()?)
+    } else {
+        None
+    };
+    let lens = key_lens.as_deref();
     let o_shape = |q: &Tensor, v: &Tensor| {
         let (qs, vs) = (q.shape(), v.shape());
         vec![qs[0], qs[1], qs[2], vs[3]]
     };
-    let fwd = ops::attention_forward(&q.primal, &k.primal, &v.primal, scale);
+    let fwd = match lens {
+        None => ops::attention_forward(&q.primal, &k.primal, &v.primal, scale),
+        Some(l) => ops::attention_forward_with_key_lens(&q.primal, &k.primal, &v.primal, scale, l),
+    };
     if let Ok(f) = &fwd {
         assert_eq!(f.o.shape(), o_shape(&q.primal, &v.primal));
         assert_eq!(f.lse.shape(), &q.primal.shape()[..3]);
     }
-    if let Ok(j) = ops::attention_jvp(&q, &k, &v, scale) {
+    let jvp = match lens {
+        None => ops::attention_jvp(&q, &k, &v, scale),
+        Some(l) => ops::attention_jvp_with_key_lens(&q, &k, &v, scale, l),
+    };
+    if let Ok(j) = jvp {
         assert_eq!(j.o.shape(), o_shape(&q.primal, &v.primal));
         assert_eq!(j.lse.shape(), &q.primal.shape()[..3]);
         j.o.check("fuzz", "o").unwrap();
@@ -159,7 +176,12 @@ fn attention(g: &mut Gen) -> Result<()> {
         Ok(f) if g.u.ratio(3, 4)? => (f.o, f.lse),
         _ => (g.tensor(&[b, h, nq, dv])?, g.tensor(&[b, h, nq])?),
     };
-    if let Ok(gr) = ops::attention_backward(&q.primal, &k.primal, &v.primal, &o, &lse, &go, scale) {
+    let (qp, kp, vp) = (&q.primal, &k.primal, &v.primal);
+    let grads = match lens {
+        None => ops::attention_backward(qp, kp, vp, &o, &lse, &go, scale),
+        Some(l) => ops::attention_backward_with_key_lens(qp, kp, vp, &o, &lse, &go, scale, l),
+    };
+    if let Ok(gr) = grads {
         assert_eq!(gr.dq.shape(), q.primal.shape());
         assert_eq!(gr.dk.shape(), k.primal.shape());
         assert_eq!(gr.dv.shape(), v.primal.shape());

@@ -14,13 +14,15 @@ def encode(values, dtype):
     return b"".join(struct.pack(fmt, v) for v in values)
 
 
-def write(path, tensors, dtype):
+def write(path, tensors, dtype, fixed=None):
+    """Random normal values, except the tensors named in `fixed` (name -> list of values)."""
     header, data = {}, b""
     for name, shape in tensors:
         n = 1
         for d in shape:
             n *= d
-        raw = encode([random.gauss(0, 1) for _ in range(n)], dtype)
+        values = (fixed or {}).get(name) or [random.gauss(0, 1) for _ in range(n)]
+        raw = encode(values, dtype)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     h = json.dumps(header, separators=(",", ":")).encode()
@@ -40,3 +42,6 @@ for dtype in DTYPES:
     write(f"safetensors_input/attention_{dtype.lower()}", attention, dtype)
     write(f"safetensors_input/layernorm_mod_{dtype.lower()}", layernorm, dtype)
     write(f"safetensors_input/mlp_{dtype.lower()}", mlp, dtype)
+# Padded keys: batch 2, entry 0 attends to 2 of its 4 keys, entry 1 to all 4.
+keyed = [(n, [2] + s[1:] if s else s) for n, s in attention] + [("key_lens", [2])]
+write("safetensors_input/attention_key_lens_f32", keyed, "F32", {"key_lens": [2.0, 4.0]})
