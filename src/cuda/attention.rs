@@ -11,6 +11,12 @@
 //! [`jvp_packed`] and [`backward_packed`] run on a packed projection qkv [B, N, 3, H, d] in place,
 //! with o token-major [B, N, H, d] (the DiT's layout: no permutation around attention).
 //!
+//! Keys padded per batch entry (`key_lens`, Wan's `k_lens`): [`forward_with_key_lens`],
+//! [`jvp_with_key_lens`], [`backward_with_key_lens`] and, on memory another library owns,
+//! [`plan_for_key_lens`] and [`plan_backward_for_key_lens`] run the same kernels once per batch
+//! entry with Nk = key_lens\[b\] and that entry's pointers ([`plan_per_key_len`]): the padding
+//! is never read and costs no work, at one launch per entry.
+//!
 //! On device tensors (no host round trip; every failure, a missing driver or GPU included, is an
 //! error value):
 //!
