@@ -457,6 +457,18 @@ def main():
         row.update({"jvp_vf16_ms": vf.get("ms"), "jvp_vf16_over_jvp": ratio})
         f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
         log(f"{str(shape):40} {f(jv.get('ms'))} {f(vf.get('ms'), 11)} ({f(vf.get('tflops'), 5, 0)}) {f(ratio, 9, 3)}x")
+    # Padded keys (key_lens) with every key counted: the per-batch-entry plan's overhead (B launches).
+    log("")
+    log("attention JVP over key_lens, all keys counted (bf16)   jvp ms   jvp_key_lens ms   key_lens/jvp")
+    for row, (shape, p) in zip(table, by_shape.items()):
+        if "jvp_key_lens" not in p:
+            continue
+        nan = float("nan")
+        jv, kl = p.get("jvp", {}), p["jvp_key_lens"]
+        ratio = (kl.get("ms") or nan) / (jv.get("ms") or nan)
+        row.update({"jvp_key_lens_ms": kl.get("ms"), "jvp_key_lens_over_jvp": ratio})
+        f = lambda v, w=8, pr=3: f"{v:{w}.{pr}f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}"
+        log(f"{str(shape):54} {f(jv.get('ms'))} {f(kl.get('ms'), 15)} {f(ratio, 13, 3)}x")
     if args.split_schedule:
         out["split_schedule"] = split_schedule(binary, by_shape, t_start + args.time_limit_s)
     if args.keys64:

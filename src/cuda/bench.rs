@@ -732,6 +732,23 @@ fn bench_attention(
         r.path = Some(path.name().into());
         rows.push(r);
     }
+    if b > 1 {
+        // The JVP through the padded-keys plan with every key counted: the same work as "jvp" in
+        // one launch per batch entry, so the ratio is that plan's launch and tail overhead.
+        let lens = vec![nk; b];
+        let plans = inputs
+            .iter()
+            .map(|x| {
+                let (arch, p) = (gpu.arch(), ptrs(x));
+                attn::plan_for_key_lens(arch, Variant::Jvp, dtype, dims, layout, p, scale, &lens)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t = time_plans(gpu, &plans, BUDGET_MS)?;
+        let mut r = row(BenchOp::Attention, "jvp_key_lens", &shape, dtype, t);
+        r.tflops = Some(flops(12.0) / (t.0 * 1e-3) / 1e12);
+        r.path = Some(path.name().into());
+        rows.push(r);
+    }
     if nq == nk {
         let packed = attn::Layout::packed_qkv(dims);
         let step = (h * d * s) as u64;
