@@ -69,26 +69,14 @@ impl<T> Tangents<'_, T> {
     }
 }
 
-/// o and lse (each sized as its layout above).
-pub fn forward<T: Real>(
-    dims: Dims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    scale: T,
-    o: &mut [T],
-    lse: &mut [T],
-) {
-    stream(dims, None, q, k, v, Tangents::none(), scale, o, lse, None);
-}
-
 /// How many of the Nk keys each problem attends to: all of them, or per problem (batch·head) its
 /// first `n` (1 ≤ n ≤ Nk; the rest are padding that no output depends on and whose gradients are 0).
 pub type KeyCounts<'a> = Option<&'a [usize]>;
 
-/// [`forward`] over the first `keys[bh]` keys of each problem bh.
+/// o and lse (each sized as its layout above), over the first `keys[bh]` keys of each problem bh
+/// (all Nk when `keys` is `None`).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_keys<T: Real>(
+pub fn forward<T: Real>(
     dims: Dims,
     keys: KeyCounts,
     q: &[T],
@@ -104,36 +92,9 @@ pub fn forward_keys<T: Real>(
 /// o, lse and their tangents `to` (\[B,H,Nq,dv\]) and `tlse` (\[B,H,Nq\]) in one streaming pass:
 /// running max m, sum l and accumulators O = Σ p v, T = Σ p (v̇ + ṡ v), r = Σ p ṡ per query row,
 /// finished as o = O/l, μ = r/l, ȯ = T/l − μ·o, lse = m + ln l, l̇se = μ.
+/// Over the first `keys[bh]` keys of each problem bh (all Nk when `keys` is `None`).
 #[allow(clippy::too_many_arguments)]
 pub fn jvp<T: Real>(
-    dims: Dims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    tangents: Tangents<T>,
-    scale: T,
-    o: &mut [T],
-    lse: &mut [T],
-    to: &mut [T],
-    tlse: &mut [T],
-) {
-    stream(
-        dims,
-        None,
-        q,
-        k,
-        v,
-        tangents,
-        scale,
-        o,
-        lse,
-        Some((to, tlse)),
-    );
-}
-
-/// [`jvp`] over the first `keys[bh]` keys of each problem bh.
-#[allow(clippy::too_many_arguments)]
-pub fn jvp_keys<T: Real>(
     dims: Dims,
     keys: KeyCounts,
     q: &[T],
@@ -563,27 +524,10 @@ fn exp_f32(y: f32) -> f32 {
 /// Two parallel passes without any shared accumulation: one task per (bh, key block) for dK and
 /// dV, one per (bh, query block) for dQ (the second recomputes S and dP: 14 instead of 10
 /// N²d flops, in exchange for no reduction across tasks).
+/// Over the first `keys[bh]` keys of each problem bh (all Nk when `keys` is `None`); the gradients
+/// of the other keys (padding) are 0.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
-    dims: Dims,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    o: &[T],
-    lse: &[T],
-    go: &[T],
-    scale: T,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv_out: &mut [T],
-) {
-    backward_keys(dims, None, q, k, v, o, lse, go, scale, dq, dk, dv_out);
-}
-
-/// [`backward`] over the first `keys[bh]` keys of each problem bh; the gradients of the other
-/// keys (padding) are 0.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_keys<T: Real>(
     dims: Dims,
     keys: KeyCounts,
     q: &[T],

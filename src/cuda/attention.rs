@@ -1140,12 +1140,36 @@ pub fn plan_backward(
     ])
 }
 
-/// `ptr` advanced by `elems` elements of `size` bytes; a null pointer (an absent tensor) stays null.
-fn advance(ptr: u64, elems: usize, size: usize) -> u64 {
+/// Byte offsets of batch entry b: in q, k, v and o (and the tensors sharing their layouts) and in
+/// the f32 row vectors (lse, its tangent, delta).
+struct EntryOffsets {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    rows: u64,
+}
+
+impl EntryOffsets {
+    fn new(b: usize, dims: AttnDims, layout: &Layout, dtype: DType) -> Self {
+        let bytes = |elems: usize, size: usize| (b * elems * size) as u64;
+        let size = dtype.size_in_bytes();
+        EntryOffsets {
+            q: bytes(layout.q.b, size),
+            k: bytes(layout.k.b, size),
+            v: bytes(layout.v.b, size),
+            o: bytes(layout.o.b, size),
+            rows: bytes(dims.h * dims.nq, 4),
+        }
+    }
+}
+
+/// `ptr` advanced by `offset` bytes; a null pointer (an absent tensor) stays null.
+fn advance(ptr: u64, offset: u64) -> u64 {
     if ptr == 0 {
         0
     } else {
-        ptr + (elems * size) as u64
+        ptr + offset
     }
 }
 
@@ -1153,19 +1177,18 @@ impl JvpPtrs {
     /// The pointers of batch entry `b` alone (its rows of every operand in `layout`, of lse and of
     /// its tangent), for a plan over dims with B = 1.
     pub fn batch_entry(&self, b: usize, dims: AttnDims, layout: &Layout, dtype: DType) -> JvpPtrs {
-        let size = dtype.size_in_bytes();
-        let rows = b * dims.h * dims.nq;
+        let e = EntryOffsets::new(b, dims, layout, dtype);
         JvpPtrs {
-            q: advance(self.q, b * layout.q.b, size),
-            k: advance(self.k, b * layout.k.b, size),
-            v: advance(self.v, b * layout.v.b, size),
-            tq: advance(self.tq, b * layout.q.b, size),
-            tk: advance(self.tk, b * layout.k.b, size),
-            tv: advance(self.tv, b * layout.v.b, size),
-            o: advance(self.o, b * layout.o.b, size),
-            to: advance(self.to, b * layout.o.b, size),
-            lse: advance(self.lse, rows, 4),
-            tlse: advance(self.tlse, rows, 4),
+            q: advance(self.q, e.q),
+            k: advance(self.k, e.k),
+            v: advance(self.v, e.v),
+            tq: advance(self.tq, e.q),
+            tk: advance(self.tk, e.k),
+            tv: advance(self.tv, e.v),
+            o: advance(self.o, e.o),
+            to: advance(self.to, e.o),
+            lse: advance(self.lse, e.rows),
+            tlse: advance(self.tlse, e.rows),
         }
     }
 }
@@ -1173,19 +1196,18 @@ impl JvpPtrs {
 impl BwdPtrs {
     /// The pointers of batch entry `b` alone (as [`JvpPtrs::batch_entry`]; delta like lse).
     pub fn batch_entry(&self, b: usize, dims: AttnDims, layout: &Layout, dtype: DType) -> BwdPtrs {
-        let size = dtype.size_in_bytes();
-        let rows = b * dims.h * dims.nq;
+        let e = EntryOffsets::new(b, dims, layout, dtype);
         BwdPtrs {
-            q: advance(self.q, b * layout.q.b, size),
-            k: advance(self.k, b * layout.k.b, size),
-            v: advance(self.v, b * layout.v.b, size),
-            o: advance(self.o, b * layout.o.b, size),
-            lse: advance(self.lse, rows, 4),
-            dout: advance(self.dout, b * layout.o.b, size),
-            delta: advance(self.delta, rows, 4),
-            dq: advance(self.dq, b * layout.q.b, size),
-            dk: advance(self.dk, b * layout.k.b, size),
-            dv: advance(self.dv, b * layout.v.b, size),
+            q: advance(self.q, e.q),
+            k: advance(self.k, e.k),
+            v: advance(self.v, e.v),
+            o: advance(self.o, e.o),
+            lse: advance(self.lse, e.rows),
+            dout: advance(self.dout, e.o),
+            delta: advance(self.delta, e.rows),
+            dq: advance(self.dq, e.q),
+            dk: advance(self.dk, e.k),
+            dv: advance(self.dv, e.v),
         }
     }
 }

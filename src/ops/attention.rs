@@ -88,7 +88,7 @@ fn forward_impl(
         let c = resolve_scale::<T>(scale, dims.d)?;
         let mut o = vec![T::zero(); dims.bh * dims.nq * dims.dv];
         let mut lse = vec![T::zero(); dims.bh * dims.nq];
-        cpu::forward_keys(dims, keys, data(q), data(k), data(v), c, &mut o, &mut lse);
+        cpu::forward(dims, keys, data(q), data(k), data(v), c, &mut o, &mut lse);
         Ok(AttentionOutput {
             o: Tensor::from_vec(o, &[b, h, dims.nq, dims.dv])?,
             lse: Tensor::from_vec(lse, &[b, h, dims.nq])?,
@@ -148,7 +148,7 @@ fn jvp_impl(
         let (no, nl) = (dims.bh * dims.nq * dims.dv, dims.bh * dims.nq);
         let (mut o, mut lse) = (vec![T::zero(); no], vec![T::zero(); nl]);
         let (mut to, mut tlse) = (vec![T::zero(); no], vec![T::zero(); nl]);
-        cpu::jvp_keys(
+        cpu::jvp(
             dims,
             counts.as_deref(),
             data(&q.primal),
@@ -232,7 +232,7 @@ fn backward_impl(
         let mut dq = vec![T::zero(); q.numel()];
         let mut dk = vec![T::zero(); k.numel()];
         let mut dv = vec![T::zero(); v.numel()];
-        cpu::backward_keys(
+        cpu::backward(
             dims,
             counts.as_deref(),
             data(q),
