@@ -1142,6 +1142,166 @@ fn mixed_layout(dims: cuda::attention::AttnDims) -> cuda::attention::Layout {
     }
 }
 
+// Padded keys on memory laid out as flash-attn's [B, N, H, d] (token-major q, k, v, o), through the
+// plan functions: the JVP's three variants and the backward, the padding rows of k, v and their
+// tangents NaN, every output and gradient poisoned first (the backward's fills must zero dk and dv's
+// padding rows, one run per padded entry).
+gpu_test!(attention_key_lens_token_major_plans, |dtype| {
+    use cuda::attention::{self as attn, BwdPtrs, JvpPtrs, Strides, Variant};
+    let gpu = cuda::Gpu::get().unwrap();
+    for (i, &(s, lens)) in KEY_LENS.iter().enumerate() {
+        let [qs, ks, vs] = attn_shape(s);
+        let dims = attn::check_shapes(&qs, &ks, &vs).unwrap();
+        let (h, nq, nk, d, dv) = (dims.h, dims.nq, dims.nk, dims.d, dims.dv);
+        let lay = attn::Layout {
+            q: Strides::token_major(nq, h, d),
+            k: Strides::token_major(nk, h, d),
+            v: Strides::token_major(nk, h, dv),
+            o: Strides::token_major(nq, h, dv),
+        };
+        let put = |t: &Tensor, st: Strides| {
+            let sh = t.shape();
+            let mut buf = vec![0.0; st.span(sh[0], sh[1], sh[2], sh[3]).unwrap()];
+            common::scatter_bhnd(t, &mut buf, 0, strides(st));
+            let len = buf.len();
+            gpu.upload(
+                &Tensor::from_f64_vec(buf, &[len], DType::F64).unwrap(),
+                dtype,
+            )
+            .unwrap()
+        };
+        let take = |t: &cuda::DeviceTensor, st: Strides, shape: [usize; 4]| {
+            common::gather_bhnd(&t.download().unwrap().to_f64_vec(), 0, strides(st), shape)
+        };
+        let mut r = rng(1400 + i as u64);
+        let q = dual(&mut r, &qs, true);
+        let pad = |d: Dual| Dual {
+            primal: nan_padded(&d.primal, lens),
+            tangent: d.tangent.map(|t| nan_padded(&t, lens)),
+        };
+        let (k, v) = (pad(dual(&mut r, &ks, true)), pad(dual(&mut r, &vs, true)));
+        let tan = |x: &Dual| x.tangent.clone().unwrap();
+        let (qd, kd, vd) = (
+            put(&q.primal, lay.q),
+            put(&k.primal, lay.k),
+            put(&v.primal, lay.v),
+        );
+        let (tqd, tkd, tvd) = (
+            put(&tan(&q), lay.q),
+            put(&tan(&k), lay.k),
+            put(&tan(&v), lay.v),
+        );
+        let o_len = lay.o.span(dims.b, h, nq, dv).unwrap();
+        let scale = attn::resolve_scale(None, d).unwrap();
+        let n = format!("{} lens {lens:?}", name(s));
+        let (rq, rk, rv) = (rdd(&q, dtype), rdd(&k, dtype), rdd(&v, dtype));
+        for variant in [Variant::Jvp, Variant::JvpNoKv, Variant::Fwd] {
+            let o = gpu.poisoned(&[o_len], dtype).unwrap();
+            let to = gpu.poisoned(&[o_len], dtype).unwrap();
+            let lse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+            let tlse = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+            let p = JvpPtrs {
+                q: qd.ptr(),
+                k: kd.ptr(),
+                v: vd.ptr(),
+                tq: tqd.ptr(),
+                tk: tkd.ptr(),
+                tv: tvd.ptr(),
+                o: o.ptr(),
+                to: to.ptr(),
+                lse: lse.ptr(),
+                tlse: tlse.ptr(),
+            };
+            let plan =
+                attn::plan_for_key_lens(gpu.arch(), variant, dtype, dims, lay, p, scale, lens)
+                    .unwrap();
+            gpu.run(&plan).unwrap();
+            let (kk, vv) = match variant {
+                Variant::Jvp => (rk.clone(), rv.clone()),
+                _ => (
+                    Dual::constant(rk.primal.clone()),
+                    Dual::constant(rv.primal.clone()),
+                ),
+            };
+            let want = ops::attention_jvp_with_key_lens(&rq, &kk, &vv, None, lens).unwrap();
+            let label = format!("{variant:?} [{n}]");
+            let o_shape = dims.o_shape();
+            check(
+                &format!("attention key_lens token-major o {label}"),
+                dtype,
+                &take(&o, lay.o, o_shape),
+                &want.o.primal,
+                tol(dtype),
+            );
+            check(
+                &format!("attention key_lens token-major lse {label}"),
+                dtype,
+                &lse.download().unwrap(),
+                &want.lse.primal,
+                tol(dtype),
+            );
+            if variant != Variant::Fwd {
+                check(
+                    &format!("attention key_lens token-major tangent o {label}"),
+                    dtype,
+                    &take(&to, lay.o, o_shape),
+                    want.o.tangent.as_ref().unwrap(),
+                    tol_tangent(dtype),
+                );
+            }
+        }
+        // The backward from the reference's o and lse, as the kernels would store them.
+        let want =
+            ops::attention_forward_with_key_lens(&rq.primal, &rk.primal, &rv.primal, None, lens)
+                .unwrap();
+        let (o, lse) = (rd(&want.o, dtype), rd(&want.lse, DType::F32));
+        let go = rd(&randn(&[s.0, s.1, s.2, s.5], &mut r), dtype);
+        let (od, god) = (put(&o, lay.o), put(&go, lay.o));
+        let lsed = gpu.upload(&lse, DType::F32).unwrap();
+        let delta = gpu.poisoned(&dims.lse_shape(), DType::F32).unwrap();
+        let q_len = lay.q.span(dims.b, h, nq, d).unwrap();
+        let (k_len, v_len) = (
+            lay.k.span(dims.b, h, nk, d).unwrap(),
+            lay.v.span(dims.b, h, nk, dv).unwrap(),
+        );
+        let dq = gpu.poisoned(&[q_len], dtype).unwrap();
+        let dk = gpu.poisoned(&[k_len], dtype).unwrap();
+        let dvd = gpu.poisoned(&[v_len], dtype).unwrap();
+        let p = BwdPtrs {
+            q: qd.ptr(),
+            k: kd.ptr(),
+            v: vd.ptr(),
+            o: od.ptr(),
+            lse: lsed.ptr(),
+            dout: god.ptr(),
+            delta: delta.ptr(),
+            dq: dq.ptr(),
+            dk: dk.ptr(),
+            dv: dvd.ptr(),
+        };
+        let plan =
+            attn::plan_backward_for_key_lens(gpu.arch(), dtype, dims, lay, p, scale, lens).unwrap();
+        gpu.run(&plan).unwrap();
+        let (rq, rk, rv) = (&rq.primal, &rk.primal, &rv.primal);
+        let want =
+            ops::attention_backward_with_key_lens(rq, rk, rv, &o, &lse, &go, None, lens).unwrap();
+        for (gname, got, st, shape, w) in [
+            ("dq", &dq, lay.q, dims.q_shape(), &want.dq),
+            ("dk", &dk, lay.k, dims.k_shape(), &want.dk),
+            ("dv", &dvd, lay.v, dims.v_shape(), &want.dv),
+        ] {
+            // check() also finds any padding row left poisoned (NaN) by a missing fill.
+            check(
+                &format!("attention key_lens token-major bwd {gname} [{n}]"),
+                dtype,
+                &take(got, st, shape),
+                w,
+                tol(dtype),
+            );
+        }
+    }
+});
+
 // All three variants (the nokv one included) through the plan functions with `mixed_layout`:
 // every operand strided differently, tangents in their primal's layout, outputs poisoned.
 gpu_test!(attention_strided_plans, |dtype| {

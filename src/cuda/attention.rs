@@ -1250,10 +1250,11 @@ pub fn plan_for_key_lens(
     })
 }
 
-/// The backward plan of [`super::attention_sm90::plan_backward_for`] over padded keys, k, v, dk
-/// and dv contiguous \[B,H,Nk,·\] (q, o and dout in `layout`): dk and dv zeroed whole (one fill
-/// each: the padding rows' gradient is 0), then each batch entry's backward over its first
-/// `key_lens[b]` keys writes the rest.
+/// The backward plan of [`super::attention_sm90::plan_backward_for`] over padded keys: the padding
+/// rows of dk and dv zeroed first (their gradient is 0, and no kernel writes
+/// them), then each batch entry's backward over its first `key_lens[b]` keys writes the rest.
+/// k and v (and so dk, dv) must be contiguous [B, H, Nk, ·] or token-major [B, Nk, H, ·] (the
+/// flash-attn layout); other layouts are refused.
 pub fn plan_backward_for_key_lens(
     arch: &str,
     dtype: DType,
@@ -1264,25 +1265,53 @@ pub fn plan_backward_for_key_lens(
     key_lens: &[usize],
 ) -> Result<Vec<Step>> {
     dims.check()?;
-    let contiguous = Layout::contiguous(dims);
-    if layout.k != contiguous.k || layout.v != contiguous.v {
-        return Err(Error::Unsupported(format!(
-            "attention backward over padded keys: k and v must be contiguous [B, H, Nk, d] (got \
-             strides {:?} and {:?}), so that one fill zeroes the padding rows of dk and dv",
-            layout.k, layout.v
-        )));
-    }
+    crate::ops::attention::check_key_lens(OP, key_lens, dims.b, dims.h, dims.nk)?;
     require_ptrs(OP, &[("dk", p.dk), ("dv", p.dv)])?;
-    let size = dtype.size_in_bytes();
-    let mut steps = vec![
-        Step::zero(p.dk, dims.b * dims.h * dims.nk * dims.d * size),
-        Step::zero(p.dv, dims.b * dims.h * dims.nk * dims.dv * size),
-    ];
+    let mut steps = padding_fills("k", p.dk, layout.k, dims, dims.d, dtype, key_lens)?;
+    steps.extend(padding_fills(
+        "v", p.dv, layout.v, dims, dims.dv, dtype, key_lens,
+    )?);
     steps.extend(plan_per_key_len(dims, key_lens, |b, dims_b| {
         let pb = p.batch_entry(b, dims, &layout, dtype);
         super::attention_sm90::plan_backward_for(arch, dtype, dims_b, layout, pb, scale)
     })?);
     Ok(steps)
+}
+
+/// Fills that zero rows key_lens\[b\].. of every head of entry b in a gradient at `ptr` laid out
+/// as `strides` over [B, H, Nk, `width`] (`name`: its primal, for the error): one fill of the
+/// whole tensor when it is contiguous [B, H, Nk, width], one per padded entry when each token's
+/// heads sit together (token-major [B, Nk, H, width]: an entry's padding rows are then one run).
+/// Any other layout is refused: its padding rows would take a fill each. `key_lens` checked.
+fn padding_fills(
+    name: &str,
+    ptr: u64,
+    strides: Strides,
+    dims: AttnDims,
+    width: usize,
+    dtype: DType,
+    key_lens: &[usize],
+) -> Result<Vec<Step>> {
+    let (h, nk, size) = (dims.h, dims.nk, dtype.size_in_bytes());
+    if strides == Strides::contiguous(h, nk, width) {
+        return Ok(vec![Step::zero(ptr, dims.b * h * nk * width * size)]);
+    }
+    if strides.h == width && strides.n == h * width {
+        return Ok(key_lens
+            .iter()
+            .enumerate()
+            .filter(|&(_, &len)| len < nk)
+            .map(|(b, &len)| {
+                let start = (b * strides.b + len * strides.n) * size;
+                Step::zero(ptr + start as u64, (nk - len) * strides.n * size)
+            })
+            .collect());
+    }
+    Err(Error::Unsupported(format!(
+        "attention backward over padded keys: `{name}` has strides {strides:?}; its gradient's \
+         padding rows are zeroed by a fill per tensor or per batch entry, which needs `{name}` \
+         contiguous [B, H, Nk, {width}] or token-major [B, Nk, H, {width}]"
+    )))
 }
 
 /// Outputs of the device-resident JVP: o \[B,H,Nq,dv\] and its tangent in the inputs' dtype, lse and
@@ -2155,12 +2184,40 @@ mod tests {
         assert_eq!(steps[0], Step::zero(bp.dk, bytes));
         assert_eq!(steps[1], Step::zero(bp.dv, bytes));
         assert_eq!(kernels(&steps).len(), 9);
-        // Strided k: one fill could not zero just its padding rows, so the plan refuses.
+        // Token-major k and v (flash-attn's [B, Nk, H, d]): one fill per padded entry, starting at
+        // its first padding row and running to the end of the entry.
+        let mut tokens = lay;
+        tokens.k = Strides::token_major(300, 2, 64);
+        tokens.v = tokens.k;
+        let steps = plan_backward_for_key_lens("sm_80", DType::F16, dims, tokens, bp, 0.125, &lens)
+            .unwrap();
+        let entry = 300 * 2 * 64;
+        let fill = |ptr: u64, b: usize, len: usize| {
+            Step::zero(
+                ptr + ((b * entry + len * 2 * 64) * 2) as u64,
+                (300 - len) * 2 * 64 * 2,
+            )
+        };
+        assert_eq!(
+            steps[..4],
+            [
+                fill(bp.dk, 1, 1),
+                fill(bp.dk, 2, 131),
+                fill(bp.dv, 1, 1),
+                fill(bp.dv, 2, 131)
+            ]
+        );
+        assert_eq!(kernels(&steps).len(), 9);
+        // A packed projection's k: each padding row would take a fill of its own, so the plan
+        // refuses.
         let mut strided = lay;
         strided.k = Layout::packed_qkv(AttnDims { nq: 300, ..dims }).k;
         let e = plan_backward_for_key_lens("sm_80", DType::F16, dims, strided, bp, 0.125, &lens)
             .unwrap_err();
-        assert!(e.to_string().contains("contiguous"), "{e}");
+        assert!(
+            e.to_string().contains("token-major") && e.to_string().contains("`k`"),
+            "{e}"
+        );
         // Bad counts name key_lens.
         for bad in [&[300, 1][..], &[300, 0, 1], &[301, 1, 1]] {
             let e = plan_for_key_lens(
