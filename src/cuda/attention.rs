@@ -1214,9 +1214,9 @@ impl BwdPtrs {
 
 /// Attention over padded keys: `plan(b, dims_b)` once per batch entry b, with dims_b = dims but
 /// B = 1 and Nk = key_lens\[b\] (checked: B counts, each in 1..=Nk). The plan addresses entry b
-/// (e.g. with [`JvpPtrs::batch_entry`]) and keeps the full tensors' strides, so the kernels, unchanged,
-/// stream over that entry's first key_lens\[b\] keys and never read its padding: no work is spent on
-/// padding, at the price of one launch per entry (each still H·Nq/64 blocks wide).
+/// (e.g. with [`JvpPtrs::batch_entry`]) and keeps the full tensors' strides, so the kernels,
+/// unchanged, stream over that entry's first key_lens\[b\] keys and never read its padding: no
+/// work is spent on padding, at the price of one launch per entry (each H·Nq/64 blocks wide).
 pub fn plan_per_key_len(
     dims: AttnDims,
     key_lens: &[usize],
@@ -1251,8 +1251,8 @@ pub fn plan_for_key_lens(
 }
 
 /// The backward plan of [`super::attention_sm90::plan_backward_for`] over padded keys: the padding
-/// rows of dk and dv zeroed first (their gradient is 0, and no kernel writes
-/// them), then each batch entry's backward over its first `key_lens[b]` keys writes the rest.
+/// rows of dk and dv zeroed first (their gradient is 0, and no kernel writes them), then each
+/// batch entry's backward over its first `key_lens[b]` keys writes the rest.
 /// k and v (and so dk, dv) must be contiguous [B, H, Nk, ·] or token-major [B, Nk, H, ·] (the
 /// flash-attn layout); other layouts are refused.
 pub fn plan_backward_for_key_lens(
