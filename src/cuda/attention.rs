@@ -2085,6 +2085,20 @@ mod tests {
         tlse: 0xa000,
     };
 
+    /// The backward's counterpart of [`FAKE_PTRS`].
+    const FAKE_BWD_PTRS: BwdPtrs = BwdPtrs {
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        o: 0x4000,
+        lse: 0x5000,
+        dout: 0x6000,
+        delta: 0x7000,
+        dq: 0x8000,
+        dk: 0x9000,
+        dv: 0xa000,
+    };
+
     #[test]
     fn key_len_plans_launch_each_batch_entry_on_its_own_keys() {
         let dims = AttnDims {
@@ -2165,18 +2179,7 @@ mod tests {
             .unwrap();
             assert_eq!(kernels(&full)[0].kernel, kernels(&plain)[0].kernel);
         }
-        let bp = BwdPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            o: 0x4000,
-            lse: 0x5000,
-            dout: 0x6000,
-            delta: 0x7000,
-            dq: 0x8000,
-            dk: 0x9000,
-            dv: 0xa000,
-        };
+        let bp = FAKE_BWD_PTRS;
         let steps =
             plan_backward_for_key_lens("sm_80", DType::F16, dims, lay, bp, 0.125, &lens).unwrap();
         // dk and dv zeroed whole first (the padding rows' gradient), then 3 kernels per entry.
@@ -2339,18 +2342,7 @@ mod tests {
         shared.v = kv;
         let p = FAKE_PTRS;
         plan_jvp(Variant::Fwd, DType::BF16, dims, shared, p, 0.1).unwrap();
-        let bp = BwdPtrs {
-            q: 0x1000,
-            k: 0x2000,
-            v: 0x3000,
-            o: 0x4000,
-            lse: 0x5000,
-            dout: 0x6000,
-            delta: 0x7000,
-            dq: 0x8000,
-            dk: 0x9000,
-            dv: 0xa000,
-        };
+        let bp = FAKE_BWD_PTRS;
         let e = plan_backward(DType::BF16, dims, shared, bp, 0.1)
             .unwrap_err()
             .to_string();
