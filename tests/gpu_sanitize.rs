@@ -7,7 +7,8 @@
 //! constant K and V, backward; layernorm, activations, gated residual, timestep embedding and the
 //! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); the layernorm JVP with
 //! rows in registers (C 1152; C 2000 on the wide kernel in 16 bits), alone and with the gated
-//! residual fused in front; attention on a packed qkv projection (strided copies, 4-D tensor maps).
+//! residual fused in front; attention on a packed qkv projection (strided copies, 4-D tensor maps);
+//! attention over padded keys (per-entry launches; 2D memsets of a packed dqkv's padding tokens).
 //! Each output must be finite (outputs are NaN-poisoned first); correctness is gpu_ops' job.
 #![cfg(feature = "cuda")]
 
@@ -123,6 +124,31 @@ fn sanitize_attention_key_lens() {
         finite("dq (key_lens)", &g.dq);
         finite("dk (key_lens)", &g.dk);
         finite("dv (key_lens)", &g.dv);
+        // The same on a packed projection [B, N, 3, H, d]: k and v of the padding tokens NaN, and
+        // dqkv's padding tokens zeroed by a 2D memset per padded entry (runs of H·d elements,
+        // 3·H·d apart).
+        let gpu = Gpu::get().unwrap();
+        let s = [3, 300, 3, 2, d];
+        let nan_kv = |t: &Tensor| {
+            let mut x = t.to_f64_vec();
+            for (token, chunk) in x.chunks_mut(3 * 2 * d).enumerate() {
+                if token % 300 >= lens[token / 300] {
+                    chunk[2 * d..].fill(f64::NAN);
+                }
+            }
+            gpu.upload(&Tensor::from_vec(x, &s).unwrap(), dtype)
+                .unwrap()
+        };
+        let qkv = dual(&s, 35);
+        let (x, tx) = (nan_kv(&qkv.primal), nan_kv(qkv.tangent.as_ref().unwrap()));
+        let r = attention::jvp_packed_with_key_lens(&x, Some(&tx), None, &lens).unwrap();
+        finite("packed o (key_lens)", &r.o.download().unwrap());
+        let to = r.to.as_ref().unwrap().download().unwrap();
+        finite("packed to (key_lens)", &to);
+        let (o, lse) = attention::forward_packed_with_key_lens(&x, None, &lens).unwrap();
+        let go = gpu.upload(&dual(o.shape(), 36).primal, dtype).unwrap();
+        let g = attention::backward_packed_with_key_lens(&x, &o, &lse, &go, None, &lens).unwrap();
+        finite("packed dqkv (key_lens)", &g.download().unwrap());
     }
 }
 

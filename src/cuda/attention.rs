@@ -11,11 +11,13 @@
 //! [`jvp_packed`] and [`backward_packed`] run on a packed projection qkv [B, N, 3, H, d] in place,
 //! with o token-major [B, N, H, d] (the DiT's layout: no permutation around attention).
 //!
-//! Keys padded per batch entry (`key_lens`, Wan's `k_lens`): [`forward_with_key_lens`],
-//! [`jvp_with_key_lens`], [`backward_with_key_lens`] and, on memory another library owns,
-//! [`plan_for_key_lens`] and [`plan_backward_for_key_lens`] run the same kernels once per batch
-//! entry with Nk = key_lens\[b\] and that entry's pointers ([`plan_per_key_len`]): the padding
-//! is never read and costs no work, at one launch per entry.
+//! Keys padded per batch entry (`key_lens`, Wan's `k_lens` and `seq_lens`): [`forward_with_key_lens`],
+//! [`jvp_with_key_lens`], [`backward_with_key_lens`], their packed forms
+//! ([`jvp_packed_with_key_lens`] ...) and, on memory another library owns, [`plan_for_key_lens`]
+//! and [`plan_backward_for_key_lens`] (any layout) run the same kernels once per batch entry with
+//! Nk = key_lens\[b\] and that entry's pointers ([`plan_per_key_len`]): the padding is never read
+//! and costs no work, at one launch per entry. The backward zeroes the padding rows of dk and dv
+//! first, with a plain fill or a 2D memset per padded entry.
 //!
 //! On device tensors (no host round trip; every failure, a missing driver or GPU included, is an
 //! error value):
@@ -1252,9 +1254,9 @@ pub fn plan_for_key_lens(
 
 /// The backward plan of [`super::attention_sm90::plan_backward_for`] over padded keys: the padding
 /// rows of dk and dv zeroed first (their gradient is 0, and no kernel writes them), then each
-/// batch entry's backward over its first `key_lens[b]` keys writes the rest.
-/// k and v (and so dk, dv) must be contiguous [B, H, Nk, ·] or token-major [B, Nk, H, ·] (the
-/// flash-attn layout); other layouts are refused.
+/// batch entry's backward over its first `key_lens[b]` keys writes the rest. Any layout the
+/// backward takes: one fill for contiguous dk and dv, a fill or a 2D memset per padded entry for
+/// token-major (flash-attn's [B, Nk, H, ·]) or packed ([B, Nk, 3, H, ·]) ones.
 pub fn plan_backward_for_key_lens(
     arch: &str,
     dtype: DType,
@@ -1267,10 +1269,12 @@ pub fn plan_backward_for_key_lens(
     dims.check()?;
     crate::ops::attention::check_key_lens(OP, key_lens, dims.b, dims.h, dims.nk)?;
     require_ptrs(OP, &[("dk", p.dk), ("dv", p.dv)])?;
-    let mut steps = padding_fills("k", p.dk, layout.k, dims, dims.d, dtype, key_lens)?;
+    layout.check(dtype, dims)?;
+    layout.check_gradients(dims)?;
+    let mut steps = padding_fills(p.dk, layout.k, dims, dims.d, dtype, key_lens);
     steps.extend(padding_fills(
-        "v", p.dv, layout.v, dims, dims.dv, dtype, key_lens,
-    )?);
+        p.dv, layout.v, dims, dims.dv, dtype, key_lens,
+    ));
     steps.extend(plan_per_key_len(dims, key_lens, |b, dims_b| {
         let pb = p.batch_entry(b, dims, &layout, dtype);
         super::attention_sm90::plan_backward_for(arch, dtype, dims_b, layout, pb, scale)
@@ -1278,40 +1282,62 @@ pub fn plan_backward_for_key_lens(
     Ok(steps)
 }
 
-/// Fills that zero rows key_lens\[b\].. of every head of entry b in a gradient at `ptr` laid out
-/// as `strides` over [B, H, Nk, `width`] (`name`: its primal, for the error): one fill of the
-/// whole tensor when it is contiguous [B, H, Nk, width], one per padded entry when each token's
-/// heads sit together (token-major [B, Nk, H, width]: an entry's padding rows are then one run).
-/// Any other layout is refused: its padding rows would take a fill each. `key_lens` checked.
+/// Steps that zero rows key_lens\[b\].. of every head of entry b in a gradient at `ptr` laid out
+/// as `strides` over [B, H, Nk, `width`], each a plain fill
+/// or a 2D memset ([`Step::zero_rows`]):
+/// - contiguous [B, H, Nk, width]: one fill of the whole tensor (the kernels then write the
+///   counted rows);
+/// - each token's heads side by side (`strides.h == width`: token-major [B, Nk, H, width], or a
+///   packed projection [B, Nk, 3, H, width]): per padded entry, its padding tokens, H·width
+///   elements each (one fill when the tokens touch);
+/// - each head's rows side by side (`strides.n == width`): per padded entry, one run of
+///   (Nk − len)·width elements per head;
+/// - any other layout: per padded entry and head, its padding rows.
+///
+/// The layout is checked first (`check` and `check_gradients`): the runs then lie inside the
+/// gradient and are distinct. `key_lens` checked.
 fn padding_fills(
-    name: &str,
     ptr: u64,
     strides: Strides,
     dims: AttnDims,
     width: usize,
     dtype: DType,
     key_lens: &[usize],
-) -> Result<Vec<Step>> {
+) -> Vec<Step> {
     let (h, nk, size) = (dims.h, dims.nk, dtype.size_in_bytes());
     if strides == Strides::contiguous(h, nk, width) {
-        return Ok(vec![Step::zero(ptr, dims.b * h * nk * width * size)]);
+        return vec![Step::zero(ptr, dims.b * h * nk * width * size)];
     }
-    if strides.h == width && strides.n == h * width {
-        return Ok(key_lens
-            .iter()
-            .enumerate()
-            .filter(|&(_, &len)| len < nk)
-            .map(|(b, &len)| {
-                let start = (b * strides.b + len * strides.n) * size;
-                Step::zero(ptr + start as u64, (nk - len) * strides.n * size)
-            })
-            .collect());
+    let mut steps = Vec::new();
+    for (b, &len) in key_lens.iter().enumerate().filter(|&(_, &len)| len < nk) {
+        let first = ptr + ((b * strides.b + len * strides.n) * size) as u64;
+        let pad = nk - len;
+        if strides.h == width {
+            steps.extend(Step::zero_rows(
+                first,
+                strides.n * size,
+                h * width * size,
+                pad,
+            ));
+        } else if strides.n == width {
+            steps.extend(Step::zero_rows(
+                first,
+                strides.h * size,
+                pad * width * size,
+                h,
+            ));
+        } else {
+            for head in 0..h {
+                steps.extend(Step::zero_rows(
+                    first + (head * strides.h * size) as u64,
+                    strides.n * size,
+                    width * size,
+                    pad,
+                ));
+            }
+        }
     }
-    Err(Error::Unsupported(format!(
-        "attention backward over padded keys: `{name}` has strides {strides:?}; its gradient's \
-         padding rows are zeroed by a fill per tensor or per batch entry, which needs `{name}` \
-         contiguous [B, H, Nk, {width}] or token-major [B, Nk, H, {width}]"
-    )))
+    steps
 }
 
 /// Outputs of the device-resident JVP: o \[B,H,Nq,dv\] and its tangent in the inputs' dtype, lse and
@@ -1742,12 +1768,31 @@ pub fn forward_packed(
     qkv: &DeviceTensor,
     scale: Option<f64>,
 ) -> Result<(DeviceTensor, DeviceTensor)> {
+    forward_packed_keys(qkv, scale, None)
+}
+
+/// [`forward_packed`] where batch entry b attends to its first `key_lens[b]` tokens' keys only (a
+/// sequence padded per entry, Wan's `seq_lens`; every query row is still computed), see
+/// [`forward_with_key_lens`].
+pub fn forward_packed_with_key_lens(
+    qkv: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    forward_packed_keys(qkv, scale, Some(key_lens))
+}
+
+fn forward_packed_keys(
+    qkv: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<(DeviceTensor, DeviceTensor)> {
     let dims = check_packed(qkv, None)?;
     let scale = resolve_scale(scale, dims.d)?;
     let gpu = qkv.gpu();
     let o = gpu.alloc_out(&packed_o_shape(dims), qkv.dtype())?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
-    forward_packed_into(gpu, qkv, &o, &lse, scale)?;
+    forward_packed_into_keys(gpu, qkv, &o, &lse, scale, key_lens)?;
     Ok((o, lse))
 }
 
@@ -1758,6 +1803,17 @@ pub fn forward_packed_into(
     o: &DeviceTensor,
     lse: &DeviceTensor,
     scale: f32,
+) -> Result<()> {
+    forward_packed_into_keys(gpu, qkv, o, lse, scale, None)
+}
+
+fn forward_packed_into_keys(
+    gpu: &Gpu,
+    qkv: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    scale: f32,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     let dims = check_packed(qkv, None)?;
     let dtype = qkv.dtype();
@@ -1777,15 +1833,11 @@ pub fn forward_packed_into(
         lse: lse.ptr(),
         tlse: 0,
     };
-    gpu.run(&super::attention_sm90::plan_for(
-        gpu.arch(),
-        Variant::Fwd,
-        dtype,
-        dims,
-        Layout::packed_qkv(dims),
-        p,
-        scale,
-    )?)
+    let (arch, layout) = (gpu.arch(), Layout::packed_qkv(dims));
+    gpu.run(&match key_lens {
+        None => super::attention_sm90::plan_for(arch, Variant::Fwd, dtype, dims, layout, p, scale)?,
+        Some(lens) => plan_for_key_lens(arch, Variant::Fwd, dtype, dims, layout, p, scale, lens)?,
+    })
 }
 
 /// The JVP of the attention of a packed projection `qkv` [B, N, 3, H, d] with tangent `tqkv` (the
@@ -1796,6 +1848,26 @@ pub fn jvp_packed(
     tqkv: Option<&DeviceTensor>,
     scale: Option<f64>,
 ) -> Result<DeviceAttentionJvp> {
+    jvp_packed_keys(qkv, tqkv, scale, None)
+}
+
+/// [`jvp_packed`] where batch entry b attends to its first `key_lens[b]` tokens' keys only (see
+/// [`forward_packed_with_key_lens`]); the padding tokens of qkv and tqkv are never read as keys.
+pub fn jvp_packed_with_key_lens(
+    qkv: &DeviceTensor,
+    tqkv: Option<&DeviceTensor>,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<DeviceAttentionJvp> {
+    jvp_packed_keys(qkv, tqkv, scale, Some(key_lens))
+}
+
+fn jvp_packed_keys(
+    qkv: &DeviceTensor,
+    tqkv: Option<&DeviceTensor>,
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<DeviceAttentionJvp> {
     let dims = check_packed(qkv, tqkv)?;
     let c = resolve_scale(scale, dims.d)?;
     let gpu = qkv.gpu();
@@ -1803,7 +1875,7 @@ pub fn jvp_packed(
     let o = gpu.alloc_out(&packed_o_shape(dims), dtype)?;
     let lse = gpu.alloc_out(&dims.lse_shape(), DType::F32)?;
     let Some(tqkv) = tqkv else {
-        forward_packed_into(gpu, qkv, &o, &lse, c)?;
+        forward_packed_into_keys(gpu, qkv, &o, &lse, c, key_lens)?;
         return Ok(DeviceAttentionJvp {
             o,
             to: None,
@@ -1817,7 +1889,8 @@ pub fn jvp_packed(
         lse,
         tlse: Some(gpu.alloc_out(&dims.lse_shape(), DType::F32)?),
     };
-    jvp_packed_into(gpu, qkv, tqkv, &out, c)?;
+    let values = ValueProducts::from_env();
+    jvp_packed_into_keys(gpu, qkv, tqkv, &out, c, values, key_lens)?;
     Ok(out)
 }
 
@@ -1842,6 +1915,18 @@ pub fn jvp_packed_into_with(
     out: &DeviceAttentionJvp,
     scale: f32,
     values: ValueProducts,
+) -> Result<()> {
+    jvp_packed_into_keys(gpu, qkv, tqkv, out, scale, values, None)
+}
+
+fn jvp_packed_into_keys(
+    gpu: &Gpu,
+    qkv: &DeviceTensor,
+    tqkv: &DeviceTensor,
+    out: &DeviceAttentionJvp,
+    scale: f32,
+    values: ValueProducts,
+    key_lens: Option<&[usize]>,
 ) -> Result<()> {
     let dims = check_packed(qkv, Some(tqkv))?;
     let dtype = qkv.dtype();
@@ -1882,7 +1967,7 @@ pub fn jvp_packed_into_with(
         p,
         scale,
         values,
-        None,
+        key_lens,
     )
 }
 
@@ -2032,6 +2117,29 @@ pub fn backward_packed(
     dout: &DeviceTensor,
     scale: Option<f64>,
 ) -> Result<DeviceTensor> {
+    backward_packed_keys(qkv, [o, lse, dout], scale, None)
+}
+
+/// [`backward_packed`] of [`forward_packed_with_key_lens`] (o and lse from it): dqkv's k and v
+/// parts are 0 at each entry's padding tokens (key_lens\[b\].., zeroed by a 2D memset per padded
+/// entry), its q part is the gradient of every query row.
+pub fn backward_packed_with_key_lens(
+    qkv: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    scale: Option<f64>,
+    key_lens: &[usize],
+) -> Result<DeviceTensor> {
+    backward_packed_keys(qkv, [o, lse, dout], scale, Some(key_lens))
+}
+
+fn backward_packed_keys(
+    qkv: &DeviceTensor,
+    [o, lse, dout]: [&DeviceTensor; 3],
+    scale: Option<f64>,
+    key_lens: Option<&[usize]>,
+) -> Result<DeviceTensor> {
     let dims = check_packed(qkv, None)?;
     let dtype = qkv.dtype();
     let o_shape = packed_o_shape(dims);
@@ -2056,14 +2164,11 @@ pub fn backward_packed(
         dk,
         dv,
     };
-    gpu.run(&super::attention_sm90::plan_backward_for(
-        gpu.arch(),
-        dtype,
-        dims,
-        Layout::packed_qkv(dims),
-        p,
-        c,
-    )?)?;
+    let (arch, layout) = (gpu.arch(), Layout::packed_qkv(dims));
+    gpu.run(&match key_lens {
+        None => super::attention_sm90::plan_backward_for(arch, dtype, dims, layout, p, c)?,
+        Some(lens) => plan_backward_for_key_lens(arch, dtype, dims, layout, p, c, lens)?,
+    })?;
     Ok(dqkv)
 }
 
@@ -2211,16 +2316,77 @@ mod tests {
             ]
         );
         assert_eq!(kernels(&steps).len(), 9);
-        // A packed projection's k: each padding row would take a fill of its own, so the plan
-        // refuses.
-        let mut strided = lay;
-        strided.k = Layout::packed_qkv(AttnDims { nq: 300, ..dims }).k;
-        let e = plan_backward_for_key_lens("sm_80", DType::F16, dims, strided, bp, 0.125, &lens)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("token-major") && e.to_string().contains("`k`"),
-            "{e}"
+        // A packed projection [B, Nk, 3, H, d]: an entry's padding tokens are one 2D memset, its
+        // runs H·d elements wide, 3·H·d apart.
+        let mut packed = lay;
+        packed.k = Layout::packed_qkv(AttnDims { nq: 300, ..dims }).k;
+        packed.v = packed.k;
+        let steps = plan_backward_for_key_lens("sm_80", DType::F16, dims, packed, bp, 0.125, &lens)
+            .unwrap();
+        let token = 3 * 2 * 64;
+        let runs = |ptr: u64, b: usize, len: usize| Step::ZeroRows {
+            ptr: ptr + ((b * 300 * token + len * token) * 2) as u64,
+            pitch: token * 2,
+            row_bytes: 2 * 64 * 2,
+            rows: 300 - len,
+        };
+        assert_eq!(
+            steps[..4],
+            [
+                runs(bp.dk, 1, 1),
+                runs(bp.dk, 2, 131),
+                runs(bp.dv, 1, 1),
+                runs(bp.dv, 2, 131)
+            ]
         );
+        assert_eq!(kernels(&steps).len(), 9);
+        // k's rows padded to d + 8 (a memset per entry and head, over its padding rows); v stored
+        // head-outermost [H, B, Nk, d] (each head's padding rows touch: a memset per entry, one
+        // run per head).
+        let mut strided = lay;
+        strided.k = Strides {
+            b: 2 * 300 * 72,
+            h: 300 * 72,
+            n: 72,
+        };
+        strided.v = Strides {
+            b: 300 * 64,
+            h: 3 * 300 * 64,
+            n: 64,
+        };
+        let steps =
+            plan_backward_for_key_lens("sm_80", DType::F16, dims, strided, bp, 0.125, &lens)
+                .unwrap();
+        let k_runs = |b: usize, head: usize, len: usize| Step::ZeroRows {
+            ptr: bp.dk + ((b * 2 * 300 * 72 + head * 300 * 72 + len * 72) * 2) as u64,
+            pitch: 72 * 2,
+            row_bytes: 64 * 2,
+            rows: 300 - len,
+        };
+        let v_runs = |b: usize, len: usize| Step::ZeroRows {
+            ptr: bp.dv + ((b * 300 * 64 + len * 64) * 2) as u64,
+            pitch: 3 * 300 * 64 * 2,
+            row_bytes: (300 - len) * 64 * 2,
+            rows: 2,
+        };
+        assert_eq!(
+            steps[..6],
+            [
+                k_runs(1, 0, 1),
+                k_runs(1, 1, 1),
+                k_runs(2, 0, 131),
+                k_runs(2, 1, 131),
+                v_runs(1, 1),
+                v_runs(2, 131)
+            ]
+        );
+        assert_eq!(kernels(&steps).len(), 9);
+        // A layout whose gradient rows would overlap is refused before any fill is planned.
+        let mut shared = lay;
+        shared.k.h = 0;
+        let e = plan_backward_for_key_lens("sm_80", DType::F16, dims, shared, bp, 0.125, &lens)
+            .unwrap_err();
+        assert!(e.to_string().contains("dk"), "{e}");
         // Bad counts name key_lens.
         for bad in [&[300, 1][..], &[300, 0, 1], &[301, 1, 1]] {
             let e = plan_for_key_lens(

@@ -386,6 +386,9 @@ fn step_label(step: &Step) -> String {
         }
         Step::Fill { count, .. } => format!("fill {count}"),
         Step::Copy { bytes, .. } => format!("copy {bytes} B"),
+        Step::ZeroRows {
+            rows, row_bytes, ..
+        } => format!("zero {rows} x {row_bytes} B"),
     }
 }
 

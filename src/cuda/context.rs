@@ -593,6 +593,31 @@ impl Gpu {
                 count,
                 bits,
             } => fill(stream, *ptr, *width, *count, *bits)?,
+            Step::ZeroRows {
+                ptr,
+                pitch,
+                row_bytes,
+                rows,
+            } => {
+                if *rows > 0 && *row_bytes > 0 {
+                    // SAFETY: the plan builder put every run inside a live allocation (the
+                    // strided gradient whose padding rows these are).
+                    unsafe {
+                        dsys::cuMemsetD2D8Async(
+                            *ptr,
+                            *pitch,
+                            0,
+                            *row_bytes,
+                            *rows,
+                            stream.cu_stream(),
+                        )
+                    }
+                    .result()
+                    .map_err(cuda_err(format!(
+                        "zeroing {rows} runs of {row_bytes} bytes, {pitch} bytes apart"
+                    )))?;
+                }
+            }
             Step::Copy { src, dst, bytes } => {
                 if *bytes > 0 {
                     // SAFETY: both ranges lie in live allocations of at least `bytes` bytes.
@@ -672,6 +697,9 @@ fn step_name(step: &Step) -> String {
         Step::Gemm(g) => format!("a {} matrix product {}x{}x{}", g.dtype, g.m, g.n, g.k),
         Step::Fill { count, .. } => format!("a fill of {count} elements"),
         Step::Copy { bytes, .. } => format!("a device copy of {bytes} bytes"),
+        Step::ZeroRows {
+            rows, row_bytes, ..
+        } => format!("zeroing {rows} runs of {row_bytes} bytes"),
     }
 }
 

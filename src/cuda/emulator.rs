@@ -179,6 +179,12 @@ impl Emulator {
                     count,
                     bits,
                 } => fill(*ptr, *width, *count, *bits)?,
+                Step::ZeroRows {
+                    ptr,
+                    pitch,
+                    row_bytes,
+                    rows,
+                } => zero_rows(*ptr, *pitch, *row_bytes, *rows)?,
                 Step::Copy { src, dst, bytes } => {
                     if *bytes > 0 {
                         check_range("copy source", *src, *bytes)?;
@@ -571,6 +577,27 @@ fn fill(ptr: u64, width: usize, count: usize, bits: u32) -> Result<()> {
     let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, total) };
     for chunk in dst.chunks_exact_mut(width) {
         chunk.copy_from_slice(&bytes[..width]);
+    }
+    Ok(())
+}
+
+/// A 2D memset to zero, with the driver's contract: `pitch` ≥ `row_bytes` when there is more than
+/// one run; each run must lie in a live buffer.
+fn zero_rows(ptr: u64, pitch: usize, row_bytes: usize, rows: usize) -> Result<()> {
+    if rows == 0 || row_bytes == 0 {
+        return Ok(());
+    }
+    if rows > 1 && pitch < row_bytes {
+        return Err(Error::Cuda(format!(
+            "emulator: 2D memset with pitch {pitch} below its width {row_bytes}"
+        )));
+    }
+    for r in 0..rows {
+        let start = r
+            .checked_mul(pitch)
+            .and_then(|o| ptr.checked_add(o as u64))
+            .ok_or_else(|| Error::Cuda(format!("emulator: 2D memset row {r} overflows")))?;
+        fill(start, 1, row_bytes, 0)?;
     }
     Ok(())
 }

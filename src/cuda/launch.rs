@@ -292,9 +292,26 @@ pub enum Step {
         /// Bytes to copy (0: nothing is done).
         bytes: usize,
     },
+    /// Zero `rows` runs of `row_bytes` bytes, the first at `ptr`, each `pitch` bytes after the
+    /// last (a 2D memset: the padding rows of one strided gradient).
+    ZeroRows {
+        /// Device address of the first run.
+        ptr: u64,
+        /// Bytes from the start of one run to the next (at least `row_bytes`; at most
+        /// [`Step::MAX_ZERO_ROWS_PITCH`], the driver's pitch argument, where there is more than one run).
+        pitch: usize,
+        /// Bytes zeroed in each run (0: nothing is done).
+        row_bytes: usize,
+        /// Number of runs (0: nothing is done).
+        rows: usize,
+    },
 }
 
 impl Step {
+    /// The largest pitch a plan puts in a [`Step::ZeroRows`] (what a signed 32-bit pitch holds:
+    /// the limit drivers report for pitched memory); wider-spaced rows take a fill each.
+    pub const MAX_ZERO_ROWS_PITCH: usize = i32::MAX as usize;
+
     /// Zero `bytes` bytes at `ptr`.
     pub fn zero(ptr: u64, bytes: usize) -> Step {
         Step::Fill {
@@ -302,6 +319,28 @@ impl Step {
             width: 1,
             count: bytes,
             bits: 0,
+        }
+    }
+
+    /// Steps that zero `rows` runs of `row_bytes` bytes, `pitch` bytes apart, from `ptr`: one
+    /// plain fill when the runs touch (or there is one), one [`Step::ZeroRows`] when the pitch
+    /// fits [`Step::MAX_ZERO_ROWS_PITCH`], else a fill per run. Nothing for an empty region.
+    pub fn zero_rows(ptr: u64, pitch: usize, row_bytes: usize, rows: usize) -> Vec<Step> {
+        if rows == 0 || row_bytes == 0 {
+            Vec::new()
+        } else if rows == 1 || pitch == row_bytes {
+            vec![Step::zero(ptr, rows * row_bytes)]
+        } else if pitch <= Step::MAX_ZERO_ROWS_PITCH {
+            vec![Step::ZeroRows {
+                ptr,
+                pitch,
+                row_bytes,
+                rows,
+            }]
+        } else {
+            (0..rows)
+                .map(|r| Step::zero(ptr + (r * pitch) as u64, row_bytes))
+                .collect()
         }
     }
 }
@@ -482,6 +521,33 @@ pub fn ptx_signatures(ptx: &str) -> Vec<(String, Vec<ArgKind>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_rows_takes_the_fewest_steps_the_driver_accepts() {
+        assert!(Step::zero_rows(0x1000, 64, 32, 0).is_empty());
+        assert!(Step::zero_rows(0x1000, 64, 0, 5).is_empty());
+        // One run, or runs that touch: one plain fill.
+        assert_eq!(Step::zero_rows(0x1000, 64, 32, 1), [Step::zero(0x1000, 32)]);
+        assert_eq!(
+            Step::zero_rows(0x1000, 32, 32, 4),
+            [Step::zero(0x1000, 128)]
+        );
+        assert_eq!(
+            Step::zero_rows(0x1000, 64, 32, 4),
+            [Step::ZeroRows {
+                ptr: 0x1000,
+                pitch: 64,
+                row_bytes: 32,
+                rows: 4
+            }]
+        );
+        // A pitch past the driver's argument: a fill per run.
+        let far = Step::MAX_ZERO_ROWS_PITCH + 2;
+        assert_eq!(
+            Step::zero_rows(0x1000, far, 32, 3),
+            [0, 1, 2].map(|r| Step::zero(0x1000 + (r * far) as u64, 32))
+        );
+    }
 
     #[test]
     fn parses_ptx_entries() {
