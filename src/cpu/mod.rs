@@ -15,6 +15,8 @@ pub mod layernorm;
 pub mod linear;
 pub mod mlp;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
 pub mod rows;
 
 use std::fmt::Debug;

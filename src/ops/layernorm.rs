@@ -6,12 +6,12 @@
 use crate::cpu;
 use crate::cpu::rows::Groups;
 use crate::dual::Dual;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::{
-    data, expect_dtype, expect_dual, expect_groups, expect_rank, expect_shape, tangent_data,
-    with_real,
+    check_eps, data, expect_dtype, expect_dual, expect_groups, expect_rank, expect_shape,
+    tangent_data, with_real,
 };
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 const OP: &str = "layernorm_mod";
 
@@ -43,27 +43,7 @@ fn check(
     let gs = expect_groups(OP, "scale", scale, rows, c)?;
     expect_dtype(OP, "shift", shift, x.dtype())?;
     let gh = expect_groups(OP, "shift", shift, rows, c)?;
-    // A positive eps below the compute type's smallest normal number would make
-    // 1/sqrt(var + eps) overflow on a constant row in that type (NaN where the f64 math is finite).
-    let (smallest, largest) = if x.dtype() == DType::F64 {
-        (f64::MIN_POSITIVE, f64::MAX)
-    } else {
-        (f32::MIN_POSITIVE as f64, f32::MAX as f64)
-    };
-    if !(eps == 0.0 || (smallest..=largest).contains(&eps)) {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "eps must be 0 or between {smallest:e} and {largest:e} (the normal range of \
-                 {}), got {eps}",
-                if x.dtype() == DType::F64 {
-                    "f64"
-                } else {
-                    "f32"
-                }
-            ),
-        ));
-    }
+    check_eps(OP, x.dtype(), eps)?;
     Ok((rows, c, gs, gh))
 }
 

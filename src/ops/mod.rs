@@ -9,6 +9,8 @@ pub mod layernorm;
 pub mod linear;
 pub mod mlp;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
 
 pub use activation::{
     gelu_backward, gelu_forward, gelu_jvp, silu_backward, silu_forward, silu_jvp,
@@ -31,6 +33,8 @@ pub use mlp::{mlp_backward, mlp_forward, mlp_jvp, Mlp, MlpGrads};
 pub use residual::{
     gated_residual_backward, gated_residual_forward, gated_residual_jvp, GatedResidualGrads,
 };
+pub use rmsnorm::{rms_norm_backward, rms_norm_forward, rms_norm_jvp, RmsNormGrads};
+pub use rope::{rope_backward, rope_forward, rope_jvp, RopePairs};
 
 use crate::dual::Dual;
 use crate::error::{Error, Result};
@@ -60,6 +64,28 @@ macro_rules! with_real {
     };
 }
 pub(crate) use with_real;
+
+/// Errors unless `eps` is 0 or a normal number of the compute type of `dtype` (f64 for f64, else
+/// f32): a positive eps below the smallest normal would make 1/√(var + eps) overflow on a constant
+/// (or zero) row in that type, NaN where the f64 math is finite.
+pub(crate) fn check_eps(op: &'static str, dtype: DType, eps: f64) -> Result<()> {
+    let (smallest, largest, name) = if dtype == DType::F64 {
+        (f64::MIN_POSITIVE, f64::MAX, "f64")
+    } else {
+        (f32::MIN_POSITIVE as f64, f32::MAX as f64, "f32")
+    };
+    if eps == 0.0 || (smallest..=largest).contains(&eps) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            format!(
+                "eps must be 0 or between {smallest:e} and {largest:e} (the normal range of \
+                 {name}), got {eps}"
+            ),
+        ))
+    }
+}
 
 /// Checks the rank, and that no dimension is empty: an op refuses empty tensors rather than
 /// allocate outputs sized by the other dimensions (x [2^40, 0] through a linear layer would ask
