@@ -1971,6 +1971,135 @@ gpu_test!(layernorm_backward, |dtype| {
 });
 
 // ---------------------------------------------------------------------------------------------
+// RMSNorm (q/k norm) and rotary embeddings.
+
+/// (T, C) of the RMSNorm cases: the vector path (C a multiple of 8), the scalar path with a tail,
+/// a tiny row, a per-head norm (C = d = 128) and Wan 14B's full-width q/k norm (C = 5120).
+const RMS: &[(usize, usize)] = &[(64, 256), (77, 300), (5, 7), (130, 128), (3, 5120)];
+
+gpu_test!(rms_norm, |dtype| {
+    for (i, &(t, c)) in RMS.iter().enumerate() {
+        let n = format!("T{t} C{c}");
+        let mut r = rng(1600 + i as u64);
+        // Weights around 1, as trained ones are.
+        let w0 = randn(&[c], &mut r).to_f64_vec();
+        let w = Tensor::from_vec(w0.iter().map(|v| 1.0 + 0.3 * v).collect(), &[c]).unwrap();
+        let x = randn(&[t, c], &mut r);
+        let got = gops::rms_norm_forward(&x, &w, EPS, dtype).unwrap();
+        let want = ops::rms_norm_forward(&rd(&x, dtype), &rd(&w, dtype), EPS).unwrap();
+        check(
+            &format!("rms_norm fwd [{n}]"),
+            dtype,
+            &got,
+            &want,
+            tol(dtype),
+        );
+        // All tangents, then x's only, then the weight's only.
+        for which in [(true, true), (true, false), (false, true)] {
+            let x = rdd(&dual(&mut r, &[t, c], which.0), dtype);
+            let tw = which.1.then(|| rd(&randn(&[c], &mut r), dtype));
+            let wd = Dual {
+                primal: rd(&w, dtype),
+                tangent: tw,
+            };
+            let got = gops::rms_norm_jvp(&x, &wd, EPS, dtype).unwrap();
+            let want = ops::rms_norm_jvp(&x, &wd, EPS).unwrap();
+            let what = format!("rms_norm jvp [{n} tangents {which:?}]");
+            check(
+                &format!("{what} y"),
+                dtype,
+                &got.primal,
+                &want.primal,
+                tol(dtype),
+            );
+            let (g, w) = (
+                got.tangent.as_ref().unwrap(),
+                want.tangent.as_ref().unwrap(),
+            );
+            check(&format!("{what} ty"), dtype, g, w, tol(dtype));
+        }
+        let x = rd(&randn(&[t, c], &mut r), dtype);
+        let gy = rd(&randn(&[t, c], &mut r), dtype);
+        let got = gops::rms_norm_backward(&x, &rd(&w, dtype), EPS, &gy, dtype).unwrap();
+        let want = ops::rms_norm_backward(&x, &rd(&w, dtype), EPS, &gy).unwrap();
+        check(
+            &format!("rms_norm bwd dx [{n}]"),
+            dtype,
+            &got.dx,
+            &want.dx,
+            tol(dtype),
+        );
+        check(
+            &format!("rms_norm bwd dweight [{n}]"),
+            dtype,
+            &got.dweight,
+            &want.dweight,
+            tol(dtype),
+        );
+    }
+});
+
+/// x [B, N, H, d] of the rope cases: d 64 and 128 (the attention head dims), 72 (Wan's is 128; 72
+/// has pairs past a 16-byte chunk), a single pair per head, B > 1.
+const ROPE: &[[usize; 4]] = &[
+    [2, 77, 3, 64],
+    [1, 5, 2, 72],
+    [2, 9, 1, 2],
+    [1, 130, 4, 128],
+];
+
+gpu_test!(rope, |dtype| {
+    use flashjvp::ops::RopePairs;
+    for (i, &s) in ROPE.iter().enumerate() {
+        for per_batch in [false, true] {
+            let mut r = rng(1700 + 2 * i as u64 + per_batch as u64);
+            let [b, n, _, d] = s;
+            let table = if per_batch {
+                vec![b, n, d / 2]
+            } else {
+                vec![n, d / 2]
+            };
+            let theta = randn(&table, &mut r).to_f64_vec();
+            let trig = |f: fn(f64) -> f64| {
+                let v = theta.iter().map(|&t| f(3.0 * t)).collect();
+                rd(&Tensor::from_vec(v, &table).unwrap(), DType::F32)
+            };
+            let (cos, sin) = (trig(f64::cos), trig(f64::sin));
+            let x = rdd(&dual(&mut r, &s, true), dtype);
+            let gy = rd(&randn(&s, &mut r), dtype);
+            for pairs in [RopePairs::Interleaved, RopePairs::Halves] {
+                let what = format!("rope {s:?} per_batch {per_batch} {pairs:?}");
+                let got = gops::rope_jvp(&x, &cos, &sin, pairs, dtype).unwrap();
+                let want = ops::rope_jvp(&x, &cos, &sin, pairs).unwrap();
+                check(
+                    &format!("{what} y"),
+                    dtype,
+                    &got.primal,
+                    &want.primal,
+                    tol(dtype),
+                );
+                let (g, w) = (
+                    got.tangent.as_ref().unwrap(),
+                    want.tangent.as_ref().unwrap(),
+                );
+                check(&format!("{what} ty"), dtype, g, w, tol(dtype));
+                let got = gops::rope_forward(&x.primal, &cos, &sin, pairs, dtype).unwrap();
+                check(
+                    &format!("{what} fwd"),
+                    dtype,
+                    &got,
+                    &want.primal,
+                    tol(dtype),
+                );
+                let got = gops::rope_backward(&gy, &cos, &sin, pairs, dtype).unwrap();
+                let want = ops::rope_backward(&gy, &cos, &sin, pairs).unwrap();
+                check(&format!("{what} bwd"), dtype, &got, &want, tol(dtype));
+            }
+        }
+    }
+});
+
+// ---------------------------------------------------------------------------------------------
 // Activations, gated residual, timestep embedding.
 
 const EW_SHAPES: &[&[usize]] = &[&[77, 33], &[4096], &[3, 5, 7]];

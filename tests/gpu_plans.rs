@@ -18,6 +18,7 @@ use flashjvp::cuda::layernorm::{self as ln, LnDims};
 use flashjvp::cuda::mlp::{self, MlpDims, ParamPtrs};
 use flashjvp::cuda::nvrtc::kernel_files;
 use flashjvp::cuda::tensor::plan_cast;
+use flashjvp::cuda::{rmsnorm as rms, rope};
 use flashjvp::dit::gpu::{
     plan_block_backward, plan_block_forward, plan_block_forward_with, BlockBufs, BlockDims,
     BlockGrads, BlockParams, BlockTangents, Mods,
@@ -207,6 +208,36 @@ fn all_plans() -> Vec<Step> {
             dshift: p(8),
         };
         s.extend(ln::plan_backward(dtype, d, bp).unwrap());
+        let rms_d = rms::RmsDims { t: 77, c: 300 };
+        s.extend(rms::plan_forward(dtype, rms_d, p(1), p(2), p(3), p(4), 1e-6).unwrap());
+        let rms_j = rms::JvpPtrs {
+            x: p(1),
+            tx: p(2),
+            w: p(3),
+            tw: p(4),
+            y: p(5),
+            ty: p(6),
+            rrms: p(7),
+        };
+        s.extend(rms::plan_jvp(dtype, rms_d, rms_j, 1e-6).unwrap());
+        let rms_b = rms::BwdPtrs {
+            dy: p(1),
+            x: p(2),
+            w: p(3),
+            rrms: p(4),
+            dx: p(5),
+            dw: p(6),
+        };
+        s.extend(rms::plan_backward(dtype, rms_d, rms_b).unwrap());
+        let rope_d = flashjvp::ops::rope::RopeDims {
+            b: 2,
+            n: 77,
+            h: 3,
+            d: 64,
+            per_batch: true,
+        };
+        let pairs = flashjvp::ops::RopePairs::Halves;
+        s.extend(rope::plan_rope(dtype, rope_d, pairs, p(1), p(2), p(3), p(4), -1.0).unwrap());
         for act in [Activation::Silu, Activation::Gelu] {
             s.extend(ew::plan_activation_fwd(act, dtype, 1000, p(1), p(2)).unwrap());
             s.extend(ew::plan_activation_jvp(act, dtype, 1000, p(1), p(2), p(3), p(4)).unwrap());

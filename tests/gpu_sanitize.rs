@@ -8,7 +8,8 @@
 //! MLP (its own test, so that racecheck can skip cuBLAS with `--skip mlp`); the layernorm JVP with
 //! rows in registers (C 1152; C 2000 on the wide kernel in 16 bits), alone and with the gated
 //! residual fused in front; attention on a packed qkv projection (strided copies, 4-D tensor maps);
-//! attention over padded keys (per-entry launches; 2D memsets of a packed dqkv's padding tokens).
+//! attention over padded keys (per-entry launches; 2D memsets of a packed dqkv's padding tokens);
+//! RMSNorm and rotary embeddings (in the layernorm test).
 //! Each output must be finite (outputs are NaN-poisoned first); correctness is gpu_ops' job.
 #![cfg(feature = "cuda")]
 
@@ -199,6 +200,31 @@ fn sanitize_layernorm_and_elementwise() {
             let m = dual(&[3, c], seed + 10);
             let y = gops::layernorm_mod_jvp(&x, &m, &m, 1e-6, dtype).unwrap();
             finite("layernorm ty (register rows)", y.tangent.as_ref().unwrap());
+        }
+        // RMSNorm at the odd width (scalar path) and at a vector width; rotary embeddings with
+        // per-batch tables, both pairings.
+        for (c, seed) in [(300, 40), (1152, 41)] {
+            let x = dual(&[t, c], seed);
+            let w = dual(&[c], seed + 10);
+            let y = gops::rms_norm_jvp(&x, &w, 1e-6, dtype).unwrap();
+            finite("rms_norm ty", y.tangent.as_ref().unwrap());
+            let g = gops::rms_norm_backward(&x.primal, &w.primal, 1e-6, &y.primal, dtype).unwrap();
+            finite("rms_norm dx", &g.dx);
+            finite("rms_norm dweight", &g.dweight);
+        }
+        let heads = dual(&[2, 77, 3, 72], 42);
+        let table = dual(&[2, 77, 36], 43);
+        for pairs in [
+            flashjvp::ops::RopePairs::Interleaved,
+            flashjvp::ops::RopePairs::Halves,
+        ] {
+            let (cos, sin) = (&table.primal, table.tangent.as_ref().unwrap());
+            let y = gops::rope_jvp(&heads, cos, sin, pairs, dtype).unwrap();
+            finite("rope ty", y.tangent.as_ref().unwrap());
+            finite(
+                "rope dx",
+                &gops::rope_backward(&y.primal, cos, sin, pairs, dtype).unwrap(),
+            );
         }
         let gy = dual(&[t, c], 8).primal;
         let gr = gops::layernorm_mod_backward(&x.primal, &sc.primal, &sh.primal, 1e-6, &gy, dtype)

@@ -29,7 +29,7 @@ cd "$ROOT" || exit 1
 CXX=${CXX:-c++}
 JOBS=${FJ_EMU_JOBS:-2}
 OPT=${FJ_EMU_OPT:--O1}
-KERNELS="attention_jvp_sm90 attention_bwd_sm90 attention_jvp_dv attention_bwd_dv attention_jvp attention_bwd elementwise layernorm_mod dit bench"
+KERNELS="attention_jvp_sm90 attention_bwd_sm90 attention_jvp_dv attention_bwd_dv attention_jvp attention_bwd elementwise layernorm_mod rmsnorm rope dit bench"
 # The runtime includes fj_emu.h itself, after the system headers; the kernel files get it forced in first.
 COMMON=(-std=c++17 -fPIC -pthread -DFJ_HOST_EMU -I cuda -fno-strict-aliasing -fvisibility=hidden ${FJ_EMU_CXXFLAGS:-})
 OBJ="$OUT/obj"

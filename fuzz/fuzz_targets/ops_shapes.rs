@@ -24,13 +24,15 @@ fn fuzz_one(u: &mut Unstructured) -> Result<()> {
         *u.choose(&[DType::BF16, DType::F16])?
     };
     let mut g = Gen { u, dtype };
-    match g.u.int_in_range(0..=6)? {
+    match g.u.int_in_range(0..=8)? {
         0 => attention(&mut g),
         1 => layernorm_mod(&mut g),
         2 => mlp(&mut g),
         3 => activations(&mut g),
         4 => linear(&mut g),
         5 => embedding(&mut g),
+        6 => rms_norm(&mut g),
+        7 => rope(&mut g),
         _ => residual(&mut g),
     }
 }
@@ -343,6 +345,59 @@ fn residual(g: &mut Gen) -> Result<()> {
     if let Ok(gr) = ops::gated_residual_backward(&gate.primal, &y.primal, &gout) {
         assert_eq!(gr.dgate.shape(), gate.primal.shape());
         assert_eq!(gr.dy.shape(), y.primal.shape());
+    }
+    Ok(())
+}
+
+fn rms_norm(g: &mut Gen) -> Result<()> {
+    let (t, c) = (g.dim()?, g.dim()?);
+    let x = g.dual(&[t, c])?;
+    let w = g.dual(&[c])?;
+    let eps = if g.u.arbitrary()? {
+        ops::DEFAULT_EPS
+    } else {
+        g.scalar()?
+    };
+    if let Ok(y) = ops::rms_norm_forward(&x.primal, &w.primal, eps) {
+        assert_eq!(y.shape(), x.primal.shape());
+    }
+    if let Ok(y) = ops::rms_norm_jvp(&x, &w, eps) {
+        assert_eq!(y.shape(), x.primal.shape());
+        y.check("fuzz", "y").unwrap();
+    }
+    let gy = g.tensor(&[t, c])?;
+    if let Ok(gr) = ops::rms_norm_backward(&x.primal, &w.primal, eps, &gy) {
+        assert_eq!(gr.dx.shape(), x.primal.shape());
+        assert_eq!(gr.dweight.shape(), w.primal.shape());
+    }
+    Ok(())
+}
+
+fn rope(g: &mut Gen) -> Result<()> {
+    let s = g.dims(4)?;
+    let half = s[3] / 2;
+    let table = if g.u.arbitrary()? {
+        vec![s[0], s[1], half]
+    } else {
+        vec![s[1], half]
+    };
+    let x = g.dual(&s)?;
+    let cos = g.tensor(&table)?;
+    let sin = g.tensor(&table)?;
+    let pairs = if g.u.arbitrary()? {
+        ops::RopePairs::Interleaved
+    } else {
+        ops::RopePairs::Halves
+    };
+    if let Ok(y) = ops::rope_forward(&x.primal, &cos, &sin, pairs) {
+        assert_eq!(y.shape(), x.primal.shape());
+    }
+    if let Ok(y) = ops::rope_jvp(&x, &cos, &sin, pairs) {
+        y.check("fuzz", "y").unwrap();
+        assert_eq!(y.shape(), x.primal.shape());
+    }
+    if let Ok(dx) = ops::rope_backward(&x.primal, &cos, &sin, pairs) {
+        assert_eq!(dx.shape(), x.primal.shape());
     }
     Ok(())
 }

@@ -32,6 +32,8 @@ pub mod layernorm;
 pub mod mlp;
 pub mod nvrtc;
 pub mod ops;
+pub mod rmsnorm;
+pub mod rope;
 pub mod tensor;
 
 pub use context::{gpu_available, nvrtc_or_skip, require_gpu_or_skip, Gpu, GpuInfo, DEVICE_VAR};

@@ -13,12 +13,12 @@ use super::elementwise::{self as ew, Activation};
 use super::launch::dtype_suffix;
 use super::layernorm as ln;
 use super::mlp;
-use super::Gpu;
+use super::{rmsnorm as rms, rope, Gpu};
 use crate::dual::Dual;
 use crate::error::{Error, Result};
 use crate::ops::{
     AttentionGrads, AttentionJvp, AttentionOutput, GatedResidualGrads, LayerNormModGrads, Mlp,
-    MlpGrads,
+    MlpGrads, RmsNormGrads, RopePairs,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -535,6 +535,123 @@ pub fn mlp_backward(x: &Tensor, p: &Mlp, gy: &Tensor, dtype: DType) -> Result<Ml
         dw2: g.dw2.download()?,
         db2: g.db2.download()?,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm and rotary embeddings.
+
+/// Checks x [T, C], weight \[C\] and eps as [`crate::ops::rms_norm_forward`] does (any host
+/// dtype: the inputs are converted to `dtype`).
+fn check_rms_norm(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<()> {
+    dtype_suffix(dtype)?;
+    crate::ops::expect_rank("rms_norm", "x", x, 2)?;
+    crate::ops::expect_shape("rms_norm", "weight", w, &[x.shape()[1]])?;
+    crate::ops::check_eps("rms_norm", DType::F32, eps)
+}
+
+/// RMSNorm(x)·weight on the GPU, as [`crate::ops::rms_norm_forward`].
+pub fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Tensor> {
+    check_rms_norm(x, w, eps, dtype)?;
+    let gpu = gpu_for(dtype)?;
+    rms::forward(&gpu.upload(x, dtype)?, &gpu.upload(w, dtype)?, eps)?.download()
+}
+
+/// RMSNorm and its tangent on the GPU, as [`crate::ops::rms_norm_jvp`]; without any tangent only
+/// the forward runs and the tangent is `None`.
+pub fn rms_norm_jvp(x: &Dual, w: &Dual, eps: f64, dtype: DType) -> Result<Dual> {
+    check_rms_norm(&x.primal, &w.primal, eps, dtype)?;
+    x.check("rms_norm", "x")?;
+    w.check("rms_norm", "weight")?;
+    let gpu = gpu_for(dtype)?;
+    let (xd, wd) = (gpu.upload(&x.primal, dtype)?, gpu.upload(&w.primal, dtype)?);
+    if !(x.has_tangent() || w.has_tangent()) {
+        return Ok(Dual::constant(rms::forward(&xd, &wd, eps)?.download()?));
+    }
+    let up = |t: &Option<Tensor>| t.as_ref().map(|t| gpu.upload(t, dtype)).transpose();
+    let (tx, tw) = (up(&x.tangent)?, up(&w.tangent)?);
+    let (y, ty) = rms::jvp(&xd, tx.as_ref(), &wd, tw.as_ref(), eps)?;
+    Dual::new(y.download()?, ty.download()?)
+}
+
+/// dx (`dtype`) and dweight (f32) on the GPU, as [`crate::ops::rms_norm_backward`].
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    gy: &Tensor,
+    dtype: DType,
+) -> Result<RmsNormGrads> {
+    check_rms_norm(x, w, eps, dtype)?;
+    crate::ops::expect_shape("rms_norm", "gy", gy, x.shape())?;
+    let gpu = gpu_for(dtype)?;
+    let (dx, dw) = rms::backward(
+        &gpu.upload(x, dtype)?,
+        &gpu.upload(w, dtype)?,
+        eps,
+        &gpu.upload(gy, dtype)?,
+    )?;
+    Ok(RmsNormGrads {
+        dx: dx.download()?,
+        dweight: dw.download()?,
+    })
+}
+
+/// Rope's tables uploaded in f32 (the caller checked the shapes first, as
+/// [`crate::ops::rope_forward`] does, before touching the GPU).
+fn rope_tables(gpu: &Gpu, cos: &Tensor, sin: &Tensor) -> Result<[super::DeviceTensor; 2]> {
+    Ok([gpu.upload(cos, DType::F32)?, gpu.upload(sin, DType::F32)?])
+}
+
+/// Rotary embeddings of x [B, N, H, d] on the GPU (tables in f32), as [`crate::ops::rope_forward`].
+pub fn rope_forward(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    pairs: RopePairs,
+    dtype: DType,
+) -> Result<Tensor> {
+    crate::ops::rope::rope_dims(x.shape(), cos.shape(), sin.shape())?;
+    let gpu = gpu_for(dtype)?;
+    let [c, s] = rope_tables(&gpu, cos, sin)?;
+    rope::forward(&gpu.upload(x, dtype)?, &c, &s, pairs)?.download()
+}
+
+/// The rotation of x and of its tangent on the GPU, as [`crate::ops::rope_jvp`].
+pub fn rope_jvp(
+    x: &Dual,
+    cos: &Tensor,
+    sin: &Tensor,
+    pairs: RopePairs,
+    dtype: DType,
+) -> Result<Dual> {
+    crate::ops::rope::rope_dims(x.primal.shape(), cos.shape(), sin.shape())?;
+    x.check("rope", "x")?;
+    let gpu = gpu_for(dtype)?;
+    let [c, s] = rope_tables(&gpu, cos, sin)?;
+    let xd = gpu.upload(&x.primal, dtype)?;
+    match &x.tangent {
+        None => Ok(Dual::constant(
+            rope::forward(&xd, &c, &s, pairs)?.download()?,
+        )),
+        Some(t) => {
+            let (y, ty) = rope::jvp(&xd, &gpu.upload(t, dtype)?, &c, &s, pairs)?;
+            Dual::new(y.download()?, ty.download()?)
+        }
+    }
+}
+
+/// The inverse rotation of gy on the GPU, as [`crate::ops::rope_backward`].
+pub fn rope_backward(
+    gy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    pairs: RopePairs,
+    dtype: DType,
+) -> Result<Tensor> {
+    crate::ops::rope::rope_dims(gy.shape(), cos.shape(), sin.shape())?;
+    let gpu = gpu_for(dtype)?;
+    let [c, s] = rope_tables(&gpu, cos, sin)?;
+    rope::backward(&gpu.upload(gy, dtype)?, &c, &s, pairs)?.download()
 }
 
 #[cfg(test)]

@@ -7,49 +7,58 @@
 //! the tangent is the rotation of ẋ and the backward is the inverse rotation of gy.
 
 use crate::cpu;
-use crate::cpu::rope::RopeDims;
+pub use crate::cpu::rope::RopeDims;
 pub use crate::cpu::rope::RopePairs;
 use crate::dual::Dual;
 use crate::error::{Error, Result};
-use crate::ops::{data, expect_dtype, expect_dual, expect_rank, expect_shape, with_real};
+use crate::ops::{data, expect_dtype, expect_dual, with_real};
 use crate::tensor::{Element, Tensor};
 
 const OP: &str = "rope";
 
-/// Checks x [B, N, H, d] (d even), cos and sin ([N, d/2] or [B, N, d/2], x's dtype, |values| ≤ 1
-/// not required: any tables rotate-and-scale consistently); returns the dims.
-pub(crate) fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<RopeDims> {
-    expect_rank(OP, "x", x, 4)?;
-    let [b, n, h, d] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+/// The dims of a rope from the shapes of x [B, N, H, d] (d even), cos and sin (both [N, d/2] or
+/// both [B, N, d/2]): errors name the tensor and the expected shape.
+pub fn rope_dims(x: &[usize], cos: &[usize], sin: &[usize]) -> Result<RopeDims> {
+    let &[b, n, h, d] = x else {
+        return Err(Error::Rank {
+            op: OP,
+            tensor: "x".into(),
+            expected: 4,
+            actual: x.to_vec(),
+        });
+    };
+    if x.contains(&0) {
+        return Err(Error::invalid(
+            OP,
+            format!("tensor `x` has an empty dimension (shape {x:?}); every dimension must be at least 1"),
+        ));
+    }
     if d % 2 != 0 {
         return Err(Error::Shape {
             op: OP,
             tensor: "x".into(),
             expected: format!("[B, N, H, d] with d even (pairs rotate together), d = {d}"),
-            actual: x.shape().to_vec(),
+            actual: x.to_vec(),
         });
     }
     let half = d / 2;
-    let per_batch = cos.rank() == 3;
+    let (shared, batched) = ([n, half], [b, n, half]);
     for (name, t) in [("cos", cos), ("sin", sin)] {
-        expect_dtype(OP, name, t, x.dtype())?;
-        if t.rank() == 3 {
-            expect_shape(OP, name, t, &[b, n, half])?;
-        } else {
-            expect_shape(OP, name, t, &[n, half]).map_err(|_| Error::Shape {
+        if t != shared && t != batched {
+            return Err(Error::Shape {
                 op: OP,
                 tensor: name.into(),
-                expected: format!("[N, d/2] = [{n}, {half}] or [B, N, d/2] = [{b}, {n}, {half}]"),
-                actual: t.shape().to_vec(),
-            })?;
+                expected: format!("[N, d/2] = {shared:?} or [B, N, d/2] = {batched:?}"),
+                actual: t.to_vec(),
+            });
         }
     }
-    if sin.rank() != cos.rank() {
+    if sin != cos {
         return Err(Error::Shape {
             op: OP,
             tensor: "sin".into(),
-            expected: format!("cos's shape {:?}", cos.shape()),
-            actual: sin.shape().to_vec(),
+            expected: format!("cos's shape {cos:?}"),
+            actual: sin.to_vec(),
         });
     }
     Ok(RopeDims {
@@ -57,8 +66,16 @@ pub(crate) fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<RopeDims> 
         n,
         h,
         d,
-        per_batch,
+        per_batch: cos.len() == 3,
     })
+}
+
+/// [`rope_dims`], and cos and sin in x's dtype.
+fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<RopeDims> {
+    let dims = rope_dims(x.shape(), cos.shape(), sin.shape())?;
+    expect_dtype(OP, "cos", cos, x.dtype())?;
+    expect_dtype(OP, "sin", sin, x.dtype())?;
+    Ok(dims)
 }
 
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, pairs: RopePairs, sign: f64) -> Result<Tensor> {
