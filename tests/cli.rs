@@ -369,6 +369,92 @@ fn vjp_layernorm_mod_matches_library() {
     );
 }
 
+/// RMSNorm inputs: x [5, 12], w [12] and their tangents, gy, eps as a 0-d tensor.
+fn rms() -> Vec<(&'static str, Tensor)> {
+    vec![
+        ("x", randn(&[5, 12], 70)),
+        ("w", randn(&[12], 71)),
+        ("tx", randn(&[5, 12], 72)),
+        ("tw", randn(&[12], 73)),
+        ("gy", randn(&[5, 12], 74)),
+        ("eps", scalar(1e-4, &[])),
+    ]
+}
+
+#[test]
+fn rms_norm_jvp_and_vjp_match_library() {
+    let t = rms();
+    let got = run_ok("jvp", "rms_norm", &named(&t), &[]);
+    let y = ops::rms_norm_jvp(
+        &dual(get(&t, "x"), get(&t, "tx")),
+        &dual(get(&t, "w"), get(&t, "tw")),
+        1e-4,
+    )
+    .unwrap();
+    assert_outputs(&got, &[("y", &y.primal), ("ty", &y.tangent_or_zeros())]);
+    let got = run_ok("vjp", "rms_norm", &named(&t), &[]);
+    let g = ops::rms_norm_backward(get(&t, "x"), get(&t, "w"), 1e-4, get(&t, "gy")).unwrap();
+    assert_outputs(&got, &[("dx", &g.dx), ("dw", &g.dweight)]);
+    // A weight of the wrong width is named.
+    let bad = randn(&[11], 75);
+    let mut inputs = named(&t);
+    inputs[1] = ("w", &bad);
+    run_err("jvp", "rms_norm", &inputs, &[], &["`w`", "[12]"]);
+}
+
+/// Rope inputs: x [2, 3, 2, 8] and its tangent, per-batch tables [2, 3, 4] of real angles, gy.
+fn rope_inputs() -> Vec<(&'static str, Tensor)> {
+    let theta = randn(&[2, 3, 4], 80).to_f64_vec();
+    let table = |f: fn(f64) -> f64| {
+        Tensor::from_vec(theta.iter().map(|&t| f(t)).collect(), &[2, 3, 4]).unwrap()
+    };
+    vec![
+        ("x", randn(&[2, 3, 2, 8], 81)),
+        ("tx", randn(&[2, 3, 2, 8], 82)),
+        ("cos", table(f64::cos)),
+        ("sin", table(f64::sin)),
+        ("gy", randn(&[2, 3, 2, 8], 83)),
+    ]
+}
+
+#[test]
+fn rope_jvp_and_vjp_match_library() {
+    let t = rope_inputs();
+    let (cos, sin) = (get(&t, "cos"), get(&t, "sin"));
+    for (halves, pairs) in [
+        (None, ops::RopePairs::Interleaved),
+        (Some(0.0), ops::RopePairs::Interleaved),
+        (Some(1.0), ops::RopePairs::Halves),
+    ] {
+        let flag = halves.map(|h| scalar(h, &[1]));
+        let mut inputs = named(&t);
+        if let Some(f) = &flag {
+            inputs.push(("halves", f));
+        }
+        let got = run_ok("jvp", "rope", &inputs, &[]);
+        let y = ops::rope_jvp(&dual(get(&t, "x"), get(&t, "tx")), cos, sin, pairs).unwrap();
+        assert_outputs(&got, &[("y", &y.primal), ("ty", &y.tangent_or_zeros())]);
+        // The backward reads gy (x may be absent).
+        inputs.retain(|(n, _)| *n != "x" && *n != "tx");
+        let got = run_ok("vjp", "rope", &inputs, &[]);
+        let dx = ops::rope_backward(get(&t, "gy"), cos, sin, pairs).unwrap();
+        assert_outputs(&got, &[("dx", &dx)]);
+    }
+    let two = scalar(2.0, &[1]);
+    let mut inputs = named(&t);
+    inputs.push(("halves", &two));
+    run_err("jvp", "rope", &inputs, &[], &["halves = 2"]);
+    let mut inputs = named(&t);
+    inputs.retain(|(n, _)| *n != "sin");
+    run_err(
+        "jvp",
+        "rope",
+        &inputs,
+        &[],
+        &["`sin`", "[N, d/2] or [B, N, d/2]"],
+    );
+}
+
 #[test]
 fn absent_tangents_give_a_zero_tangent_and_default_eps() {
     let t = ln();

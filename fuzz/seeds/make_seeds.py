@@ -45,3 +45,10 @@ for dtype in DTYPES:
 # Padded keys: batch 2, entry 0 attends to 2 of its 4 keys, entry 1 to all 4.
 keyed = [(n, [2] + s[1:] if s else s) for n, s in attention] + [("key_lens", [2])]
 write("safetensors_input/attention_key_lens_f32", keyed, "F32", {"key_lens": [2.0, 4.0]})
+# RMSNorm and rotary embeddings (rope with per-batch tables and the rotate-half pairing).
+rms = [("x", [T, C]), ("tx", [T, C]), ("w", [C]), ("tw", [C]), ("gy", [T, C]), ("eps", [])]
+rope = [("x", [2, 3, H, 4]), ("tx", [2, 3, H, 4]), ("cos", [2, 3, 2]), ("sin", [2, 3, 2]),
+        ("gy", [2, 3, H, 4]), ("halves", [1])]
+for dtype in DTYPES:
+    write(f"safetensors_input/rms_norm_{dtype.lower()}", rms, dtype)
+    write(f"safetensors_input/rope_{dtype.lower()}", rope, dtype, {"halves": [1.0]})

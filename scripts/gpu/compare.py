@@ -109,6 +109,10 @@ def cli_check(binary, results):
                           "shift": rn(7, 300), "tshift": rn(7, 300), "gy": rn(77, 300)},
         "mlp": {"x": rn(33, 72), "tx": rn(33, 72), "w1": rn(200, 72) / 8, "b1": rn(200),
                 "w2": rn(72, 200) / 14, "b2": rn(72), "gy": rn(33, 72)},
+        "rms_norm": {"x": rn(77, 300), "tx": rn(77, 300), "w": 1 + rn(300) / 4, "tw": rn(300),
+                     "gy": rn(77, 300)},
+        "rope": {"x": rn(2, 77, 3, 64), "tx": rn(2, 77, 3, 64), "gy": rn(2, 77, 3, 64),
+                 "halves": torch.ones(1)} | (lambda th: {"cos": th.cos(), "sin": th.sin()})(3 * rn(77, 32)),
     }
     tol = {"bf16": 2e-2, "f32": 1e-4}
     ok = True

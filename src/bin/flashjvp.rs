@@ -20,6 +20,11 @@ Tensors (safetensors in, safetensors out; contiguous, row-major; inputs F32, F64
                  optional scalar `eps` (default 1e-6). jvp -> y, ty; vjp takes gy -> dx, dscale, dshift
   mlp            x [T,C], tx; w1 [Hd,C], b1 [Hd], w2 [C,Hd], b2 [C] (GELU tanh).
                  jvp -> y, ty; vjp takes gy -> dx, dw1, db1, dw2, db2
+  rms_norm       x [T,C], tx; w [C], tw; optional scalar `eps` (default 1e-6).
+                 jvp -> y, ty; vjp takes gy -> dx, dw
+  rope           x [B,N,H,d] (d even), tx; cos, sin [N,d/2] or [B,N,d/2]; optional scalar `halves`
+                 (0, default: pairs x[2i], x[2i+1]; 1: x[i], x[i+d/2]). jvp -> y, ty;
+                 vjp takes gy [B,N,H,d] -> dx
 Tangents are optional: an absent tangent is zero (attention with no tk and tv takes the faster
 path for constant K and V). Scalars are 0-d or 1-element tensors. Tensors the op does not use are
 ignored, so one file can feed both jvp and vjp.";
@@ -270,7 +275,9 @@ fn info() {
             }
             Err(e) => println!("GPU: none usable ({})", one_line(&e.to_string())),
         }
-        println!("CUDA ops: attention, layernorm_mod, mlp (jvp and vjp with --device cuda)");
+        println!(
+            "CUDA ops: attention, layernorm_mod, mlp, rms_norm, rope (jvp and vjp with --device cuda)"
+        );
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -47,11 +47,22 @@ pub enum OpKind {
     LayerNormMod,
     /// The GELU MLP: x [T, C], w1 [Hd, C], b1 \[Hd\], w2 [C, Hd], b2 \[C\].
     Mlp,
+    /// RMSNorm with a weight: x [T, C], w \[C\].
+    #[value(name = "rms_norm")]
+    RmsNorm,
+    /// Rotary position embeddings: x [B, N, H, d], cos and sin [N, d/2] or [B, N, d/2].
+    Rope,
 }
 
 impl OpKind {
     /// Every op, in the order the CLI lists them.
-    pub const ALL: [OpKind; 3] = [OpKind::Attention, OpKind::LayerNormMod, OpKind::Mlp];
+    pub const ALL: [OpKind; 5] = [
+        OpKind::Attention,
+        OpKind::LayerNormMod,
+        OpKind::Mlp,
+        OpKind::RmsNorm,
+        OpKind::Rope,
+    ];
 
     /// The op's name on the command line.
     pub fn name(self) -> &'static str {
@@ -59,6 +70,8 @@ impl OpKind {
             OpKind::Attention => "attention",
             OpKind::LayerNormMod => "layernorm_mod",
             OpKind::Mlp => "mlp",
+            OpKind::RmsNorm => "rms_norm",
+            OpKind::Rope => "rope",
         }
     }
 
@@ -69,16 +82,17 @@ impl OpKind {
             .find(|op| op.name() == s)
             .ok_or_else(|| {
                 Error::Unsupported(format!(
-                    "unknown op `{s}`: expected attention, layernorm_mod or mlp"
+                    "unknown op `{s}`: expected attention, layernorm_mod, mlp, rms_norm or rope"
                 ))
             })
     }
 
-    /// The input whose dtype is the default computation dtype.
-    pub fn first_input(self) -> &'static str {
-        match self {
-            OpKind::Attention => "q",
-            OpKind::LayerNormMod | OpKind::Mlp => "x",
+    /// The input whose dtype is the default computation dtype (rope's backward does not read x).
+    pub fn first_input(self, mode: Mode) -> &'static str {
+        match (self, mode) {
+            (OpKind::Attention, _) => "q",
+            (OpKind::Rope, Mode::Vjp) => "gy",
+            _ => "x",
         }
     }
 
@@ -90,6 +104,9 @@ impl OpKind {
             (OpKind::LayerNormMod, Mode::Jvp) | (OpKind::Mlp, Mode::Jvp) => &["y", "ty"],
             (OpKind::LayerNormMod, Mode::Vjp) => &["dx", "dscale", "dshift"],
             (OpKind::Mlp, Mode::Vjp) => &["dx", "dw1", "db1", "dw2", "db2"],
+            (OpKind::RmsNorm | OpKind::Rope, Mode::Jvp) => &["y", "ty"],
+            (OpKind::RmsNorm, Mode::Vjp) => &["dx", "dw"],
+            (OpKind::Rope, Mode::Vjp) => &["dx"],
         }
     }
 }
@@ -131,6 +148,7 @@ mod gpu {
     use crate::error::Result;
     use crate::ops::{
         AttentionGrads, AttentionJvp, AttentionOutput, LayerNormModGrads, Mlp, MlpGrads,
+        RmsNormGrads, RopePairs,
     };
     use crate::tensor::{DType, Tensor};
 
@@ -187,6 +205,30 @@ mod gpu {
     pub fn mlp_backward(_: &Tensor, _: &Mlp, _: &Tensor, _: DType) -> Result<MlpGrads> {
         Err(cuda_not_built())
     }
+    pub fn rms_norm_jvp(_: &Dual, _: &Dual, _: f64, _: DType) -> Result<Dual> {
+        Err(cuda_not_built())
+    }
+    pub fn rms_norm_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: &Tensor,
+        _: DType,
+    ) -> Result<RmsNormGrads> {
+        Err(cuda_not_built())
+    }
+    pub fn rope_jvp(_: &Dual, _: &Tensor, _: &Tensor, _: RopePairs, _: DType) -> Result<Dual> {
+        Err(cuda_not_built())
+    }
+    pub fn rope_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: RopePairs,
+        _: DType,
+    ) -> Result<Tensor> {
+        Err(cuda_not_built())
+    }
 }
 
 /// Runs `mode` of `op` on the named tensors of `inputs` and returns the named outputs, all in the
@@ -199,7 +241,7 @@ pub fn run(
     dtype: Option<DType>,
     device: Device,
 ) -> Result<TensorMap> {
-    let first = op.first_input();
+    let first = op.first_input(mode);
     let first_dtype = lookup(op.name(), inputs, first)?.dtype();
     let dtype = computation_dtype(dtype, first_dtype, device)?;
     let inp = Inputs {
@@ -315,6 +357,49 @@ pub fn run(
                 ("db2", g.db2),
             ]
         }
+        (OpKind::RmsNorm, Mode::Jvp) => {
+            let x = inp.dual("x", "tx")?;
+            let w = inp.dual("w", "tw")?;
+            let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
+            let y = if cuda {
+                gpu::rms_norm_jvp(&x, &w, eps, dtype)?
+            } else {
+                ops::rms_norm_jvp(&x, &w, eps)?
+            };
+            vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
+        }
+        (OpKind::RmsNorm, Mode::Vjp) => {
+            let x = inp.tensor("x")?;
+            let w = inp.tensor("w")?;
+            let gy = inp.tensor("gy")?;
+            let eps = inp.scalar("eps")?.unwrap_or(ops::DEFAULT_EPS);
+            let g = if cuda {
+                gpu::rms_norm_backward(&x, &w, eps, &gy, dtype)?
+            } else {
+                ops::rms_norm_backward(&x, &w, eps, &gy)?
+            };
+            vec![("dx", g.dx), ("dw", g.dweight)]
+        }
+        (OpKind::Rope, Mode::Jvp) => {
+            let x = inp.dual("x", "tx")?;
+            let (cos, sin, pairs) = (inp.tensor("cos")?, inp.tensor("sin")?, inp.pairs()?);
+            let y = if cuda {
+                gpu::rope_jvp(&x, &cos, &sin, pairs, dtype)?
+            } else {
+                ops::rope_jvp(&x, &cos, &sin, pairs)?
+            };
+            vec![("ty", y.tangent_or_zeros()), ("y", y.primal)]
+        }
+        (OpKind::Rope, Mode::Vjp) => {
+            let gy = inp.tensor("gy")?;
+            let (cos, sin, pairs) = (inp.tensor("cos")?, inp.tensor("sin")?, inp.pairs()?);
+            let dx = if cuda {
+                gpu::rope_backward(&gy, &cos, &sin, pairs, dtype)?
+            } else {
+                ops::rope_backward(&gy, &cos, &sin, pairs)?
+            };
+            vec![("dx", dx)]
+        }
     };
     Ok(out
         .into_iter()
@@ -365,7 +450,10 @@ impl Inputs<'_> {
             return Err(Error::Shape {
                 op: self.op,
                 tensor: name.to_string(),
-                expected: format!("{} with every dimension at least 1", expected_shape(name)),
+                expected: format!(
+                    "{} with every dimension at least 1",
+                    expected_shape(self.op, name)
+                ),
                 actual: t.shape().to_vec(),
             });
         }
@@ -435,6 +523,22 @@ impl Inputs<'_> {
             .map(Some)
     }
 
+    /// Rope's pairing from the optional scalar `halves`: absent or 0 for (x[2i], x[2i+1]), 1 for
+    /// (x[i], x[i + d/2]); any other value is an error naming it.
+    fn pairs(&self) -> Result<ops::RopePairs> {
+        match self.scalar("halves")? {
+            None => Ok(ops::RopePairs::Interleaved),
+            Some(0.0) => Ok(ops::RopePairs::Interleaved),
+            Some(1.0) => Ok(ops::RopePairs::Halves),
+            Some(v) => Err(Error::invalid(
+                self.op,
+                format!(
+                    "halves = {v}: expected 0 (interleaved pairs x[2i], x[2i+1]) or 1 (halves x[i], x[i + d/2])"
+                ),
+            )),
+        }
+    }
+
     fn mlp_params(&self) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         Ok((
             self.tensor("w1")?,
@@ -451,14 +555,20 @@ fn lookup<'m>(op: &'static str, map: &'m TensorMap, name: &str) -> Result<&'m Te
             op,
             format!(
                 "the input has no tensor `{name}` (expected {})",
-                expected_shape(name)
+                expected_shape(op, name)
             ),
         )
     })
 }
 
-/// The shape the contract gives each input, for "missing tensor" messages.
-fn expected_shape(name: &str) -> &'static str {
+/// The shape the contract gives each input of `op`, for "missing tensor" messages.
+fn expected_shape(op: &str, name: &str) -> &'static str {
+    match (op, name) {
+        ("rope", "x" | "gy") => return "[B, N, H, d]",
+        ("rope", "cos" | "sin") => return "[N, d/2] or [B, N, d/2]",
+        ("rms_norm", "w") => return "[C]",
+        _ => {}
+    }
     match name {
         "q" => "[B, H, Nq, d]",
         "k" => "[B, H, Nk, d]",
