@@ -953,6 +953,8 @@ fn help_documents_the_tensor_contract() {
         "tq, tk, tv",
         "tscale",
         "layernorm_mod",
+        "rms_norm",
+        "halves",
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
@@ -1005,6 +1007,8 @@ fn bench_prints_one_json_row_per_pass() {
             &["fwd", "jvp", "jvp_nokv", "fwd_packed", "jvp_packed", "bwd"][..],
         ),
         ("layernorm_mod", "64,96", "gbps", &["fwd", "jvp", "bwd"][..]),
+        ("rms_norm", "64,96", "gbps", &["fwd", "jvp", "bwd"][..]),
+        ("rope", "2,9,3,16", "gbps", &["fwd", "jvp", "bwd"][..]),
         ("mlp", "64,96,384", "tflops", &["fwd", "jvp", "bwd"][..]),
         (
             "dit_block",

@@ -3,13 +3,15 @@
 
 1. The CLI end to end: `flashjvp jvp|vjp OP --device cuda` (bf16 and f32) against `--device cpu`
    on the same safetensors input, relative error per output.
-2. `flashjvp bench OP --json` for attention, layernorm_mod and mlp (bf16, default shapes), next to
+2. `flashjvp bench OP --json` for attention, layernorm_mod, mlp, rms_norm and rope (bf16, default
+   shapes), next to
    - PyTorch's cuDNN attention forward (torch.nn.attention.sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
      at the same shapes: the ratio of our JVP to it (DESIGN.md section 7: the rCM Triton JVP is about
      2.7x cuDNN's forward on an H200), with the path that ran (sm80 or sm90a), the sm80 JVP beside
      the Hopper one where both ran, effective JVP TFLOP/s (12 B H Nq Nk d / time) and the issue's
      targets (JVP / cuDNN forward <= 3.8x at d128 and <= 2.4x at d64 for N >= 4096; moonshot 600 TF/s);
-   - a device-to-device copy through torch (bytes read + written): layernorm's JVP GB/s against it;
+   - a device-to-device copy through torch (bytes read + written): layernorm's JVP GB/s against it
+     (and rms_norm's and rope's passes);
    - the MLP's own forward: its JVP over its forward (ideal 2x; PyTorch eager measured 3.0-3.3x).
 3. Precision: the bf16 attention error of o and its tangent against f64 on the same inputs, ours
    beside PyTorch's math SDPA backend (under torch.func.jvp) and the bf16 rounding floor.
@@ -43,7 +45,7 @@ DEFAULT_ATTENTION_SHAPES = [
 
 # --dry-run: small shapes the kernel emulator runs in seconds, and PyTorch's side on the CPU.
 DRY_ATTENTION_SHAPES = [(1, 2, 80, 80, 64), (1, 1, 130, 70, 72)]
-DRY_SHAPES = {"layernorm_mod": [64, 96], "mlp": [64, 96, 384]}
+DRY_SHAPES = {"layernorm_mod": [64, 96], "mlp": [64, 96, 384], "rms_norm": [64, 96], "rope": [2, 9, 3, 16]}
 DRY_PRECISION_SHAPES = ((1, 2, 96, 96, 64),)
 DEV = "cuda"  # "cpu" under --dry-run
 
@@ -395,8 +397,10 @@ def main():
     # with the GELU outside cuBLASLt's epilogues.
     mlp = bench(binary, "mlp", env={"FLASHJVP_BENCH_STEPS": "1"}, timeout=90)
     mlp_unfused = bench(binary, "mlp", env={"FLASHJVP_GEMM_EPILOGUE": "off"}, timeout=60)
+    # The q/k norm and rotary embeddings (written 2026-11-28, first timing): GB/s against the copy.
+    qk = bench(binary, "rms_norm", timeout=60) + bench(binary, "rope", timeout=60)
     attn = bench_attention(binary, t_start + args.time_limit_s)
-    out["bench"] = attn + ln + mlp
+    out["bench"] = attn + ln + mlp + qk
 
     # Attention: our passes next to cuDNN's forward at the same shapes.
     by_shape = {}
@@ -506,6 +510,9 @@ def main():
                 log(f"layernorm_mod {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
                     f"  = {r.get('gbps', 0) / gbps:.2f} of the copy  ({name})")
         out[f"layernorm_{name}"] = rows
+    for r in qk:
+        log(f"{r['op']:13} {r['pass']:4} {str(r['shape']):20} {r['ms']:.4f} ms  {r.get('gbps', 0):7.0f} GB/s"
+            f"  = {r.get('gbps', 0) / gbps:.2f} of the copy")
 
     # MLP JVP over its forward.
     log("")

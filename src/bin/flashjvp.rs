@@ -71,7 +71,7 @@ struct KernelsArgs {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// The op: attention (shape B,H,Nq,Nk,d or B,H,N,d), layernorm_mod (T,C or T,C,G), mlp
-    /// (T,C,Hd), dit_block (B,N,C,heads)
+    /// (T,C,Hd), dit_block (B,N,C,heads), rms_norm (T,C), rope (B,N,H,d)
     op: String,
     /// Comma-separated sizes [default: a set of representative shapes per op]
     #[arg(long, value_delimiter = ',')]

@@ -11,8 +11,8 @@
 //!
 //! Effective rates: attention counts 4·B·H·Nq·Nk·d flops for the forward, 12· for the JVP (3x the
 //! forward, DESIGN.md section 7), 8· for the JVP with constant K and V, 10· for the backward; the
-//! MLP counts its GEMMs (4·T·C·Hd forward, 8· JVP, 10· backward); layernorm reports GB/s of the
-//! bytes it must move (each input read once, each output written once).
+//! MLP counts its GEMMs (4·T·C·Hd forward, 8· JVP, 10· backward); layernorm, rms_norm and rope
+//! report GB/s of the bytes they must move (each input read once, each output written once).
 //!
 //! Attention rows say which kernels ran (`path`: sm80 or sm90a, as the dispatcher picks them on
 //! this GPU); where the Hopper path runs, the sm_80 kernels are timed too (passes `fwd_sm80`,
@@ -30,8 +30,11 @@ use super::context::Gpu;
 use super::launch::{dtype_suffix, require_ptrs, Arg, Launch, Step};
 use super::layernorm::{self as ln, LnDims};
 use super::mlp::{self, MlpDims, ParamPtrs};
+use super::rmsnorm::{self as rms, RmsDims};
+use super::rope;
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
+use crate::ops::rope::{RopeDims, RopePairs};
 use crate::tensor::DType;
 
 /// The ops the benchmark knows.
@@ -45,6 +48,10 @@ pub enum BenchOp {
     Mlp,
     /// shape B,N,C,heads: one DiT block (see [`super::bench_dit`]).
     DitBlock,
+    /// shape T,C.
+    RmsNorm,
+    /// shape B,N,H,d (token-major heads, tables [N, d/2], interleaved pairs).
+    Rope,
 }
 
 impl BenchOp {
@@ -56,8 +63,11 @@ impl BenchOp {
             "layernorm" | "layernorm_mod" => Ok(BenchOp::LayerNorm),
             "mlp" => Ok(BenchOp::Mlp),
             "dit_block" => Ok(BenchOp::DitBlock),
+            "rms_norm" => Ok(BenchOp::RmsNorm),
+            "rope" => Ok(BenchOp::Rope),
             other => Err(Error::Unsupported(format!(
-                "unknown benchmark op `{other}`: expected attention, layernorm_mod, mlp or dit_block"
+                "unknown benchmark op `{other}`: expected attention, layernorm_mod, mlp, dit_block, \
+                 rms_norm or rope"
             ))),
         }
     }
@@ -70,6 +80,8 @@ impl BenchOp {
             BenchOp::LayerNorm => "layernorm_mod",
             BenchOp::Mlp => "mlp",
             BenchOp::DitBlock => "dit_block",
+            BenchOp::RmsNorm => "rms_norm",
+            BenchOp::Rope => "rope",
         }
     }
 
@@ -95,6 +107,11 @@ impl BenchOp {
             BenchOp::LayerNorm => vec![vec![8192, 1536, 2], vec![32768, 1152, 8]],
             BenchOp::Mlp => vec![vec![8192, 1536, 6144], vec![8192, 1152, 4608]],
             BenchOp::DitBlock => super::bench_dit::default_shapes(),
+            // Wan 14B's full-width q/k norm (C 5120, 8192 tokens) and a per-head norm (Flux's,
+            // d 128 over B·N·H rows).
+            BenchOp::RmsNorm => vec![vec![8192, 5120], vec![98304, 128]],
+            // Flux-like (B2, N4096, 24 heads of 128) and the attention anchor (1, 16384, 12, 64).
+            BenchOp::Rope => vec![vec![2, 4096, 24, 128], vec![1, 16384, 12, 64]],
         }
     }
 }
@@ -122,7 +139,7 @@ pub struct BenchRow {
     /// Effective TFLOP/s at the median time, from the op's flop count (module docs); `None` for
     /// layernorm.
     pub tflops: Option<f64>,
-    /// Effective GB/s at the median time (layernorm only; `None` elsewhere).
+    /// Effective GB/s at the median time (layernorm, rms_norm and rope; `None` elsewhere).
     pub gbps: Option<f64>,
     /// Attention: which kernels ran (`sm80` or `sm90a`).
     pub path: Option<String>,
@@ -450,6 +467,8 @@ pub fn bench(op: BenchOp, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>
         BenchOp::LayerNorm => bench_layernorm(&gpu, &mut pool, shape, dtype)?,
         BenchOp::Mlp => bench_mlp(&gpu, &mut pool, shape, dtype)?,
         BenchOp::DitBlock => super::bench_dit::bench_block(&gpu, &mut pool, shape, dtype)?,
+        BenchOp::RmsNorm => bench_rms_norm(&gpu, &mut pool, shape, dtype)?,
+        BenchOp::Rope => bench_rope(&gpu, &mut pool, shape, dtype)?,
     };
     Ok(rows)
 }
@@ -499,6 +518,40 @@ fn layernorm_dims(shape: &[usize]) -> Result<LnDims> {
         )));
     }
     Ok(LnDims { t, c, g })
+}
+
+/// The dims of an RMSNorm benchmark shape T,C, checked as the kernels take them.
+fn rms_norm_dims(shape: &[usize]) -> Result<RmsDims> {
+    let [t, c] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "rms_norm benchmark shape {shape:?}: expected T,C"
+        )));
+    };
+    let d = RmsDims { t, c };
+    // The plan's checks (T, C at least 1 and within an int), on fake pointers.
+    rms::plan_forward(DType::F32, d, 256, 256, 256, 0, 1e-6)?;
+    Ok(d)
+}
+
+/// The dims of a rope benchmark shape B,N,H,d, checked as the kernel takes them.
+fn rope_dims(shape: &[usize]) -> Result<RopeDims> {
+    let [b, n, h, d] = *shape else {
+        return Err(Error::Unsupported(format!(
+            "rope benchmark shape {shape:?}: expected B,N,H,d"
+        )));
+    };
+    let dims = crate::ops::rope::rope_dims(&[b, n, h, d], &[n, d / 2], &[n, d / 2])?;
+    rope::plan_rope(
+        DType::F32,
+        dims,
+        RopePairs::Interleaved,
+        256,
+        256,
+        256,
+        256,
+        1.0,
+    )?;
+    Ok(dims)
 }
 
 /// The dims of an MLP benchmark shape T,C,Hd, checked as the GEMMs take them.
@@ -555,6 +608,19 @@ fn sizes(op: BenchOp, shape: &[usize], dtype: DType) -> Result<(usize, usize)> {
         BenchOp::DitBlock => {
             let all = super::bench_dit::working_set(shape, dtype)?;
             all.map(|a| (0, a))
+        }
+        BenchOp::RmsNorm => {
+            let RmsDims { t, c } = rms_norm_dims(shape)?;
+            let set = bytes_of(&[(&[t, c], 3 * s)]);
+            // Per set x, tx, dy, w, tw; y, ty, dx, rrms, dw.
+            let all = bytes_of(&[(&[t, c], 6 * s), (&[c], 2 * s + 4), (&[t], 4)]);
+            set.zip(all)
+        }
+        BenchOp::Rope => {
+            let RopeDims { b, n, h, d, .. } = rope_dims(shape)?;
+            let set = bytes_of(&[(&[b, n, h, d], 3 * s)]);
+            let all = bytes_of(&[(&[b, n, h, d], 5 * s), (&[n, d / 2], 2 * 4)]);
+            set.zip(all)
         }
     };
     sizes.ok_or_else(|| {
@@ -951,6 +1017,180 @@ fn bench_layernorm(
     let mut r = row(BenchOp::LayerNorm, "bwd", shape, dtype, tm);
     r.gbps = Some((3.0 * tc * s + mod_bytes(3) + 8.0 * t as f64) / (tm.0 * 1e-3) / 1e9);
     rows.push(r);
+    Ok(rows)
+}
+
+/// One row of a memory-bound op: `bytes` moved by one run of the plans (each input read once, each
+/// output written once).
+fn rate_row(
+    op: BenchOp,
+    pass: &str,
+    shape: &[usize],
+    dtype: DType,
+    tm: (f64, f64, f64, usize),
+    bytes: f64,
+) -> BenchRow {
+    let mut r = row(op, pass, shape, dtype, tm);
+    r.gbps = Some(bytes / (tm.0 * 1e-3) / 1e9);
+    r
+}
+
+fn bench_rms_norm(
+    gpu: &Gpu,
+    pool: &mut Pool,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Vec<BenchRow>> {
+    let d = rms_norm_dims(shape)?;
+    let RmsDims { t, c } = d;
+    let (set_bytes, _) = sizes(BenchOp::RmsNorm, shape, dtype)?;
+    let sets = sets_for(gpu, set_bytes);
+    let (tc, s) = ((t * c) as f64, dtype.size_in_bytes() as f64);
+    let (w, tw) = (
+        pool.tensor(gpu, &[c], dtype, 0.3)?,
+        pool.tensor(gpu, &[c], dtype, 0.3)?,
+    );
+    let mut inputs = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+            pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+            pool.tensor(gpu, &[t, c], dtype, 1.0)?,
+        ]);
+    }
+    let (y, ty, dx) = (
+        gpu.alloc(&[t, c], dtype)?,
+        gpu.alloc(&[t, c], dtype)?,
+        gpu.alloc(&[t, c], dtype)?,
+    );
+    let (rrms, dw) = (gpu.alloc(&[t], DType::F32)?, gpu.alloc(&[c], DType::F32)?);
+    let op = BenchOp::RmsNorm;
+    let mut rows = Vec::new();
+    let fwd = inputs
+        .iter()
+        .map(|[x, _, _]| rms::plan_forward(dtype, d, x.ptr(), w.ptr(), y.ptr(), rrms.ptr(), 1e-6))
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &fwd, BUDGET_MS)?;
+    rows.push(rate_row(
+        op,
+        "fwd",
+        shape,
+        dtype,
+        tm,
+        2.0 * tc * s + 4.0 * t as f64,
+    ));
+    let jvp = inputs
+        .iter()
+        .map(|[x, tx, _]| {
+            let p = rms::JvpPtrs {
+                x: x.ptr(),
+                tx: tx.ptr(),
+                w: w.ptr(),
+                tw: tw.ptr(),
+                y: y.ptr(),
+                ty: ty.ptr(),
+                rrms: 0,
+            };
+            rms::plan_jvp(dtype, d, p, 1e-6)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &jvp, BUDGET_MS)?;
+    rows.push(rate_row(op, "jvp", shape, dtype, tm, 4.0 * tc * s));
+    // The backward from the last forward's rrms (the timing does not depend on it).
+    let bwd = inputs
+        .iter()
+        .map(|[x, _, dy]| {
+            let p = rms::BwdPtrs {
+                dy: dy.ptr(),
+                x: x.ptr(),
+                w: w.ptr(),
+                rrms: rrms.ptr(),
+                dx: dx.ptr(),
+                dw: dw.ptr(),
+            };
+            rms::plan_backward(dtype, d, p)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &bwd, BUDGET_MS)?;
+    rows.push(rate_row(
+        op,
+        "bwd",
+        shape,
+        dtype,
+        tm,
+        3.0 * tc * s + 4.0 * t as f64,
+    ));
+    Ok(rows)
+}
+
+fn bench_rope(gpu: &Gpu, pool: &mut Pool, shape: &[usize], dtype: DType) -> Result<Vec<BenchRow>> {
+    let dims = rope_dims(shape)?;
+    let RopeDims { b, n, h, d, .. } = dims;
+    let (set_bytes, _) = sizes(BenchOp::Rope, shape, dtype)?;
+    let sets = sets_for(gpu, set_bytes);
+    let (elems, s) = ((b * n * h * d) as f64, dtype.size_in_bytes() as f64);
+    let table = (n * d / 2 * 4 * 2) as f64;
+    let (cos, sin) = (
+        pool.tensor(gpu, &[n, d / 2], DType::F32, 1.0)?,
+        pool.tensor(gpu, &[n, d / 2], DType::F32, 1.0)?,
+    );
+    let mut inputs = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            pool.tensor(gpu, shape, dtype, 1.0)?,
+            pool.tensor(gpu, shape, dtype, 1.0)?,
+        ]);
+    }
+    let (y, ty) = (gpu.alloc(shape, dtype)?, gpu.alloc(shape, dtype)?);
+    let plan = |x: u64, out: u64, sign: f32| {
+        let pairs = RopePairs::Interleaved;
+        rope::plan_rope(dtype, dims, pairs, x, out, cos.ptr(), sin.ptr(), sign)
+    };
+    let op = BenchOp::Rope;
+    let mut rows = Vec::new();
+    let fwd = inputs
+        .iter()
+        .map(|[x, _]| plan(x.ptr(), y.ptr(), 1.0))
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &fwd, BUDGET_MS)?;
+    rows.push(rate_row(
+        op,
+        "fwd",
+        shape,
+        dtype,
+        tm,
+        2.0 * elems * s + table,
+    ));
+    let jvp = inputs
+        .iter()
+        .map(|[x, tx]| {
+            let mut p = plan(x.ptr(), y.ptr(), 1.0)?;
+            p.extend(plan(tx.ptr(), ty.ptr(), 1.0)?);
+            Ok(p)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &jvp, BUDGET_MS)?;
+    rows.push(rate_row(
+        op,
+        "jvp",
+        shape,
+        dtype,
+        tm,
+        4.0 * elems * s + table,
+    ));
+    let bwd = inputs
+        .iter()
+        .map(|[_, dy]| plan(dy.ptr(), y.ptr(), -1.0))
+        .collect::<Result<Vec<_>>>()?;
+    let tm = time_plans(gpu, &bwd, BUDGET_MS)?;
+    rows.push(rate_row(
+        op,
+        "bwd",
+        shape,
+        dtype,
+        tm,
+        2.0 * elems * s + table,
+    ));
     Ok(rows)
 }
 
