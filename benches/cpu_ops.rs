@@ -84,6 +84,50 @@ fn layernorm_mod(c: &mut Criterion) {
     g.finish();
 }
 
+fn rms_norm_and_rope(c: &mut Criterion) {
+    // Wan 14B's q norm on 4096 tokens (C 5120), then its rotary embedding (40 heads of 128).
+    let (t, ch) = (4096, 5120);
+    let (x, tx, gy) = (
+        randn(&[t, ch], 21),
+        randn(&[t, ch], 22),
+        randn(&[t, ch], 23),
+    );
+    let (w, tw) = (randn(&[ch], 24), randn(&[ch], 25));
+    let eps = ops::DEFAULT_EPS;
+    let bytes = (t * ch * 4) as u64;
+    let mut g = c.benchmark_group("rms_norm T4096 C5120");
+    g.throughput(Throughput::Bytes(2 * bytes));
+    g.bench_function("forward", |b| {
+        b.iter(|| ops::rms_norm_forward(black_box(&x), &w, eps).unwrap())
+    });
+    g.throughput(Throughput::Bytes(4 * bytes));
+    let (dx, dw) = (dual(&x, &tx), dual(&w, &tw));
+    g.bench_function("jvp", |b| {
+        b.iter(|| ops::rms_norm_jvp(black_box(&dx), &dw, eps).unwrap())
+    });
+    g.throughput(Throughput::Bytes(3 * bytes));
+    g.bench_function("backward", |b| {
+        b.iter(|| ops::rms_norm_backward(black_box(&x), &w, eps, &gy).unwrap())
+    });
+    g.finish();
+
+    let heads = [1, t, 40, 128];
+    let (x, tx) = (randn(&heads, 26), randn(&heads, 27));
+    let (cos, sin) = (randn(&[t, 64], 28), randn(&[t, 64], 29));
+    let pairs = ops::RopePairs::Interleaved;
+    let mut g = c.benchmark_group("rope B1 N4096 H40 d128");
+    g.throughput(Throughput::Bytes(2 * bytes));
+    g.bench_function("forward", |b| {
+        b.iter(|| ops::rope_forward(black_box(&x), &cos, &sin, pairs).unwrap())
+    });
+    g.throughput(Throughput::Bytes(4 * bytes));
+    let dx = dual(&x, &tx);
+    g.bench_function("jvp", |b| {
+        b.iter(|| ops::rope_jvp(black_box(&dx), &cos, &sin, pairs).unwrap())
+    });
+    g.finish();
+}
+
 fn gelu(c: &mut Criterion) {
     let n = 4 << 20;
     let (x, tx, gy) = (randn(&[n], 11), randn(&[n], 12), randn(&[n], 13));
@@ -292,6 +336,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = layernorm_mod, gelu, mlp, attention, gemm, attention_vs_gemm
+    targets = layernorm_mod, rms_norm_and_rope, gelu, mlp, attention, gemm, attention_vs_gemm
 }
 criterion_main!(benches);

@@ -67,17 +67,28 @@ pub fn jvp<T: Real>(
                     m / c as f64 * r * r * r
                 });
                 let (rt, kt) = (T::c(r), T::c(k));
-                for j in 0..c {
-                    let xv = xr[j];
-                    yr[j] = xv * rt * w[j];
-                    let mut t = T::zero();
-                    if let Some(xd) = x_dot {
-                        t = w[j] * (xd[at + j] * rt - xv * kt);
+                for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                    *y = xv * rt * wv;
+                }
+                // One loop per tangent pattern: no per-element branch, so each vectorises.
+                let xdr = x_dot.map(|xd| &xd[at..at + c]);
+                match (xdr, w_dot) {
+                    (Some(xd), Some(wd)) => {
+                        for (j, t) in ydr.iter_mut().enumerate() {
+                            *t = w[j] * (xd[j] * rt - xr[j] * kt) + xr[j] * rt * wd[j];
+                        }
                     }
-                    if let Some(wd) = w_dot {
-                        t += xv * rt * wd[j];
+                    (Some(xd), None) => {
+                        for (j, t) in ydr.iter_mut().enumerate() {
+                            *t = w[j] * (xd[j] * rt - xr[j] * kt);
+                        }
                     }
-                    ydr[j] = t;
+                    (None, Some(wd)) => {
+                        for (j, t) in ydr.iter_mut().enumerate() {
+                            *t = xr[j] * rt * wd[j];
+                        }
+                    }
+                    (None, None) => {} // returned above, with the forward alone
                 }
             }
         });
