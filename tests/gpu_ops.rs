@@ -2039,6 +2039,43 @@ gpu_test!(rms_norm, |dtype| {
     }
 });
 
+// Bad inputs of the RMSNorm and rope entry points are errors naming the tensor, before any launch.
+gpu_test!(rms_norm_and_rope_refuse_bad_inputs, |dtype| {
+    use flashjvp::cuda::{rmsnorm, rope};
+    use flashjvp::ops::RopePairs;
+    let gpu = cuda::Gpu::get().unwrap();
+    let mut r = rng(1800);
+    let (x, w) = (randn(&[4, 8], &mut r), randn(&[8], &mut r));
+    let e = gops::rms_norm_forward(&x, &randn(&[7], &mut r), EPS, dtype).unwrap_err();
+    assert!(e.to_string().contains("`weight`"), "{e}");
+    let e = gops::rms_norm_forward(&randn(&[32], &mut r), &w, EPS, dtype).unwrap_err();
+    assert!(e.to_string().contains("`x`"), "{e}");
+    let (xd, wd) = (
+        gpu.upload(&x, dtype).unwrap(),
+        gpu.upload(&w, dtype).unwrap(),
+    );
+    let e = rmsnorm::jvp(&xd, None, &wd, None, EPS).unwrap_err();
+    assert!(e.to_string().contains("tangent"), "{e}");
+    let bad = gpu.upload(&randn(&[8, 4], &mut r), dtype).unwrap();
+    let e = rmsnorm::jvp(&xd, Some(&bad), &wd, None, EPS).unwrap_err();
+    assert!(matches!(e, Error::TangentMismatch { .. }), "{e}");
+    let e = rmsnorm::backward(&xd, &wd, EPS, &bad).unwrap_err();
+    assert!(e.to_string().contains("`dy`"), "{e}");
+    let heads = randn(&[2, 3, 2, 8], &mut r);
+    let table = randn(&[3, 4], &mut r);
+    let p = RopePairs::Interleaved;
+    let e = gops::rope_forward(&heads, &randn(&[3, 3], &mut r), &table, p, dtype).unwrap_err();
+    assert!(e.to_string().contains("`cos`"), "{e}");
+    let e = gops::rope_forward(&randn(&[2, 3, 2, 7], &mut r), &table, &table, p, dtype);
+    assert!(e.unwrap_err().to_string().contains("`x`"));
+    let (hd, td) = (
+        gpu.upload(&heads, dtype).unwrap(),
+        gpu.upload(&table, DType::F32).unwrap(),
+    );
+    let e = rope::jvp(&hd, &bad, &td, &td, p).unwrap_err();
+    assert!(matches!(e, Error::TangentMismatch { .. }), "{e}");
+});
+
 /// x [B, N, H, d] of the rope cases: d 64 and 128 (the attention head dims), 72 (Wan's is 128; 72
 /// has pairs past a 16-byte chunk), a single pair per head, B > 1.
 const ROPE: &[[usize; 4]] = &[

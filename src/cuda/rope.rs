@@ -3,7 +3,7 @@
 //! the tangent, the backward the inverse rotation; the angle tables are f32 on the GPU.
 
 use super::launch::{dtype_suffix, int_arg, pointwise_steps, require_ptrs, Arg, Step};
-use super::tensor::{check_disjoint, DeviceTensor};
+use super::tensor::{expect_tangent, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::rope::{rope_dims, RopeDims, RopePairs};
 use crate::tensor::DType;
@@ -86,7 +86,6 @@ fn run(
     let (c, s) = (as_f32(cos)?, as_f32(sin)?);
     let gpu = x.gpu();
     let y = gpu.alloc_out(x.shape(), x.dtype())?;
-    check_disjoint(OP, &[("y", &y)], &[("x", x), ("cos", &c), ("sin", &s)])?;
     gpu.run(&plan_rope(
         x.dtype(),
         dims,
@@ -119,16 +118,7 @@ pub fn jvp(
     sin: &DeviceTensor,
     pairs: RopePairs,
 ) -> Result<(DeviceTensor, DeviceTensor)> {
-    if tx.shape() != x.shape() || tx.dtype() != x.dtype() {
-        return Err(Error::TangentMismatch {
-            op: OP,
-            tensor: "x".into(),
-            primal_shape: x.shape().to_vec(),
-            primal_dtype: x.dtype(),
-            tangent_shape: tx.shape().to_vec(),
-            tangent_dtype: tx.dtype(),
-        });
-    }
+    expect_tangent(OP, "x", tx, x)?;
     Ok((
         run(x, cos, sin, pairs, 1.0)?,
         run(tx, cos, sin, pairs, 1.0)?,

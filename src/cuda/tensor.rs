@@ -473,6 +473,27 @@ pub(crate) fn check_disjoint(
     Ok(())
 }
 
+/// Errors unless `tangent` has the shape and dtype of `primal` (a [`Error::TangentMismatch`]
+/// of `op` naming `name`, the primal).
+pub(crate) fn expect_tangent(
+    op: &'static str,
+    name: &str,
+    tangent: &DeviceTensor,
+    primal: &DeviceTensor,
+) -> Result<()> {
+    if tangent.shape() != primal.shape() || tangent.dtype() != primal.dtype() {
+        return Err(Error::TangentMismatch {
+            op,
+            tensor: name.into(),
+            primal_shape: primal.shape().to_vec(),
+            primal_dtype: primal.dtype(),
+            tangent_shape: tangent.shape().to_vec(),
+            tangent_dtype: tangent.dtype(),
+        });
+    }
+    Ok(())
+}
+
 /// Errors unless `t` has `shape` and `dtype`: an [`Error::DType`] or an [`Error::Shape`] naming
 /// `op` and the tensor `name`.
 pub(crate) fn expect_tensor(
