@@ -9,8 +9,9 @@
 // sign = +1 is the rotation (forward, JVP), sign = -1 its transpose (backward).
 //
 // LAUNCH: rope_{dt}(x, y, cos, sin, B, N, H, half, per_batch, halves, sign)
-//   one thread per pair, a grid-stride loop over the P = B N H half pairs (64-bit count): block = (256, 1, 1),
-//   grid = (min(ceil(P / 256), 65535 * 16), 1, 1) or any smaller grid; no shared memory. x, y [B, N, H, d] in
+//   one warp per head row, a grid-stride loop over the R = B N H rows (64-bit count; the lanes walk the
+//   row's pairs): block = (256, 1, 1), grid = (min(ceil(32 R / 256), 65535 * 16), 1, 1) or any smaller grid;
+//   no shared memory. x, y [B, N, H, d] in
 //   the storage dtype (y may equal x: in place); cos, sin f32; B, N, H, half, per_batch (0/1), halves
 //   (0/1) int; sign f32. dt in {bf16, f16, f32}.
 //
@@ -20,23 +21,31 @@
 
 namespace fj_rope {
 
+// One warp per head row (token, head): the row's token and its table row take two 64-bit divisions,
+// once per row rather than per pair; the lanes then walk the row's pairs (consecutive lanes read
+// consecutive pairs: coalesced for both pairings).
 template <class ST>
 __device__ __forceinline__ void rotate(const typename ST::T* x, typename ST::T* y, const float* __restrict__ cosv,
                                        const float* __restrict__ sinv, int B, int N, int H, int half, int per_batch,
                                        int halves, float sign) {
-    const fj_i64 pairs = (fj_i64)B * N * H * half;
-    for (fj_i64 p = (fj_i64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (fj_i64)gridDim.x * blockDim.x) {
-        const int i = (int)(p % half);
-        const fj_i64 head = p / half;          // (b N + n) H + h
-        const fj_i64 tok = head / H;           // b N + n
+    const fj_i64 rows = (fj_i64)B * N * H;
+    const int lane = threadIdx.x & 31;
+    const fj_i64 warps = (fj_i64)gridDim.x * (blockDim.x >> 5);
+    for (fj_i64 row = (fj_i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows; row += warps) {
+        const fj_i64 tok = row / H;  // b N + n
         const fj_i64 t = per_batch ? tok : tok % N;
-        const fj_i64 base = head * (2 * (fj_i64)half);
-        const fj_i64 i0 = halves ? base + i : base + 2 * i;
-        const fj_i64 i1 = halves ? base + half + i : base + 2 * i + 1;
-        const float c = cosv[t * half + i], s = sign * sinv[t * half + i];
-        const float a = ST::load(x[i0]), b = ST::load(x[i1]);
-        y[i0] = ST::store(a * c - b * s);
-        y[i1] = ST::store(a * s + b * c);
+        const typename ST::T* xr = x + row * (2 * (fj_i64)half);
+        typename ST::T* yr = y + row * (2 * (fj_i64)half);
+        const float* cr = cosv + t * half;
+        const float* sr = sinv + t * half;
+        for (int i = lane; i < half; i += 32) {
+            const int i0 = halves ? i : 2 * i;
+            const int i1 = halves ? half + i : 2 * i + 1;
+            const float c = cr[i], s = sign * sr[i];
+            const float a = ST::load(xr[i0]), b = ST::load(xr[i1]);
+            yr[i0] = ST::store(a * c - b * s);
+            yr[i1] = ST::store(a * s + b * c);
+        }
     }
 }
 

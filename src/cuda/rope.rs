@@ -1,5 +1,5 @@
 //! Launchers of cuda/rope.cu: rotary position embeddings on token-major heads x [B, N, H, d], one
-//! thread per pair (the math is [`crate::ops::rope`]'s). The JVP is the same rotation applied to
+//! warp per head row (the math is [`crate::ops::rope`]'s). The JVP is the same rotation applied to
 //! the tangent, the backward the inverse rotation; the angle tables are f32 on the GPU.
 
 use super::launch::{dtype_suffix, int_arg, pointwise_steps, require_ptrs, Arg, Step};
@@ -40,16 +40,19 @@ pub fn plan_rope(
             format!("x [{b}, {n}, {h}, {d}]: every dimension at least 1 and d even"),
         ));
     }
-    let count = b
+    // One warp (32 threads) per head row; the elements (rows · d) must fit too.
+    let too_large = || Error::Unsupported(format!("{OP}: x [{b}, {n}, {h}, {d}] is too large"));
+    let rows = b
         .checked_mul(n)
         .and_then(|v| v.checked_mul(h))
-        .and_then(|v| v.checked_mul(d / 2))
-        .ok_or_else(|| Error::Unsupported(format!("{OP}: x [{b}, {n}, {h}, {d}] is too large")))?;
+        .ok_or_else(too_large)?;
+    rows.checked_mul(d).ok_or_else(too_large)?;
+    let threads = rows.checked_mul(32).ok_or_else(too_large)?;
     pointwise_steps(
         OP,
         FILE,
         format!("rope_{dt}"),
-        count,
+        threads,
         vec![
             Arg::Ptr(x),
             Arg::Ptr(y),
